@@ -1,0 +1,20 @@
+# Two commands do all set-up on a fresh machine:  `make demo` (main job on the bundled model)  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+INSTALL ?= -e
+BIN := $(VENV)/bin
+
+.PHONY: demo test
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(INSTALL) ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/avarc --help
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q

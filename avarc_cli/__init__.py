@@ -1,0 +1,1 @@
+"""The ``avarc`` command line: thin Typer commands over ``core``."""

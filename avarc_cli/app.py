@@ -1,0 +1,42 @@
+"""The Typer application; every ``AvarcError`` becomes one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from core import AvarcError, __version__
+
+app = typer.Typer(
+    name="avarc",
+    help="Classify, explain and extend image classes with Visual AutoRegressive (VAR) models as generative classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"avarc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """avarc: VAR image models as efficient, explainable generative classifiers (A-VARC / A-VARC+)."""
+
+
+def main() -> None:
+    try:
+        app()
+    except AvarcError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

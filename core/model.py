@@ -1,0 +1,126 @@
+"""A loaded VQ-VAE + VAR pair: the object every command works with."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoints, tokenizer
+from .errors import AvarcError
+from .likelihood import DEFAULT_BUDGET_BYTES, pair_logp
+from .specs import ModelSpec, infer_vae_spec, infer_var_spec
+from .var import VAR
+from .vqvae import VQVAE
+
+
+@dataclass
+class Model:
+    """VAE + VAR on one device. ``dtype`` is the VAR's compute dtype (autocast); tokenisation is always fp32 so
+    tokens do not depend on it."""
+
+    spec: ModelSpec
+    vae: VQVAE
+    var: VAR
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.var.num_classes
+
+    @property
+    def null_class(self) -> int:
+        return self.spec.var.num_classes
+
+    def class_name(self, idx: int) -> str:
+        names = self.spec.class_names
+        if idx == self.null_class:
+            return "null"
+        return names[idx] if idx < len(names) else str(idx)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """B, 3, R, R in [-1, 1] → B, Cvae, h, w latent."""
+        return tokenizer.encode(self.vae, images.to(self.device, torch.float32))
+
+    def tokenize_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        return tokenizer.tokenize_latent(self.vae, latent.to(self.device))
+
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """B, 3, R, R in [-1, 1] → B, L token ids."""
+        return self.tokenize_latent(self.encode(images))
+
+    def pair_logp(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
+                  chunk: int | None = None) -> torch.Tensor:
+        """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU)."""
+        return pair_logp(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype, self.budget_bytes)
+
+    def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
+        """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier scales)."""
+        classes = torch.as_tensor(classes, dtype=torch.long).view(-1)
+        if classes.numel() and (classes.min() < 0 or classes.max() > self.null_class):
+            raise AvarcError(f"class ids must be in 0..{self.null_class} (null = {self.null_class})")
+        B, K = tokens.shape[0], classes.numel()
+        lp = self.pair_logp(tokens.repeat_interleave(K, 0), classes.repeat(B), num_scales)
+        return lp.view(B, K, -1)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → cuda if available, then mps, else cpu; anything else is checked to exist."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise AvarcError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AvarcError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise AvarcError(f"device {name!r} requested but MPS is not available here; use --device cpu")
+    return dev
+
+
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Model:
+    """Build VAE + VAR for a spec (randomly initialised; ``device='meta'`` allocates nothing)."""
+    dev = torch.device(device) if str(device) == "meta" else resolve_device(device)
+    with torch.device(dev):
+        vae = VQVAE(spec.vae, spec.var.patch_nums)
+        var = VAR(spec.var)
+    return Model(spec=spec, vae=vae.eval().requires_grad_(False), var=var.eval().requires_grad_(False), device=dev)
+
+
+def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, image_size: int | None = None, preprocess: str = "official",
+               class_names: tuple[str, ...] = (), patch_nums: tuple[int, ...] | None = None,
+               trust_pickle: bool = False) -> Model:
+    """Load checkpoint files; the architecture is read off the state dicts."""
+    var_sd = checkpoints.read_state_dict(var, "var", trust_pickle)
+    vae_sd = checkpoints.read_state_dict(vae, "vae", trust_pickle)
+    try:
+        var_spec = infer_var_spec(var_sd, patch_nums)
+    except AvarcError as e:
+        raise AvarcError(f"{var}: {e}") from None
+    try:
+        vae_spec = infer_vae_spec(vae_sd)
+    except AvarcError as e:
+        raise AvarcError(f"{vae}: {e}") from None
+    if vae_spec.vocab_size != var_spec.vocab_size or vae_spec.z_channels != var_spec.z_channels:
+        raise AvarcError(f"{vae}: VQ-VAE codebook {vae_spec.vocab_size}x{vae_spec.z_channels} does not match the VAR "
+                         f"in {var} ({var_spec.vocab_size}x{var_spec.z_channels}); pass the VQ-VAE it was trained with")
+    size = image_size or var_spec.patch_nums[-1] * vae_spec.downsample
+    spec = ModelSpec(vae=vae_spec, var=var_spec, image_size=size, preprocess=preprocess, class_names=tuple(class_names))
+    model = build_model(spec, "meta")
+    checkpoints.load_into(model.var, var_sd, var, "VAR")
+    checkpoints.load_into(model.vae, vae_sd, vae, "VQ-VAE")
+    dev = resolve_device(device)
+    model.vae.to(dev)
+    model.var.to(dev)
+    model.device, model.dtype = dev, dtype
+    return model

@@ -1,0 +1,181 @@
+"""The VAR transformer: class-conditioned next-scale prediction with AdaLN blocks.
+
+Tokens of all scales form one sequence of length L = Σ p_k²; attention is block-causal over scales (a token
+sees every token of its own and earlier scales), so the log-probs of a forward truncated to the first s scales
+equal the first Σ_{k<s} p_k² columns of a full forward. Parameter names match the official ``var_dNN.pth``.
+Shapes: B batch, L tokens, C width, H heads, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .specs import VARSpec
+
+MAX_SCALE_MUL = float(torch.tensor(100.0).log())   # the clamp, computed in fp32 as the official code does
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors and q is scaled per head by a learned
+    exp(scale_mul) ≤ 100 (the official VAR recipe)."""
+
+    def __init__(self, C: int, heads: int, l2_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.l2_norm = heads, C // heads, l2_norm
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        if l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(C, C)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+            k = F.normalize(k, dim=-1)
+        return q, k, v   # each B, H, L, c
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x)
+        scale = 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, C: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(C, hidden)
+        self.fc2 = nn.Linear(hidden, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """x += γ1·attn(LN(x)(1+s1)+b1); x += γ2·ffn(LN(x)(1+s2)+b2), with the six AdaLN vectors from the class
+    embedding (own projection) or, in the shared variant, a per-block offset ``ada_gss`` on a shared projection."""
+
+    def __init__(self, C: int, heads: int, hidden: int, shared_aln: bool, l2_norm: bool, eps: float):
+        super().__init__()
+        self.C, self.shared_aln = C, shared_aln
+        self.attn = SelfAttention(C, heads, l2_norm)
+        self.ffn = FFN(C, hidden)
+        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """B, C class embedding (or B, 1, 6, C shared projection) → B, 1, 6, C (γ1, γ2, s1, s2, b1, b2)."""
+        if self.shared_aln:
+            return self.ada_gss + cond
+        return self.ada_lin(cond).view(-1, 1, 6, self.C)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        g1, g2, s1, s2, b1, b2 = self.modulation(cond).unbind(2)
+        x = x + self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), mask).mul_(g1)
+        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2)).mul(g2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.C = C
+        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+class SharedAdaLin(nn.Linear):
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond).view(-1, 1, 6, self.out_features // 6)
+
+
+class VAR(nn.Module):
+    def __init__(self, spec: VARSpec):
+        super().__init__()
+        self.spec = spec
+        C, pn = spec.embed_dim, spec.patch_nums
+        self.num_classes, self.first_l, self.L = spec.num_classes, pn[0] ** 2, spec.seq_len
+        self.word_embed = nn.Linear(spec.z_channels, C)
+        self.class_emb = nn.Embedding(spec.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, self.L, C))
+        self.lvl_embed = nn.Embedding(len(pn), C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if spec.shared_aln else nn.Identity()
+        hidden = round(C * spec.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(C, spec.num_heads, hidden, spec.shared_aln, spec.attn_l2_norm, spec.norm_eps) for _ in range(spec.depth)
+        )
+        self.head_nm = AdaLNBeforeHead(C, spec.norm_eps)
+        self.head = nn.Linear(C, spec.vocab_size)
+
+    def levels(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint)."""
+        sizes = torch.tensor([p * p for p in self.spec.patch_nums], device=device)
+        return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)[:num_tokens]
+
+    def block_causal_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """L', L' boolean: True where a query token may attend (keys of its own or an earlier scale)."""
+        lvl = self.levels(num_tokens, device)
+        return lvl[:, None] >= lvl[None, :]
+
+    def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and class
+        embedding (B, C). Index ``num_classes`` is the null (unconditional) class."""
+        cond = self.class_emb(class_idx)
+        B, n = class_idx.shape[0], x_in.shape[1] + self.first_l
+        sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
+        return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], cond
+
+    def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the blocks: → final normalised states B, L', C (before the head) and the class embedding."""
+        x, cond = self.embed(class_idx, x_in)
+        mask = self.block_causal_mask(x.shape[1], x.device)
+        block_cond = self.shared_ada_lin(cond)
+        for block in self.blocks:
+            x = block(x, block_cond, mask)
+        return self.head_nm(x.float(), cond), cond
+
+    def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
+        h, _ = self.hidden(class_idx, x_in)
+        return self.head(h).float()
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float | None = None, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
+                     init_head: float = 0.02) -> None:
+        """The official training initialisation (truncated normal, small AdaLN gains, scaled residual projections)."""
+        std = init_std if init_std is not None else math.sqrt(1 / self.spec.embed_dim / 3)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std)
+        self.head.weight.mul_(init_head)
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        C, depth = self.spec.embed_dim, self.spec.depth
+        for b in self.blocks:
+            b.attn.proj.weight.div_(math.sqrt(2 * depth))
+            b.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            if b.shared_aln:
+                b.ada_gss[:, :, 2:].mul_(init_adaln)
+                b.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                b.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+                b.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)

@@ -1,0 +1,1 @@
+"""Shipped YAML classification schedules (read with ``core.profiles``)."""

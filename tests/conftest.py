@@ -1,0 +1,49 @@
+"""Shared fixtures: the conformance vectors (tests/data/conformance, computed by the upstream VAR code)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import core
+
+DATA = Path(__file__).parent / "data"
+CONFORMANCE = DATA / "conformance"
+CONFORMANCE_SETS = ("official256", "shared512")
+
+
+def conformance_image(stem: str) -> Path:
+    return next((CONFORMANCE / "images").glob(f"{stem}.*"))
+
+
+class ConformanceSet:
+    """One conformance directory: its checkpoints, meta.json and golden.npz."""
+
+    def __init__(self, name: str):
+        self.name, self.dir = name, CONFORMANCE / name
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.golden = {k: torch.from_numpy(v) for k, v in np.load(self.dir / "golden.npz").items()}
+        self.var_path, self.vae_path = self.dir / "var.pth", self.dir / "vae.pth"
+        self.images = [conformance_image(s) for s in self.meta["images"]]
+
+    def load(self, **kw) -> core.Model:
+        return core.load_model(self.var_path, self.vae_path, **kw)
+
+
+_SETS: dict[str, ConformanceSet] = {}
+_MODELS: dict[str, core.Model] = {}
+
+
+@pytest.fixture(scope="session", params=CONFORMANCE_SETS)
+def conf(request) -> ConformanceSet:
+    return _SETS.setdefault(request.param, ConformanceSet(request.param))
+
+
+@pytest.fixture(scope="session")
+def conf_model(conf) -> core.Model:
+    if conf.name not in _MODELS:
+        _MODELS[conf.name] = conf.load()
+    return _MODELS[conf.name]
