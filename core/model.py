@@ -1,15 +1,17 @@
 """A loaded VQ-VAE + VAR pair: the object every command works with."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import checkpoints, tokenizer
 from .errors import AvarcError
 from .likelihood import DEFAULT_BUDGET_BYTES, pair_logp
-from .specs import ModelSpec, infer_vae_spec, infer_var_spec
+from .specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
 from .var import VAR
 from .vqvae import VQVAE
 
@@ -119,8 +121,60 @@ def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | tor
     model = build_model(spec, "meta")
     checkpoints.load_into(model.var, var_sd, var, "VAR")
     checkpoints.load_into(model.vae, vae_sd, vae, "VQ-VAE")
+    return _finish(model, device, dtype)
+
+
+MODEL_DIR_FORMAT = "avarc-model/1"
+
+
+def _finish(model: Model, device: str | torch.device, dtype: torch.dtype) -> Model:
     dev = resolve_device(device)
     model.vae.to(dev)
     model.var.to(dev)
     model.device, model.dtype = dev, dtype
     return model
+
+
+def save_model_dir(model: Model, path: str | os.PathLike, **meta) -> Path:
+    """Write ``var.pth``, ``vae.pth`` (plain state dicts) and ``meta.json`` (spec + any metadata) to a directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.var.state_dict().items()}, path / "var.pth")
+    torch.save({k: v.detach().cpu() for k, v in model.vae.state_dict().items()}, path / "vae.pth")
+    doc = {"format": MODEL_DIR_FORMAT, "spec": spec_to_dict(model.spec), **{**model.meta, **meta}}
+    (path / "meta.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+    """Load a model directory written by :func:`save_model_dir` (the bundled demo is one)."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise AvarcError(f"{path}: not a model directory (no meta.json); pass a VAR checkpoint file with --vae instead")
+    try:
+        meta = json.loads(meta_file.read_text())
+        spec = spec_from_dict(meta["spec"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AvarcError(f"{meta_file}: invalid model metadata ({e})") from None
+    model = build_model(spec, "meta")
+    for module, name, what in ((model.var, "var.pth", "VAR"), (model.vae, "vae.pth", "VQ-VAE")):
+        kind = "var" if what == "VAR" else "vae"
+        checkpoints.load_into(module, checkpoints.read_state_dict(path / name, kind), path / name, what)
+    model.meta = {k: v for k, v in meta.items() if k not in ("format", "spec")}
+    return _finish(model, device, dtype)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on CUDA, else fp32; or an explicit fp32/bf16/fp16."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise AvarcError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16") from None
