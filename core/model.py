@@ -10,9 +10,9 @@ import torch
 
 from . import checkpoints, tokenizer
 from .errors import AvarcError
-from .likelihood import DEFAULT_BUDGET_BYTES, pair_logp
+from .likelihood import DEFAULT_BUDGET_BYTES, PairScores, pair_logp, score_pairs
 from .specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
-from .var import VAR
+from .var import VAR, KVCache
 from .vqvae import VQVAE
 
 
@@ -58,6 +58,12 @@ class Model:
                   chunk: int | None = None) -> torch.Tensor:
         """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU)."""
         return pair_logp(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype, self.budget_bytes)
+
+    def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
+                    chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
+        """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward."""
+        return score_pairs(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype,
+                           self.budget_bytes, cache, keep_cache)
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
         """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier scales)."""

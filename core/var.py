@@ -8,6 +8,7 @@ Shapes: B batch, L tokens, C width, H heads, V vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -41,12 +42,17 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         return q, k, v   # each B, H, L, c
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x holds the new tokens; ``past`` the keys/values of the tokens before them. Returns the output and the
+        keys/values of all tokens so far (for a later extension)."""
         B, L, C = x.shape
         q, k, v = self.qkv(x)
+        if past is not None:
+            k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
         scale = 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        return self.proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
 
 
 class FFN(nn.Module):
@@ -80,10 +86,12 @@ class AdaLNSelfAttn(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.C)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         g1, g2, s1, s2, b1, b2 = self.modulation(cond).unbind(2)
-        x = x + self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), mask).mul_(g1)
-        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2)).mul(g2)
+        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), mask, past)
+        x = x + a.mul_(g1)
+        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2)).mul(g2), kv
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -96,6 +104,31 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
         return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+@dataclass
+class KVCache:
+    """Keys and values (B, H, n, c) of the first n tokens in every block, for extending a sequence to more scales."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv[0][0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        return KVCache([(k[rows], v[rows]) for k, v in self.kv])
+
+    def truncate(self, num_tokens: int) -> KVCache:
+        return KVCache([(k[:, :, :num_tokens], v[:, :, :num_tokens]) for k, v in self.kv])
+
+    @staticmethod
+    def cat(caches: list[KVCache]) -> KVCache:
+        return KVCache([(torch.cat([c.kv[i][0] for c in caches]), torch.cat([c.kv[i][1] for c in caches]))
+                        for i in range(len(caches[0].kv))])
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
 
 
 class SharedAdaLin(nn.Linear):
@@ -127,10 +160,10 @@ class VAR(nn.Module):
         sizes = torch.tensor([p * p for p in self.spec.patch_nums], device=device)
         return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)[:num_tokens]
 
-    def block_causal_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """L', L' boolean: True where a query token may attend (keys of its own or an earlier scale)."""
+    def block_causal_mask(self, num_tokens: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        """L'−start, L' boolean: True where query token start+i may attend key j (j of its own or an earlier scale)."""
         lvl = self.levels(num_tokens, device)
-        return lvl[:, None] >= lvl[None, :]
+        return lvl[start:, None] >= lvl[None, :]
 
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and class
@@ -141,14 +174,22 @@ class VAR(nn.Module):
         x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
         return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], cond
 
-    def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the blocks: → final normalised states B, L', C (before the head) and the class embedding."""
+    def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
+               keep_cache: bool = False) -> tuple[torch.Tensor, KVCache | None]:
+        """Run the blocks over the first L' = x_in.shape[1] + first_l tokens → final normalised states (before the
+        head) of the tokens not already in ``cache`` (B, L'−cache.num_tokens, C), and with ``keep_cache`` the
+        keys/values of all L' tokens. Block-causal attention makes the cached prefix exact, not an approximation."""
         x, cond = self.embed(class_idx, x_in)
-        mask = self.block_causal_mask(x.shape[1], x.device)
+        start = cache.num_tokens if cache is not None else 0
+        x = x[:, start:]
+        mask = self.block_causal_mask(start + x.shape[1], x.device, start)
         block_cond = self.shared_ada_lin(cond)
-        for block in self.blocks:
-            x = block(x, block_cond, mask)
-        return self.head_nm(x.float(), cond), cond
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, block_cond, mask, cache.kv[i] if cache is not None else None)
+            if keep_cache:
+                kvs.append(kv)
+        return self.head_nm(x.float(), cond), (KVCache(kvs) if keep_cache else None)
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
