@@ -5,6 +5,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,24 +29,35 @@ class Model:
     dtype: torch.dtype = torch.float32
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     meta: dict = field(default_factory=dict)
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # replaces the torch encoder (``onnx_encoder.use_encoder``)
+
+    extension_names: list[str] = field(default_factory=list)   # names of classes added by extensions, in id order
+    var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
 
     @property
     def num_classes(self) -> int:
-        return self.spec.var.num_classes
+        """Base classes plus classes added by extensions (the null class is not counted)."""
+        return self.var.num_classes
 
     @property
     def null_class(self) -> int:
-        return self.spec.var.num_classes
+        return self.var.num_classes
 
     def class_name(self, idx: int) -> str:
-        names = self.spec.class_names
+        K = self.spec.var.num_classes
         if idx == self.null_class:
             return "null"
+        if idx >= K:
+            return self.extension_names[idx - K]
+        names = self.spec.class_names
         return names[idx] if idx < len(names) else str(idx)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """B, 3, R, R in [-1, 1] → B, Cvae, h, w latent."""
-        return tokenizer.encode(self.vae, images.to(self.device, torch.float32))
+        images = images.to(self.device, torch.float32)
+        if self.encoder is not None:
+            return self.encoder(images)
+        return tokenizer.encode(self.vae, images)
 
     def tokenize_latent(self, latent: torch.Tensor) -> torch.Tensor:
         return tokenizer.tokenize_latent(self.vae, latent.to(self.device))
@@ -127,6 +139,7 @@ def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | tor
     model = build_model(spec, "meta")
     checkpoints.load_into(model.var, var_sd, var, "VAR")
     checkpoints.load_into(model.vae, vae_sd, vae, "VQ-VAE")
+    model.var_file = Path(var)
     return _finish(model, device, dtype)
 
 
@@ -168,6 +181,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
         kind = "var" if what == "VAR" else "vae"
         checkpoints.load_into(module, checkpoints.read_state_dict(path / name, kind), path / name, what)
     model.meta = {k: v for k, v in meta.items() if k not in ("format", "spec")}
+    model.var_file = path / "var.pth"
     return _finish(model, device, dtype)
 
 

@@ -154,6 +154,28 @@ class VAR(nn.Module):
         )
         self.head_nm = AdaLNBeforeHead(C, spec.norm_eps)
         self.head = nn.Linear(C, spec.vocab_size)
+        self.extra_class_emb: nn.Parameter | None = None   # rows added by class-incremental extensions
+
+    @property
+    def num_extra_classes(self) -> int:
+        return 0 if self.extra_class_emb is None else self.extra_class_emb.shape[0]
+
+    def add_classes(self, rows: torch.Tensor) -> None:
+        """Append class-embedding rows (n, C) for new classes, kept apart from the checkpoint's ``class_emb`` so the
+        base weights, and every base class's likelihood, stay bit-identical. Ids: base 0…K−1, new K…K+n−1, and the
+        null class moves to K+n (as if the model had been built with K+n classes)."""
+        rows = rows.to(self.class_emb.weight)
+        extra = rows if self.extra_class_emb is None else torch.cat((self.extra_class_emb.data, rows))
+        self.extra_class_emb = nn.Parameter(extra, requires_grad=False)
+        self.num_classes = self.spec.num_classes + self.num_extra_classes
+
+    def class_table(self) -> torch.Tensor:
+        """(num_classes + 1, C): base rows, added rows, then the null row last."""
+        w = self.class_emb.weight
+        if self.extra_class_emb is None:
+            return w
+        K = self.spec.num_classes
+        return torch.cat((w[:K], self.extra_class_emb, w[K:K + 1]))
 
     def levels(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint)."""
@@ -168,7 +190,7 @@ class VAR(nn.Module):
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and class
         embedding (B, C). Index ``num_classes`` is the null (unconditional) class."""
-        cond = self.class_emb(class_idx)
+        cond = F.embedding(class_idx, self.class_table())
         B, n = class_idx.shape[0], x_in.shape[1] + self.first_l
         sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
