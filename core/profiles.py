@@ -1,0 +1,194 @@
+"""Classification schedules ("profiles"): which scales, how many smoothing samples and how many surviving
+candidates each stage uses, read from YAML.
+
+A profile file looks like::
+
+    description: A-VARC+ (paper)
+    sigma: 0.1
+    stages:
+      - {scales: 6, keep: 10}
+      - {scales: 10, keep: 3}
+      - {scales: 10, samples: 3}
+
+``scales`` is a count of leading scales, ``all`` (every scale of the model) or ``all-N`` (all but the last N),
+so one file fits models of different geometries; :meth:`Profile.resolve` turns it into numbers for one model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import AvarcError
+
+STAGE_FIELDS = ("scales", "samples", "keep", "exit_margin")
+PROFILE_FIELDS = ("name", "description", "sigma", "stages")
+_ALL = re.compile(r"all(?:\s*-\s*(\d+))?")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Score the surviving candidates on the first ``scales`` scales, averaging ``samples`` samples (1 clean +
+    samples−1 noisy neighbours), keep the best ``keep``; an image whose best candidate leads the runner-up by at
+    least ``exit_margin`` nats stops after this stage."""
+
+    scales: int | str
+    samples: int = 1
+    keep: int = 1
+    exit_margin: float | None = None
+
+    def describe(self) -> str:
+        text = f"scales {self.scales}, {self.samples} sample{'s' * (self.samples > 1)} → keep {self.keep}"
+        return text + (f", exit if lead ≥ {self.exit_margin:g} nats" if self.exit_margin is not None else "")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    stages: tuple[Stage, ...]
+    sigma: float = 0.1
+    description: str = ""
+    source: str = ""      # the file it was read from (for error messages)
+
+    @property
+    def max_samples(self) -> int:
+        return max(s.samples for s in self.stages)
+
+    def describe(self) -> str:
+        return "; ".join(s.describe() for s in self.stages)
+
+    def resolve(self, num_scales: int) -> Profile:
+        """Numeric ``scales`` for a model with ``num_scales`` scales; an error if a stage asks for more."""
+        stages = []
+        for i, st in enumerate(self.stages, 1):
+            s = _resolve_scales(st.scales, num_scales)
+            if not 1 <= s <= num_scales:
+                raise AvarcError(f"{self.source or self.name}: stage {i}: scales: {st.scales} does not fit a model "
+                                 f"with {num_scales} scales; use a profile made for this model, or `all`")
+            stages.append(replace(st, scales=s))
+        return replace(self, stages=tuple(stages))
+
+
+def _resolve_scales(scales: int | str, num_scales: int) -> int:
+    if isinstance(scales, int):
+        return scales
+    m = _ALL.fullmatch(scales)
+    return num_scales - int(m.group(1) or 0)
+
+
+def _fail(where: str, problem: str) -> AvarcError:
+    return AvarcError(f"{where}: {problem}")
+
+
+def _int_field(value, where: str, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(where, f"{name}: must be an integer ≥ {minimum}, got {value!r}; fix the profile")
+    return value
+
+
+def _parse_stage(raw, where: str) -> Stage:
+    if not isinstance(raw, dict):
+        raise _fail(where, f"must be a mapping like {{scales: 6, keep: 10}}, got {raw!r}; fix the profile")
+    unknown = [k for k in raw if k not in STAGE_FIELDS]
+    if unknown:
+        raise _fail(where, f"{unknown[0]}: unknown field; use {', '.join(STAGE_FIELDS)}")
+    if "scales" not in raw:
+        raise _fail(where, "scales: missing; give a number of scales, `all` or `all-N`")
+    scales = raw["scales"]
+    if isinstance(scales, str):
+        if not _ALL.fullmatch(scales.strip()):
+            raise _fail(where, f"scales: {scales!r} is not a number, `all` or `all-N`; fix the profile")
+        scales = scales.strip()
+    else:
+        scales = _int_field(scales, where, "scales")
+    margin = raw.get("exit_margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin) or margin <= 0):
+        raise _fail(where, f"exit_margin: must be a positive number of nats or null, got {margin!r}; fix the profile")
+    return Stage(scales=scales, samples=_int_field(raw.get("samples", 1), where, "samples"),
+                 keep=_int_field(raw.get("keep", 1), where, "keep"),
+                 exit_margin=float(margin) if margin is not None else None)
+
+
+def parse_profile(doc, name: str, source: str) -> Profile:
+    """A YAML document (already loaded) → validated Profile; every error names ``source``, the stage and the field."""
+    if not isinstance(doc, dict):
+        raise _fail(source, "a profile must be a mapping with a `stages:` list; see `avarc classify --list-profiles`")
+    unknown = [k for k in doc if k not in PROFILE_FIELDS]
+    if unknown:
+        raise _fail(source, f"{unknown[0]}: unknown field; use {', '.join(PROFILE_FIELDS)}")
+    raw_stages = doc.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise _fail(source, "stages: must be a non-empty list of {scales, samples, keep, exit_margin}")
+    stages = tuple(_parse_stage(raw, f"{source}: stage {i}") for i, raw in enumerate(raw_stages, 1))
+    for i, (a, b) in enumerate(zip(stages, stages[1:]), 2):
+        if b.keep > a.keep:
+            raise _fail(f"{source}: stage {i}", f"keep: {b.keep} is more than stage {i - 1} keeps ({a.keep}); "
+                                                "candidates only shrink from stage to stage")
+    if stages[-1].keep != 1:
+        raise _fail(f"{source}: stage {len(stages)}", f"keep: must be 1 in the last stage (its best candidate is "
+                                                      f"the prediction), got {stages[-1].keep}")
+    if stages[-1].exit_margin is not None:
+        raise _fail(f"{source}: stage {len(stages)}", "exit_margin: the last stage has nothing left to skip; remove it")
+    sigma = doc.get("sigma", 0.1)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise _fail(source, f"sigma: must be a number ≥ 0, got {sigma!r}; fix the profile")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(source, "description: must be a string")
+    return Profile(name=str(doc.get("name", name)), stages=stages, sigma=float(sigma), description=description.strip(),
+                   source=source)
+
+
+def _shipped_dir():
+    return resources.files("profiles")
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _shipped_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read(text: str, name: str, source: str) -> Profile:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise _fail(source, f"invalid YAML{at} ({problem}); fix the file") from None
+    return parse_profile(doc, name, source)
+
+
+def load_profile(name_or_path: str | os.PathLike) -> Profile:
+    """A shipped profile by name (``a-varc-plus``) or a YAML file path."""
+    key = str(name_or_path)
+    if key in shipped_names():
+        return _read(_shipped_dir().joinpath(f"{key}.yaml").read_text(), key, f"profile {key}")
+    path = Path(key)
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _fail(str(path), f"cannot read the profile ({e.__class__.__name__}); check the file") from None
+        return _read(text, path.stem, str(path))
+    raise AvarcError(f"unknown profile {key!r}; use one of {', '.join(shipped_names())} or a YAML file path "
+                     "(see `avarc classify --list-profiles`)")
+
+
+def list_profiles() -> list[Profile]:
+    """Every shipped profile, validated."""
+    return [load_profile(n) for n in shipped_names()]
+
+
+def default_profile_name(model) -> str:
+    """The profile a model is classified with when none is given: its metadata's ``default_profile``, else
+    ``a-varc-plus`` for the 10-scale official geometries and ``varc`` for anything else."""
+    name = model.meta.get("default_profile")
+    if name:
+        return str(name)
+    return "a-varc-plus" if len(model.spec.var.patch_nums) >= 10 else "varc"
