@@ -30,6 +30,11 @@ def root(
     """avarc: VAR image models as efficient, explainable generative classifiers (A-VARC / A-VARC+)."""
 
 
+from avarc_cli.commands import download  # noqa: E402  (commands are registered once the app exists)
+
+app.command("download", short_help="Download official weights from the Hugging Face hub (cache, offline, verified).")(download.download)
+
+
 def main() -> None:
     try:
         app()

@@ -1,20 +1,155 @@
-"""Finding (and, later, fetching) registry models through the Hugging Face hub cache or a plain directory."""
+"""Fetching registry models from the Hugging Face hub into its cache or a plain directory, and finding them again.
+
+Everything goes through ``huggingface_hub``, so its environment is honoured as it documents it: ``HF_HOME`` /
+``HF_HUB_CACHE`` (where the cache is), ``HF_ENDPOINT`` (which server), ``HF_TOKEN`` (private or gated repos) and
+``HF_HUB_OFFLINE`` (no request at all; only what is cached). A transfer cut mid-way is resumed with a Range request
+by ``huggingface_hub`` itself. What it does not do is check the bytes against the hub's record, so a file that was
+just fetched is hashed here and compared with the SHA-256 the hub publishes for LFS files (the linked ETag).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .errors import AvarcError
 
 if TYPE_CHECKING:
     from .registry import ModelEntry
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-def find_local(e: "ModelEntry", model_dir: str | os.PathLike | None = None) -> Path | None:
-    """A model's file if it is already on this machine: in ``model_dir`` (plain files) or the HF cache. No network."""
+
+@dataclass(frozen=True)
+class Download:
+    """One registry file after ``download``: where it is and what happened to it."""
+
+    name: str
+    path: Path
+    size: int
+    status: str               # "downloaded" (fetched now), "present" (already here, nothing fetched) or "bundled"
+    sha256: str | None = None  # the hub's SHA-256 the fetched bytes were checked against (None: nothing fetched)
+
+
+def find_local(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revision: str | None = None) -> Path | None:
+    """A model's file if it is already on this machine, in ``model_dir`` or else the HF cache. Never uses the network.
+
+    In ``model_dir`` the file is looked for where ``download --dir`` puts it (its path in the repository) and, for
+    files placed there by hand, under its bare name.
+    """
     from huggingface_hub import try_to_load_from_cache
 
     if model_dir is not None:
-        plain = Path(model_dir) / Path(e.filename).name
-        return plain if plain.is_file() else None
-    cached = try_to_load_from_cache(e.repo_id, e.filename)
+        for path in (Path(model_dir) / e.filename, Path(model_dir) / Path(e.filename).name):
+            if path.is_file():
+                return path
+        return None
+    cached = try_to_load_from_cache(e.repo_id, e.filename, revision=revision)
     return Path(cached) if isinstance(cached, str) else None
+
+
+def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revision: str | None = None,
+             force: bool = False) -> Download:
+    """Fetch one registry file (a no-op when it is already here), then check what was fetched against the hub.
+
+    Without ``model_dir`` the file goes to the HF cache; with it, it becomes a plain file there.
+    """
+    from huggingface_hub import hf_hub_download, is_offline_mode
+
+    if e.bundled:
+        from .registry import local_path
+
+        path = local_path(e)
+        return Download(e.name, path, _tree_size(path), "bundled")
+    if force and is_offline_mode():
+        raise AvarcError(f"{e.name}: --force needs the network but HF_HUB_OFFLINE is set; unset it or drop --force")
+    before = find_local(e, model_dir, revision)
+    before_id = _identity(before)
+    try:
+        path = Path(hf_hub_download(e.repo_id, e.filename, revision=revision, force_download=force,
+                                    local_dir=None if model_dir is None else Path(model_dir)))
+    except OSError as err:  # huggingface_hub's errors (HTTP, not found, offline, disk), as one line that says what to do
+        raise _explain(e, revision, err) from None
+    if _identity(path) == before_id:
+        return Download(e.name, path, path.stat().st_size, "present")
+    sha = _verify(e, path, revision, cached=model_dir is None)
+    return Download(e.name, path, path.stat().st_size, "downloaded", sha)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(e: "ModelEntry", path: Path, revision: str | None, cached: bool) -> str | None:
+    """Compare a freshly fetched file with the hub's SHA-256 for it; remove it (blob and link too) if they differ."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(e.repo_id, e.filename, revision=revision))
+    except Exception as err:  # HTTP errors and the HTTP client's own connection errors alike
+        _remove(path, cached)
+        raise AvarcError(f"{e.name}: fetched {e.filename} but could not read the hub's checksum for it ({_first_line(err)}); "
+                         "the file was removed, run the command again") from None
+    expected = (meta.etag or "").lower()
+    if not _SHA256.fullmatch(expected):
+        return None  # not an LFS file: the hub publishes no SHA-256 for it
+    actual = sha256_file(path)
+    if actual != expected:
+        _remove(path, cached)
+        raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
+                         f"{expected[:12]}…); the corrupt file was removed, run `avarc download {e.name}` again")
+    return actual
+
+
+def _remove(path: Path, cached: bool) -> None:
+    """Delete a file; in the HF cache also the blob its snapshot link points to, so nothing corrupt stays behind."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    if cached:
+        blob.unlink(missing_ok=True)
+
+
+def _identity(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells whether a file was rewritten (a cache link's target is followed)."""
+    if path is None or not path.exists():
+        return None
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _explain(e: "ModelEntry", revision: str | None, err: OSError) -> AvarcError:
+    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    rev = revision or "main"
+    if isinstance(err, LocalEntryNotFoundError):
+        if is_offline_mode():
+            return AvarcError(f"{e.name}: not in the cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                              "unset HF_HUB_OFFLINE to download it")
+        return AvarcError(f"{e.name}: cannot reach {constants.ENDPOINT} and the file is not cached; check the "
+                          "connection (or HF_ENDPOINT) and run the command again")
+    if isinstance(err, RepositoryNotFoundError):
+        return AvarcError(f"{e.name}: repository {e.repo_id} not found or not accessible at {constants.ENDPOINT}; "
+                          "for a private or gated repository set HF_TOKEN")
+    if isinstance(err, RevisionNotFoundError):
+        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; pass an existing --revision")
+    if isinstance(err, EntryNotFoundError):
+        return AvarcError(f"{e.name}: {e.filename} not found in {e.repo_id} at revision {rev!r}")
+    return AvarcError(f"{e.name}: download of {e.filename} failed ({_first_line(err)}); run the command again")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__

@@ -3,6 +3,7 @@
 ``download``, ``--list``, ``--model NAME`` in every command and ``bench`` all read it. A model argument is a
 registry name, a model directory (``var.pth`` + ``vae.pth`` + ``meta.json``, like the bundled ``digits``), or a
 VAR checkpoint file (its VQ-VAE from ``--vae``, a ``vae.pth`` beside it, or the downloaded official ``vae``).
+Registry files are found in the HF cache, or in the ``--model-dir`` that ``avarc download --dir`` filled.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from .errors import AvarcError
 from .model import Model, load_model, load_model_dir
+from .onnx_encoder import use_encoder
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 VAR_REPO = "FoundationVision/var"
@@ -59,6 +61,17 @@ def entry(name: str) -> ModelEntry:
         raise AvarcError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)} (or pass a checkpoint path)") from None
 
 
+def with_vaes(names: list[str]) -> list[ModelEntry]:
+    """Registry entries for names, each VAR preceded by its paired VQ-VAE (once): what using them needs."""
+    out: list[ModelEntry] = []
+    for name in names:
+        e = entry(name)
+        for needed in (REGISTRY[e.vae], e) if e.vae else (e,):
+            if needed not in out:
+                out.append(needed)
+    return out
+
+
 def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Path:
     """Where a registry model is on this machine, or an error that says which download to run."""
     if e.bundled:
@@ -70,29 +83,50 @@ def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Pat
 
     found = find_local(e, model_dir)
     if found is None:
-        raise AvarcError(f"model {e.name!r} is not downloaded; run `avarc download {e.name}`")
+        where = "the Hugging Face cache" if model_dir is None else str(model_dir)
+        dir_opt = "" if model_dir is None else f" --dir {model_dir}"
+        raise AvarcError(f"model {e.name!r} is not in {where}; run `avarc download {e.name}{dir_opt}`")
     return found
+
+
+@dataclass(frozen=True)
+class Availability:
+    entry: ModelEntry
+    path: Path | None  # where it is on this machine; None: not downloaded
+
+
+def availability(model_dir: str | os.PathLike | None = None) -> list[Availability]:
+    """Every registry model and whether (and where) it is on this machine. No network."""
+    out = []
+    for e in REGISTRY.values():
+        try:
+            out.append(Availability(e, local_path(e, model_dir)))
+        except AvarcError:
+            out.append(Availability(e, None))
+    return out
 
 
 def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, model_dir: str | os.PathLike | None = None,
-                  trust_pickle: bool = False) -> Model:
-    """A model argument (registry name, model directory or VAR file) → loaded Model."""
+                  trust_pickle: bool = False, encoder: str = "torch") -> Model:
+    """A model argument (registry name, model directory or VAR file) → loaded Model, its encoder run by ``encoder``
+    (``torch`` or ``onnx``; an ONNX export is made beside the VQ-VAE file on first use)."""
     path = Path(model)
     if str(model).lower() in REGISTRY and not path.exists():
         e = entry(str(model))
         if e.is_vae:
             raise AvarcError(f"{e.name!r} is a VQ-VAE; pass it as --vae and a VAR as --model")
         path = local_path(e, model_dir)
-        if e.bundled:
-            return load_model_dir(path, device=device, dtype=dtype)
         vae = vae or e.vae
-    elif path.is_dir():
-        return load_model_dir(path, device=device, dtype=dtype)
     elif not path.exists():
         raise AvarcError(f"{model}: no such model file or directory; known names: {', '.join(REGISTRY)}")
-    vae_path = _resolve_vae(vae, path, model_dir)
-    return load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle)
+    if path.is_dir():
+        loaded, vae_path = load_model_dir(path, device=device, dtype=dtype), path / "vae.pth"
+    else:
+        vae_path = _resolve_vae(vae, path, model_dir)
+        loaded = load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle)
+    use_encoder(loaded, encoder, vae_path)
+    return loaded
 
 
 def _resolve_vae(vae: str | os.PathLike | None, var_path: Path, model_dir) -> Path:

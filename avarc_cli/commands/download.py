@@ -1,0 +1,92 @@
+"""`avarc download`: official weights from the Hugging Face hub into its cache (or a plain directory)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from core import AvarcError
+from core.hub import Download, download as fetch
+from core.onnx_encoder import export_file
+from core.registry import REGISTRY, availability, with_vaes
+
+from .. import output
+
+DEFAULT_NAMES = ["vae", "d16"]
+
+
+def download(
+    names: Annotated[Optional[list[str]], typer.Argument(help=f"Registry names (default: {' '.join(DEFAULT_NAMES)}); a VAR brings its VQ-VAE. Known: {', '.join(REGISTRY)}.", show_default=False)] = None,
+    dir_: Annotated[Optional[Path], typer.Option("--dir", help="Put plain files in this directory (use it later with --model-dir) instead of the HF cache.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the hub repository (default: main).")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also export each VQ-VAE's encoder to ONNX (for --encoder onnx; needs `pip install avarc\\[onnx]`).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if the files are already here.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the known models, their sizes and whether they are here; download nothing.")] = False,
+) -> None:
+    """\b
+    avarc download                                  # the official VQ-VAE and VAR-d16, into the HF cache
+    avarc download d30-cca                          # VAR-d30 fine-tuned with CCA (and its VQ-VAE), for A-VARC+
+    avarc download vae d16 --dir ./weights --onnx   # plain files in ./weights, plus the ONNX encoder
+    avarc download --list                           # what exists, how big, and what is already here
+    HF_HUB_OFFLINE=1 avarc download                 # only look in the cache: no network at all
+
+    Downloads official checkpoints with huggingface_hub: HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply.
+    A cut transfer is resumed; every fetched file is checked against the hub's SHA-256 and removed if it does not match.
+    Files already here are not fetched again.
+    """
+    if list_:
+        _list(dir_)
+        return
+    entries = with_vaes(names or DEFAULT_NAMES)
+    results: list[Download] = []
+    failures: list[str] = []
+    for e in entries:
+        try:
+            results.append(fetch(e, dir_, revision, force))
+        except AvarcError as err:
+            failures.append(str(err))
+            output.err_console.print(f"[red]failed[/red] {err}")
+    if results:
+        output.table("Models", ["model", "status", "size", "checked sha256", "path"],
+                     [(r.name, r.status, _size(r.size), r.sha256[:12] + "…" if r.sha256 else None, r.path) for r in results])
+    if onnx:
+        _export_encoders(results, failures)
+    if failures:
+        raise AvarcError(failures[0] if len(failures) == 1 else f"{len(failures)} steps failed; first: {failures[0]}")
+
+
+def _export_encoders(results: list[Download], failures: list[str]) -> None:
+    rows = []
+    for r in results:
+        if r.status != "bundled" and not REGISTRY[r.name].is_vae:
+            continue
+        vae_file = r.path / "vae.pth" if r.status == "bundled" else r.path
+        with output.err_console.status(f"exporting the {r.name} encoder to ONNX…"):
+            try:
+                ex = export_file(vae_file)
+            except AvarcError as err:
+                failures.append(str(err))
+                output.err_console.print(f"[red]failed[/red] {err}")
+                continue
+        rows.append((r.name, "exported" if ex.exported else "up to date", ex.weights_sha256[:12] + "…", ex.path))
+    if rows:
+        output.table("ONNX encoders", ["model", "status", "weights sha256", "path"], rows)
+
+
+def _list(model_dir: Path | None) -> None:
+    rows = []
+    for a in availability(model_dir):
+        e = a.entry
+        rows.append((e.name, _size(e.size_bytes), e.description, a.path or ("missing" if e.bundled else "not downloaded")))
+    where = "the HF cache" if model_dir is None else str(model_dir)
+    output.table(f"Known models (looked up in {where})", ["name", "size", "for", "local"], rows)
+
+
+def _size(n: int | None) -> str | None:
+    if n is None:
+        return None
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"

@@ -1,0 +1,277 @@
+"""`avarc download` (core/hub.py, core/registry.py) against a real HTTP server on 127.0.0.1 that answers like the hub.
+
+The server serves the conformance checkpoints (tests/data/conformance/official256/{vae,var}.pth) under the official
+names in FoundationVision/var, with the headers huggingface_hub reads (linked ETag = SHA-256, linked size, commit),
+Range requests, and faults on demand: a connection cut mid-transfer, or bytes that do not match the advertised hash.
+Each `avarc` run is a real subprocess, so HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE are read as a user's shell sets them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import AvarcError, preprocess_image
+from core.registry import resolve_model
+
+from .conftest import CONFORMANCE, ConformanceSet
+
+REPO = "FoundationVision/var"
+COMMIT = "1f0e2d3c4b5a69788796a5b4c3d2e1f0a9b8c7d6"
+FILES = {"vae_ch160v4096z32.pth": CONFORMANCE / "official256" / "vae.pth",
+         "var_d16.pth": CONFORMANCE / "official256" / "var.pth"}
+RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+
+
+class FakeHub(ThreadingHTTPServer):
+    """HEAD/GET /{repo}/resolve/{revision}/{filename}, recording every request it sees."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.blobs: dict[str, bytes] = {}
+        self.sha256: dict[str, str] = {}
+        for name, path in FILES.items():
+            self.serve(name, path.read_bytes())
+        self.requests: list[tuple[str, str, dict[str, str]]] = []   # method, path, headers (lower-case names)
+        self.cut_after: dict[str, int] = {}  # filename → bytes sent on its first GET before the connection is closed
+        self.corrupt: set[str] = set()       # filenames served with flipped bytes (the advertised hash stays right)
+
+    def serve(self, name: str, data: bytes) -> None:
+        self.blobs[name], self.sha256[name] = data, hashlib.sha256(data).hexdigest()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def gets(self, name: str) -> list[dict[str, str]]:
+        return [h for m, p, h in self.requests if m == "GET" and p.endswith("/" + name)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeHub
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        hub = self.server
+        hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        m = RESOLVE.match(self.path)
+        if not m or m["repo"] != REPO:
+            return self._error(404, "RepoNotFound")
+        if m["rev"] not in ("main", COMMIT):
+            return self._error(404, "RevisionNotFound")
+        name = m["file"]
+        if name not in hub.blobs:
+            return self._error(404, "EntryNotFound")
+        data = hub.blobs[name]
+        if name in hub.corrupt:
+            data = data[: len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:])
+        start = 0
+        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if body and rng:
+            start = int(rng[1])
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{hashlib.sha1(name.encode()).hexdigest()}"')  # the LFS pointer's git oid
+        self.send_header("X-Linked-Etag", f'"{hub.sha256[name]}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if not body:
+            return
+        cut = hub.cut_after.pop(name, None)
+        if cut is not None:
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            self.close_connection = True  # the client sees the body end early
+            return
+        self.wfile.write(data[start:])
+
+    def _error(self, status: int, code: str) -> None:
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def env(hub, tmp_path) -> dict[str, str]:
+    """A user's shell pointed at the fake hub, with its own HF_HOME and user cache."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    return {**keep, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "COLUMNS": "400"}
+
+
+def avarc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "avarc_cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def snapshot(env: dict[str, str], name: str) -> Path:
+    return Path(env["HF_HOME"]) / "hub" / "models--FoundationVision--var" / "snapshots" / COMMIT / name
+
+
+def test_download_is_byte_identical_with_token_and_second_run_fetches_nothing(hub, env):
+    r = avarc({**env, "HF_TOKEN": "hf_secret"}, "download")
+    assert r.returncode == 0, r.stderr
+    for name, src in FILES.items():
+        path = snapshot(env, name)
+        assert path.read_bytes() == src.read_bytes()
+        assert path.resolve().name == hub.sha256[name]  # the blob, named by its SHA-256
+        (get,) = hub.gets(name)
+        assert get["authorization"] == "Bearer hf_secret"
+    assert "downloaded" in r.stdout and hub.sha256["var_d16.pth"][:12] in r.stdout
+
+    hub.requests.clear()
+    r = avarc(env, "download", "vae", "d16")
+    assert r.returncode == 0, r.stderr
+    assert [m for m, _, _ in hub.requests] == ["HEAD", "HEAD"]
+    assert r.stdout.count("present") == 2 and "downloaded" not in r.stdout
+
+
+def test_cut_transfer_is_resumed_with_a_range_request(hub, env, tmp_path):
+    # huggingface_hub keeps what it has received in 10 MiB steps, so the file must be larger than that to resume
+    # mid-way: the conformance VQ-VAE saved in fp32 (~19 MB), cut after 12 MB.
+    big = tmp_path / "vae_fp32.pth"
+    torch.save({k: v.float() for k, v in torch.load(FILES["vae_ch160v4096z32.pth"], weights_only=True).items()}, big)
+    data = big.read_bytes()
+    hub.serve("vae_ch160v4096z32.pth", data)
+    hub.cut_after["vae_ch160v4096z32.pth"] = 12_000_000
+    r = avarc(env, "download", "vae")
+    assert r.returncode == 0, r.stderr
+    first, second = hub.gets("vae_ch160v4096z32.pth")
+    start = int(re.fullmatch(r"bytes=(\d+)-", second["range"])[1])
+    assert "range" not in first and 0 < start <= 12_000_000
+    assert snapshot(env, "vae_ch160v4096z32.pth").read_bytes() == data
+
+
+def test_file_that_does_not_match_the_hub_hash_is_rejected_and_not_left_behind(hub, env):
+    hub.corrupt.add("var_d16.pth")
+    r = avarc(env, "download", "vae", "d16")
+    assert r.returncode == 2
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: d16: var_d16.pth does not match the hub's checksum")
+    assert "avarc download d16" in error
+    repo = Path(env["HF_HOME"]) / "hub" / "models--FoundationVision--var"
+    left = sorted(p.name for p in repo.rglob("*") if p.is_file() or p.is_symlink())
+    assert left == sorted(["main", "vae_ch160v4096z32.pth", hub.sha256["vae_ch160v4096z32.pth"]])  # ref + the good file
+    assert not list(Path(env["HF_HOME"]).rglob("*.incomplete"))
+    assert snapshot(env, "vae_ch160v4096z32.pth").read_bytes() == FILES["vae_ch160v4096z32.pth"].read_bytes()
+
+    hub.corrupt.clear()  # the hub serves the right bytes again: a plain rerun repairs it
+    r = avarc(env, "download", "d16")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(env, "var_d16.pth").read_bytes() == FILES["var_d16.pth"].read_bytes()
+
+
+def test_offline_uses_the_cache_without_any_request(hub, env, conf_golden_256):
+    assert avarc(env, "download").returncode == 0
+    hub.requests.clear()
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    r = avarc(offline, "download")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("present") == 2
+    load = ("import torch, core.registry as r; m = r.resolve_model('d16'); g = torch.load(%r); "
+            "print(torch.equal(m.tokenize_latent(g['latent']), g['tokens']))" % str(conf_golden_256))
+    r = subprocess.run([sys.executable, "-c", load], env=offline, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "True", r.stderr
+    r = avarc(offline, "download", "d20")
+    assert r.returncode == 2 and "HF_HUB_OFFLINE is set" in r.stderr
+    assert hub.requests == []
+
+
+def test_dir_places_plain_files_that_resolve_model_finds(hub, env, tmp_path):
+    conf = ConformanceSet("official256")
+    weights = tmp_path / "weights"
+    r = avarc(env, "download", "d16", "--dir", str(weights), "--onnx")
+    assert r.returncode == 0, r.stderr
+    for name, src in FILES.items():
+        assert not (weights / name).is_symlink() and (weights / name).read_bytes() == src.read_bytes()
+    onnx = weights / "vae_ch160v4096z32.onnx"
+    assert onnx.is_file() and (weights / "vae_ch160v4096z32.onnx.json").is_file()
+    assert not (Path(env["HF_HOME"]) / "hub" / "models--FoundationVision--var").exists()
+
+    model = resolve_model("d16", model_dir=weights)
+    assert torch.equal(model.tokenize_latent(conf.golden["latent"]), conf.golden["tokens"])
+    stamp = onnx.stat().st_mtime_ns
+    model = resolve_model("d16", model_dir=weights, encoder="onnx")  # the export made by --onnx is reused
+    assert onnx.stat().st_mtime_ns == stamp
+    image = preprocess_image(conf.images[1], 256)[None]
+    assert (model.encode(image) - conf.golden["latent"][1:2]).abs().max() < 1e-4
+
+    hub.requests.clear()
+    r = avarc(env, "download", "d16", "--dir", str(weights))
+    assert r.returncode == 0 and not hub.gets("var_d16.pth") and not hub.gets("vae_ch160v4096z32.pth")
+
+
+def test_missing_model_says_which_download_to_run(tmp_path, env):
+    with pytest.raises(AvarcError) as err:
+        resolve_model("d16", model_dir=tmp_path)
+    assert str(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
+    with pytest.raises(AvarcError) as err:
+        resolve_model(tmp_path / "nothing.pth")
+    assert "no such model file" in str(err.value)
+    show = "import core.registry as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
+    r = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "model 'd20-cca' is not in the Hugging Face cache; run `avarc download d20-cca`"
+
+
+def test_list_shows_sizes_purposes_and_what_is_here(hub, env):
+    assert avarc(env, "download", "vae").returncode == 0
+    r = avarc(env, "download", "--list")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") > 3}
+    assert str(snapshot(env, "vae_ch160v4096z32.pth")) in rows["vae"] and "437 MB" in rows["vae"]
+    assert "not downloaded" in rows["d16"] and "1.24 GB" in rows["d16"] and "A-VARC+" in rows["d30-cca"]
+    assert set(rows) >= {"vae", "d16", "d20", "d24", "d30", "d36", "d16-cca", "d20-cca", "d24-cca", "d30-cca", "digits"}
+    assert not hub.gets("var_d16.pth")
+
+
+def test_unknown_names_and_revisions_are_one_line_errors(hub, env):
+    r = avarc(env, "download", "d99")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown model 'd99'") and r.stderr.count("\n") == 1
+    r = avarc(env, "download", "vae", "--revision", "v9")
+    assert r.returncode == 2 and "revision 'v9' not found in FoundationVision/var" in r.stderr
+
+
+@pytest.fixture
+def conf_golden_256(tmp_path) -> Path:
+    """official256's golden latent and tokens, saved where a subprocess can load them."""
+    import numpy as np
+
+    g = np.load(CONFORMANCE / "official256" / "golden.npz")
+    path = tmp_path / "golden.pt"
+    torch.save({"latent": torch.from_numpy(g["latent"]), "tokens": torch.from_numpy(g["tokens"])}, path)
+    return path
