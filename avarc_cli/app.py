@@ -34,6 +34,10 @@ from avarc_cli.commands import download  # noqa: E402  (commands are registered 
 
 app.command("download", short_help="Download official weights from the Hugging Face hub (cache, offline, verified).")(download.download)
 
+from avarc_cli.commands import classify  # noqa: E402
+
+app.command("classify", short_help="Classify images and labelled folders with a staged A-VARC schedule (JSONL, accuracy table).")(classify.classify)
+
 
 def main() -> None:
     try:

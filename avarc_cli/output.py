@@ -16,7 +16,8 @@ err_console = Console(stderr=True)
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, justify="right" if c[:1].isdigit() or c.endswith(("%", "/s", "s")) else "left")
+        t.add_column(c, justify="right" if c[:1].isdigit() or c.endswith(("%", "/s", "s")) else "left",
+                     overflow="fold")  # long paths wrap instead of losing their ends
     for r in rows:
         t.add_row(*[_fmt(x) for x in r])
     console.print(t)

@@ -106,12 +106,22 @@ def classify(model: Model, latents: torch.Tensor, candidates: Sequence[int], pro
     profile = profile.resolve(len(model.spec.var.patch_nums))
     if len(generators) != latents.shape[0]:
         raise ValueError(f"{latents.shape[0]} latents but {len(generators)} generators")
+    tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, generators)
+    return run_stages(model, tokens, candidates, profile, scorer, temperature)
+
+
+@torch.no_grad()
+def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], profile: Profile,
+               scorer: Scorer | None = None, temperature: float = 1.0) -> list[Prediction]:
+    """The schedule itself, on B, S, L sample tokens (sample 0 clean; a stage with n samples uses the first n)."""
+    profile = profile.resolve(len(model.spec.var.patch_nums))
+    if tokens.shape[1] < profile.max_samples:
+        raise ValueError(f"profile {profile.name} needs {profile.max_samples} samples per image, got {tokens.shape[1]}")
     if temperature <= 0:
         raise AvarcError(f"--temperature must be positive, got {temperature}")
     scorer = scorer or Scorer(model)
     cands = _check_candidates(model, candidates)
-    tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, generators)    # B, S, L
-    B = latents.shape[0]
+    B = tokens.shape[0]
     alive = {i: list(cands) for i in range(B)}
     history: list[list[StageScores]] = [[] for _ in range(B)]
     exited: dict[int, int] = {}

@@ -28,6 +28,12 @@ T = TypeVar("T")
 IMAGES_PER_STEP = 32
 
 
+def images_per_step(batch_size: int | None, num_candidates: int) -> int:
+    """Images classified together: as in the reference evaluation, as many as fill one forward of ``batch_size``
+    pairs at the first stage (at least one); ``IMAGES_PER_STEP`` when the forward size is left to the budget."""
+    return IMAGES_PER_STEP if batch_size is None else max(1, batch_size // num_candidates)
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job (rank 0 of 1 when not under torchrun)."""
@@ -107,14 +113,14 @@ def _load(item: Item, model: Model) -> torch.Tensor | str:
 
 def run(model: Model, items: Sequence[Item], candidates: Sequence[int], profile: Profile, seed: int,
         names: Sequence[str], run_key: dict, dist: Dist = Dist(), scorer: Scorer | None = None,
-        temperature: float = 1.0, topk: int = 5, images_per_step: int = IMAGES_PER_STEP) -> Iterator[list[dict]]:
+        temperature: float = 1.0, topk: int = 5, per_step: int = IMAGES_PER_STEP) -> Iterator[list[dict]]:
     """Classify ``items`` → batches of records. On rank 0 each batch is every rank's step, in input order; other
     ranks get empty batches (they must still iterate to the end)."""
     shard = list(enumerate(items))[dist.rank::dist.world]
-    steps = math.ceil(math.ceil(len(items) / dist.world) / images_per_step)
+    steps = math.ceil(math.ceil(len(items) / dist.world) / per_step)
     scorer = scorer or Scorer(model)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        batches = [shard[k * images_per_step:(k + 1) * images_per_step] for k in range(steps)]
+        batches = [shard[k * per_step:(k + 1) * per_step] for k in range(steps)]
         pending = pool.map(lambda it: _load(it, model), [it for _, it in batches[0]]) if batches else iter(())
         for k, batch in enumerate(batches):
             loaded = list(pending)

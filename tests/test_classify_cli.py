@@ -1,0 +1,165 @@
+"""``avarc classify`` end to end: conformance scores through the CLI, labelled folders, bad input, resume after
+kill -9, and one-line errors (tests/data/conformance/official256: tiny official-format checkpoints)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avarc_cli.app import main
+from tests.conftest import ConformanceSet
+
+CS = ConformanceSet("official256")
+MODEL = ["--model", str(CS.var_path), "--vae", str(CS.vae_path), "--device", "cpu", "--dtype", "fp32"]
+FAST = "stages:\n  - {scales: 3, keep: 2}\n  - {scales: 4, samples: 2}\n"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def fast_profile(tmp_path) -> Path:
+    f = tmp_path / "fast.yaml"
+    f.write_text(FAST)
+    return f
+
+
+def test_varc_scores_through_the_cli_equal_the_golden_loglikelihood_sums(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "varc.jsonl"
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", CS.dir.parent / "images", *MODEL, "--profile", "varc",
+                            "--out", out, "--topk", 10)
+    assert code == 0 and "profile varc" in stdout
+    records = read_jsonl(out)
+    assert [Path(r["path"]).stem for r in records] == CS.meta["images"]
+    gold = CS.golden["logp"][:, :10].sum(-1)                               # B, K (K = 10 real classes)
+    for rec, g in zip(records, gold):
+        (stage,) = rec["stages"]
+        assert stage["candidates"] == list(range(10)) and rec["status"] == "ok" and rec["label"] is None
+        assert max(abs(s - g[c].item()) for c, s in zip(stage["candidates"], stage["scores"])) < 0.01
+        final = {t["class"]: t["score"] for t in rec["topk"]}
+        for a in range(10):
+            for b in range(10):
+                if g[a] - g[b] > 0.1:
+                    assert final[a] > final[b]
+        assert rec["pred"] == g.argmax().item() == rec["topk"][0]["class"]
+
+
+def test_labelled_class_folders_give_accuracy_recall_and_a_csv_row(tmp_path, monkeypatch, capsys, fast_profile):
+    data = tmp_path / "data"
+    for label, stem in (("6", "gray"), ("6", "rgba"), ("0", "palette"), ("2", "tiny")):
+        src = next((CS.dir.parent / "images").glob(f"{stem}.*"))
+        (data / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, data / label / src.name)
+    out, table = tmp_path / "r.jsonl", tmp_path / "summary.csv"
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", data, *MODEL, "--profile", fast_profile, "--out", out,
+                            "--csv", table)
+    assert code == 0
+    records = read_jsonl(out)
+    assert [(r["label"], Path(r["path"]).name) for r in records] == [(0, "palette.png"), (2, "tiny.png"),
+                                                                     (6, "gray.png"), (6, "rgba.png")]
+    top1 = sum(r["pred"] == r["label"] for r in records) / 4
+    recall1 = sum(r["label"] in [c for c, _ in sorted(zip(r["stages"][0]["candidates"], r["stages"][0]["scores"]),
+                                                         key=lambda cs: -cs[1])[:2]] for r in records) / 4
+    assert f"{100 * top1:.2f}%" in stdout and "stage 1 recall" in stdout and f"{100 * recall1:.2f}%" in stdout
+    row = table.read_text().splitlines()
+    assert row[0].startswith("model,profile,seed,dataset") and float(row[1].split(",")[7]) == top1
+
+
+def test_bad_images_are_skipped_with_their_reason_and_the_run_goes_on(tmp_path, monkeypatch, capsys, fast_profile):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = CS.dir.parent / "images" / "tiny.png"
+    shutil.copy(good, folder / "a_good.png")
+    (folder / "b_empty.png").write_bytes(b"")
+    (folder / "c_truncated.png").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    (folder / "d_notes.txt").write_text("not an image\n")
+    shutil.copy(good, folder / "e_good.png")
+    out = tmp_path / "r.jsonl"
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", folder, *MODEL, "--profile", fast_profile, "--out", out)
+    assert code == 0
+    recs = {Path(r["path"]).name: r for r in read_jsonl(out)}
+    assert [recs[n]["status"] for n in sorted(recs)] == ["ok", "skipped", "skipped", "skipped", "ok"]
+    assert "empty file" in recs["b_empty.png"]["error"]
+    assert "truncated" in recs["c_truncated.png"]["error"] or "broken" in recs["c_truncated.png"]["error"]
+    assert "d_notes.txt: not a readable image" in recs["d_notes.txt"]["error"]
+    assert all(recs[n]["pred"] in range(10) and recs[n]["error"] is None for n in ("a_good.png", "e_good.png"))
+    assert re.search(r"skipped\s*│\s*3\s*│", stdout) and re.search(r"classified\s*│\s*2\s*│", stdout)
+
+
+@pytest.mark.parametrize("case", ["empty-folder", "unknown-profile", "unknown-model", "invalid-yaml", "resume-no-out"])
+def test_user_errors_exit_2_with_one_line_that_says_what_to_do(tmp_path, monkeypatch, capsys, case):
+    images = CS.dir.parent / "images"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("stages:\n  - {scales: 3\n")
+    (tmp_path / "empty").mkdir()
+    args, expected = {
+        "empty-folder": ([tmp_path / "empty", *MODEL], "no files in this folder; point at a folder of images"),
+        "unknown-profile": ([images, *MODEL, "--profile", "fastest"], "unknown profile 'fastest'; use one of"),
+        "unknown-model": ([images, "--model", "d99"], "d99: no such model file or directory; known names:"),
+        "invalid-yaml": ([images, *MODEL, "--profile", bad_yaml], f"{bad_yaml}: invalid YAML at line"),
+        "resume-no-out": ([images, *MODEL, "--resume"], "--resume continues an --out file; pass --out"),
+    }[case]
+    code, stdout, stderr = avarc(monkeypatch, capsys, "classify", *args)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("error: ") and expected in stderr and stderr.count("\n") == 1
+
+
+def test_unlabelled_images_print_their_predictions_and_profiles_are_listed(tmp_path, monkeypatch, capsys, fast_profile):
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", CS.dir.parent / "images" / "tiny.png", *MODEL,
+                            "--profile", fast_profile, "--classes", "2,5")
+    assert code == 0 and "predictions" in stdout and "tiny.png" in stdout
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", "--list-profiles")
+    assert code == 0 and all(name in stdout for name in ("a-varc-plus", "smooth-top10", "adaptive", "digits", "varc"))
+
+
+def test_resume_after_kill_9_gives_exactly_one_record_per_image(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    images = sorted((CS.dir.parent / "images").iterdir())
+    for i in range(16):
+        shutil.copy(images[i % len(images)], folder / f"{i:02d}{images[i % len(images)].suffix}")
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "avarc_cli", "classify", str(folder), *map(str, MODEL), "--profile", "varc",
+           "--classes", "0,1,2", "--batch-size", "3", "--out", str(out)]         # 3 pairs a forward: 1 image a step
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL                                   # really killed mid-way
+    before = out.read_text().splitlines()
+    assert 3 <= len(before) < 16
+    with open(out, "a") as f:
+        f.write(before[-1][: len(before[-1]) // 2])                            # and a torn last line on top
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"resume: {len(before)} images already done, {16 - len(before)} to go" in done.stderr.replace("\n", " ")
+    records = read_jsonl(out)
+    assert sorted(Path(r["path"]).name.split(".")[0] for r in records) == [f"{i:02d}" for i in range(16)]
+    assert out.read_text().splitlines()[:len(before)] == before and all(r["status"] == "ok" for r in records)

@@ -1,0 +1,108 @@
+"""core.results: records, the resumable results file and the metrics of the final table."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from core import AvarcError
+from core.classifier import Prediction, StageScores
+from core.data import Item
+from core.profiles import Profile, Stage
+from core.results import (Metrics, ResultsWriter, append_csv_summary, ok_record, open_results, run_info,
+                          skipped_record, stage_survival)
+
+NAMES = [f"c{i}" for i in range(6)]
+PROFILE = Profile("p", (Stage(3, 1, 3), Stage(5, 1, 2), Stage(5, 2, 1)))
+RUN = run_info("m", PROFILE, 0, range(6))
+
+
+def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_after=None) -> Prediction:
+    """A Prediction built the way the schedule builds it (see core.classifier._prediction)."""
+    from core.classifier import _prediction
+
+    stages = [StageScores(5, 1, k, list(s), list(s.values())) for s, k in zip(stage_scores, keeps)]
+    return _prediction(stages, exited_after, 1.0)
+
+
+def test_records_hold_ranking_stages_posterior_and_run():
+    p = prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0, 4: -8.0, 5: -7.0}, {1: -30.0, 3: -20.0, 2: -25.0},
+                    {3: -40.0, 1: -41.0}])
+    rec = ok_record(Item("d/2/x.png", "2/x.png", 2), p, NAMES, RUN, topk=4)
+    assert rec["pred"] == 3 and rec["pred_name"] == "c3" and rec["label_rank"] == 3 and rec["status"] == "ok"
+    assert [t["class"] for t in rec["topk"]] == [3, 1, 2, 5]        # survivors, stage-2 dropout, best stage-1 dropout
+    assert [s["candidates"] for s in rec["stages"]] == [[0, 1, 2, 3, 4, 5], [1, 3, 2], [3, 1]]
+    assert [q["class"] for q in rec["posterior"]] == [3, 1] and abs(sum(q["p"] for q in rec["posterior"]) - 1) < 1e-5
+    assert stage_survival(rec, 3) == [True, True, False]
+    json.dumps(rec)
+    skipped = skipped_record(Item("bad.png", "bad.png"), "bad.png: not a readable image (empty file)", NAMES, RUN)
+    assert skipped["status"] == "skipped" and skipped["pred"] is None and "empty file" in skipped["error"]
+
+
+def test_run_fingerprint_changes_with_anything_that_changes_scores():
+    base = run_info("m", PROFILE, 0, range(6))
+    assert base == run_info("m", PROFILE, 0, [5, 4, 3, 2, 1, 0])
+    other_sigma = Profile("p", PROFILE.stages, sigma=0.2)
+    for other in (run_info("m2", PROFILE, 0, range(6)), run_info("m", PROFILE, 1, range(6)),
+                  run_info("m", other_sigma, 0, range(6)), run_info("m", PROFILE, 0, range(5))):
+        assert other["fingerprint"] != base["fingerprint"]
+
+
+def _rec(path: str, run: dict = RUN) -> dict:
+    return skipped_record(Item(path, path), "x", NAMES, run) | {"status": "ok"}
+
+
+def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert open_results(out, False, RUN).done == {} and out.read_bytes() == b""
+    w = ResultsWriter(out)
+    w.write([_rec("a"), _rec("b")])
+    w.close()
+    with pytest.raises(AvarcError, match="already exists; pass --resume"):
+        open_results(out, False, RUN)
+    full = out.read_bytes()
+    with open(out, "ab") as f:
+        f.write(json.dumps(_rec("c")).encode()[:40])                # kill -9 in the middle of a write
+    state = open_results(out, True, RUN)
+    assert state.torn and state.dropped == 0 and sorted(state.done) == ["a", "b"]
+    assert out.read_bytes() == full
+    w = ResultsWriter(out)
+    w.write([_rec("c")])
+    w.close()
+    lines = out.read_text().splitlines()
+    assert [json.loads(line)["path"] for line in lines] == ["a", "b", "c"]
+
+
+def test_resume_drops_records_of_another_run(tmp_path):
+    out = tmp_path / "r.jsonl"
+    other = run_info("m", PROFILE, 1, range(6))
+    out.write_text("".join(json.dumps(r) + "\n" for r in (_rec("a"), _rec("b", other), _rec("a"))) + "{broken\n")
+    state = open_results(out, True, RUN)
+    assert sorted(state.done) == ["a"] and state.dropped == 3 and not state.torn
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == ["a"]
+
+
+def test_metrics_top1_top5_stage_recall_and_early_exits():
+    m = Metrics(3)
+    good = ok_record(Item("a", "a", 3), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
+                                                    {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
+    lost_late = ok_record(Item("b", "b", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
+                                                         {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
+    lost_early = ok_record(Item("c", "c", 0), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
+                                                          {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
+    exited = ok_record(Item("d", "d", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}], exited_after=1), NAMES, RUN, 5)
+    for rec in (good, lost_late, lost_early, exited, skipped_record(Item("e", "e", 2), "bad", NAMES, RUN),
+                ok_record(Item("f", "f"), prediction([{0: -1.0, 1: -2.0}]), NAMES, RUN, 5)):
+        m.add(rec)
+    assert (m.images, m.skipped, m.labelled, m.early_exits) == (6, 1, 4, 1)
+    assert m.top1 == 2 / 4 and m.top5 == 4 / 4                        # c: rank 4; b: rank 2
+    assert m.recall == [3 / 4, 3 / 4, 2 / 4]                           # c pruned at stage 1; b at stage 3
+
+
+def test_csv_summary_rows_accumulate_under_one_header(tmp_path):
+    f = tmp_path / "s.csv"
+    append_csv_summary(f, {"model": "a", "top1": 0.5})
+    append_csv_summary(f, {"model": "b", "top1": 0.75})
+    rows = list(csv.DictReader(f.open()))
+    assert rows == [{"model": "a", "top1": "0.5"}, {"model": "b", "top1": "0.75"}]
