@@ -6,6 +6,8 @@ tokens) → ``Model.token_logp`` (per-token log-likelihoods per class) → sched
 __version__ = "0.1.0"
 
 from .errors import AvarcError
+from .classifier import Prediction, Scorer, classify, classify_images
+from .profiles import Profile, Stage, list_profiles, load_profile
 from .model import Model, build_model, load_model, resolve_device
 from .preprocess import preprocess_image
 from .specs import ModelSpec, VARSpec, VQVAESpec, infer_vae_spec, infer_var_spec, official_spec
@@ -13,4 +15,5 @@ from .specs import ModelSpec, VARSpec, VQVAESpec, infer_vae_spec, infer_var_spec
 __all__ = [
     "AvarcError", "Model", "ModelSpec", "VARSpec", "VQVAESpec", "build_model", "infer_vae_spec", "infer_var_spec",
     "load_model", "official_spec", "preprocess_image", "resolve_device",
+    "Prediction", "Profile", "Scorer", "Stage", "classify", "classify_images", "list_profiles", "load_profile",
 ]
