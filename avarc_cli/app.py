@@ -38,6 +38,10 @@ from avarc_cli.commands import classify  # noqa: E402
 
 app.command("classify", short_help="Classify images and labelled folders with a staged A-VARC schedule (JSONL, accuracy table).")(classify.classify)
 
+from avarc_cli.commands import explain  # noqa: E402
+
+app.command("explain", short_help="Explain predictions: token-wise log-likelihood-ratio heatmaps (PNG panels) and raw maps (NPZ).")(explain.explain)
+
 
 def main() -> None:
     try:

@@ -5,10 +5,13 @@ pixels stay crisp); panels 2–4 colour the A-vs-null, B-vs-null and contrast ma
 zero (only evidence *for* the class is drawn), min–max normalised (a constant map is drawn as zero), upsampled
 bilinearly and alpha-blended. The contrast panel is drawn in the direction of the class with the higher
 likelihood (A over B, or B over A), as the paper does for misclassified images; the saved maps stay A − B.
+Captions use Pillow's bundled font, which has ASCII glyphs only: accents are folded (``ü`` → ``u``) and other
+characters drawn as ``?`` (the NPZ and the terminal keep the exact class names).
 """
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Callable
 
 import numpy as np
@@ -94,7 +97,8 @@ def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colorm
     R = pixels.shape[0]
     P = panel_size(R)
     base = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).resize((P, P), Image.Resampling.NEAREST))
-    a, b = names
+    a, b = (_ascii(n) for n in names)
+    note = _ascii(note)
     r_a, r_b, r_ab = expl.ratios
     maps = expl.maps.numpy()
     win, lose, contrast, r_win = (a, b, maps[2], r_ab) if r_ab >= 0 else (b, a, -maps[2], -r_ab)
@@ -138,6 +142,11 @@ def _ratio_title(names: tuple[str, str | None], font, width: int) -> str:
         if keep <= 1 or font.getlength(text) <= width:
             return text
         keep -= 1
+
+
+def _ascii(text: str) -> str:
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return "".join(c if " " <= c <= "~" else "?" for c in folded)
 
 
 def _shorten(name: str, keep: int) -> str:

@@ -110,3 +110,11 @@ def test_png_round_trips(tmp_path):
     render(np.zeros((16, 16, 3), np.uint8), ex, ("ünïcode 名前", "x" * 200)).save(tmp_path / "a.png")
     with Image.open(tmp_path / "a.png") as im:
         assert im.size == figure_size(16)
+
+
+def test_captions_fold_accents_for_the_bundled_font():
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    ex = explanation(torch.randn(3, 21, generator=torch.Generator().manual_seed(0)))
+    folded = np.asarray(render(pixels, ex, ("uni", "cafe"), note="true: uni"))
+    assert np.array_equal(np.asarray(render(pixels, ex, ("ünï", "café"), note="true: ünï")), folded)
+    assert not np.array_equal(np.asarray(render(pixels, ex, ("uno", "cafe"), note="true: uni")), folded)
