@@ -1,6 +1,7 @@
 """``avarc explain``: token-wise log-likelihood-ratio heatmaps (PNG panels) and raw maps (NPZ) per image."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,18 +46,17 @@ def explain(
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
-    """Examples:
+    """\b
+    avarc explain examples/digits                    # demo: each digit's true class vs its best wrong class
+    avarc explain cat.jpg -m d16 --out why           # A = prediction, B = runner-up (after `avarc download d16`)
+    avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
+    avarc explain val/ -m d16 --labels folders       # A = true class, B = best wrong class, as in the paper
+    avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet --alpha 0.6
 
-        avarc explain examples/digits/3                        # demo model: why 3 (and not the runner-up)?
-        avarc explain cat.jpg --model d16 --out why            # A = prediction, B = runner-up
-        avarc explain cat.jpg --model d16 --class tabby --vs tiger_cat
-        avarc explain val/ --model d16 --labels folders        # A = true class, B = best wrong class (paper)
-        avarc explain cat.jpg --model d16 --vs null --scales 8 --colormap jet --alpha 0.6
-
-    For every image, OUT/<image>.png shows the input and where the tokens favour A over the unconditional model,
-    B over it, and A over B; OUT/<image>.npz holds the signed maps (3, p, p), classes [A, B], the scores
-    log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Open classes are chosen with the
-    profile's schedule, exactly as `avarc classify` would rank them.
+    OUT/<image>.png shows the input, then where its tokens favour A over the unconditional model, B over it, and
+    the more likely of A, B over the other. OUT/<image>.npz holds the signed maps (3, p, p: A vs null, B vs null,
+    A vs B), classes [A, B], scores log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Classes
+    left open are chosen with the profile's schedule, as `avarc classify` ranks them; unreadable images are skipped.
     """
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
@@ -77,27 +77,26 @@ def explain(
     found = collect([str(p) for p in inputs], space, "none" if label else labels, exclude=existing)
     out.mkdir(parents=True, exist_ok=True)
     names = [n.replace("_", " ") if space.imagenet else n for n in space.names] + ["null"]
-    stems = unique_stems([it.path for it in found.items])
+    named = list(zip(found.items, unique_stems([it.path for it in found.items])))
     rows, skipped = [], []
     with output.progress() as prog:
         task = prog.add_task("explain", total=len(found.items), info="")
         for start in range(0, len(found.items), IMAGES_PER_STEP):
-            batch = list(zip(found.items[start:start + IMAGES_PER_STEP], stems[start:start + IMAGES_PER_STEP]))
+            batch = named[start:start + IMAGES_PER_STEP]
             loaded = [(it, stem, _load(it, m)) for it, stem in batch]
+            skipped += [px for _, _, px in loaded if isinstance(px, str)]
             good = [(it, stem, px) for it, stem, px in loaded if not isinstance(px, str)]
-            skipped += [(it.path, px) for it, _, px in loaded if isinstance(px, str)]
-            if good:
-                targets = [Target(fixed.cls, fixed.vs, fixed.label if fixed.label is not None else it.label)
-                           for it, _, _ in good]
-                images = torch.stack([pixels_to_tensor(px) for _, _, px in good])
-                gens = [noise_generator(seed, it.key) for it, _, _ in good]
-                for (it, stem, px), ex in zip(good, explain_images(m, images, targets, prof, gens, num_scales, batch_size)):
-                    if isinstance(ex, AvarcError):
-                        skipped.append((it.path, f"{it.path}: {ex}"))
-                        continue
+            targets = [replace(fixed, label=fixed.label if fixed.label is not None else it.label) for it, _, _ in good]
+            images = [pixels_to_tensor(px) for _, _, px in good]
+            gens = [noise_generator(seed, it.key) for it, _, _ in good]
+            results = explain_images(m, torch.stack(images), targets, prof, gens, num_scales, batch_size) if good else []
+            for (it, stem, px), ex in zip(good, results):
+                if isinstance(ex, AvarcError):
+                    skipped.append(f"{it.path}: {ex}")
+                else:
                     rows.append(_write(ex, px, out, stem, names, colormap, alpha, it.path))
             prog.update(task, advance=len(batch), info=f"{len(rows)} written")
-    for path, reason in skipped:
+    for reason in skipped:
         output.err_console.print(f"skipped: {reason}", markup=False, highlight=False)
     if rows:
         output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
