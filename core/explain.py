@@ -28,9 +28,6 @@ from .errors import AvarcError
 from .model import Model
 from .profiles import Profile
 
-PAIRS = ("A vs null", "B vs null", "A vs B")
-
-
 @dataclass(frozen=True)
 class Target:
     """What the user fixed for one image: the class to explain (``cls``), the class to contrast it with (``vs``)
