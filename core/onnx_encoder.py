@@ -137,14 +137,39 @@ class OnnxEncoder:
 
 
 class _Encode(nn.Module):
-    """The graph that is exported: ``VQVAE.encode`` = quant_conv(encoder(image))."""
+    """The graph that is exported: ``VQVAE.encode`` = quant_conv(encoder(image)), on a CPU copy of the weights with
+    every GroupNorm replaced by :class:`_GroupNorm`."""
 
     def __init__(self, vae: VQVAE):
         super().__init__()
-        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.encoder, self.quant_conv = copy.deepcopy(vae.encoder).cpu(), copy.deepcopy(vae.quant_conv).cpu()
+        for name, module in list(self.named_modules()):
+            if isinstance(module, nn.GroupNorm):
+                parent, _, attr = name.rpartition(".")
+                setattr(self.get_submodule(parent), attr, _GroupNorm(module))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(image))
+
+
+class _GroupNorm(nn.Module):
+    """GroupNorm whose statistics are reduced over W first, then over the rest of the group.
+
+    onnxruntime sums a reduction axis in one float32 pass; over a group of 256×256 activations that costs up to ~1e-3
+    in the latent. Two short reductions keep the export as accurate as torch (same values, same parameters).
+    """
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps, self.weight, self.bias = norm.num_groups, norm.eps, norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        g = x.reshape(B, self.groups, -1, W)                                   # B, G, C/G·H, W
+        d = g - g.mean(-1, keepdim=True).mean(-2, keepdim=True)
+        var = (d * d).mean(-1, keepdim=True).mean(-2, keepdim=True)
+        y = (d * torch.rsqrt(var + self.eps)).reshape(B, C, H, W)
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 def _export(vae: VQVAE, path: Path) -> None:
@@ -152,8 +177,6 @@ def _export(vae: VQVAE, path: Path) -> None:
     _require("onnx")
     _require("onnxscript")
     graph = _Encode(vae)
-    if any(p.device.type != "cpu" for p in graph.parameters()):
-        graph = copy.deepcopy(graph).cpu()
     side = 16 * vae.spec.downsample
     sample = torch.zeros(2, 3, side, side)
     dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
