@@ -163,3 +163,36 @@ def test_resume_after_kill_9_gives_exactly_one_record_per_image(tmp_path):
     records = read_jsonl(out)
     assert sorted(Path(r["path"]).name.split(".")[0] for r in records) == [f"{i:02d}" for i in range(16)]
     assert out.read_text().splitlines()[:len(before)] == before and all(r["status"] == "ok" for r in records)
+
+
+def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import torch
+
+    from core import VARSpec, build_model
+    from core.data import dataset_presets, imagenet_classes
+
+    spec = dataclasses.replace(CS.load().spec, var=VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=1000))
+    var = build_model(spec, "cpu").var                                     # random weights, ImageNet-1k classes
+    var.init_weights()
+    torch.save(var.state_dict(), tmp_path / "var1000.pth")
+    synsets = [s for s, _ in imagenet_classes()]
+    a_classes = dataset_presets()["imagenet-a"].candidates
+    data = tmp_path / "imagenet-a"
+    for cls, stem in ((a_classes[0], "tiny"), (a_classes[5], "gray")):
+        (data / synsets[cls]).mkdir(parents=True)
+        shutil.copy(next((CS.dir.parent / "images").glob(f"{stem}.*")), data / synsets[cls])
+    profile = tmp_path / "p.yaml"
+    profile.write_text("stages:\n  - {scales: 2, keep: 3}\n  - {scales: 3}\n")
+    out = tmp_path / "a.jsonl"
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", data, "--model", tmp_path / "var1000.pth", "--vae",
+                            CS.vae_path, "--device", "cpu", "--dataset", "imagenet-a", "--profile", profile,
+                            "--out", out)
+    assert code == 0 and "top-1" in stdout
+    recs = read_jsonl(out)
+    assert [r["label"] for r in recs] == sorted([a_classes[0], a_classes[5]])
+    names = [n for _, n in imagenet_classes()]
+    for r in recs:
+        assert r["stages"][0]["candidates"] == list(a_classes) and r["pred"] in a_classes
+        assert r["pred_name"] == names[r["pred"]] and r["label_name"] == names[r["label"]]
