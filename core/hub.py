@@ -64,9 +64,12 @@ def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revisi
 
         path = local_path(e)
         return Download(e.name, path, _tree_size(path), "bundled")
-    if force and is_offline_mode():
-        raise AvarcError(f"{e.name}: --force needs the network but HF_HUB_OFFLINE is set; unset it or drop --force")
     before = find_local(e, model_dir, revision)
+    if is_offline_mode():  # answered from disk alone, so not even huggingface_hub is asked to try the network
+        if force or before is None:
+            why = "--force needs the network" if force else "not downloaded yet"
+            raise AvarcError(f"{e.name}: {why} but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it")
+        return Download(e.name, before, before.stat().st_size, "present")
     before_id = _identity(before)
     try:
         path = Path(hf_hub_download(e.repo_id, e.filename, revision=revision, force_download=force,
@@ -129,15 +132,12 @@ def _tree_size(path: Path) -> int:
 
 
 def _explain(e: "ModelEntry", revision: str | None, err: OSError) -> AvarcError:
-    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub import constants
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     rev = revision or "main"
     if isinstance(err, LocalEntryNotFoundError):
-        if is_offline_mode():
-            return AvarcError(f"{e.name}: not in the cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
-                              "unset HF_HUB_OFFLINE to download it")
         return AvarcError(f"{e.name}: cannot reach {constants.ENDPOINT} and the file is not cached; check the "
                           "connection (or HF_ENDPOINT) and run the command again")
     if isinstance(err, RepositoryNotFoundError):

@@ -94,6 +94,13 @@ class Availability:
     entry: ModelEntry
     path: Path | None  # where it is on this machine; None: not downloaded
 
+    @property
+    def size_bytes(self) -> int | None:
+        """The download size, or for a bundled model what its files take on disk."""
+        if self.entry.bundled and self.path is not None:
+            return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return self.entry.size_bytes
+
 
 def availability(model_dir: str | os.PathLike | None = None) -> list[Availability]:
     """Every registry model and whether (and where) it is on this machine. No network."""

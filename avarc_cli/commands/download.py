@@ -78,7 +78,7 @@ def _list(model_dir: Path | None) -> None:
     rows = []
     for a in availability(model_dir):
         e = a.entry
-        rows.append((e.name, _size(e.size_bytes), e.description, a.path or ("missing" if e.bundled else "not downloaded")))
+        rows.append((e.name, _size(a.size_bytes), e.description, a.path or ("missing" if e.bundled else "not downloaded")))
     where = "the HF cache" if model_dir is None else str(model_dir)
     output.table(f"Known models (looked up in {where})", ["name", "size", "for", "local"], rows)
 
