@@ -57,15 +57,15 @@ def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revisi
 
     Without ``model_dir`` the file goes to the HF cache; with it, it becomes a plain file there.
     """
-    from huggingface_hub import hf_hub_download, is_offline_mode
+    from huggingface_hub import constants, hf_hub_download
 
     if e.bundled:
         from .registry import local_path
 
         path = local_path(e)
-        return Download(e.name, path, _tree_size(path), "bundled")
+        return Download(e.name, path, disk_size(path), "bundled")
     before = find_local(e, model_dir, revision)
-    if is_offline_mode():  # answered from disk alone, so not even huggingface_hub is asked to try the network
+    if constants.HF_HUB_OFFLINE:  # answered from disk alone, so not even huggingface_hub is asked to try the network
         if force or before is None:
             why = "--force needs the network" if force else "not downloaded yet"
             raise AvarcError(f"{e.name}: {why} but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it")
@@ -78,7 +78,7 @@ def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revisi
         raise _explain(e, revision, err) from None
     if _identity(path) == before_id:
         return Download(e.name, path, path.stat().st_size, "present")
-    sha = _verify(e, path, revision, cached=model_dir is None)
+    sha = _verify(e, path, revision, model_dir)
     return Download(e.name, path, path.stat().st_size, "downloaded", sha)
 
 
@@ -90,10 +90,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _verify(e: "ModelEntry", path: Path, revision: str | None, cached: bool) -> str | None:
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of the files directly in a folder (a model directory)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _verify(e: "ModelEntry", path: Path, revision: str | None, model_dir: str | os.PathLike | None) -> str | None:
     """Compare a freshly fetched file with the hub's SHA-256 for it; remove it (blob and link too) if they differ."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
+    cached = model_dir is None
     try:
         meta = get_hf_file_metadata(hf_hub_url(e.repo_id, e.filename, revision=revision))
     except Exception as err:  # HTTP errors and the HTTP client's own connection errors alike
@@ -107,7 +113,8 @@ def _verify(e: "ModelEntry", path: Path, revision: str | None, cached: bool) -> 
     if actual != expected:
         _remove(path, cached)
         raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
-                         f"{expected[:12]}…); the corrupt file was removed, run `avarc download {e.name}` again")
+                         f"{expected[:12]}…); the corrupt file was removed, run `avarc download {e.name}"
+                         f"{'' if cached else f' --dir {model_dir}'}` again")
     return actual
 
 
@@ -127,14 +134,10 @@ def _identity(path: Path | None) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _tree_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
 def _explain(e: "ModelEntry", revision: str | None, err: OSError) -> AvarcError:
     from huggingface_hub import constants
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
 
     rev = revision or "main"
     if isinstance(err, LocalEntryNotFoundError):

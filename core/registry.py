@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import AvarcError
+from .hub import disk_size, find_local
 from .model import Model, load_model, load_model_dir
 from .onnx_encoder import use_encoder
 
@@ -79,8 +80,6 @@ def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Pat
         if not (path / "meta.json").is_file():
             raise AvarcError(f"bundled model {e.name!r} is missing from this installation ({path}); reinstall avarc")
         return path
-    from .hub import find_local
-
     found = find_local(e, model_dir)
     if found is None:
         where = "the Hugging Face cache" if model_dir is None else str(model_dir)
@@ -98,7 +97,7 @@ class Availability:
     def size_bytes(self) -> int | None:
         """The download size, or for a bundled model what its files take on disk."""
         if self.entry.bundled and self.path is not None:
-            return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+            return disk_size(self.path)
         return self.entry.size_bytes
 
 
