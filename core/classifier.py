@@ -18,22 +18,7 @@ from . import tokenizer
 from .errors import AvarcError
 from .model import Model
 from .profiles import Profile
-
-
-class Scorer:
-    """Summed token log-likelihoods of (token sequence, class) pairs on the first s scales.
-
-    The one place a schedule asks for scores, so that reuse across stages (keys/values of earlier scales, clean
-    scores already computed) can be added here without touching the schedule."""
-
-    def __init__(self, model: Model, chunk: int | None = None):
-        self.model, self.chunk = model, chunk
-
-    def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int) -> torch.Tensor:
-        """N, L tokens and N class ids → N fp32 sums of log p(token | class, earlier scales) over the first scales."""
-        if tokens.shape[0] == 0:
-            return torch.zeros(0)
-        return self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk).sum(-1)
+from .scoring import Scorer
 
 
 @dataclass
@@ -120,6 +105,7 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     if temperature <= 0:
         raise AvarcError(f"--temperature must be positive, got {temperature}")
     scorer = scorer or Scorer(model)
+    scorer.reset()
     cands = _check_candidates(model, candidates)
     B = tokens.shape[0]
     alive = {i: list(cands) for i in range(B)}
@@ -130,14 +116,17 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
         if not active:
             break
         n_tok = model.spec.var.scale_ends()[stage.scales - 1]
-        seq, cls, spans = [], [], []
+        seq, cls, keys, spans = [], [], [], []
         for i in active:
             c = torch.tensor(alive[i])
             for j in range(stage.samples):
                 seq.append(tokens[i, j, :n_tok].expand(len(c), -1))
                 cls.append(c)
+                keys += [(i, j)] * len(c)
             spans.append(len(c))
-        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales)
+        later = profile.stages[s_idx:]
+        useful = any(st.scales > stage.scales or st.samples > 1 for st in later)
+        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_for_later=useful)
         pos = 0
         for i, n in zip(active, spans):
             block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)

@@ -1,0 +1,105 @@
+"""Scoring (sequence, class) pairs for a staged schedule, with reuse across stages.
+
+Attention is block-causal over scales, so the log-probs and keys/values of a sequence's first scales do not depend
+on later scales. A later stage therefore never recomputes what an earlier one scored for the same tokens and class:
+a stage no longer than what is already scored costs nothing (e.g. the clean sample of A-VARC+'s last stage), a longer
+one only runs the new scales on top of the cached keys/values, and a smoothing neighbour whose coarse scales equal
+the clean tokens starts from the clean sequence's cache. Results equal a plain forward up to float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from .model import Model
+from .var import KVCache
+
+Key = tuple[Hashable, int]     # (image key, sample index); sample 0 is the clean tokens
+
+
+@dataclass
+class _Entry:
+    tokens: torch.Tensor            # L' tokens scored so far
+    logp: torch.Tensor              # L' per-token log-probs
+    cache: KVCache | None           # keys/values of those L' tokens (one row), if kept
+
+
+class Scorer:
+    """Summed token log-likelihoods of (sequence, class) pairs on the first s scales: the one place a schedule asks
+    for scores. With ``keys`` (each row's (image, sample)) and ``reuse`` it remembers per (image, sample, class) what
+    was scored; keys/values are kept only when the caller says a later stage can use them and they fit
+    ``cache_bytes``. ``reuse=False`` is the plain path (every pair from the first token), kept for verification."""
+
+    def __init__(self, model: Model, chunk: int | None = None, reuse: bool = True, cache_bytes: int | None = None):
+        self.model, self.chunk, self.reuse = model, chunk, reuse
+        self.cache_bytes = cache_bytes if cache_bytes is not None else 2 * model.budget_bytes
+        self.entries: dict[tuple[Hashable, int, int], _Entry] = {}
+        self.tokens_run = 0          # (pair × token) positions actually run, for compute accounting
+
+    def reset(self) -> None:
+        """Forget everything (a new batch of images)."""
+        self.entries = {}
+
+    def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int,
+              keys: list[Key] | None = None, keep_for_later: bool = False) -> torch.Tensor:
+        """N, L tokens and N class ids → N fp32 sums of log p(token | class, earlier scales) over the first scales."""
+        if tokens.shape[0] == 0:
+            return torch.zeros(0)
+        if keys is None or not self.reuse:
+            lp = self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk)
+            self.tokens_run += lp.numel()
+            return lp.sum(-1)
+        ends = self.model.spec.var.scale_ends()
+        n_tok = ends[num_scales - 1]
+        self._forget_pruned(keys, classes)
+        out = torch.empty(tokens.shape[0])
+        by_start: dict[int, list[tuple[int, _Entry | None]]] = {}
+        for r, ((img, j), c) in enumerate(zip(keys, classes.tolist())):
+            e = self.entries.get((img, j, c))
+            if e is not None and e.logp.shape[0] >= n_tok and torch.equal(e.tokens[:n_tok], tokens[r, :n_tok]):
+                out[r] = e.logp[:n_tok].sum()
+                continue
+            base = self._prefix(img, j, c, tokens[r, :n_tok], ends)
+            start = base.cache.num_tokens if base is not None else 0
+            by_start.setdefault(start, []).append((r, base))
+        keep = keep_for_later and self._fits(len(tokens), n_tok)
+        for start, rows in by_start.items():
+            idx = torch.tensor([r for r, _ in rows])
+            cache = KVCache.cat([b.cache.truncate(start) for _, b in rows]) if start else None
+            res = self.model.score_pairs(tokens[idx], classes[idx], num_scales, self.chunk, cache, keep)
+            self.tokens_run += res.logp.numel()
+            for n, (r, base) in enumerate(rows):
+                lp = torch.cat((base.logp[:start], res.logp[n])) if start else res.logp[n]
+                out[r] = lp.sum()
+                img, j = keys[r]
+                row_cache = res.cache.select(slice(n, n + 1)) if res.cache is not None else None
+                self.entries[(img, j, int(classes[r]))] = _Entry(tokens[r, :n_tok].clone(), lp, row_cache)
+        return out
+
+    def _prefix(self, img: Hashable, j: int, c: int, toks: torch.Tensor, ends: list[int]) -> _Entry | None:
+        """The longest cached entry of this image and class (own sample first, then the clean one) whose tokens
+        agree with ``toks`` on whole leading scales; its cache is usable up to the end of the last agreeing scale."""
+        best, best_len = None, 0
+        for e in (self.entries.get((img, j, c)), self.entries.get((img, 0, c))):
+            if e is None or e.cache is None:
+                continue
+            limit = min(e.cache.num_tokens, toks.shape[0])
+            same = next((i for i in range(limit) if e.tokens[i] != toks[i]), limit)
+            usable = max((end for end in ends if end <= same and end < toks.shape[0]), default=0)
+            if usable > best_len:
+                best, best_len = _Entry(e.tokens, e.logp, e.cache.truncate(usable)), usable
+        return best
+
+    def _fits(self, rows: int, n_tok: int) -> bool:
+        spec = self.model.spec.var
+        elem = 4 if self.model.dtype == torch.float32 else 2
+        return rows * spec.depth * 2 * n_tok * spec.embed_dim * elem <= self.cache_bytes
+
+    def _forget_pruned(self, keys: list[Key], classes: torch.Tensor) -> None:
+        """Drop entries of classes an image no longer asks for (candidates only shrink from stage to stage)."""
+        wanted: dict[Hashable, set[int]] = {}
+        for (img, _), c in zip(keys, classes.tolist()):
+            wanted.setdefault(img, set()).add(c)
+        self.entries = {k: e for k, e in self.entries.items() if k[0] not in wanted or k[2] in wanted[k[0]]}
