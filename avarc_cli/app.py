@@ -42,6 +42,10 @@ from avarc_cli.commands import explain  # noqa: E402
 
 app.command("explain", short_help="Explain predictions: token-wise log-likelihood-ratio heatmaps (PNG panels) and raw maps (NPZ).")(explain.explain)
 
+from avarc_cli.commands import bench  # noqa: E402
+
+app.command("bench", short_help="Measure speed, GFLOPs, achieved TFLOP/s vs the device peak, memory and dtype agreement.")(bench.bench)
+
 
 def main() -> None:
     try:

@@ -13,6 +13,7 @@ from typing import Hashable
 
 import torch
 
+from .flops import Macs, sequence_macs
 from .model import Model
 from .var import KVCache
 
@@ -36,7 +37,8 @@ class Scorer:
         self.model, self.chunk, self.reuse = model, chunk, reuse
         self.cache_bytes = cache_bytes if cache_bytes is not None else 2 * model.budget_bytes
         self.entries: dict[tuple[Hashable, int, int], _Entry] = {}
-        self.tokens_run = 0          # (pair × token) positions actually run, for compute accounting
+        self.tokens_run = 0          # (pair × token) positions actually run
+        self.macs = Macs()           # what the engine executed (linear, AdaLN, attention)
 
     def reset(self) -> None:
         """Forget everything (a new batch of images)."""
@@ -49,7 +51,7 @@ class Scorer:
             return torch.zeros(0)
         if keys is None or not self.reuse:
             lp = self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk)
-            self.tokens_run += lp.numel()
+            self._count(lp.shape[0], lp.shape[1], 0)
             return lp.sum(-1)
         ends = self.model.spec.var.scale_ends()
         n_tok = ends[num_scales - 1]
@@ -69,7 +71,7 @@ class Scorer:
             idx = torch.tensor([r for r, _ in rows])
             cache = KVCache.cat([b.cache.truncate(start) for _, b in rows]) if start else None
             res = self.model.score_pairs(tokens[idx], classes[idx], num_scales, self.chunk, cache, keep)
-            self.tokens_run += res.logp.numel()
+            self._count(len(rows), n_tok, start)
             for n, (r, base) in enumerate(rows):
                 lp = torch.cat((base.logp[:start], res.logp[n])) if start else res.logp[n]
                 out[r] = lp.sum()
@@ -77,6 +79,10 @@ class Scorer:
                 row_cache = res.cache.select(slice(n, n + 1)) if res.cache is not None else None
                 self.entries[(img, j, int(classes[r]))] = _Entry(tokens[r, :n_tok].clone(), lp, row_cache)
         return out
+
+    def _count(self, rows: int, end: int, start: int) -> None:
+        self.tokens_run += rows * (end - start)
+        self.macs = self.macs + sequence_macs(self.model.spec.var, end, start) * rows
 
     def _prefix(self, img: Hashable, j: int, c: int, toks: torch.Tensor, ends: list[int]) -> _Entry | None:
         """The longest cached entry of this image and class (own sample first, then the clean one) whose tokens
