@@ -48,15 +48,21 @@ def use_encoder(model: Model, backend: str, vae_file: str | os.PathLike | None =
 
     ``vae_file`` is the VQ-VAE file the model was loaded from; the export is kept beside it.
     """
+    check_backend(backend)
     if backend == "torch":
         model.encoder = None
         return None
-    if backend != "onnx":
-        raise AvarcError(f"unknown encoder {backend!r}; use {' or '.join(BACKENDS)}")
-    _require("onnxruntime")
     export = ensure_export(model.vae, vae_file)
     model.encoder = OnnxEncoder(export.path, model.device)
     return export
+
+
+def check_backend(backend: str) -> None:
+    """An unknown backend, or ``onnx`` without onnxruntime installed, is an error (raised before any model loads)."""
+    if backend not in BACKENDS:
+        raise AvarcError(f"unknown encoder {backend!r}; use {' or '.join(BACKENDS)}")
+    if backend == "onnx":
+        _require("onnxruntime")
 
 
 def ensure_export(vae: VQVAE, vae_file: str | os.PathLike | None = None) -> OnnxExport:

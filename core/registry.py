@@ -16,7 +16,7 @@ import torch
 from .errors import AvarcError
 from .hub import disk_size, find_local
 from .model import Model, load_model, load_model_dir
-from .onnx_encoder import use_encoder
+from .onnx_encoder import check_backend, use_encoder
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 VAR_REPO = "FoundationVision/var"
@@ -117,6 +117,7 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
                   trust_pickle: bool = False, encoder: str = "torch") -> Model:
     """A model argument (registry name, model directory or VAR file) → loaded Model, its encoder run by ``encoder``
     (``torch`` or ``onnx``; an ONNX export is made beside the VQ-VAE file on first use)."""
+    check_backend(encoder)
     path = Path(model)
     if str(model).lower() in REGISTRY and not path.exists():
         e = entry(str(model))
