@@ -46,6 +46,10 @@ from avarc_cli.commands import bench  # noqa: E402
 
 app.command("bench", short_help="Measure speed, GFLOPs, achieved TFLOP/s vs the device peak, memory and dtype agreement.")(bench.bench)
 
+from avarc_cli.commands import add_class  # noqa: E402
+
+app.command("add-class", short_help="Learn new classes from their own images (no replay, old classes unchanged); writes an extension file.")(add_class.add_class)
+
 
 def main() -> None:
     try:

@@ -120,8 +120,8 @@ def applied(model: Model) -> list[dict]:
 def check_names(model: Model, names: Sequence[str], where: str) -> None:
     existing = {model.class_name(i) for i in range(model.num_classes)} | {"null"}
     for i, name in enumerate(names):
-        if not name or name != name.strip() or name.isdigit():
-            raise AvarcError(f"{where}: class name {name!r} is not usable; use a non-numeric name without outer spaces")
+        if not name or name != name.strip() or "=" in name:
+            raise AvarcError(f"{where}: class name {name!r} is not usable; use a name without '=' or outer spaces")
         if name in existing or name in names[:i]:
             raise AvarcError(f"{where}: class {name!r} already exists in this model; choose another name")
 

@@ -10,13 +10,14 @@ import typer
 from core import AvarcError, distributed
 from core.classifier import Scorer
 from core.data import LABEL_MODES, ClassSpace, collect, dataset_presets
+from core.incremental import apply_extensions
 from core.model import resolve_dtype, resolve_device
 from core.profiles import Profile, default_profile_name, list_profiles, load_profile
 from core.registry import resolve_model
 from core.results import Metrics, ResultsWriter, append_csv_summary, model_identity, open_results, run_info
 
 from .. import output
-from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
+from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
                        SubsetOpt, TrustPickleOpt, VaeOpt)
 
 
@@ -24,6 +25,7 @@ def classify(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)] = None,
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
+    extension: ExtensionOpt = None,
     profile: ProfileOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help=f"Labelled evaluation preset for the folder you pass: {', '.join(dataset_presets())}.")] = None,
     subset: SubsetOpt = None,
@@ -67,22 +69,24 @@ def classify(
 
     dist = distributed.init(device)
     try:
-        _run(dist, inputs, model, vae, chosen, dataset, subset, classes, labels, out, csv, resume, device, dtype,
+        _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device, dtype,
              batch_size, seed, temperature, topk, model_dir, trust_pickle)
     finally:
         distributed.close(dist)
 
 
-def _run(dist, inputs, model_arg, vae, chosen: Profile | None, dataset, subset, classes, labels, out, csv, resume,
+def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, dataset, subset, classes, labels, out, csv, resume,
          device, dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle) -> None:
     main = dist.is_main
     dev = resolve_device(distributed.rank_device(dist, device))
     model = resolve_model(model_arg, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
+    added = apply_extensions(model, extension)
     profile = (chosen or load_profile(default_profile_name(model))).resolve(len(model.spec.var.patch_nums))
     space = ClassSpace(model)
     found = collect([str(p) for p in inputs], space, labels, dataset, subset, classes,
                     exclude=[p for p in (out, csv) if p is not None])
-    run_key = run_info(model_identity(model, model_arg), profile, seed, found.candidates)
+    run_key = run_info(model_identity(model, model_arg), profile, seed, found.candidates,
+                       {"extensions": [e.sha256 for e in added]} if added else None)
     metrics = Metrics(len(profile.stages))
 
     resumed = {}

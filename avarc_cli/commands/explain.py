@@ -14,14 +14,15 @@ from core.classifier import noise_generator
 from core.data import LABEL_MODES, ClassSpace, Item, collect
 from core.explain import Explanation, Target, check_scales, explain_images, save_npz, unique_stems
 from core.heatmap import COLORMAPS, check_style, render
+from core.incremental import apply_extensions
 from core.model import Model, resolve_device, resolve_dtype
 from core.preprocess import open_image, pixels_to_tensor, preprocess_pil
 from core.profiles import default_profile_name, load_profile
 from core.registry import resolve_model
 
 from .. import output
-from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt, TrustPickleOpt,
-                       VaeOpt)
+from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
+                       TrustPickleOpt, VaeOpt)
 
 IMAGES_PER_STEP = 16
 
@@ -30,6 +31,7 @@ def explain(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)] = None,
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
+    extension: ExtensionOpt = None,
     profile: ProfileOpt = None,
     cls: Annotated[Optional[str], typer.Option("--class", help="Class to explain (A): index, synset or name. Default: the true class if known, else the prediction.")] = None,
     vs: Annotated[Optional[str], typer.Option("--vs", help="Class to contrast with (B): index, synset, name or `null`. Default: the best other class.")] = None,
@@ -66,6 +68,7 @@ def explain(
     chosen = load_profile(profile) if profile else None
     dev = resolve_device(device)
     m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
+    apply_extensions(m, extension)
     num_scales = check_scales(m, scales)
     prof = (chosen or load_profile(default_profile_name(m))).resolve(len(m.spec.var.patch_nums))
     space = ClassSpace(m)
