@@ -18,7 +18,7 @@ from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, 
 
 
 def add_class(
-    classes: Annotated[list[str], typer.Argument(help="NAME IMAGES_DIR, or NAME=DIR pairs, or one folder of class sub-folders.", show_default=False)],
+    classes: Annotated[list[str], typer.Argument(metavar="NAME DIR | NAME=DIR... | FOLDER", help="NAME IMAGES_DIR, or NAME=DIR pairs, or one folder of class sub-folders.", show_default=False)],
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
     extension: ExtensionOpt = None,
