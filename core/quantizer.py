@@ -80,18 +80,25 @@ class MultiScaleQuantizer(nn.Module):
         return self.phi(k)(h.contiguous())
 
     @torch.no_grad()
-    def tokenize(self, f: torch.Tensor) -> torch.Tensor:
-        """B, Cvae, H, W latent (fp32) → B, L token ids, scales concatenated coarse to fine."""
+    def quantise_scales(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """B, Cvae, H, W latent (fp32) → per scale, the vectors snapped to the codebook (B·p_k², Cvae) and the
+        codes chosen (B, p_k²). Training reads the vectors to re-seed codes that nothing uses."""
         f = f.float()
         B, C, H, W = f.shape
-        rest, out = f.clone(), []
+        rest, zs, idxs = f.clone(), [], []
         S = len(self.patch_nums)
         for k, pn in enumerate(self.patch_nums):
             z = F.interpolate(rest, size=(pn, pn), mode="area") if k != S - 1 else rest
-            idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
+            z = z.permute(0, 2, 3, 1).reshape(-1, C)
+            idx = self._nearest(z).view(B, pn, pn)
             rest.sub_(self._upsampled_code(k, idx, H, W))
-            out.append(idx.reshape(B, pn * pn))
-        return torch.cat(out, dim=1)
+            zs.append(z)
+            idxs.append(idx.reshape(B, pn * pn))
+        return zs, idxs
+
+    def tokenize(self, f: torch.Tensor) -> torch.Tensor:
+        """B, Cvae, H, W latent (fp32) → B, L token ids, scales concatenated coarse to fine."""
+        return torch.cat(self.quantise_scales(f)[1], dim=1)
 
     def split(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """B, L' → one B, p_k² tensor per scale present (a prefix of the scales is allowed)."""
