@@ -15,7 +15,7 @@ ProfileOpt = Annotated[Optional[str], typer.Option("--profile", "-p", help="Sche
 ExtensionOpt = Annotated[Optional[list[Path]], typer.Option("--extension", "-e", help="Class extension file from `avarc add-class` (repeatable).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the likelihood-smoothing noise (drawn per image from seed and path).")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="(sequence, class) pairs per forward; default: sized to a memory budget.")]
-EncoderOpt = Annotated[str, typer.Option("--encoder", help="VQ-VAE encoder backend: torch or onnx (needs `pip install avarc[onnx]`).")]
+EncoderOpt = Annotated[str, typer.Option("--encoder", help="VQ-VAE encoder backend: torch or onnx (needs `pip install avarc\\[onnx]`).")]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that need code execution to unpickle (only for files you trust).")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Restrict the candidate classes: comma-separated indices, synsets or class names.")]
 SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Restrict candidates (and labelled images) to a synset list: imagenet100, imageneta100, imagenetr100 or a file.")]

@@ -18,7 +18,7 @@ from core.results import Metrics, ResultsWriter, append_csv_summary, model_ident
 
 from .. import output
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
-                       SubsetOpt, TrustPickleOpt, VaeOpt)
+                       SubsetOpt, TrustPickleOpt, VaeOpt, EncoderOpt)
 
 
 def classify(
@@ -43,6 +43,7 @@ def classify(
     list_profiles_: Annotated[bool, typer.Option("--list-profiles", help="List the shipped profiles with their stages and exit.")] = False,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    encoder: EncoderOpt = "torch",
 ) -> None:
     """\b
     avarc classify examples/digits                  # bundled demo model, labelled folders → accuracy table
@@ -70,16 +71,16 @@ def classify(
     dist = distributed.init(device)
     try:
         _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device, dtype,
-             batch_size, seed, temperature, topk, model_dir, trust_pickle)
+             batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
     finally:
         distributed.close(dist)
 
 
 def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, dataset, subset, classes, labels, out, csv, resume,
-         device, dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle) -> None:
+         device, dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder) -> None:
     main = dist.is_main
     dev = resolve_device(distributed.rank_device(dist, device))
-    model = resolve_model(model_arg, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
+    model = resolve_model(model_arg, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
     added = apply_extensions(model, extension)
     profile = (chosen or load_profile(default_profile_name(model))).resolve(len(model.spec.var.patch_nums))
     space = ClassSpace(model)

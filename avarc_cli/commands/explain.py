@@ -22,7 +22,7 @@ from core.registry import resolve_model
 
 from .. import output
 from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
-                       TrustPickleOpt, VaeOpt)
+                       TrustPickleOpt, VaeOpt, EncoderOpt)
 
 IMAGES_PER_STEP = 16
 
@@ -47,6 +47,7 @@ def explain(
     seed: SeedOpt = 0,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    encoder: EncoderOpt = "torch",
 ) -> None:
     """\b
     avarc explain examples/digits                    # demo: each digit's true class vs its best wrong class
@@ -67,7 +68,7 @@ def explain(
     check_style(colormap, alpha)
     chosen = load_profile(profile) if profile else None
     dev = resolve_device(device)
-    m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
+    m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
     apply_extensions(m, extension)
     num_scales = check_scales(m, scales)
     prof = (chosen or load_profile(default_profile_name(m))).resolve(len(m.spec.var.patch_nums))
