@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/avarc --help
+	$(BIN)/avarc classify examples/digits
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
