@@ -196,3 +196,32 @@ def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypa
     for r in recs:
         assert r["stages"][0]["candidates"] == list(a_classes) and r["pred"] in a_classes
         assert r["pred_name"] == names[r["pred"]] and r["label_name"] == names[r["label"]]
+
+
+def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from core.digits import load_digits
+
+    test = load_digits("test")
+    root = tmp_path / "digits"
+    for image, label, index in zip(test.images, test.labels, test.indices):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(root / str(label) / f"{index}.png")
+    out = tmp_path / "digits.jsonl"
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", root, "--out", out, "--device", "cpu")  # defaults
+    assert code == 0 and re.search(r"profile\s+digits", stdout)          # the demo model's own profile
+    records = read_jsonl(out)
+    assert len(records) == 359 and all(r["status"] == "ok" for r in records)
+    assert sorted(int(Path(r["path"]).stem) for r in records) == list(test.indices)
+    top1 = sum(r["pred"] == r["label"] for r in records) / 359
+    assert top1 >= 0.90, top1
+    assert re.search(rf"top-1\s*│\s*{100 * top1:.2f}%", stdout)
+
+
+def test_readme_first_command_prints_the_accuracy_table(monkeypatch, capsys):
+    code, stdout, _ = avarc(monkeypatch, capsys, "classify", REPO / "examples" / "digits", "--device", "cpu")
+    assert code == 0
+    for row in ("images", "top-1", "top-5", "stage 1 recall", "stage 2 recall", "images/s"):
+        assert row in stdout
+    assert re.search(r"images\s*│\s*20\s*│", stdout)
