@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import core
+from avarc_cli.app import main
 
 DATA = Path(__file__).parent / "data"
 CONFORMANCE = DATA / "conformance"
@@ -47,3 +49,15 @@ def conf_model(conf) -> core.Model:
     if conf.name not in _MODELS:
         _MODELS[conf.name] = conf.load()
     return _MODELS[conf.name]
+
+
+def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

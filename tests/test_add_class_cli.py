@@ -3,30 +3,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 
-from avarc_cli.app import main
 from core import registry
-from tests.conftest import ConformanceSet
+from tests.conftest import ConformanceSet, avarc
 
 CS = ConformanceSet("official256")
 OTHER = ConformanceSet("shared512")
 FAST = ["--device", "cpu", "--dtype", "fp32"]
-
-
-def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str, needle: str) -> None:

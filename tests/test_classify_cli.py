@@ -13,25 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from avarc_cli.app import main
-from tests.conftest import ConformanceSet
+from tests.conftest import ConformanceSet, avarc
 
 CS = ConformanceSet("official256")
 MODEL = ["--model", str(CS.var_path), "--vae", str(CS.vae_path), "--device", "cpu", "--dtype", "fp32"]
 FAST = "stages:\n  - {scales: 3, keep: 2}\n  - {scales: 4, samples: 2}\n"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_jsonl(path: Path) -> list[dict]:

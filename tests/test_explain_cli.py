@@ -4,7 +4,6 @@ and file names, bad images and one-line errors."""
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,26 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from avarc_cli.app import main
 from core import build_model
 from core.heatmap import GAP, caption_height, figure_size, panel_size
 from core.model import save_model_dir
 from tests.test_explain import A, B, IMAGE, expected_maps, tiny_spec
+from tests.conftest import avarc
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--dtype", "fp32"]
-
-
-def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_images(folder: Path, names: list[str], size: int = 20, seed: int = 0) -> list[Path]:
