@@ -186,12 +186,9 @@ def list_profiles() -> list[Profile]:
 
 
 def default_profile_name(model) -> str:
-    """The profile a model is classified with when none is given: its metadata's ``default_profile``; for a model
-    directory named like a shipped profile (the bundled ``digits``), that profile; else ``a-varc-plus`` for the
-    10-scale official geometries and ``varc`` for anything else."""
+    """The profile a model is classified with when none is given: its metadata's ``default_profile`` (the bundled
+    ``digits`` names ``digits``), else ``a-varc-plus`` for the 10-scale official geometries and ``varc`` otherwise."""
     name = model.meta.get("default_profile")
     if name:
         return str(name)
-    if model.meta and model.var_file is not None and model.var_file.parent.name in shipped_names():
-        return model.var_file.parent.name
     return "a-varc-plus" if len(model.spec.var.patch_nums) >= 10 else "varc"
