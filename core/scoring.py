@@ -69,7 +69,7 @@ class Scorer:
         keep = keep_for_later and self._fits(len(tokens), n_tok)
         for start, rows in by_start.items():
             idx = torch.tensor([r for r, _ in rows])
-            cache = KVCache.cat([b.cache.truncate(start) for _, b in rows]) if start else None
+            cache = KVCache.cat([b.cache for _, b in rows]) if start else None      # each already cut to start
             res = self.model.score_pairs(tokens[idx], classes[idx], num_scales, self.chunk, cache, keep)
             self._count(len(rows), n_tok, start)
             for n, (r, base) in enumerate(rows):
@@ -92,7 +92,8 @@ class Scorer:
             if e is None or e.cache is None:
                 continue
             limit = min(e.cache.num_tokens, toks.shape[0])
-            same = next((i for i in range(limit) if e.tokens[i] != toks[i]), limit)
+            differ = (e.tokens[:limit] != toks[:limit]).nonzero()
+            same = int(differ[0]) if len(differ) else limit
             usable = max((end for end in ends if end <= same and end < toks.shape[0]), default=0)
             if usable > best_len:
                 best, best_len = _Entry(e.tokens, e.logp, e.cache.truncate(usable)), usable

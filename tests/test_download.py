@@ -203,7 +203,7 @@ def test_offline_uses_the_cache_without_any_request(hub, env, conf_golden_256):
     r = avarc(offline, "download")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("present") == 2
-    load = ("import torch, core.registry as r; m = r.resolve_model('d16'); g = torch.load(%r); "
+    load = ("import torch, core.registry as r; m = r.resolve_model('d16'); g = torch.load(%r, weights_only=True); "
             "print(torch.equal(m.tokenize_latent(g['latent']), g['tokens']))" % str(conf_golden_256))
     r = subprocess.run([sys.executable, "-c", load], env=offline, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "True", r.stderr
