@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .specs import VARSpec
 
 MAX_SCALE_MUL = float(torch.tensor(100.0).log())   # the clamp, computed in fp32 as the official code does
+Span = tuple[int, int, int]   # queries lo…hi−1 (counted from the first new token) attend to keys 0…keys−1
 
 
 class SelfAttention(nn.Module):
@@ -42,16 +43,19 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         return q, k, v   # each B, H, L, c
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, spans: list[Span],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x holds the new tokens; ``past`` the keys/values of the tokens before them. Returns the output and the
-        keys/values of all tokens so far (for a later extension)."""
+        """x holds the new tokens; ``past`` the keys/values of the tokens before them. Each span's queries attend to
+        its keys prefix without a mask, so the masked half of the score matrix is never computed. Returns the output
+        and the keys/values of all tokens so far (for a later extension)."""
         B, L, C = x.shape
         q, k, v = self.qkv(x)
         if past is not None:
             k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
         scale = 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+        kq, vq = k.to(q.dtype), v.to(q.dtype)
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], kq[:, :, :keys], vq[:, :, :keys], scale=scale)
+                         for lo, hi, keys in spans], dim=2)
         return self.proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
 
 
@@ -86,10 +90,10 @@ class AdaLNSelfAttn(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.C)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, spans: list[Span],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         g1, g2, s1, s2, b1, b2 = self.modulation(cond).unbind(2)
-        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), mask, past)
+        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), spans, past)
         x = x + a.mul_(g1)
         return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2)).mul(g2), kv
 
@@ -182,10 +186,16 @@ class VAR(nn.Module):
         sizes = torch.tensor([p * p for p in self.spec.patch_nums], device=device)
         return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)[:num_tokens]
 
-    def block_causal_mask(self, num_tokens: int, device: torch.device, start: int = 0) -> torch.Tensor:
-        """L'−start, L' boolean: True where query token start+i may attend key j (j of its own or an earlier scale)."""
-        lvl = self.levels(num_tokens, device)
-        return lvl[start:, None] >= lvl[None, :]
+    def attention_spans(self, num_tokens: int, start: int = 0) -> list[Span]:
+        """Block-causal attention as one span per scale: the queries of scale k (from token ``start`` on) see
+        exactly the tokens of scales ≤ k."""
+        spans, lo = [], 0
+        for end in self.spec.scale_ends():
+            end = min(end, num_tokens)
+            if end > max(lo, start):
+                spans.append((max(lo, start) - start, end - start, end))
+            lo = end
+        return spans
 
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and class
@@ -204,11 +214,11 @@ class VAR(nn.Module):
         x, cond = self.embed(class_idx, x_in)
         start = cache.num_tokens if cache is not None else 0
         x = x[:, start:]
-        mask = self.block_causal_mask(start + x.shape[1], x.device, start)
+        spans = self.attention_spans(start + x.shape[1], start)
         block_cond = self.shared_ada_lin(cond)
         kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, block_cond, mask, cache.kv[i] if cache is not None else None)
+            x, kv = block(x, block_cond, spans, cache.kv[i] if cache is not None else None)
             if keep_cache:
                 kvs.append(kv)
         return self.head_nm(x.float(), cond), (KVCache(kvs) if keep_cache else None)
