@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 
 from core import registry
@@ -47,24 +46,31 @@ def test_conformance_extension_and_errors(monkeypatch, capsys, tmp_path):
     one_line_error(code, err, "class 'newcls' already exists")
 
 
-def test_digits_classify_with_extension(monkeypatch, capsys, tmp_path):
-    try:
-        registry.local_path(registry.entry("digits"))
-    except Exception:
-        pytest.skip("the bundled digits model is not installed in this checkout yet")
+def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, capsys, tmp_path):
+    """On the demo: base and null log-probs bit-identical with the extension; classify and bench take --extension."""
     from PIL import Image
 
     from core import digits
+    from core.incremental import apply_extensions
     test = digits.load_digits("test")
     folder = tmp_path / "sevens"
     folder.mkdir()
     for i in range(6):
-        im = test.images[test.labels == 7][i]
-        Image.fromarray(im).save(folder / f"{i}.png")
+        Image.fromarray(test.images[test.labels == 7][i]).save(folder / f"{i}.png")
     ext = tmp_path / "sevens.pt"
     code, out, err = avarc(monkeypatch, capsys, "add-class", "sevens", folder, "--steps", 30, "--holdout", 0.34,
                            "--out", ext, *FAST)
     assert code == 0, err
+
+    base = registry.resolve_model("digits", device="cpu")
+    tokens = base.tokenize(digits.to_tensor(test.images[:64], base.spec.image_size))
+    K = base.num_classes
+    before = base.token_logp(tokens, [*range(K), base.null_class])
+    extended = registry.resolve_model("digits", device="cpu")
+    apply_extensions(extended, [ext])
+    assert extended.num_classes == K + 1 and extended.class_name(K) == "sevens"
+    assert torch.equal(extended.token_logp(tokens, [*range(K), extended.null_class]), before)
+
     results = tmp_path / "r.jsonl"
     code, out, err = avarc(monkeypatch, capsys, "classify", folder, "--extension", ext, "--out", results, "--topk", 11,
                            *FAST)
@@ -72,3 +78,10 @@ def test_digits_classify_with_extension(monkeypatch, capsys, tmp_path):
     recs = [json.loads(line) for line in results.read_text().splitlines()]
     names = {t["name"] for r in recs for t in r["topk"]}
     assert "sevens" in names and "7" in names and "0" in names
+
+    code, out, err = avarc(monkeypatch, capsys, "bench", "--extension", ext, "--classes", 11, "--warmup", 0, "--repeat", 1,
+                           "--json", *FAST)
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["s_per_image"]["median"] > 0
+    code, _, err = avarc(monkeypatch, capsys, "bench", "--random-weights", "--extension", ext, *FAST)
+    one_line_error(code, err, "--extension needs the base model")

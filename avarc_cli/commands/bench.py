@@ -10,6 +10,7 @@ import typer
 from core import AvarcError
 from core.bench import BenchResult, flops_only, random_model, run
 from core.data import ClassSpace, collect
+from core.incremental import apply_extensions
 from core.model import Model, resolve_device, resolve_dtype
 from core.onnx_encoder import use_encoder
 from core.preprocess import preprocess_image
@@ -18,12 +19,13 @@ from core.registry import resolve_model
 from core.specs import official_spec
 
 from .. import output
-from ..options import BatchSizeOpt, DeviceOpt, EncoderOpt, ModelDirOpt, SeedOpt, TrustPickleOpt, VaeOpt
+from ..options import BatchSizeOpt, DeviceOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, SeedOpt, TrustPickleOpt, VaeOpt
 
 
 def bench(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, model directory or VAR file (default: digits, or --random-weights).")] = None,
     vae: VaeOpt = None,
+    extension: ExtensionOpt = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Official geometry of --depth with random weights (no download needed).")] = False,
     depth: Annotated[int, typer.Option("--depth", help="Depth of the official geometry for --random-weights / --flops-only (16, 20, 24, 30, 36).")] = 16,
     profiles: Annotated[Optional[list[str]], typer.Option("--profile", "-p", help="Profile(s) to measure (repeatable; default: the model's own).")] = None,
@@ -53,10 +55,16 @@ def bench(
     stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak, peak
     memory, and top-1 agreement with fp32 for other dtypes.
     """
+    if extension and (random_weights or model is None and flops_only_):
+        raise AvarcError("--extension needs the base model it was trained on; pass it with --model")
     if flops_only_:
-        spec = official_spec(f"d{depth}") if model is None else resolve_model(model, vae, "cpu", model_dir=model_dir, trust_pickle=trust_pickle).spec
+        spec, k = official_spec(f"d{depth}"), None
+        if model is not None:
+            fm = resolve_model(model, vae, "cpu", model_dir=model_dir, trust_pickle=trust_pickle)
+            apply_extensions(fm, extension)
+            spec, k = fm.spec, fm.num_classes
         names = profiles or ["varc", "a-varc-plus", "smooth-top10"]
-        n = classes or min(spec.var.num_classes, 100)
+        n = classes or min(k or spec.var.num_classes, 100)
         _render([flops_only(spec, load_profile(p), n) for p in names], json_, f"{n} classes", flops=True)
         return
 
@@ -66,6 +74,7 @@ def bench(
         label = f"random-weights d{depth}"
     else:
         m = resolve_model(model or "digits", vae, dev, model_dir=model_dir, trust_pickle=trust_pickle)
+        apply_extensions(m, extension)
         label = model or "digits"
     use_encoder(m, encoder)
     n = min(classes or min(m.num_classes, 100), m.num_classes)
