@@ -158,28 +158,41 @@ class VAR(nn.Module):
         )
         self.head_nm = AdaLNBeforeHead(C, spec.norm_eps)
         self.head = nn.Linear(C, spec.vocab_size)
-        self.extra_class_emb: nn.Parameter | None = None   # rows added by class-incremental extensions
+        self.extra_class_emb: nn.Parameter | None = None   # n, slots, C: classes added by extensions
+
+    @property
+    def num_slots(self) -> int:
+        """Places a class enters the network: the start token, each block's AdaLN, the AdaLN before the head."""
+        return self.spec.depth + 2
 
     @property
     def num_extra_classes(self) -> int:
         return 0 if self.extra_class_emb is None else self.extra_class_emb.shape[0]
 
     def add_classes(self, rows: torch.Tensor) -> None:
-        """Append class-embedding rows (n, C) for new classes, kept apart from the checkpoint's ``class_emb`` so the
-        base weights, and every base class's likelihood, stay bit-identical. Ids: base 0…K−1, new K…K+n−1, and the
-        null class moves to K+n (as if the model had been built with K+n classes)."""
+        """Append new classes: rows (n, slots, C), or (n, C) for the same row in every slot. A base class has one
+        embedding row used in every slot; an added class has its own row per slot, which gives a frozen network far
+        more room to fit a class it never saw. They are kept apart from the checkpoint's ``class_emb`` so the base
+        weights, and every base class's likelihood, stay bit-identical. Ids: base 0…K−1, new K…K+n−1, and the null
+        class moves to K+n (as if the model had been built with K+n classes)."""
         rows = rows.to(self.class_emb.weight)
-        extra = rows if self.extra_class_emb is None else torch.cat((self.extra_class_emb.data, rows))
+        if rows.ndim == 2:
+            rows = rows.unsqueeze(1).expand(-1, self.num_slots, -1)
+        extra = rows.clone() if self.extra_class_emb is None else torch.cat((self.extra_class_emb.data, rows))
         self.extra_class_emb = nn.Parameter(extra, requires_grad=False)
         self.num_classes = self.spec.num_classes + self.num_extra_classes
 
-    def class_table(self) -> torch.Tensor:
-        """(num_classes + 1, C): base rows, added rows, then the null row last."""
-        w = self.class_emb.weight
-        if self.extra_class_emb is None:
-            return w
-        K = self.spec.num_classes
-        return torch.cat((w[:K], self.extra_class_emb, w[K:K + 1]))
+    def conditions(self, class_idx: torch.Tensor) -> torch.Tensor:
+        """Class ids (B,) → B, slots, C class embeddings; id ``num_classes`` is the null (unconditional) class."""
+        K, B = self.spec.num_classes, class_idx.shape[0]
+        n = self.num_extra_classes
+        base_idx = torch.where(class_idx >= K + n, class_idx - n, class_idx) if n else class_idx
+        base = F.embedding(base_idx.clamp_max(K), self.class_emb.weight).unsqueeze(1).expand(B, self.num_slots, -1)
+        if not n:
+            return base
+        added = (class_idx >= K) & (class_idx < K + n)
+        extra = self.extra_class_emb[(class_idx - K).clamp(0, n - 1)]
+        return torch.where(added[:, None, None], extra, base)
 
     def levels(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint)."""
@@ -198,30 +211,29 @@ class VAR(nn.Module):
         return spans
 
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and class
-        embedding (B, C). Index ``num_classes`` is the null (unconditional) class."""
-        cond = F.embedding(class_idx, self.class_table())
+        """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and the class
+        embeddings (B, slots, C)."""
+        conds = self.conditions(class_idx)
         B, n = class_idx.shape[0], x_in.shape[1] + self.first_l
-        sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        sos = conds[:, :1].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
-        return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], cond
+        return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], conds
 
     def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
                keep_cache: bool = False) -> tuple[torch.Tensor, KVCache | None]:
         """Run the blocks over the first L' = x_in.shape[1] + first_l tokens → final normalised states (before the
         head) of the tokens not already in ``cache`` (B, L'−cache.num_tokens, C), and with ``keep_cache`` the
         keys/values of all L' tokens. Block-causal attention makes the cached prefix exact, not an approximation."""
-        x, cond = self.embed(class_idx, x_in)
+        x, conds = self.embed(class_idx, x_in)
         start = cache.num_tokens if cache is not None else 0
         x = x[:, start:]
         spans = self.attention_spans(start + x.shape[1], start)
-        block_cond = self.shared_ada_lin(cond)
         kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, block_cond, spans, cache.kv[i] if cache is not None else None)
+            x, kv = block(x, self.shared_ada_lin(conds[:, 1 + i]), spans, cache.kv[i] if cache is not None else None)
             if keep_cache:
                 kvs.append(kv)
-        return self.head_nm(x.float(), cond), (KVCache(kvs) if keep_cache else None)
+        return self.head_nm(x.float(), conds[:, -1]), (KVCache(kvs) if keep_cache else None)
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""

@@ -1,7 +1,7 @@
 """The class-incremental protocol on scikit-learn's digits: base 0–4, then add 5–9 without any image of 0–4.
 
     python scripts/class_incremental_digits.py --out runs/cil-digits.json          # trains the base if missing
-    python scripts/class_incremental_digits.py --base runs/digits-0-4 --steps 400
+    python scripts/class_incremental_digits.py --base runs/digits-0-4 --steps 1500
 
 Task 1 = digits 0–4, task 2 = digits 5–9. Step 1 trains a demo model on the task-1 train split (the bundled
 model's recipe, ``scripts/train_digits.py --classes 0-4``). Step 2 learns 5–9 as new class rows from the task-2
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=Path, default=Path("runs/digits-0-4"), help="base model directory (trained if missing)")
     ap.add_argument("--joint", default="digits", help="jointly trained 10-class model (upper bound; default: bundled digits)")
     ap.add_argument("--out", type=Path, default=Path("runs/cil-digits.json"), help="JSON file with the numbers")
-    ap.add_argument("--steps", type=int, default=400, help="add-class training steps (default 400)")
-    ap.add_argument("--lr", type=float, default=1e-2, help="add-class learning rate (default 1e-2)")
+    ap.add_argument("--steps", type=int, default=600, help="add-class training steps (default 600)")
+    ap.add_argument("--lr", type=float, default=0.1, help="add-class learning rate (default 0.1)")
     ap.add_argument("--augment-sigma", type=float, default=0.0, help="latent-noise augmentation σ (default 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

@@ -23,11 +23,11 @@ def add_class(
     vae: VaeOpt = None,
     extension: ExtensionOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Extension file to write (default: NAME[+NAME…].ext.pt here).")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (only the new class rows are trained).")] = 300,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-2,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (only the new class rows are trained).")] = 600,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW, warm-up then cosine).")] = 0.1,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Token sequences per step.")] = 32,
     augment_sigma: Annotated[float, typer.Option("--augment-sigma", min=0.0, help="Latent-noise augmentation: σ·N(0,1) on the encoder latent before re-quantising (0: clean tokens only).")] = 0.0,
-    init: Annotated[str, typer.Option("--init", help=f"Initial new rows: {' or '.join(INITS)} (the null class row, or the mean of the existing classes).")] = "null",
+    init: Annotated[str, typer.Option("--init", help=f"Initial new rows: {' or '.join(INITS)} (the null class row, or the mean of the base classes' rows).")] = "null",
     holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.95, help="Share of each class's images held out to report its accuracy against all classes.")] = 0.2,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -41,8 +41,9 @@ def add_class(
     avarc add-class new_classes/ --extension ext1.pt --out ext2.pt  # sub-folders are classes; stacks on ext1
     avarc classify test/ -m d16 --extension ext.pt                # then score old and new classes together
 
-    Only the new class-embedding rows are trained (teacher-forced likelihood of their images); every other weight,
-    and so every old class's score, stays exactly as it was. The base checkpoint is never modified.
+    Only the new classes' embedding rows (one per block, start token and head) are trained, on the teacher-forced
+    likelihood of their images; every other weight, and so every old class's score, stays exactly as it was. The
+    base checkpoint is never modified.
     """
     folders = _parse_classes(classes)
     dev = resolve_device(device)
