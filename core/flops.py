@@ -54,12 +54,17 @@ def token_macs(spec: VARSpec) -> int:
 
 
 def sequence_macs(spec: VARSpec, end: int, start: int = 0) -> Macs:
-    """One (sequence, class) pair: tokens [start, end) run against keys [0, end); AdaLN once per sequence."""
+    """One (sequence, class) pair: tokens [start, end), each attending to the keys of its own and earlier scales
+    (block-causal: the masked part of the score matrix is not computed); AdaLN once per sequence."""
     C, first_l = spec.embed_dim, spec.patch_nums[0] ** 2
     n = end - start
     embed = max(0, end - max(start, first_l)) * spec.z_channels * C
     adaln = (1 if spec.shared_aln else spec.depth) * 6 * C * C + 2 * C * C
-    attention = spec.depth * 2 * n * end * C
+    lo, pairs = 0, 0
+    for scale_end in spec.scale_ends():
+        pairs += max(0, min(scale_end, end) - max(lo, start)) * scale_end
+        lo = scale_end
+    attention = spec.depth * 2 * pairs * C
     return Macs(linear=n * token_macs(spec) + embed + adaln, attention=attention)
 
 
