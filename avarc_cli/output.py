@@ -14,9 +14,11 @@ err_console = Console(stderr=True)
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    rows = [list(r) for r in rows]
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, justify="right" if c[:1].isdigit() or c.endswith(("%", "/s", "s")) else "left",
+    for i, c in enumerate(columns):
+        numeric = all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+        t.add_column(c, justify="right" if numeric or c[:1].isdigit() or c.endswith(("%", "/s", "s")) else "left",
                      overflow="fold")  # long paths wrap instead of losing their ends
     for r in rows:
         t.add_row(*[_fmt(x) for x in r])
@@ -38,5 +40,5 @@ def _fmt(x: Any) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.4g}" if abs(x) < 1e4 else f"{x:,.1f}"
+        return f"{x:.4g}" if abs(x) < 1e3 else f"{x:,.1f}"
     return str(x)
