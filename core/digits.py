@@ -108,8 +108,10 @@ def evaluate(model: Model, data: Digits, classes: tuple[int, ...] = tuple(range(
     ends = model.spec.var.scale_ends()
     upto = logp.cumsum(-1)[:, :, [e - 1 for e in ends]]              # B, K, S: log p(first s scales | class)
     by_scales = (upto.argmax(1) == y[:, None]).float().mean(0).tolist()
-    noise = draw_noise(latent, neighbours, torch.Generator().manual_seed(seed))
-    near = neighbour_tokens(model.vae, latent, noise, sigma)          # B, N, L
-    total = upto[:, :, -1] + sum(model.token_logp(near[:, j], ids).sum(-1) for j in range(neighbours))
+    total = upto[:, :, -1]
+    if neighbours:
+        noise = draw_noise(latent, neighbours, torch.Generator().manual_seed(seed))
+        near = neighbour_tokens(model.vae, latent, noise, sigma)      # B, N, L
+        total = total + sum(model.token_logp(near[:, j], ids).sum(-1) for j in range(neighbours))
     smoothed = (total.argmax(1) == y).float().mean().item()
     return Accuracy(by_scales, smoothed, neighbours, sigma, len(y))
