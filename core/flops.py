@@ -60,10 +60,7 @@ def sequence_macs(spec: VARSpec, end: int, start: int = 0) -> Macs:
     n = end - start
     embed = max(0, end - max(start, first_l)) * spec.z_channels * C
     adaln = (1 if spec.shared_aln else spec.depth) * 6 * C * C + 2 * C * C
-    lo, pairs = 0, 0
-    for scale_end in spec.scale_ends():
-        pairs += max(0, min(scale_end, end) - max(lo, start)) * scale_end
-        lo = scale_end
+    pairs = sum((hi - lo) * keys for lo, hi, keys in spec.attention_spans(end, start))
     attention = spec.depth * 2 * pairs * C
     return Macs(linear=n * token_macs(spec) + embed + adaln, attention=attention)
 

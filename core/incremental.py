@@ -252,12 +252,7 @@ def class_tokens(model: Model, images: torch.Tensor, copies: int, augment_sigma:
 def _init_rows(model: Model, n: int, init: str) -> torch.Tensor:
     """n, C starting rows: the null class's row, or the mean of the base classes' rows."""
     w, K = model.var.class_emb.weight.detach(), model.spec.var.num_classes
-    if init == "null":
-        row = w[K]
-    elif init == "mean":
-        row = w[:K].mean(0)
-    else:
-        raise AvarcError(f"--init {init}: unknown initialisation; use {' or '.join(INITS)}")
+    row = w[K] if init == "null" else w[:K].mean(0)
     return row.unsqueeze(0).repeat(n, 1)
 
 
@@ -328,7 +323,6 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
 def _drop_new(model: Model, old_extra: torch.Tensor | None, n: int) -> None:
     """Undo a failed add: the model goes back to the classes it had."""
     model.var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
-    model.var.num_classes = model.spec.var.num_classes + model.var.num_extra_classes
     del model.extension_names[-n:]
 
 

@@ -68,6 +68,17 @@ class VARSpec:
             ends.append(total)
         return ends
 
+    def attention_spans(self, num_tokens: int, start: int = 0) -> list[tuple[int, int, int]]:
+        """Block-causal attention of tokens start … num_tokens−1 as one span per scale: (lo, hi, keys) = queries
+        lo…hi−1 (counted from ``start``) see exactly the keys 0…keys−1 of their own and earlier scales."""
+        spans, lo = [], 0
+        for end in self.scale_ends():
+            end = min(end, num_tokens)
+            if end > max(lo, start):
+                spans.append((max(lo, start) - start, end - start, end))
+            lo = end
+        return spans
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .specs import VARSpec
 
 MAX_SCALE_MUL = float(torch.tensor(100.0).log())   # the clamp, computed in fp32 as the official code does
-Span = tuple[int, int, int]   # queries lo…hi−1 (counted from the first new token) attend to keys 0…keys−1
+Span = tuple[int, int, int]   # see VARSpec.attention_spans
 
 
 class SelfAttention(nn.Module):
@@ -145,7 +145,7 @@ class VAR(nn.Module):
         super().__init__()
         self.spec = spec
         C, pn = spec.embed_dim, spec.patch_nums
-        self.num_classes, self.first_l, self.L = spec.num_classes, pn[0] ** 2, spec.seq_len
+        self.first_l, self.L = pn[0] ** 2, spec.seq_len
         self.word_embed = nn.Linear(spec.z_channels, C)
         self.class_emb = nn.Embedding(spec.num_classes + 1, C)
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
@@ -169,6 +169,11 @@ class VAR(nn.Module):
     def num_extra_classes(self) -> int:
         return 0 if self.extra_class_emb is None else self.extra_class_emb.shape[0]
 
+    @property
+    def num_classes(self) -> int:
+        """Base classes plus added ones; the null class is id ``num_classes``."""
+        return self.spec.num_classes + self.num_extra_classes
+
     def add_classes(self, rows: torch.Tensor) -> None:
         """Append new classes: rows (n, slots, C), or (n, C) for the same row in every slot. A base class has one
         embedding row used in every slot; an added class has its own row per slot, which gives a frozen network far
@@ -180,7 +185,6 @@ class VAR(nn.Module):
             rows = rows.unsqueeze(1).expand(-1, self.num_slots, -1)
         extra = rows.clone() if self.extra_class_emb is None else torch.cat((self.extra_class_emb.data, rows))
         self.extra_class_emb = nn.Parameter(extra, requires_grad=False)
-        self.num_classes = self.spec.num_classes + self.num_extra_classes
 
     def conditions(self, class_idx: torch.Tensor) -> torch.Tensor:
         """Class ids (B,) → B, slots, C class embeddings; id ``num_classes`` is the null (unconditional) class."""
@@ -199,17 +203,6 @@ class VAR(nn.Module):
         sizes = torch.tensor([p * p for p in self.spec.patch_nums], device=device)
         return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)[:num_tokens]
 
-    def attention_spans(self, num_tokens: int, start: int = 0) -> list[Span]:
-        """Block-causal attention as one span per scale: the queries of scale k (from token ``start`` on) see
-        exactly the tokens of scales ≤ k."""
-        spans, lo = [], 0
-        for end in self.spec.scale_ends():
-            end = min(end, num_tokens)
-            if end > max(lo, start):
-                spans.append((max(lo, start) - start, end - start, end))
-            lo = end
-        return spans
-
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and the class
         embeddings (B, slots, C)."""
@@ -227,10 +220,14 @@ class VAR(nn.Module):
         x, conds = self.embed(class_idx, x_in)
         start = cache.num_tokens if cache is not None else 0
         x = x[:, start:]
-        spans = self.attention_spans(start + x.shape[1], start)
+        spans = self.spec.attention_spans(start + x.shape[1], start)
+        if self.extra_class_emb is None:        # every slot holds the class's one row: project it once
+            block_conds = [self.shared_ada_lin(conds[:, 1])] * len(self.blocks)
+        else:
+            block_conds = [self.shared_ada_lin(conds[:, 1 + i]) for i in range(len(self.blocks))]
         kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, self.shared_ada_lin(conds[:, 1 + i]), spans, cache.kv[i] if cache is not None else None)
+            x, kv = block(x, block_conds[i], spans, cache.kv[i] if cache is not None else None)
             if keep_cache:
                 kvs.append(kv)
         return self.head_nm(x.float(), conds[:, -1]), (KVCache(kvs) if keep_cache else None)
