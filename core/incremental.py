@@ -30,8 +30,7 @@ from .errors import AvarcError
 from .model import Model
 from .preprocess import preprocess_image
 from .profiles import default_profile_name, load_profile
-from .tokenizer import draw_noise, neighbour_tokens
-from .training import Augment, OnStep, TrainConfig, TrainLog, train_var
+from .training import Augment, OnStep, TrainConfig, TrainLog, token_pool, train_var
 
 EXTENSION_FORMAT = "avarc-extension/1"
 INITS = ("null", "mean")
@@ -230,25 +229,6 @@ def split_holdout(n: int, holdout: float, gen: torch.Generator) -> tuple[torch.T
     return perm[k:].sort().values, perm[:k].sort().values
 
 
-@torch.no_grad()
-def class_tokens(model: Model, images: torch.Tensor, copies: int, augment_sigma: float, affine: Augment,
-                 gen: torch.Generator, chunk: int = 64) -> torch.Tensor:
-    """Tokens of the clean images, then ``copies`` augmented passes: affine distortion (if any) and latent noise
-    latent + σ·N(0, 1) re-quantised → N·(1 + copies), L."""
-    out = []
-    for c in range(1 + copies):
-        for i in range(0, len(images), chunk):
-            x = images[i:i + chunk]
-            if c:
-                x = affine(x, gen)
-            latent = model.encode(x)
-            if c and augment_sigma > 0:
-                out.append(neighbour_tokens(model.vae, latent, draw_noise(latent, 1, gen), augment_sigma)[:, 0].cpu())
-            else:
-                out.append(model.tokenize_latent(latent).cpu())
-    return torch.cat(out)
-
-
 def _init_rows(model: Model, n: int, init: str) -> torch.Tensor:
     """n, C starting rows: the null class's row, or the mean of the base classes' rows."""
     w, K = model.var.class_emb.weight.detach(), model.spec.var.num_classes
@@ -283,9 +263,11 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     splits = {name: split_holdout(x.shape[0], holdout, gen) for name, x in images.items()}
     tokens, labels = [], []
     for j, (name, x) in enumerate(images.items()):
-        t = class_tokens(model, x[splits[name][0]], copies, augment_sigma, affine, gen)
+        train = x[splits[name][0]]
+        t, y = token_pool(model, train, torch.full((len(train),), offset + j, dtype=torch.long), copies, affine, gen,
+                          chunk=64, sigma=augment_sigma)
         tokens.append(t)
-        labels.append(torch.full((len(t),), offset + j, dtype=torch.long))
+        labels.append(y)
 
     var = model.var
     old_extra = None if var.extra_class_emb is None else var.extra_class_emb.detach().clone()

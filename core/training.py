@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .errors import AvarcError
 from .model import Model
+from .tokenizer import draw_noise, neighbour_tokens
 from .vqvae import VQVAE
 
 OnStep = Callable[[int, int, float], None]
@@ -166,15 +167,21 @@ def train_vqvae(model: Model, images: torch.Tensor, cfg: TrainConfig, beta: floa
 
 
 @torch.no_grad()
+@torch.no_grad()
 def token_pool(model: Model, images: torch.Tensor, labels: torch.Tensor, copies: int, augment: Augment,
-               gen: torch.Generator, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAR training data: the tokens of N clean images followed by ``copies`` augmented (distorted) passes over
-    them → N·(1 + copies), L tokens and their labels."""
+               gen: torch.Generator, chunk: int = 256, sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR training data: the tokens of N clean images followed by ``copies`` augmented passes over them (affine
+    distortion, then with ``sigma`` > 0 latent noise latent + σ·N(0, 1) re-quantised) → N·(1 + copies), L tokens
+    and their labels."""
     out = []
     for c in range(1 + copies):
         for i in range(0, len(images), chunk):
             x = images[i:i + chunk].to(model.device)
-            out.append(model.tokenize(augment(x, gen) if c else x).cpu())
+            latent = model.encode(augment(x, gen) if c else x)
+            if c and sigma > 0:
+                out.append(neighbour_tokens(model.vae, latent, draw_noise(latent, 1, gen), sigma)[:, 0].cpu())
+            else:
+                out.append(model.tokenize_latent(latent).cpu())
     return torch.cat(out), labels.repeat(1 + copies)
 
 
