@@ -4,7 +4,7 @@ import torch
 from core.preprocess import preprocess_image
 from core.tokenizer import neighbour_tokens
 
-LOGP_TOL = 1e-3
+LOGP_TOL = 1e-4
 
 
 def test_latent_matches_golden(conf, conf_model):

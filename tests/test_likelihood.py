@@ -3,7 +3,7 @@ import torch
 
 from core.likelihood import pairs_per_chunk
 
-TOL = 1e-3
+TOL = 1e-4
 
 
 def test_extending_a_cached_prefix_equals_full_forward(conf, conf_model):
