@@ -127,6 +127,9 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         vae = vae or e.vae
     elif not path.exists():
         raise AvarcError(f"{model}: no such model file or directory; known names: {', '.join(REGISTRY)}")
+    if path.is_dir() and vae is not None:
+        raise AvarcError(f"--vae {vae}: the model {model} is a directory with its own VQ-VAE (vae.pth); drop --vae, "
+                         "or pass the VAR file (--model DIR/var.pth) to pair it with another VQ-VAE")
     if path.is_dir():
         loaded, vae_path = load_model_dir(path, device=device, dtype=dtype), path / "vae.pth"
     else:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from core import AvarcError
+from core.files import absolute, check_output_file
 from core.incremental import (INITS, add_classes, apply_extensions, check_names, labelled_folders, read_class_folders,
                               save_extension)
 from core.model import resolve_dtype, resolve_device
@@ -34,6 +35,7 @@ def add_class(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split, batches and augmentation noise.")] = 0,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out extension file (never the base model's files).")] = False,
 ) -> None:
     """\b
     avarc add-class seven digits7/ --model runs/digits-0-4        # one new class from a folder of its images
@@ -46,15 +48,16 @@ def add_class(
     base checkpoint is never modified.
     """
     folders = _parse_classes(classes)
+    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "--out", force)
     dev = resolve_device(device)
     m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
+    _protect(out, m, vae, extension)
     apply_extensions(m, extension)
     check_names(m, list(folders), "add-class")
     read = read_class_folders(folders, m.spec.image_size, m.spec.preprocess)
     for path, reason in read.skipped:
         output.err_console.print(f"skipped {path}: {reason}")
     names = list(read.images)
-    out = out or Path("+".join(names) + ".ext.pt")
     base_name = model.lower() if model.lower() in REGISTRY and not Path(model).exists() else None
 
     start = time.perf_counter()
@@ -69,6 +72,15 @@ def add_class(
     output.table(f"avarc add-class · {len(names)} new of {m.num_classes} classes · {time.perf_counter() - start:.1f} s",
                  ["class", "id", "train images", "held out", "held-out top-1 %"], rows)
     output.console.print(f"wrote {out}; use it with --extension {out}")
+
+
+def _protect(out: Path, m, vae: str | None, extensions: list[Path] | None) -> None:
+    """--out may never name a file the model was loaded from (its VAR, VQ-VAE, metadata or an input extension)."""
+    base = [m.var_file, m.var_file.with_name("vae.pth"), m.var_file.with_name("meta.json")] if m.var_file else []
+    inputs = base + ([Path(vae)] if vae and Path(vae).exists() else []) + list(extensions or [])
+    if absolute(out) in {absolute(p) for p in inputs}:
+        raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
+                         "choose another --out")
 
 
 def _parse_classes(args: list[str]) -> dict[str, Path]:

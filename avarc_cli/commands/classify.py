@@ -1,6 +1,8 @@
 """``avarc classify``: staged generative classification of image files, folders and labelled datasets."""
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,9 +16,12 @@ from core.incremental import apply_extensions
 from core.model import resolve_dtype, resolve_device
 from core.profiles import Profile, default_profile_name, list_profiles, load_profile
 from core.registry import resolve_model
-from core.results import Metrics, ResultsWriter, append_csv_summary, model_identity, open_results, run_info
+from core.files import absolute, check_output_file
+from core.results import (Metrics, ResultsWriter, append_csv_summary, check_csv, image_key, lock_results, model_identity,
+                          open_results, run_info)
 
 from .. import output
+from ..interrupt import interrupt_code, stop_on_sigterm
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
                        SubsetOpt, TrustPickleOpt, VaeOpt, EncoderOpt)
 
@@ -66,9 +71,16 @@ def classify(
         raise AvarcError(f"--labels {labels}: unknown mode; use {', '.join(LABEL_MODES)}")
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
+    if out is not None:
+        check_output_file(out, "--out")
+    if csv is not None:
+        check_output_file(csv, "--csv")
+        if out is not None and absolute(csv) == absolute(out):
+            raise AvarcError(f"--csv {csv}: is the --out file; give the summary its own file")
     chosen = load_profile(profile) if profile else None     # fail on a bad profile before loading a model
 
     dist = distributed.init(device)
+    stop_on_sigterm()
     try:
         _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device, dtype,
              batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
@@ -89,25 +101,40 @@ def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, datase
     run_key = run_info(model_identity(model, model_arg), profile, seed, found.candidates,
                        {"extensions": [e.sha256 for e in added]} if added else None)
     metrics = Metrics(len(profile.stages))
+    if csv is not None and main:
+        check_csv(csv, list(_summary_row(metrics, profile, run_key, dataset, subset, 0.0, 0)))
+    if main:
+        _warn_keep(profile, len(found.candidates))
 
     resumed = {}
-    if out is not None:
-        def prepare() -> list[str]:
-            state = open_results(out, resume, run_key)
-            resumed["state"] = state
-            return sorted(state.done)
-        done = set(dist.from_main(prepare))
-    else:
-        done = set()
-    todo = [it for it in found.items if it.path not in done]
+    try:
+        if out is not None:
+            def prepare() -> list[str]:
+                resumed["lock"] = lock_results(out)
+                resumed["state"] = open_results(out, resume, run_key)
+                return sorted(resumed["state"].done)
+            done = set(dist.from_main(prepare))
+        else:
+            done = set()
+        _classify(dist, model, found, profile, seed, space, run_key, metrics, done, resumed.get("state"), out, csv,
+                  dataset, subset, batch_size, temperature, topk)
+    finally:
+        if "lock" in resumed:
+            resumed["lock"].release()
+
+
+def _classify(dist, model, found, profile: Profile, seed, space, run_key, metrics: Metrics, done: set[str], state,
+              out, csv, dataset, subset, batch_size, temperature, topk) -> None:
+    main = dist.is_main
+    todo = [it for it in found.items if image_key(it.path) not in done]
     if main:
-        _notes(found, resumed.get("state"), len(done), len(todo))
-        for rec in (resumed["state"].done.values() if "state" in resumed else ()):
+        _notes(found, state, len(done), len(todo))
+        for rec in (state.done.values() if state is not None else ()):
             metrics.add(rec)
 
     writer = ResultsWriter(out) if out is not None and main else None
     shown: list[dict] = []
-    start, new = time.perf_counter(), 0
+    start, new, new_skipped = time.perf_counter(), 0, 0
     records = distributed.run(model, todo, found.candidates, profile, seed, space.names, run_key, dist,
                               Scorer(model, batch_size), temperature, topk,
                               distributed.images_per_step(batch_size, len(found.candidates)))
@@ -121,12 +148,17 @@ def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, datase
                     writer.write(batch)
                 for rec in batch:
                     metrics.add(rec)
+                    new_skipped += rec["status"] != "ok"
                 if out is None and not found.labelled:
                     shown += batch
                 new += len(batch)
                 rate = new / max(time.perf_counter() - start, 1e-9)
                 acc = f" · top-1 {metrics.top1:.1%}" if metrics.top1 is not None else ""
                 prog.update(task, advance=len(batch), info=f"{rate:.1f} img/s{acc}")
+    except KeyboardInterrupt:
+        if main:
+            _say_interrupted(out, len(done) + new)
+        raise typer.Exit(interrupt_code()) from None
     finally:
         if writer:
             writer.close()
@@ -136,8 +168,33 @@ def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, datase
     if shown:
         _print_predictions(shown, topk)
     _print_summary(metrics, profile, seconds, new, dist.world)
-    if csv is not None:
+    if csv is not None and new:
         append_csv_summary(csv, _summary_row(metrics, profile, run_key, dataset, subset, seconds, new))
+    elif csv is not None:
+        output.err_console.print(f"note: nothing new was classified; no row added to {csv}", markup=False)
+    if new and new_skipped == new:
+        output.err_console.print(f"error: none of the {new} images could be read (see the skipped records); "
+                                 "check the inputs", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _say_interrupted(out, safe: int) -> None:
+    """The one line after Ctrl-C / SIGTERM: what is safe where, and how to go on."""
+    say = output.err_console.print
+    if out is None:
+        say("interrupted: nothing was saved (no --out file)", markup=False, highlight=False)
+        return
+    args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+    say(f"interrupted: {safe} records safe in {out}; continue with: avarc {shlex.join(args)}",
+        markup=False, highlight=False, soft_wrap=True)
+
+
+def _warn_keep(profile: Profile, candidates: int) -> None:
+    big = [i for i, st in enumerate(profile.stages, 1) if st.keep > candidates]
+    if big:
+        output.err_console.print(f"warning: profile {profile.name} keeps more classes (stage {big[0]}: "
+                                 f"{profile.stages[big[0] - 1].keep}) than there are candidates ({candidates}); "
+                                 "those stages keep every candidate", markup=False, highlight=False, soft_wrap=True)
 
 
 class _Quiet:
@@ -160,13 +217,8 @@ def _notes(found, state, done: int, todo: int) -> None:
     say = output.err_console.print
     if found.left_out:
         say(f"note: left out {found.left_out} labelled images whose class is not a candidate")
-    if state is not None and (done or state.torn or state.dropped):
-        extra = []
-        if state.torn:
-            extra.append("cut off a torn last line")
-        if state.dropped:
-            extra.append(f"removed {state.dropped} records of another run")
-        say(f"resume: {done} images already done, {todo} to go" + (f" ({'; '.join(extra)})" if extra else ""))
+    if state is not None and (done or state.torn):
+        say(f"resume: {done} images already done, {todo} to go" + (" (cut off a torn last line)" if state.torn else ""))
 
 
 def _pct(x: float | None) -> str:

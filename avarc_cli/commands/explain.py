@@ -13,6 +13,7 @@ from core import AvarcError
 from core.classifier import noise_generator
 from core.data import LABEL_MODES, ClassSpace, Item, collect
 from core.explain import Explanation, Target, check_scales, explain_images, save_npz, unique_stems
+from core.files import atomic_write, make_output_dir
 from core.heatmap import COLORMAPS, check_style, render
 from core.incremental import apply_extensions
 from core.model import Model, resolve_device, resolve_dtype
@@ -48,6 +49,7 @@ def explain(
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     encoder: EncoderOpt = "torch",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite <image>.png / <image>.npz files already in --out.")] = False,
 ) -> None:
     """\b
     avarc explain examples/digits                    # demo: each digit's true class vs its best wrong class
@@ -66,6 +68,7 @@ def explain(
     if labels not in LABEL_MODES:
         raise AvarcError(f"--labels {labels}: unknown mode; use {', '.join(LABEL_MODES)}")
     check_style(colormap, alpha)
+    make_output_dir(out, "--out")
     chosen = load_profile(profile) if profile else None
     dev = resolve_device(device)
     m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
@@ -79,9 +82,12 @@ def explain(
         raise AvarcError(f"--class and --vs name the same class ({fixed.cls}); pick two different classes")
     existing = list(out.iterdir()) if out.is_dir() else []
     found = collect([str(p) for p in inputs], space, "none" if label else labels, exclude=existing)
-    out.mkdir(parents=True, exist_ok=True)
     names = [n.replace("_", " ") if space.imagenet else n for n in space.names] + ["null"]
     named = list(zip(found.items, unique_stems([it.path for it in found.items])))
+    clash = [out / f"{stem}{ext}" for _, stem in named for ext in (".png", ".npz") if (out / f"{stem}{ext}").exists()]
+    if clash and not force:
+        raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
+                         "overwrite them, or choose another --out")
     rows, skipped = [], []
     with output.progress() as prog:
         task = prog.add_task("explain", total=len(found.items), info="")
@@ -137,6 +143,7 @@ def _write(ex: Explanation, pixels: np.ndarray, out: Path, stem: str, names: lis
     if ex.pred is not None:
         notes.append(f"predicted: {names[ex.pred]}")
     save_npz(ex, out / f"{stem}.npz", (a, b))
-    render(pixels, ex, (a, b), colormap, alpha, ", ".join(notes)).save(out / f"{stem}.png")
+    with atomic_write(out / f"{stem}.png") as f:
+        render(pixels, ex, (a, b), colormap, alpha, ", ".join(notes)).save(f, format="PNG")
     r_a, r_b, r_ab = ex.ratios
     return path, a, b, f"{r_a:+.2f}", f"{r_b:+.2f}", f"{r_ab:+.2f}", stem
