@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 _received: list[int] = []
 
@@ -13,11 +15,19 @@ def _raise(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-def stop_on_sigterm() -> None:
-    """Route SIGINT and SIGTERM through KeyboardInterrupt (only the main thread can install handlers)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _raise)
-        signal.signal(signal.SIGTERM, _raise)
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Route SIGINT and SIGTERM through KeyboardInterrupt while the block runs (only the main thread can install
+    handlers); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def interrupt_code() -> int:

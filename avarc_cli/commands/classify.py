@@ -21,7 +21,7 @@ from core.results import (Metrics, ResultsWriter, append_csv_summary, check_csv,
                           open_results, run_info)
 
 from .. import output
-from ..interrupt import interrupt_code, stop_on_sigterm
+from ..interrupt import interrupt_code, stop_on_signals
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
                        SubsetOpt, TrustPickleOpt, VaeOpt, EncoderOpt)
 
@@ -80,10 +80,10 @@ def classify(
     chosen = load_profile(profile) if profile else None     # fail on a bad profile before loading a model
 
     dist = distributed.init(device)
-    stop_on_sigterm()
     try:
-        _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device, dtype,
-             batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
+        with stop_on_signals():
+            _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device,
+                 dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
     finally:
         distributed.close(dist)
 
