@@ -23,18 +23,20 @@ def absolute(path: str | os.PathLike) -> Path:
         return Path(os.path.abspath(path))
 
 
-def _writable_parent(path: Path, flag: str) -> None:
-    """The folder that will hold ``path`` exists or can be made, and is writable."""
-    parent = path.parent
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        if probe.is_symlink():
-            break
+def _writable_folder(folder: Path, path: Path, flag: str) -> None:
+    """``folder`` (which will hold ``path``) exists or can be made, and a file can really be created in it (a probe,
+    since permission bits say nothing for root or on /proc and read-only mounts)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent and not probe.is_symlink():
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise AvarcError(f"{flag} {path}: {probe} is a file, not a folder; choose a path in a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise AvarcError(f"{flag} {path}: cannot write in {probe} (permission denied); choose a writable folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".avarc-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise AvarcError(f"{flag} {path}: cannot write in {probe} ({e.strerror}); choose a writable folder") from None
 
 
 def check_output_file(path: str | os.PathLike, flag: str, force: bool | None = None) -> Path:
@@ -44,7 +46,7 @@ def check_output_file(path: str | os.PathLike, flag: str, force: bool | None = N
         raise AvarcError(f"{flag} {path}: is a folder; give a file name")
     if path.exists() and not path.is_file():
         raise AvarcError(f"{flag} {path}: not a regular file; give a file name")
-    _writable_parent(path, flag)
+    _writable_folder(path.parent, path, flag)
     if force is False and path.exists():
         raise AvarcError(f"{flag} {path}: already exists; pass --force to overwrite it, or choose another {flag}")
     return path
@@ -55,13 +57,11 @@ def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AvarcError(f"{flag} {path}: is a file, not a folder; give a folder name")
-    _writable_parent(path, flag)
+    _writable_folder(path, path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AvarcError(f"{flag} {path}: cannot create the folder ({e.strerror}); choose another {flag}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise AvarcError(f"{flag} {path}: cannot write in this folder (permission denied); choose another {flag}")
     return path
 
 
