@@ -33,7 +33,7 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():      # garbage, not a pickle that needs code
+        if "unsupported global" not in str(e).lower():      # garbage, not a pickle that needs code
             raise _unreadable(path, e) from None
         if not trust_pickle:
             first = str(e).strip().splitlines()[0][:160]
