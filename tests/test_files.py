@@ -6,7 +6,7 @@ import os
 import pytest
 
 from core import AvarcError
-from core.files import absolute, atomic_write, check_output_file, make_output_dir
+from core.files import _umask, absolute, atomic_write, check_output_file, make_output_dir
 
 
 def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -20,6 +20,9 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_pa
     with atomic_write(f) as tmp:
         tmp.write(b"new")
     assert f.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.png"]
+    with atomic_write(tmp_path / "fresh.png") as tmp:
+        tmp.write(b"x")
+    assert (tmp_path / "fresh.png").stat().st_mode & 0o777 == 0o666 & ~_umask()      # as open() would make it
 
 
 def test_output_paths_that_cannot_be_written_fail_in_one_line(tmp_path):

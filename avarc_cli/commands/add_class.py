@@ -11,7 +11,7 @@ from core import AvarcError
 from core.files import absolute, check_output_file
 from core.incremental import (INITS, add_classes, apply_extensions, check_names, labelled_folders, read_class_folders,
                               save_extension)
-from core.model import resolve_dtype, resolve_device
+from core.model import Model, resolve_dtype, resolve_device
 from core.registry import REGISTRY, resolve_model
 
 from .. import output
@@ -74,7 +74,7 @@ def add_class(
     output.console.print(f"wrote {out}; use it with --extension {out}")
 
 
-def _protect(out: Path, m, vae: str | None, extensions: list[Path] | None) -> None:
+def _protect(out: Path, m: Model, vae: str | None, extensions: list[Path] | None) -> None:
     """--out may never name a file the model was loaded from (its VAR, VQ-VAE, metadata or an input extension)."""
     base = [m.var_file, m.var_file.with_name("vae.pth"), m.var_file.with_name("meta.json")] if m.var_file else []
     inputs = base + ([Path(vae)] if vae and Path(vae).exists() else []) + list(extensions or [])
