@@ -84,6 +84,11 @@ def classify(
         with stop_on_signals():
             _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device,
                  dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
+    except KeyboardInterrupt:       # before the first record (loading the model, reading the inputs)
+        if dist.is_main:
+            output.err_console.print("interrupted before any image was classified; no new record was written",
+                                     markup=False, highlight=False)
+        raise typer.Exit(interrupt_code()) from None
     finally:
         distributed.close(dist)
 
