@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -21,6 +22,8 @@ from .errors import AvarcError
 DERIVED_BUFFERS = ("attn_bias_for_masking", "lvl_1L", "zero_k_bias", "ema_vocab_hit_SV")
 _NESTING = {"var": ("var_wo_ddp", "var", "state_dict", "model"), "vae": ("vae_wo_ddp", "vae_local", "vae", "state_dict", "model")}
 _PREFIXES = ("module.", "_orig_mod.")
+# How torch's weights-only unpickler words "this pickle names a global it will not import" (2.1 … 2.13).
+_NEEDS_CODE = re.compile(r"unsupported (global|class)", re.IGNORECASE)
 
 
 def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
@@ -33,7 +36,7 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "unsupported global" not in str(e).lower():      # garbage, not a pickle that needs code
+        if not _NEEDS_CODE.search(str(e)):      # garbage, not a pickle that names code to run
             raise _unreadable(path, e) from None
         if not trust_pickle:
             first = str(e).strip().splitlines()[0][:160]
