@@ -356,3 +356,18 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
 def as_profile(result: TuneResult, sigma: float, name: str = "tuned", description: str = "") -> Profile:
     return Profile(name=name, stages=result.chosen.stages, sigma=sigma, description=description,
                    temperature=result.temperature)
+
+
+def shipped_points(result: TuneResult, table: ScoreTable, spec: ModelSpec) -> list[tuple[str, Point]]:
+    """The shipped profiles this table can replay exactly (they fit the geometry and its samples), on the fit part."""
+    from .profiles import list_profiles
+
+    rep, out = Replayer(table.subset(result.fit_idx), spec), []
+    for prof in list_profiles():
+        try:
+            stages = prof.resolve(len(table.scale_ends)).stages
+        except AvarcError:
+            continue
+        if prof.max_samples in table.exact_samples and abs(prof.sigma - table.sigma) < 1e-12:
+            out.append((prof.name, point(rep.replay(stages), rep.table.labels)))
+    return out
