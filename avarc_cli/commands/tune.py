@@ -107,7 +107,7 @@ def tune(
             ("top-1 on the images it was chosen on", f"{res.chosen.accuracy:.2%}"),
             ("top-1 held out (varc)", f"{res.chosen_held.accuracy:.2%} ({res.baseline_held.accuracy:.2%})"
              if res.chosen_held else "–"),
-            ("top-1 on all tuning images (classify -p will measure)", f"{res.chosen_all.correct}/{res.chosen_all.images}"),
+            ("top-1, all tuning images", f"{res.chosen_all.correct}/{res.chosen_all.images}"),
             ("executed GFLOPs/image (varc)", f"{res.chosen_all.executed_gflops:.4g} ({res.baseline.executed_gflops:.4g}, "
                                               f"{res.chosen_all.executed_gflops / res.baseline.executed_gflops:.0%})"),
             ("paper-convention GFLOPs/image", f"{res.chosen_all.paper_gflops:.4g}"),
