@@ -22,7 +22,7 @@ import numpy as np
 from .calibration import expected_calibration_error, fit_temperature, posterior
 from .errors import AvarcError
 from .flops import encoder_macs, sequence_macs
-from .profiles import Profile, Stage
+from .profiles import Profile, Stage, list_profiles
 from .schedule_table import ScoreTable
 from .specs import ModelSpec
 
@@ -113,14 +113,10 @@ class Replayer:
             run = ~free & act
             scored[run, j] = s
             cached[run, j] = s if later else 0
-        score = self.table_scores(s, m)
-        order = self.order(s, m)
-        alive_sorted = st.alive[rows, order] & act[:, None]
-        pos = alive_sorted.cumsum(1)
+        score, order = self.table_scores(s, m), self.order(s, m)
+        alive_sorted, pos, first, second = _ranked(st.alive & act[:, None], order)
         survive = np.zeros_like(st.alive)
         survive[rows, order] = alive_sorted & (pos <= stage.keep)
-        first = order[np.arange(N), (pos >= 1).argmax(1)]
-        second = order[np.arange(N), (pos >= 2).argmax(1)]
         n_alive = pos[:, -1]
         pred = np.where(act, first, st.pred)
         scored_now = np.where(st.alive & act[:, None], score, np.nan)
@@ -141,20 +137,25 @@ class Replayer:
     def leads(self, st: _State, stage: Stage) -> np.ndarray:
         """Best-minus-runner-up score at ``stage`` for the images still running (for choosing exit margins)."""
         s, m = int(stage.scales), stage.samples
-        order, score = self.order(s, m), self.table_scores(s, m)
-        N = order.shape[0]
-        alive_sorted = st.alive[np.arange(N)[:, None], order]
-        pos = alive_sorted.cumsum(1)
-        ok = st.active & (pos[:, -1] > 1)
-        first = order[np.arange(N), (pos >= 1).argmax(1)]
-        second = order[np.arange(N), (pos >= 2).argmax(1)]
-        return (score[np.arange(N), first] - score[np.arange(N), second])[ok]
+        score = self.table_scores(s, m)
+        _, pos, first, second = _ranked(st.alive, self.order(s, m))
+        rows = np.arange(score.shape[0])
+        return (score[rows, first] - score[rows, second])[st.active & (pos[:, -1] > 1)]
 
     def replay(self, stages: tuple[Stage, ...]) -> Replay:
         st = self.start()
         for t, stage in enumerate(stages):
             st = self.step(st, stage, later=t + 1 < len(stages))
         return st.result(self.table)
+
+
+def _ranked(alive: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Alive candidates in rank order: the N×K mask in that order, its running count, and the best and
+    second-best alive columns (meaningful where at least one / two are alive)."""
+    rows = np.arange(alive.shape[0])
+    alive_sorted = alive[rows[:, None], order]
+    pos = alive_sorted.cumsum(1)
+    return alive_sorted, pos, order[rows, (pos >= 1).argmax(1)], order[rows, (pos >= 2).argmax(1)]
 
 
 @dataclass
@@ -360,7 +361,6 @@ def as_profile(result: TuneResult, sigma: float, name: str = "tuned", descriptio
 
 def shipped_points(result: TuneResult, table: ScoreTable, spec: ModelSpec) -> list[tuple[str, Point]]:
     """The shipped profiles this table can replay exactly (they fit the geometry and its samples), on the fit part."""
-    from .profiles import list_profiles
 
     rep, out = Replayer(table.subset(result.fit_idx), spec), []
     for prof in list_profiles():
