@@ -25,8 +25,8 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.9em}td,th{padding:3px 9px;border-bottom:1px solid #eee;text-align:right}
 td:first-child,th:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:12px}
 .plots img{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
-.card{border:1px solid #ddd;padding:6px;font-size:.8em;text-align:center;max-width:420px}
-.card img{image-rendering:pixelated;display:block;margin:auto}.chosen{background:#fff4cc}"""
+.card{border:1px solid #ddd;padding:6px;font-size:.8em;text-align:center;max-width:100%}
+.card img{image-rendering:pixelated;display:block;margin:auto;max-width:100%}.chosen{background:#fff4cc}"""
 
 
 def _plt():
@@ -186,7 +186,7 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
         panel = explain_dir / f"{safe_stem(Path(r['path']).stem)}.png" if explain_dir else None
-        pic = _png_file(panel, 400) if panel is not None and panel.is_file() else _image_thumb(r["path"])
+        pic = _png_file(panel) if panel is not None and panel.is_file() else _image_thumb(r["path"])
         rank = r["label_rank"] if r["label_rank"] is not None else "pruned"
         cards.append(f'<div class="card">{pic}<br>{html.escape(Path(r["path"]).name)}<br>true <b>'
                      f'{html.escape(str(r["label_name"]))}</b>, predicted <b>{html.escape(str(r["pred_name"]))}</b> '

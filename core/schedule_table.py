@@ -100,7 +100,8 @@ def build_table(model: Model, items: Sequence[Item], candidates: Sequence[int], 
                 pixels.append(preprocess_image(it.path, model.spec.image_size, model.spec.preprocess))
                 good.append(it)
             except Exception as e:  # a bad file is left out with its reason, as classify records it
-                skipped.append((it.path, str(e) if isinstance(e, AvarcError) else f"{type(e).__name__}: {e}"))
+                skipped.append((it.path, str(e) if isinstance(e, AvarcError)
+                                else f"{it.path}: not a readable image ({type(e).__name__}: {e})"))
         if good:
             latents = model.encode(torch.stack(pixels))
             if exact is None:

@@ -165,6 +165,19 @@ def test_report_is_one_self_contained_html_with_decodable_plots(monkeypatch, cap
     code, _, err = avarc(monkeypatch, capsys, "report", records, "--model", "digits")
     assert code == 2 and "already exists; pass --force" in err
 
+    wrong_dir = tmp_path / "wrong"                 # the mistakes' `avarc explain` panels replace their thumbnails
+    wrong_dir.mkdir()
+    for r in read_jsonl(records):
+        if r["pred"] != r["label"]:
+            (wrong_dir / Path(r["path"]).name).write_bytes(Path(r["path"]).read_bytes())
+    code, _, err = avarc(monkeypatch, capsys, "explain", wrong_dir, "--out", tmp_path / "why", *FAST)
+    assert code == 0, err
+    code, _, err = avarc(monkeypatch, capsys, "report", records, "--explain", tmp_path / "why", "--force")
+    assert code == 0, err
+    panel = Image.open(next((tmp_path / "why").glob("*.png"))).size
+    shown = [im.size for im in decoded_images((tmp_path / "run.html").read_text())]
+    assert shown.count(panel) == min(wrong, 12)
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # the optional extra is not installed
     code, _, err = avarc(monkeypatch, capsys, "report", records, "--out", tmp_path / "x.html")
     assert code == 2 and err.strip() == "error: reports need matplotlib; pip install 'avarc[report]'"
