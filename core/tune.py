@@ -95,7 +95,8 @@ class Replayer:
                       np.zeros(N, np.int64), np.full((N, K), np.nan), ())
 
     def step(self, st: _State, stage: Stage, later: bool) -> _State:
-        """One stage on every image still running; ``later``: a later stage follows (keys/values are kept)."""
+        """One stage on every image still running; ``later``: a later stage can use this one's keys/values (in a
+        searched schedule every later stage does more per candidate, so any later stage can)."""
         s, m = int(stage.scales), stage.samples
         if m > self.table.max_samples:
             raise AvarcError(f"stage asks for {m} samples but the table holds {self.table.max_samples}")
@@ -144,8 +145,9 @@ class Replayer:
 
     def replay(self, stages: tuple[Stage, ...]) -> Replay:
         st = self.start()
-        for t, stage in enumerate(stages):
-            st = self.step(st, stage, later=t + 1 < len(stages))
+        for t, stage in enumerate(stages):     # keys/values are kept when a later stage can use them, as classify does
+            later = any(nxt.scales > stage.scales or nxt.samples > 1 for nxt in stages[t + 1:])
+            st = self.step(st, stage, later=later)
         return st.result(self.table)
 
 
