@@ -50,6 +50,14 @@ from avarc_cli.commands import add_class  # noqa: E402
 
 app.command("add-class", short_help="Learn new classes from their own images (no replay, old classes unchanged); writes an extension file.")(add_class.add_class)
 
+from avarc_cli.commands import tune  # noqa: E402
+
+app.command("tune", short_help="Find the best schedule for a model and a compute budget from one scoring pass; writes a profile.")(tune.tune)
+
+from avarc_cli.commands import report  # noqa: E402
+
+app.command("report", short_help="One self-contained HTML page (plots embedded) for a labelled classify run.")(report.report)
+
 
 def main() -> None:
     try:

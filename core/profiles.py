@@ -12,6 +12,7 @@ A profile file looks like::
 
 ``scales`` is a count of leading scales, ``all`` (every scale of the model) or ``all-N`` (all but the last N),
 so one file fits models of different geometries; :meth:`Profile.resolve` turns it into numbers for one model.
+An optional ``temperature`` (written by ``avarc tune``) calibrates the posterior when ``--temperature`` is not given.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import yaml
 from .errors import AvarcError
 
 STAGE_FIELDS = ("scales", "samples", "keep", "exit_margin")
-PROFILE_FIELDS = ("name", "description", "sigma", "stages")
+PROFILE_FIELDS = ("name", "description", "sigma", "temperature", "stages")
 _ALL = re.compile(r"all(?:\s*-\s*(\d+))?")
 
 
@@ -54,6 +55,7 @@ class Profile:
     sigma: float = 0.1
     description: str = ""
     source: str = ""      # the file it was read from (for error messages)
+    temperature: float | None = None   # softmax temperature of the posterior (fitted by `avarc tune`)
 
     @property
     def max_samples(self) -> int:
@@ -141,8 +143,40 @@ def parse_profile(doc, name: str, source: str) -> Profile:
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise _fail(source, "description: must be a string")
+    temperature = doc.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not math.isfinite(temperature) or temperature <= 0):
+        raise _fail(source, f"temperature: must be a positive number or null, got {temperature!r}; fix the profile")
     return Profile(name=str(doc.get("name", name)), stages=stages, sigma=float(sigma), description=description.strip(),
-                   source=source)
+                   source=source, temperature=float(temperature) if temperature is not None else None)
+
+
+def profile_yaml(profile: Profile, comment: str = "") -> str:
+    """A profile as the YAML ``load_profile`` reads back to the same schedule; ``comment`` becomes ``#`` lines on top."""
+    doc = {"name": profile.name, "description": profile.description, "sigma": profile.sigma}
+    if profile.temperature is not None:
+        doc["temperature"] = profile.temperature
+    head = "".join(f"# {line}\n".replace("# \n", "#\n") for line in comment.splitlines())
+    body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    stages = "".join("  - {" + ", ".join(f"{k}: {v}" for k, v in _stage_fields(st)) + "}\n" for st in profile.stages)
+    return head + body + "stages:\n" + stages
+
+
+def _stage_fields(st: Stage) -> list[tuple[str, object]]:
+    fields = [("scales", st.scales), ("samples", st.samples), ("keep", st.keep)]
+    return fields + ([("exit_margin", repr(st.exit_margin))] if st.exit_margin is not None else [])
+
+
+def write_profile(profile: Profile, path: str | os.PathLike, comment: str = "", force: bool = False) -> Path:
+    """Write a profile YAML atomically (temp file + rename); an existing file needs ``force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise AvarcError(f"{path}: already exists; pass --force to overwrite it, or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(profile_yaml(profile, comment), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _shipped_dir():

@@ -68,3 +68,20 @@ def test_default_profile_comes_from_model_meta_or_geometry():
     assert default_profile_name(d16) == "adaptive"
     small = ModelSpec(VQVAESpec(), VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=10, patch_nums=(1, 2, 4)), 64)
     assert default_profile_name(build_model(small, "meta")) == "varc"
+
+
+def test_a_written_profile_reads_back_with_its_temperature_and_is_not_overwritten(tmp_path):
+    from dataclasses import replace
+
+    from core.profiles import write_profile
+
+    p = replace(load_profile("adaptive"), name="mine", temperature=2.5)
+    f = write_profile(p, tmp_path / "mine.yaml", comment="tuned on x\nbudget y")
+    assert f.read_text().startswith("# tuned on x\n# budget y\n")
+    back = load_profile(f)
+    assert (back.stages, back.sigma, back.temperature, back.description) == (p.stages, p.sigma, 2.5, p.description)
+    with pytest.raises(AvarcError, match="already exists; pass --force"):
+        write_profile(p, f)
+    f.write_text("temperature: 0\nstages:\n  - {scales: 4}\n")
+    with pytest.raises(AvarcError, match="temperature: must be a positive number"):
+        load_profile(f)

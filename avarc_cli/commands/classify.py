@@ -43,7 +43,7 @@ def classify(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
-    temperature: Annotated[float, typer.Option("--temperature", min=1e-6, help="Softmax temperature of the posterior over the final scores.")] = 1.0,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6, help="Softmax temperature of the posterior over the final scores (default: the profile's, from `avarc tune`, else 1).", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", min=1, help="How many ranked classes (and posterior entries) each record keeps.")] = 5,
     list_profiles_: Annotated[bool, typer.Option("--list-profiles", help="List the shipped profiles with their stages and exit.")] = False,
     model_dir: ModelDirOpt = None,
@@ -100,6 +100,7 @@ def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, datase
     model = resolve_model(model_arg, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
     added = apply_extensions(model, extension)
     profile = (chosen or load_profile(default_profile_name(model))).resolve(len(model.spec.var.patch_nums))
+    temperature = temperature if temperature is not None else profile.temperature or 1.0
     space = ClassSpace(model)
     found = collect([str(p) for p in inputs], space, labels, dataset, subset, classes,
                     exclude=[p for p in (out, csv) if p is not None])

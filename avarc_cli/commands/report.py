@@ -1,0 +1,71 @@
+"""``avarc report``: one self-contained HTML page for a labelled classify run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from core import AvarcError
+from core.registry import REGISTRY, resolve_model
+from core.report import run_report, write_html
+from core.specs import ModelSpec, official_spec
+
+from .. import output
+
+
+def report(
+    results: Annotated[Path, typer.Argument(metavar="RESULTS.jsonl", help="Records written by `avarc classify --out` on labelled folders.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write (default: RESULTS.html beside the records).", show_default=False)] = None,
+    explain: Annotated[Optional[Path], typer.Option("--explain", help="Folder written by `avarc explain`: its panels are shown for the worst mistakes.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model the run used, for GFLOPs per image (default: the records' registry name, if any).", show_default=False)] = None,
+    worst: Annotated[int, typer.Option("--worst", min=0, help="How many of the most confident mistakes to show.")] = 12,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """\b
+    avarc classify test/ --out run.jsonl && avarc report run.jsonl          # → run.html
+    avarc explain wrong/ --out why && avarc report run.jsonl --explain why --out run.html --force
+
+    Accuracy and top-5, accuracy per class, the confusion matrix, a reliability diagram, how often the true class
+    survives each stage (the pruning diagnostic), compute per image and the most confident mistakes, in one HTML
+    file with its images embedded (opens from disk, no server). Needs `pip install 'avarc[report]'`.
+    """
+    records = _read(results)
+    out = out or results.with_suffix(".html")
+    if explain is not None and not explain.is_dir():
+        raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
+    name = model or next((r.get("run", {}).get("model") for r in records if r.get("run")), None)
+    page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
+    write_html(out, page, force)
+    output.console.print(f"wrote {out}")
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise AvarcError(f"{path}: no such results file; pass the --out file of `avarc classify`")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n == len(lines):      # a torn last line of an interrupted run
+                break
+            raise AvarcError(f"{path}: line {n} is not a JSON record; pass a file written by `avarc classify --out`") from None
+    if not records or not all(isinstance(r, dict) and "status" in r and "stages" in r for r in records):
+        raise AvarcError(f"{path}: not classify records; pass a file written by `avarc classify --out`")
+    return records
+
+
+def _spec(name: str | None, given: bool) -> ModelSpec | None:
+    """The architecture for GFLOPs: official names need no download; other models are loaded."""
+    if name is None:
+        return None
+    if name.lower() in REGISTRY and name.lower() not in ("digits", "vae"):
+        return official_spec(name)
+    if name.lower() == "digits" or given:
+        return resolve_model(name).spec
+    return None

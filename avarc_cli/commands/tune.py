@@ -1,0 +1,142 @@
+"""``avarc tune``: the best schedule for a model and a compute budget, from one scoring pass over labelled images."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from core import AvarcError
+from core.data import ClassSpace, collect
+from core.incremental import apply_extensions
+from core.model import resolve_dtype, resolve_device
+from core.profiles import write_profile
+from core.registry import REGISTRY, resolve_model
+from core.results import model_identity
+from core.schedule_table import build_table
+from core.tune import as_profile, shipped_points, tune as run_tune
+
+from .. import output
+from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, ModelOpt, SeedOpt,
+                       TrustPickleOpt, VaeOpt)
+
+
+def tune(
+    folder: Annotated[Path, typer.Argument(metavar="LABELLED_DIR", help="A folder of class sub-folders (labelled images), as `avarc classify` reads them.", show_default=False)],
+    model: ModelOpt = "digits",
+    vae: VaeOpt = None,
+    extension: ExtensionOpt = None,
+    budget: Annotated[float, typer.Option("--budget", min=0.0, help="Compute budget as a fraction of `varc`'s executed GFLOPs per image (all candidates, all scales, clean tokens).")] = 0.5,
+    budget_gflops: Annotated[Optional[float], typer.Option("--budget-gflops", min=0.0, help="Compute budget in executed GFLOPs per image (overrides --budget).", show_default=False)] = None,
+    stages: Annotated[str, typer.Option("--stages", help="Stage counts to search: N or A..B.")] = "1..3",
+    max_samples: Annotated[int, typer.Option("--max-samples", min=1, help="Most samples (1 clean + latent-noise neighbours) a stage may average.")] = 3,
+    sigma: Annotated[float, typer.Option("--sigma", min=0.0, help="Latent-noise σ of the smoothing neighbours.")] = 0.1,
+    holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.95, help="Share of each class's images held out: the schedule and temperature are chosen on the rest and judged on these.")] = 0.5,
+    classes: ClassesOpt = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=2, help="Score at most this many images (evenly spread over the sorted list).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Profile YAML to write (run it with `avarc classify -p FILE`).")] = Path("tuned.yaml"),
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML page: accuracy vs GFLOPs of every schedule, the Pareto front, shipped profiles, the choice.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out / --report if they exist.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
+    model_dir: ModelDirOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    encoder: EncoderOpt = "torch",
+) -> None:
+    """\b
+    avarc tune val_labelled/ -m digits --budget 0.5 --out tuned.yaml   # half of varc's compute
+    avarc tune val_labelled/ -m d16-cca --max-images 500 --budget-gflops 4000 --report tune.html
+    avarc classify test/ -p tuned.yaml                                   # then run the chosen schedule
+
+    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing
+    neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep,
+    early-exit margins) is then evaluated exactly from those scores, without running the model again. The most
+    accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of
+    the best), judged on the held-out part, and written as a profile with a fitted posterior temperature.
+    """
+    lo, hi = _stage_range(stages)
+    for p in (out, report):
+        if p is not None and p.exists() and not force:
+            raise AvarcError(f"{p}: already exists; pass --force to overwrite it, or choose another path")
+    dev = resolve_device(device)
+    m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
+    added = apply_extensions(m, extension)
+    space = ClassSpace(m)
+    found = collect([str(folder)], space, "folders", None, None, classes, exclude=[p for p in (out, report) if p])
+    items = found.items
+    if max_images is not None and max_images < len(items):
+        step = len(items) / max_images
+        items = [items[int(i * step)] for i in range(max_images)]
+
+    start = time.perf_counter()
+    with output.progress() as prog:
+        task = prog.add_task("scoring", total=len(items), info=f"{len(found.candidates)} classes × {max_samples} samples")
+        table = build_table(m, items, found.candidates, max_samples, sigma, seed,
+                            on_step=lambda n: prog.update(task, advance=n))
+    scored_s = time.perf_counter() - start
+    for path, reason in table.skipped:
+        output.err_console.print(f"skipped {path}: {reason}")
+    start = time.perf_counter()
+    res = run_tune(table, m.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout, min_stages=lo,
+                   max_stages=hi, seed=seed)
+    search_s = time.perf_counter() - start
+
+    ident = (model if model.lower() in REGISTRY else model_identity(m, model)) + "".join(f" +{e.names[0]}…" if len(e.names) > 1 else f" +{e.names[0]}" for e in added)
+    note = (f"tuned by `avarc tune` on {folder} ({table.num_images} images: {len(res.fit_idx)} to choose, "
+            f"{len(res.held_idx)} held out; seed {seed}), model {ident}, {len(table.candidates)} candidate classes\n"
+            f"budget {res.budget_gflops:.4g} executed GFLOPs/image; varc needs {res.baseline.executed_gflops:.4g}\n"
+            f"top-1 on the images it was chosen on {res.chosen.accuracy:.2%}"
+            + (f", held out {res.chosen_held.accuracy:.2%} (varc {res.baseline_held.accuracy:.2%})" if res.chosen_held else "")
+            + f"\nexecuted GFLOPs/image {res.chosen_all.executed_gflops:.4g}, paper convention {res.chosen_all.paper_gflops:.4g}; "
+            f"temperature fitted on the chosen part (minimum NLL)")
+    profile = as_profile(res, table.sigma, name=out.stem, description=f"Tuned for {ident} by avarc tune "
+                         f"(budget {res.budget_gflops:.4g} GFLOPs/image).")
+    write_profile(profile, out, note, force=force)
+
+    _print(res)
+    shipped = shipped_points(res, table, m.spec)
+    if report is not None:
+        from core.report import tune_report, write_html
+
+        write_html(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), force=force)
+    rows = [("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
+            ("chosen", res.chosen.describe()),
+            ("top-1 on the images it was chosen on", f"{res.chosen.accuracy:.2%}"),
+            ("top-1 held out (varc)", f"{res.chosen_held.accuracy:.2%} ({res.baseline_held.accuracy:.2%})"
+             if res.chosen_held else "–"),
+            ("top-1, all tuning images", f"{res.chosen_all.correct}/{res.chosen_all.images}"),
+            ("executed GFLOPs/image (varc)", f"{res.chosen_all.executed_gflops:.4g} ({res.baseline.executed_gflops:.4g}, "
+                                              f"{res.chosen_all.executed_gflops / res.baseline.executed_gflops:.0%})"),
+            ("paper-convention GFLOPs/image", f"{res.chosen_all.paper_gflops:.4g}"),
+            ("temperature", f"{res.temperature:.4g}"),
+            ("ECE held out (T=1 → fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
+            ("schedules evaluated", len(res.points)),
+            ("seconds (scoring pass / search)", f"{scored_s:.1f} / {search_s:.1f}"),
+            ("profile", str(out))]
+    if report is not None:
+        rows.append(("report", str(report)))
+    output.table("avarc tune", ["", "value"], rows)
+
+
+def _stage_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:\.\.\s*(\d+)\s*)?", text)
+    if not m:
+        raise AvarcError(f"--stages {text!r}: give a count like 2 or a range like 1..3")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 1 <= lo <= hi:
+        raise AvarcError(f"--stages {text!r}: counts must be ≥ 1 and the range increasing")
+    return lo, hi
+
+
+def _print(res) -> None:
+    rows = []
+    front = res.front if any(p.stages == res.chosen.stages for p in res.front) else [*res.front, res.chosen]
+    held = res.front_held if len(front) == len(res.front) else [*res.front_held, res.chosen_held]
+    for p, h in zip(front, held):
+        rows.append((p.describe(), f"{p.accuracy:.2%}", f"{h.accuracy:.2%}" if h else "–", round(p.executed_gflops, 6),
+                     f"{p.executed_gflops / res.baseline.executed_gflops:.0%}", "◀ chosen" if p.stages == res.chosen.stages else ""))
+    output.table("Pareto front on the fit part (stage: scales×samples→keep, exit≥margin in nats)",
+                 ["schedule", "top-1 fit", "held out", "GFLOPs", "of varc", ""], rows)

@@ -1,0 +1,90 @@
+"""core.schedule_table + core.tune: a schedule replayed from the one-pass score table is the same schedule run by
+the classifier (predictions to the image, scores to 1e-4, executed compute to the MAC), on real digits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import tune
+from core.classifier import Scorer
+from core.data import ClassSpace, collect
+from core.digits import load_digits
+from core.distributed import run
+from core.flops import encoder_macs
+from core.profiles import Profile, Stage, load_profile
+from core.registry import resolve_model
+from core.results import run_info
+from core.schedule_table import build_table, exact_sample_counts
+
+SCHEDULES = {
+    "varc": (Stage(4, 1, 1),),
+    "digits": (Stage(4, 1, 3), Stage(4, 3, 1)),
+    "pruned+exits": (Stage(2, 1, 5, exit_margin=3.0), Stage(3, 1, 3, exit_margin=6.0), Stage(4, 2, 1)),
+    "smoothed-early": (Stage(1, 2, 4), Stage(3, 3, 2), Stage(4, 3, 1)),
+}
+
+
+def save_digits(root: Path, start: int, stop: int) -> Path:
+    """Test digits start…stop−1 as label/index.png (8-bit greyscale, exactly the model's training pixels)."""
+    d = load_digits("all")
+    for i in range(start, stop):
+        (root / str(d.labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(d.images[i], mode="L").save(root / str(d.labels[i]) / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_case(tmp_path_factory):
+    torch.set_num_threads(1)
+    model = resolve_model("digits")
+    root = save_digits(tmp_path_factory.mktemp("tune") / "digits", 1438, 1518)
+    found = collect([str(root)], ClassSpace(model), "auto", None, None, None)
+    table = build_table(model, found.items, found.candidates, max_samples=3, sigma=0.1, seed=0)
+    return model, found, table
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_table_replay_equals_the_classifier(digits_case, name):
+    model, found, table = digits_case
+    profile = Profile(name, SCHEDULES[name], sigma=0.1)
+    scorer = Scorer(model)
+    key = run_info("digits", profile, 0, found.candidates)
+    records = [r for batch in run(model, found.items, found.candidates, profile, 0, ClassSpace(model).names, key,
+                                  scorer=scorer) for r in batch]
+    r = tune.Replayer(table, model.spec).replay(profile.stages)
+    assert [rec["path"] for rec in records] == table.paths
+    assert [rec["pred"] for rec in records] == r.pred.tolist()                    # to the image
+    assert [rec["exited_after"] or 0 for rec in records] == r.exited.tolist()
+    worst = 0.0
+    for n, rec in enumerate(records):
+        for t, st in enumerate(rec["stages"]):
+            ours = r.stage_scores[t][n]
+            assert sorted(st["candidates"]) == [table.candidates[k] for k in np.flatnonzero(~np.isnan(ours))]
+            col = [table.candidates.index(c) for c in st["candidates"]]
+            worst = max(worst, float(np.abs(np.asarray(st["scores"]) - ours[col]).max()))
+    assert worst < 1e-4 + 5e-5, worst      # records round scores to 1e-4
+    enc = encoder_macs(model.spec.vae, model.spec.image_size, model.spec.var.patch_nums)
+    assert r.executed_macs.sum() == pytest.approx(scorer.macs.linear + enc * len(records), rel=1e-12)
+
+
+def test_neighbour_prefix_is_what_classify_draws_for_fewer_samples():
+    assert exact_sample_counts(torch.zeros(1, 8, 4, 4), 5) == (1, 2, 3, 4, 5)
+    assert exact_sample_counts(torch.zeros(1, 3, 5, 5), 3) == (1, 3)    # 75 normals: torch refills the tail
+
+
+def test_paper_compute_matches_flops_schedule_macs(digits_case):
+    model, _, table = digits_case
+    from core.flops import schedule_macs
+    for stages in SCHEDULES.values():
+        if any(s.exit_margin is not None for s in stages):
+            continue
+        r = tune.Replayer(table, model.spec).replay(stages)
+        assert r.paper_macs == pytest.approx(schedule_macs(model.spec, stages, 10).paper)
+    shipped = load_profile("digits").resolve(4)
+    r = tune.Replayer(table, model.spec).replay(shipped.stages)
+    assert r.executed_macs.mean() == pytest.approx(schedule_macs(model.spec, shipped.stages, 10, reuse=True).paper,
+                                                   rel=0.05)

@@ -1,0 +1,204 @@
+"""``avarc tune`` and ``avarc report`` end to end on the bundled digits model: tuned on test digits 1438–1617 with half
+of varc's executed compute, the written profile run by ``avarc classify`` on digits 1618–1796 stays within two
+mistakes of varc at ≤ 60% of its executed GFLOPs, and tune's predictions on its own images are classify's."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.calibration import expected_calibration_error, fit_temperature, posterior
+from core.classifier import Scorer
+from core.data import ClassSpace, collect
+from core.distributed import run
+from core.incremental import apply_extensions
+from core.profiles import load_profile
+from core.registry import resolve_model
+from core.results import run_info
+from core.schedule_table import build_table
+from core.tune import Replayer, baseline_stages
+from tests.conftest import avarc
+from tests.test_tune import save_digits
+
+FAST = ["--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    return save_digits(root / "tune", 1438, 1618), save_digits(root / "test", 1618, 1797)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def classify(monkeypatch, capsys, folder: Path, profile: str | Path, out: Path, *extra) -> list[dict]:
+    code, _, err = avarc(monkeypatch, capsys, "classify", folder, "-p", profile, "--out", out, *FAST, *extra)
+    assert code == 0, err
+    return read_jsonl(out)
+
+
+def executed_gflops(model, folder: Path, profile) -> float:
+    """Executed GFLOPs per image (paper convention) of the classify engine on a folder, as `avarc bench` counts."""
+    from core.flops import encoder_macs
+
+    found = collect([str(folder)], ClassSpace(model), "auto", None, None, None)
+    scorer = Scorer(model)
+    key = run_info("digits", profile, 0, found.candidates)
+    n = sum(len(b) for b in run(model, found.items, found.candidates, profile, 0, ClassSpace(model).names, key,
+                                scorer=scorer))
+    return (scorer.macs.linear / n + encoder_macs(model.spec.vae, model.spec.image_size, model.spec.var.patch_nums)) / 1e9
+
+
+def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str]) -> None:
+    tune_dir, test_dir = folders
+    tuned = tmp_path / "tuned.yaml"
+    code, out, err = avarc(monkeypatch, capsys, "tune", tune_dir, "--budget", 0.5, "--out", tuned, *FAST, *extension)
+    assert code == 0, err
+    print(out)
+    predicted = re.search(r"top-1, all tuning images\s*│\s*(\d+)/(\d+)", out)
+    assert predicted, out
+    text = tuned.read_text()
+    assert text.startswith("# tuned by `avarc tune` on ") and "temperature:" in text
+    profile = load_profile(tuned)
+    assert profile.temperature is not None and profile.temperature > 0
+
+    # tune's prediction on its own images = what classify measures, image by image
+    model = resolve_model("digits")
+    ext = apply_extensions(model, [Path(e) for e in extension[1::2]])
+    found = collect([str(tune_dir)], ClassSpace(model), "auto", None, None, None)
+    table = build_table(model, found.items, found.candidates, 3, profile.sigma, 0)
+    replay = Replayer(table, model.spec).replay(profile.resolve(4).stages)
+    records = classify(monkeypatch, capsys, tune_dir, tuned, tmp_path / "tune.jsonl", *extension)
+    assert {r["path"]: r["pred"] for r in records} == dict(zip(table.paths, replay.pred.tolist()))
+    correct = sum(r["pred"] == r["label"] for r in records)
+    assert (correct, len(records)) == (int(predicted.group(1)), int(predicted.group(2)))
+
+    # held-out digits 1618–1796: at most two more mistakes than varc at ≤ 60% of its executed GFLOPs
+    ours = classify(monkeypatch, capsys, test_dir, tuned, tmp_path / "test.jsonl", *extension)
+    varc = classify(monkeypatch, capsys, test_dir, "varc", tmp_path / "varc.jsonl", *extension)
+    mistakes = [sum(r["pred"] != r["label"] for r in recs) for recs in (ours, varc)]
+    gflops = [executed_gflops(model, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
+    print(f"{'+'.join(e.names[0] for e in ext) or 'base'}: {profile.describe()}; on digits 1618–1796: mistakes "
+          f"tuned {mistakes[0]} vs varc {mistakes[1]}; executed GFLOPs/image {gflops[0]:.5f} vs {gflops[1]:.5f} "
+          f"({gflops[0] / gflops[1]:.1%})")
+    assert mistakes[0] <= mistakes[1] + 2
+    assert gflops[0] <= 0.6 * gflops[1]
+
+
+def test_tuned_profile_on_held_out_digits(monkeypatch, capsys, tmp_path, folders):
+    tune_and_check(monkeypatch, capsys, tmp_path, folders, [])
+
+
+def test_tuned_profile_with_an_added_class(monkeypatch, capsys, tmp_path, folders):
+    from core.digits import load_digits
+
+    train = load_digits("train")
+    sevens = tmp_path / "sevens"
+    sevens.mkdir()
+    for i, im in enumerate(train.images[train.labels == 7][:20]):
+        Image.fromarray(im).save(sevens / f"{i}.png")
+    ext = tmp_path / "sevens.ext.pt"
+    code, _, err = avarc(monkeypatch, capsys, "add-class", "sevens", sevens, "--steps", 40, "--holdout", 0,
+                         "--out", ext, *FAST)
+    assert code == 0, err
+    tune_and_check(monkeypatch, capsys, tmp_path, folders, ["--extension", str(ext)])
+
+
+def test_fitted_temperature_lowers_held_out_ece(folders):
+    """Fitted on the tuning digits, judged on digits 1618–1796, for a schedule whose posterior is overconfident
+    (three of four scales: 85% top-1); the tuned digits profile's own numbers are in the README."""
+    model = resolve_model("digits")
+    tables = []
+    for folder in folders:
+        found = collect([str(folder)], ClassSpace(model), "auto", None, None, None)
+        tables.append(build_table(model, found.items, found.candidates, 1, 0.1, 0))
+    stages = baseline_stages(3)
+    (fit_scores, fit_y), (held_scores, held_y) = [
+        (Replayer(t, model.spec).replay(stages).final_scores, np.searchsorted(t.candidates, t.labels)) for t in tables]
+    temperature = fit_temperature(fit_scores, fit_y)
+    before = expected_calibration_error(posterior(held_scores, 1.0), held_y)
+    after = expected_calibration_error(posterior(held_scores, temperature), held_y)
+    print(f"3-scale varc: T = {temperature:.3f}; ECE on digits 1618–1796 {before:.4f} → {after:.4f}")
+    assert temperature > 1 and after < before
+
+
+def decoded_images(page: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_report_is_one_self_contained_html_with_decodable_plots(monkeypatch, capsys, tmp_path, folders):
+    _, test_dir = folders
+    records = tmp_path / "run.jsonl"
+    classify(monkeypatch, capsys, test_dir, "digits", records)
+    code, out, err = avarc(monkeypatch, capsys, "report", records, "--model", "digits")
+    assert code == 0, err
+    page = (tmp_path / "run.html").read_text()
+    assert "<script" not in page and not re.search(r'src="(?!data:)', page)      # nothing to fetch
+    images = decoded_images(page)
+    wrong = sum(r["pred"] != r["label"] for r in read_jsonl(records))
+    assert len(images) >= 5 + min(wrong, 12)       # 5 plots + one picture per shown mistake
+    for im in images:
+        im.load()
+        assert im.width > 8 and im.height > 8
+    top1 = sum(r["pred"] == r["label"] for r in read_jsonl(records)) / 179
+    assert all(h in page for h in ("<h2>Per class", "<h2>Calibration, pruning and compute", "<h2>Worst mistakes"))
+    assert re.search(r"<td>top-1</td><td>" + re.escape(f"{top1:.2%}"), page)
+
+    code, _, err = avarc(monkeypatch, capsys, "report", records, "--model", "digits")
+    assert code == 2 and "already exists; pass --force" in err
+
+    wrong_dir = tmp_path / "wrong"                 # the mistakes' `avarc explain` panels replace their thumbnails
+    wrong_dir.mkdir()
+    for r in read_jsonl(records):
+        if r["pred"] != r["label"]:
+            (wrong_dir / Path(r["path"]).name).write_bytes(Path(r["path"]).read_bytes())
+    code, _, err = avarc(monkeypatch, capsys, "explain", wrong_dir, "--out", tmp_path / "why", *FAST)
+    assert code == 0, err
+    code, _, err = avarc(monkeypatch, capsys, "report", records, "--explain", tmp_path / "why", "--force")
+    assert code == 0, err
+    panel = Image.open(next((tmp_path / "why").glob("*.png"))).size
+    shown = [im.size for im in decoded_images((tmp_path / "run.html").read_text())]
+    assert shown.count(panel) == min(wrong, 12)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # the optional extra is not installed
+    code, _, err = avarc(monkeypatch, capsys, "report", records, "--out", tmp_path / "x.html")
+    assert code == 2 and err.strip() == "error: reports need matplotlib; pip install 'avarc[report]'"
+
+
+def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
+    tune_dir, _ = folders
+    small = tmp_path / "small"
+    for f in sorted(tune_dir.glob("*/*.png"))[::4]:
+        (small / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (small / f.parent.name / f.name).write_bytes(f.read_bytes())
+    out, page = tmp_path / "t.yaml", tmp_path / "t.html"
+    code, stdout, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
+                              "--report", page, *FAST)
+    assert code == 0, err
+    assert len(load_profile(out).stages) == 2 and "Pareto front" in stdout
+    images = decoded_images(page.read_text())
+    assert len(images) == 1 and images[0].width >= 600
+    code, _, err = avarc(monkeypatch, capsys, "tune", small, "--out", out, *FAST)
+    assert code == 2 and "already exists; pass --force" in err
+    code, _, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "3..1", "--out", tmp_path / "u.yaml", *FAST)
+    assert code == 2 and "--stages '3..1'" in err
+    code, _, err = avarc(monkeypatch, capsys, "tune", small, "--budget", 0.01, "--out", tmp_path / "u.yaml", *FAST)
+    assert code == 2 and "raise --budget" in err and not (tmp_path / "u.yaml").exists()
