@@ -11,7 +11,7 @@ import torch
 
 from . import checkpoints, tokenizer
 from .errors import AvarcError
-from .likelihood import DEFAULT_BUDGET_BYTES, PairScores, pair_logp, score_pairs
+from .likelihood import PairScores, pair_logp, score_pairs
 from .specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
 from .var import VAR, KVCache
 from .vqvae import VQVAE
@@ -19,20 +19,34 @@ from .vqvae import VQVAE
 
 @dataclass
 class Model:
-    """VAE + VAR on one device. ``dtype`` is the VAR's compute dtype (autocast); tokenisation is always fp32 so
-    tokens do not depend on it."""
+    """VAE + VAR on one device. ``var`` keeps the fp32 weights; ``dtype`` is the compute dtype of the likelihood
+    engine, which runs a copy converted once (:meth:`engine_var`). Tokenisation is always exact fp32 (TF32 off),
+    so tokens do not depend on the dtype or the device."""
 
     spec: ModelSpec
     vae: VQVAE
     var: VAR
     device: torch.device
     dtype: torch.dtype = torch.float32
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    budget_bytes: int | None = None            # activation memory per chunk; None: sized from the device
     meta: dict = field(default_factory=dict)
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # replaces the torch encoder (``onnx_encoder.use_encoder``)
 
     extension_names: list[str] = field(default_factory=list)   # names of classes added by extensions, in id order
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
+    _engine: tuple[tuple, VAR] | None = field(default=None, repr=False)
+
+    def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
+        """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
+        once and remade only when ``var``'s weights or added classes change."""
+        dtype = dtype or self.dtype
+        if dtype == torch.float32:
+            return self.var
+        key = (dtype, self.device, id(self.var.extra_class_emb), tuple(p._version for p in self.var.parameters()))
+        if self._engine is None or self._engine[0] != key:
+            self._engine = None                      # free the old copy before making the new one
+            self._engine = (key, self.var.in_dtype(dtype))
+        return self._engine[1]
 
     @property
     def num_classes(self) -> int:
@@ -67,14 +81,16 @@ class Model:
         return self.tokenize_latent(self.encode(images))
 
     def pair_logp(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
-                  chunk: int | None = None) -> torch.Tensor:
-        """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU)."""
-        return pair_logp(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype, self.budget_bytes)
+                  chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU), computed in ``dtype`` (default:
+        the model's)."""
+        return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                         self.budget_bytes)
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                     chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
         """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward."""
-        return score_pairs(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype,
+        return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
                            self.budget_bytes, cache, keep_cache)
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Hashable
 import torch
 
 from .flops import Macs, sequence_macs
+from .likelihood import cache_budget
 from .model import Model
 from .var import KVCache
 
@@ -35,10 +36,12 @@ class Scorer:
 
     def __init__(self, model: Model, chunk: int | None = None, reuse: bool = True, cache_bytes: int | None = None):
         self.model, self.chunk, self.reuse = model, chunk, reuse
-        self.cache_bytes = cache_bytes if cache_bytes is not None else 2 * model.budget_bytes
+        self.cache_bytes = cache_bytes if cache_bytes is not None else cache_budget(model.device)
         self.entries: dict[tuple[Hashable, int, int], _Entry] = {}
         self.tokens_run = 0          # (pair × token) positions actually run
         self.macs = Macs()           # what the engine executed (linear, AdaLN, attention)
+        self.guarded = 0             # images whose top two the precision guard re-scored in fp32
+        self.guard_flips = 0         # … and whose prediction that changed
 
     def reset(self) -> None:
         """Forget everything (a new batch of images)."""
@@ -79,6 +82,10 @@ class Scorer:
                 row_cache = res.cache.select(slice(n, n + 1)) if res.cache is not None else None
                 self.entries[(img, j, int(classes[r]))] = _Entry(tokens[r, :n_tok].clone(), lp, row_cache)
         return out
+
+    def score_fp32(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int) -> torch.Tensor:
+        """Like a plain :meth:`score`, in fp32 whatever the model's dtype (the precision guard's re-scoring)."""
+        return self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk, dtype=torch.float32).sum(-1)
 
     def _count(self, rows: int, end: int, start: int) -> None:
         self.tokens_run += rows * (end - start)

@@ -7,6 +7,7 @@ Shapes: B batch, L tokens, C width, H heads, V vocabulary.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -39,22 +40,23 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+            scale_1H11 = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
+            q = F.normalize(q, dim=-1).mul_(scale_1H11)
             k = F.normalize(k, dim=-1)
-        return q, k, v   # each B, H, L, c
+        return q, k, v   # each B, H, L, c, in the weights' dtype
 
     def forward(self, x: torch.Tensor, spans: list[Span],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x holds the new tokens; ``past`` the keys/values of the tokens before them. Each span's queries attend to
         its keys prefix without a mask, so the masked half of the score matrix is never computed. Returns the output
-        and the keys/values of all tokens so far (for a later extension)."""
+        and the keys/values of all tokens so far (for a later extension). q, k, v and the cache are all in the
+        weights' dtype, so no span re-casts its key/value prefix."""
         B, L, C = x.shape
         q, k, v = self.qkv(x)
         if past is not None:
-            k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         scale = 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
-        kq, vq = k.to(q.dtype), v.to(q.dtype)
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], kq[:, :, :keys], vq[:, :, :keys], scale=scale)
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys], scale=scale)
                          for lo, hi, keys in spans], dim=2)
         return self.proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
 
@@ -159,6 +161,7 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, spec.norm_eps)
         self.head = nn.Linear(C, spec.vocab_size)
         self.extra_class_emb: nn.Parameter | None = None   # n, slots, C: classes added by extensions
+        self._levels: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_slots(self) -> int:
@@ -199,9 +202,14 @@ class VAR(nn.Module):
         return torch.where(added[:, None, None], extra, base)
 
     def levels(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint)."""
-        sizes = torch.tensor([p * p for p in self.spec.patch_nums], device=device)
-        return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)[:num_tokens]
+        """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint; built once
+        per device, so a forward needs no host-to-device copy or output-size sync for it)."""
+        lvl_L = self._levels.get(device)
+        if lvl_L is None:
+            sizes = [p * p for p in self.spec.patch_nums]
+            lvl_L = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+            self._levels[device] = lvl_L
+        return lvl_L[:num_tokens]
 
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and the class
@@ -209,7 +217,7 @@ class VAR(nn.Module):
         conds = self.conditions(class_idx)
         B, n = class_idx.shape[0], x_in.shape[1] + self.first_l
         sos = conds[:, :1].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-        x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
+        x = torch.cat((sos, self.word_embed(x_in.to(self.word_embed.weight.dtype))), dim=1)
         return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], conds
 
     def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
@@ -230,12 +238,22 @@ class VAR(nn.Module):
             x, kv = block(x, block_conds[i], spans, cache.kv[i] if cache is not None else None)
             if keep_cache:
                 kvs.append(kv)
-        return self.head_nm(x.float(), conds[:, -1]), (KVCache(kvs) if keep_cache else None)
+        return self.head_nm(x.float(), conds[:, -1].float()), (KVCache(kvs) if keep_cache else None)
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
         h, _ = self.hidden(class_idx, x_in)
         return self.head(h).float()
+
+    def in_dtype(self, dtype: torch.dtype) -> VAR:
+        """A copy for inference in ``dtype``, converted once: the blocks, embeddings and caches in ``dtype``; the
+        head's AdaLN and logits stay fp32 (2% of the FLOPs, and the logsumexp over the vocabulary needs them)."""
+        if dtype == torch.float32:
+            return self
+        low = copy.deepcopy(self).to(dtype)
+        low.head_nm.float()
+        low.head.float()
+        return low.eval().requires_grad_(False)
 
     @torch.no_grad()
     def init_weights(self, init_std: float | None = None, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
