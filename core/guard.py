@@ -2,8 +2,8 @@
 
 bf16 moves a class score by up to about a nat (the body's matmuls, not the head, dominate), as much as the gap
 between close final candidates. Only the best two of the last stage decide the prediction, so an image whose two
-are closer than the profile's ``guard_margin`` has just those two re-scored in fp32 (all of the stage's samples);
-every other image keeps its bf16 scores. Images decided by a wide margin pay nothing.
+are closer than the profile's guard margin (``Profile.margin``) has just those two re-scored in fp32 (all of the
+stage's samples); every other image keeps its bf16 scores. Images decided by a wide margin pay nothing.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import Model
+from .profiles import Profile
 from .scoring import Scorer
 
 if TYPE_CHECKING:
@@ -27,15 +28,15 @@ def needs_guard(stage: StageScores, margin: float) -> list[int]:
 
 
 def apply_guard(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor, last: dict[int, StageScores],
-                margin: float) -> None:
+                profile: Profile) -> None:
     """Re-score in fp32 the close top two of each image's last stage (``last``: image index → that stage) and
-    write the fp32 scores into the stage, in place. Nothing happens in fp32 or with ``margin`` 0."""
-    if model.dtype == torch.float32 or margin <= 0:
+    write the fp32 scores into the stage, in place. Nothing happens in fp32 or with a margin of 0."""
+    if model.dtype == torch.float32:
         return
     ends = model.spec.var.scale_ends()
     by_scales: dict[int, list[tuple[int, int, int]]] = {}      # scales → (image, candidate, sample) rows
     for i, st in last.items():
-        for c in needs_guard(st, margin):
+        for c in needs_guard(st, profile.margin(ends[st.scales - 1])):
             by_scales.setdefault(st.scales, []).extend((i, c, j) for j in range(st.samples))
     for scales, rows in by_scales.items():
         n_tok = ends[scales - 1]

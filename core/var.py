@@ -37,8 +37,9 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        w = self.mat_qkv.weight
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
+        q, k, v = F.linear(x, w, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.l2_norm:
             scale_1H11 = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
             q = F.normalize(q, dim=-1).mul_(scale_1H11)
@@ -94,10 +95,14 @@ class AdaLNSelfAttn(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, spans: list[Span],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        g1, g2, s1, s2, b1, b2 = self.modulation(cond).unbind(2)
-        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), spans, past)
-        x = x + a.mul_(g1)
-        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2)).mul(g2), kv
+        """x is the fp32 residual stream. Only the linear layers run in their weights' dtype: the norm, the AdaLN
+        modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
+        512-pixel model's class scores by several nats)."""
+        g1, g2, s1, s2, b1, b2 = self.modulation(cond).float().unbind(2)
+        dt = self.attn.mat_qkv.weight.dtype
+        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1).to(dt), spans, past)
+        x = x + a.float().mul_(g1)
+        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2).to(dt)).float().mul_(g2), kv
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -217,7 +222,7 @@ class VAR(nn.Module):
         conds = self.conditions(class_idx)
         B, n = class_idx.shape[0], x_in.shape[1] + self.first_l
         sos = conds[:, :1].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-        x = torch.cat((sos, self.word_embed(x_in.to(self.word_embed.weight.dtype))), dim=1)
+        x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
         return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], conds
 
     def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
@@ -246,13 +251,16 @@ class VAR(nn.Module):
         return self.head(h).float()
 
     def in_dtype(self, dtype: torch.dtype) -> VAR:
-        """A copy for inference in ``dtype``, converted once: the blocks, embeddings and caches in ``dtype``; the
-        head's AdaLN and logits stay fp32 (2% of the FLOPs, and the logsumexp over the vocabulary needs them)."""
+        """A copy for inference in ``dtype``, converted once: the blocks' token-wise linear layers (qkv, proj, MLP:
+        98% of the FLOPs) and so the attention and the key/value caches in ``dtype``; embeddings, norms, the AdaLN
+        projections (once per sequence), the residual stream, the head and its logits stay fp32 (cheap, and where
+        bf16's rounding would show)."""
         if dtype == torch.float32:
             return self
-        low = copy.deepcopy(self).to(dtype)
-        low.head_nm.float()
-        low.head.float()
+        low = copy.deepcopy(self)
+        for b in low.blocks:
+            for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2):
+                m.to(dtype)
         return low.eval().requires_grad_(False)
 
     @torch.no_grad()
