@@ -118,6 +118,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise AvarcError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AvarcError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AvarcError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0…cuda:{torch.cuda.device_count() - 1}")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise AvarcError(f"device {name!r} requested but MPS is not available here; use --device cpu")
     return dev
@@ -215,12 +218,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` → the fastest dtype that keeps predictions (bf16 agrees with fp32 on ≥ 99% of images, see
-    ``avarc bench``): bf16 on CUDA and on CPUs with fast bf16, else fp32. Or an explicit fp32/bf16/fp16."""
+    """``auto`` → the fastest dtype that keeps predictions (bf16 agrees with fp32 on ≥ 99% of images and the
+    precision guard makes the prediction fp32's, see ``avarc bench``): bf16 on GPUs with bf16 tensor cores (compute
+    capability 8.0+, Ampere and later) and on CPUs with fast bf16, else fp32. Or an explicit fp32/bf16/fp16."""
     if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
-            return torch.bfloat16
-        return torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:

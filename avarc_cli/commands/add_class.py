@@ -12,9 +12,10 @@ from core.incremental import (INITS, add_classes, apply_extensions, check_names,
                               save_extension)
 from core.model import resolve_dtype, resolve_device
 from core.registry import REGISTRY, resolve_model
+from core.threads import set_threads
 
 from .. import output
-from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, TrustPickleOpt, VaeOpt
+from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, VaeOpt
 
 
 def add_class(
@@ -32,6 +33,7 @@ def add_class(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split, batches and augmentation noise.")] = 0,
+    threads: ThreadsOpt = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
@@ -48,6 +50,7 @@ def add_class(
     folders = _parse_classes(classes)
     dev = resolve_device(device)
     m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
+    set_threads(m.spec.var, threads)
     apply_extensions(m, extension)
     check_names(m, list(folders), "add-class")
     read = read_class_folders(folders, m.spec.image_size, m.spec.preprocess)
