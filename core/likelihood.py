@@ -114,8 +114,8 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if chunk == 1 or not _is_oom(e):
                 raise
+            log.warning(f"out of device memory with {chunk} pairs per forward; retrying with {chunk // 2}")
             chunk //= 2
-            log.warning(f"out of device memory with {2 * chunk} pairs per forward; retrying with {chunk}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
