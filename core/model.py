@@ -1,6 +1,7 @@
 """A loaded VQ-VAE + VAR pair: the object every command works with."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,18 +35,22 @@ class Model:
 
     extension_names: list[str] = field(default_factory=list)   # names of classes added by extensions, in id order
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
+    compile: bool = False                       # fuse the engine's elementwise work with torch.compile
     _engine: tuple[tuple, VAR] | None = field(default=None, repr=False)
 
     def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
         """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
-        once and remade only when ``var``'s weights or added classes change."""
+        once and remade only when ``var``'s weights or added classes change; with ``compile`` a fused copy (fp32
+        included, so ``var`` itself, which training uses, stays plain)."""
         dtype = dtype or self.dtype
-        if dtype == torch.float32:
+        if dtype == torch.float32 and not self.compile:
             return self.var
-        key = (dtype, self.device, id(self.var.extra_class_emb), tuple(p._version for p in self.var.parameters()))
+        key = (dtype, self.device, self.compile, id(self.var.extra_class_emb),
+               tuple(p._version for p in self.var.parameters()))
         if self._engine is None or self._engine[0] != key:
             self._engine = None                      # free the old copy before making the new one
-            self._engine = (key, self.var.in_dtype(dtype))
+            var = self.var.in_dtype(dtype) if dtype != torch.float32 else copy.deepcopy(self.var)
+            self._engine = (key, var.compiled() if self.compile else var)
         return self._engine[1]
 
     @property
@@ -202,6 +207,18 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
     model.meta = {k: v for k, v in meta.items() if k not in ("format", "spec")}
     model.var_file = path / "var.pth"
     return _finish(model, device, dtype)
+
+
+def resolve_compile(flag: bool | None, device: torch.device) -> bool:
+    """``None`` (auto) → compile on CUDA when Triton is installed, where the fused kernels pay for their one-time
+    compile; not on CPUs, where inductor's compile (minutes on a small machine) outweighs a run's gain."""
+    if flag is not None:
+        return flag
+    if device.type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

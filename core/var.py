@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -99,10 +101,40 @@ class AdaLNSelfAttn(nn.Module):
         modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
         512-pixel model's class scores by several nats)."""
         g1, g2, s1, s2, b1, b2 = self.modulation(cond).float().unbind(2)
-        dt = self.attn.mat_qkv.weight.dtype
-        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1).to(dt), spans, past)
+        a, kv = self.attn(self.attn_input(x, s1, b1), spans, past)
+        return self.ffn_branch(x, a, g1, s2, b2, g2), kv
+
+    def attn_input(self, x: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        return self.ln_wo_grad(x).mul(s1.add(1)).add_(b1).to(self.attn.mat_qkv.weight.dtype)
+
+    def ffn_branch(self, x: torch.Tensor, a: torch.Tensor, g1: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor,
+                   g2: torch.Tensor) -> torch.Tensor:
+        """x + γ1·a, then its MLP branch added: the elementwise work that ``compile`` fuses into the matmuls."""
         x = x + a.float().mul_(g1)
-        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2).to(dt)).float().mul_(g2), kv
+        h = self.ln_wo_grad(x).mul(s2.add(1)).add_(b2).to(self.ffn.fc1.weight.dtype)
+        return x + self.ffn(h).float().mul_(g2)
+
+    def compile(self) -> None:
+        """Fuse the elementwise work around the matmuls (``torch.compile``, shapes dynamic so a new batch or length
+        does not recompile); any failure falls back to eager for good."""
+        self.attn_input = _Fused(self.attn_input)
+        self.ffn_branch = _Fused(self.ffn_branch)
+
+
+class _Fused:
+    """A function compiled on first use, or the function itself once compiling or running the compiled code fails
+    (no compiler, unsupported backend)."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
+                self.compiled = None
+        return self.fn(*args)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -249,6 +281,15 @@ class VAR(nn.Module):
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
         h, _ = self.hidden(class_idx, x_in)
         return self.head(h).float()
+
+    def compiled(self) -> VAR:
+        """This VAR with every block's elementwise work fused by ``torch.compile`` (see ``AdaLNSelfAttn.compile``);
+        the inductor cache lives under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avarc" / "inductor"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        for b in self.blocks:
+            b.compile()
+        return self
 
     def in_dtype(self, dtype: torch.dtype) -> VAR:
         """A copy for inference in ``dtype``, converted once: the blocks' token-wise linear layers (qkv, proj, MLP:

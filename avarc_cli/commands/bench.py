@@ -11,7 +11,7 @@ from core import AvarcError
 from core.bench import BenchResult, compare, flops_only, random_model
 from core.data import ClassSpace, collect
 from core.incremental import apply_extensions
-from core.model import Model, resolve_device, resolve_dtype
+from core.model import Model, resolve_compile, resolve_device, resolve_dtype
 from core.onnx_encoder import use_encoder
 from core.preprocess import preprocess_image
 from core.profiles import default_profile_name, load_profile
@@ -45,6 +45,7 @@ def bench(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fuse the engine's elementwise work with torch.compile (default: on CUDA with Triton, off on CPUs; the first run compiles, later ones reuse the cache).")] = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
@@ -83,12 +84,14 @@ def bench(
         label = model or "digits"
     use_encoder(m, encoder)
     n_threads = set_threads(m.spec.var, threads)
+    m.compile = resolve_compile(compile_, dev)
     n = min(classes or min(m.num_classes, 100), m.num_classes)
     x = _inputs(m, data, images, seed)
     wanted = [resolve_dtype(d, dev) for d in (dtypes or ["auto"])]
     results = compare(m, [load_profile(p) for p in profiles or [default_profile_name(m)]], x, list(range(n)), wanted,
                       warmup, repeat, batch_size, seed, plain)
-    _render(results, json_, f"{label}, {n} classes, {x.shape[0]} image(s), {n_threads} threads")
+    _render(results, json_, f"{label}, {n} classes, {x.shape[0]} image(s), {n_threads} threads"
+            + (", compiled" if m.compile else ""))
 
 
 def _inputs(m: Model, data: Optional[list[Path]], n: int, seed: int) -> torch.Tensor:
