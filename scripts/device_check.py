@@ -114,6 +114,18 @@ def tokens_and_scores(dev: torch.device, smoke: bool) -> dict:
     return out
 
 
+def compiled_conformance(dev: torch.device) -> dict:
+    """fp32 log-probs of the compiled engine against the golden (must stay within 1e-4 per token)."""
+    d = CONFORMANCE / "official256"
+    golden = {k: torch.from_numpy(v) for k, v in np.load(d / "golden.npz").items()}
+    m = load_model(d / "var.pth", d / "vae.pth", device=dev)
+    m.compile = True
+    lp = m.token_logp(golden["tokens"], range(json.loads((d / "meta.json").read_text())["num_classes"] + 1))
+    fused = m.engine_var().blocks[0].ffn_branch
+    return {"fp32_logp_max_err": float((lp - golden["logp"]).abs().max()),
+            "compiled_active": getattr(fused, "compiled", None) is not None}
+
+
 def peak(dev: torch.device, smoke: bool) -> dict:
     if smoke:
         return {"bf16_tflops": matmul_peak(str(dev), torch.bfloat16) / 1e12}
@@ -165,6 +177,7 @@ def main() -> int:
     section(report, "bench_demo", lambda: bench_demo(dev, smoke))
     section(report, "tests", lambda: tests(smoke))
     if not smoke:   # last: the first compile may take a minute or more; the report already holds everything else
+        section(report, "compiled_conformance", lambda: compiled_conformance(dev))
         section(report, "bench_d16_compiled", lambda: bench_d16(dev, smoke, compiled=True, profiles=("a-varc-plus",)))
     report["total_seconds"] = round(time.perf_counter() - T0, 1)
     write(report)
