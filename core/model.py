@@ -36,22 +36,23 @@ class Model:
     extension_names: list[str] = field(default_factory=list)   # names of classes added by extensions, in id order
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
     compile: bool = False                       # fuse the engine's elementwise work with torch.compile
-    _engine: tuple[tuple, VAR] | None = field(default=None, repr=False)
+    _engines: dict[torch.dtype, tuple[tuple, VAR]] = field(default_factory=dict, repr=False)
 
     def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
         """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
-        once and remade only when ``var``'s weights or added classes change; with ``compile`` a fused copy (fp32
-        included, so ``var`` itself, which training uses, stays plain)."""
+        once per dtype (the precision guard's fp32 and the run's bf16 live side by side) and remade only when
+        ``var``'s weights or added classes change; with ``compile`` a fused copy (fp32 included, so ``var`` itself,
+        which training uses, stays plain)."""
         dtype = dtype or self.dtype
         if dtype == torch.float32 and not self.compile:
             return self.var
-        key = (dtype, self.device, self.compile, id(self.var.extra_class_emb),
-               tuple(p._version for p in self.var.parameters()))
-        if self._engine is None or self._engine[0] != key:
-            self._engine = None                      # free the old copy before making the new one
+        key = (self.device, self.compile, id(self.var.extra_class_emb), tuple(p._version for p in self.var.parameters()))
+        held = self._engines.get(dtype)
+        if held is None or held[0] != key:
+            self._engines.pop(dtype, None)           # free the old copy before making the new one
             var = self.var.in_dtype(dtype) if dtype != torch.float32 else copy.deepcopy(self.var)
-            self._engine = (key, var.compiled() if self.compile else var)
-        return self._engine[1]
+            self._engines[dtype] = (key, var.compiled() if self.compile else var)
+        return self._engines[dtype][1]
 
     @property
     def num_classes(self) -> int:
