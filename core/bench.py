@@ -43,6 +43,7 @@ class BenchResult:
     score_err_max: float | None = None
     guard_images: float | None = None          # share of images the precision guard re-scored in fp32
     guard_share: float | None = None           # share of the time spent on it
+    guard_flips: float | None = None           # share of images whose prediction the guard changed
     preds: list[int] = field(default_factory=list, repr=False)
     scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
 
@@ -162,7 +163,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         _sync(device)
         t_enc = time.perf_counter() - t0
         tokens = sample_tokens(model, latents, prof.max_samples, prof.sigma, gens_for())
-        macs_before, guarded_before = scorer.macs, scorer.guarded
+        macs_before, guarded_before, flips_before = scorer.macs, scorer.guarded, scorer.guard_flips
         out = run_stages(model, tokens, candidates, prof, scorer)
         _sync(device)
         if it >= warmup:
@@ -172,7 +173,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
             guard_times.append(scorer.guard_time)
             linear = scorer.macs.linear - macs_before.linear
             attention = scorer.macs.attention - macs_before.attention
-            guarded = scorer.guarded - guarded_before
+            guarded, flips = scorer.guarded - guarded_before, scorer.guard_flips - flips_before
     n = images.shape[0]
     per_image = [t / n for t in times]
     med = statistics.median(per_image)
@@ -192,6 +193,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         peak_mem_mb=_peak_mem_mb(device), agreement_fp32=None, stage_share=shares,
         encoder_share=statistics.median(enc_times) / total,
         guard_images=guarded / n if low else None, guard_share=statistics.median(guard_times) / total if low else None,
+        guard_flips=flips / n if low else None,
         preds=[p.pred for p in out], scores=[p.stages[0].scores for p in out],
     )
 
