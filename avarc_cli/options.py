@@ -19,3 +19,4 @@ EncoderOpt = Annotated[str, typer.Option("--encoder", help="VQ-VAE encoder backe
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that need code execution to unpickle (only for files you trust).")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Restrict the candidate classes: comma-separated indices, synsets or class names.")]
 SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Restrict candidates (and labelled images) to a synset list: imagenet100, imageneta100, imagenetr100 or a file.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: 1 for tiny models, else the cores not busy with other work; see README, Threads).")]

@@ -13,9 +13,10 @@ from core.incremental import (INITS, add_classes, apply_extensions, check_names,
                               save_extension)
 from core.model import Model, resolve_dtype, resolve_device
 from core.registry import REGISTRY, resolve_model
+from core.threads import set_threads
 
 from .. import output
-from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, TrustPickleOpt, VaeOpt
+from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, VaeOpt
 
 
 def add_class(
@@ -33,6 +34,7 @@ def add_class(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split, batches and augmentation noise.")] = 0,
+    threads: ThreadsOpt = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out extension file (never the base model's files).")] = False,
@@ -52,6 +54,7 @@ def add_class(
     dev = resolve_device(device)
     m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle)
     _protect(out, m, vae, extension)
+    set_threads(m.spec.var, threads)
     apply_extensions(m, extension)
     check_names(m, list(folders), "add-class")
     read = read_class_folders(folders, m.spec.image_size, m.spec.preprocess)

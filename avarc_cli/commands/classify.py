@@ -16,6 +16,7 @@ from core.incremental import apply_extensions
 from core.model import resolve_dtype, resolve_device
 from core.profiles import Profile, default_profile_name, list_profiles, load_profile
 from core.registry import resolve_model
+from core.threads import set_threads
 from core.files import absolute, check_output_file
 from core.results import (Metrics, ResultsWriter, append_csv_summary, check_csv, image_key, lock_results, model_identity,
                           open_results, run_info)
@@ -23,7 +24,7 @@ from core.results import (Metrics, ResultsWriter, append_csv_summary, check_csv,
 from .. import output
 from ..interrupt import interrupt_code, stop_on_signals
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
-                       SubsetOpt, TrustPickleOpt, VaeOpt, EncoderOpt)
+                       SubsetOpt, ThreadsOpt, TrustPickleOpt, VaeOpt, EncoderOpt)
 
 
 def classify(
@@ -43,6 +44,7 @@ def classify(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6, help="Softmax temperature of the posterior over the final scores (default: the profile's, from `avarc tune`, else 1).", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", min=1, help="How many ranked classes (and posterior entries) each record keeps.")] = 5,
     list_profiles_: Annotated[bool, typer.Option("--list-profiles", help="List the shipped profiles with their stages and exit.")] = False,
@@ -81,6 +83,7 @@ def classify(
 
     dist = distributed.init(device)
     try:
+    threads: ThreadsOpt = None,
         with stop_on_signals():
             _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device,
                  dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
@@ -94,10 +97,11 @@ def classify(
 
 
 def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, dataset, subset, classes, labels, out, csv, resume,
-         device, dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder) -> None:
+         device, dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder, threads) -> None:
     main = dist.is_main
     dev = resolve_device(distributed.rank_device(dist, device))
     model = resolve_model(model_arg, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
+    set_threads(model.spec.var, threads)
     added = apply_extensions(model, extension)
     profile = (chosen or load_profile(default_profile_name(model))).resolve(len(model.spec.var.patch_nums))
     temperature = temperature if temperature is not None else profile.temperature or 1.0

@@ -20,9 +20,10 @@ from core.model import Model, resolve_device, resolve_dtype
 from core.preprocess import open_image, pixels_to_tensor, preprocess_pil
 from core.profiles import default_profile_name, load_profile
 from core.registry import resolve_model
+from core.threads import set_threads
 
 from .. import output
-from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
+from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt, ThreadsOpt,
                        TrustPickleOpt, VaeOpt, EncoderOpt)
 
 IMAGES_PER_STEP = 16
@@ -46,6 +47,7 @@ def explain(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     encoder: EncoderOpt = "torch",
@@ -72,6 +74,7 @@ def explain(
     chosen = load_profile(profile) if profile else None
     dev = resolve_device(device)
     m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
+    set_threads(m.spec.var, threads)
     apply_extensions(m, extension)
     num_scales = check_scales(m, scales)
     prof = (chosen or load_profile(default_profile_name(m))).resolve(len(m.spec.var.patch_nums))
