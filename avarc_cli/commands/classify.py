@@ -83,10 +83,9 @@ def classify(
 
     dist = distributed.init(device)
     try:
-    threads: ThreadsOpt = None,
         with stop_on_signals():
             _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device,
-                 dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
+                 dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder, threads)
     except KeyboardInterrupt:       # before the first record (loading the model, reading the inputs)
         if dist.is_main:
             output.err_console.print("interrupted before any image was classified; no new record was written",
