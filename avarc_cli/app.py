@@ -51,12 +51,30 @@ from avarc_cli.commands import add_class  # noqa: E402
 app.command("add-class", short_help="Learn new classes from their own images (no replay, old classes unchanged); writes an extension file.")(add_class.add_class)
 
 
+UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
+FLAGS = {"a": "--class", "b": "--vs", "extensions": "--extension"}   # core parameter → its flag, where they differ
+
+
+def message(err: AvarcError) -> str:
+    """One line; an error about a parameter names its flag (``patch_nums`` → ``--patch-nums``)."""
+    if err.option is None:
+        return str(err)
+    return f"{FLAGS.get(err.option, '--' + err.option.replace('_', '-'))}: {err}"
+
+
 def main() -> None:
+    """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except AvarcError as e:
-        typer.secho(f"error: {e}", err=True, fg="red")
+        typer.secho(f"error: {message(e)}", err=True, fg="red")
         sys.exit(2)
+    except UsageError as e:
+        typer.secho(f"error: {e.format_message()}", err=True, fg="red")
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

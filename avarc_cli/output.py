@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -11,17 +12,21 @@ from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
+_NUMBER = re.compile(r"[+\-−]?[\d.,]+(e[+\-]?\d+)?\s*(%|[kMG]?B|s)?(\s*\(.*\))?")
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    rows = [list(r) for r in rows]
+    """A table whose numeric columns are right-aligned and whose headers never break inside a word (long cells,
+    such as paths, fold instead), so it reads at 80 columns."""
+    rows = [[_fmt(x) for x in r] for r in rows]
     t = Table(title=title, title_justify="left")
     for i, c in enumerate(columns):
-        numeric = all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
-        t.add_column(c, justify="right" if numeric or c[:1].isdigit() or c.endswith(("%", "/s", "s")) else "left",
-                     overflow="fold")  # long paths wrap instead of losing their ends
+        cells = [r[i] for r in rows if r[i] != "–"]
+        numeric = bool(cells) and all(_NUMBER.fullmatch(x) for x in cells)
+        t.add_column(c, justify="right" if numeric else "left", overflow="fold",
+                     min_width=max(len(w) for w in c.split()) if c.strip() else None)
     for r in rows:
-        t.add_row(*[_fmt(x) for x in r])
+        t.add_row(*r)
     console.print(t)
 
 
@@ -30,10 +35,10 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def progress(transient: bool = False) -> Progress:
-    """A progress bar on stderr (so stdout stays clean for JSON/JSONL)."""
+def progress(transient: bool = False, disable: bool = False) -> Progress:
+    """A progress bar on stderr (so stdout stays clean for JSON/JSONL); ``disable`` silences it (other ranks)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient, disable=disable)
 
 
 def _fmt(x: Any) -> str:

@@ -84,9 +84,9 @@ def overlay(base: np.ndarray, m: np.ndarray, colormap: str = "turbo", alpha: flo
 
 def check_style(colormap: str, alpha: float) -> None:
     if colormap not in COLORMAPS:
-        raise AvarcError(f"--colormap {colormap}: unknown colormap; use {' or '.join(COLORMAPS)}")
+        raise AvarcError(f"unknown colormap {colormap!r}; use {' or '.join(COLORMAPS)}", option="colormap")
     if not 0.0 <= alpha <= 1.0:
-        raise AvarcError(f"--alpha {alpha}: must be between 0 (input only) and 1 (heatmap only)")
+        raise AvarcError(f"opacity {alpha} is not between 0 (input only) and 1 (heatmap only)", option="alpha")
 
 
 def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colormap: str = "turbo",

@@ -14,7 +14,6 @@ never modified.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import pickle
@@ -25,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .classifier import classify_images, noise_generator
+from .checkpoints import file_sha256
 from .errors import AvarcError
 from .model import Model
-from .preprocess import preprocess_image
+from .preprocess import load_pixels, pixels_to_tensor
 from .profiles import default_profile_name, load_profile
+from .schedule import classify, noise_generator
 from .training import Augment, OnStep, TrainConfig, TrainLog, token_pool, train_var
 
 EXTENSION_FORMAT = "avarc-extension/1"
@@ -39,21 +39,6 @@ INITS = ("null", "mean")
 def rows_sha256(rows: torch.Tensor) -> str:
     """Identity of an extension: SHA-256 of its rows as fp32 bytes."""
     return hashlib.sha256(rows.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (official checkpoints are GBs); remembered per path, size and mtime."""
-    st = Path(path).stat()
-    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def base_sha256(model: Model) -> str:
@@ -79,6 +64,10 @@ class Extension:
     @property
     def sha256(self) -> str:
         return rows_sha256(self.rows)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the extension file (loads with ``weights_only=True``; apply it with ``extensions=[path]``)."""
+        return save_extension(self, path)
 
     def describe_base(self) -> str:
         short = self.base_sha256[:12]
@@ -133,14 +122,15 @@ def apply_extension(model: Model, ext: Extension, where: str = "extension") -> N
     """Append an extension's rows after checking it belongs to this base and to the extensions already applied."""
     sha = base_sha256(model)
     if ext.base_sha256 != sha:
-        hint = f"--model {ext.base_name}" if ext.base_name else "--model with the VAR checkpoint it was trained on"
-        raise AvarcError(f"{where}: was trained on {ext.describe_base()} but the model is sha256 {sha[:12]}…; use {hint}")
+        hint = f"model {ext.base_name}" if ext.base_name else "VAR checkpoint it was trained on"
+        raise AvarcError(f"{where}: was trained on {ext.describe_base()} but the model is sha256 {sha[:12]}…; use the {hint}",
+                         option="model")
     below = applied(model)
     if [p["sha256"] for p in ext.parents] != [p["sha256"] for p in below] or ext.offset != model.num_classes:
         need = ", ".join("+".join(p["names"]) for p in ext.parents) or "none"
         have = ", ".join("+".join(p["names"]) for p in below) or "none"
         raise AvarcError(f"{where}: stacks on the extensions [{need}] but the model has [{have}]; "
-                         "pass the extensions it was trained on first, in the same order, with --extension")
+                         "apply the extensions it was trained on first, in the same order", option="extensions")
     want = (model.var.num_slots, model.spec.var.embed_dim)
     if tuple(ext.rows.shape[1:]) != want:
         raise AvarcError(f"{where}: rows are {tuple(ext.rows.shape[1:])} (slots, width) but the model needs {want}; "
@@ -180,10 +170,11 @@ def read_class_folders(folders: Mapping[str, str | os.PathLike], size: int, prep
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
         xs = []
         for f in files:
-            try:
-                xs.append(preprocess_image(f, size, preprocess))
-            except AvarcError as e:
-                out.skipped.append((str(f), str(e)))
+            px = load_pixels(f, size, preprocess)
+            if isinstance(px, str):
+                out.skipped.append((str(f), px))
+            else:
+                xs.append(pixels_to_tensor(px))
         if not xs:
             raise AvarcError(f"{folder}: no readable images for class {name!r}; put its images in that folder")
         out.images[name] = torch.stack(xs)
@@ -253,7 +244,7 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     if steps < 1 or lr <= 0 or batch_size < 1 or augment_sigma < 0 or not 0 <= holdout < 1:
         raise AvarcError("add-class: need steps ≥ 1, lr > 0, batch size ≥ 1, augment sigma ≥ 0 and 0 ≤ holdout < 1")
     if init not in INITS:
-        raise AvarcError(f"--init {init}: unknown initialisation; use {' or '.join(INITS)}")
+        raise AvarcError(f"unknown initialisation {init!r}; use {' or '.join(INITS)}", option="init")
     base_sha = base_sha256(model)
     parents = [dict(p) for p in applied(model)]
     offset = model.num_classes
@@ -318,7 +309,7 @@ def _held_out(model: Model, images: Mapping[str, torch.Tensor], splits: dict, of
         correct = 0
         for i in held_idx.tolist():
             gens = [noise_generator(seed, f"{name}/{i}")]
-            pred = classify_images(model, x[i:i + 1], candidates, profile, gens)[0]
+            pred = classify(model, model.encode(x[i:i + 1]), candidates, profile, gens)[0]
             correct += int(pred.pred == offset + j)
         out.append(HeldOut(name, correct, len(held_idx), len(train_idx)))
     return out

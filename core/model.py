@@ -101,9 +101,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise AvarcError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AvarcError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        raise AvarcError(f"device {name!r} requested but CUDA is not available here; use cpu", option="device")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise AvarcError(f"device {name!r} requested but MPS is not available here; use --device cpu")
+        raise AvarcError(f"device {name!r} requested but MPS is not available here; use cpu", option="device")
     return dev
 
 
@@ -170,7 +170,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise AvarcError(f"{path}: not a model directory (no meta.json); pass a VAR checkpoint file with --vae instead")
+        raise AvarcError(f"{path}: not a model directory (no meta.json); give a VAR checkpoint file and its VQ-VAE instead")
     try:
         meta = json.loads(meta_file.read_text())
         spec = spec_from_dict(meta["spec"])
@@ -186,6 +186,11 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``bf16`` (the names of :data:`DTYPES`)."""
+    return next(name for name, dt in DTYPES.items() if dt == dtype)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -208,4 +213,4 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise AvarcError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16") from None
+        raise AvarcError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .classifier import Prediction
+from .schedule import Prediction, rank
 from .data import Item
 from .errors import AvarcError
 from .model import Model
@@ -132,8 +132,7 @@ def stage_survival(record: dict, num_stages: int) -> list[bool]:
     for s in range(num_stages):
         if s < len(stages) - 1:
             st = stages[s]
-            ranked = sorted(zip(st["candidates"], st["scores"]), key=lambda cs: (-cs[1], cs[0]))
-            out.append(label in [c for c, _ in ranked[:st["keep"]]])
+            out.append(label in [c for c, _ in rank(st["candidates"], st["scores"])[:st["keep"]]])
         else:
             out.append(record["pred"] == label)
     return out
@@ -192,3 +191,14 @@ def append_csv_summary(path: str | os.PathLike, row: dict) -> None:
         if new:
             w.writeheader()
         w.writerow(row)
+
+
+def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, subset: str | None, new: int,
+                seconds: float) -> dict:
+    """One run's row for :func:`append_csv_summary`; ``new`` images were classified in ``seconds`` by this run."""
+    row = {"model": run["model"], "profile": profile.name, "seed": run["seed"], "dataset": dataset or "",
+           "subset": subset or "", "images": m.images, "skipped": m.skipped,
+           "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
+    row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
+    row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})
+    return row

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from core import AvarcError
-from core.classifier import Prediction, StageScores
+from core.schedule import Prediction, StageScores
 from core.data import Item
 from core.profiles import Profile, Stage
 from core.results import (Metrics, ResultsWriter, append_csv_summary, ok_record, open_results, run_info,
@@ -19,8 +19,8 @@ RUN = run_info("m", PROFILE, 0, range(6))
 
 
 def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_after=None) -> Prediction:
-    """A Prediction built the way the schedule builds it (see core.classifier._prediction)."""
-    from core.classifier import _prediction
+    """A Prediction built the way the schedule builds it (see core.schedule._prediction)."""
+    from core.schedule import _prediction
 
     stages = [StageScores(5, 1, k, list(s), list(s.values())) for s, k in zip(stage_scores, keeps)]
     return _prediction(stages, exited_after, 1.0)

@@ -7,30 +7,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import AvarcError, distributed
-from core.classifier import Scorer
-from core.data import LABEL_MODES, ClassSpace, collect, dataset_presets
-from core.incremental import apply_extensions
-from core.model import resolve_dtype, resolve_device
-from core.profiles import Profile, default_profile_name, list_profiles, load_profile
-from core.registry import resolve_model
-from core.results import Metrics, ResultsWriter, append_csv_summary, model_identity, open_results, run_info
+from core import AvarcError, Classifier, distributed
+from core.data import collect, dataset_presets
+from core.profiles import list_profiles
+from core.results import Metrics, ResultsWriter, append_csv_summary, open_results, summary_row
 
 from .. import output
-from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, ProfileOpt, SeedOpt,
-                       SubsetOpt, TrustPickleOpt, VaeOpt, EncoderOpt)
+from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt,
+                       ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SubsetOpt, TrustPickleOpt, VaeOpt)
 
 
 def classify(
-    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)] = None,
+    inputs: InputsArg = None,
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
+    patch_nums: PatchNumsOpt = None,
     extension: ExtensionOpt = None,
     profile: ProfileOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help=f"Labelled evaluation preset for the folder you pass: {', '.join(dataset_presets())}.")] = None,
     subset: SubsetOpt = None,
     classes: ClassesOpt = None,
-    labels: Annotated[str, typer.Option("--labels", help="Where true labels come from: auto (class sub-folders if every folder name is a class), folders, or none.")] = "auto",
+    labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write one JSON record per image to this .jsonl file, as results arrive.")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Append this run's summary (accuracy, recall, images/s) as a row to a CSV file.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same model, profile and seed.")] = False,
@@ -53,162 +50,82 @@ def classify(
     torchrun --nproc_per_node 8 -m avarc_cli classify val/ -m d30 --dataset imagenet --out val.jsonl
     avarc classify --list-profiles                  # the shipped schedules and their stages
 
-    Each stage of the profile scores the surviving candidate classes by the exact log-likelihood of the image's
-    VAR tokens on the first scales, keeps the best, and the last stage's best is the prediction.
-    Unreadable images are recorded as skipped; --resume continues an interrupted --out file.
+    Each stage of the profile scores the surviving candidate classes by the exact log-likelihood of the image's VAR tokens on the first scales, keeps the best, and the last stage's best is the prediction. Unreadable images are recorded as skipped; --resume continues an interrupted --out file.
     """
     if list_profiles_:
-        _print_profiles()
+        output.table("profiles (`--profile NAME` or a YAML file)", ["name", "stages", "sigma", "description"],
+                     [(p.name, "\n".join(f"{i}. {s.describe()}" for i, s in enumerate(p.stages, 1)), p.sigma, p.description)
+                      for p in list_profiles()])
         return
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc classify examples/digits`)")
-    if labels not in LABEL_MODES:
-        raise AvarcError(f"--labels {labels}: unknown mode; use {', '.join(LABEL_MODES)}")
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
-    chosen = load_profile(profile) if profile else None     # fail on a bad profile before loading a model
-
     dist = distributed.init(device)
     try:
-        _run(dist, inputs, model, vae, extension, chosen, dataset, subset, classes, labels, out, csv, resume, device, dtype,
-             batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder)
+        clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=distributed.rank_device(dist, device),
+                                         dtype=dtype, encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
+                                         patch_nums=patch_nums, batch_size=batch_size)
+        found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
+        run_key = clf.run_key(seed, found.candidates)
+        resumed = {}     # rank 0 opens (or resumes) the results file; every rank learns which images are done
+        done = set(dist.from_main(lambda: sorted(resumed.setdefault("state", open_results(out, resume, run_key)).done))
+                   if out is not None else ())
+        todo = [it for it in found.items if it.path not in done]
+        metrics, state = Metrics(len(clf.profile.stages)), resumed.get("state")
+        if dist.is_main:
+            _notes(found.left_out, state, len(done), len(todo))
+            for rec in state.done.values() if state else ():
+                metrics.add(rec)
+        writer = ResultsWriter(out) if out is not None and dist.is_main else None
+        shown, new, start = [], 0, time.perf_counter()
+        try:
+            with output.progress(disable=not dist.is_main) as bar:
+                task = bar.add_task("classify", total=len(todo), info="")
+                for batch in clf.classify_items(todo, found.candidates, seed, temperature, topk, run_key, dist):
+                    if writer:
+                        writer.write(batch)
+                    for rec in batch:
+                        metrics.add(rec)
+                    shown += batch if out is None and not found.labelled else []
+                    new += len(batch)
+                    rate = new / max(time.perf_counter() - start, 1e-9)
+                    acc = f" · top-1 {metrics.top1:.1%}" if metrics.top1 is not None else ""
+                    bar.update(task, advance=len(batch), info=f"{rate:.1f} img/s{acc}")
+        finally:
+            if writer:
+                writer.close()
     finally:
         distributed.close(dist)
+    if dist.is_main:
+        seconds = time.perf_counter() - start
+        _report(clf, metrics, shown, topk, new / seconds if new and seconds > 0 else None, dist.world)
+        if csv is not None:
+            append_csv_summary(csv, summary_row(metrics, clf.profile, run_key, dataset, subset, new, seconds))
 
 
-def _run(dist, inputs, model_arg, vae, extension, chosen: Profile | None, dataset, subset, classes, labels, out, csv, resume,
-         device, dtype, batch_size, seed, temperature, topk, model_dir, trust_pickle, encoder) -> None:
-    main = dist.is_main
-    dev = resolve_device(distributed.rank_device(dist, device))
-    model = resolve_model(model_arg, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
-    added = apply_extensions(model, extension)
-    profile = (chosen or load_profile(default_profile_name(model))).resolve(len(model.spec.var.patch_nums))
-    space = ClassSpace(model)
-    found = collect([str(p) for p in inputs], space, labels, dataset, subset, classes,
-                    exclude=[p for p in (out, csv) if p is not None])
-    run_key = run_info(model_identity(model, model_arg), profile, seed, found.candidates,
-                       {"extensions": [e.sha256 for e in added]} if added else None)
-    metrics = Metrics(len(profile.stages))
-
-    resumed = {}
-    if out is not None:
-        def prepare() -> list[str]:
-            state = open_results(out, resume, run_key)
-            resumed["state"] = state
-            return sorted(state.done)
-        done = set(dist.from_main(prepare))
-    else:
-        done = set()
-    todo = [it for it in found.items if it.path not in done]
-    if main:
-        _notes(found, resumed.get("state"), len(done), len(todo))
-        for rec in (resumed["state"].done.values() if "state" in resumed else ()):
-            metrics.add(rec)
-
-    writer = ResultsWriter(out) if out is not None and main else None
-    shown: list[dict] = []
-    start, new = time.perf_counter(), 0
-    records = distributed.run(model, todo, found.candidates, profile, seed, space.names, run_key, dist,
-                              Scorer(model, batch_size), temperature, topk,
-                              distributed.images_per_step(batch_size, len(found.candidates)))
-    try:
-        with output.progress(transient=False) if main else _Quiet() as prog:
-            task = prog.add_task("classify", total=len(todo), info="")
-            for batch in records:
-                if not main:
-                    continue
-                if writer:
-                    writer.write(batch)
-                for rec in batch:
-                    metrics.add(rec)
-                if out is None and not found.labelled:
-                    shown += batch
-                new += len(batch)
-                rate = new / max(time.perf_counter() - start, 1e-9)
-                acc = f" · top-1 {metrics.top1:.1%}" if metrics.top1 is not None else ""
-                prog.update(task, advance=len(batch), info=f"{rate:.1f} img/s{acc}")
-    finally:
-        if writer:
-            writer.close()
-    if not main:
-        return
-    seconds = time.perf_counter() - start
-    if shown:
-        _print_predictions(shown, topk)
-    _print_summary(metrics, profile, seconds, new, dist.world)
-    if csv is not None:
-        append_csv_summary(csv, _summary_row(metrics, profile, run_key, dataset, subset, seconds, new))
-
-
-class _Quiet:
-    """Stands in for the progress bar on ranks other than 0."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def add_task(self, *a, **k) -> int:
-        return 0
-
-    def update(self, *a, **k) -> None:
-        return None
-
-
-def _notes(found, state, done: int, todo: int) -> None:
-    say = output.err_console.print
-    if found.left_out:
-        say(f"note: left out {found.left_out} labelled images whose class is not a candidate")
+def _notes(left_out: int, state, done: int, todo: int) -> None:
+    if left_out:
+        output.err_console.print(f"note: left out {left_out} labelled images whose class is not a candidate")
     if state is not None and (done or state.torn or state.dropped):
-        extra = []
-        if state.torn:
-            extra.append("cut off a torn last line")
-        if state.dropped:
-            extra.append(f"removed {state.dropped} records of another run")
-        say(f"resume: {done} images already done, {todo} to go" + (f" ({'; '.join(extra)})" if extra else ""))
+        extra = (["cut off a torn last line"] if state.torn else []) + ([f"removed {state.dropped} records of another run"] if state.dropped else [])
+        output.err_console.print(f"resume: {done} images already done, {todo} to go" + (f" ({'; '.join(extra)})" if extra else ""))
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}%"
-
-
-def _print_summary(m: Metrics, profile: Profile, seconds: float, new: int, world: int) -> None:
+def _report(clf: Classifier, m: Metrics, shown: list[dict], topk: int, rate: float | None, world: int) -> None:
+    if shown:
+        output.table("predictions", ["image", "prediction", "posterior", "runners-up"],
+                     [(r["path"], "skipped", None, r["error"]) if r["status"] != "ok" else
+                      (r["path"], r["pred_name"], f"{r['posterior'][0]['p']:.3f}", ", ".join(t["name"] for t in r["topk"][1:topk]))
+                      for r in shown])
+    pct = lambda x: "–" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     rows = [("images", m.images), ("classified", m.images - m.skipped), ("skipped", m.skipped)]
     if m.labelled:
-        rows += [("top-1", _pct(m.top1)), ("top-5", _pct(m.top5))]
-        for i, (st, r) in enumerate(zip(profile.stages, m.recall), 1):
-            rows.append((f"stage {i} recall ({st.scales} scales, {st.samples}× → keep {st.keep})", _pct(r)))
-    if any(st.exit_margin is not None for st in profile.stages):
+        rows += [("top-1", pct(m.top1)), ("top-5", pct(m.top5))]
+        rows += [(f"stage {i} recall ({st.scales} scales, {st.samples}× → keep {st.keep})", pct(r))
+                 for i, (st, r) in enumerate(zip(clf.profile.stages, m.recall), 1)]
+    if any(st.exit_margin is not None for st in clf.profile.stages):
         rows.append(("early exits", m.early_exits))
-    rows.append(("images/s", f"{new / seconds:.2f}" if new and seconds > 0 else "–"))
-    if world > 1:
-        rows.append(("processes", world))
-    output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)
-
-
-def _print_predictions(records: list[dict], topk: int) -> None:
-    rows = []
-    for r in records:
-        if r["status"] != "ok":
-            rows.append((r["path"], "skipped", None, r["error"]))
-            continue
-        p = r["posterior"][0]["p"] if r["posterior"] else None
-        rest = ", ".join(t["name"] for t in r["topk"][1:topk])
-        rows.append((r["path"], r["pred_name"], f"{p:.3f}" if p is not None else None, rest))
-    output.table("predictions", ["image", "prediction", "posterior", "runners-up"], rows)
-
-
-def _summary_row(m: Metrics, profile: Profile, run_key: dict, dataset, subset, seconds: float, new: int) -> dict:
-    row = {"model": run_key["model"], "profile": profile.name, "seed": run_key["seed"], "dataset": dataset or "",
-           "subset": subset or "", "images": m.images, "skipped": m.skipped,
-           "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
-    row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
-    row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})
-    return row
-
-
-def _print_profiles() -> None:
-    rows = [(p.name, "\n".join(f"{i}. {s.describe()}" for i, s in enumerate(p.stages, 1)), p.sigma, p.description)
-            for p in list_profiles()]
-    output.table("profiles (`--profile NAME` or a YAML file)", ["name", "stages", "sigma", "description"], rows)
+    rows.append(("images/s", f"{rate:.2f}" if rate else "–"))
+    rows += [("processes", world)] if world > 1 else []
+    output.table(f"avarc classify · profile {clf.profile.name}", ["metric", "value"], rows)
