@@ -8,6 +8,8 @@ import typer
 
 from core import AvarcError, __version__
 
+from . import output
+
 app = typer.Typer(
     name="avarc",
     help="Classify, explain and extend image classes with Visual AutoRegressive (VAR) models as generative classifiers.",
@@ -52,22 +54,13 @@ app.command("add-class", short_help="Learn new classes from their own images (no
 
 
 UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
-FLAGS = {"a": "--class", "b": "--vs", "extensions": "--extension"}   # core parameter → its flag, where they differ
-
-
-def message(err: AvarcError) -> str:
-    """One line; an error about a parameter names its flag (``patch_nums`` → ``--patch-nums``)."""
-    if err.option is None:
-        return str(err)
-    return f"{FLAGS.get(err.option, '--' + err.option.replace('_', '-'))}: {err}"
-
 
 def main() -> None:
     """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2."""
     try:
         code = app(standalone_mode=False)
     except AvarcError as e:
-        typer.secho(f"error: {message(e)}", err=True, fg="red")
+        typer.secho(f"error: {output.message(e)}", err=True, fg="red")
         sys.exit(2)
     except UsageError as e:
         typer.secho(f"error: {e.format_message()}", err=True, fg="red")

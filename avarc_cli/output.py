@@ -10,9 +10,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from core import AvarcError
+
 console = Console()
 err_console = Console(stderr=True)
 _NUMBER = re.compile(r"[+\-−]?[\d.,]+(e[+\-]?\d+)?\s*(%|[kMG]?B|s)?(\s*\(.*\))?")
+
+
+FLAGS = {"a": "--class", "b": "--vs", "extensions": "--extension"}   # core parameter → its flag, where they differ
+
+
+def message(err: AvarcError) -> str:
+    """An error as one line; one about a parameter names its flag (``patch_nums`` → ``--patch-nums``)."""
+    if err.option is None:
+        return str(err)
+    return f"{FLAGS.get(err.option, '--' + err.option.replace('_', '-'))}: {err}"
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
