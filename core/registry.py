@@ -178,6 +178,8 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         patch_nums = patch_nums or e.spec.var.patch_nums
     elif not path.exists():
         raise AvarcError(f"{model}: no such model file or directory; known names: {', '.join(REGISTRY)}")
+    if path.is_file() and _in_model_dir(path, vae):
+        path = path.parent      # its meta.json says what a state dict cannot (GroupNorm groups, preprocessing, names)
     if path.is_dir():
         loaded, vae_path = load_model_dir(path, device=device, dtype=dtype), path / "vae.pth"
     else:
@@ -186,6 +188,13 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
                             patch_nums=patch_nums)
     use_encoder(loaded, encoder, vae_path)
     return loaded
+
+
+def _in_model_dir(var_file: Path, vae: str | os.PathLike | None) -> bool:
+    """The ``var.pth`` of a model directory, given with no VQ-VAE or with the directory's own."""
+    folder = var_file.parent
+    own = var_file.name == "var.pth" and (folder / "meta.json").is_file() and (folder / "vae.pth").is_file()
+    return own and (vae is None or (Path(vae).exists() and Path(vae).resolve() == (folder / "vae.pth").resolve()))
 
 
 def _resolve_vae(vae: str | os.PathLike | None, var_path: Path, model_dir) -> Path:
