@@ -12,7 +12,7 @@ position, or an :class:`~core.data.Item`'s key), so results do not depend on bat
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
@@ -44,7 +44,6 @@ class Classifier:
     model: Model
     profile: Profile                        # resolved for this model's scales
     source: str = ""                        # the model argument it was built from (registry name, folder or file)
-    extensions: list[Extension] = field(default_factory=list)
     batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
 
     @classmethod
@@ -63,20 +62,23 @@ class Classifier:
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
         m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
                           tuple(patch_nums) if patch_nums else None)
-        exts = []
         for ext in extensions:
-            loaded = ext if isinstance(ext, Extension) else load_extension(ext)
-            apply_extension(m, loaded, str(ext) if not isinstance(ext, Extension) else "extension")
-            exts.append(loaded)
+            apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
+                            "extension" if isinstance(ext, Extension) else str(ext))
         if chosen is None:
             default = entry(str(model)).default_profile if is_registry_name(model) else None
             chosen = load_profile(default or default_profile_name(m))
-        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), exts, batch_size)
+        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size)
 
     # what a user reaches for
     @property
     def spec(self):
         return self.model.spec
+
+    @property
+    def extensions(self) -> list[Extension]:
+        """The extensions applied (given, or learnt by :meth:`add_classes`), bottom first."""
+        return self.model.extensions
 
     @property
     def device(self) -> torch.device:
@@ -249,6 +251,5 @@ class Classifier:
         base = self.source.lower() if is_registry_name(self.source) else None
         added = add_classes(self.model, images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
                             init=init, seed=seed, holdout=holdout, base_name=base, on_step=on_step)
-        self.extensions.append(added.extension)
         return added.extension
 

@@ -105,8 +105,8 @@ def load_extension(path: str | os.PathLike) -> Extension:
 
 
 def applied(model: Model) -> list[dict]:
-    """The extensions applied to a model so far, bottom first ({"sha256", "names"})."""
-    return model.meta.setdefault("extensions", [])
+    """The extensions applied to a model so far, bottom first, as extension files record their parents."""
+    return [{"sha256": ext.sha256, "names": list(ext.names)} for ext in model.extensions]
 
 
 def check_names(model: Model, names: Sequence[str], where: str) -> None:
@@ -137,8 +137,7 @@ def apply_extension(model: Model, ext: Extension, where: str = "extension") -> N
                          "use the model it was trained on")
     check_names(model, ext.names, where)
     model.var.add_classes(ext.rows.to(model.device))
-    model.extension_names.extend(ext.names)
-    below.append({"sha256": ext.sha256, "names": list(ext.names)})
+    model.extensions.append(ext)
 
 
 def apply_extensions(model: Model, paths: Sequence[str | os.PathLike] | None) -> list[Extension]:
@@ -263,7 +262,6 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     var = model.var
     old_extra = None if var.extra_class_emb is None else var.extra_class_emb.detach().clone()
     var.add_classes(_init_rows(model, len(names), init))
-    model.extension_names.extend(names)
     keep = torch.zeros(var.num_extra_classes, 1, 1, device=model.device)
     keep[-len(names):] = 1
     var.extra_class_emb.requires_grad_(True)
@@ -273,30 +271,24 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
         log = train_var(model, torch.cat(tokens), torch.cat(labels), cfg, [("extra_class_emb", var.extra_class_emb)],
                         label_drop=0.0, on_step=on_step)
     except BaseException:
-        _drop_new(model, old_extra, len(names))
-        raise
+        var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
+        raise     # the model goes back to the classes it had
     finally:
         hook.remove()
     rows = var.extra_class_emb.detach()[-len(names):].clone()
     extra = rows if old_extra is None else torch.cat((old_extra, rows))   # earlier rows restored bit-for-bit
     var.extra_class_emb = torch.nn.Parameter(extra, requires_grad=False)
 
+    ext = Extension(rows=rows.cpu(), names=names, base_sha256=base_sha, base_name=base_name, offset=offset,
+                    parents=parents)
+    model.extensions.append(ext)
     held = _held_out(model, images, splits, offset, seed)
-    training = {"steps": steps, "lr": lr, "batch_size": batch_size, "init": init, "augment_sigma": augment_sigma,
+    ext.training = {"steps": steps, "lr": lr, "batch_size": batch_size, "init": init, "augment_sigma": augment_sigma,
                 "augment_copies": copies, "affine": {"shift": affine.shift, "rotate": affine.rotate, "scale": affine.scale},
                 "seed": seed, "holdout": holdout, "final_loss": round(log.mean(last=min(20, steps)), 4),
                 "images": {h.name: {"train": h.train_images, "held_out": h.total} for h in held},
                 "held_out_accuracy": {h.name: h.accuracy for h in held}}
-    ext = Extension(rows=rows.cpu(), names=names, base_sha256=base_sha, base_name=base_name, offset=offset,
-                    parents=parents, training=training)
-    applied(model).append({"sha256": ext.sha256, "names": list(names)})
     return AddedClasses(ext, log, held)
-
-
-def _drop_new(model: Model, old_extra: torch.Tensor | None, n: int) -> None:
-    """Undo a failed add: the model goes back to the classes it had."""
-    model.var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
-    del model.extension_names[-n:]
 
 
 @torch.no_grad()

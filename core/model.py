@@ -31,13 +31,18 @@ class Model:
     meta: dict = field(default_factory=dict)
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # replaces the torch encoder (``onnx_encoder.use_encoder``)
 
-    extension_names: list[str] = field(default_factory=list)   # names of classes added by extensions, in id order
+    extensions: list = field(default_factory=list)   # the core.incremental.Extension objects applied, bottom first
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
 
     @property
     def num_classes(self) -> int:
         """Base classes plus classes added by extensions (the null class is not counted)."""
         return self.var.num_classes
+
+    @property
+    def extension_names(self) -> list[str]:
+        """Names of the classes added by extensions, in id order."""
+        return [name for ext in self.extensions for name in ext.names]
 
     @property
     def null_class(self) -> int:

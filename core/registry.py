@@ -19,7 +19,7 @@ import torch
 from .data import imagenet_classes
 from .errors import AvarcError
 from .hub import Download, HubFile, download, find_local
-from .model import Model, load_model, load_model_dir
+from .model import MODEL_DIR_FORMAT, Model, load_model, load_model_dir
 from .onnx_encoder import check_backend, use_encoder
 from .specs import ModelSpec, official_spec, spec_from_dict
 
@@ -193,7 +193,12 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
 def _in_model_dir(var_file: Path, vae: str | os.PathLike | None) -> bool:
     """The ``var.pth`` of a model directory, given with no VQ-VAE or with the directory's own."""
     folder = var_file.parent
-    own = var_file.name == "var.pth" and (folder / "meta.json").is_file() and (folder / "vae.pth").is_file()
+    if var_file.name != "var.pth" or not (folder / "vae.pth").is_file():
+        return False
+    try:
+        own = json.loads((folder / "meta.json").read_text()).get("format") == MODEL_DIR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
     return own and (vae is None or (Path(vae).exists() and Path(vae).resolve() == (folder / "vae.pth").resolve()))
 
 
