@@ -36,10 +36,10 @@ def add_class(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """\b
-    avarc add-class seven digits7/ --model runs/digits-0-4        # one new class from a folder of its images
-    avarc add-class cat=cats/ dog=dogs/ -m d16 --steps 500       # several at once
-    avarc add-class new_classes/ --extension ext1.pt --out ext2.pt  # sub-folders are classes; stacks on ext1
-    avarc classify test/ -m d16 --extension ext.pt                # then score old and new classes together
+    avarc add-class seven digits7/ -m runs/digits-0-4   # a class from its images
+    avarc add-class cat=cats/ dog=dogs/ -m d16 --steps 500    # several at once
+    avarc add-class new/ -e ext1.pt --out ext2.pt   # sub-folders; stacks on ext1
+    avarc classify test/ -m d16 -e ext2.pt          # then old and new together
 
     Only the new classes' embedding rows (one per block, start token and head) are trained, on the teacher-forced likelihood of their images; every other weight, and so every old class's score, stays exactly as it was. The base checkpoint is never modified.
     """

@@ -26,11 +26,11 @@ def download(
     list_: Annotated[bool, typer.Option("--list", help="List the known models, their sizes and whether they are here; download nothing.")] = False,
 ) -> None:
     """\b
-    avarc download                                  # the official VQ-VAE and VAR-d16, into the HF cache
-    avarc download d30-cca                          # VAR-d30 fine-tuned with CCA (and its VQ-VAE), for A-VARC+
-    avarc download vae d16 --dir ./weights --onnx   # plain files in ./weights, plus the ONNX encoder
-    avarc download --list                           # what exists, how big, and what is already here
-    HF_HUB_OFFLINE=1 avarc download                 # only look in the cache: no network at all
+    avarc download                      # official VQ-VAE and VAR-d16 → HF cache
+    avarc download d30-cca              # CCA fine-tune (and its VQ-VAE), A-VARC+
+    avarc download vae d16 --dir ./w --onnx   # plain files + the ONNX encoder
+    avarc download --list               # what exists, how big, what is here
+    HF_HUB_OFFLINE=1 avarc download     # look in the cache only: no network
 
     Downloads official checkpoints with huggingface_hub: HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply. A cut transfer is resumed; every fetched file is checked against the hub's SHA-256 and removed if it does not match. Files already here are not fetched again.
     """

@@ -42,11 +42,11 @@ def explain(
     encoder: EncoderOpt = "torch",
 ) -> None:
     """\b
-    avarc explain examples/digits                    # demo: each digit's true class vs its best wrong class
-    avarc explain cat.jpg -m d16 --out why           # A = prediction, B = runner-up (after `avarc download d16`)
+    avarc explain examples/digits        # true class vs its best wrong class
+    avarc explain cat.jpg -m d16 --out why      # A = prediction, B = runner-up
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
-    avarc explain val/ -m d16 --labels folders       # A = true class, B = best wrong class, as in the paper
-    avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet --alpha 0.6
+    avarc explain val/ -m d16 --labels folders  # A = true, B = best wrong class
+    avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
 
     OUT/<image>.png shows the input, then where its tokens favour A over the unconditional model, B over it, and the more likely of A, B over the other. OUT/<image>.npz holds the signed maps (3, p, p: A vs null, B vs null, A vs B), classes [A, B], scores log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Classes left open are chosen with the profile's schedule, as `avarc classify` ranks them; unreadable images are skipped.
     """
