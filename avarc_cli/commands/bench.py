@@ -50,10 +50,7 @@ def bench(
     avarc bench --random-weights --depth 16 --classes 20 -p a-varc-plus --dtype fp32 --dtype bf16 --plain
     avarc bench -m digits -p digits --images 16 --dtype fp32 --dtype bf16 --json
 
-    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for
-    the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier
-    stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak, peak
-    memory, and top-1 agreement with fp32 for other dtypes.
+    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak, peak memory, and top-1 agreement with fp32 for other dtypes.
     """
     if extension and (random_weights or model is None and flops_only_):
         raise AvarcError("--extension needs the base model it was trained on; pass it with --model")
