@@ -43,15 +43,13 @@ def classify(
     encoder: EncoderOpt = "torch",
 ) -> None:
     """\b
-    avarc classify examples/digits        # demo model; labelled folders → accuracy
-    avarc classify photo.jpg -m d16 --topk 3     # after `avarc download d16`
-    avarc classify val/ -m d16 --dataset imagenet --subset imagenet100 \
-        --out val.jsonl --csv runs.csv
-    avarc classify a/ -m d20-cca --dataset imagenet-a -p adaptive \
-        --out a.jsonl --resume
-    torchrun --nproc_per_node 8 -m avarc_cli classify val/ -m d30 \
-        --dataset imagenet --out val.jsonl
-    avarc classify --list-profiles        # the shipped schedules, stage by stage
+    avarc classify examples/digits       # demo model: labelled folders → accuracy
+    avarc classify photo.jpg -m d16 --topk 3    # after `avarc download d16`
+    avarc classify val/ -m d16 --dataset imagenet --subset imagenet100 -o v.jsonl
+    avarc classify a/ -m d20-cca --dataset imagenet-a -p adaptive -o a.jsonl
+    avarc classify a/ -m d20-cca --dataset imagenet-a -o a.jsonl --resume
+    torchrun --nproc_per_node 8 -m avarc_cli classify val/ -m d30 -o val.jsonl
+    avarc classify --list-profiles       # the shipped schedules, stage by stage
 
     Each stage of the profile scores the surviving candidate classes by the exact log-likelihood of the image's VAR tokens on the first scales, keeps the best, and the last stage's best is the prediction. Unreadable images are recorded as skipped; --resume continues an interrupted --out file.
     """
