@@ -12,7 +12,7 @@ position, or an :class:`~core.data.Item`'s key), so results do not depend on bat
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
@@ -32,6 +32,7 @@ from .registry import entry, is_registry_name, resolve_model
 from .results import model_identity, ok_record, run_info, skipped_record
 from .schedule import Prediction, classify as run_schedule, noise_generator
 from .scoring import Scorer
+from .specs import ModelSpec
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 IMAGES_PER_STEP = 16
@@ -45,6 +46,7 @@ class Classifier:
     profile: Profile                        # resolved for this model's scales
     source: str = ""                        # the model argument it was built from (registry name, folder or file)
     batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
+    _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = "digits", *, vae: str | os.PathLike | None = None,
@@ -72,7 +74,7 @@ class Classifier:
 
     # what a user reaches for
     @property
-    def spec(self):
+    def spec(self) -> ModelSpec:
         return self.model.spec
 
     @property
@@ -90,8 +92,10 @@ class Classifier:
 
     @property
     def space(self) -> ClassSpace:
-        """Every way to name a class of this model (index, name, synset)."""
-        return ClassSpace(self.model)
+        """Every way to name a class of this model (index, name, synset); rebuilt when classes are added."""
+        if self._space is None or self._space.num_classes != self.model.num_classes:
+            self._space = ClassSpace(self.model)
+        return self._space
 
     @property
     def class_names(self) -> list[str]:
@@ -99,8 +103,11 @@ class Classifier:
 
     def class_id(self, name: int | str, where: str = "class", allow_null: bool = False) -> int:
         """A class named by index, name or synset (``null``: the unconditional model, where allowed)."""
-        if isinstance(name, int):
-            return self.space.parse(str(name), where)
+        if isinstance(name, int) and not isinstance(name, bool):
+            if not 0 <= name < self.model.num_classes:
+                raise AvarcError(f"{where}: class index {name} is out of range; this model has classes "
+                                 f"0…{self.model.num_classes - 1}")
+            return name
         if allow_null and name.strip().lower() == "null":
             try:
                 return self.space.parse(name, where)     # a model may have a class named "null"
@@ -141,13 +148,12 @@ class Classifier:
         ``candidates`` restricts the classes (default: all)."""
         cands = self._candidates(candidates)
         keys = self._keys(images, keys)
+        ids = [None if y is None else self.class_id(y, "label") for y in labels] if labels is not None else [None] * len(keys)
         out: list[Prediction] = []
         for i in range(0, len(keys), IMAGES_PER_STEP):
             x = self._tensors(images[i:i + IMAGES_PER_STEP])
             out += self.predict(x, keys[i:i + IMAGES_PER_STEP], cands, seed, temperature)
-        if labels is not None:
-            out = [replace(p, label=None if y is None else self.class_id(y, "label")) for p, y in zip(out, labels)]
-        return out
+        return [replace(p, label=y) for p, y in zip(out, ids)]
 
     def _candidates(self, candidates: Sequence[int | str] | None) -> list[int]:
         if candidates is None:
@@ -189,12 +195,17 @@ class Classifier:
         keys = self._keys(images, keys)
         labels = list(labels) if labels is not None else [None] * len(keys)
         targets = [replace(target, label=None if y is None else self.class_id(y, "label")) for y in labels]
-        pixels = [None if isinstance(x, torch.Tensor) else self.prepare(x) for x in images]
-        out = self.explain_tensors(self._tensors(images), targets, keys, scales, seed)
-        for ex, px in zip(out, pixels):
-            if isinstance(ex, AvarcError):
-                raise ex
-            ex.pixels = px
+        out: list[Explanation] = []
+        for i in range(0, len(keys), IMAGES_PER_STEP):
+            chunk = images[i:i + IMAGES_PER_STEP]
+            pixels = [None if isinstance(x, torch.Tensor) else self.prepare(x) for x in chunk]
+            x = torch.stack([x if px is None else pixels_to_tensor(px) for x, px in zip(chunk, pixels)])
+            for ex, px in zip(self.explain_tensors(x, targets[i:i + IMAGES_PER_STEP], keys[i:i + IMAGES_PER_STEP],
+                                                   scales, seed), pixels):
+                if isinstance(ex, AvarcError):
+                    raise ex
+                ex.pixels = px
+                out.append(ex)
         return out
 
     def target(self, a: int | str | None = None, b: int | str | None = None, label: int | str | None = None,
