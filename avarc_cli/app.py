@@ -55,6 +55,7 @@ app.command("add-class", short_help="Learn new classes from their own images (no
 
 UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
 
+
 def main() -> None:
     """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2."""
     try:

@@ -10,8 +10,8 @@ import functools
 import hashlib
 import os
 import pickle
+import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -24,6 +24,8 @@ from .errors import AvarcError
 DERIVED_BUFFERS = ("attn_bias_for_masking", "lvl_1L", "zero_k_bias", "ema_vocab_hit_SV")
 _NESTING = {"var": ("var_wo_ddp", "var", "state_dict", "model"), "vae": ("vae_wo_ddp", "vae_local", "vae", "state_dict", "model")}
 _PREFIXES = ("module.", "_orig_mod.")
+# How torch's weights-only unpickler words "this pickle names a global it will not import" (2.1 … 2.13).
+_NEEDS_CODE = re.compile(r"unsupported (global|class)", re.IGNORECASE)
 
 
 def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
@@ -36,6 +38,8 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _NEEDS_CODE.search(str(e)):      # garbage, not a pickle that names code to run
+            raise _unreadable(path, e) from None
         if not trust_pickle:
             first = str(e).strip().splitlines()[0][:160]
             raise AvarcError(
@@ -43,13 +47,21 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
                 "if you trust its source, pass --trust-pickle"
             ) from None
         warnings.warn(f"{path}: loading with full pickle (--trust-pickle): this can run arbitrary code", stacklevel=2)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise AvarcError(f"{path}: not a readable PyTorch checkpoint ({first}); download or save it again") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # an arbitrary pickle can fail in any way
+            raise _unreadable(path, e) from None
+    except Exception as e:  # torch's loaders raise KeyError, RuntimeError, EOFError, … on text or random bytes
+        raise _unreadable(path, e) from None
     if not isinstance(obj, Mapping):
         raise AvarcError(f"{path}: expected a state dict, found a {type(obj).__name__}")
     return dict(obj)
+
+
+def _unreadable(path: Path, e: Exception) -> AvarcError:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return AvarcError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}{': ' + first if first else ''}); "
+                      "download or save it again")
 
 
 def unwrap(obj: Mapping, kind: str) -> dict[str, torch.Tensor]:

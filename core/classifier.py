@@ -46,6 +46,7 @@ class Classifier:
     profile: Profile                        # resolved for this model's scales
     source: str = ""                        # the model argument it was built from (registry name, folder or file)
     batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
+    files: list[Path] = field(default_factory=list)     # the files it was loaded from (weights, metadata, extensions)
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -70,7 +71,9 @@ class Classifier:
         if chosen is None:
             default = entry(str(model)).default_profile if is_registry_name(model) else None
             chosen = load_profile(default or default_profile_name(m))
-        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size)
+        files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
+        files += [Path(e) for e in extensions if not isinstance(e, Extension)]
+        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files)
 
     # what a user reaches for
     @property

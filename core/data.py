@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import AvarcError
+from .files import absolute
 
 IMAGENET_CLASSES = 1000
 LABEL_MODES = ("auto", "folders", "none")
@@ -153,9 +154,16 @@ class Inputs:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder``, sorted by path components (stable across machines)."""
-    found = []
+    """Every non-hidden file below ``folder``, sorted by path components (stable across machines). Folder symlinks
+    are followed once (a link back up the tree is not walked again); a file symlink loop stays an input and becomes
+    a skipped record."""
+    found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(Path(root) / f for f in files if not f.startswith("."))
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
@@ -202,16 +210,16 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         labels = "folders"
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders")
-    skip = {Path(p).resolve() for p in exclude}
+    skip = {absolute(p) for p in exclude}
     groups: list[tuple[Path | None, list[Path]]] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            files = [f for f in _walk(path) if f.resolve() not in skip]
+            files = [f for f in _walk(path) if absolute(f) not in skip]
             if not files:
                 raise AvarcError(f"{path}: no files in this folder; point at a folder of images")
             groups.append((path, files))
-        elif path.is_file():
+        elif path.exists() or path.is_symlink():   # a FIFO, a broken link or a link loop becomes a skipped record
             groups.append((None, [path]))
         else:
             raise AvarcError(f"{path}: no such file or folder")
@@ -222,7 +230,7 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     items, seen = [], set()
     for root, files in groups:
         for f in files:
-            resolved = f.resolve()
+            resolved = absolute(f)
             if resolved in seen:
                 continue
             seen.add(resolved)

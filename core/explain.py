@@ -25,6 +25,7 @@ import torch
 
 from .schedule import Scorer, classify
 from .errors import AvarcError
+from .files import atomic_write
 from .model import Model
 from .profiles import Profile
 
@@ -175,9 +176,10 @@ def save_npz(expl: Explanation, path: str | os.PathLike, names: tuple[str, str])
     """``maps`` (3, p, p), ``classes`` [A, B], ``scores`` (3), ``per_scale`` (3, L'), plus ``names`` and
     ``patch_nums`` so the file reads on its own (plain arrays: ``np.load`` needs no pickle)."""
     path = Path(path)
-    np.savez(path, maps=expl.maps.numpy().astype(np.float32), classes=np.array(expl.classes, dtype=np.int64),
-             scores=expl.scores.numpy().astype(np.float64), per_scale=expl.per_scale.numpy().astype(np.float32),
-             names=np.array(names, dtype=str), patch_nums=np.array(expl.patch_nums, dtype=np.int64))
+    with atomic_write(path) as f:
+        np.savez(f, maps=expl.maps.numpy().astype(np.float32), classes=np.array(expl.classes, dtype=np.int64),
+                 scores=expl.scores.numpy().astype(np.float64), per_scale=expl.per_scale.numpy().astype(np.float32),
+                 names=np.array(names, dtype=str), patch_nums=np.array(expl.patch_nums, dtype=np.int64))
     return path
 
 

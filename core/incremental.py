@@ -26,6 +26,7 @@ import torch
 
 from .checkpoints import file_sha256
 from .errors import AvarcError
+from .files import atomic_write
 from .model import Model
 from .preprocess import load_pixels, pixels_to_tensor
 from .profiles import default_profile_name, load_profile
@@ -75,11 +76,13 @@ class Extension:
 
 
 def save_extension(ext: Extension, path: str | os.PathLike) -> Path:
+    """Written atomically (temporary file + rename): a kill mid-write never leaves half an extension."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": EXTENSION_FORMAT, "rows": ext.rows.detach().float().cpu().contiguous(), "names": list(ext.names),
-                "base_sha256": ext.base_sha256, "base_name": ext.base_name or "", "offset": int(ext.offset),
-                "parents": [dict(p) for p in ext.parents], "training": dict(ext.training)}, path)
+    with atomic_write(path) as f:
+        torch.save({"format": EXTENSION_FORMAT, "rows": ext.rows.detach().float().cpu().contiguous(),
+                    "names": list(ext.names), "base_sha256": ext.base_sha256, "base_name": ext.base_name or "",
+                    "offset": int(ext.offset), "parents": [dict(p) for p in ext.parents],
+                    "training": dict(ext.training)}, f)
     return path
 
 

@@ -33,6 +33,7 @@ class Model:
 
     extensions: list = field(default_factory=list)   # the core.incremental.Extension objects applied, bottom first
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
+    vae_file: Path | None = None                                # the VQ-VAE checkpoint it was loaded from
 
     @property
     def num_classes(self) -> int:
@@ -144,7 +145,7 @@ def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | tor
     model = build_model(spec, "meta")
     checkpoints.load_into(model.var, var_sd, var, "VAR")
     checkpoints.load_into(model.vae, vae_sd, vae, "VQ-VAE")
-    model.var_file = Path(var)
+    model.var_file, model.vae_file = Path(var), Path(vae)
     return _finish(model, device, dtype)
 
 
@@ -186,7 +187,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
         kind = "var" if what == "VAR" else "vae"
         checkpoints.load_into(module, checkpoints.read_state_dict(path / name, kind), path / name, what)
     model.meta = {k: v for k, v in meta.items() if k not in ("format", "spec")}
-    model.var_file = path / "var.pth"
+    model.var_file, model.vae_file = path / "var.pth", path / "vae.pth"
     return _finish(model, device, dtype)
 
 

@@ -7,6 +7,7 @@ int(round(1.125·R)·long/short), torchvision's rule), centre-crop R×R (torchvi
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image, turning every decoder failure into one AvarcError line."""
+    """Open and fully decode an image, turning every decoder failure into one AvarcError line. Images over PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) are refused, not decoded."""
+    if Path(path).exists() and not Path(path).is_file():      # a FIFO or device would block or never end
+        raise AvarcError(f"{path}: not a regular file; pass image files")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise AvarcError(f"{path}: too large to decode safely (over {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's "
+                         "decompression-bomb limit); resize it") from None
     except FileNotFoundError:
         raise AvarcError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

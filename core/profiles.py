@@ -176,6 +176,9 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
         except (OSError, UnicodeDecodeError) as e:
             raise _fail(str(path), f"cannot read the profile ({e.__class__.__name__}); check the file") from None
         return _read(text, path.stem, str(path))
+    if path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1:
+        raise AvarcError(f"{key}: no such profile file; check the path, or use a shipped profile: "
+                         f"{', '.join(shipped_names())}")
     raise AvarcError(f"unknown profile {key!r}; use one of {', '.join(shipped_names())} or a YAML file path "
                      "(see `avarc classify --list-profiles`)")
 

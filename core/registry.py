@@ -178,6 +178,9 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         patch_nums = patch_nums or e.spec.var.patch_nums
     elif not path.exists():
         raise AvarcError(f"{model}: no such model file or directory; known names: {', '.join(REGISTRY)}")
+    if path.is_dir() and vae is not None:
+        raise AvarcError(f"{vae}: the model {model} is a directory with its own VQ-VAE (vae.pth); drop this VQ-VAE, "
+                         "or give the directory's var.pth to pair it with another", option="vae")
     if path.is_file() and _in_model_dir(path, vae):
         path = path.parent      # its meta.json says what a state dict cannot (GroupNorm groups, preprocessing, names)
     if path.is_dir():

@@ -10,8 +10,8 @@ from core import AvarcError
 from core.schedule import Prediction, StageScores
 from core.data import Item
 from core.profiles import Profile, Stage
-from core.results import (Metrics, ResultsWriter, append_csv_summary, ok_record, open_results, run_info,
-                          skipped_record, stage_survival)
+from core.results import (Metrics, ResultsWriter, append_csv_summary, image_key, lock_results, ok_record, open_results,
+                          run_info, skipped_record, stage_survival)
 
 NAMES = [f"c{i}" for i in range(6)]
 PROFILE = Profile("p", (Stage(3, 1, 3), Stage(5, 1, 2), Stage(5, 2, 1)))
@@ -65,7 +65,7 @@ def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
     with open(out, "ab") as f:
         f.write(json.dumps(_rec("c")).encode()[:40])                # kill -9 in the middle of a write
     state = open_results(out, True, RUN)
-    assert state.torn and state.dropped == 0 and sorted(state.done) == ["a", "b"]
+    assert state.torn and sorted(state.done) == sorted(image_key(p) for p in ("a", "b"))
     assert out.read_bytes() == full
     w = ResultsWriter(out)
     w.write([_rec("c")])
@@ -74,13 +74,46 @@ def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
     assert [json.loads(line)["path"] for line in lines] == ["a", "b", "c"]
 
 
-def test_resume_drops_records_of_another_run(tmp_path):
+def test_resume_matches_images_by_their_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.jsonl"
+    out.write_text(json.dumps(_rec("d/x.png")) + "\n")
+    assert set(open_results(out, True, RUN).done) == {str(tmp_path / "d" / "x.png")} == {image_key(tmp_path / "d/x.png")}
+
+
+@pytest.mark.parametrize("content, says", [
+    ("# My notes\nnot json at all\n", "line 1 is not an avarc result record"),
+    ('{"path": "a"}\n', "line 1 is not an avarc result record"),
+    ("plain text without a newline", "last line is not an avarc result record"),
+])
+def test_resume_refuses_a_file_that_is_not_a_results_file_and_leaves_it_untouched(tmp_path, content, says):
+    out = tmp_path / "r.jsonl"
+    out.write_text(content)
+    before = out.read_bytes()
+    with pytest.raises(AvarcError, match=says):
+        open_results(out, True, RUN)
+    assert out.read_bytes() == before
+
+
+def test_resume_refuses_records_of_another_run_and_names_what_differs(tmp_path):
     out = tmp_path / "r.jsonl"
     other = run_info("m", PROFILE, 1, range(6))
-    out.write_text("".join(json.dumps(r) + "\n" for r in (_rec("a"), _rec("b", other), _rec("a"))) + "{broken\n")
-    state = open_results(out, True, RUN)
-    assert sorted(state.done) == ["a"] and state.dropped == 3 and not state.torn
-    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == ["a"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in (_rec("a"), _rec("b", other))))
+    before = out.read_bytes()
+    with pytest.raises(AvarcError, match=r"r.jsonl: holds records of another run \(seed 1 vs 0 now\).*another --out"):
+        open_results(out, True, RUN)
+    assert out.read_bytes() == before
+
+
+def test_a_second_lock_on_one_results_file_is_refused(tmp_path):
+    out = tmp_path / "r.jsonl"
+    lock = lock_results(out)
+    try:
+        with pytest.raises(AvarcError, match="another avarc run is writing this file"):
+            lock_results(out)
+    finally:
+        lock.release()
+    lock_results(out).release()                                       # free again once released
 
 
 def test_metrics_top1_top5_stage_recall_and_early_exits():
@@ -106,3 +139,7 @@ def test_csv_summary_rows_accumulate_under_one_header(tmp_path):
     append_csv_summary(f, {"model": "b", "top1": 0.75})
     rows = list(csv.DictReader(f.open()))
     assert rows == [{"model": "a", "top1": "0.5"}, {"model": "b", "top1": "0.75"}]
+    before = f.read_bytes()
+    with pytest.raises(AvarcError, match="its columns differ from this run's.*choose another --csv"):
+        append_csv_summary(f, {"model": "c", "top1": 0.5, "recall_stage1": 1.0})
+    assert f.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.csv"]    # no temporary left

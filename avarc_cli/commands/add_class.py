@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from core import AvarcError, Classifier
+from core.files import absolute, check_output_file
 from core.incremental import INITS, check_names, labelled_folders, read_class_folders
 
 from .. import output
@@ -34,6 +35,7 @@ def add_class(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split, batches and augmentation noise.")] = 0,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out extension file (never the base model's files).")] = False,
 ) -> None:
     """\b
     avarc add-class seven digits7/ -m runs/digits-0-4   # a class from its images
@@ -44,14 +46,17 @@ def add_class(
     Only the new classes' embedding rows (one per block, start token and head) are trained, on the teacher-forced likelihood of their images; every other weight, and so every old class's score, stays exactly as it was. The base checkpoint is never modified.
     """
     folders = _parse_classes(classes)
+    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "--out", force)
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
                                      model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums)
+    if absolute(out) in {absolute(p) for p in clf.files}:
+        raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
+                         "choose another --out")
     check_names(clf.model, list(folders), "add-class")      # before reading any image
     read = read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
     for path, reason in read.skipped:
         output.err_console.print(f"skipped {path}: {reason}", markup=False, highlight=False)
     names = list(read.images)
-    out = out or Path("+".join(names) + ".ext.pt")
     start = time.perf_counter()
     with output.progress() as bar:
         task = bar.add_task("add-class", total=steps, info="")

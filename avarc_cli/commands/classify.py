@@ -1,6 +1,8 @@
 """``avarc classify``: staged generative classification of image files, folders and labelled datasets."""
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,9 +12,11 @@ import typer
 from core import AvarcError, Classifier, distributed
 from core.data import collect, dataset_presets
 from core.profiles import list_profiles
-from core.results import Metrics, ResultsWriter, append_csv_summary, open_results, summary_row
+from core.files import absolute, check_output_file
+from core.results import Metrics, append_csv_summary, check_csv, image_key, results_file, summary_row
 
 from .. import output
+from ..interrupt import interrupt_code, stop_on_signals
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt,
                        ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SubsetOpt, TrustPickleOpt, VaeOpt)
 
@@ -28,9 +32,9 @@ def classify(
     subset: SubsetOpt = None,
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write one JSON record per image to this .jsonl file, as results arrive.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write one JSON record per image to this .jsonl file, as results arrive (locked for the run: one writer at a time).")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Append this run's summary (accuracy, recall, images/s) as a row to a CSV file.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same model, profile and seed.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same model, profile and seed (a file of another run is refused, never changed).")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
@@ -62,55 +66,82 @@ def classify(
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc classify examples/digits`)")
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
-    dist = distributed.init(device)
+    for path, flag in ((out, "--out"), (csv, "--csv")):
+        if path is not None:
+            check_output_file(path, flag)
+    if out is not None and csv is not None and absolute(csv) == absolute(out):
+        raise AvarcError(f"--csv {csv}: is the --out file; give the summary its own file")
+    dist, safe = distributed.init(device), None       # safe: records in --out once classifying has begun
     try:
-        clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=distributed.rank_device(dist, device),
-                                         dtype=dtype, encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
-                                         patch_nums=patch_nums, batch_size=batch_size)
-        found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
-        run_key = clf.run_key(seed, found.candidates)
-        resumed = {}     # rank 0 opens (or resumes) the results file; every rank learns which images are done
-        done = set(dist.from_main(lambda: sorted(resumed.setdefault("state", open_results(out, resume, run_key)).done))
-                   if out is not None else ())
-        todo = [it for it in found.items if it.path not in done]
-        metrics, state = Metrics(len(clf.profile.stages)), resumed.get("state")
+        with stop_on_signals():
+            clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile,
+                                             device=distributed.rank_device(dist, device), dtype=dtype, encoder=encoder,
+                                             model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums,
+                                             batch_size=batch_size)
+            found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
+            run_key, metrics = clf.run_key(seed, found.candidates), Metrics(len(clf.profile.stages))
+            if csv is not None and dist.is_main:
+                check_csv(csv, list(summary_row(metrics, clf.profile, run_key, dataset, subset, 0, 0.0)))
+            with results_file(out, resume, run_key, dist) as results:
+                todo = [it for it in found.items if image_key(it.path) not in results.done]
+                if dist.is_main:
+                    _notes(clf, found, results, len(todo))
+                for rec in results.resumed.done.values() if results.resumed else ():
+                    metrics.add(rec)
+                shown, new, bad, start, safe = [], 0, 0, time.perf_counter(), len(results.done)
+                with output.progress(disable=not dist.is_main) as bar:
+                    task = bar.add_task("classify", total=len(todo), info="")
+                    for batch in clf.classify_items(todo, found.candidates, seed, temperature, topk, run_key, dist):
+                        results.write(batch)
+                        for rec in batch:
+                            metrics.add(rec)
+                        new, safe, bad = new + len(batch), safe + len(batch), bad + sum(r["status"] != "ok" for r in batch)
+                        shown += batch if out is None and not found.labelled else []
+                        acc = f" · top-1 {metrics.top1:.1%}" if metrics.top1 is not None else ""
+                        bar.update(task, advance=len(batch), info=f"{new / (time.perf_counter() - start):.1f} img/s{acc}")
+    except KeyboardInterrupt:
         if dist.is_main:
-            _notes(found.left_out, state, len(done), len(todo))
-            for rec in state.done.values() if state else ():
-                metrics.add(rec)
-        writer = ResultsWriter(out) if out is not None and dist.is_main else None
-        shown, new, start = [], 0, time.perf_counter()
-        try:
-            with output.progress(disable=not dist.is_main) as bar:
-                task = bar.add_task("classify", total=len(todo), info="")
-                for batch in clf.classify_items(todo, found.candidates, seed, temperature, topk, run_key, dist):
-                    if writer:
-                        writer.write(batch)
-                    for rec in batch:
-                        metrics.add(rec)
-                    shown += batch if out is None and not found.labelled else []
-                    new += len(batch)
-                    rate = new / max(time.perf_counter() - start, 1e-9)
-                    acc = f" · top-1 {metrics.top1:.1%}" if metrics.top1 is not None else ""
-                    bar.update(task, advance=len(batch), info=f"{rate:.1f} img/s{acc}")
-        finally:
-            if writer:
-                writer.close()
+            _say_interrupted(out, safe)
+        raise typer.Exit(interrupt_code()) from None
     finally:
         distributed.close(dist)
-    if dist.is_main:
-        seconds = time.perf_counter() - start
-        _report(clf, metrics, shown, topk, new / seconds if new and seconds > 0 else None, dist.world)
-        if csv is not None:
-            append_csv_summary(csv, summary_row(metrics, clf.profile, run_key, dataset, subset, new, seconds))
+    if not dist.is_main:
+        return
+    seconds = time.perf_counter() - start
+    _report(clf, metrics, shown, topk, new / seconds if new else None, dist.world)
+    if csv is not None and new:
+        append_csv_summary(csv, summary_row(metrics, clf.profile, run_key, dataset, subset, new, seconds))
+    elif csv is not None:
+        output.err_console.print(f"note: nothing new was classified; no row added to {csv}", markup=False)
+    if new and bad == new:
+        output.err_console.print(f"error: none of the {new} images could be read (see the skipped records); "
+                                 "check the inputs", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
-def _notes(left_out: int, state, done: int, todo: int) -> None:
-    if left_out:
-        output.err_console.print(f"note: left out {left_out} labelled images whose class is not a candidate")
-    if state is not None and (done or state.torn or state.dropped):
-        extra = (["cut off a torn last line"] if state.torn else []) + ([f"removed {state.dropped} records of another run"] if state.dropped else [])
-        output.err_console.print(f"resume: {done} images already done, {todo} to go" + (f" ({'; '.join(extra)})" if extra else ""))
+def _notes(clf: Classifier, found, results, todo: int) -> None:
+    say = lambda text: output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    if found.left_out:
+        say(f"note: left out {found.left_out} labelled images whose class is not a candidate")
+    big = [i for i, st in enumerate(clf.profile.stages, 1) if st.keep > len(found.candidates)]
+    if big:
+        say(f"warning: profile {clf.profile.name} keeps more classes (stage {big[0]}: {clf.profile.stages[big[0] - 1].keep}) "
+            f"than there are candidates ({len(found.candidates)}); those stages keep every candidate")
+    if results.resumed is not None and (results.done or results.resumed.torn):
+        say(f"resume: {len(results.done)} images already done, {todo} to go"
+            + (" (cut off a torn last line)" if results.resumed.torn else ""))
+
+
+def _say_interrupted(out: Path | None, safe: int | None) -> None:
+    """The one line after Ctrl-C / SIGTERM: what is safe where, and how to go on."""
+    if safe is None:
+        text = "interrupted before any image was classified; no new record was written"
+    elif out is None:
+        text = "interrupted: nothing was saved (no --out file)"
+    else:
+        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        text = f"interrupted: {safe} records safe in {out}; continue with: avarc {shlex.join(args)}"
+    output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(clf: Classifier, m: Metrics, shown: list[dict], topk: int, rate: float | None, world: int) -> None:

@@ -8,8 +8,9 @@ import typer
 
 from core import AvarcError, Classifier
 from core.data import collect
-from core.explain import Explanation, save_npz, unique_stems
-from core.heatmap import COLORMAPS, check_style, render
+from core.explain import unique_stems
+from core.files import make_output_dir
+from core.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
 from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt, ModelDirOpt,
@@ -40,6 +41,7 @@ def explain(
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     encoder: EncoderOpt = "torch",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite <image>.png / <image>.npz files already in --out.")] = False,
 ) -> None:
     """\b
     avarc explain examples/digits        # true class vs its best wrong class
@@ -53,14 +55,18 @@ def explain(
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)
+    make_output_dir(out, "--out")
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=device, dtype=dtype,
                                      encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
                                      patch_nums=patch_nums, batch_size=batch_size)
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
     found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [])
-    out.mkdir(parents=True, exist_ok=True)
     names = [n.replace("_", " ") if clf.space.imagenet else n for n in clf.class_names] + ["null"]
     stems = dict(zip((it.path for it in found.items), unique_stems([it.path for it in found.items])))
+    clash = [out / f"{stem}{ext}" for stem in stems.values() for ext in (".png", ".npz") if (out / f"{stem}{ext}").exists()]
+    if clash and not force:
+        raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
+                         "overwrite them, or choose another --out")
     rows, skipped, batches = [], [], clf.explain_items(found.items, target, scales, seed)
     with output.progress() as bar:
         task = bar.add_task("explain", total=len(found.items), info="")
@@ -69,7 +75,8 @@ def explain(
                 if isinstance(ex, str):
                     skipped.append(ex)
                 else:
-                    rows.append((it.path, *_write(ex, out, stems[it.path], names, colormap, alpha)))
+                    a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha)
+                    rows.append((it.path, a, b, *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:
         output.err_console.print(f"skipped: {reason}", markup=False, highlight=False)
@@ -78,10 +85,3 @@ def explain(
                      f"{scales or len(clf.spec.var.patch_nums)} scales",
                      ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
 
-
-def _write(ex: Explanation, out: Path, stem: str, names: list[str], colormap: str, alpha: float) -> tuple:
-    a, b = (names[c] for c in ex.classes)
-    notes = ([f"true: {names[ex.label]}"] if ex.label is not None else []) + ([f"predicted: {names[ex.pred]}"] if ex.pred is not None else [])
-    save_npz(ex, out / f"{stem}.npz", (a, b))
-    render(ex.pixels, ex, (a, b), colormap, alpha, ", ".join(notes)).save(out / f"{stem}.png")
-    return (a, b, *(f"{r:+.2f}" for r in ex.ratios), stem)

@@ -1,0 +1,90 @@
+"""Output files written safely: checked before a run starts, written whole or not at all.
+
+Every output goes to a temporary file beside its target and is renamed over it (``os.replace``), so a kill mid-write
+leaves the old file or the new one, never half of one. Paths are checked up front (a directory where a file is
+needed, a path under a file, an unwritable folder) so a bad ``--out`` fails in one line before any work is done.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+from .errors import AvarcError
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """The resolved absolute path; a symlink loop (which ``resolve`` cannot follow) keeps its absolute spelling."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+def _writable_folder(folder: Path, path: Path, flag: str) -> None:
+    """``folder`` (which will hold ``path``) exists or can be made, and a file can really be created in it (a probe,
+    since permission bits say nothing for root or on /proc and read-only mounts)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent and not probe.is_symlink():
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise AvarcError(f"{flag} {path}: {probe} is a file, not a folder; choose a path in a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".avarc-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise AvarcError(f"{flag} {path}: cannot write in {probe} ({e.strerror}); choose a writable folder") from None
+
+
+def check_output_file(path: str | os.PathLike, flag: str, force: bool | None = None) -> Path:
+    """``path`` can be written as a file. ``force=False`` refuses an existing file; ``None`` allows it (append)."""
+    path = Path(path)
+    if path.is_dir():
+        raise AvarcError(f"{flag} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise AvarcError(f"{flag} {path}: not a regular file; give a file name")
+    _writable_folder(path.parent, path, flag)
+    if force is False and path.exists():
+        raise AvarcError(f"{flag} {path}: already exists; pass --force to overwrite it, or choose another {flag}")
+    return path
+
+
+def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create the output folder ``path`` (and its parents), or fail in one line."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AvarcError(f"{flag} {path}: is a file, not a folder; give a folder name")
+    _writable_folder(path, path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AvarcError(f"{flag} {path}: cannot create the folder ({e.strerror}); choose another {flag}") from None
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` through a temporary file in the same folder, flushed to disk and renamed over the target only
+    when the block completes; on any error (or a signal) the target is untouched and the temporary file removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())   # not mkstemp's 0600
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
