@@ -56,7 +56,7 @@ def digits(tmp_path_factory) -> Path:
     """300 sklearn digits as PNGs in class folders (labelled)."""
     from PIL import Image
 
-    from core.digits import load_digits
+    from scripts.digits import load_digits
 
     data = load_digits("all")
     root = tmp_path_factory.mktemp("faults") / "d300"
