@@ -44,9 +44,9 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
             first = str(e).strip().splitlines()[0][:160]
             raise AvarcError(
                 f"{path}: refusing to unpickle: the file needs code execution to load ({first}); "
-                "if you trust its source, pass --trust-pickle"
+                "if you trust its source, allow full unpickling", option="trust_pickle"
             ) from None
-        warnings.warn(f"{path}: loading with full pickle (--trust-pickle): this can run arbitrary code", stacklevel=2)
+        warnings.warn(f"{path}: loading with full pickle (trust_pickle): this can run arbitrary code", stacklevel=2)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # an arbitrary pickle can fail in any way
