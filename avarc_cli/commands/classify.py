@@ -1,8 +1,6 @@
 """``avarc classify``: staged generative classification of image files, folders and labelled datasets."""
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,11 +10,11 @@ import typer
 from core import AvarcError, Classifier, distributed
 from core.data import collect, dataset_presets
 from core.profiles import list_profiles
-from core.files import absolute, check_output_file
+from core.files import check_output_files
 from core.results import Metrics, append_csv_summary, check_csv, image_key, results_file, summary_row
 
 from .. import output
-from ..interrupt import interrupt_code, stop_on_signals
+from ..interrupt import interrupt_code, say_interrupted, stop_on_signals
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt,
                        ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SubsetOpt, TrustPickleOpt, VaeOpt)
 
@@ -66,11 +64,7 @@ def classify(
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc classify examples/digits`)")
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
-    for path, flag in ((out, "--out"), (csv, "--csv")):
-        if path is not None:
-            check_output_file(path, flag)
-    if out is not None and csv is not None and absolute(csv) == absolute(out):
-        raise AvarcError(f"--csv {csv}: is the --out file; give the summary its own file")
+    check_output_files({"--out": out, "--csv": csv})
     dist, safe = distributed.init(device), None       # safe: records in --out once classifying has begun
     try:
         with stop_on_signals():
@@ -101,7 +95,7 @@ def classify(
                         bar.update(task, advance=len(batch), info=f"{new / (time.perf_counter() - start):.1f} img/s{acc}")
     except KeyboardInterrupt:
         if dist.is_main:
-            _say_interrupted(out, safe)
+            say_interrupted(out, safe)
         raise typer.Exit(interrupt_code()) from None
     finally:
         distributed.close(dist)
@@ -130,18 +124,6 @@ def _notes(clf: Classifier, found, results, todo: int) -> None:
     if results.resumed is not None and (results.done or results.resumed.torn):
         say(f"resume: {len(results.done)} images already done, {todo} to go"
             + (" (cut off a torn last line)" if results.resumed.torn else ""))
-
-
-def _say_interrupted(out: Path | None, safe: int | None) -> None:
-    """The one line after Ctrl-C / SIGTERM: what is safe where, and how to go on."""
-    if safe is None:
-        text = "interrupted before any image was classified; no new record was written"
-    elif out is None:
-        text = "interrupted: nothing was saved (no --out file)"
-    else:
-        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-        text = f"interrupted: {safe} records safe in {out}; continue with: avarc {shlex.join(args)}"
-    output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(clf: Classifier, m: Metrics, shown: list[dict], topk: int, rate: float | None, world: int) -> None:
