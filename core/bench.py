@@ -6,6 +6,7 @@ for the same dtype, so a number says how close to the hardware limit the engine 
 """
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
@@ -38,11 +39,18 @@ class BenchResult:
     agreement_fp32: float | None
     stage_share: list[float] | None = None     # fraction of time per stage
     encoder_share: float | None = None
+    score_err_rms: float | None = None         # first-stage class scores vs fp32's, nats (reduced precision only)
+    score_err_max: float | None = None
+    guard_images: float | None = None          # share of images the precision guard re-scored in fp32
+    guard_share: float | None = None           # share of the time spent on it
+    guard_flips: float | None = None           # share of images whose prediction the guard changed
     preds: list[int] = field(default_factory=list, repr=False)
+    scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("preds")
+        d.pop("scores")
         return d
 
 
@@ -68,48 +76,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PEAK_SIZES = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384)}
+PEAK_MIN_SECONDS = {"cpu": 0.3, "cuda": 0.15}
+
+
 @lru_cache(maxsize=8)
-def matmul_peak(device_str: str, dtype: torch.dtype) -> float:
-    """Measured dense matmul rate (FLOP/s) of this device and dtype: the yardstick for ``peak_pct``."""
+def matmul_peak(device_str: str, dtype: torch.dtype, threads: int | None = None) -> float:
+    """Measured dense matmul rate (FLOP/s) of this device and dtype, the yardstick for ``peak_pct``: large square
+    GEMMs, each timed over enough repeats to last ``PEAK_MIN_SECONDS``, best of three runs, best size. (``threads``
+    only keys the cache: the rate is measured with the current thread count.)"""
     device = torch.device(device_str)
-    n = 256
-    while True:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    best = 0.0
+    for n in PEAK_SIZES[kind]:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        a @ b
         _sync(device)
         t0 = time.perf_counter()
-        reps = 3
-        for _ in range(reps):
-            a @ b
+        a @ b
         _sync(device)
-        dt = (time.perf_counter() - t0) / reps
-        if dt > 0.05 or n >= 8192:
-            return 2 * n ** 3 / dt
-        n *= 2
+        reps = max(1, math.ceil(PEAK_MIN_SECONDS[kind] / max(time.perf_counter() - t0, 1e-6)))
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            _sync(device)
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+        del a, b
+    return best
 
 
 class _TimedScorer(Scorer):
-    """Records the wall time of each stage's scoring call (one call per stage)."""
+    """Records the wall time of each stage's scoring call (one call per stage) and of the precision guard."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.stage_times: list[float] = []
+        self.guard_time = 0.0
 
     def reset(self) -> None:
         super().reset()
-        self.stage_times = []
+        self.stage_times, self.guard_time = [], 0.0
 
-    def score(self, *a, **kw):
+    def _timed(self, fn, *a, **kw):
         _sync(self.model.device)
         t0 = time.perf_counter()
-        out = super().score(*a, **kw)
+        out = fn(*a, **kw)
         _sync(self.model.device)
-        self.stage_times.append(time.perf_counter() - t0)
+        return out, time.perf_counter() - t0
+
+    def score(self, *a, **kw):
+        out, dt = self._timed(super().score, *a, **kw)
+        self.stage_times.append(dt)
+        return out
+
+    def score_fp32(self, *a, **kw):
+        out, dt = self._timed(super().score_fp32, *a, **kw)
+        self.guard_time += dt
         return out
 
 
 def _peak_mem_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -117,12 +145,12 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[int], warmup: int = 1, repeat: int = 3,
         chunk: int | None = None, seed: int = 0, reuse: bool = True) -> BenchResult:
-    """Time the whole path (encoder + schedule) on ``images`` (B, 3, R, R) at the model's dtype."""
+    """Time the whole path (encoder + schedule + precision guard) on ``images`` (B, 3, R, R) at the model's dtype."""
     device = model.device
     prof = profile.resolve(len(model.spec.var.patch_nums))
     gens_for = lambda: [noise_generator(seed, f"bench{i}") for i in range(images.shape[0])]  # noqa: E731
     scorer = _TimedScorer(model, chunk, reuse=reuse)
-    times, enc_times, stage_times, preds = [], [], [], []
+    times, enc_times, stage_times, guard_times = [], [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for it in range(warmup + repeat):
@@ -132,16 +160,17 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         _sync(device)
         t_enc = time.perf_counter() - t0
         tokens = sample_tokens(model, latents, prof.max_samples, prof.sigma, gens_for())
-        macs_before = scorer.macs
+        macs_before, guarded_before, flips_before = scorer.macs, scorer.guarded, scorer.guard_flips
         out = run_stages(model, tokens, candidates, prof, scorer)
         _sync(device)
         if it >= warmup:
             times.append(time.perf_counter() - t0)
             enc_times.append(t_enc)
             stage_times.append(list(scorer.stage_times))
+            guard_times.append(scorer.guard_time)
             linear = scorer.macs.linear - macs_before.linear
             attention = scorer.macs.attention - macs_before.attention
-        preds = [p.pred for p in out]
+            guarded, flips = scorer.guarded - guarded_before, scorer.guard_flips - flips_before
     n = images.shape[0]
     per_image = [t / n for t in times]
     med = statistics.median(per_image)
@@ -149,14 +178,59 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     paper = schedule_macs(model.spec, prof.stages, len(candidates))
     executed_paper = linear / n + enc
     tflops = 2 * (executed_paper + attention / n) / med / 1e12
-    peak = matmul_peak(str(device), model.dtype)
+    peak = matmul_peak(str(device), model.dtype, torch.get_num_threads())
     total = statistics.median(times)
     shares = [statistics.median(s[k] for s in stage_times) / total for k in range(len(stage_times[0]))]
+    low = model.dtype != torch.float32
     return BenchResult(
         profile=profile.name, dtype=dtype_name(model.dtype), device=str(device),
         s_per_image={"median": med, "min": min(per_image), "max": max(per_image)}, images_per_s=1 / med,
         gflops_per_image=paper.paper / 1e9, gflops_executed=executed_paper / 1e9,
         attention_gflops_per_image=paper.attention / 1e9, tflops=tflops, peak_pct=100 * tflops * 1e12 / peak,
         peak_mem_mb=_peak_mem_mb(device), agreement_fp32=None, stage_share=shares,
-        encoder_share=statistics.median(enc_times) / total, preds=preds,
+        encoder_share=statistics.median(enc_times) / total,
+        guard_images=guarded / n if low else None, guard_share=statistics.median(guard_times) / total if low else None,
+        guard_flips=flips / n if low else None,
+        preds=[p.pred for p in out], scores=[p.stages[0].scores for p in out],
     )
+
+
+def _agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(b)
+
+
+def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candidates: list[int],
+            dtypes: list[torch.dtype], warmup: int = 1, repeat: int = 3, chunk: int | None = None, seed: int = 0,
+            plain: bool = False) -> list[BenchResult]:
+    """Every profile at every dtype; reduced precision is checked against an fp32 run (top-1 agreement, first-stage
+    score error) and, with ``plain``, every dtype is also timed without reuse across stages (agreement with the
+    optimised path). The model's dtype is restored afterwards."""
+    own, results = model.dtype, []
+    try:
+        for prof in profiles:
+            by_dtype: dict[torch.dtype, BenchResult] = {}
+            for dt in dtypes:
+                model.dtype = dt
+                by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed)
+            if any(dt != torch.float32 for dt in dtypes):
+                if torch.float32 not in by_dtype:
+                    model.dtype = torch.float32
+                    by_dtype[torch.float32] = run(model, prof, images, candidates, 0, 1, chunk, seed)
+                ref = by_dtype[torch.float32]
+                for dt in dtypes:
+                    r = by_dtype[dt]
+                    r.agreement_fp32 = _agreement(r.preds, ref.preds)
+                    if dt != torch.float32:
+                        err = torch.tensor(r.scores) - torch.tensor(ref.scores)
+                        r.score_err_rms, r.score_err_max = err.pow(2).mean().sqrt().item(), err.abs().max().item()
+            results += [by_dtype[dt] for dt in dtypes]
+            if plain:
+                for dt in dtypes:
+                    model.dtype = dt
+                    p = run(model, prof, images, candidates, warmup, repeat, chunk, seed, reuse=False)
+                    p.profile = f"{prof.name} plain"
+                    p.agreement_fp32 = _agreement(p.preds, by_dtype[dt].preds)
+                    results.append(p)
+    finally:
+        model.dtype = own
+    return results

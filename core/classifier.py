@@ -33,6 +33,7 @@ from .results import model_identity, ok_record, run_info, skipped_record
 from .schedule import Prediction, classify as run_schedule, noise_generator
 from .scoring import Scorer
 from .specs import ModelSpec
+from .threads import set_threads
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 IMAGES_PER_STEP = 16
@@ -54,17 +55,19 @@ class Classifier:
                         extensions: Sequence[str | os.PathLike | Extension] = (), profile: str | os.PathLike | Profile | None = None,
                         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", encoder: str = "torch",
                         model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
-                        patch_nums: Sequence[int] | None = None, batch_size: int | None = None) -> Classifier:
+                        patch_nums: Sequence[int] | None = None, batch_size: int | None = None,
+                        threads: int | None = None) -> Classifier:
         """``model``: a registry name (``digits``, ``d16``, ``d20-cca`` …), a model directory or a VAR checkpoint
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
         shipped name, a YAML file or a Profile (default: the model's own). ``dtype``: ``auto``, ``fp32``, ``bf16``,
-        ``fp16`` or a torch dtype."""
+        ``fp16`` or a torch dtype. ``threads``: CPU threads (default: see :func:`core.threads.set_threads`)."""
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
         m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
                           tuple(patch_nums) if patch_nums else None)
+        set_threads(m.spec.var, threads)
         for ext in extensions:
             apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
                             "extension" if isinstance(ext, Extension) else str(ext))

@@ -1,11 +1,13 @@
 """The likelihood engine: per-token log p(token | class, earlier scales) under teacher forcing.
 
 Works on (sequence, class) pairs so that a schedule can give every image its own candidate classes; the pairs
-are run in chunks sized to a memory budget, and only the target tokens' log-probs are kept (logsumexp over the
-vocabulary chunk by chunk, never a full B×L×V log-softmax).
+are run in chunks sized to the device's free memory, and only the target tokens' log-probs are kept (logit minus
+logsumexp in fp32, never a B×L×V log-softmax). The VAR passed in already holds its weights in the compute dtype
+(``VAR.in_dtype``), so nothing is re-cast per call; inputs go to the device once and results come back once.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,18 +16,38 @@ from .quantizer import MultiScaleQuantizer
 from .specs import VARSpec
 from .var import VAR, KVCache
 
-DEFAULT_BUDGET_BYTES = 2 << 30
+CPU_BUDGET_BYTES = 2 << 30          # activations of one chunk on a CPU (larger chunks buy nothing there)
+CPU_CACHE_BYTES = 4 << 30           # keys/values kept for later stages on a CPU
+GPU_FREE_SHARE = 0.4                # of the GPU's free memory, for each of the two (the rest: allocator slack)
+log = logging.getLogger("avarc")
 
 
 def bytes_per_pair(spec: VARSpec, num_tokens: int, elem: int = 4) -> int:
-    """Rough activation memory of one (sequence, class) forward: widest MLP activations, attention scores, logits."""
-    C, H = spec.embed_dim, spec.num_heads
-    hidden = round(C * spec.mlp_ratio)
-    per_token = (6 * C + 2 * hidden) * elem + spec.vocab_size * 4 * 2
-    return num_tokens * per_token + 2 * H * num_tokens * num_tokens * elem
+    """Activation memory of one (sequence, class) forward: the widest block's tensors (residual, norm, q/k/v,
+    attention output, MLP hidden and its GELU) and the fp32 logits with their logsumexp temporary. Attention scores
+    are never stored (SDPA's fused kernels), so nothing grows with the square of the length."""
+    C, hidden = spec.embed_dim, round(spec.embed_dim * spec.mlp_ratio)
+    per_token = (8 * C + 2 * hidden) * elem + spec.vocab_size * 4 * 2
+    return num_tokens * per_token
 
 
-def pairs_per_chunk(spec: VARSpec, num_tokens: int, budget_bytes: int = DEFAULT_BUDGET_BYTES, elem: int = 4) -> int:
+def _gpu_share(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * GPU_FREE_SHARE)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the activations of one chunk of pairs may use: a share of the GPU's free memory, 2 GiB on a CPU."""
+    return _gpu_share(device) if device.type == "cuda" else CPU_BUDGET_BYTES
+
+
+def cache_budget(device: torch.device) -> int:
+    """Bytes of keys/values a schedule may keep for its later stages: a share of the GPU's free memory, 4 GiB on a
+    CPU."""
+    return _gpu_share(device) if device.type == "cuda" else CPU_CACHE_BYTES
+
+
+def pairs_per_chunk(spec: VARSpec, num_tokens: int, budget_bytes: int = CPU_BUDGET_BYTES, elem: int = 4) -> int:
     return max(1, budget_bytes // bytes_per_pair(spec, num_tokens, elem))
 
 
@@ -36,11 +58,11 @@ def num_tokens(spec: VARSpec, num_scales: int | None) -> int:
     return spec.scale_ends()[s - 1]
 
 
-def target_logp(var: VAR, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(h))[target] for B, L, C states → B, L fp32 (logit minus logsumexp; no log-softmax tensor)."""
-    logits = var.head(h).float()                       # B, L, V
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+def target_logp(var: VAR, h_BLC: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(h))[target] for fp32 states → B, L fp32 (the head runs in fp32; no log-softmax tensor)."""
+    logits_BLV = var.head(h_BLC)
+    picked = logits_BLV.gather(-1, targets_BL.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits_BLV, dim=-1)
 
 
 @dataclass
@@ -53,39 +75,59 @@ class PairScores:
     cache: KVCache | None = None
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One pinned, non-blocking host-to-device copy (a plain copy on CPU)."""
+    if device.type != "cuda" or x.device == device:
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 @torch.no_grad()
 def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
-                num_scales: int | None = None, chunk: int | None = None, dtype: torch.dtype = torch.float32,
-                budget_bytes: int = DEFAULT_BUDGET_BYTES, cache: KVCache | None = None,
-                keep_cache: bool = False) -> PairScores:
+                num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None,
+                cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
     """tokens N, L (≥ the first s scales) and class ids N → log-probs of the first s scales' tokens, skipping the
-    ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs)."""
+    ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs). A chunk that
+    runs out of device memory is halved and retried (one log line says so)."""
     spec = var.spec
     n_tok = num_tokens(spec, num_scales)
     start = cache.num_tokens if cache is not None else 0
     if start > n_tok:
         raise ValueError(f"cache holds {start} tokens, more than the {n_tok} requested")
-    tokens = tokens[:, :n_tok]
+    device = var.head.weight.device
+    elem = var.blocks[0].ffn.fc1.weight.element_size() if len(var.blocks) else 4
     if chunk is None:
-        chunk = pairs_per_chunk(spec, n_tok, budget_bytes, 4 if dtype == torch.float32 else 2)
-    device = next(var.parameters()).device
-    out, caches = [], []
-    for i in range(0, tokens.shape[0], chunk):
-        t = tokens[i:i + chunk].to(device)
-        c = class_idx[i:i + chunk].to(device)
+        chunk = pairs_per_chunk(spec, n_tok, budget_bytes or memory_budget(device), elem)
+    tokens_NL = _to_device(tokens[:, :n_tok], device)
+    class_N = _to_device(class_idx, device)
+    out, caches, i = [], [], 0
+    while i < tokens_NL.shape[0]:
+        t = tokens_NL[i:i + chunk]
         part = cache.select(slice(i, i + chunk)) if cache is not None else None
-        x_in = quantizer.var_input(t)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            h, kv = var.hidden(c, x_in, part, keep_cache)
-            out.append(target_logp(var, h, t[:, start:]).float().cpu())
+        try:
+            h, kv = var.hidden(class_N[i:i + chunk], quantizer.var_input(t), part, keep_cache)
+            out.append(target_logp(var, h, t[:, start:]))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if chunk == 1 or not _is_oom(e):
+                raise
+            log.warning(f"out of device memory with {chunk} pairs per forward; retrying with {chunk // 2}")
+            chunk //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         if keep_cache:
             caches.append(kv)
-    logp = torch.cat(out) if out else torch.zeros(0, n_tok - start)
-    return PairScores(logp, start, KVCache.cat(caches) if caches else None)
+        i += t.shape[0]
+    logp = torch.cat(out).cpu() if out else torch.zeros(0, n_tok - start)
+    joined = (caches[0] if len(caches) == 1 else KVCache.cat(caches)) if caches else None
+    return PairScores(logp, start, joined)
 
 
 def pair_logp(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
-              num_scales: int | None = None, chunk: int | None = None, dtype: torch.dtype = torch.float32,
-              budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+              num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None) -> torch.Tensor:
     """tokens N, L (≥ the first s scales) and class ids N → N, L' fp32 log-probs of the first s scales."""
-    return score_pairs(var, quantizer, tokens, class_idx, num_scales, chunk, dtype, budget_bytes).logp
+    return score_pairs(var, quantizer, tokens, class_idx, num_scales, chunk, budget_bytes).logp

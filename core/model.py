@@ -1,6 +1,7 @@
 """A loaded VQ-VAE + VAR pair: the object every command works with."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 
 from . import checkpoints, tokenizer
 from .errors import AvarcError
-from .likelihood import DEFAULT_BUDGET_BYTES, PairScores, pair_logp, score_pairs
+from .likelihood import PairScores, pair_logp, score_pairs
 from .specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
 from .var import VAR, KVCache
 from .vqvae import VQVAE
@@ -19,21 +20,40 @@ from .vqvae import VQVAE
 
 @dataclass
 class Model:
-    """VAE + VAR on one device. ``dtype`` is the VAR's compute dtype (autocast); tokenisation is always fp32 so
-    tokens do not depend on it."""
+    """VAE + VAR on one device. ``var`` keeps the fp32 weights; ``dtype`` is the compute dtype of the likelihood
+    engine, which runs a copy converted once (:meth:`engine_var`). Tokenisation is always exact fp32 (TF32 off),
+    so tokens do not depend on the dtype or the device."""
 
     spec: ModelSpec
     vae: VQVAE
     var: VAR
     device: torch.device
     dtype: torch.dtype = torch.float32
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    budget_bytes: int | None = None            # activation memory per chunk; None: sized from the device
     meta: dict = field(default_factory=dict)
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # replaces the torch encoder (``onnx_encoder.use_encoder``)
 
     extensions: list = field(default_factory=list)   # the core.incremental.Extension objects applied, bottom first
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
     vae_file: Path | None = None                                # the VQ-VAE checkpoint it was loaded from
+    compile: bool = False                       # fuse the engine's elementwise work with torch.compile
+    _engines: dict[torch.dtype, tuple[tuple, VAR]] = field(default_factory=dict, repr=False)
+
+    def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
+        """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
+        once per dtype (the precision guard's fp32 and the run's bf16 live side by side) and remade only when
+        ``var``'s weights or added classes change; with ``compile`` a fused copy (fp32 included, so ``var`` itself,
+        which training uses, stays plain)."""
+        dtype = dtype or self.dtype
+        if dtype == torch.float32 and not self.compile:
+            return self.var
+        key = (self.device, self.compile, id(self.var.extra_class_emb), tuple(p._version for p in self.var.parameters()))
+        held = self._engines.get(dtype)
+        if held is None or held[0] != key:
+            self._engines.pop(dtype, None)           # free the old copy before making the new one
+            var = self.var.in_dtype(dtype) if dtype != torch.float32 else copy.deepcopy(self.var)
+            self._engines[dtype] = (key, var.compiled() if self.compile else var)
+        return self._engines[dtype][1]
 
     @property
     def num_classes(self) -> int:
@@ -73,14 +93,16 @@ class Model:
         return self.tokenize_latent(self.encode(images))
 
     def pair_logp(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
-                  chunk: int | None = None) -> torch.Tensor:
-        """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU)."""
-        return pair_logp(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype, self.budget_bytes)
+                  chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU), computed in ``dtype`` (default:
+        the model's)."""
+        return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                         self.budget_bytes)
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                     chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
         """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward."""
-        return score_pairs(self.var, self.vae.quantize, tokens, class_idx, num_scales, chunk, self.dtype,
+        return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
                            self.budget_bytes, cache, keep_cache)
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
@@ -108,6 +130,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise AvarcError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AvarcError(f"device {name!r} requested but CUDA is not available here; use cpu", option="device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AvarcError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0…cuda:{torch.cuda.device_count() - 1}", option="device")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise AvarcError(f"device {name!r} requested but MPS is not available here; use cpu", option="device")
     return dev
@@ -191,6 +216,18 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
     return _finish(model, device, dtype)
 
 
+def resolve_compile(flag: bool | None, device: torch.device) -> bool:
+    """``None`` (auto) → compile on CUDA when Triton is installed, where the fused kernels pay for their one-time
+    compile; not on CPUs, where inductor's compile (minutes on a small machine) outweighs a run's gain."""
+    if flag is not None:
+        return flag
+    if device.type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -210,12 +247,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` → the fastest dtype that keeps predictions (bf16 agrees with fp32 on ≥ 99% of images, see
-    ``avarc bench``): bf16 on CUDA and on CPUs with fast bf16, else fp32. Or an explicit fp32/bf16/fp16."""
+    """``auto`` → the fastest dtype that keeps predictions (bf16 agrees with fp32 on ≥ 99% of images and the
+    precision guard makes the prediction fp32's, see ``avarc bench``): bf16 on GPUs with bf16 tensor cores (compute
+    capability 8.0+, Ampere and later) and on CPUs with fast bf16, else fp32. Or an explicit fp32/bf16/fp16."""
     if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
-            return torch.bfloat16
-        return torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:

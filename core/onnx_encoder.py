@@ -123,13 +123,18 @@ class OnnxEncoder:
         ort = _require("onnxruntime")
         providers: list = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+            # use_tf32 0: TF32 convolutions would move latents and flip tokens (see quantizer.exact_fp32)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}))
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise AvarcError(f"{path}: onnxruntime cannot load this export ({str(e).strip()[:160]}); delete it "
                              "and it will be exported again") from None
         self.path, self.chunk = path, chunk
+        if device.type == "cuda" and self.providers[0] != "CUDAExecutionProvider":
+            logging.getLogger("avarc").warning(
+                f"the ONNX encoder runs on onnxruntime's {self.providers[0]} (its CUDA provider is not available: "
+                "pip install onnxruntime-gpu), so every batch goes GPU → CPU → GPU; --encoder torch stays on the GPU")
 
     @property
     def providers(self) -> list[str]:

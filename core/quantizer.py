@@ -7,12 +7,28 @@ Parameter names match the official ``quantize.*`` keys for every Φ sharing mode
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .specs import VQVAESpec
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Run fp32 convolutions and matmuls as true fp32 (TF32 off for cuDNN and cuBLAS), then restore the caller's
+    flags. cuDNN's TF32 is on by default on Ampere and later: it moves latents by ~1e-3, flips near-tie argmins, and
+    tokens would then differ from the CPU's and from the official fp32 evaluation."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Phi(nn.Conv2d):
@@ -80,6 +96,7 @@ class MultiScaleQuantizer(nn.Module):
         return self.phi(k)(h.contiguous())
 
     @torch.no_grad()
+    @exact_fp32()
     def quantise_scales(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """B, Cvae, H, W latent (fp32) → per scale, the vectors snapped to the codebook (B·p_k², Cvae) and the
         codes chosen (B, p_k²). Training reads the vectors to re-seed codes that nothing uses."""
@@ -110,6 +127,7 @@ class MultiScaleQuantizer(nn.Module):
             start += pn * pn
         return maps
 
+    @exact_fp32()
     def var_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing input: B, L' tokens of the first s scales → B, L'−1, Cvae (f̂ after scale k,
         area-downsampled to scale k+1). Differentiable in the codebook, so training can use it too."""

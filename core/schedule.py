@@ -16,6 +16,7 @@ import torch
 
 from . import tokenizer
 from .errors import AvarcError
+from .guard import apply_guard
 from .model import Model
 from .profiles import Profile
 from .scoring import Scorer
@@ -144,6 +145,7 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
             if (stage.exit_margin is not None and len(ranked) > 1
                     and ranked[0][1] - ranked[1][1] >= stage.exit_margin):
                 exited[i] = s_idx
+    apply_guard(model, scorer, tokens, {i: h[-1] for i, h in enumerate(history) if h}, profile)
     return [_prediction(history[i], exited.get(i), temperature) for i in range(B)]
 
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from .quantizer import exact_fp32
 from .vqvae import VQVAE
 
 
 @torch.no_grad()
+@exact_fp32()
 def encode(vae: VQVAE, images: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """B, 3, R, R in [-1, 1] → B, Cvae, h, w fp32 latent (encoder + quant_conv), in chunks to bound memory."""
+    """B, 3, R, R in [-1, 1] → B, Cvae, h, w fp32 latent (encoder + quant_conv, TF32 off), in chunks to bound
+    memory."""
     return torch.cat([vae.encode(images[i:i + chunk]).float() for i in range(0, images.shape[0], chunk)])
 
 

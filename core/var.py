@@ -7,8 +7,11 @@ Shapes: B batch, L tokens, C width, H heads, V vocabulary.
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,25 +39,27 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        w = self.mat_qkv.weight
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
+        q, k, v = F.linear(x, w, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+            scale_1H11 = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
+            q = F.normalize(q, dim=-1).mul_(scale_1H11)
             k = F.normalize(k, dim=-1)
-        return q, k, v   # each B, H, L, c
+        return q, k, v   # each B, H, L, c, in the weights' dtype
 
     def forward(self, x: torch.Tensor, spans: list[Span],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x holds the new tokens; ``past`` the keys/values of the tokens before them. Each span's queries attend to
         its keys prefix without a mask, so the masked half of the score matrix is never computed. Returns the output
-        and the keys/values of all tokens so far (for a later extension)."""
+        and the keys/values of all tokens so far (for a later extension). q, k, v and the cache are all in the
+        weights' dtype, so no span re-casts its key/value prefix."""
         B, L, C = x.shape
         q, k, v = self.qkv(x)
         if past is not None:
-            k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         scale = 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
-        kq, vq = k.to(q.dtype), v.to(q.dtype)
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], kq[:, :, :keys], vq[:, :, :keys], scale=scale)
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys], scale=scale)
                          for lo, hi, keys in spans], dim=2)
         return self.proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
 
@@ -92,10 +97,44 @@ class AdaLNSelfAttn(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, spans: list[Span],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        g1, g2, s1, s2, b1, b2 = self.modulation(cond).unbind(2)
-        a, kv = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add_(b1), spans, past)
-        x = x + a.mul_(g1)
-        return x + self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add_(b2)).mul(g2), kv
+        """x is the fp32 residual stream. Only the linear layers run in their weights' dtype: the norm, the AdaLN
+        modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
+        512-pixel model's class scores by several nats)."""
+        g1, g2, s1, s2, b1, b2 = self.modulation(cond).float().unbind(2)
+        a, kv = self.attn(self.attn_input(x, s1, b1), spans, past)
+        return self.ffn_branch(x, a, g1, s2, b2, g2), kv
+
+    def attn_input(self, x: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        return self.ln_wo_grad(x).mul(s1.add(1)).add_(b1).to(self.attn.mat_qkv.weight.dtype)
+
+    def ffn_branch(self, x: torch.Tensor, a: torch.Tensor, g1: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor,
+                   g2: torch.Tensor) -> torch.Tensor:
+        """x + γ1·a, then its MLP branch added: the elementwise work that ``compile`` fuses into the matmuls."""
+        x = x + a.float().mul_(g1)
+        h = self.ln_wo_grad(x).mul(s2.add(1)).add_(b2).to(self.ffn.fc1.weight.dtype)
+        return x + self.ffn(h).float().mul_(g2)
+
+    def compile(self) -> None:
+        """Fuse the elementwise work around the matmuls (``torch.compile``, shapes dynamic so a new batch or length
+        does not recompile); any failure falls back to eager for good."""
+        self.attn_input = _Fused(self.attn_input)
+        self.ffn_branch = _Fused(self.ffn_branch)
+
+
+class _Fused:
+    """A function compiled on first use, or the function itself once compiling or running the compiled code fails
+    (no compiler, unsupported backend)."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
+                self.compiled = None
+        return self.fn(*args)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -156,6 +195,7 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, spec.norm_eps)
         self.head = nn.Linear(C, spec.vocab_size)
         self.extra_class_emb: nn.Parameter | None = None   # n, slots, C: classes added by extensions
+        self._levels: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_slots(self) -> int:
@@ -196,9 +236,14 @@ class VAR(nn.Module):
         return torch.where(added[:, None, None], extra, base)
 
     def levels(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint)."""
-        sizes = torch.tensor([p * p for p in self.spec.patch_nums], device=device)
-        return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)[:num_tokens]
+        """Scale index of each of the first num_tokens tokens (derived, so never stored in a checkpoint; built once
+        per device, so a forward needs no host-to-device copy or output-size sync for it)."""
+        lvl_L = self._levels.get(device)
+        if lvl_L is None:
+            sizes = [p * p for p in self.spec.patch_nums]
+            lvl_L = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+            self._levels[device] = lvl_L
+        return lvl_L[:num_tokens]
 
     def embed(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B,) and teacher-forcing input (B, L'−1, Cvae) → token states (B, L', C) and the class
@@ -227,12 +272,34 @@ class VAR(nn.Module):
             x, kv = block(x, block_conds[i], spans, cache.kv[i] if cache is not None else None)
             if keep_cache:
                 kvs.append(kv)
-        return self.head_nm(x.float(), conds[:, -1]), (KVCache(kvs) if keep_cache else None)
+        return self.head_nm(x.float(), conds[:, -1].float()), (KVCache(kvs) if keep_cache else None)
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
         h, _ = self.hidden(class_idx, x_in)
         return self.head(h).float()
+
+    def compiled(self) -> VAR:
+        """This VAR with every block's elementwise work fused by ``torch.compile`` (see ``AdaLNSelfAttn.compile``);
+        the inductor cache lives under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avarc" / "inductor"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        for b in self.blocks:
+            b.compile()
+        return self
+
+    def in_dtype(self, dtype: torch.dtype) -> VAR:
+        """A copy for inference in ``dtype``, converted once: the blocks' token-wise linear layers (qkv, proj, MLP:
+        98% of the FLOPs) and so the attention and the key/value caches in ``dtype``; embeddings, norms, the AdaLN
+        projections (once per sequence), the residual stream, the head and its logits stay fp32 (cheap, and where
+        bf16's rounding would show)."""
+        if dtype == torch.float32:
+            return self
+        low = copy.deepcopy(self)
+        for b in low.blocks:
+            for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2):
+                m.to(dtype)
+        return low.eval().requires_grad_(False)
 
     @torch.no_grad()
     def init_weights(self, init_std: float | None = None, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,

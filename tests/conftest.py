@@ -15,6 +15,8 @@ from avarc_cli.app import main
 DATA = Path(__file__).parent / "data"
 CONFORMANCE = DATA / "conformance"
 CONFORMANCE_SETS = ("official256", "shared512")
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+LOGP_TOL = {"cpu": 1e-4, "cuda": 1e-3}     # per-token fp32 log-prob against the golden (upstream, CPU fp32)
 
 
 def conformance_image(stem: str) -> Path:
@@ -49,6 +51,19 @@ def conf_model(conf) -> core.Model:
     if conf.name not in _MODELS:
         _MODELS[conf.name] = conf.load()
     return _MODELS[conf.name]
+
+
+_ENGINE_MODELS: dict[tuple[str, str], core.Model] = {}
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def engine_model(conf, request) -> core.Model:
+    """The conformance model on every available device: the engine's tests run on each."""
+    key = (conf.name, request.param)
+    if key not in _ENGINE_MODELS:
+        _ENGINE_MODELS[key] = _MODELS[conf.name] if request.param == "cpu" and conf.name in _MODELS else \
+            conf.load(device=request.param)
+    return _ENGINE_MODELS[key]
 
 
 def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:

@@ -29,7 +29,7 @@ def test_timed_run_reports_every_field():
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["results"]
     assert [(r["profile"], r["dtype"]) for r in rows] == [("a-varc-plus", "fp32"), ("a-varc-plus", "bf16"),
-                                                         ("a-varc-plus (plain)", "fp32"), ("a-varc-plus (plain)", "bf16")]
+                                                         ("a-varc-plus plain", "fp32"), ("a-varc-plus plain", "bf16")]
     fp32, bf16, plain = rows[0], rows[1], rows[2]
     for r in rows:
         s = r["s_per_image"]

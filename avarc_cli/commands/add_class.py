@@ -12,7 +12,7 @@ from core.files import absolute, check_output_file
 from core.incremental import INITS, check_names, labelled_folders, read_class_folders
 
 from .. import output
-from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt, TrustPickleOpt, VaeOpt
+from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt, ThreadsOpt, TrustPickleOpt, VaeOpt
 
 Init = Literal[INITS]  # type: ignore[valid-type]   (the initialisations core knows)
 
@@ -33,6 +33,7 @@ def add_class(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split, batches and augmentation noise.")] = 0,
+    threads: ThreadsOpt = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out extension file (never the base model's files).")] = False,
@@ -48,7 +49,7 @@ def add_class(
     folders = _parse_classes(classes)
     out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "--out", force)
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
-                                     model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums)
+                                     model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums, threads=threads)
     if absolute(out) in {absolute(p) for p in clf.files}:
         raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
                          "choose another --out")

@@ -8,18 +8,20 @@ import torch
 import typer
 
 from core import AvarcError
-from core.bench import BenchResult, flops_only, random_model, run
+from core.bench import BenchResult, compare, flops_only, random_model
 from core.data import ClassSpace, collect
 from core.incremental import apply_extensions
-from core.model import Model, resolve_device, resolve_dtype
+from core.model import Model, resolve_compile, resolve_device, resolve_dtype
 from core.onnx_encoder import use_encoder
 from core.preprocess import preprocess_image
 from core.profiles import default_profile_name, load_profile
 from core.registry import resolve_model
 from core.specs import official_spec
+from core.threads import set_threads
 
 from .. import output
-from ..options import BatchSizeOpt, DeviceOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, SeedOpt, TrustPickleOpt, VaeOpt
+from ..options import (BatchSizeOpt, DeviceOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, SeedOpt, ThreadsOpt, TrustPickleOpt,
+                       VaeOpt)
 
 
 def bench(
@@ -42,15 +44,22 @@ def bench(
     flops_only_: Annotated[bool, typer.Option("--flops-only", help="Only count GFLOPs per image (paper convention and executed); runs nothing.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fuse the engine's elementwise work with torch.compile (default: on CUDA with Triton, off on CPUs; the first run compiles, later ones reuse the cache).")] = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """\b
-    avarc bench --flops-only --classes 100 -p varc -p a-varc-plus
-    avarc bench --random-weights --classes 20 -p a-varc-plus --dtype bf16 --plain
+    avarc bench --flops-only --depth 16 --classes 100 -p varc -p a-varc-plus -p smooth-top10
+    avarc bench --random-weights --depth 16 --classes 20 -p a-varc-plus --dtype fp32 --dtype bf16 --plain
     avarc bench -m digits -p digits --images 16 --dtype fp32 --dtype bf16 --json
 
-    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak, peak memory, and top-1 agreement with fp32 for other dtypes.
+    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for
+    the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier
+    stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak (large
+    square GEMMs, best of several runs), peak memory; for bf16/fp16: top-1 agreement with fp32, the error of the
+    first stage's class scores against fp32, and how many images the precision guard re-scored in fp32 and at
+    what share of the time.
     """
     if extension and (random_weights or model is None and flops_only_):
         raise AvarcError("--extension needs the base model it was trained on; pass it with --model")
@@ -74,35 +83,15 @@ def bench(
         apply_extensions(m, extension)
         label = model or "digits"
     use_encoder(m, encoder)
+    n_threads = set_threads(m.spec.var, threads)
+    m.compile = resolve_compile(compile_, dev)
     n = min(classes or min(m.num_classes, 100), m.num_classes)
-    candidates = list(range(n))
     x = _inputs(m, data, images, seed)
-    names = profiles or [default_profile_name(m)]
     wanted = [resolve_dtype(d, dev) for d in (dtypes or ["auto"])]
-    results: list[BenchResult] = []
-    for name in names:
-        prof = load_profile(name)
-        by_dtype: dict[torch.dtype, BenchResult] = {}
-        for dt in wanted:
-            m.dtype = dt
-            by_dtype[dt] = run(m, prof, x, candidates, warmup, repeat, batch_size, seed)
-        if any(dt != torch.float32 for dt in wanted):
-            if torch.float32 not in by_dtype:
-                m.dtype = torch.float32
-                by_dtype[torch.float32] = run(m, prof, x, candidates, 0, 1, batch_size, seed)
-            ref = by_dtype[torch.float32].preds
-            for dt in wanted:
-                r = by_dtype[dt]
-                r.agreement_fp32 = sum(a == b for a, b in zip(r.preds, ref)) / len(ref)
-        results += [by_dtype[dt] for dt in wanted]
-        if plain:
-            for dt in wanted:
-                m.dtype = dt
-                p = run(m, prof, x, candidates, warmup, repeat, batch_size, seed, reuse=False)
-                p.profile = f"{name} (plain)"
-                p.agreement_fp32 = sum(a == b for a, b in zip(p.preds, by_dtype[dt].preds)) / len(p.preds)
-                results.append(p)
-    _render(results, json_, f"{label}, {n} classes, {x.shape[0]} image(s), {torch.get_num_threads()} threads")
+    results = compare(m, [load_profile(p) for p in profiles or [default_profile_name(m)]], x, list(range(n)), wanted,
+                      warmup, repeat, batch_size, seed, plain)
+    _render(results, json_, f"{label}, {n} classes, {x.shape[0]} image(s), {n_threads} threads"
+            + (", compiled" if m.compile else ""))
 
 
 def _inputs(m: Model, data: Optional[list[Path]], n: int, seed: int) -> torch.Tensor:
@@ -122,16 +111,23 @@ def _render(results: list[BenchResult], as_json: bool, title: str, flops: bool =
         output.emit_json({"results": [r.to_json() for r in results]})
         return
     if flops:
-        output.table(f"GFLOPs per image ({title})", ["profile", "GFLOPs (paper)", "GFLOPs executed", "attention GFLOPs"],
+        output.table(f"GFLOPs per image ({title})", ["profile", "paper", "executed", "attention"],
                      [(r.profile, r.gflops_per_image, r.gflops_executed, r.attention_gflops_per_image) for r in results])
         return
-    rows = []
-    for r in results:
-        s = r.s_per_image
-        share = " / ".join(f"{100 * x:.0f}" for x in (r.stage_share or []))
-        rows.append((r.profile, r.dtype, f"{s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f})", r.images_per_s,
-                     f"{100 * (r.encoder_share or 0):.0f}% | {share}", r.gflops_per_image, r.gflops_executed, r.tflops,
-                     r.peak_pct, r.peak_mem_mb, r.agreement_fp32))
-    output.table(f"avarc bench: {title}, device {results[0].device if results else '-'}",
-                 ["profile", "dtype", "s/image (min–max)", "images/s", "time % enc | stages", "GFLOPs paper",
-                  "GFLOPs executed", "TFLOP/s", "% of peak", "peak MB", "agree fp32"], rows)
+    device = results[0].device if results else "-"
+    g3 = lambda x: None if x is None else f"{x:.3g}"  # noqa: E731
+    pct = lambda x: None if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    output.table(f"Speed: {title}, {device}", ["profile", "dtype", "s/image", "img/s", "TFLOP/s", "% peak", "peak MB"],
+                 [(r.profile, r.dtype, g3(r.s_per_image["median"]), g3(r.images_per_s), g3(r.tflops),
+                   f"{r.peak_pct:.0f}", f"{r.peak_mem_mb:.0f}") for r in results])
+    output.table("Work per image: GFLOPs (paper convention, executed after reuse), time share of encoder and stages",
+                 ["profile", "dtype", "GFLOPs", "executed", "attention", "enc %", "stages %"],
+                 [(r.profile, r.dtype, g3(r.gflops_per_image), g3(r.gflops_executed), g3(r.attention_gflops_per_image),
+                   f"{100 * (r.encoder_share or 0):.0f}", " ".join(f"{100 * x:.0f}" for x in r.stage_share or []))
+                  for r in results])
+    if any(r.agreement_fp32 is not None for r in results):
+        output.table("Precision: top-1 agreement with fp32 (plain: with the optimised path), first-stage score error "
+                     "vs fp32 (nats), precision guard (images re-scored in fp32, time share)",
+                     ["profile", "dtype", "agree", "err RMS", "err max", "guarded", "guard time"],
+                     [(r.profile, r.dtype, pct(r.agreement_fp32), g3(r.score_err_rms), g3(r.score_err_max),
+                       pct(r.guard_images), pct(r.guard_share)) for r in results])

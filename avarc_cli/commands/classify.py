@@ -16,7 +16,7 @@ from core.results import Metrics, append_csv_summary, check_csv, image_key, resu
 from .. import output
 from ..interrupt import interrupt_code, say_interrupted, stop_on_signals
 from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt,
-                       ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SubsetOpt, TrustPickleOpt, VaeOpt)
+                       ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SubsetOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 
 def classify(
@@ -37,6 +37,7 @@ def classify(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     temperature: Annotated[float, typer.Option("--temperature", min=1e-6, help="Softmax temperature of the posterior over the final scores.")] = 1.0,
     topk: Annotated[int, typer.Option("--topk", min=1, help="How many ranked classes (and posterior entries) each record keeps.")] = 5,
     list_profiles_: Annotated[bool, typer.Option("--list-profiles", help="List the shipped profiles with their stages and exit.")] = False,
@@ -70,7 +71,7 @@ def classify(
         with stop_on_signals():
             clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile,
                                              device=distributed.rank_device(dist, device), dtype=dtype, encoder=encoder,
-                                             model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums,
+                                             model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums, threads=threads,
                                              batch_size=batch_size)
             found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
             run_key, metrics = clf.run_key(seed, found.candidates), Metrics(len(clf.profile.stages))

@@ -14,7 +14,7 @@ from core.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
 from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt, ModelDirOpt,
-                       ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, TrustPickleOpt, VaeOpt)
+                       ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 Colormap = Literal[tuple(COLORMAPS)]  # type: ignore[valid-type]   (the colormaps core draws)
 
@@ -38,6 +38,7 @@ def explain(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     encoder: EncoderOpt = "torch",
@@ -58,7 +59,7 @@ def explain(
     make_output_dir(out, "--out")
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=device, dtype=dtype,
                                      encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
-                                     patch_nums=patch_nums, batch_size=batch_size)
+                                     patch_nums=patch_nums, threads=threads, batch_size=batch_size)
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
     found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [])
     names = [n.replace("_", " ") if clf.space.imagenet else n for n in clf.class_names] + ["null"]

@@ -1,0 +1,190 @@
+"""One-shot check of avarc on an accelerator: correctness (tests on the device, tokens equal to the CPU's, bf16
+score error, precision guard) and speed (d16 with 100 classes, the digits demo, measured bf16 matmul peak, MFU,
+peak memory). Writes one JSON report; every section runs on its own, so one failure does not lose the others.
+
+    python3 scripts/device_check.py [REPORT.json] [--cpu-smoke]
+
+``--cpu-smoke`` runs every section on the CPU at tiny sizes, to prove the script itself works end to end.
+Run from the repository root (see scripts/device_check.sh).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core import digits  # noqa: E402
+from core.bench import compare, matmul_peak, random_model  # noqa: E402
+from core.model import load_model, resolve_device  # noqa: E402
+from core.preprocess import preprocess_image  # noqa: E402
+from core.profiles import load_profile  # noqa: E402
+from core.registry import resolve_model  # noqa: E402
+
+CONFORMANCE = ROOT / "tests" / "data" / "conformance"
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def section(report: dict, name: str, fn) -> None:
+    """Run one section; its result (or its error) goes into the report, which is rewritten after every section."""
+    say(f"{name} …")
+    t = time.perf_counter()
+    try:
+        report[name] = fn()
+        report[name]["seconds"] = round(time.perf_counter() - t, 1)
+        say(f"{name} done in {time.perf_counter() - t:.1f}s: {json.dumps(report[name])[:300]}")
+    except Exception as e:  # noqa: BLE001 (a section's failure is data for the report)
+        report[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:],
+                        "seconds": round(time.perf_counter() - t, 1)}
+        say(f"{name} FAILED: {type(e).__name__}: {e}")
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    write(report)
+
+
+def write(report: dict) -> None:
+    path = Path(report["report_path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def environment(dev: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env.update(name=p.name, capability=f"{p.major}.{p.minor}", memory_gb=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, sms=p.multi_processor_count,
+                   free_gb=round(torch.cuda.mem_get_info(dev)[0] / 2**30, 1))
+    return env
+
+
+def tests(smoke: bool) -> dict:
+    """The engine's tests on the accelerator (their CPU variants are deselected: the CPU suite runs elsewhere), in a
+    subprocess."""
+    files = ["tests/test_engine.py"] if smoke else ["tests/test_conformance.py", "tests/test_likelihood.py",
+                                                     "tests/test_scoring.py", "tests/test_engine.py",
+                                                     "tests/test_digits.py::test_bf16_agrees_with_fp32"]
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    args += ["-k", "threads or margin"] if smoke else ["-k", "not cpu"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    tail = (r.stdout + r.stderr).strip().splitlines()
+    return {"returncode": r.returncode, "summary": tail[-1] if tail else "",
+            "failures": [ln for ln in tail if ln.startswith(("FAILED", "ERROR"))][:20]}
+
+
+def tokens_and_scores(dev: torch.device, smoke: bool) -> dict:
+    """Tokens on the device equal the CPU golden exactly; fp32 log-probs vs the golden; bf16 class-score error."""
+    out = {}
+    for name in ("official256",) if smoke else ("official256", "shared512"):
+        d = CONFORMANCE / name
+        meta = json.loads((d / "meta.json").read_text())
+        golden = {k: torch.from_numpy(v) for k, v in np.load(d / "golden.npz").items()}
+        m = load_model(d / "var.pth", d / "vae.pth", device=dev)
+        imgs = torch.stack([preprocess_image(next((CONFORMANCE / "images").glob(f"{s}.*")), meta["image_size"])
+                            for s in meta["images"]])
+        tokens = m.tokenize(imgs).cpu()
+        K = meta["num_classes"] + 1
+        fp32 = m.token_logp(golden["tokens"], range(K))
+        m.dtype = torch.bfloat16
+        bf16 = m.token_logp(golden["tokens"], range(K))
+        err = bf16.sum(-1) - fp32.sum(-1)
+        out[name] = {"tokens_equal_cpu": bool(torch.equal(tokens, golden["tokens"])),
+                     "tokens_differing": int((tokens != golden["tokens"]).sum()),
+                     "fp32_logp_max_err": float((fp32 - golden["logp"]).abs().max()),
+                     "bf16_score_err_rms": float(err.pow(2).mean().sqrt()), "bf16_score_err_max": float(err.abs().max()),
+                     "bf16_top1_agrees": float((bf16.sum(-1).argmax(1) == fp32.sum(-1).argmax(1)).float().mean())}
+    return out
+
+
+def compiled_conformance(dev: torch.device) -> dict:
+    """fp32 log-probs of the compiled engine against the golden (must stay within 1e-4 per token)."""
+    d = CONFORMANCE / "official256"
+    golden = {k: torch.from_numpy(v) for k, v in np.load(d / "golden.npz").items()}
+    m = load_model(d / "var.pth", d / "vae.pth", device=dev)
+    m.compile = True
+    lp = m.token_logp(golden["tokens"], range(json.loads((d / "meta.json").read_text())["num_classes"] + 1))
+    fused = m.engine_var().blocks[0].ffn_branch
+    return {"fp32_logp_max_err": float((lp - golden["logp"]).abs().max()),
+            "compiled_active": getattr(fused, "compiled", None) is not None}
+
+
+def peak(dev: torch.device, smoke: bool) -> dict:
+    if smoke:
+        return {"bf16_tflops": matmul_peak(str(dev), torch.bfloat16) / 1e12}
+    return {"bf16_tflops": matmul_peak(str(dev), torch.bfloat16) / 1e12,
+            "fp32_tflops": matmul_peak(str(dev), torch.float32) / 1e12}
+
+
+def _results(rows) -> list[dict]:
+    return [{**r.to_json(), "mfu_pct": r.peak_pct} for r in rows]
+
+
+def bench_d16(dev: torch.device, smoke: bool, compiled: bool = False,
+              profiles: tuple[str, ...] = ("varc", "a-varc-plus")) -> dict:
+    """d16 geometry, random weights, 100 classes, varc and a-varc-plus, bf16 (with the fp32 agreement run). The
+    smoke run uses the small official256 conformance model instead."""
+    d = CONFORMANCE / "official256"
+    m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(16, dev)
+    m.compile = compiled
+    n_img, n_cls = (1, 2) if smoke else (32, 100)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n_img, 3, m.spec.image_size, m.spec.image_size, generator=g) * 2 - 1
+    rows = compare(m, [load_profile(p) for p in profiles], x, list(range(n_cls)), [torch.bfloat16],
+                   warmup=0 if smoke else 1, repeat=1 if smoke else 2)
+    return {"images": n_img, "classes": n_cls, "compiled": compiled, "results": _results(rows)}
+
+
+def bench_demo(dev: torch.device, smoke: bool) -> dict:
+    """The bundled digits model on its 359 test digits, fp32 and bf16 (guard on): speed and agreement."""
+    m = resolve_model("digits", device=dev)
+    data = digits.load_digits("test")
+    x = digits.to_tensor(data.images[:8] if smoke else data.images, m.spec.image_size)
+    rows = compare(m, [load_profile("digits")], x, list(range(10)), [torch.float32, torch.bfloat16],
+                   warmup=0 if smoke else 1, repeat=1 if smoke else 3)
+    acc = [sum(int(p == y) for p, y in zip(r.preds, data.labels)) / len(r.preds) for r in rows]
+    return {"images": x.shape[0], "results": [{**r, "top1": a} for r, a in zip(_results(rows), acc)]}
+
+
+def main() -> int:
+    argv = [a for a in sys.argv[1:] if a != "--cpu-smoke"]
+    smoke = "--cpu-smoke" in sys.argv[1:] or os.environ.get("AVARC_CPU_SMOKE") == "1"
+    default = Path(os.environ["OUT"]) / "device_check.json" if os.environ.get("OUT") else ROOT / "device_check.json"
+    dev = torch.device("cpu") if smoke else resolve_device("auto")
+    report = {"report_path": str(Path(argv[0]) if argv else default), "smoke": smoke}
+    say(f"device {dev}, report {report['report_path']}")
+    section(report, "environment", lambda: environment(dev))
+    section(report, "matmul_peak", lambda: peak(dev, smoke))
+    section(report, "tokens_and_scores", lambda: tokens_and_scores(dev, smoke))
+    section(report, "bench_d16", lambda: bench_d16(dev, smoke))
+    section(report, "bench_demo", lambda: bench_demo(dev, smoke))
+    section(report, "tests", lambda: tests(smoke))
+    if not smoke:   # last: the first compile may take a minute or more; the report already holds everything else
+        section(report, "compiled_conformance", lambda: compiled_conformance(dev))
+        section(report, "bench_d16_compiled", lambda: bench_d16(dev, smoke, compiled=True, profiles=("a-varc-plus",)))
+    report["total_seconds"] = round(time.perf_counter() - T0, 1)
+    write(report)
+    failed = [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
+    say(f"wrote {report['report_path']} in {report['total_seconds']}s; failed sections: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The engine's precision and robustness on every available device: exact fp32 tokenisation (TF32 off), the
+compute dtype where it belongs, the precision guard (bf16 predictions equal fp32's), OOM recovery, thread choice."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from core import digits
+from core.classifier import noise_generator, run_stages, sample_tokens
+from core.profiles import GUARD_NATS_PER_TOKEN, load_profile, parse_profile
+from core.registry import resolve_model
+from core.scoring import Scorer
+from core.specs import official_spec
+from core.threads import choose_threads, usable_cores
+
+from .conftest import DEVICES
+
+
+def test_tf32_is_off_inside_tokenisation_and_restored(conf, engine_model):
+    """Every convolution of encode, tokenise and var_input sees TF32 off; the caller's flags come back."""
+    seen = []
+    convs = [m for m in engine_model.vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [c.register_forward_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
+                                                              torch.backends.cudnn.allow_tf32))) for c in convs]
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        images = conf.golden["latent"].new_zeros(1, 3, conf.meta["image_size"], conf.meta["image_size"])
+        tokens = engine_model.tokenize(images)
+        engine_model.vae.quantize.var_input(tokens)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for h in hooks:
+            h.remove()
+    assert len(seen) > 10 and set(seen) == {(False, False)}
+
+
+def test_bf16_weights_cache_and_fp32_logits(conf, engine_model):
+    """Native bf16: the blocks' linears hold bf16 weights (converted once), q/k/v and the kept cache are bf16, the
+    head and the log-probs fp32; the fp32 model itself is untouched."""
+    engine_model.dtype = torch.bfloat16
+    try:
+        low = engine_model.engine_var()
+        assert low is engine_model.engine_var()                     # converted once, not per call
+        blk = low.blocks[0]
+        assert {blk.attn.mat_qkv.weight.dtype, blk.ffn.fc1.weight.dtype} == {torch.bfloat16}
+        assert low.head.weight.dtype == torch.float32 and engine_model.var.blocks[0].ffn.fc1.weight.dtype == torch.float32
+        q, k, v = blk.attn.qkv(torch.zeros(1, 4, engine_model.spec.var.embed_dim, device=engine_model.device,
+                                           dtype=torch.bfloat16))
+        assert {q.dtype, k.dtype, v.dtype} == {torch.bfloat16}
+        res = engine_model.score_pairs(conf.golden["tokens"][:2], torch.tensor([0, 1]), num_scales=4, keep_cache=True)
+        assert res.logp.dtype == torch.float32 and res.cache.kv[0][0].dtype == torch.bfloat16
+    finally:
+        engine_model.dtype = torch.float32
+
+
+def _predict(model, latents, profile, dtype, scorer=None):
+    model.dtype = dtype
+    try:
+        gens = [noise_generator(0, f"img{i}") for i in range(latents.shape[0])]
+        tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, gens)
+        return run_stages(model, tokens, range(model.num_classes), profile, scorer)
+    finally:
+        model.dtype = torch.float32
+
+
+def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
+    """With every image's top two closer than the margin, the guard re-scores all of them: predictions and final
+    top-two scores are fp32's."""
+    prof = load_profile("a-varc-plus").resolve(len(engine_model.spec.var.patch_nums))
+    wide = parse_profile({"stages": [{"scales": 6, "keep": 3}, {"scales": "all", "samples": 2, "keep": 1}],
+                          "guard_margin": 1e9}, "wide", "test")
+    latents = conf.golden["latent"]
+    for p in (prof, wide):
+        scorer = Scorer(engine_model)
+        fp32 = _predict(engine_model, latents, p, torch.float32)
+        bf16 = _predict(engine_model, latents, p, torch.bfloat16, scorer)
+        assert [r.pred for r in bf16] == [r.pred for r in fp32]
+    assert scorer.guarded == latents.shape[0]
+    for a, b in zip(bf16, fp32):
+        assert abs(a.ranking[0][1] - b.ranking[0][1]) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_guard_on_the_359_test_digits(device):
+    """The shipped digits profile in bf16 with its default guard predicts exactly what fp32 does."""
+    model = resolve_model("digits", device=device)
+    data = digits.load_digits("test")
+    latents = model.encode(digits.to_tensor(data.images, model.spec.image_size))
+    prof = load_profile(model.meta.get("default_profile", "digits"))
+    scorer = Scorer(model)
+    fp32 = _predict(model, latents, prof, torch.float32)
+    bf16 = _predict(model, latents, prof, torch.bfloat16, scorer)
+    assert len(fp32) == 359 and [r.pred for r in bf16] == [r.pred for r in fp32]
+    assert scorer.guarded < 36                           # only close calls pay for fp32
+    off = _predict(model, latents, parse_profile({"stages": [{"scales": "all", "keep": 3}, {"scales": "all", "samples": 3}],
+                                                  "guard_margin": 0}, "off", "test"), torch.bfloat16)
+    assert sum(a.pred == b.pred for a, b in zip(off, fp32)) >= 0.99 * 359
+
+
+def test_out_of_memory_halves_the_chunk(conf, engine_model, monkeypatch, caplog):
+    """An out-of-memory error (injected for chunks over 2 pairs) is retried with half the chunk: same numbers,
+    one log line."""
+    tokens, classes = conf.golden["tokens"][:3].repeat(2, 1), torch.tensor([0, 1, 2, 3, 4, 5])
+    want = engine_model.pair_logp(tokens, classes, num_scales=5, chunk=1)      # what the retry ends with
+    real = type(engine_model.var).hidden
+
+    def tight(self, class_idx, *a, **kw):
+        if class_idx.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, class_idx, *a, **kw)
+
+    monkeypatch.setattr(type(engine_model.var), "hidden", tight)
+    with caplog.at_level(logging.WARNING, logger="avarc"):
+        got = engine_model.pair_logp(tokens, classes, num_scales=5, chunk=6)
+    assert torch.equal(got, want)
+    assert [r.getMessage() for r in caplog.records] == [
+        "out of device memory with 6 pairs per forward; retrying with 3",
+        "out of device memory with 3 pairs per forward; retrying with 1"]
+
+
+def test_guard_margin_default_and_validation():
+    prof = load_profile("a-varc-plus")
+    assert prof.guard_margin is None and prof.margin(680) == pytest.approx(680 * GUARD_NATS_PER_TOKEN)
+    assert parse_profile({"stages": [{"scales": 2}], "guard_margin": 0}, "x", "t").margin(680) == 0
+    with pytest.raises(Exception, match="guard_margin"):
+        parse_profile({"stages": [{"scales": 2}], "guard_margin": -1}, "x", "t")
+
+
+def test_threads_follow_the_work():
+    """A tiny model runs on one thread (a busy core would stall a second one); a large one on the free cores."""
+    tiny = resolve_model("digits").spec.var
+    assert choose_threads(tiny) == 1 and choose_threads(tiny, 3) == 3
+    assert 1 <= choose_threads(official_spec("d16").var) <= usable_cores()
