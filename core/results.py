@@ -104,7 +104,7 @@ def lock_results(path: str | os.PathLike) -> FileLock:
         lock.acquire(timeout=0)
     except Timeout:
         raise AvarcError(f"{path}: another avarc run is writing this file; wait for it to finish, "
-                         "or choose another --out") from None
+                         "or choose another file", option="out") from None
     return lock
 
 
@@ -135,15 +135,15 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
             rec = None
         if not (isinstance(rec, dict) and isinstance(rec.get("run"), dict) and isinstance(rec.get("path"), str)):
             raise AvarcError(f"{path}: line {number} is not an avarc result record, so this is not a results file; "
-                             "left it untouched; choose another --out")
+                             "left it untouched; choose another file", option="out")
         if rec["run"].get("fingerprint") != run["fingerprint"]:
             raise AvarcError(f"{path}: holds records of another run ({_differs(rec['run'], run)}); left it "
-                             "untouched; resume with the same settings, or choose another --out for this run")
+                             "untouched; resume with the same settings, or choose another file for this run", option="out")
         state.done.setdefault(record_key(rec), rec)
     if state.torn:
         if not data[end:].startswith(b'{"'):
             raise AvarcError(f"{path}: its last line is not an avarc result record, so this is not a results file; "
-                             "left it untouched; choose another --out")
+                             "left it untouched; choose another file", option="out")
         os.truncate(path, end)
     return state
 
@@ -300,8 +300,8 @@ def check_csv(path: str | os.PathLike, columns: Sequence[str]) -> None:
     header = _csv_header(path)
     if header is not None and header != list(columns):
         stages = sum(c.startswith("recall_stage") for c in columns)
-        raise AvarcError(f"--csv {path}: its columns differ from this run's ({len(header)} vs {len(columns)}: a profile "
-                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another --csv")
+        raise AvarcError(f"{path}: its columns differ from this run's ({len(header)} vs {len(columns)}: a profile "
+                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another file", option="csv")
 
 
 def append_csv_summary(path: str | os.PathLike, row: dict) -> None:

@@ -100,7 +100,7 @@ def test_resume_refuses_records_of_another_run_and_names_what_differs(tmp_path):
     other = run_info("m", PROFILE, 1, range(6))
     out.write_text("".join(json.dumps(r) + "\n" for r in (_rec("a"), _rec("b", other))))
     before = out.read_bytes()
-    with pytest.raises(AvarcError, match=r"r.jsonl: holds records of another run \(seed 1 vs 0 now\).*another --out"):
+    with pytest.raises(AvarcError, match=r"r.jsonl: holds records of another run \(seed 1 vs 0 now\).*another file"):
         open_results(out, True, RUN)
     assert out.read_bytes() == before
 
@@ -140,6 +140,6 @@ def test_csv_summary_rows_accumulate_under_one_header(tmp_path):
     rows = list(csv.DictReader(f.open()))
     assert rows == [{"model": "a", "top1": "0.5"}, {"model": "b", "top1": "0.75"}]
     before = f.read_bytes()
-    with pytest.raises(AvarcError, match="its columns differ from this run's.*choose another --csv"):
+    with pytest.raises(AvarcError, match="its columns differ from this run.s.*choose another file"):
         append_csv_summary(f, {"model": "c", "top1": 0.5, "recall_stage1": 1.0})
     assert f.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.csv"]    # no temporary left
