@@ -8,6 +8,8 @@ import typer
 
 from core import AvarcError, __version__
 
+from . import output
+
 app = typer.Typer(
     name="avarc",
     help="Classify, explain and extend image classes with Visual AutoRegressive (VAR) models as generative classifiers.",
@@ -59,12 +61,22 @@ from avarc_cli.commands import report  # noqa: E402
 app.command("report", short_help="One self-contained HTML page (plots embedded) for a labelled classify run.")(report.report)
 
 
+UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
+
+
 def main() -> None:
+    """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except AvarcError as e:
-        typer.secho(f"error: {e}", err=True, fg="red")
+        typer.secho(f"error: {output.message(e)}", err=True, fg="red")
         sys.exit(2)
+    except UsageError as e:
+        typer.secho(f"error: {e.format_message()}", err=True, fg="red")
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,15 @@
 then exit code 130 (SIGINT) or 143 (SIGTERM), as shells report them."""
 from __future__ import annotations
 
+import shlex
 import signal
+import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
+
+from . import output
 
 _received: list[int] = []
 
@@ -32,3 +37,15 @@ def stop_on_signals() -> Iterator[None]:
 
 def interrupt_code() -> int:
     return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
+def say_interrupted(out: Path | None, safe: int | None) -> None:
+    """The one line after Ctrl-C / SIGTERM: what is safe where, and how to go on."""
+    if safe is None:
+        text = "interrupted before any image was classified; no new record was written"
+    elif out is None:
+        text = "interrupted: nothing was saved (no --out file)"
+    else:
+        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        text = f"interrupted: {safe} records safe in {out}; continue with: avarc {shlex.join(args)}"
+    output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -9,20 +10,60 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from core import AvarcError
+
 console = Console()
 err_console = Console(stderr=True)
+_QUANTITY = re.compile(r"[+\-−]?[\d,]*\.?\d+(e[+\-]?\d+)?\s*(%|[kMG]?B|s)?(\s*\(.*\))?")
+
+
+FLAGS = {"a": "--class", "b": "--vs", "extensions": "--extension"}   # core parameter → its flag, where they differ
+
+
+def message(err: AvarcError) -> str:
+    """An error as one line; one about a parameter names its flag (``patch_nums`` → ``--patch-nums``)."""
+    if err.option is None:
+        return str(err)
+    return f"{FLAGS.get(err.option, '--' + err.option.replace('_', '-'))}: {err}"
+
+
+def _numeric(cell: Any) -> bool:
+    """A number, or text that reads as a quantity (a sign, a decimal point or a unit); a bare digit string such as
+    a class name ``3`` or a file stem ``1438`` is text."""
+    if isinstance(cell, (int, float)):
+        return True
+    return isinstance(cell, str) and bool(_QUANTITY.fullmatch(cell)) and not cell.isdigit()
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A table whose numeric columns are right-aligned and keep their numbers whole, and whose headers never break inside a word
+    (long text cells, such as paths, fold instead). Too wide for the terminal even so, it is printed turned: one
+    column per row, headed by its first cell, with the column names down the side, so it still reads at 80 columns."""
     rows = [list(r) for r in rows]
-    t = Table(title=title, title_justify="left")
+    if rows and len(rows) < len(columns) and _least_width(columns, rows) > console.width:
+        columns, rows = [columns[0], *(_fmt(r[0]) for r in rows)], [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i]
+    t = Table(title=title, title_justify="left", min_width=min(len(title), console.width))
     for i, c in enumerate(columns):
-        numeric = all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
-        t.add_column(c, justify="right" if numeric or c[:1].isdigit() or c.endswith(("%", "/s", "s")) else "left",
-                     overflow="fold")  # long paths wrap instead of losing their ends
+        cells = [r[i] for r in rows if r[i] is not None]
+        numeric = sum(map(_numeric, cells)) > len(cells) / 2        # mostly numbers (a turned table mixes a few words in)
+        t.add_column(c, justify="right" if numeric else "left", overflow="fold", min_width=_least(c, cells, numeric))
     for r in rows:
-        t.add_row(*[_fmt(x) for x in r])
+        t.add_row(*map(_fmt, r))
     console.print(t)
+
+
+def _least(header: str, cells: list, numeric: bool) -> int:
+    """A column's narrowest width: its header's longest word, and a numeric column's longest value."""
+    words = max((len(w) for w in str(header).split()), default=1)
+    return max(words, *(len(_fmt(x)) for x in cells)) if numeric and cells else words
+
+
+def _least_width(columns: Sequence[str], rows: list[list]) -> int:
+    widths = []
+    for i, c in enumerate(columns):
+        cells = [r[i] for r in rows if r[i] is not None]
+        widths.append(3 + _least(c, cells, sum(map(_numeric, cells)) > len(cells) / 2))
+    return 1 + sum(widths)
 
 
 def emit_json(obj: Any) -> None:
@@ -30,10 +71,10 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def progress(transient: bool = False) -> Progress:
-    """A progress bar on stderr (so stdout stays clean for JSON/JSONL)."""
+def progress(transient: bool = False, disable: bool = False) -> Progress:
+    """A progress bar on stderr (so stdout stays clean for JSON/JSONL); ``disable`` silences it (other ranks)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient, disable=disable)
 
 
 def _fmt(x: Any) -> str:

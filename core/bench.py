@@ -15,9 +15,9 @@ from functools import lru_cache
 
 import torch
 
-from .classifier import noise_generator, run_stages, sample_tokens
+from .schedule import noise_generator, run_stages, sample_tokens
 from .flops import encoder_macs, schedule_macs
-from .model import Model, build_model
+from .model import Model, build_model, dtype_name
 from .profiles import Profile
 from .scoring import Scorer
 from .specs import ModelSpec, official_spec
@@ -52,9 +52,6 @@ class BenchResult:
         d.pop("preds")
         d.pop("scores")
         return d
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def random_model(depth: int, device: str | torch.device = "cpu", seed: int = 0) -> Model:
@@ -186,7 +183,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     shares = [statistics.median(s[k] for s in stage_times) / total for k in range(len(stage_times[0]))]
     low = model.dtype != torch.float32
     return BenchResult(
-        profile=profile.name, dtype=DTYPE_NAMES[model.dtype], device=str(device),
+        profile=profile.name, dtype=dtype_name(model.dtype), device=str(device),
         s_per_image={"median": med, "min": min(per_image), "max": max(per_image)}, images_per_s=1 / med,
         gflops_per_image=paper.paper / 1e9, gflops_executed=executed_paper / 1e9,
         attention_gflops_per_image=paper.attention / 1e9, tflops=tflops, peak_pct=100 * tflops * 1e12 / peak,

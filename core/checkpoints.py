@@ -6,6 +6,8 @@ buffers, and casts fp16/bf16 weights to fp32. Every failure is one line that nam
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import pickle
 import re
@@ -42,9 +44,9 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
             first = str(e).strip().splitlines()[0][:160]
             raise AvarcError(
                 f"{path}: refusing to unpickle: the file needs code execution to load ({first}); "
-                "if you trust its source, pass --trust-pickle"
+                "if you trust its source, allow full unpickling", option="trust_pickle"
             ) from None
-        warnings.warn(f"{path}: loading with full pickle (--trust-pickle): this can run arbitrary code", stacklevel=2)
+        warnings.warn(f"{path}: loading with full pickle (trust_pickle): this can run arbitrary code", stacklevel=2)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # an arbitrary pickle can fail in any way
@@ -119,3 +121,18 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
         if tuple(own[k].shape) != tuple(v.shape):
             raise AvarcError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
     module.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in module.parameters()))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (official checkpoints are GBs); remembered per path, size and mtime."""
+    st = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

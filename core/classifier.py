@@ -1,164 +1,274 @@
-"""The staged schedule of A-VARC / A-VARC+: score every candidate class cheaply, keep the best few, rescore those
-more carefully, and predict the best of the last stage.
+"""``Classifier``: the one door. Every construction decision (weights, extensions, profile, device, dtype,
+preprocessing, encoder backend) is made once in :meth:`Classifier.from_pretrained`; ``classify``, ``explain`` and
+``add_classes`` then take raw images and return plain results. Every ``avarc`` command goes through it.
 
-Stage scores are mean-over-samples summed token log-likelihoods of the first ``scales`` scales; sample 0 is the
-image's own tokens, samples 1… are tokens of ``latent + σ·noise`` re-quantised (likelihood smoothing). An image's
-tokens and neighbour tokens are computed once, from its own noise generator, so a result never depends on which
-other images share its batch.
+    clf = Classifier.from_pretrained("digits")
+    preds = clf.classify(["a.png", "b.png"])          # paths, PIL images or preprocessed 3×R×R tensors
+    print(preds[0].pred_name, preds[0].posterior[:3])
+
+Smoothing noise is seeded per image from ``seed`` and the image's key (a file's name, an in-memory image's
+position, or an :class:`~core.data.Item`'s key), so results do not depend on batching, order or sharding.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import Sequence
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image
 
-from . import tokenizer
+from . import distributed
+from .data import ClassSpace, Item
 from .errors import AvarcError
-from .guard import apply_guard
-from .model import Model
-from .profiles import Profile
+from .explain import Explanation, Target, check_scales, explain_images
+from .incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
+from .model import Model, resolve_device, resolve_dtype
+from .preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil
+from .profiles import Profile, default_profile_name, load_profile
+from .registry import entry, is_registry_name, resolve_model
+from .results import model_identity, ok_record, run_info, skipped_record
+from .schedule import Prediction, classify as run_schedule, noise_generator
 from .scoring import Scorer
+from .specs import ModelSpec
+from .threads import set_threads
+
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+IMAGES_PER_STEP = 16
 
 
 @dataclass
-class StageScores:
-    """One stage of one image: the candidates it scored (in input order) and their scores."""
+class Classifier:
+    """A loaded model with its extensions applied and its schedule resolved. Build it with :meth:`from_pretrained`."""
 
-    scales: int
-    samples: int
-    keep: int
-    candidates: list[int]
-    scores: list[float]
+    model: Model
+    profile: Profile                        # resolved for this model's scales
+    source: str = ""                        # the model argument it was built from (registry name, folder or file)
+    batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
+    files: list[Path] = field(default_factory=list)     # the files it was loaded from (weights, metadata, extensions)
+    _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
-    def ranked(self) -> list[tuple[int, float]]:
-        """Candidates best first (ties by class index, for a stable order)."""
-        return sorted(zip(self.candidates, self.scores), key=lambda cs: (-cs[1], cs[0]))
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike = "digits", *, vae: str | os.PathLike | None = None,
+                        extensions: Sequence[str | os.PathLike | Extension] = (), profile: str | os.PathLike | Profile | None = None,
+                        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", encoder: str = "torch",
+                        model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
+                        patch_nums: Sequence[int] | None = None, batch_size: int | None = None,
+                        threads: int | None = None) -> Classifier:
+        """``model``: a registry name (``digits``, ``d16``, ``d20-cca`` …), a model directory or a VAR checkpoint
+        file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
+        ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
+        shipped name, a YAML file or a Profile (default: the model's own). ``dtype``: ``auto``, ``fp32``, ``bf16``,
+        ``fp16`` or a torch dtype. ``threads``: CPU threads (default: see :func:`core.threads.set_threads`)."""
+        chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
+        dev = resolve_device(device)
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
+        m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
+                          tuple(patch_nums) if patch_nums else None)
+        set_threads(m.spec.var, threads)
+        for ext in extensions:
+            apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
+                            "extension" if isinstance(ext, Extension) else str(ext))
+        if chosen is None:
+            default = entry(str(model)).default_profile if is_registry_name(model) else None
+            chosen = load_profile(default or default_profile_name(m))
+        files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
+        files += [Path(e) for e in extensions if not isinstance(e, Extension)]
+        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files)
+
+    # what a user reaches for
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
 
     @property
-    def survivors(self) -> list[int]:
-        return [c for c, _ in self.ranked()[:self.keep]]
+    def extensions(self) -> list[Extension]:
+        """The extensions applied (given, or learnt by :meth:`add_classes`), bottom first."""
+        return self.model.extensions
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
-@dataclass
-class Prediction:
-    """The outcome for one image. ``ranking`` is every candidate: the last stage's by score, then classes pruned
-    earlier by their last score (later stages first); ``posterior`` is over the last stage's candidates."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
-    pred: int
-    ranking: list[tuple[int, float]]
-    stages: list[StageScores]
-    posterior: list[tuple[int, float]]
-    exited_after: int | None = None        # 1-based stage after which the image stopped early
+    @property
+    def space(self) -> ClassSpace:
+        """Every way to name a class of this model (index, name, synset); rebuilt when classes are added."""
+        if self._space is None or self._space.num_classes != self.model.num_classes:
+            self._space = ClassSpace(self.model)
+        return self._space
 
-    def label_rank(self, label: int) -> int | None:
-        """1-based rank of a class in the ranking (None if it was not a candidate)."""
-        return next((i for i, (c, _) in enumerate(self.ranking, 1) if c == label), None)
+    @property
+    def class_names(self) -> list[str]:
+        return self.space.names
 
+    def class_id(self, name: int | str, where: str = "class", allow_null: bool = False) -> int:
+        """A class named by index, name or synset (``null``: the unconditional model, where allowed)."""
+        if isinstance(name, int) and not isinstance(name, bool):
+            if not 0 <= name < self.model.num_classes:
+                raise AvarcError(f"{where}: class index {name} is out of range; this model has classes "
+                                 f"0…{self.model.num_classes - 1}")
+            return name
+        if allow_null and name.strip().lower() == "null":
+            try:
+                return self.space.parse(name, where)     # a model may have a class named "null"
+            except AvarcError:
+                return self.model.null_class
+        return self.space.parse(name, where)
 
-def noise_generator(seed: int, key: str) -> torch.Generator:
-    """A generator seeded from the run seed and an image's path, so its noise is the same in every batch/shard."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    def prepare(self, image: ImageInput) -> np.ndarray:
+        """An image file or PIL image → the uint8 R×R×3 pixels the model sees."""
+        img = image if isinstance(image, Image.Image) else open_image(image)
+        return preprocess_pil(img, self.spec.image_size, self.spec.preprocess)
 
+    def _tensors(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return images if images.ndim == 4 else images[None]
+        return torch.stack([x if isinstance(x, torch.Tensor) else pixels_to_tensor(self.prepare(x)) for x in images])
 
-def sample_tokens(model: Model, latents: torch.Tensor, num_samples: int, sigma: float,
-                  generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """B, Cvae, h, w latents → B, S, L tokens: the clean tokens, then S−1 neighbours from each image's generator."""
-    clean = model.tokenize_latent(latents).cpu().unsqueeze(1)                   # B, 1, L
-    if num_samples == 1:
-        return clean
-    noise = torch.cat([tokenizer.draw_noise(latents[i:i + 1], num_samples - 1, g) for i, g in enumerate(generators)], 1)
-    neighbours = tokenizer.neighbour_tokens(model.vae, latents.to(model.device), noise.to(model.device), sigma)
-    return torch.cat([clean, neighbours.cpu()], 1)
+    @staticmethod
+    def _keys(images, keys: Sequence[str] | None) -> list[str]:
+        if keys is not None:
+            return list(keys)
+        return [Path(x).name if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(images)]
 
+    # classify
+    def predict(self, x: torch.Tensor, keys: Sequence[str], candidates: Sequence[int], seed: int = 0,
+                temperature: float | None = None) -> list[Prediction]:
+        """B, 3, R, R preprocessed images → predictions (one noise generator per image, from seed and key).
+        ``temperature`` None: the profile's (fitted by ``avarc tune``), else 1."""
+        gens = [noise_generator(seed, k) for k in keys]
+        temperature = temperature if temperature is not None else self.profile.temperature or 1.0
+        preds = run_schedule(self.model, self.model.encode(x), candidates, self.profile, gens,
+                             Scorer(self.model, self.batch_size), temperature)
+        names = self.class_names
+        return [replace(p, pred_name=names[p.pred]) for p in preds]
 
-def _check_candidates(model: Model, candidates: Sequence[int]) -> list[int]:
-    cands = list(dict.fromkeys(int(c) for c in candidates))
-    if not cands:
-        raise AvarcError("no candidate classes; give at least one")
-    bad = [c for c in cands if not 0 <= c < model.num_classes]
-    if bad:
-        raise AvarcError(f"candidate class {bad[0]} is out of range; this model has classes 0…{model.num_classes - 1}")
-    return cands
+    def classify(self, images: Sequence[ImageInput] | torch.Tensor, *, labels: Sequence[int | str | None] | None = None,
+                 candidates: Sequence[int | str] | None = None, seed: int = 0, temperature: float | None = None,
+                 keys: Sequence[str] | None = None) -> list[Prediction]:
+        """Classify paths, PIL images or preprocessed tensors. ``labels`` (true classes) fill ``Prediction.label``;
+        ``candidates`` restricts the classes (default: all)."""
+        cands = self._candidates(candidates)
+        keys = self._keys(images, keys)
+        ids = [None if y is None else self.class_id(y, "label") for y in labels] if labels is not None else [None] * len(keys)
+        out: list[Prediction] = []
+        for i in range(0, len(keys), IMAGES_PER_STEP):
+            x = self._tensors(images[i:i + IMAGES_PER_STEP])
+            out += self.predict(x, keys[i:i + IMAGES_PER_STEP], cands, seed, temperature)
+        return [replace(p, label=y) for p, y in zip(out, ids)]
 
+    def _candidates(self, candidates: Sequence[int | str] | None) -> list[int]:
+        if candidates is None:
+            return list(range(self.model.num_classes))
+        return [self.class_id(c, "candidate") for c in candidates]
 
-@torch.no_grad()
-def classify(model: Model, latents: torch.Tensor, candidates: Sequence[int], profile: Profile,
-             generators: Sequence[torch.Generator], scorer: Scorer | None = None,
-             temperature: float = 1.0) -> list[Prediction]:
-    """Run a profile's stages on a batch of encoder latents (B, Cvae, h, w), one noise generator per image."""
-    profile = profile.resolve(len(model.spec.var.patch_nums))
-    if len(generators) != latents.shape[0]:
-        raise ValueError(f"{latents.shape[0]} latents but {len(generators)} generators")
-    tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, generators)
-    return run_stages(model, tokens, candidates, profile, scorer, temperature)
+    def run_key(self, seed: int, candidates: Sequence[int]) -> dict:
+        """The ``run`` key of this classifier's records (what decides every score)."""
+        extra = {"extensions": [e.sha256 for e in self.extensions]} if self.extensions else None
+        return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra)
 
+    def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0, temperature: float | None = None,
+                       topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
+                       per_step: int | None = None) -> Iterator[list[dict]]:
+        """Items → batches of result records (unreadable images become skipped records), in input order."""
+        names = self.class_names
+        run = run_key or self.run_key(seed, candidates)
 
-@torch.no_grad()
-def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], profile: Profile,
-               scorer: Scorer | None = None, temperature: float = 1.0) -> list[Prediction]:
-    """The schedule itself, on B, S, L sample tokens (sample 0 clean; a stage with n samples uses the first n)."""
-    profile = profile.resolve(len(model.spec.var.patch_nums))
-    if tokens.shape[1] < profile.max_samples:
-        raise ValueError(f"profile {profile.name} needs {profile.max_samples} samples per image, got {tokens.shape[1]}")
-    if temperature <= 0:
-        raise AvarcError(f"--temperature must be positive, got {temperature}")
-    scorer = scorer or Scorer(model)
-    scorer.reset()
-    cands = _check_candidates(model, candidates)
-    B = tokens.shape[0]
-    alive = {i: list(cands) for i in range(B)}
-    history: list[list[StageScores]] = [[] for _ in range(B)]
-    exited: dict[int, int] = {}
-    for s_idx, stage in enumerate(profile.stages, 1):
-        active = [i for i in range(B) if i not in exited]
-        if not active:
-            break
-        n_tok = model.spec.var.scale_ends()[stage.scales - 1]
-        seq, cls, keys, spans = [], [], [], []
-        for i in active:
-            c = torch.tensor(alive[i])
-            for j in range(stage.samples):
-                seq.append(tokens[i, j, :n_tok].expand(len(c), -1))
-                cls.append(c)
-                keys += [(i, j)] * len(c)
-            spans.append(len(c))
-        later = profile.stages[s_idx:]
-        useful = any(st.scales > stage.scales or st.samples > 1 for st in later)
-        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_for_later=useful)
-        pos = 0
-        for i, n in zip(active, spans):
-            block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)
-            pos += n * stage.samples
-            st = StageScores(stage.scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
-            history[i].append(st)
-            alive[i] = st.survivors
-            ranked = st.ranked()
-            if (stage.exit_margin is not None and len(ranked) > 1
-                    and ranked[0][1] - ranked[1][1] >= stage.exit_margin):
-                exited[i] = s_idx
-    apply_guard(model, scorer, tokens, {i: h[-1] for i, h in enumerate(history) if h}, profile)
-    return [_prediction(history[i], exited.get(i), temperature) for i in range(B)]
+        def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[dict]:
+            good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
+            preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), [it.key for it, _ in good],
+                                      candidates, seed, temperature) if good else ())
+            return [skipped_record(it, px, names, run) if isinstance(px, str) else ok_record(it, next(preds), names, run, topk)
+                    for it, px in zip(batch, pixels)]
 
+        per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates))
+        return distributed.run(items, self._load, step, dist, per_step)
 
-def _prediction(stages: list[StageScores], exited_after: int | None, temperature: float) -> Prediction:
-    last = stages[-1]
-    ranking = last.ranked()
-    placed = set(last.candidates)
-    for st in reversed(stages[:-1]):
-        ranking += [(c, s) for c, s in st.ranked() if c not in placed]
-        placed.update(st.candidates)
-    pred = ranking[0][0]
-    scores = torch.tensor([s for _, s in last.ranked()], dtype=torch.float64) / temperature
-    probs = torch.softmax(scores, 0).tolist()
-    posterior = [(c, p) for (c, _), p in zip(last.ranked(), probs)]
-    return Prediction(pred=pred, ranking=ranking, stages=stages, posterior=posterior, exited_after=exited_after)
+    def _load(self, item: Item) -> np.ndarray | str:
+        return load_pixels(item.path, self.spec.image_size, self.spec.preprocess)
 
+    # explain
+    def explain(self, images: Sequence[ImageInput] | torch.Tensor, *, a: int | str | None = None, b: int | str | None = None,
+                labels: Sequence[int | str | None] | None = None, scales: int | None = None, seed: int = 0,
+                keys: Sequence[str] | None = None) -> list[Explanation]:
+        """Token-wise log-likelihood-ratio maps of class ``a`` against ``b`` (``"null"``: the unconditional model).
+        Left open, A is the true label (from ``labels``) or the prediction and B the best other class."""
+        target = self.target(a, b)
+        keys = self._keys(images, keys)
+        labels = list(labels) if labels is not None else [None] * len(keys)
+        targets = [replace(target, label=None if y is None else self.class_id(y, "label")) for y in labels]
+        out: list[Explanation] = []
+        for i in range(0, len(keys), IMAGES_PER_STEP):
+            chunk = images[i:i + IMAGES_PER_STEP]
+            pixels = [None if isinstance(x, torch.Tensor) else self.prepare(x) for x in chunk]
+            x = torch.stack([x if px is None else pixels_to_tensor(px) for x, px in zip(chunk, pixels)])
+            for ex, px in zip(self.explain_tensors(x, targets[i:i + IMAGES_PER_STEP], keys[i:i + IMAGES_PER_STEP],
+                                                   scales, seed), pixels):
+                if isinstance(ex, AvarcError):
+                    raise ex
+                ex.pixels = px
+                out.append(ex)
+        return out
 
-def classify_images(model: Model, images: torch.Tensor, candidates: Sequence[int], profile: Profile,
-                    generators: Sequence[torch.Generator], scorer: Scorer | None = None,
-                    temperature: float = 1.0) -> list[Prediction]:
-    """Like :func:`classify`, from preprocessed images (B, 3, R, R in [-1, 1])."""
-    return classify(model, model.encode(images), candidates, profile, generators, scorer, temperature)
+    def target(self, a: int | str | None = None, b: int | str | None = None, label: int | str | None = None,
+               where: tuple[str, str, str] = ("class A", "class B", "label")) -> Target:
+        """What is fixed for every image; ``where`` names the three in messages."""
+        t = Target(cls=None if a is None else self.class_id(a, where[0]),
+                   vs=None if b is None else self.class_id(b, where[1], allow_null=True),
+                   label=None if label is None else self.class_id(label, where[2]))
+        if t.cls is not None and t.cls == t.vs:
+            raise AvarcError(f"{where[0]} and {where[1]} are the same class ({t.cls}); pick two different classes")
+        return t
+
+    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str], scales: int | None = None,
+                        seed: int = 0) -> list[Explanation | AvarcError]:
+        """B, 3, R, R preprocessed images → an explanation each (or why its class pair cannot be formed)."""
+        gens = [noise_generator(seed, k) for k in keys]
+        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales), self.batch_size)
+
+    def explain_items(self, items: Sequence[Item], target: Target, scales: int | None = None, seed: int = 0,
+                      per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:
+        """Items → batches of (item, explanation with its pixels, or the reason it was skipped), in input order."""
+        check_scales(self.model, scales)     # before the first batch: a bad value is an error, not a skip per image
+
+        def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[tuple[Item, Explanation | str]]:
+            good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
+            targets = [target if target.label is not None else replace(target, label=it.label) for it, _ in good]
+            done = iter(self.explain_tensors(torch.stack([pixels_to_tensor(px) for _, px in good]), targets,
+                                             [it.key for it, _ in good], scales, seed) if good else ())
+            out = []
+            for it, px in zip(batch, pixels):
+                ex = px if isinstance(px, str) else next(done)
+                if isinstance(ex, AvarcError):
+                    ex = f"{it.path}: {ex}"
+                elif isinstance(ex, Explanation):
+                    ex.pixels = px
+                out.append((it, ex))
+            return out
+
+        return distributed.run(items, self._load, step, per_step=per_step)
+
+    # add classes
+    def add_classes(self, classes: Mapping[str, str | os.PathLike | Sequence[ImageInput] | torch.Tensor], *,
+                    steps: int = 600, lr: float = 0.1, batch_size: int = 32, augment_sigma: float = 0.0,
+                    init: str = "null", seed: int = 0, holdout: float = 0.2, on_step=None) -> Extension:
+        """Learn new classes from their own images only (a folder, image list or N, 3, R, R tensor per name): only
+        their embedding rows train, old classes stay bit-identical. The classifier keeps them; ``.save(path)`` the
+        returned extension to use it again with ``extensions=``."""
+        images = {}
+        for name, imgs in classes.items():
+            if isinstance(imgs, (str, os.PathLike)):
+                images.update(read_class_folders({name: imgs}, self.spec.image_size, self.spec.preprocess).images)
+            else:
+                images[name] = self._tensors(imgs)
+        base = self.source.lower() if is_registry_name(self.source) else None
+        added = add_classes(self.model, images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
+                            init=init, seed=seed, holdout=holdout, base_name=base, on_step=on_step)
+        return added.extension
+

@@ -185,10 +185,13 @@ def _folder_label(space: ClassSpace, name: str, folder_kind: str | None, where: 
 
 
 def parse_classes(space: ClassSpace, text: str) -> list[int]:
-    """``--classes``: comma-separated indices, synsets or names."""
-    out = [space.parse(tok, "--classes") for tok in text.split(",") if tok.strip()]
+    """Comma-separated indices, synsets or names → class indices."""
+    try:
+        out = [space.parse(tok, text) for tok in text.split(",") if tok.strip()]
+    except AvarcError as e:
+        raise AvarcError(str(e), option="classes") from None
     if not out:
-        raise AvarcError("--classes: no classes given; list indices, synsets or names separated by commas")
+        raise AvarcError("no classes given; list indices, synsets or names separated by commas", option="classes")
     return list(dict.fromkeys(out))
 
 
@@ -204,9 +207,10 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
             raise AvarcError(f"unknown dataset {dataset!r}; use one of {', '.join(presets)}")
         preset = presets[dataset]
         if not space.imagenet:
-            raise AvarcError(f"--dataset {dataset} needs an ImageNet-1k model (1000 classes); this one has {space.num_classes}")
+            raise AvarcError(f"{dataset} needs an ImageNet-1k model (1000 classes); this one has {space.num_classes}",
+                             option="dataset")
         if labels == "none":
-            raise AvarcError(f"--dataset {dataset} is a labelled evaluation; drop --labels none")
+            raise AvarcError(f"{dataset} is a labelled evaluation; its labels cannot be turned off", option="labels")
         labels = "folders"
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders")
@@ -241,7 +245,7 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
                 name = _class_folder(f, base)
                 if name is None:
                     raise AvarcError(f"{f}: not inside a class folder; labelled mode reads the class from the first "
-                                     "sub-folder (root/<class>/image), or use --labels none")
+                                     "sub-folder (root/<class>/image), or classify without labels", option="labels")
                 if name not in cache:
                     cache[name] = _folder_label(space, name, folder_kind, str(base / name))
                 label = cache[name]
@@ -251,13 +255,17 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     if preset is not None and preset.candidates is not None:
         candidates = list(preset.candidates)
     if subset is not None:
-        wanted = {space.synset_index(s, f"--subset {subset}") for s in read_subset(subset)}
+        try:
+            wanted = {space.synset_index(s, str(subset)) for s in read_subset(subset)}
+        except AvarcError as e:
+            raise AvarcError(str(e), option="subset") from None
         candidates = [c for c in candidates if c in wanted]
     if classes is not None:
         wanted = set(parse_classes(space, classes))
         candidates = [c for c in candidates if c in wanted]
     if not candidates:
-        raise AvarcError("no candidate classes left after --dataset/--subset/--classes; they have no class in common")
+        raise AvarcError("no candidate classes left after the dataset, subset and class restrictions; they have no "
+                         "class in common")
     left_out = 0
     if labelled:
         allowed = set(candidates)
@@ -265,7 +273,7 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         left_out = len(items) - len(kept)
         items = kept
         if not items:
-            raise AvarcError("no labelled images belong to the candidate classes; check --subset/--classes")
+            raise AvarcError("no labelled images belong to the candidate classes; check the subset and class restrictions")
     return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out)
 
 

@@ -2,8 +2,7 @@
 
 Rank r takes images r, r+W, r+2W, … of the list; all ranks step through their shards in lock-step, and after
 every step the records are gathered on rank 0 in input order. With one process this is the plain loop.
-Unreadable images become skipped records here; everything else about an image is decided by
-:func:`core.classifier.classify`.
+``classify`` and ``explain`` share this loop (:meth:`core.Classifier.classify_items` / ``explain_items``).
 """
 from __future__ import annotations
 
@@ -16,15 +15,12 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as tdist
 
-from .classifier import Scorer, classify, noise_generator
 from .data import Item
 from .errors import AvarcError
-from .model import Model, resolve_device
-from .preprocess import preprocess_image
-from .profiles import Profile
-from .results import ok_record, skipped_record
+from .model import resolve_device
 
 T = TypeVar("T")
+X = TypeVar("X")
 IMAGES_PER_STEP = 32
 
 
@@ -101,45 +97,20 @@ def close(dist: Dist) -> None:
         tdist.destroy_process_group()
 
 
-def _load(item: Item, model: Model) -> torch.Tensor | str:
-    """An image tensor, or the reason it cannot be read (a bad file must not stop the run)."""
-    try:
-        return preprocess_image(item.path, model.spec.image_size, model.spec.preprocess)
-    except AvarcError as e:
-        return str(e)
-    except Exception as e:  # decoders raise many types (DecompressionBombError, MemoryError, …); record, go on
-        return f"{item.path}: not a readable image ({type(e).__name__}: {e})"
-
-
-def run(model: Model, items: Sequence[Item], candidates: Sequence[int], profile: Profile, seed: int,
-        names: Sequence[str], run_key: dict, dist: Dist = Dist(), scorer: Scorer | None = None,
-        temperature: float = 1.0, topk: int = 5, per_step: int = IMAGES_PER_STEP) -> Iterator[list[dict]]:
-    """Classify ``items`` → batches of records. On rank 0 each batch is every rank's step, in input order; other
-    ranks get empty batches (they must still iterate to the end)."""
+def run(items: Sequence[Item], load: Callable[[Item], X], step: Callable[[list[Item], list[X]], list[T]],
+        dist: Dist = Dist(), per_step: int = IMAGES_PER_STEP) -> Iterator[list[T]]:
+    """The one batch loop: ``load`` each item (threads, the next step's images while this one is worked on), then
+    ``step`` a batch of items with what was loaded → one result per item. On rank 0 each yielded batch is every
+    rank's step, in input order; other ranks get empty batches (they must still iterate to the end)."""
     shard = list(enumerate(items))[dist.rank::dist.world]
     steps = math.ceil(math.ceil(len(items) / dist.world) / per_step)
-    scorer = scorer or Scorer(model)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         batches = [shard[k * per_step:(k + 1) * per_step] for k in range(steps)]
-        pending = pool.map(lambda it: _load(it, model), [it for _, it in batches[0]]) if batches else iter(())
+        pending = pool.map(load, [it for _, it in batches[0]]) if batches else iter(())
         for k, batch in enumerate(batches):
             loaded = list(pending)
-            if k + 1 < steps:    # decode the next step's images while this one is scored
-                pending = pool.map(lambda it: _load(it, model), [it for _, it in batches[k + 1]])
-            records = _classify_step(model, batch, loaded, candidates, profile, seed, names, run_key, scorer,
-                                     temperature, topk)
-            merged = [r for part in dist.gather(records) for r in part]
-            yield [rec for _, rec in sorted(merged, key=lambda ir: ir[0])] if dist.is_main else []
-
-
-def _classify_step(model: Model, batch: list[tuple[int, Item]], loaded: list, candidates: Sequence[int],
-                   profile: Profile, seed: int, names: Sequence[str], run_key: dict, scorer: Scorer,
-                   temperature: float, topk: int) -> list[tuple[int, dict]]:
-    out = [(i, skipped_record(it, x, names, run_key)) for (i, it), x in zip(batch, loaded) if isinstance(x, str)]
-    good = [(i, it, x) for (i, it), x in zip(batch, loaded) if not isinstance(x, str)]
-    if good:
-        latents = model.encode(torch.stack([x for _, _, x in good]))
-        gens = [noise_generator(seed, it.key) for _, it, _ in good]
-        preds = classify(model, latents, candidates, profile, gens, scorer, temperature)
-        out += [(i, ok_record(it, p, names, run_key, topk)) for (i, it, _), p in zip(good, preds)]
-    return out
+            if k + 1 < steps:
+                pending = pool.map(load, [it for _, it in batches[k + 1]])
+            results = step([it for _, it in batch], loaded)
+            merged = [r for part in dist.gather(list(zip((i for i, _ in batch), results))) for r in part]
+            yield [res for _, res in sorted(merged, key=lambda ir: ir[0])] if dist.is_main else []

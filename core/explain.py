@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .classifier import Scorer, classify
+from .schedule import Scorer, classify
 from .errors import AvarcError
 from .files import atomic_write
 from .model import Model
@@ -54,6 +54,7 @@ class Explanation:
     patch_nums: tuple[int, ...]     # the scales used; p = patch_nums[-1]
     pred: int | None = None         # the schedule's prediction, when it ran
     label: int | None = None        # the image's true class, when known
+    pixels: np.ndarray | None = None  # R, R, 3 uint8: the input as the model saw it (for drawing the panels)
 
     @property
     def ratios(self) -> tuple[float, float, float]:
@@ -92,7 +93,7 @@ def check_scales(model: Model, num_scales: int | None) -> int:
     if num_scales is None:
         return n
     if not 1 <= num_scales <= n:
-        raise AvarcError(f"--scales {num_scales}: this model has {n} scales; use 1…{n}")
+        raise AvarcError(f"{num_scales} scales asked for, but this model has {n}; use 1…{n}", option="scales")
     return num_scales
 
 
@@ -133,9 +134,9 @@ def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) 
     a = target.cls if target.cls is not None else target.label if target.label is not None else best_except(target.vs)
     b = target.vs if target.vs is not None else best_except(a)
     if a == null_class:
-        raise AvarcError("the null class cannot be the explained class (A); pass a real class with --class")
+        raise AvarcError("the null class cannot be the explained class (A); name a real class", option="a")
     if a == b:
-        raise AvarcError(f"the explained class and --vs are the same class ({a}); pick two different classes")
+        raise AvarcError(f"the explained class and the contrast class are the same class ({a}); pick two different classes", option="b")
     return a, b
 
 

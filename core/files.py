@@ -52,6 +52,18 @@ def check_output_file(path: str | os.PathLike, flag: str, force: bool | None = N
     return path
 
 
+def check_output_files(paths: dict[str, str | os.PathLike | None]) -> None:
+    """Several output files of one run (``{flag: path}``, None: not asked for): each writable, no two the same."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        check_output_file(path, flag)
+        if absolute(path) in seen:
+            raise AvarcError(f"{flag} {path}: is the {seen[absolute(path)]} file; give each output its own file")
+        seen[absolute(path)] = flag
+
+
 def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create the output folder ``path`` (and its parents), or fail in one line."""
     path = Path(path)

@@ -16,7 +16,7 @@ from .profiles import Profile
 from .scoring import Scorer
 
 if TYPE_CHECKING:
-    from .classifier import StageScores
+    from .schedule import StageScores
 
 
 def needs_guard(stage: StageScores, margin: float) -> list[int]:

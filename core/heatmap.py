@@ -11,14 +11,17 @@ characters drawn as ``?`` (the NPZ and the terminal keep the exact class names).
 from __future__ import annotations
 
 import math
+import os
 import unicodedata
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import AvarcError
-from .explain import Explanation
+from .explain import Explanation, save_npz
+from .files import atomic_write
 
 MIN_PANEL = 256     # panels are at least this many pixels wide
 GAP = 4             # pixels between panels
@@ -84,9 +87,9 @@ def overlay(base: np.ndarray, m: np.ndarray, colormap: str = "turbo", alpha: flo
 
 def check_style(colormap: str, alpha: float) -> None:
     if colormap not in COLORMAPS:
-        raise AvarcError(f"--colormap {colormap}: unknown colormap; use {' or '.join(COLORMAPS)}")
+        raise AvarcError(f"unknown colormap {colormap!r}; use {' or '.join(COLORMAPS)}", option="colormap")
     if not 0.0 <= alpha <= 1.0:
-        raise AvarcError(f"--alpha {alpha}: must be between 0 (input only) and 1 (heatmap only)")
+        raise AvarcError(f"opacity {alpha} is not between 0 (input only) and 1 (heatmap only)", option="alpha")
 
 
 def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colormap: str = "turbo",
@@ -122,6 +125,20 @@ def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colorm
             draw.text((x + size // 2, P + size // 2 + j * _line_height(size)), _fit(line, font, P - size), font=font,
                       fill=TEXT)
     return fig
+
+
+def save_explanation(expl: Explanation, out: str | os.PathLike, stem: str, names: Sequence[str], colormap: str = "turbo",
+                     alpha: float = 0.5) -> tuple[str, str]:
+    """``OUT/<stem>.npz`` (the raw maps) and ``OUT/<stem>.png`` (the panels, captioned with the true and predicted
+    class when known), each written atomically. ``names`` are every class's display name, the null class's last.
+    Returns A's and B's names."""
+    a, b = (names[c] for c in expl.classes)
+    notes = ([f"true: {names[expl.label]}"] if expl.label is not None else []) + \
+        ([f"predicted: {names[expl.pred]}"] if expl.pred is not None else [])
+    save_npz(expl, Path(out) / f"{stem}.npz", (a, b))
+    with atomic_write(Path(out) / f"{stem}.png") as f:
+        render(expl.pixels, expl, (a, b), colormap, alpha, ", ".join(notes)).save(f, format="PNG")
+    return a, b
 
 
 def _font_size(panel: int) -> int:

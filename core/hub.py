@@ -8,19 +8,24 @@ just fetched is hashed here and compared with the SHA-256 the hub publishes for 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .checkpoints import file_sha256
 from .errors import AvarcError
 
-if TYPE_CHECKING:
-    from .registry import ModelEntry
-
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """Where one model file lives on the hub; ``name`` is the registry name used in messages."""
+
+    name: str
+    repo_id: str
+    filename: str
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Download:
     sha256: str | None = None  # the hub's SHA-256 the fetched bytes were checked against (None: nothing fetched)
 
 
-def find_local(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revision: str | None = None) -> Path | None:
+def find_local(e: HubFile, model_dir: str | os.PathLike | None = None, revision: str | None = None) -> Path | None:
     """A model's file if it is already on this machine, in ``model_dir`` or else the HF cache. Never uses the network.
 
     In ``model_dir`` the file is looked for where ``download --dir`` puts it (its path in the repository) and, for
@@ -51,7 +56,7 @@ def find_local(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revi
     return Path(cached) if isinstance(cached, str) else None
 
 
-def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revision: str | None = None,
+def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: str | None = None,
              force: bool = False) -> Download:
     """Fetch one registry file (a no-op when it is already here), then check what was fetched against the hub.
 
@@ -59,15 +64,10 @@ def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revisi
     """
     from huggingface_hub import constants, hf_hub_download
 
-    if e.bundled:
-        from .registry import local_path
-
-        path = local_path(e)
-        return Download(e.name, path, disk_size(path), "bundled")
     before = find_local(e, model_dir, revision)
     if constants.HF_HUB_OFFLINE:  # answered from disk alone, so not even huggingface_hub is asked to try the network
         if force or before is None:
-            why = "--force needs the network" if force else "not downloaded yet"
+            why = "downloading again needs the network" if force else "not downloaded yet"
             raise AvarcError(f"{e.name}: {why} but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it")
         return Download(e.name, before, before.stat().st_size, "present")
     before_id = _identity(before)
@@ -82,20 +82,7 @@ def download(e: "ModelEntry", model_dir: str | os.PathLike | None = None, revisi
     return Download(e.name, path, path.stat().st_size, "downloaded", sha)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def disk_size(path: Path) -> int:
-    """Bytes of a file, or of the files directly in a folder (a model directory)."""
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _verify(e: "ModelEntry", path: Path, revision: str | None, model_dir: str | os.PathLike | None) -> str | None:
+def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.PathLike | None) -> str | None:
     """Compare a freshly fetched file with the hub's SHA-256 for it; remove it (blob and link too) if they differ."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
@@ -109,7 +96,7 @@ def _verify(e: "ModelEntry", path: Path, revision: str | None, model_dir: str | 
     expected = (meta.etag or "").lower()
     if not _SHA256.fullmatch(expected):
         return None  # not an LFS file: the hub publishes no SHA-256 for it
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if actual != expected:
         _remove(path, cached)
         raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
@@ -134,7 +121,7 @@ def _identity(path: Path | None) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _explain(e: "ModelEntry", revision: str | None, err: OSError) -> AvarcError:
+def _explain(e: HubFile, revision: str | None, err: OSError) -> AvarcError:
     from huggingface_hub import constants
     from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                        RevisionNotFoundError)
@@ -147,7 +134,7 @@ def _explain(e: "ModelEntry", revision: str | None, err: OSError) -> AvarcError:
         return AvarcError(f"{e.name}: repository {e.repo_id} not found or not accessible at {constants.ENDPOINT}; "
                           "for a private or gated repository set HF_TOKEN")
     if isinstance(err, RevisionNotFoundError):
-        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; pass an existing --revision")
+        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; name an existing branch, tag or commit", option="revision")
     if isinstance(err, EntryNotFoundError):
         return AvarcError(f"{e.name}: {e.filename} not found in {e.repo_id} at revision {rev!r}")
     return AvarcError(f"{e.name}: download of {e.filename} failed ({_first_line(err)}); run the command again")

@@ -14,7 +14,6 @@ never modified.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import pickle
@@ -25,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .classifier import classify_images, noise_generator
+from .checkpoints import file_sha256
 from .errors import AvarcError
 from .files import atomic_write
 from .model import Model
-from .preprocess import preprocess_image
+from .preprocess import load_pixels, pixels_to_tensor
 from .profiles import default_profile_name, load_profile
+from .schedule import classify, noise_generator
 from .training import Augment, OnStep, TrainConfig, TrainLog, token_pool, train_var
 
 EXTENSION_FORMAT = "avarc-extension/1"
@@ -40,21 +40,6 @@ INITS = ("null", "mean")
 def rows_sha256(rows: torch.Tensor) -> str:
     """Identity of an extension: SHA-256 of its rows as fp32 bytes."""
     return hashlib.sha256(rows.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (official checkpoints are GBs); remembered per path, size and mtime."""
-    st = Path(path).stat()
-    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def base_sha256(model: Model) -> str:
@@ -80,6 +65,10 @@ class Extension:
     @property
     def sha256(self) -> str:
         return rows_sha256(self.rows)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the extension file (loads with ``weights_only=True``; apply it with ``extensions=[path]``)."""
+        return save_extension(self, path)
 
     def describe_base(self) -> str:
         short = self.base_sha256[:12]
@@ -119,8 +108,8 @@ def load_extension(path: str | os.PathLike) -> Extension:
 
 
 def applied(model: Model) -> list[dict]:
-    """The extensions applied to a model so far, bottom first ({"sha256", "names"})."""
-    return model.meta.setdefault("extensions", [])
+    """The extensions applied to a model so far, bottom first, as extension files record their parents."""
+    return [{"sha256": ext.sha256, "names": list(ext.names)} for ext in model.extensions]
 
 
 def check_names(model: Model, names: Sequence[str], where: str) -> None:
@@ -136,22 +125,22 @@ def apply_extension(model: Model, ext: Extension, where: str = "extension") -> N
     """Append an extension's rows after checking it belongs to this base and to the extensions already applied."""
     sha = base_sha256(model)
     if ext.base_sha256 != sha:
-        hint = f"--model {ext.base_name}" if ext.base_name else "--model with the VAR checkpoint it was trained on"
-        raise AvarcError(f"{where}: was trained on {ext.describe_base()} but the model is sha256 {sha[:12]}…; use {hint}")
+        hint = f"model {ext.base_name}" if ext.base_name else "VAR checkpoint it was trained on"
+        raise AvarcError(f"{where}: was trained on {ext.describe_base()} but the model is sha256 {sha[:12]}…; use the {hint}",
+                         option="model")
     below = applied(model)
     if [p["sha256"] for p in ext.parents] != [p["sha256"] for p in below] or ext.offset != model.num_classes:
         need = ", ".join("+".join(p["names"]) for p in ext.parents) or "none"
         have = ", ".join("+".join(p["names"]) for p in below) or "none"
         raise AvarcError(f"{where}: stacks on the extensions [{need}] but the model has [{have}]; "
-                         "pass the extensions it was trained on first, in the same order, with --extension")
+                         "apply the extensions it was trained on first, in the same order", option="extensions")
     want = (model.var.num_slots, model.spec.var.embed_dim)
     if tuple(ext.rows.shape[1:]) != want:
         raise AvarcError(f"{where}: rows are {tuple(ext.rows.shape[1:])} (slots, width) but the model needs {want}; "
                          "use the model it was trained on")
     check_names(model, ext.names, where)
     model.var.add_classes(ext.rows.to(model.device))
-    model.extension_names.extend(ext.names)
-    below.append({"sha256": ext.sha256, "names": list(ext.names)})
+    model.extensions.append(ext)
 
 
 def apply_extensions(model: Model, paths: Sequence[str | os.PathLike] | None) -> list[Extension]:
@@ -183,10 +172,11 @@ def read_class_folders(folders: Mapping[str, str | os.PathLike], size: int, prep
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
         xs = []
         for f in files:
-            try:
-                xs.append(preprocess_image(f, size, preprocess))
-            except AvarcError as e:
-                out.skipped.append((str(f), str(e)))
+            px = load_pixels(f, size, preprocess)
+            if isinstance(px, str):
+                out.skipped.append((str(f), px))
+            else:
+                xs.append(pixels_to_tensor(px))
         if not xs:
             raise AvarcError(f"{folder}: no readable images for class {name!r}; put its images in that folder")
         out.images[name] = torch.stack(xs)
@@ -256,7 +246,7 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     if steps < 1 or lr <= 0 or batch_size < 1 or augment_sigma < 0 or not 0 <= holdout < 1:
         raise AvarcError("add-class: need steps ≥ 1, lr > 0, batch size ≥ 1, augment sigma ≥ 0 and 0 ≤ holdout < 1")
     if init not in INITS:
-        raise AvarcError(f"--init {init}: unknown initialisation; use {' or '.join(INITS)}")
+        raise AvarcError(f"unknown initialisation {init!r}; use {' or '.join(INITS)}", option="init")
     base_sha = base_sha256(model)
     parents = [dict(p) for p in applied(model)]
     offset = model.num_classes
@@ -275,7 +265,6 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     var = model.var
     old_extra = None if var.extra_class_emb is None else var.extra_class_emb.detach().clone()
     var.add_classes(_init_rows(model, len(names), init))
-    model.extension_names.extend(names)
     keep = torch.zeros(var.num_extra_classes, 1, 1, device=model.device)
     keep[-len(names):] = 1
     var.extra_class_emb.requires_grad_(True)
@@ -285,30 +274,24 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
         log = train_var(model, torch.cat(tokens), torch.cat(labels), cfg, [("extra_class_emb", var.extra_class_emb)],
                         label_drop=0.0, on_step=on_step)
     except BaseException:
-        _drop_new(model, old_extra, len(names))
-        raise
+        var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
+        raise     # the model goes back to the classes it had
     finally:
         hook.remove()
     rows = var.extra_class_emb.detach()[-len(names):].clone()
     extra = rows if old_extra is None else torch.cat((old_extra, rows))   # earlier rows restored bit-for-bit
     var.extra_class_emb = torch.nn.Parameter(extra, requires_grad=False)
 
+    ext = Extension(rows=rows.cpu(), names=names, base_sha256=base_sha, base_name=base_name, offset=offset,
+                    parents=parents)
+    model.extensions.append(ext)
     held = _held_out(model, images, splits, offset, seed)
-    training = {"steps": steps, "lr": lr, "batch_size": batch_size, "init": init, "augment_sigma": augment_sigma,
+    ext.training = {"steps": steps, "lr": lr, "batch_size": batch_size, "init": init, "augment_sigma": augment_sigma,
                 "augment_copies": copies, "affine": {"shift": affine.shift, "rotate": affine.rotate, "scale": affine.scale},
                 "seed": seed, "holdout": holdout, "final_loss": round(log.mean(last=min(20, steps)), 4),
                 "images": {h.name: {"train": h.train_images, "held_out": h.total} for h in held},
                 "held_out_accuracy": {h.name: h.accuracy for h in held}}
-    ext = Extension(rows=rows.cpu(), names=names, base_sha256=base_sha, base_name=base_name, offset=offset,
-                    parents=parents, training=training)
-    applied(model).append({"sha256": ext.sha256, "names": list(names)})
     return AddedClasses(ext, log, held)
-
-
-def _drop_new(model: Model, old_extra: torch.Tensor | None, n: int) -> None:
-    """Undo a failed add: the model goes back to the classes it had."""
-    model.var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
-    del model.extension_names[-n:]
 
 
 @torch.no_grad()
@@ -321,7 +304,7 @@ def _held_out(model: Model, images: Mapping[str, torch.Tensor], splits: dict, of
         correct = 0
         for i in held_idx.tolist():
             gens = [noise_generator(seed, f"{name}/{i}")]
-            pred = classify_images(model, x[i:i + 1], candidates, profile, gens)[0]
+            pred = classify(model, model.encode(x[i:i + 1]), candidates, profile, gens)[0]
             correct += int(pred.pred == offset + j)
         out.append(HeldOut(name, correct, len(held_idx), len(train_idx)))
     return out

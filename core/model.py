@@ -33,8 +33,9 @@ class Model:
     meta: dict = field(default_factory=dict)
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # replaces the torch encoder (``onnx_encoder.use_encoder``)
 
-    extension_names: list[str] = field(default_factory=list)   # names of classes added by extensions, in id order
+    extensions: list = field(default_factory=list)   # the core.incremental.Extension objects applied, bottom first
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
+    vae_file: Path | None = None                                # the VQ-VAE checkpoint it was loaded from
     compile: bool = False                       # fuse the engine's elementwise work with torch.compile
     _engines: dict[torch.dtype, tuple[tuple, VAR]] = field(default_factory=dict, repr=False)
 
@@ -58,6 +59,11 @@ class Model:
     def num_classes(self) -> int:
         """Base classes plus classes added by extensions (the null class is not counted)."""
         return self.var.num_classes
+
+    @property
+    def extension_names(self) -> list[str]:
+        """Names of the classes added by extensions, in id order."""
+        return [name for ext in self.extensions for name in ext.names]
 
     @property
     def null_class(self) -> int:
@@ -123,12 +129,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise AvarcError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AvarcError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        raise AvarcError(f"device {name!r} requested but CUDA is not available here; use cpu", option="device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise AvarcError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s), cuda:0…cuda:{torch.cuda.device_count() - 1}")
+                         f"device(s), cuda:0…cuda:{torch.cuda.device_count() - 1}", option="device")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise AvarcError(f"device {name!r} requested but MPS is not available here; use --device cpu")
+        raise AvarcError(f"device {name!r} requested but MPS is not available here; use cpu", option="device")
     return dev
 
 
@@ -164,7 +170,7 @@ def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | tor
     model = build_model(spec, "meta")
     checkpoints.load_into(model.var, var_sd, var, "VAR")
     checkpoints.load_into(model.vae, vae_sd, vae, "VQ-VAE")
-    model.var_file = Path(var)
+    model.var_file, model.vae_file = Path(var), Path(vae)
     return _finish(model, device, dtype)
 
 
@@ -195,7 +201,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise AvarcError(f"{path}: not a model directory (no meta.json); pass a VAR checkpoint file with --vae instead")
+        raise AvarcError(f"{path}: not a model directory (no meta.json); give a VAR checkpoint file and its VQ-VAE instead")
     try:
         meta = json.loads(meta_file.read_text())
         spec = spec_from_dict(meta["spec"])
@@ -206,7 +212,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
         kind = "var" if what == "VAR" else "vae"
         checkpoints.load_into(module, checkpoints.read_state_dict(path / name, kind), path / name, what)
     model.meta = {k: v for k, v in meta.items() if k not in ("format", "spec")}
-    model.var_file = path / "var.pth"
+    model.var_file, model.vae_file = path / "var.pth", path / "vae.pth"
     return _finish(model, device, dtype)
 
 
@@ -223,6 +229,11 @@ def resolve_compile(flag: bool | None, device: torch.device) -> bool:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``bf16`` (the names of :data:`DTYPES`)."""
+    return next(name for name, dt in DTYPES.items() if dt == dtype)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -246,4 +257,4 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise AvarcError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16") from None
+        raise AvarcError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None

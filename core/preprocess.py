@@ -80,3 +80,14 @@ def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, size: int, mo
     """An image file or PIL image → 3×size×size float32 tensor in [-1, 1]."""
     img = path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil)
     return pixels_to_tensor(preprocess_pil(img, size, mode))
+
+
+def load_pixels(path: str | os.PathLike, size: int, mode: str = "official") -> np.ndarray | str:
+    """The model's input pixels (uint8 size×size×3), or the one-line reason the image cannot be used: inside a
+    batch a bad file becomes a skipped record instead of stopping the run."""
+    try:
+        return preprocess_pil(open_image(path), size, mode)
+    except AvarcError as e:
+        return str(e)
+    except Exception as e:  # decoders raise many types (DecompressionBombError, MemoryError, …); record, go on
+        return f"{path}: not a readable image ({type(e).__name__}: {e})"

@@ -130,7 +130,7 @@ def _parse_stage(raw, where: str) -> Stage:
 def parse_profile(doc, name: str, source: str) -> Profile:
     """A YAML document (already loaded) → validated Profile; every error names ``source``, the stage and the field."""
     if not isinstance(doc, dict):
-        raise _fail(source, "a profile must be a mapping with a `stages:` list; see `avarc classify --list-profiles`")
+        raise _fail(source, "a profile must be a mapping with a `stages:` list; see the shipped profiles")
     unknown = [k for k in doc if k not in PROFILE_FIELDS]
     if unknown:
         raise _fail(source, f"{unknown[0]}: unknown field; use {', '.join(PROFILE_FIELDS)}")
@@ -231,8 +231,8 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     if path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1:
         raise AvarcError(f"{key}: no such profile file; check the path, or use a shipped profile: "
                          f"{', '.join(shipped_names())}")
-    raise AvarcError(f"unknown profile {key!r}; use one of {', '.join(shipped_names())} or a YAML file path "
-                     "(see `avarc classify --list-profiles`)")
+    raise AvarcError(f"unknown profile {key!r}; use one of {', '.join(shipped_names())} or a YAML file path",
+                     option="profile")
 
 
 def list_profiles() -> list[Profile]:

@@ -144,16 +144,6 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat.new_zeros(B, 0, self.Cvae)
         return torch.cat(nxt, dim=1)
 
-    def embed_to_fhat(self, tokens: torch.Tensor) -> torch.Tensor:
-        """All scales' tokens → the quantised latent f̂ (for decoding)."""
-        maps = self.split(tokens)
-        B, H = tokens.shape[0], self.patch_nums[-1]
-        f_hat = self.embedding.weight.new_zeros(B, self.Cvae, H, H)
-        for k, m in enumerate(maps):
-            pn = self.patch_nums[k]
-            f_hat = f_hat + self._upsampled_code(k, m.view(B, pn, pn), H, H)
-        return f_hat
-
     def forward(self, f: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: returns the straight-through f̂ and the mean VQ loss over scales
         (codebook term + beta · commitment term)."""

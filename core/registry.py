@@ -1,22 +1,27 @@
-"""The one table of known models (name → where the weights live, what builds them, what they are for).
+"""The one table of known models: name → where its files are, the architecture they build, how images are
+prepared for it, the profile it is classified with and its class names.
 
-``download``, ``--list``, ``--model NAME`` in every command and ``bench`` all read it. A model argument is a
-registry name, a model directory (``var.pth`` + ``vae.pth`` + ``meta.json``, like the bundled ``digits``), or a
-VAR checkpoint file (its VQ-VAE from ``--vae``, a ``vae.pth`` beside it, or the downloaded official ``vae``).
-Registry files are found in the HF cache, or in the ``--model-dir`` that ``avarc download --dir`` filled.
+``download``, ``--list``, ``--model NAME`` in every command, ``bench`` and :class:`core.Classifier` all read it.
+A model argument is a registry name, a model directory (``var.pth`` + ``vae.pth`` + ``meta.json``, like the
+bundled ``digits``), or a VAR checkpoint file (its VQ-VAE from ``vae``, a ``vae.pth`` beside it, or the downloaded
+official ``vae``). Hub files are found in the HF cache or in a directory filled by ``avarc download --dir``;
+bundled models are files of this package and never go through the hub code.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .data import imagenet_classes
 from .errors import AvarcError
-from .hub import disk_size, find_local
-from .model import Model, load_model, load_model_dir
+from .hub import Download, HubFile, download, find_local
+from .model import MODEL_DIR_FORMAT, Model, load_model, load_model_dir
 from .onnx_encoder import check_backend, use_encoder
+from .specs import ModelSpec, official_spec, spec_from_dict
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 VAR_REPO = "FoundationVision/var"
@@ -25,33 +30,57 @@ CCA_REPO = "ChenDRAG/CCA_VAR"
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """Everything known about one model. ``hub`` is None for a model bundled in the package (a model directory
+    under ``BUNDLED_DIR``); ``spec`` is None for the VQ-VAE alone."""
+
     name: str
     description: str
-    repo_id: str | None = None     # hub repository (None: bundled in the package)
-    filename: str | None = None    # path of the file inside the repository
-    vae: str | None = None         # registry name of the paired VQ-VAE
-    size_bytes: int | None = None  # approximate download size
+    hub: HubFile | None = None
+    spec: ModelSpec | None = None
+    vae: str | None = None                  # registry name of the paired VQ-VAE
+    default_profile: str | None = None
+    size_bytes: int | None = None           # approximate download size
 
     @property
     def bundled(self) -> bool:
-        return self.repo_id is None
+        return self.hub is None
 
     @property
     def is_vae(self) -> bool:
-        return self.vae is None and not self.bundled
+        return self.spec is None
+
+    @property
+    def preprocess(self) -> str | None:
+        return None if self.spec is None else self.spec.preprocess
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Its classes in index order (ImageNet-1k names for the official models)."""
+        if self.spec is None:
+            return ()
+        if self.spec.class_names:
+            return self.spec.class_names
+        return tuple(name for _, name in imagenet_classes())
+
+
+def _bundled(name: str, description: str) -> ModelEntry:
+    meta = json.loads((BUNDLED_DIR / name / "meta.json").read_text())
+    return ModelEntry(name, description, spec=spec_from_dict(meta["spec"]), default_profile=meta.get("default_profile"))
 
 
 _VAR_SIZES = {16: 1_241_000_000, 20: 2_404_000_000, 24: 4_134_000_000, 30: 8_040_000_000, 36: 9_416_000_000}
 
 REGISTRY: dict[str, ModelEntry] = {
     "vae": ModelEntry("vae", "official multi-scale VQ-VAE (ch160, 4096 codes, z32) shared by every official VAR",
-                      VAR_REPO, "vae_ch160v4096z32.pth", size_bytes=437_000_000),
+                      HubFile("vae", VAR_REPO, "vae_ch160v4096z32.pth"), size_bytes=437_000_000),
     **{f"d{d}": ModelEntry(f"d{d}", f"official VAR-d{d} ({'512' if d == 36 else '256'} px ImageNet, class-conditional)",
-                           VAR_REPO, f"var_d{d}.pth", vae="vae", size_bytes=_VAR_SIZES[d]) for d in _VAR_SIZES},
+                           HubFile(f"d{d}", VAR_REPO, f"var_d{d}.pth"), official_spec(f"d{d}"), "vae", "a-varc-plus",
+                           _VAR_SIZES[d]) for d in _VAR_SIZES},
     **{f"d{d}-cca": ModelEntry(f"d{d}-cca", f"VAR-d{d} fine-tuned with CCA (guidance-free), used by A-VARC+",
-                               CCA_REPO, f"CCA_VAR_Guidance_Free/VAR_d{d}_CCA.pth", vae="vae", size_bytes=_VAR_SIZES[d])
+                               HubFile(f"d{d}-cca", CCA_REPO, f"CCA_VAR_Guidance_Free/VAR_d{d}_CCA.pth"),
+                               official_spec(f"d{d}"), "vae", "a-varc-plus", _VAR_SIZES[d])
        for d in (16, 20, 24, 30)},
-    "digits": ModelEntry("digits", "bundled demo: tiny VAR trained on scikit-learn's 8x8 handwritten digits (10 classes)"),
+    "digits": _bundled("digits", "bundled demo: tiny VAR trained on scikit-learn's 8x8 handwritten digits (10 classes)"),
 }
 
 
@@ -80,12 +109,26 @@ def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Pat
         if not (path / "meta.json").is_file():
             raise AvarcError(f"bundled model {e.name!r} is missing from this installation ({path}); reinstall avarc")
         return path
-    found = find_local(e, model_dir)
+    found = find_local(e.hub, model_dir)
     if found is None:
         where = "the Hugging Face cache" if model_dir is None else str(model_dir)
         dir_opt = "" if model_dir is None else f" --dir {model_dir}"
         raise AvarcError(f"model {e.name!r} is not in {where}; run `avarc download {e.name}{dir_opt}`")
     return found
+
+
+def fetch(e: ModelEntry, model_dir: str | os.PathLike | None = None, revision: str | None = None,
+          force: bool = False) -> Download:
+    """Make a registry model available here: a bundled one already is; a hub file is downloaded and verified."""
+    if e.bundled:
+        path = local_path(e)
+        return Download(e.name, path, disk_size(path), "bundled")
+    return download(e.hub, model_dir, revision, force)
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of the files directly in a folder (a model directory)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 @dataclass(frozen=True)
@@ -112,31 +155,54 @@ def availability(model_dir: str | os.PathLike | None = None) -> list[Availabilit
     return out
 
 
+def is_registry_name(model: str | os.PathLike) -> bool:
+    """A registry name that is not also a path here (a file or folder named ``d16`` wins)."""
+    return str(model).lower() in REGISTRY and not Path(model).exists()
+
+
 def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, model_dir: str | os.PathLike | None = None,
-                  trust_pickle: bool = False, encoder: str = "torch") -> Model:
+                  trust_pickle: bool = False, encoder: str = "torch",
+                  patch_nums: tuple[int, ...] | None = None) -> Model:
     """A model argument (registry name, model directory or VAR file) → loaded Model, its encoder run by ``encoder``
-    (``torch`` or ``onnx``; an ONNX export is made beside the VQ-VAE file on first use)."""
+    (``torch`` or ``onnx``; an ONNX export is made beside the VQ-VAE file on first use). ``patch_nums`` states the
+    scales of a bare VAR file when they cannot be read off it."""
     check_backend(encoder)
     path = Path(model)
-    if str(model).lower() in REGISTRY and not path.exists():
+    if is_registry_name(model):
         e = entry(str(model))
         if e.is_vae:
-            raise AvarcError(f"{e.name!r} is a VQ-VAE; pass it as --vae and a VAR as --model")
+            raise AvarcError(f"{e.name!r} is a VQ-VAE, not a VAR; give it as the VQ-VAE and a VAR as the model", option="model")
         path = local_path(e, model_dir)
         vae = vae or e.vae
+        patch_nums = patch_nums or e.spec.var.patch_nums
     elif not path.exists():
         raise AvarcError(f"{model}: no such model file or directory; known names: {', '.join(REGISTRY)}")
     if path.is_dir() and vae is not None:
-        raise AvarcError(f"--vae {vae}: the model {model} is a directory with its own VQ-VAE (vae.pth); drop --vae, "
-                         "or pass the VAR file (--model DIR/var.pth) to pair it with another VQ-VAE")
+        raise AvarcError(f"{vae}: the model {model} is a directory with its own VQ-VAE (vae.pth); drop this VQ-VAE, "
+                         "or give the directory's var.pth to pair it with another", option="vae")
+    if path.is_file() and _in_model_dir(path, vae):
+        path = path.parent      # its meta.json says what a state dict cannot (GroupNorm groups, preprocessing, names)
     if path.is_dir():
         loaded, vae_path = load_model_dir(path, device=device, dtype=dtype), path / "vae.pth"
     else:
         vae_path = _resolve_vae(vae, path, model_dir)
-        loaded = load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle)
+        loaded = load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle,
+                            patch_nums=patch_nums)
     use_encoder(loaded, encoder, vae_path)
     return loaded
+
+
+def _in_model_dir(var_file: Path, vae: str | os.PathLike | None) -> bool:
+    """The ``var.pth`` of a model directory, given with no VQ-VAE or with the directory's own."""
+    folder = var_file.parent
+    if var_file.name != "var.pth" or not (folder / "vae.pth").is_file():
+        return False
+    try:
+        own = json.loads((folder / "meta.json").read_text()).get("format") == MODEL_DIR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+    return own and (vae is None or (Path(vae).exists() and Path(vae).resolve() == (folder / "vae.pth").resolve()))
 
 
 def _resolve_vae(vae: str | os.PathLike | None, var_path: Path, model_dir) -> Path:
@@ -145,7 +211,7 @@ def _resolve_vae(vae: str | os.PathLike | None, var_path: Path, model_dir) -> Pa
             return Path(vae)
         if str(vae).lower() in REGISTRY:
             return local_path(entry(str(vae)), model_dir)
-        raise AvarcError(f"{vae}: no such VQ-VAE file")
+        raise AvarcError(f"{vae}: no such VQ-VAE file", option="vae")
     beside = var_path.with_name("vae.pth")
     if beside.is_file():
         return beside

@@ -13,18 +13,20 @@ import json
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
-from .classifier import Prediction
 from .data import Item
+from .distributed import Dist
 from .errors import AvarcError
 from .files import absolute, atomic_write
 from .model import Model
 from .profiles import Profile
+from .schedule import Prediction, rank
 
 
 def model_identity(model: Model, arg: str) -> str:
@@ -102,7 +104,7 @@ def lock_results(path: str | os.PathLike) -> FileLock:
         lock.acquire(timeout=0)
     except Timeout:
         raise AvarcError(f"{path}: another avarc run is writing this file; wait for it to finish, "
-                         "or choose another --out") from None
+                         "or choose another file", option="out") from None
     return lock
 
 
@@ -133,15 +135,15 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
             rec = None
         if not (isinstance(rec, dict) and isinstance(rec.get("run"), dict) and isinstance(rec.get("path"), str)):
             raise AvarcError(f"{path}: line {number} is not an avarc result record, so this is not a results file; "
-                             "left it untouched; choose another --out")
+                             "left it untouched; choose another file", option="out")
         if rec["run"].get("fingerprint") != run["fingerprint"]:
             raise AvarcError(f"{path}: holds records of another run ({_differs(rec['run'], run)}); left it "
-                             "untouched; resume with the same settings, or choose another --out for this run")
+                             "untouched; resume with the same settings, or choose another file for this run", option="out")
         state.done.setdefault(record_key(rec), rec)
     if state.torn:
         if not data[end:].startswith(b'{"'):
             raise AvarcError(f"{path}: its last line is not an avarc result record, so this is not a results file; "
-                             "left it untouched; choose another --out")
+                             "left it untouched; choose another file", option="out")
         os.truncate(path, end)
     return state
 
@@ -182,6 +184,46 @@ def _release_signals(held: bool) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
+@dataclass
+class ResultsFile:
+    """An open results file: the image keys already done (on every rank), what resuming found and the writer
+    (rank 0 only)."""
+
+    done: set[str]
+    resumed: Resumed | None = None
+    writer: ResultsWriter | None = None
+
+    def write(self, records: list[dict]) -> None:
+        if self.writer is not None:
+            self.writer.write(records)
+
+
+@contextmanager
+def results_file(path: str | os.PathLike | None, resume: bool, run: dict, dist: Dist = Dist()) -> Iterator[ResultsFile]:
+    """The results file of one run, locked by rank 0 for the whole block and opened new or resumed there (its errors
+    reach every rank); without a path, nothing is written."""
+    if path is None:
+        yield ResultsFile(set())
+        return
+    held: dict = {}
+
+    def prepare() -> list[str]:
+        held["lock"] = lock_results(path)
+        held["state"] = open_results(path, resume, run)
+        return sorted(held["state"].done)
+
+    try:
+        f = ResultsFile(set(dist.from_main(prepare)), held.get("state"), ResultsWriter(path) if dist.is_main else None)
+        try:
+            yield f
+        finally:
+            if f.writer is not None:
+                f.writer.close()
+    finally:
+        if "lock" in held:
+            held["lock"].release()
+
+
 def stage_survival(record: dict, num_stages: int) -> list[bool]:
     """Whether the true class was still in the running after each profile stage (after an early exit, only the
     prediction is)."""
@@ -190,8 +232,7 @@ def stage_survival(record: dict, num_stages: int) -> list[bool]:
     for s in range(num_stages):
         if s < len(stages) - 1:
             st = stages[s]
-            ranked = sorted(zip(st["candidates"], st["scores"]), key=lambda cs: (-cs[1], cs[0]))
-            out.append(label in [c for c, _ in ranked[:st["keep"]]])
+            out.append(label in [c for c, _ in rank(st["candidates"], st["scores"])[:st["keep"]]])
         else:
             out.append(record["pred"] == label)
     return out
@@ -259,8 +300,8 @@ def check_csv(path: str | os.PathLike, columns: Sequence[str]) -> None:
     header = _csv_header(path)
     if header is not None and header != list(columns):
         stages = sum(c.startswith("recall_stage") for c in columns)
-        raise AvarcError(f"--csv {path}: its columns differ from this run's ({len(header)} vs {len(columns)}: a profile "
-                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another --csv")
+        raise AvarcError(f"{path}: its columns differ from this run's ({len(header)} vs {len(columns)}: a profile "
+                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another file", option="csv")
 
 
 def append_csv_summary(path: str | os.PathLike, row: dict) -> None:
@@ -277,3 +318,14 @@ def append_csv_summary(path: str | os.PathLike, row: dict) -> None:
         if not old.strip():
             w.writeheader()
         w.writerow(row)
+
+
+def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, subset: str | None, new: int,
+                seconds: float) -> dict:
+    """One run's row for :func:`append_csv_summary`; ``new`` images were classified in ``seconds`` by this run."""
+    row = {"model": run["model"], "profile": profile.name, "seed": run["seed"], "dataset": dataset or "",
+           "subset": subset or "", "images": m.images, "skipped": m.skipped,
+           "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
+    row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
+    row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})
+    return row

@@ -123,11 +123,36 @@ def official_spec(name: str) -> ModelSpec:
     return ModelSpec(vae=OFFICIAL_VAE, var=_official_var(depth), image_size=512 if depth == 36 else 256)
 
 
-def _patch_nums_from_length(L: int) -> tuple[int, ...]:
+def infer_patch_nums(num_tokens: int, num_scales: int, first: int = 1) -> tuple[int, ...]:
+    """The scales of a VAR with ``num_tokens`` positions over ``num_scales`` scales whose first scale has ``first``²
+    tokens: an official geometry if it fits, else the one increasing sequence that does; several fitting is an
+    error that asks for them to be stated."""
     for pn in (PATCH_NUMS_256, PATCH_NUMS_512):
-        if sum(p * p for p in pn) == L:
+        if len(pn) == num_scales and sum(p * p for p in pn) == num_tokens and pn[0] == first:
             return pn
-    raise AvarcError(f"cannot infer patch_nums from a positional table of {L} tokens; give them in the model's metadata")
+    fits: list[tuple[int, ...]] = []
+
+    def extend(prefix: tuple[int, ...], left: int) -> None:
+        if len(fits) > 1:
+            return
+        if len(prefix) == num_scales:
+            if left == 0:
+                fits.append(prefix)
+            return
+        p = prefix[-1] + 1
+        while p * p * (num_scales - len(prefix)) <= left:
+            extend(prefix + (p,), left - p * p)
+            p += 1
+
+    if first * first <= num_tokens:
+        extend((first,), num_tokens - first * first)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise AvarcError(f"no increasing scales from {first} fill {num_tokens} tokens in {num_scales} scales; "
+                         "the checkpoint is damaged or not a VAR")
+    raise AvarcError(f"the scales are ambiguous ({num_tokens} tokens in {num_scales} scales fit both "
+                     f"{','.join(map(str, fits[0]))} and {','.join(map(str, fits[1]))}); state them as patch_nums")
 
 
 def infer_var_spec(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None) -> VARSpec:
@@ -139,10 +164,11 @@ def infer_var_spec(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] |
         heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if "blocks.0.attn.scale_mul_1H11" in sd else max(1, C // 64)
         V, Cvae = sd["head.weight"].shape[0], sd["word_embed.weight"].shape[1]
         L = sd["pos_1LC"].shape[1]
+        num_scales, first = sd["lvl_embed.weight"].shape[0], math.isqrt(sd["pos_start"].shape[1])
         hidden = sd["blocks.0.ffn.fc1.weight"].shape[0]
     except (KeyError, ValueError) as e:
         raise AvarcError(f"not a VAR state dict (missing {e})") from None
-    patch_nums = tuple(patch_nums) if patch_nums else _patch_nums_from_length(L)
+    patch_nums = tuple(patch_nums) if patch_nums else infer_patch_nums(L, num_scales, first)
     if sum(p * p for p in patch_nums) != L:
         raise AvarcError(f"patch_nums {patch_nums} give {sum(p * p for p in patch_nums)} tokens but the checkpoint has {L}")
     return VARSpec(

@@ -167,7 +167,6 @@ def train_vqvae(model: Model, images: torch.Tensor, cfg: TrainConfig, beta: floa
 
 
 @torch.no_grad()
-@torch.no_grad()
 def token_pool(model: Model, images: torch.Tensor, labels: torch.Tensor, copies: int, augment: Augment,
                gen: torch.Generator, chunk: int = 256, sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """VAR training data: the tokens of N clean images followed by ``copies`` augmented passes over them (affine

@@ -170,9 +170,6 @@ class KVCache:
         return KVCache([(torch.cat([c.kv[i][0] for c in caches]), torch.cat([c.kv[i][1] for c in caches]))
                         for i in range(len(caches[0].kv))])
 
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
-
 
 class SharedAdaLin(nn.Linear):
     def forward(self, cond: torch.Tensor) -> torch.Tensor:

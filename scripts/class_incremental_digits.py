@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_digits                                                # noqa: E402
 from avarc_cli import output                                      # noqa: E402
-from core import AvarcError, digits                               # noqa: E402
+import digits                                                     # noqa: E402
+from core import AvarcError                                       # noqa: E402
 from core.incremental import add_classes                          # noqa: E402
 from core.model import load_model_dir                             # noqa: E402
 from core.registry import resolve_model                           # noqa: E402

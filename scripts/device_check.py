@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core import digits  # noqa: E402
+from scripts import digits  # noqa: E402
 from core.bench import compare, matmul_peak, random_model  # noqa: E402
 from core.model import load_model, resolve_device  # noqa: E402
 from core.preprocess import preprocess_image  # noqa: E402

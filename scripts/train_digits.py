@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # the digits data (scripts/digits.py)
 
 from avarc_cli import output                                      # noqa: E402
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model, digits   # noqa: E402
+import digits                                                     # noqa: E402
+from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model   # noqa: E402
 from core.model import save_model_dir                              # noqa: E402
 from core.training import Augment, TrainConfig, token_pool, train_var, train_vqvae   # noqa: E402
 

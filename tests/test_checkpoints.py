@@ -90,7 +90,8 @@ def test_pickle_needing_code_is_refused_unless_trusted(tmp_path, var_sd):
     path = save(tmp_path, {"model": var_sd, "extra": Evil()})
     with pytest.raises(AvarcError) as e:
         core.load_model(path, VAE)
-    one_line(e, "ckpt.pth", "refusing to unpickle", "--trust-pickle")
+    one_line(e, "ckpt.pth", "refusing to unpickle", "allow full unpickling")
+    assert e.value.option == "trust_pickle"           # the CLI names its flag: --trust-pickle
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         model = core.load_model(path, VAE, trust_pickle=True)

@@ -200,7 +200,7 @@ def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypa
 def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_path, monkeypatch, capsys, one_thread):
     from PIL import Image
 
-    from core.digits import load_digits
+    from scripts.digits import load_digits
 
     test = load_digits("test")
     root = tmp_path / "digits"

@@ -1,6 +1,6 @@
 """The bundled ``digits`` model: loads offline by name and classifies scikit-learn's held-out digits (≥ 90% top-1).
 
-The test split is rebuilt here straight from scikit-learn, independently of ``core.digits``.
+The test split is rebuilt here straight from scikit-learn, independently of ``scripts/digits.py``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import core
-from core import digits
+from scripts import digits
 from core.registry import BUNDLED_DIR, resolve_model
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
@@ -46,7 +46,7 @@ def test_scores(model, sk_test):
     return model.token_logp(model.tokenize(x), range(10)).sum(-1)
 
 
-def test_split_matches_core_digits(sk_test):
+def test_split_matches_scripts_digits(sk_test):
     images, labels, idx = sk_test
     assert len(labels) == 359
     ours = digits.load_digits("test")

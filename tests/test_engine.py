@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from core import digits
-from core.classifier import noise_generator, run_stages, sample_tokens
+from scripts import digits
+from core.schedule import noise_generator, run_stages, sample_tokens
 from core.profiles import GUARD_NATS_PER_TOKEN, load_profile, parse_profile
 from core.registry import resolve_model
 from core.scoring import Scorer

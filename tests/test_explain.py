@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
-from core.classifier import noise_generator
+from core.schedule import noise_generator
 from core.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
 from core.profiles import load_profile
 
@@ -73,7 +73,7 @@ def test_fewer_scales_explain_on_the_last_used_grid(conf, conf_model):
     assert ex.patch_nums == patch_nums and ex.maps.shape == (3, patch_nums[-1], patch_nums[-1])
     assert np.abs(ex.maps.numpy() - expected_maps(lp[A], lp[B], lp[null], patch_nums)).max() < 1e-4
     assert np.abs(ex.scores.numpy() - lp[[A, B, null]].sum(-1)).max() < 0.01
-    with pytest.raises(AvarcError, match="--scales 11"):
+    with pytest.raises(AvarcError, match="11 scales asked for"):
         explain_tokens(conf_model, g["tokens"][:1], [(A, B)], num_scales=11)
 
 

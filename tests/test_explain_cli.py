@@ -125,9 +125,9 @@ def test_labelled_folder_explains_true_class_vs_best_wrong(named_model, tmp_path
 
 @pytest.mark.parametrize("args, message", [
     (["--class", "1", "--vs", "big bird"], "same class"),
-    (["--scales", "9"], "--scales 9: this model has 5 scales"),
+    (["--scales", "9"], "--scales: 9 scales asked for, but this model has 5"),
     (["--class", "7"], "class index 7 is out of range"),
-    (["--colormap", "viridis"], "--colormap viridis"),
+    (["--colormap", "viridis"], "'--colormap': Value error, 'viridis' is not one of 'turbo', 'jet'"),
 ])
 def test_user_errors_are_one_line(named_model, tmp_path, monkeypatch, capsys, args, message):
     write_images(tmp_path, ["a.png"])

@@ -56,7 +56,7 @@ def digits(tmp_path_factory) -> Path:
     """300 sklearn digits as PNGs in class folders (labelled)."""
     from PIL import Image
 
-    from core.digits import load_digits
+    from scripts.digits import load_digits
 
     data = load_digits("all")
     root = tmp_path_factory.mktemp("faults") / "d300"
@@ -153,7 +153,7 @@ def test_data_loss_cases_leave_every_file_byte_identical(digits, baseline, tmp_p
     # 1. --resume on a file of another run (another seed): refused, naming the file, what differs and the fix
     code, err = cli_here("classify", digits, "--out", baseline, "--resume", "--seed", "1")
     assert code == 2 and sha(baseline) == original
-    assert f"{baseline}: holds records of another run (seed 0 vs 1 now)" in err and "another --out" in err
+    assert f"{baseline}: holds records of another run (seed 0 vs 1 now)" in err and "error: --out: " in err
 
     # 2. --resume on a file that is not a results file
     readme = tmp_path / "README.jsonl"

@@ -99,9 +99,9 @@ def test_contrast_panel_follows_the_more_likely_class():
 
 def test_bad_style_is_a_user_error():
     ex = explanation(torch.zeros(3, 21))
-    with pytest.raises(AvarcError, match="--colormap viridis"):
+    with pytest.raises(AvarcError, match="colormap 'viridis'"):
         render(np.zeros((16, 16, 3), np.uint8), ex, ("a", "b"), colormap="viridis")
-    with pytest.raises(AvarcError, match="--alpha 1.5"):
+    with pytest.raises(AvarcError, match="opacity 1.5"):
         render(np.zeros((16, 16, 3), np.uint8), ex, ("a", "b"), alpha=1.5)
 
 

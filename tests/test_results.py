@@ -7,7 +7,7 @@ import json
 import pytest
 
 from core import AvarcError
-from core.classifier import Prediction, StageScores
+from core.schedule import Prediction, StageScores
 from core.data import Item
 from core.profiles import Profile, Stage
 from core.results import (Metrics, ResultsWriter, append_csv_summary, image_key, lock_results, ok_record, open_results,
@@ -19,8 +19,8 @@ RUN = run_info("m", PROFILE, 0, range(6))
 
 
 def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_after=None) -> Prediction:
-    """A Prediction built the way the schedule builds it (see core.classifier._prediction)."""
-    from core.classifier import _prediction
+    """A Prediction built the way the schedule builds it (see core.schedule._prediction)."""
+    from core.schedule import _prediction
 
     stages = [StageScores(5, 1, k, list(s), list(s.values())) for s, k in zip(stage_scores, keeps)]
     return _prediction(stages, exited_after, 1.0)
@@ -100,7 +100,7 @@ def test_resume_refuses_records_of_another_run_and_names_what_differs(tmp_path):
     other = run_info("m", PROFILE, 1, range(6))
     out.write_text("".join(json.dumps(r) + "\n" for r in (_rec("a"), _rec("b", other))))
     before = out.read_bytes()
-    with pytest.raises(AvarcError, match=r"r.jsonl: holds records of another run \(seed 1 vs 0 now\).*another --out"):
+    with pytest.raises(AvarcError, match=r"r.jsonl: holds records of another run \(seed 1 vs 0 now\).*another file"):
         open_results(out, True, RUN)
     assert out.read_bytes() == before
 
@@ -140,6 +140,6 @@ def test_csv_summary_rows_accumulate_under_one_header(tmp_path):
     rows = list(csv.DictReader(f.open()))
     assert rows == [{"model": "a", "top1": "0.5"}, {"model": "b", "top1": "0.75"}]
     before = f.read_bytes()
-    with pytest.raises(AvarcError, match="its columns differ from this run's.*choose another --csv"):
+    with pytest.raises(AvarcError, match="its columns differ from this run.s.*choose another file"):
         append_csv_summary(f, {"model": "c", "top1": 0.5, "recall_stage1": 1.0})
     assert f.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.csv"]    # no temporary left

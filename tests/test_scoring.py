@@ -1,7 +1,7 @@
 """Reuse across stages (core/scoring.py) changes no prediction and only removes work (conformance models)."""
 import torch
 
-from core.classifier import run_stages, sample_tokens, noise_generator
+from core.schedule import run_stages, sample_tokens, noise_generator
 from core.profiles import Profile, Stage
 from core.scoring import Scorer
 

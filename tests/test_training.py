@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import core
-from core import digits
+from scripts import digits
 from core.training import Augment, TrainConfig, lr_at, random_affine, token_pool, train_var, train_vqvae
 
 VAE = core.VQVAESpec(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=0,

@@ -50,16 +50,11 @@ def bench(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """\b
-    avarc bench --flops-only --depth 16 --classes 100 -p varc -p a-varc-plus -p smooth-top10
-    avarc bench --random-weights --depth 16 --classes 20 -p a-varc-plus --dtype fp32 --dtype bf16 --plain
+    avarc bench --flops-only --classes 100 -p varc -p a-varc-plus
+    avarc bench --random-weights --classes 20 -p a-varc-plus --dtype bf16 --plain
     avarc bench -m digits -p digits --images 16 --dtype fp32 --dtype bf16 --json
 
-    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for
-    the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier
-    stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak (large
-    square GEMMs, best of several runs), peak memory; for bf16/fp16: top-1 agreement with fp32, the error of the
-    first stage's class scores against fp32, and how many images the precision guard re-scored in fp32 and at
-    what share of the time.
+    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak (large square GEMMs, best of several runs), peak memory; for bf16/fp16: top-1 agreement with fp32, the error of the first stage's class scores against fp32, and how many images the precision guard re-scored in fp32 and at what share of the time.
     """
     if extension and (random_weights or model is None and flops_only_):
         raise AvarcError("--extension needs the base model it was trained on; pass it with --model")

@@ -5,11 +5,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.filesize import decimal
 
 from core import AvarcError
-from core.hub import Download, download as fetch
+from core.hub import Download
 from core.onnx_encoder import export_file
-from core.registry import REGISTRY, availability, with_vaes
+from core.registry import REGISTRY, availability, fetch, with_vaes
 
 from .. import output
 
@@ -25,15 +26,13 @@ def download(
     list_: Annotated[bool, typer.Option("--list", help="List the known models, their sizes and whether they are here; download nothing.")] = False,
 ) -> None:
     """\b
-    avarc download                                  # the official VQ-VAE and VAR-d16, into the HF cache
-    avarc download d30-cca                          # VAR-d30 fine-tuned with CCA (and its VQ-VAE), for A-VARC+
-    avarc download vae d16 --dir ./weights --onnx   # plain files in ./weights, plus the ONNX encoder
-    avarc download --list                           # what exists, how big, and what is already here
-    HF_HUB_OFFLINE=1 avarc download                 # only look in the cache: no network at all
+    avarc download                      # official VQ-VAE and VAR-d16 → HF cache
+    avarc download d30-cca              # CCA fine-tune (and its VQ-VAE), A-VARC+
+    avarc download vae d16 --dir ./w --onnx   # plain files + the ONNX encoder
+    avarc download --list               # what exists, how big, what is here
+    HF_HUB_OFFLINE=1 avarc download     # look in the cache only: no network
 
-    Downloads official checkpoints with huggingface_hub: HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply.
-    A cut transfer is resumed; every fetched file is checked against the hub's SHA-256 and removed if it does not match.
-    Files already here are not fetched again.
+    Downloads official checkpoints with huggingface_hub: HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply. A cut transfer is resumed; every fetched file is checked against the hub's SHA-256 and removed if it does not match. Files already here are not fetched again.
     """
     if list_:
         _list(dir_)
@@ -45,11 +44,11 @@ def download(
         try:
             results.append(fetch(e, dir_, revision, force))
         except AvarcError as err:
-            failures.append(str(err))
-            output.err_console.print(f"[red]failed[/red] {err}")
+            failures.append(output.message(err))
+            output.err_console.print(f"[red]failed[/red] {output.message(err)}")
     if results:
         output.table("Models", ["model", "status", "size", "checked sha256", "path"],
-                     [(r.name, r.status, _size(r.size), r.sha256[:12] + "…" if r.sha256 else None, r.path) for r in results])
+                     [(r.name, r.status, decimal(r.size), r.sha256[:12] + "…" if r.sha256 else None, r.path) for r in results])
     if onnx:
         _export_encoders(results, failures)
     if failures:
@@ -66,8 +65,8 @@ def _export_encoders(results: list[Download], failures: list[str]) -> None:
             try:
                 ex = export_file(vae_file)
             except AvarcError as err:
-                failures.append(str(err))
-                output.err_console.print(f"[red]failed[/red] {err}")
+                failures.append(output.message(err))
+                output.err_console.print(f"[red]failed[/red] {output.message(err)}")
                 continue
         rows.append((r.name, "exported" if ex.exported else "up to date", ex.weights_sha256[:12] + "…", ex.path))
     if rows:
@@ -78,15 +77,7 @@ def _list(model_dir: Path | None) -> None:
     rows = []
     for a in availability(model_dir):
         e = a.entry
-        rows.append((e.name, _size(a.size_bytes), e.description, a.path or ("missing" if e.bundled else "not downloaded")))
+        rows.append((e.name, a.size_bytes and decimal(a.size_bytes), e.description, a.path or ("missing" if e.bundled else "not downloaded")))
     where = "the HF cache" if model_dir is None else str(model_dir)
     output.table(f"Known models (looked up in {where})", ["name", "size", "for", "local"], rows)
 
-
-def _size(n: int | None) -> str | None:
-    if n is None:
-        return None
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
