@@ -17,7 +17,7 @@ _FAR = -1e30      # a finite stand-in for "not a candidate", so gradients stay f
 
 
 def posterior(scores_NK: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(scores / T) over each image's candidates (float64, as ``core.classifier`` computes it)."""
+    """softmax(scores / T) over each image's candidates (float64, as ``core.schedule`` computes it)."""
     s = torch.from_numpy(np.where(np.isnan(scores_NK), -np.inf, scores_NK)) / temperature
     return torch.softmax(s, 1).numpy()
 

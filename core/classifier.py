@@ -188,9 +188,10 @@ class Classifier:
                     for it, px in zip(batch, pixels)]
 
         per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates))
-        return distributed.run(items, self._load, step, dist, per_step)
+        return distributed.run(items, self.load, step, dist, per_step)
 
-    def _load(self, item: Item) -> np.ndarray | str:
+    def load(self, item: Item) -> np.ndarray | str:
+        """An item's model-input pixels, or why it cannot be read (every batch loop's loader)."""
         return load_pixels(item.path, self.spec.image_size, self.spec.preprocess)
 
     # explain
@@ -252,7 +253,7 @@ class Classifier:
                 out.append((it, ex))
             return out
 
-        return distributed.run(items, self._load, step, per_step=per_step)
+        return distributed.run(items, self.load, step, per_step=per_step)
 
     # add classes
     def add_classes(self, classes: Mapping[str, str | os.PathLike | Sequence[ImageInput] | torch.Tensor], *,

@@ -52,13 +52,14 @@ def check_output_file(path: str | os.PathLike, flag: str, force: bool | None = N
     return path
 
 
-def check_output_files(paths: dict[str, str | os.PathLike | None]) -> None:
-    """Several output files of one run (``{flag: path}``, None: not asked for): each writable, no two the same."""
+def check_output_files(paths: dict[str, str | os.PathLike | None], force: bool | None = None) -> None:
+    """Several output files of one run (``{flag: path}``, None: not asked for): each writable (``force`` as in
+    :func:`check_output_file`), no two the same."""
     seen: dict[Path, str] = {}
     for flag, path in paths.items():
         if path is None:
             continue
-        check_output_file(path, flag)
+        check_output_file(path, flag, force)
         if absolute(path) in seen:
             raise AvarcError(f"{flag} {path}: is the {seen[absolute(path)]} file; give each output its own file")
         seen[absolute(path)] = flag
@@ -100,3 +101,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str, flag: str, force: bool = False) -> Path:
+    """A whole text file written atomically; an existing one is refused unless ``force`` (``flag`` names it)."""
+    path = check_output_file(path, flag, force)
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return path

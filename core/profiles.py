@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from .errors import AvarcError
+from .files import write_text
 
 STAGE_FIELDS = ("scales", "samples", "keep", "exit_margin")
 PROFILE_FIELDS = ("name", "description", "sigma", "temperature", "stages", "guard_margin")
@@ -186,15 +187,8 @@ def _stage_fields(st: Stage) -> list[tuple[str, object]]:
 
 
 def write_profile(profile: Profile, path: str | os.PathLike, comment: str = "", force: bool = False) -> Path:
-    """Write a profile YAML atomically (temp file + rename); an existing file needs ``force``."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise AvarcError(f"{path}: already exists; pass --force to overwrite it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(profile_yaml(profile, comment), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write a profile YAML atomically; an existing file needs ``force``."""
+    return write_text(path, profile_yaml(profile, comment), "profile", force)
 
 
 def _shipped_dir():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -78,18 +77,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], classes: Sequence[st
 def _page(title: str, body: str) -> str:
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
-
-
-def write_html(path: str | os.PathLike, page: str, force: bool = False) -> Path:
-    """Write atomically; an existing file needs ``force``."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise AvarcError(f"{path}: already exists; pass --force to overwrite it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def record_gflops(record: dict, spec: ModelSpec) -> float:

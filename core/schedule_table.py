@@ -12,18 +12,20 @@ engine starts a neighbour from the clean sequence's keys/values there, which dec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .classifier import noise_generator, sample_tokens
+from . import distributed
 from .data import Item
-from .distributed import IMAGES_PER_STEP
 from .errors import AvarcError
-from .model import Model
-from .preprocess import preprocess_image
+from .preprocess import pixels_to_tensor
+from .schedule import noise_generator, sample_tokens
 from .tokenizer import draw_noise
+
+if TYPE_CHECKING:
+    from .classifier import Classifier
 
 
 @dataclass
@@ -78,48 +80,42 @@ def _agreement(tokens_BSL: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def build_table(model: Model, items: Sequence[Item], candidates: Sequence[int], max_samples: int, sigma: float,
-                seed: int = 0, on_step: Callable[[int], None] | None = None,
-                per_step: int = IMAGES_PER_STEP) -> ScoreTable:
-    """Score every candidate on every scale and sample of every image (images in classify's steps of ``per_step``,
-    encoded together as classify encodes them). ``on_step(n)`` reports n more images done."""
+def build_table(clf: Classifier, items: Sequence[Item], candidates: Sequence[int], max_samples: int, sigma: float,
+                seed: int = 0, on_step: Callable[[int], None] | None = None) -> ScoreTable:
+    """Score every candidate on every scale and sample of every image, through the classifier's own batch loop
+    (images loaded, skipped and encoded in the steps ``avarc classify`` uses). ``on_step(n)``: n more images done."""
     if max_samples < 1:
-        raise AvarcError(f"--max-samples must be at least 1, got {max_samples}")
+        raise AvarcError(f"must be at least 1, got {max_samples}", option="max_samples")
+    model = clf.model
     cands = sorted(dict.fromkeys(int(c) for c in candidates))
     ends = model.spec.var.scale_ends()
     K, S, M = len(cands), len(ends), max_samples
     bounds = np.asarray([0, *ends])
-    sums, agree, labels, keys, paths, skipped = [], [], [], [], [], []
-    exact: tuple[int, ...] | None = None
     classes = torch.tensor(cands)
-    for start in range(0, len(items), per_step):
-        batch = items[start:start + per_step]
-        good, pixels = [], []
-        for it in batch:
-            try:
-                pixels.append(preprocess_image(it.path, model.spec.image_size, model.spec.preprocess))
-                good.append(it)
-            except Exception as e:  # a bad file is left out with its reason, as classify records it
-                skipped.append((it.path, str(e) if isinstance(e, AvarcError)
-                                else f"{it.path}: not a readable image ({type(e).__name__}: {e})"))
+    exact: list[tuple[int, ...]] = []
+
+    def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
         if good:
-            latents = model.encode(torch.stack(pixels))
-            if exact is None:
-                exact = exact_sample_counts(latents[:1].cpu(), M)
-            gens = [noise_generator(seed, it.key) for it in good]
-            tokens = sample_tokens(model, latents, M, sigma, gens)                           # B, M, L
+            latents = model.encode(torch.stack([pixels_to_tensor(px) for _, px in good]))
+            exact[:] = exact or [exact_sample_counts(latents[:1].cpu(), M)]
+            tokens = sample_tokens(model, latents, M, sigma, [noise_generator(seed, it.key) for it, _ in good])  # B, M, L
             B = tokens.shape[0]
             seq = tokens.repeat_interleave(K, 1).flatten(0, 1)                             # B·M·K, L (class fastest)
             lp = model.pair_logp(seq, classes.repeat(B * M)).double()                      # B·M·K, L
             per_scale = torch.stack([lp[:, a:b].sum(-1) for a, b in zip(bounds[:-1], bounds[1:])], -1)
-            sums.append(per_scale.view(B, M, K, S).permute(0, 2, 3, 1).numpy())             # B, K, S, M
-            agree.append(_agreement(tokens))
-            labels += [it.label if it.label is not None else -1 for it in good]
-            keys += [it.key for it in good]
-            paths += [it.path for it in good]
+            rows = iter(zip(per_scale.view(B, M, K, S).permute(0, 2, 3, 1).numpy(), _agreement(tokens)))  # K, S, M
+        out = [px if isinstance(px, str) else next(rows) for px in pixels]
         if on_step:
             on_step(len(batch))
-    if not sums:
+        return out
+
+    per_step = distributed.images_per_step(clf.batch_size, K)
+    done = list(zip(items, (r for batch in distributed.run(items, clf.load, step, per_step=per_step) for r in batch)))
+    rows = [(it, r) for it, r in done if not isinstance(r, str)]
+    if not rows:
         raise AvarcError("no readable images to tune on; check the folder")
-    return ScoreTable(np.concatenate(sums), np.concatenate(agree), np.asarray(labels, dtype=np.int64), keys, paths,
-                      cands, ends, float(sigma), seed, exact or (1,), skipped)
+    return ScoreTable(np.stack([r[0] for _, r in rows]), np.stack([r[1] for _, r in rows]),
+                      np.asarray([-1 if it.label is None else it.label for it, _ in rows], dtype=np.int64),
+                      [it.key for it, _ in rows], [it.path for it, _ in rows], cands, ends, float(sigma), seed,
+                      exact[0], [(it.path, r) for it, r in done if isinstance(r, str)])

@@ -2,7 +2,7 @@
 runs it, search stage counts, scales, samples, keeps and early-exit margins, and pick the most accurate schedule
 within a compute budget on one part of the images, judged on the other.
 
-The replay follows :func:`core.classifier.run_stages` step by step: stage scores are the mean over the first
+The replay follows :func:`core.schedule.run_stages` step by step: stage scores are the mean over the first
 ``samples`` samples of the summed log-likelihood of the first ``scales`` scales; candidates are ranked by score,
 ties by class id; the best ``keep`` survive; an image whose best candidate leads the runner-up by ``exit_margin``
 stops. Compute is counted as ``core/flops.py`` counts it: the paper's convention (every scored token, AdaLN per
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,8 +24,13 @@ from .calibration import expected_calibration_error, fit_temperature, posterior
 from .errors import AvarcError
 from .flops import encoder_macs, sequence_macs
 from .profiles import Profile, Stage, list_profiles
+from .registry import is_registry_name
+from .results import model_identity
 from .schedule_table import ScoreTable
 from .specs import ModelSpec
+
+if TYPE_CHECKING:
+    from .classifier import Classifier
 
 KEEP_GRID = (2, 3, 4, 5, 10, 20, 50, 100, 200, 500)
 MARGIN_QUANTILES = (0.5, 0.75, 0.9, 0.97)
@@ -273,15 +279,16 @@ def pareto(points: list[Point]) -> list[Point]:
     return best
 
 
-def choose(points: list[Point], budget_gflops: float) -> Point:
+def choose(points: list[Point], budget_gflops: float, option: str = "budget") -> Point:
     """Within the budget (executed GFLOPs per image), the simplest schedule whose accuracy is within one standard
     error of the best (the "one-SE rule": fewer stages mean fewer thresholds fitted to these images, which holds
-    up best on others), then the most accurate, then the one that prunes least (most compute)."""
+    up best on others), then the most accurate, then the one that prunes least (most compute). ``option`` names
+    the parameter that set the budget, for the message when nothing fits."""
     within = [p for p in points if p.executed_gflops <= budget_gflops]
     if not within:
         cheapest = min(points, key=lambda p: p.executed_gflops)
         raise AvarcError(f"no schedule fits {budget_gflops:.4g} GFLOPs per image; the cheapest needs "
-                         f"{cheapest.executed_gflops:.4g}; raise --budget")
+                         f"{cheapest.executed_gflops:.4g}; raise the budget", option=option)
     best = max(within, key=lambda p: p.correct)
     n, acc = best.images, best.accuracy
     se = math.sqrt(max(acc * (1 - acc), 1 / n) / n) * n         # in images; at least one image's worth of noise
@@ -292,7 +299,7 @@ def choose(points: list[Point], budget_gflops: float) -> Point:
 def split(labels: np.ndarray, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Fit / held-out image indices: a seeded shuffle within each class, ``holdout`` of each class held out."""
     if not 0 <= holdout < 1:
-        raise AvarcError(f"--holdout must be in [0, 1), got {holdout}")
+        raise AvarcError(f"must be in [0, 1), got {holdout}", option="holdout")
     rng = np.random.default_rng(seed)
     fit, held = [], []
     for c in np.unique(labels):
@@ -340,7 +347,7 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
     baseline = point(base_r, table.labels)
     limit = budget_gflops if budget_gflops is not None else (budget if budget is not None else 1.0) * baseline.executed_gflops
     points = search(rep, fit, min_stages, max_stages)
-    chosen = choose(points, limit)
+    chosen = choose(points, limit, "budget_gflops" if budget_gflops is not None else "budget")
     r = rep.replay(chosen.stages)
     col = {c: k for k, c in enumerate(table.candidates)}
     y = np.asarray([col[c] for c in table.labels])
@@ -356,9 +363,26 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
                       limit, temperature, ece_before, ece_after, fit, held, r, front_held)
 
 
-def as_profile(result: TuneResult, sigma: float, name: str = "tuned", description: str = "") -> Profile:
-    return Profile(name=name, stages=result.chosen.stages, sigma=sigma, description=description,
-                   temperature=result.temperature)
+def model_name(clf: Classifier) -> str:
+    """The model as a tuned profile names it: registry name or file identity, then the classes its extensions add."""
+    base = clf.source if is_registry_name(clf.source) else model_identity(clf.model, clf.source)
+    return base + "".join(f" +{e.names[0]}…" if len(e.names) > 1 else f" +{e.names[0]}" for e in clf.extensions)
+
+
+def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str, name: str = "tuned") -> tuple[Profile, str]:
+    """The chosen schedule as a profile (with the fitted temperature), and the comment that says what it was tuned
+    on (``where``: the images' folder; ``model``: :func:`model_name`)."""
+    r = result
+    note = (f"tuned by `avarc tune` on {where} ({table.num_images} images: {len(r.fit_idx)} to choose, "
+            f"{len(r.held_idx)} held out; seed {table.seed}), model {model}, {len(table.candidates)} candidate classes\n"
+            f"budget {r.budget_gflops:.4g} executed GFLOPs/image; varc needs {r.baseline.executed_gflops:.4g}\n"
+            f"top-1 on the images it was chosen on {r.chosen.accuracy:.2%}"
+            + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})" if r.chosen_held else "")
+            + f"\nexecuted GFLOPs/image {r.chosen_all.executed_gflops:.4g}, paper convention {r.chosen_all.paper_gflops:.4g}; "
+            f"temperature fitted on the chosen part (minimum NLL)")
+    profile = Profile(name=name, stages=r.chosen.stages, sigma=table.sigma, temperature=r.temperature,
+                      description=f"Tuned for {model} by avarc tune (budget {r.budget_gflops:.4g} GFLOPs/image).")
+    return profile, note
 
 
 def shipped_points(result: TuneResult, table: ScoreTable, spec: ModelSpec) -> list[tuple[str, Point]]:

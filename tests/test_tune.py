@@ -2,6 +2,7 @@
 the classifier (predictions to the image, scores to 1e-4, executed compute to the MAC), on real digits."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from core import tune
-from core.classifier import Scorer
-from core.data import ClassSpace, collect
-from core.digits import load_digits
-from core.distributed import run
+from core import Classifier, distributed, tune
+from core.data import Item, collect
 from core.flops import encoder_macs
+from core.preprocess import pixels_to_tensor
 from core.profiles import Profile, Stage, load_profile
-from core.registry import resolve_model
-from core.results import run_info
+from core.schedule import Prediction, classify as run_schedule, noise_generator
 from core.schedule_table import build_table, exact_sample_counts
+from core.scoring import Scorer
+from scripts.digits import load_digits
 
 SCHEDULES = {
     "varc": (Stage(4, 1, 1),),
@@ -37,24 +37,38 @@ def save_digits(root: Path, start: int, stop: int) -> Path:
     return root
 
 
+def counted_run(clf: Classifier, items: list[Item], candidates: list[int]) -> tuple[list[Prediction], float]:
+    """The classifier's batch loop with one Scorer for the whole run: predictions and the linear MACs executed."""
+    scorer = Scorer(clf.model, clf.batch_size)
+
+    def step(batch: list[Item], pixels: list) -> list[Prediction]:
+        x = torch.stack([pixels_to_tensor(px) for px in pixels])
+        return run_schedule(clf.model, clf.model.encode(x), candidates, clf.profile,
+                            [noise_generator(0, it.key) for it in batch], scorer)
+
+    per_step = distributed.images_per_step(clf.batch_size, len(candidates))
+    preds = [p for batch in distributed.run(items, clf.load, step, per_step=per_step) for p in batch]
+    return preds, scorer.macs.linear
+
+
 @pytest.fixture(scope="module")
 def digits_case(tmp_path_factory):
-    torch.set_num_threads(1)
-    model = resolve_model("digits")
+    clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
     root = save_digits(tmp_path_factory.mktemp("tune") / "digits", 1438, 1518)
-    found = collect([str(root)], ClassSpace(model), "auto", None, None, None)
-    table = build_table(model, found.items, found.candidates, max_samples=3, sigma=0.1, seed=0)
-    return model, found, table
+    found = collect([str(root)], clf.space, "auto", None, None, None)
+    table = build_table(clf, found.items, found.candidates, max_samples=3, sigma=0.1, seed=0)
+    return clf, found, table
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_table_replay_equals_the_classifier(digits_case, name):
-    model, found, table = digits_case
+    base, found, table = digits_case
+    model = base.model
     profile = Profile(name, SCHEDULES[name], sigma=0.1)
-    scorer = Scorer(model)
-    key = run_info("digits", profile, 0, found.candidates)
-    records = [r for batch in run(model, found.items, found.candidates, profile, 0, ClassSpace(model).names, key,
-                                  scorer=scorer) for r in batch]
+    clf = replace(base, profile=profile)
+    records = [r for batch in clf.classify_items(found.items, found.candidates, seed=0) for r in batch]
+    preds, linear_macs = counted_run(clf, found.items, found.candidates)
+    assert [p.pred for p in preds] == [rec["pred"] for rec in records]
     r = tune.Replayer(table, model.spec).replay(profile.stages)
     assert [rec["path"] for rec in records] == table.paths
     assert [rec["pred"] for rec in records] == r.pred.tolist()                    # to the image
@@ -68,7 +82,7 @@ def test_table_replay_equals_the_classifier(digits_case, name):
             worst = max(worst, float(np.abs(np.asarray(st["scores"]) - ours[col]).max()))
     assert worst < 1e-4 + 5e-5, worst      # records round scores to 1e-4
     enc = encoder_macs(model.spec.vae, model.spec.image_size, model.spec.var.patch_nums)
-    assert r.executed_macs.sum() == pytest.approx(scorer.macs.linear + enc * len(records), rel=1e-12)
+    assert r.executed_macs.sum() == pytest.approx(linear_macs + enc * len(records), rel=1e-12)
 
 
 def test_neighbour_prefix_is_what_classify_draws_for_fewer_samples():
@@ -77,7 +91,8 @@ def test_neighbour_prefix_is_what_classify_draws_for_fewer_samples():
 
 
 def test_paper_compute_matches_flops_schedule_macs(digits_case):
-    model, _, table = digits_case
+    clf, _, table = digits_case
+    model = clf.model
     from core.flops import schedule_macs
     for stages in SCHEDULES.values():
         if any(s.exit_margin is not None for s in stages):

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
+from core import Classifier
 from core.calibration import expected_calibration_error, fit_temperature, posterior
-from core.classifier import Scorer
-from core.data import ClassSpace, collect
-from core.distributed import run
-from core.incremental import apply_extensions
+from core.data import collect
+from core.flops import encoder_macs
 from core.profiles import load_profile
-from core.registry import resolve_model
-from core.results import run_info
 from core.schedule_table import build_table
 from core.tune import Replayer, baseline_stages
+from scripts.digits import load_digits
 from tests.conftest import avarc
-from tests.test_tune import save_digits
+from tests.test_tune import counted_run, save_digits
 
 FAST = ["--device", "cpu", "--dtype", "fp32"]
 
@@ -55,16 +54,12 @@ def classify(monkeypatch, capsys, folder: Path, profile: str | Path, out: Path, 
     return read_jsonl(out)
 
 
-def executed_gflops(model, folder: Path, profile) -> float:
+def executed_gflops(clf: Classifier, folder: Path, profile) -> float:
     """Executed GFLOPs per image (paper convention) of the classify engine on a folder, as `avarc bench` counts."""
-    from core.flops import encoder_macs
-
-    found = collect([str(folder)], ClassSpace(model), "auto", None, None, None)
-    scorer = Scorer(model)
-    key = run_info("digits", profile, 0, found.candidates)
-    n = sum(len(b) for b in run(model, found.items, found.candidates, profile, 0, ClassSpace(model).names, key,
-                                scorer=scorer))
-    return (scorer.macs.linear / n + encoder_macs(model.spec.vae, model.spec.image_size, model.spec.var.patch_nums)) / 1e9
+    found = collect([str(folder)], clf.space, "auto", None, None, None)
+    preds, linear = counted_run(replace(clf, profile=profile), found.items, found.candidates)
+    spec = clf.spec
+    return (linear / len(preds) + encoder_macs(spec.vae, spec.image_size, spec.var.patch_nums)) / 1e9
 
 
 def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str]) -> None:
@@ -81,11 +76,11 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     assert profile.temperature is not None and profile.temperature > 0
 
     # tune's prediction on its own images = what classify measures, image by image
-    model = resolve_model("digits")
-    ext = apply_extensions(model, [Path(e) for e in extension[1::2]])
-    found = collect([str(tune_dir)], ClassSpace(model), "auto", None, None, None)
-    table = build_table(model, found.items, found.candidates, 3, profile.sigma, 0)
-    replay = Replayer(table, model.spec).replay(profile.resolve(4).stages)
+    clf = Classifier.from_pretrained("digits", extensions=[Path(e) for e in extension[1::2]], device="cpu", dtype="fp32")
+    ext = clf.extensions
+    found = collect([str(tune_dir)], clf.space, "auto", None, None, None)
+    table = build_table(clf, found.items, found.candidates, 3, profile.sigma, 0)
+    replay = Replayer(table, clf.spec).replay(profile.resolve(4).stages)
     records = classify(monkeypatch, capsys, tune_dir, tuned, tmp_path / "tune.jsonl", *extension)
     assert {r["path"]: r["pred"] for r in records} == dict(zip(table.paths, replay.pred.tolist()))
     correct = sum(r["pred"] == r["label"] for r in records)
@@ -95,7 +90,7 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     ours = classify(monkeypatch, capsys, test_dir, tuned, tmp_path / "test.jsonl", *extension)
     varc = classify(monkeypatch, capsys, test_dir, "varc", tmp_path / "varc.jsonl", *extension)
     mistakes = [sum(r["pred"] != r["label"] for r in recs) for recs in (ours, varc)]
-    gflops = [executed_gflops(model, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
+    gflops = [executed_gflops(clf, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
     print(f"{'+'.join(e.names[0] for e in ext) or 'base'}: {profile.describe()}; on digits 1618–1796: mistakes "
           f"tuned {mistakes[0]} vs varc {mistakes[1]}; executed GFLOPs/image {gflops[0]:.5f} vs {gflops[1]:.5f} "
           f"({gflops[0] / gflops[1]:.1%})")
@@ -108,8 +103,6 @@ def test_tuned_profile_on_held_out_digits(monkeypatch, capsys, tmp_path, folders
 
 
 def test_tuned_profile_with_an_added_class(monkeypatch, capsys, tmp_path, folders):
-    from core.digits import load_digits
-
     train = load_digits("train")
     sevens = tmp_path / "sevens"
     sevens.mkdir()
@@ -125,14 +118,14 @@ def test_tuned_profile_with_an_added_class(monkeypatch, capsys, tmp_path, folder
 def test_fitted_temperature_lowers_held_out_ece(folders):
     """Fitted on the tuning digits, judged on digits 1618–1796, for a schedule whose posterior is overconfident
     (three of four scales: 85% top-1); the tuned digits profile's own numbers are in the README."""
-    model = resolve_model("digits")
+    clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32")
     tables = []
     for folder in folders:
-        found = collect([str(folder)], ClassSpace(model), "auto", None, None, None)
-        tables.append(build_table(model, found.items, found.candidates, 1, 0.1, 0))
+        found = collect([str(folder)], clf.space, "auto", None, None, None)
+        tables.append(build_table(clf, found.items, found.candidates, 1, 0.1, 0))
     stages = baseline_stages(3)
     (fit_scores, fit_y), (held_scores, held_y) = [
-        (Replayer(t, model.spec).replay(stages).final_scores, np.searchsorted(t.candidates, t.labels)) for t in tables]
+        (Replayer(t, clf.spec).replay(stages).final_scores, np.searchsorted(t.candidates, t.labels)) for t in tables]
     temperature = fit_temperature(fit_scores, fit_y)
     before = expected_calibration_error(posterior(held_scores, 1.0), held_y)
     after = expected_calibration_error(posterior(held_scores, temperature), held_y)
@@ -201,4 +194,4 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
     code, _, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "3..1", "--out", tmp_path / "u.yaml", *FAST)
     assert code == 2 and "--stages '3..1'" in err
     code, _, err = avarc(monkeypatch, capsys, "tune", small, "--budget", 0.01, "--out", tmp_path / "u.yaml", *FAST)
-    assert code == 2 and "raise --budget" in err and not (tmp_path / "u.yaml").exists()
+    assert code == 2 and "--budget: no schedule fits" in err and "raise the budget" in err and not (tmp_path / "u.yaml").exists()

@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import AvarcError
-from core.registry import REGISTRY, resolve_model
-from core.report import run_report, write_html
-from core.specs import ModelSpec, official_spec
+from core import AvarcError, Classifier
+from core.files import check_output_file, write_text
+from core.registry import entry, is_registry_name
+from core.report import run_report
+from core.specs import ModelSpec
 
 from .. import output
 
@@ -32,12 +33,12 @@ def report(
     file with its images embedded (opens from disk, no server). Needs `pip install 'avarc[report]'`.
     """
     records = _read(results)
-    out = out or results.with_suffix(".html")
+    out = check_output_file(out or results.with_suffix(".html"), "--out", force)
     if explain is not None and not explain.is_dir():
         raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
     name = model or next((r.get("run", {}).get("model") for r in records if r.get("run")), None)
     page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
-    write_html(out, page, force)
+    write_text(out, page, "--out", force)
     output.console.print(f"wrote {out}")
 
 
@@ -61,11 +62,9 @@ def _read(path: Path) -> list[dict]:
 
 
 def _spec(name: str | None, given: bool) -> ModelSpec | None:
-    """The architecture for GFLOPs: official names need no download; other models are loaded."""
+    """The architecture for GFLOPs: a registry entry holds it (no download); another model given is loaded."""
     if name is None:
         return None
-    if name.lower() in REGISTRY and name.lower() not in ("digits", "vae"):
-        return official_spec(name)
-    if name.lower() == "digits" or given:
-        return resolve_model(name).spec
-    return None
+    if is_registry_name(name):
+        return entry(name).spec
+    return Classifier.from_pretrained(name, device="cpu", dtype="fp32").spec if given else None

@@ -8,25 +8,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import AvarcError
-from core.data import ClassSpace, collect
-from core.incremental import apply_extensions
-from core.model import resolve_dtype, resolve_device
+from core import AvarcError, Classifier
+from core.data import collect
+from core.files import check_output_files, write_text
 from core.profiles import write_profile
-from core.registry import REGISTRY, resolve_model
-from core.results import model_identity
 from core.schedule_table import build_table
-from core.tune import as_profile, shipped_points, tune as run_tune
+from core.tune import model_name, shipped_points, tune as run_tune, tuned_profile
 
 from .. import output
-from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, ModelOpt, SeedOpt,
-                       TrustPickleOpt, VaeOpt)
+from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt,
+                       SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 
 def tune(
     folder: Annotated[Path, typer.Argument(metavar="LABELLED_DIR", help="A folder of class sub-folders (labelled images), as `avarc classify` reads them.", show_default=False)],
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
+    patch_nums: PatchNumsOpt = None,
     extension: ExtensionOpt = None,
     budget: Annotated[float, typer.Option("--budget", min=0.0, help="Compute budget as a fraction of `varc`'s executed GFLOPs per image (all candidates, all scales, clean tokens).")] = 0.5,
     budget_gflops: Annotated[Optional[float], typer.Option("--budget-gflops", min=0.0, help="Compute budget in executed GFLOPs per image (overrides --budget).", show_default=False)] = None,
@@ -42,6 +40,7 @@ def tune(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
     encoder: EncoderOpt = "torch",
@@ -58,14 +57,11 @@ def tune(
     the best), judged on the held-out part, and written as a profile with a fitted posterior temperature.
     """
     lo, hi = _stage_range(stages)
-    for p in (out, report):
-        if p is not None and p.exists() and not force:
-            raise AvarcError(f"{p}: already exists; pass --force to overwrite it, or choose another path")
-    dev = resolve_device(device)
-    m = resolve_model(model, vae, dev, resolve_dtype(dtype, dev), model_dir, trust_pickle, encoder)
-    added = apply_extensions(m, extension)
-    space = ClassSpace(m)
-    found = collect([str(folder)], space, "folders", None, None, classes, exclude=[p for p in (out, report) if p])
+    check_output_files({"--out": out, "--report": report}, force)
+    clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
+                                     encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
+                                     patch_nums=patch_nums, threads=threads)
+    found = collect([str(folder)], clf.space, "folders", None, None, classes, exclude=[p for p in (out, report) if p])
     items = found.items
     if max_images is not None and max_images < len(items):
         step = len(items) / max_images
@@ -74,34 +70,26 @@ def tune(
     start = time.perf_counter()
     with output.progress() as prog:
         task = prog.add_task("scoring", total=len(items), info=f"{len(found.candidates)} classes × {max_samples} samples")
-        table = build_table(m, items, found.candidates, max_samples, sigma, seed,
+        table = build_table(clf, items, found.candidates, max_samples, sigma, seed,
                             on_step=lambda n: prog.update(task, advance=n))
     scored_s = time.perf_counter() - start
     for path, reason in table.skipped:
         output.err_console.print(f"skipped {path}: {reason}")
     start = time.perf_counter()
-    res = run_tune(table, m.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout, min_stages=lo,
+    res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout, min_stages=lo,
                    max_stages=hi, seed=seed)
     search_s = time.perf_counter() - start
 
-    ident = (model if model.lower() in REGISTRY else model_identity(m, model)) + "".join(f" +{e.names[0]}…" if len(e.names) > 1 else f" +{e.names[0]}" for e in added)
-    note = (f"tuned by `avarc tune` on {folder} ({table.num_images} images: {len(res.fit_idx)} to choose, "
-            f"{len(res.held_idx)} held out; seed {seed}), model {ident}, {len(table.candidates)} candidate classes\n"
-            f"budget {res.budget_gflops:.4g} executed GFLOPs/image; varc needs {res.baseline.executed_gflops:.4g}\n"
-            f"top-1 on the images it was chosen on {res.chosen.accuracy:.2%}"
-            + (f", held out {res.chosen_held.accuracy:.2%} (varc {res.baseline_held.accuracy:.2%})" if res.chosen_held else "")
-            + f"\nexecuted GFLOPs/image {res.chosen_all.executed_gflops:.4g}, paper convention {res.chosen_all.paper_gflops:.4g}; "
-            f"temperature fitted on the chosen part (minimum NLL)")
-    profile = as_profile(res, table.sigma, name=out.stem, description=f"Tuned for {ident} by avarc tune "
-                         f"(budget {res.budget_gflops:.4g} GFLOPs/image).")
+    ident = model_name(clf)
+    profile, note = tuned_profile(res, table, str(folder), ident, name=out.stem)
     write_profile(profile, out, note, force=force)
 
     _print(res)
-    shipped = shipped_points(res, table, m.spec)
+    shipped = shipped_points(res, table, clf.spec)
     if report is not None:
-        from core.report import tune_report, write_html
+        from core.report import tune_report
 
-        write_html(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), force=force)
+        write_text(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), "--report", force)
     rows = [("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
             ("chosen", res.chosen.describe()),
             ("top-1 on the images it was chosen on", f"{res.chosen.accuracy:.2%}"),
