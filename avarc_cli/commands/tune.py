@@ -46,15 +46,11 @@ def tune(
     encoder: EncoderOpt = "torch",
 ) -> None:
     """\b
-    avarc tune val_labelled/ -m digits --budget 0.5 --out tuned.yaml   # half of varc's compute
-    avarc tune val_labelled/ -m d16-cca --max-images 500 --budget-gflops 4000 --report tune.html
-    avarc classify test/ -p tuned.yaml                                   # then run the chosen schedule
+    avarc tune val/ -m digits --budget 0.5 --out tuned.yaml   # half of varc
+    avarc tune val/ -m d16-cca --max-images 500 --report tune.html
+    avarc classify test/ -p tuned.yaml         # run the chosen schedule
 
-    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing
-    neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep,
-    early-exit margins) is then evaluated exactly from those scores, without running the model again. The most
-    accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of
-    the best), judged on the held-out part, and written as a profile with a fitted posterior temperature.
+    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep, early-exit margins) is then evaluated exactly from those scores, without running the model again. The most accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of the best), judged on the held-out part, and written as a profile with a fitted posterior temperature.
     """
     lo, hi = _stage_range(stages)
     check_output_files({"--out": out, "--report": report}, force)
