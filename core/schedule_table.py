@@ -92,13 +92,14 @@ def build_table(clf: Classifier, items: Sequence[Item], candidates: Sequence[int
     K, S, M = len(cands), len(ends), max_samples
     bounds = np.asarray([0, *ends])
     classes = torch.tensor(cands)
-    exact: list[tuple[int, ...]] = []
+    exact: list[tuple[int, ...]] = []      # set by the first batch (it depends on the latent's size only)
 
     def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[tuple[np.ndarray, np.ndarray] | str]:
         good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
         if good:
             latents = model.encode(torch.stack([pixels_to_tensor(px) for _, px in good]))
-            exact[:] = exact or [exact_sample_counts(latents[:1].cpu(), M)]
+            if not exact:
+                exact.append(exact_sample_counts(latents[:1].cpu(), M))
             tokens = sample_tokens(model, latents, M, sigma, [noise_generator(seed, it.key) for it, _ in good])  # B, M, L
             B = tokens.shape[0]
             seq = tokens.repeat_interleave(K, 1).flatten(0, 1)                             # B·M·K, L (class fastest)
