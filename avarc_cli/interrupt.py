@@ -1,5 +1,5 @@
-"""Ctrl-C and SIGTERM end a command the same way: as a KeyboardInterrupt that the command turns into its one line,
-then exit code 130 (SIGINT) or 143 (SIGTERM), as shells report them."""
+"""Ctrl-C and SIGTERM end a command the same way: as a KeyboardInterrupt that the command turns into its one line
+(what was written, where), then exit code 130 (SIGINT) or 143 (SIGTERM), as shells report them."""
 from __future__ import annotations
 
 import shlex
@@ -8,7 +8,9 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+import typer
 
 from . import output
 
@@ -39,13 +41,25 @@ def interrupt_code() -> int:
     return 128 + (_received[-1] if _received else signal.SIGINT)
 
 
-def say_interrupted(out: Path | None, safe: int | None) -> None:
-    """The one line after Ctrl-C / SIGTERM: what is safe where, and how to go on."""
+@contextmanager
+def interruptible(said: Callable[[], str | None]) -> Iterator[None]:
+    """Run the block under :func:`stop_on_signals`; Ctrl-C or SIGTERM ends the command with ``said()``'s one line
+    (None: say nothing, as on other ranks) and exit code 130 or 143 instead of a traceback or click's "Aborted!"."""
+    try:
+        with stop_on_signals():
+            yield
+    except KeyboardInterrupt:
+        text = said()
+        if text:
+            output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(interrupt_code()) from None
+
+
+def results_safe(out: Path | None, safe: int | None) -> str:
+    """classify's line after an interrupt: what is safe where, and how to go on."""
     if safe is None:
-        text = "interrupted before any image was classified; no new record was written"
-    elif out is None:
-        text = "interrupted: nothing was saved (no --out file)"
-    else:
-        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-        text = f"interrupted: {safe} records safe in {out}; continue with: avarc {shlex.join(args)}"
-    output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return "interrupted before any image was classified; no new record was written"
+    if out is None:
+        return "interrupted: nothing was saved (no --out file)"
+    args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+    return f"interrupted: {safe} records safe in {out}; continue with: avarc {shlex.join(args)}"

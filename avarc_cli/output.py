@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from core import AvarcError
+from core.errors import FIX
 
 console = Console()
 err_console = Console(stderr=True)
@@ -20,11 +21,22 @@ _QUANTITY = re.compile(r"[+\-−]?[\d,]*\.?\d+(e[+\-]?\d+)?\s*(%|[kMG]?B|s)?(\s*
 FLAGS = {"a": "--class", "b": "--vs", "extensions": "--extension"}   # core parameter → its flag, where they differ
 
 
+def flag(option: str) -> str:
+    """The flag of a core parameter (``patch_nums`` → ``--patch-nums``)."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
 def message(err: AvarcError) -> str:
-    """An error as one line; one about a parameter names its flag (``patch_nums`` → ``--patch-nums``)."""
-    if err.option is None:
-        return str(err)
-    return f"{FLAGS.get(err.option, '--' + err.option.replace('_', '-'))}: {err}"
+    """An error as one line; one about a parameter names its flag, and a remedy is worded as a flag or a command."""
+    text = str(err) if err.fix is None else err.template.replace(FIX, _fix(err.fix))
+    return text if err.option is None else f"{flag(err.option)}: {text}"
+
+
+def _fix(fix: str | tuple) -> str:
+    if isinstance(fix, str):
+        return f"pass {flag(fix)}"
+    _, name, model_dir = fix
+    return f"run `avarc download {name}{'' if model_dir is None else f' --dir {model_dir}'}`"
 
 
 def _numeric(cell: Any) -> bool:

@@ -63,11 +63,11 @@ class Dist:
             try:
                 box[0] = ("ok", fn())
             except AvarcError as e:
-                box[0] = ("error", str(e))
+                box[0] = ("error", (e.template, e.option, e.fix))     # whole, so every rank words it alike
         tdist.broadcast_object_list(box, src=0)
         kind, value = box[0]
         if kind == "error":
-            raise AvarcError(value)
+            raise AvarcError(*value)
         return value
 
 

@@ -1,11 +1,28 @@
 """The one error type users see: a one-line message that names the file or value and the fix."""
 from __future__ import annotations
 
+import os
+
+FIX = "{fix}"
+
 
 class AvarcError(Exception):
     """A user-facing error. ``option`` names the parameter the message is about (``scales``, ``b``, ``colormap`` …),
-    so a front end can name it in its own terms: the CLI prints ``error: --scales: <message>`` and exits with 2."""
+    so a front end can name it in its own terms: the CLI prints ``error: --scales: <message>`` and exits with 2.
 
-    def __init__(self, message: str, option: str | None = None):
-        super().__init__(message)
-        self.option = option
+    ``fix`` is a remedy a front end words its own way, where the message holds ``{fix}``: the name of a parameter
+    to set (``"force"``: here "set force=True", in the CLI "pass --force"), or the download of a registry model
+    (``("download", name, model_dir)``: here ``core.registry.fetch(...)``, in the CLI ``avarc download …``)."""
+
+    def __init__(self, message: str, option: str | None = None, fix: str | tuple | None = None):
+        self.template, self.option, self.fix = message, option, fix
+        super().__init__(message.replace(FIX, library_fix(fix)) if fix is not None else message)
+
+
+def library_fix(fix: str | tuple) -> str:
+    """A remedy in the library's terms."""
+    if isinstance(fix, str):
+        return f"set {fix}=True"
+    _, name, model_dir = fix
+    where = "" if model_dir is None else f", model_dir={os.fspath(model_dir)!r}"
+    return f"download it with core.registry.fetch(core.registry.entry({name!r}){where})"

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import AvarcError
+from .errors import FIX, AvarcError
 
 
 def absolute(path: str | os.PathLike) -> Path:
@@ -23,58 +23,60 @@ def absolute(path: str | os.PathLike) -> Path:
         return Path(os.path.abspath(path))
 
 
-def _writable_folder(folder: Path, path: Path, flag: str) -> None:
+def _writable_folder(folder: Path, path: Path, option: str | None) -> None:
     """``folder`` (which will hold ``path``) exists or can be made, and a file can really be created in it (a probe,
     since permission bits say nothing for root or on /proc and read-only mounts)."""
     probe = folder
     while not probe.exists() and probe != probe.parent and not probe.is_symlink():
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise AvarcError(f"{flag} {path}: {probe} is a file, not a folder; choose a path in a folder")
+        raise AvarcError(f"{path}: {probe} is a file, not a folder; choose a path in a folder", option=option)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".avarc-probe.", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise AvarcError(f"{flag} {path}: cannot write in {probe} ({e.strerror}); choose a writable folder") from None
+        raise AvarcError(f"{path}: cannot write in {probe} ({e.strerror}); choose a writable folder", option=option) from None
 
 
-def check_output_file(path: str | os.PathLike, flag: str, force: bool | None = None) -> Path:
-    """``path`` can be written as a file. ``force=False`` refuses an existing file; ``None`` allows it (append)."""
+def check_output_file(path: str | os.PathLike, option: str | None = None, force: bool | None = None) -> Path:
+    """``path`` (the value of parameter ``option``, which errors name) can be written as a file. ``force=False``
+    refuses an existing file; ``None`` allows it (append)."""
     path = Path(path)
     if path.is_dir():
-        raise AvarcError(f"{flag} {path}: is a folder; give a file name")
+        raise AvarcError(f"{path}: is a folder; give a file name", option=option)
     if path.exists() and not path.is_file():
-        raise AvarcError(f"{flag} {path}: not a regular file; give a file name")
-    _writable_folder(path.parent, path, flag)
+        raise AvarcError(f"{path}: not a regular file; give a file name", option=option)
+    _writable_folder(path.parent, path, option)
     if force is False and path.exists():
-        raise AvarcError(f"{flag} {path}: already exists; pass --force to overwrite it, or choose another {flag}")
+        raise AvarcError(f"{path}: already exists; {FIX} to overwrite it, or choose another file", option=option, fix="force")
     return path
 
 
 def check_output_files(paths: dict[str, str | os.PathLike | None], force: bool | None = None) -> None:
-    """Several output files of one run (``{flag: path}``, None: not asked for): each writable (``force`` as in
+    """Several output files of one run (``{option: path}``, None: not asked for): each writable (``force`` as in
     :func:`check_output_file`), no two the same."""
     seen: dict[Path, str] = {}
-    for flag, path in paths.items():
+    for option, path in paths.items():
         if path is None:
             continue
-        check_output_file(path, flag, force)
+        check_output_file(path, option, force)
         if absolute(path) in seen:
-            raise AvarcError(f"{flag} {path}: is the {seen[absolute(path)]} file; give each output its own file")
-        seen[absolute(path)] = flag
+            raise AvarcError(f"{path}: is the same file as the {seen[absolute(path)]} output; give each output its own "
+                             "file", option=option)
+        seen[absolute(path)] = option
 
 
-def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
+def make_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
     """Create the output folder ``path`` (and its parents), or fail in one line."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise AvarcError(f"{flag} {path}: is a file, not a folder; give a folder name")
-    _writable_folder(path, path, flag)
+        raise AvarcError(f"{path}: is a file, not a folder; give a folder name", option=option)
+    _writable_folder(path, path, option)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AvarcError(f"{flag} {path}: cannot create the folder ({e.strerror}); choose another {flag}") from None
+        raise AvarcError(f"{path}: cannot create the folder ({e.strerror}); choose another folder", option=option) from None
     return path
 
 
@@ -103,9 +105,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def write_text(path: str | os.PathLike, text: str, flag: str, force: bool = False) -> Path:
-    """A whole text file written atomically; an existing one is refused unless ``force`` (``flag`` names it)."""
-    path = check_output_file(path, flag, force)
+def write_text(path: str | os.PathLike, text: str, option: str | None = None, force: bool = False) -> Path:
+    """A whole text file written atomically; an existing one is refused unless ``force`` (errors name ``option``)."""
+    path = check_output_file(path, option, force)
     with atomic_write(path, "w") as f:
         f.write(text)
     return path

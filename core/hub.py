@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import file_sha256
-from .errors import AvarcError
+from .errors import FIX, AvarcError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -100,8 +100,7 @@ def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.Pa
     if actual != expected:
         _remove(path, cached)
         raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
-                         f"{expected[:12]}…); the corrupt file was removed, run `avarc download {e.name}"
-                         f"{'' if cached else f' --dir {model_dir}'}` again")
+                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again", fix=("download", e.name, model_dir))
     return actual
 
 

@@ -188,7 +188,7 @@ def _stage_fields(st: Stage) -> list[tuple[str, object]]:
 
 def write_profile(profile: Profile, path: str | os.PathLike, comment: str = "", force: bool = False) -> Path:
     """Write a profile YAML atomically; an existing file needs ``force``."""
-    return write_text(path, profile_yaml(profile, comment), "profile", force)
+    return write_text(path, profile_yaml(profile, comment), force=force)
 
 
 def _shipped_dir():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import imagenet_classes
-from .errors import AvarcError
+from .errors import FIX, AvarcError
 from .hub import Download, HubFile, download, find_local
 from .model import MODEL_DIR_FORMAT, Model, load_model, load_model_dir
 from .onnx_encoder import check_backend, use_encoder
@@ -112,8 +112,7 @@ def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Pat
     found = find_local(e.hub, model_dir)
     if found is None:
         where = "the Hugging Face cache" if model_dir is None else str(model_dir)
-        dir_opt = "" if model_dir is None else f" --dir {model_dir}"
-        raise AvarcError(f"model {e.name!r} is not in {where}; run `avarc download {e.name}{dir_opt}`")
+        raise AvarcError(f"model {e.name!r} is not in {where}; {FIX}", fix=("download", e.name, model_dir))
     return found
 
 

@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from .data import Item
 from .distributed import Dist
-from .errors import AvarcError
+from .errors import FIX, AvarcError
 from .files import absolute, atomic_write
 from .model import Model
 from .profiles import Profile
@@ -114,7 +114,7 @@ def _differs(theirs: dict, ours: dict) -> str:
 
 
 def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
-    """Prepare the results file: new (an existing file needs ``--resume``), or resumed. Resuming never removes a
+    """Prepare the results file: new (an existing file needs ``resume``), or resumed. Resuming never removes a
     record: a file that is not a results file, or holds records of another run, is refused unchanged; only a torn
     last line is cut off."""
     path = Path(path)
@@ -122,7 +122,7 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
         path.write_bytes(b"")
         return Resumed()
     if not resume:
-        raise AvarcError(f"{path}: already exists; pass --resume to continue it, or choose another --out")
+        raise AvarcError(f"{path}: already exists; {FIX} to continue it, or choose another file", option="out", fix="resume")
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     state = Resumed(torn=end < len(data))

@@ -75,14 +75,14 @@ def test_garbage_checkpoints_are_one_line(monkeypatch, capsys, junk, few, case, 
 def test_output_paths_in_the_way_are_one_line(monkeypatch, capsys, junk, few, command, flag, case, says):
     head = ["add-class", "eight", few] if command == "add-class" else [command, few]
     line = one_line_exit_2(monkeypatch, capsys, *head, flag, junk[case])
-    assert f"{flag} {junk[case]}" in line and says in line
+    assert f"{flag}: {junk[case]}" in line and says in line
 
 
 def test_unwritable_output_folder_is_one_line(monkeypatch, capsys, few):
     line = one_line_exit_2(monkeypatch, capsys, "classify", few, "--out", "/proc/r.jsonl")
-    assert "--out /proc/r.jsonl: cannot write in /proc" in line
+    assert "--out: /proc/r.jsonl: cannot write in /proc" in line
     line = one_line_exit_2(monkeypatch, capsys, "explain", few, "--out", "/proc/why")
-    assert "--out /proc/why: cannot write in /proc" in line
+    assert "--out: /proc/why: cannot write in /proc" in line
 
 
 @pytest.mark.parametrize("args, says", [
@@ -90,7 +90,7 @@ def test_unwritable_output_folder_is_one_line(monkeypatch, capsys, few):
     (["--model", WEIGHTS, "--vae", "/no/such/vae.pth"], "is a directory with its own VQ-VAE"),
     (["--profile", "no/such/profile.yaml"], "no/such/profile.yaml: no such profile file"),
     (["--classes", "0,eleven"], "'eleven' is not a class of this model"),
-    (["--out", "same.csv", "--csv", "same.csv"], "is the --out file"),
+    (["--out", "same.csv", "--csv", "same.csv"], "--csv: same.csv: is the same file as the out output"),
     (["--extension", "random.pth"], "random.pth: not an extension file"),
 ])
 def test_options_that_cannot_work_are_one_line(monkeypatch, capsys, junk, few, args, says):

@@ -22,6 +22,8 @@ import torch
 from core import AvarcError, preprocess_image
 from core.registry import resolve_model
 
+from avarc_cli.output import message
+
 from .conftest import CONFORMANCE, ConformanceSet
 
 REPO = "FoundationVision/var"
@@ -239,13 +241,16 @@ def test_dir_places_plain_files_that_resolve_model_finds(hub, env, tmp_path):
 def test_missing_model_says_which_download_to_run(tmp_path, env):
     with pytest.raises(AvarcError) as err:
         resolve_model("d16", model_dir=tmp_path)
-    assert str(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
+    assert str(err.value) == (f"model 'd16' is not in {tmp_path}; download it with "
+                              f"core.registry.fetch(core.registry.entry('d16'), model_dir={str(tmp_path)!r})")
+    assert message(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
     with pytest.raises(AvarcError) as err:
         resolve_model(tmp_path / "nothing.pth")
     assert "no such model file" in str(err.value)
     show = "import core.registry as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
     r = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300)
-    assert r.stdout.strip() == "model 'd20-cca' is not in the Hugging Face cache; run `avarc download d20-cca`"
+    assert r.stdout.strip() == ("model 'd20-cca' is not in the Hugging Face cache; "
+                                "download it with core.registry.fetch(core.registry.entry('d20-cca'))")
 
 
 def test_list_shows_sizes_purposes_and_what_is_here(hub, env):

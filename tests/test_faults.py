@@ -137,6 +137,22 @@ def test_kill_9_ctrl_c_and_sigterm_at_random_points_then_resume_give_the_uninter
     assert_same_results(out, baseline)
 
 
+def test_ctrl_c_in_explain_says_what_was_written_and_exits_130(digits, tmp_path):
+    why = tmp_path / "why"
+    proc = subprocess.Popen(cli("explain", digits, "--out", why), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(list(why.glob("*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    said = [x for x in err.splitlines() if "interrupted" in x]
+    assert proc.returncode == 130 and len(said) == 1 and "Traceback" not in err and "Aborted" not in err
+    written = int(said[0].removeprefix("interrupted: ").split(" ", 1)[0])
+    assert said[0] == f"interrupted: {written} explanations written to {why}" and 1 <= written < IMAGES
+    assert len(list(why.glob("*.npz"))) in (written, written + 1)       # + 1: Ctrl-C right after a file was saved
+
+
 def test_data_loss_cases_leave_every_file_byte_identical(digits, baseline, tmp_path, monkeypatch, capsys):
     """The refusals run the real CLI entry point in this process (same code path, no 3 s start-up per case)."""
     def cli_here(*args) -> tuple[int, str]:

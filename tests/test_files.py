@@ -35,7 +35,7 @@ def test_output_paths_that_cannot_be_written_fail_in_one_line(tmp_path):
                        (tmp_path / "fifo", "not a regular file")]:
         with pytest.raises(AvarcError, match=says):
             check_output_file(path, "--out")
-    with pytest.raises(AvarcError, match="already exists; pass --force"):
+    with pytest.raises(AvarcError, match="already exists; set force=True"):
         check_output_file(tmp_path / "file", "--out", force=False)
     assert check_output_file(tmp_path / "file", "--out", force=True) == tmp_path / "file"
     assert check_output_file(tmp_path / "new" / "r.jsonl", "--out") == tmp_path / "new" / "r.jsonl"

@@ -80,7 +80,7 @@ def test_a_written_profile_reads_back_with_its_temperature_and_is_not_overwritte
     assert f.read_text().startswith("# tuned on x\n# budget y\n")
     back = load_profile(f)
     assert (back.stages, back.sigma, back.temperature, back.description) == (p.stages, p.sigma, 2.5, p.description)
-    with pytest.raises(AvarcError, match="already exists; pass --force"):
+    with pytest.raises(AvarcError, match="already exists; set force=True"):
         write_profile(p, f)
     f.write_text("temperature: 0\nstages:\n  - {scales: 4}\n")
     with pytest.raises(AvarcError, match="temperature: must be a positive number"):

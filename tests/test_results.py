@@ -59,7 +59,7 @@ def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
     w = ResultsWriter(out)
     w.write([_rec("a"), _rec("b")])
     w.close()
-    with pytest.raises(AvarcError, match="already exists; pass --resume"):
+    with pytest.raises(AvarcError, match="already exists; set resume=True"):
         open_results(out, False, RUN)
     full = out.read_bytes()
     with open(out, "ab") as f:

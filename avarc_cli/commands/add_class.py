@@ -12,6 +12,7 @@ from core.files import absolute, check_output_file
 from core.incremental import INITS, check_names, labelled_folders, read_class_folders
 
 from .. import output
+from ..interrupt import interruptible
 from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt, ThreadsOpt, TrustPickleOpt, VaeOpt
 
 Init = Literal[INITS]  # type: ignore[valid-type]   (the initialisations core knows)
@@ -47,7 +48,7 @@ def add_class(
     Only the new classes' embedding rows (one per block, start token and head) are trained, on the teacher-forced likelihood of their images; every other weight, and so every old class's score, stays exactly as it was. The base checkpoint is never modified.
     """
     folders = _parse_classes(classes)
-    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "--out", force)
+    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
                                      model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums, threads=threads)
     if absolute(out) in {absolute(p) for p in clf.files}:
@@ -59,7 +60,7 @@ def add_class(
         output.err_console.print(f"skipped {path}: {reason}", markup=False, highlight=False)
     names = list(read.images)
     start = time.perf_counter()
-    with output.progress() as bar:
+    with interruptible(lambda: f"interrupted while training; {out} was not written"), output.progress() as bar:
         task = bar.add_task("add-class", total=steps, info="")
         ext = clf.add_classes(read.images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
                               init=init, seed=seed, holdout=holdout,

@@ -13,6 +13,7 @@ from core.files import make_output_dir
 from core.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
+from ..interrupt import interruptible
 from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt, ModelDirOpt,
                        ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
@@ -56,7 +57,7 @@ def explain(
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)
-    make_output_dir(out, "--out")
+    make_output_dir(out, "out")
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=device, dtype=dtype,
                                      encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
                                      patch_nums=patch_nums, threads=threads, batch_size=batch_size)
@@ -69,7 +70,7 @@ def explain(
         raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
                          "overwrite them, or choose another --out")
     rows, skipped, batches = [], [], clf.explain_items(found.items, target, scales, seed)
-    with output.progress() as bar:
+    with interruptible(lambda: f"interrupted: {len(rows)} explanations written to {out}"), output.progress() as bar:
         task = bar.add_task("explain", total=len(found.items), info="")
         for batch in batches:
             for it, ex in batch:

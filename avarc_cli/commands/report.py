@@ -32,12 +32,12 @@ def report(
     Accuracy and top-5, accuracy per class, the confusion matrix, a reliability diagram, how often the true class survives each stage (the pruning diagnostic), compute per image and the most confident mistakes, in one HTML file with its images embedded (opens from disk, no server). Needs `pip install 'avarc\\[report]'`.
     """
     records = _read(results)
-    out = check_output_file(out or results.with_suffix(".html"), "--out", force)
+    out = check_output_file(out or results.with_suffix(".html"), "out", force)
     if explain is not None and not explain.is_dir():
         raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
     name = model or next((r.get("run", {}).get("model") for r in records if r.get("run")), None)
     page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
-    write_text(out, page, "--out", force)
+    write_text(out, page, "out", force)
     output.console.print(f"wrote {out}")
 
 

@@ -53,7 +53,7 @@ def tune(
     One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep, early-exit margins) is then evaluated exactly from those scores, without running the model again. The most accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of the best), judged on the held-out part, and written as a profile with a fitted posterior temperature.
     """
     lo, hi = _stage_range(stages)
-    check_output_files({"--out": out, "--report": report}, force)
+    check_output_files({"out": out, "report": report}, force)
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
                                      encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
                                      patch_nums=patch_nums, threads=threads)
@@ -85,7 +85,7 @@ def tune(
     if report is not None:
         from core.report import tune_report
 
-        write_text(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), "--report", force)
+        write_text(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), "report", force)
     rows = [("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
             ("chosen", res.chosen.describe()),
             ("top-1 on the images it was chosen on", f"{res.chosen.accuracy:.2%}"),
