@@ -128,7 +128,10 @@ class AdaLNSelfAttn(nn.Module):
 
 def _modulate(n_BLC: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """shift + n·(1 + scale) computed in fp32 and written once, straight in ``dtype`` (one pass: no fp32
-    intermediate and no separate cast)."""
+    intermediate and no separate cast). With autograd on (add-class trains class rows) ``out=`` is not allowed, so
+    the same values come from a cast."""
+    if torch.is_grad_enabled():
+        return torch.addcmul(shift, n_BLC, scale.add(1)).to(dtype)
     return torch.addcmul(shift, n_BLC, scale.add(1), out=n_BLC.new_empty(n_BLC.shape, dtype=dtype))
 
 
