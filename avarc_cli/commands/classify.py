@@ -81,7 +81,7 @@ def classify(
                     task = bar.add_task("classify", total=len(run.todo), info="")
                     for batch in run:
                         acc = f" · top-1 {run.metrics.top1:.1%}" if run.metrics.top1 is not None else ""
-                        bar.update(task, advance=len(batch), info=f"{run.rate:.1f} img/s{acc}")
+                        bar.update(task, advance=len(batch), info=f"{run.rate or 0.0:.1f} img/s{acc}")
     finally:
         distributed.close(dist)
     if not dist.is_main:
