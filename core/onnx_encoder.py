@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import checkpoints
 from .errors import AvarcError
+from .files import atomic_write
 from .model import Model
 from .specs import infer_vae_spec
 from .vqvae import VQVAE
@@ -75,7 +76,8 @@ def ensure_export(vae: VQVAE, vae_file: str | os.PathLike | None = None) -> Onnx
     record = {"format": FORMAT, "weights_sha256": sha, "source": None if vae_file is None else str(vae_file),
               "opset": OPSET, "torch": torch.__version__, "input": "image B,3,H,W in [-1, 1]",
               "output": "latent B,z,H/f,W/f (encoder + quant_conv)"}
-    _atomic_write(_record_path(path), (json.dumps(record, indent=2) + "\n").encode())
+    with atomic_write(_record_path(path), "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
     return OnnxExport(path, sha, exported=True)
 
 
@@ -220,12 +222,6 @@ def _record(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) and record.get("format") == FORMAT else {}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _require(module: str):
