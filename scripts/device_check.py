@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts import digits  # noqa: E402
-from core.bench import compare, matmul_peak, random_model  # noqa: E402
+from core.bench import compare, matmul_peak, random_model, run as bench_run  # noqa: E402
 from core.model import load_model, resolve_device  # noqa: E402
 from core.preprocess import preprocess_image  # noqa: E402
 from core.profiles import load_profile  # noqa: E402
@@ -163,6 +165,31 @@ def bench_demo(dev: torch.device, smoke: bool) -> dict:
     return {"images": x.shape[0], "results": [{**r, "top1": a} for r, a in zip(_results(rows), acc)]}
 
 
+def profile_d16(dev: torch.device, smoke: bool) -> dict:
+    """Where the GPU time of one a-varc-plus bf16 run goes: the busiest kernels, and how much of the wall time the
+    device was busy at all (idle gaps = host work or syncs inside the scoring loop)."""
+    d = CONFORMANCE / "official256"
+    m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(16, dev)
+    m.dtype = torch.bfloat16
+    n_img, n_cls = (1, 2) if smoke else (32, 100)
+    x = torch.rand(n_img, 3, m.spec.image_size, m.spec.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prof = load_profile("a-varc-plus")
+    bench_run(m, prof, x, list(range(n_cls)), warmup=1, repeat=1)     # warm the allocator and kernels
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as p:
+        bench_run(m, prof, x, list(range(n_cls)), warmup=0, repeat=1)
+    wall = time.perf_counter() - t0
+    kind = DeviceType.CUDA if dev.type == "cuda" else DeviceType.CPU
+    attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    kernels = [e for e in p.key_averages() if e.device_type == kind]      # kernels only: ops would double count
+    events = sorted(kernels, key=lambda e: getattr(e, attr), reverse=True)
+    busy = sum(getattr(e, attr) for e in kernels) / 1e6
+    return {"wall_s": round(wall, 3), "device_busy_s": round(busy, 3), "busy_share": round(busy / wall, 3),
+            "top": [{"name": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count}
+                    for e in events[:15]]}
+
+
 def main() -> int:
     argv = [a for a in sys.argv[1:] if a != "--cpu-smoke"]
     smoke = "--cpu-smoke" in sys.argv[1:] or os.environ.get("AVARC_CPU_SMOKE") == "1"
@@ -175,6 +202,7 @@ def main() -> int:
     section(report, "tokens_and_scores", lambda: tokens_and_scores(dev, smoke))
     section(report, "bench_d16", lambda: bench_d16(dev, smoke))
     section(report, "bench_demo", lambda: bench_demo(dev, smoke))
+    section(report, "profile_d16", lambda: profile_d16(dev, smoke))
     section(report, "tests", lambda: tests(smoke))
     if not smoke:   # last: the first compile may take a minute or more; the report already holds everything else
         section(report, "compiled_conformance", lambda: compiled_conformance(dev))
