@@ -8,7 +8,9 @@ logsumexp in fp32, never a B×L×V log-softmax). The VAR passed in already holds
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -58,9 +60,23 @@ def num_tokens(spec: VARSpec, num_scales: int | None) -> int:
     return spec.scale_ends()[s - 1]
 
 
+@contextmanager
+def _tf32_matmul(on: bool) -> Iterator[None]:
+    """cuBLAS fp32 matmuls in TF32 while ``on``, then the caller's flag back (no effect on CPUs)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on or saved
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def target_logp(var: VAR, h_BLC: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(h))[target] for fp32 states → B, L fp32 (the head runs in fp32; no log-softmax tensor)."""
-    logits_BLV = var.head(h_BLC)
+    """log softmax(head(h))[target] for fp32 states → B, L fp32 (the head has fp32 inputs and outputs; no
+    log-softmax tensor). Under a bf16/fp16 engine the head's matmul may use TF32 on a GPU: its inputs keep 10
+    mantissa bits where the body's bf16 states keep 7, and true fp32 ran at 1/15 of bf16's rate on an H200."""
+    with _tf32_matmul(var.blocks[0].ffn.fc1.weight.dtype != torch.float32 if len(var.blocks) else False):
+        logits_BLV = var.head(h_BLC)
     picked = logits_BLV.gather(-1, targets_BL.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits_BLV, dim=-1)
 
@@ -104,12 +120,15 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
         chunk = pairs_per_chunk(spec, n_tok, budget_bytes or memory_budget(device), elem)
     tokens_NL = _to_device(tokens[:, :n_tok], device)
     class_N = _to_device(class_idx, device)
+    # a stage's rows repeat each sequence once per candidate class: build each distinct sequence's input once
+    distinct_UL, row_of = torch.unique(tokens_NL, dim=0, return_inverse=True)
+    input_ULC = quantizer.var_input(distinct_UL)
     out, caches, i = [], [], 0
     while i < tokens_NL.shape[0]:
         t = tokens_NL[i:i + chunk]
         part = cache.select(slice(i, i + chunk)) if cache is not None else None
         try:
-            h, kv = var.hidden(class_N[i:i + chunk], quantizer.var_input(t), part, keep_cache)
+            h, kv = var.hidden(class_N[i:i + chunk], input_ULC[row_of[i:i + chunk]], part, keep_cache)
             out.append(target_logp(var, h, t[:, start:]))
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if chunk == 1 or not _is_oom(e):

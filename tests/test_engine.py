@@ -57,6 +57,25 @@ def test_bf16_weights_cache_and_fp32_logits(conf, engine_model):
         engine_model.dtype = torch.float32
 
 
+def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
+    """The head's fp32 matmul may use TF32 on a GPU only when the body runs in bf16; an fp32 engine (and so the
+    precision guard's re-scoring) stays true fp32, and the caller's flag comes back either way."""
+    tokens, classes = conf.golden["tokens"][:2], torch.tensor([0, 1])
+    seen = {}
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            engine_model.dtype = dtype
+            head = engine_model.engine_var().head
+            hook = head.register_forward_hook(lambda *_: seen.update({dtype: torch.backends.cuda.matmul.allow_tf32}))
+            engine_model.score_pairs(tokens, classes, num_scales=3)
+            hook.remove()
+            assert torch.backends.cuda.matmul.allow_tf32 is saved
+    finally:
+        engine_model.dtype = torch.float32
+    assert seen == {torch.float32: False, torch.bfloat16: True}
+
+
 def _predict(model, latents, profile, dtype, scorer=None):
     model.dtype = dtype
     try:
