@@ -275,7 +275,7 @@ class VAR(nn.Module):
         keys/values of all L' tokens. Block-causal attention makes the cached prefix exact, not an approximation."""
         x, conds = self.embed(class_idx, x_in)
         start = cache.num_tokens if cache is not None else 0
-        x = x[:, start:]
+        x = x[:, start:].contiguous()     # one layout for every call: compiled blocks need no recompiles
         spans = self.spec.attention_spans(start + x.shape[1], start)
         if self.extra_class_emb is None:        # every slot holds the class's one row: project it once
             block_conds = [self.shared_ada_lin(conds[:, 1])] * len(self.blocks)
