@@ -1,8 +1,13 @@
 """Calibrating the posterior: a softmax temperature fitted by minimum negative log-likelihood, and the expected
 calibration error (ECE) that says how far the top-1 confidence is from the top-1 accuracy.
 
-Summed token log-likelihoods of different classes are tens of nats apart on small models, so the untempered
-posterior puts nearly all mass on one class, right or wrong; one temperature fitted on labelled images fixes that.
+A stage's score sums the log-likelihoods of many tokens as if each were independent evidence; they are not, so
+the untempered posterior tends to be overconfident, and a temperature above 1 softens it. The temperature is
+fitted only in that direction (T ≥ 1; the NLL is convex in 1/T, so this is the unconstrained fit or 1), because
+the images ``avarc tune`` fits it on are the ones it chose the schedule to get right: they hold fewer mistakes
+than new images will, and a fit on a handful of mistakes, or on one near tie, sharpens (T < 1) where new images
+need the opposite. Where no image is ranked wrongly the NLL only falls as T shrinks and says nothing about T.
+In either case the posterior stays untempered (T = 1), and tune says why.
 Scores are N×K arrays with NaN where a class was not among an image's last-stage candidates (its probability is 0).
 """
 from __future__ import annotations
@@ -22,14 +27,46 @@ def posterior(scores_NK: np.ndarray, temperature: float) -> np.ndarray:
     return torch.softmax(s, 1).numpy()
 
 
-def fit_temperature(scores_NK: np.ndarray, label_cols: np.ndarray) -> float:
-    """The T minimising the mean NLL of the true class over images where it is a candidate (and not the only
-    one); 1 when no image says anything about T. Kept in [0.01, 1000]."""
-    cand = ~np.isnan(scores_NK)
-    rows = np.arange(len(label_cols))
-    use = cand[rows, label_cols] & (cand.sum(1) > 1)
+def nll(scores_NK: np.ndarray, label_cols: np.ndarray, temperature: float) -> tuple[float, int]:
+    """Mean NLL of the true class over the images whose true class is a candidate (a pruned one has probability
+    0), and how many images that is."""
+    use = ~np.isnan(scores_NK[np.arange(len(label_cols)), label_cols])
     if not use.any():
-        return 1.0
+        return float("nan"), 0
+    p = posterior(scores_NK[use], temperature)[np.arange(int(use.sum())), label_cols[use]]
+    return float(-np.log(p).mean()), int(use.sum())
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    """The minimum-NLL temperature over T > 0 (``fitted``) on some images, and the one to use (``temperature``):
+    the fit where it softens the posterior, else 1."""
+
+    fitted: float
+    images: int          # images whose NLL depends on T (true class a candidate, not the only one)
+    mistakes: int        # of them, those ranked wrongly
+
+    @property
+    def temperature(self) -> float:
+        return max(self.fitted, 1.0) if self.mistakes else 1.0
+
+    def describe(self) -> str:
+        """What was fitted and why it is or is not used, in one line."""
+        seen = f"minimum NLL on {self.images} images, {self.mistakes or 'none'} ranked wrongly"
+        if not self.mistakes:
+            return f"1 ({seen}: nothing to fit)"
+        if self.fitted >= 1:
+            return f"{self.fitted:.4g} ({seen})"
+        return f"1 ({seen}, would sharpen to {self.fitted:.4g}; only softening is fitted)"
+
+
+def fit_temperature(scores_NK: np.ndarray, label_cols: np.ndarray) -> TemperatureFit:
+    """The T minimising the mean NLL of the true class over the images where it depends on T, kept in
+    [0.01, 1000] and rounded to 4 digits, as a profile holds it."""
+    cand = ~np.isnan(scores_NK)
+    use = cand[np.arange(len(label_cols)), label_cols] & (cand.sum(1) > 1)
+    if not use.any():
+        return TemperatureFit(1.0, 0, 0)
     s = torch.from_numpy(np.where(cand, scores_NK, _FAR)[use])
     s = s - s.max(1, keepdim=True).values
     y = torch.from_numpy(label_cols[use])
@@ -44,7 +81,8 @@ def fit_temperature(scores_NK: np.ndarray, label_cols: np.ndarray) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().clamp(lo, hi).exp())
+    fitted = float(f"{float(log_t.detach().clamp(lo, hi).exp()):.4g}")
+    return TemperatureFit(fitted, int(use.sum()), int((s.argmax(1) != y).sum()))
 
 
 @dataclass

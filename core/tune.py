@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .calibration import expected_calibration_error, fit_temperature, posterior
+from .calibration import TemperatureFit, expected_calibration_error, fit_temperature, nll, posterior
 from .errors import AvarcError
 from .flops import encoder_macs, sequence_macs
 from .profiles import Profile, Stage, list_profiles
@@ -322,13 +322,20 @@ class TuneResult:
     baseline: Point                        # the one-stage, all-scales, clean-only schedule (`varc`) on every image
     baseline_held: Point | None
     budget_gflops: float
-    temperature: float
+    calibration: TemperatureFit            # on the fit images; its ``temperature`` is the profile's
     ece_before: float | None               # on the held-out images, temperature 1
-    ece_after: float | None                # on the held-out images, fitted temperature
+    ece_after: float | None                # on the held-out images, the profile's temperature
+    nll_before: float | None               # the same for the NLL, over the held-out images whose true class
+    nll_after: float | None                # reached the last stage (``nll_images`` of them)
+    nll_images: int
     fit_idx: np.ndarray
     held_idx: np.ndarray
     replay: Replay                         # the chosen schedule on every tuning image
     front_held: list[Point | None] = field(default_factory=list)   # each front schedule on the held-out images
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature
 
 
 def baseline_stages(num_scales: int) -> tuple[Stage, ...]:
@@ -338,7 +345,8 @@ def baseline_stages(num_scales: int) -> tuple[Stage, ...]:
 def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget_gflops: float | None = None,
          holdout: float = 0.5, min_stages: int = 1, max_stages: int = 3, seed: int = 0) -> TuneResult:
     """Search on the fit part, choose within the budget (``budget``: a fraction of the baseline's executed
-    GFLOPs, or ``budget_gflops``), judge on the held-out part, fit the posterior temperature on the fit part."""
+    GFLOPs, or ``budget_gflops``), judge on the held-out part, fit the posterior temperature on the fit part
+    (only ever softening it: :mod:`core.calibration` says why)."""
     if (table.labels < 0).any():
         raise AvarcError("tuning needs labelled images (class sub-folders); some images have no label")
     rep = Replayer(table, spec)
@@ -351,16 +359,17 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
     r = rep.replay(chosen.stages)
     col = {c: k for k, c in enumerate(table.candidates)}
     y = np.asarray([col[c] for c in table.labels])
-    temperature = float(f"{fit_temperature(r.final_scores[fit], y[fit]):.4g}")   # as the profile will hold it
-    ece_before = ece_after = None
+    calibration = fit_temperature(r.final_scores[fit], y[fit])
+    ece, nlls, nll_images = [None, None], [None, None], 0
     if len(held):
-        ece_before = expected_calibration_error(posterior(r.final_scores[held], 1.0), y[held])
-        ece_after = expected_calibration_error(posterior(r.final_scores[held], temperature), y[held])
+        for i, t in enumerate((1.0, calibration.temperature)):       # untempered, then as the profile will run
+            ece[i] = expected_calibration_error(posterior(r.final_scores[held], t), y[held])
+            nlls[i], nll_images = nll(r.final_scores[held], y[held], t)
     front = pareto(points)
     front_held = [point(rep.replay(p.stages), table.labels, held) if len(held) else None for p in front]
     return TuneResult(points, front, chosen, point(r, table.labels, held) if len(held) else None,
                       point(r, table.labels), baseline, point(base_r, table.labels, held) if len(held) else None,
-                      limit, temperature, ece_before, ece_after, fit, held, r, front_held)
+                      limit, calibration, *ece, *nlls, nll_images, fit, held, r, front_held)
 
 
 def model_name(clf: Classifier) -> str:
@@ -378,8 +387,9 @@ def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str,
             f"budget {r.budget_gflops:.4g} executed GFLOPs/image; varc needs {r.baseline.executed_gflops:.4g}\n"
             f"top-1 on the images it was chosen on {r.chosen.accuracy:.2%}"
             + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})" if r.chosen_held else "")
-            + f"\nexecuted GFLOPs/image {r.chosen_all.executed_gflops:.4g}, paper convention {r.chosen_all.paper_gflops:.4g}; "
-            f"temperature fitted on the chosen part (minimum NLL)")
+            + f"\nexecuted GFLOPs/image {r.chosen_all.executed_gflops:.4g}, paper convention {r.chosen_all.paper_gflops:.4g}\n"
+            f"posterior temperature, fitted on the images it was chosen on: {r.calibration.describe()}"
+            + (f"; held-out ECE {r.ece_before:.4f} → {r.ece_after:.4f}" if r.ece_before is not None else ""))
     profile = Profile(name=name, stages=r.chosen.stages, sigma=table.sigma, temperature=r.temperature,
                       description=f"Tuned for {model} by avarc tune (budget {r.budget_gflops:.4g} GFLOPs/image).")
     return profile, note

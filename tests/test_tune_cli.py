@@ -1,6 +1,7 @@
 """``avarc tune`` and ``avarc report`` end to end on the bundled digits model: tuned on test digits 1438–1617 with half
 of varc's executed compute, the written profile run by ``avarc classify`` on digits 1618–1796 stays within two
-mistakes of varc at ≤ 60% of its executed GFLOPs, and tune's predictions on its own images are classify's."""
+mistakes of varc at ≤ 60% of its executed GFLOPs, tune's predictions on its own images are classify's, and the
+held-out ECE tune prints is the one classify's posteriors give."""
 from __future__ import annotations
 
 import base64
@@ -8,7 +9,7 @@ import io
 import json
 import re
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,12 @@ import torch
 from PIL import Image
 
 from core import Classifier
-from core.calibration import expected_calibration_error, fit_temperature, posterior
+from core.calibration import TemperatureFit, expected_calibration_error, fit_temperature, nll, posterior, reliability
 from core.data import collect
 from core.flops import encoder_macs
-from core.profiles import load_profile
+from core.profiles import Profile, load_profile
 from core.schedule_table import build_table
-from core.tune import Replayer, baseline_stages
+from core.tune import Replayer, baseline_stages, split
 from scripts.digits import load_digits
 from tests.conftest import avarc
 from tests.test_tune import counted_run, save_digits
@@ -62,18 +63,32 @@ def executed_gflops(clf: Classifier, folder: Path, profile) -> float:
     return (linear / len(preds) + encoder_macs(spec.vae, spec.image_size, spec.var.patch_nums)) / 1e9
 
 
-def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str]) -> None:
+@dataclass
+class Tuned:
+    """What one tune run wrote and printed, and what the test measured of it."""
+
+    profile: Profile
+    text: str
+    ece_before: float
+    ece_after: float
+    calibration: TemperatureFit
+    held_scores: np.ndarray        # the profile's last-stage scores on the held-out part, and its true columns
+    held_y: np.ndarray
+
+
+def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str]) -> Tuned:
     tune_dir, test_dir = folders
     tuned = tmp_path / "tuned.yaml"
     code, out, err = avarc(monkeypatch, capsys, "tune", tune_dir, "--budget", 0.5, "--out", tuned, *FAST, *extension)
     assert code == 0, err
     print(out)
     predicted = re.search(r"top-1, all tuning images\s*│\s*(\d+)/(\d+)", out)
-    assert predicted, out
+    ece = re.search(r"ECE held out \(T=1 → profile's\)\s*│\s*([\d.]+) → ([\d.]+)", out)
+    assert predicted and ece, out
     text = tuned.read_text()
     assert text.startswith("# tuned by `avarc tune` on ") and "temperature:" in text
     profile = load_profile(tuned)
-    assert profile.temperature is not None and profile.temperature > 0
+    assert profile.temperature is not None and profile.temperature >= 1
 
     # tune's prediction on its own images = what classify measures, image by image
     clf = Classifier.from_pretrained("digits", extensions=[Path(e) for e in extension[1::2]], device="cpu", dtype="fp32")
@@ -86,6 +101,16 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     correct = sum(r["pred"] == r["label"] for r in records)
     assert (correct, len(records)) == (int(predicted.group(1)), int(predicted.group(2)))
 
+    # the held-out ECE tune prints for the profile's temperature = classify's posteriors on those images
+    fit, held = split(table.labels, 0.5, 0)
+    by_path = {r["path"]: r for r in records}
+    held_recs = [by_path[table.paths[i]] for i in held]
+    measured = reliability([r["posterior"][0]["p"] for r in held_recs], [r["pred"] == r["label"] for r in held_recs]).ece
+    assert abs(measured - float(ece.group(2))) <= 5e-5 + 1e-5, (measured, ece.group(2))
+    y = np.searchsorted(table.candidates, table.labels)
+    calibration = fit_temperature(replay.final_scores[fit], y[fit])
+    assert calibration.temperature == profile.temperature
+
     # held-out digits 1618–1796: at most two more mistakes than varc at ≤ 60% of its executed GFLOPs
     ours = classify(monkeypatch, capsys, test_dir, tuned, tmp_path / "test.jsonl", *extension)
     varc = classify(monkeypatch, capsys, test_dir, "varc", tmp_path / "varc.jsonl", *extension)
@@ -93,13 +118,23 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     gflops = [executed_gflops(clf, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
     print(f"{'+'.join(e.names[0] for e in ext) or 'base'}: {profile.describe()}; on digits 1618–1796: mistakes "
           f"tuned {mistakes[0]} vs varc {mistakes[1]}; executed GFLOPs/image {gflops[0]:.5f} vs {gflops[1]:.5f} "
-          f"({gflops[0] / gflops[1]:.1%})")
+          f"({gflops[0] / gflops[1]:.1%}); temperature {calibration.describe()}, held-out ECE {ece.group(1)} → "
+          f"{ece.group(2)}")
     assert mistakes[0] <= mistakes[1] + 2
     assert gflops[0] <= 0.6 * gflops[1]
+    return Tuned(profile, text, float(ece.group(1)), float(ece.group(2)), calibration,
+                 replay.final_scores[held], y[held])
 
 
 def test_tuned_profile_on_held_out_digits(monkeypatch, capsys, tmp_path, folders):
-    tune_and_check(monkeypatch, capsys, tmp_path, folders, [])
+    t = tune_and_check(monkeypatch, capsys, tmp_path, folders, [])
+    # the 90 images it is chosen on hold one mistake, a near tie, so minimum NLL sharpens (T ≈ 0.35); the held-out
+    # images hold four, confident ones: sharpening would make them worse, so the posterior stays untempered
+    fit = t.calibration
+    assert fit.mistakes == 1 and fit.fitted < 0.5 and t.profile.temperature == 1.0
+    assert "would sharpen to" in t.text and t.ece_after == t.ece_before
+    assert nll(t.held_scores, t.held_y, fit.fitted)[0] > nll(t.held_scores, t.held_y, 1.0)[0]
+    assert expected_calibration_error(posterior(t.held_scores, fit.fitted), t.held_y) > t.ece_before
 
 
 def test_tuned_profile_with_an_added_class(monkeypatch, capsys, tmp_path, folders):
@@ -112,7 +147,9 @@ def test_tuned_profile_with_an_added_class(monkeypatch, capsys, tmp_path, folder
     code, _, err = avarc(monkeypatch, capsys, "add-class", "sevens", sevens, "--steps", 40, "--holdout", 0,
                          "--out", ext, *FAST)
     assert code == 0, err
-    tune_and_check(monkeypatch, capsys, tmp_path, folders, ["--extension", str(ext)])
+    t = tune_and_check(monkeypatch, capsys, tmp_path, folders, ["--extension", str(ext)])
+    # five mistakes among the images it is chosen on: the fitted temperature softens, and the held-out ECE drops
+    assert t.profile.temperature > 1 and t.ece_after < t.ece_before
 
 
 def test_fitted_temperature_lowers_held_out_ece(folders):
@@ -126,7 +163,7 @@ def test_fitted_temperature_lowers_held_out_ece(folders):
     stages = baseline_stages(3)
     (fit_scores, fit_y), (held_scores, held_y) = [
         (Replayer(t, clf.spec).replay(stages).final_scores, np.searchsorted(t.candidates, t.labels)) for t in tables]
-    temperature = fit_temperature(fit_scores, fit_y)
+    temperature = fit_temperature(fit_scores, fit_y).temperature
     before = expected_calibration_error(posterior(held_scores, 1.0), held_y)
     after = expected_calibration_error(posterior(held_scores, temperature), held_y)
     print(f"3-scale varc: T = {temperature:.3f}; ECE on digits 1618–1796 {before:.4f} → {after:.4f}")

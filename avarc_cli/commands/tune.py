@@ -50,7 +50,7 @@ def tune(
     avarc tune val/ -m d16-cca --max-images 500 --report tune.html
     avarc classify test/ -p tuned.yaml         # run the chosen schedule
 
-    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep, early-exit margins) is then evaluated exactly from those scores, without running the model again. The most accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of the best), judged on the held-out part, and written as a profile with a fitted posterior temperature.
+    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep, early-exit margins) is then evaluated exactly from those scores, without running the model again. The most accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of the best), judged on the held-out part, and written as a profile with a posterior temperature fitted on the fit part by minimum NLL (only ever softening the posterior: 1 when the fit would sharpen it or there is no mistake to fit on); the held-out ECE and NLL are printed untempered and with it.
     """
     lo, hi = _stage_range(stages)
     check_output_files({"out": out, "report": report}, force)
@@ -95,8 +95,9 @@ def tune(
             ("executed GFLOPs/image (varc)", f"{res.chosen_all.executed_gflops:.4g} ({res.baseline.executed_gflops:.4g}, "
                                               f"{res.chosen_all.executed_gflops / res.baseline.executed_gflops:.0%})"),
             ("paper-convention GFLOPs/image", f"{res.chosen_all.paper_gflops:.4g}"),
-            ("temperature", f"{res.temperature:.4g}"),
-            ("ECE held out (T=1 → fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
+            ("temperature (fit part)", res.calibration.describe()),
+            ("ECE held out (T=1 → profile's)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
+            ("NLL held out (T=1 → profile's)", _nll(res)),
             ("schedules evaluated", len(res.points)),
             ("seconds (scoring pass / search)", f"{scored_s:.1f} / {search_s:.1f}"),
             ("profile", str(out))]
@@ -113,6 +114,13 @@ def _stage_range(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise AvarcError(f"--stages {text!r}: counts must be ≥ 1 and the range increasing")
     return lo, hi
+
+
+def _nll(res) -> str:
+    if res.nll_before is None:
+        return "–"
+    pruned = len(res.held_idx) - res.nll_images
+    return f"{res.nll_before:.3f} → {res.nll_after:.3f}" + (f" ({pruned} held-out images lost the true class to pruning)" if pruned else "")
 
 
 def _print(res) -> None:
