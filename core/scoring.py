@@ -34,6 +34,11 @@ def _clean(code: torch.Tensor) -> torch.Tensor:
     return code & ~_SAMPLE_BITS
 
 
+def _select(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """Rows of a cache, the index moved to its device once (not once per block: each move waits for the device)."""
+    return cache.select(rows.to(cache.kv[0][0].device))
+
+
 @dataclass
 class _Batch:
     """The rows of one forward: their first L' tokens and log-probs, and their keys/values if kept."""
@@ -78,7 +83,7 @@ class Scorer:
             return lp.sum(-1)
         ends = self.model.spec.var.scale_ends()
         n_tok = ends[num_scales - 1]
-        tokens_NL = tokens[:, :n_tok]
+        tokens_NL, classes = tokens[:, :n_tok].cpu(), classes.cpu()      # the bookkeeping runs on the host
         code_N = self._codes(keys, classes)
         self._forget_pruned(code_N)
         out = torch.empty(tokens.shape[0])
@@ -112,7 +117,7 @@ class Scorer:
         for s in torch.unique(start[todo]).tolist():
             idx = (todo & (start == s)).nonzero().squeeze(1)
             cache, prefix = self._gather(src_batch[idx], src_row[idx], s) if s else (None, None)
-            res = self.model.score_pairs(tokens[idx], classes[idx], num_scales, self.chunk, cache, keep)
+            res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep)
             self._count(len(idx), n_tok, s)
             sums = res.logp.sum(-1)
             out[idx] = sums + prefix.sum(-1) if s else sums
@@ -139,7 +144,7 @@ class Scorer:
         images = self.images
         image_N = torch.tensor([images.setdefault(img, len(images)) for img, _ in keys], dtype=torch.long)
         sample_N = torch.tensor([j for _, j in keys], dtype=torch.long)
-        return image_N << _IMAGE_SHIFT | sample_N << _SAMPLE_SHIFT | classes.to(torch.long).cpu()
+        return image_N << _IMAGE_SHIFT | sample_N << _SAMPLE_SHIFT | classes.to(torch.long)
 
     def _by_batch(self, code_N: torch.Tensor, where: torch.Tensor | None = None):
         """For each batch holding some of these codes: (batch, positions in ``code_N``, rows in the batch)."""
@@ -161,13 +166,13 @@ class Scorer:
         for b in torch.unique(batch_N).tolist():
             pos = (batch_N == b).nonzero().squeeze(1)
             batch = self.batches[b]
-            caches.append(batch.cache.truncate(num_tokens).select(row_N[pos]))
+            caches.append(_select(batch.cache.truncate(num_tokens), row_N[pos]))
             prefixes.append(batch.logp_NL[row_N[pos], :num_tokens])
             order.append(pos)
         if len(caches) == 1:
             return caches[0], prefixes[0]
         back = torch.argsort(torch.cat(order))
-        return KVCache.cat(caches).select(back), torch.cat(prefixes)[back]
+        return _select(KVCache.cat(caches), back), torch.cat(prefixes)[back]
 
     def _add(self, code_N: torch.Tensor, batch: _Batch) -> None:
         """Record a scored batch: its rows become the latest entries of their codes."""
@@ -192,7 +197,7 @@ class Scorer:
             if batch.cache is None or len(mine) == len(batch.tokens_NL):
                 continue
             rows = self.row_M[mine].sort().values
-            self.batches[b] = _Batch(batch.tokens_NL[rows], batch.logp_NL[rows], batch.cache.select(rows))
+            self.batches[b] = _Batch(batch.tokens_NL[rows], batch.logp_NL[rows], _select(batch.cache, rows))
             new_row = torch.empty(len(batch.tokens_NL), dtype=torch.long)
             new_row[rows] = torch.arange(len(rows))
             self.row_M[mine] = new_row[self.row_M[mine]]
