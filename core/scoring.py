@@ -5,10 +5,14 @@ on later scales. A later stage therefore never recomputes what an earlier one sc
 a stage no longer than what is already scored costs nothing (e.g. the clean sample of A-VARC+'s last stage), a longer
 one only runs the new scales on top of the cached keys/values, and a smoothing neighbour whose coarse scales equal
 the clean tokens starts from the clean sequence's cache. Results equal a plain forward up to float rounding.
+
+The bookkeeping is batched: what was scored lives per forward (a :class:`_Batch`), and a sorted tensor of row codes
+(image, sample, class) says which batch row holds each pair, so a stage costs a few tensor ops per source batch
+whatever its number of rows (at 1000 classes × 32 images, per-row ops would cost a GPU step's worth of Python).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Hashable
 
 import torch
@@ -20,30 +24,27 @@ from .var import KVCache
 
 Key = tuple[Hashable, int]     # (image key, sample index); sample 0 is the clean tokens
 
+# A row's code packs (image number, sample, class) into one int64: image << 40 | sample << 24 | class.
+_SAMPLE_SHIFT, _IMAGE_SHIFT = 24, 40
+_SAMPLE_BITS = ((1 << (_IMAGE_SHIFT - _SAMPLE_SHIFT)) - 1) << _SAMPLE_SHIFT
+
+
+def _clean(code: torch.Tensor) -> torch.Tensor:
+    """The codes of the same images and classes on the clean sample (0)."""
+    return code & ~_SAMPLE_BITS
+
+
+def _select(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """Rows of a cache, the index moved to its device once (not once per block: each move waits for the device)."""
+    return cache.select(rows.to(cache.kv[0][0].device))
+
 
 @dataclass
-class _Entry:
-    tokens: torch.Tensor            # L' tokens scored so far
-    logp: torch.Tensor              # L' per-token log-probs
-    cache: KVCache | None           # the batch holding keys/values of those L' tokens (row ``row``), if kept
-    row: int = 0
-
-
-def _gather(refs: list[tuple[_Entry, int]]) -> KVCache:
-    """Rows of several entries' cache batches, each cut to its usable prefix (the same for all), in order: one
-    index_select per source batch instead of view ops per row."""
-    num_tokens = refs[0][1]
-    groups: dict[int, tuple[KVCache, list[int], list[int]]] = {}
-    for pos, (e, _) in enumerate(refs):
-        g = groups.setdefault(id(e.cache), (e.cache, [], []))
-        g[1].append(e.row)
-        g[2].append(pos)
-    parts, order = [], []
-    for cache, rows, positions in groups.values():
-        parts.append(cache.truncate(num_tokens).select(torch.tensor(rows)))
-        order += positions
-    out = parts[0] if len(parts) == 1 else KVCache.cat(parts)
-    return out if order == sorted(order) else out.select(torch.argsort(torch.tensor(order)))
+class _Batch:
+    """The rows of one forward: their first L' tokens and log-probs, and their keys/values if kept."""
+    tokens_NL: torch.Tensor
+    logp_NL: torch.Tensor
+    cache: KVCache | None
 
 
 class Scorer:
@@ -55,15 +56,21 @@ class Scorer:
     def __init__(self, model: Model, chunk: int | None = None, reuse: bool = True, cache_bytes: int | None = None):
         self.model, self.chunk, self.reuse = model, chunk, reuse
         self.cache_bytes = cache_bytes if cache_bytes is not None else cache_budget(model.device)
-        self.entries: dict[tuple[Hashable, int, int], _Entry] = {}
         self.tokens_run = 0          # (pair × token) positions actually run
         self.macs = Macs()           # what the engine executed (linear, AdaLN, attention)
         self.guarded = 0             # images whose top two the precision guard re-scored in fp32
         self.guard_flips = 0         # … and whose prediction that changed
+        self.reset()
 
     def reset(self) -> None:
         """Forget everything (a new batch of images)."""
-        self.entries = {}
+        self.images: dict[Hashable, int] = {}          # image key → its number in row codes
+        self.batches: dict[int, _Batch] = {}
+        self.next_batch = 0
+        # The index map, sorted by code: which batch and row hold the latest scores of each (image, sample, class).
+        self.codes_M = torch.zeros(0, dtype=torch.long)
+        self.batch_M = torch.zeros(0, dtype=torch.long)
+        self.row_M = torch.zeros(0, dtype=torch.long)
 
     def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int,
               keys: list[Key] | None = None, keep_for_later: bool = False) -> torch.Tensor:
@@ -76,28 +83,47 @@ class Scorer:
             return lp.sum(-1)
         ends = self.model.spec.var.scale_ends()
         n_tok = ends[num_scales - 1]
-        self._forget_pruned(keys, classes)
+        tokens_NL, classes = tokens[:, :n_tok].cpu(), classes.cpu()      # the bookkeeping runs on the host
+        code_N = self._codes(keys, classes)
+        self._forget_pruned(code_N)
         out = torch.empty(tokens.shape[0])
-        by_start: dict[int, list[tuple[int, tuple[_Entry, int] | None]]] = {}
-        for r, ((img, j), c) in enumerate(zip(keys, classes.tolist())):
-            e = self.entries.get((img, j, c))
-            if e is not None and e.logp.shape[0] >= n_tok and torch.equal(e.tokens[:n_tok], tokens[r, :n_tok]):
-                out[r] = e.logp[:n_tok].sum()
+        # Free rides: pairs already scored on at least these tokens.
+        free = torch.zeros(len(code_N), dtype=torch.bool)
+        for b, pos, row in self._by_batch(code_N):
+            batch = self.batches[b]
+            if batch.tokens_NL.shape[1] < n_tok:
                 continue
-            base = self._prefix(img, j, c, tokens[r, :n_tok], ends)
-            by_start.setdefault(base[1] if base is not None else 0, []).append((r, base))
+            same = (batch.tokens_NL[row, :n_tok] == tokens_NL[pos]).all(1)
+            pos, row = pos[same], row[same]
+            out[pos] = batch.logp_NL[row, :n_tok].sum(-1)
+            free[pos] = True
+        # The longest usable cached prefix of each other pair: its own sample first, then the clean one.
+        start = torch.zeros(len(code_N), dtype=torch.long)
+        src_batch, src_row = torch.full_like(start, -1), torch.zeros_like(start)
+        whole = torch.tensor([0] + ends[:num_scales - 1])     # ends of scales a prefix may stop at
+        for cand in (code_N, _clean(code_N)):
+            for b, pos, row in self._by_batch(cand, ~free):
+                batch = self.batches[b]
+                if batch.cache is None:
+                    continue
+                limit = min(batch.cache.num_tokens, n_tok)
+                same = (batch.tokens_NL[row, :limit] == tokens_NL[pos, :limit]).cumprod(1).sum(1)
+                usable = whole[torch.searchsorted(whole, same, right=True) - 1]
+                better = usable > start[pos]
+                pos = pos[better]
+                start[pos], src_batch[pos], src_row[pos] = usable[better], b, row[better]
         keep = keep_for_later and self._fits(len(tokens), n_tok)
-        for start, rows in by_start.items():
-            idx = torch.tensor([r for r, _ in rows])
-            cache = _gather([b for _, b in rows]) if start else None
-            res = self.model.score_pairs(tokens[idx], classes[idx], num_scales, self.chunk, cache, keep)
-            self._count(len(rows), n_tok, start)
+        todo = ~free
+        for s in torch.unique(start[todo]).tolist():
+            idx = (todo & (start == s)).nonzero().squeeze(1)
+            cache, prefix = self._gather(src_batch[idx], src_row[idx], s) if s else (None, None)
+            res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep)
+            self._count(len(idx), n_tok, s)
             sums = res.logp.sum(-1)
-            for n, (r, base) in enumerate(rows):
-                lp = torch.cat((base[0].logp[:start], res.logp[n])) if start else res.logp[n]
-                out[r] = sums[n] + base[0].logp[:start].sum() if start else sums[n]
-                img, j = keys[r]
-                self.entries[(img, j, int(classes[r]))] = _Entry(tokens[r, :n_tok].clone(), lp, res.cache, n)
+            out[idx] = sums + prefix.sum(-1) if s else sums
+            logp_NL = torch.cat((prefix, res.logp), 1) if s else res.logp
+            self._add(code_N[idx], _Batch(tokens_NL[idx], logp_NL, res.cache))
+        self._drop_unused()
         return out
 
     def score_fp32(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int) -> torch.Tensor:
@@ -108,40 +134,75 @@ class Scorer:
         self.tokens_run += rows * (end - start)
         self.macs = self.macs + sequence_macs(self.model.spec.var, end, start) * rows
 
-    def _prefix(self, img: Hashable, j: int, c: int, toks: torch.Tensor, ends: list[int]) -> tuple[_Entry, int] | None:
-        """The longest cached entry of this image and class (own sample first, then the clean one) whose tokens
-        agree with ``toks`` on whole leading scales, and how many tokens of its cache are usable (up to the end of
-        the last agreeing scale)."""
-        best, best_len = None, 0
-        for e in (self.entries.get((img, j, c)), self.entries.get((img, 0, c))):
-            if e is None or e.cache is None:
-                continue
-            limit = min(e.cache.num_tokens, toks.shape[0])
-            differ = (e.tokens[:limit] != toks[:limit]).nonzero()
-            same = int(differ[0]) if len(differ) else limit
-            usable = max((end for end in ends if end <= same and end < toks.shape[0]), default=0)
-            if usable > best_len:
-                best, best_len = (e, usable), usable
-        return best
-
     def _fits(self, rows: int, n_tok: int) -> bool:
         spec = self.model.spec.var
         elem = 4 if self.model.dtype == torch.float32 else 2
         return rows * spec.depth * 2 * n_tok * spec.embed_dim * elem <= self.cache_bytes
 
-    def _forget_pruned(self, keys: list[Key], classes: torch.Tensor) -> None:
+    def _codes(self, keys: list[Key], classes: torch.Tensor) -> torch.Tensor:
+        """Each row's code (image, sample, class); the one pass over rows in Python, a dict look-up each."""
+        images = self.images
+        image_N = torch.tensor([images.setdefault(img, len(images)) for img, _ in keys], dtype=torch.long)
+        sample_N = torch.tensor([j for _, j in keys], dtype=torch.long)
+        return image_N << _IMAGE_SHIFT | sample_N << _SAMPLE_SHIFT | classes.to(torch.long)
+
+    def _by_batch(self, code_N: torch.Tensor, where: torch.Tensor | None = None):
+        """For each batch holding some of these codes: (batch, positions in ``code_N``, rows in the batch)."""
+        if not len(self.codes_M):
+            return
+        i = torch.searchsorted(self.codes_M, code_N).clamp(max=len(self.codes_M) - 1)
+        found = self.codes_M[i] == code_N
+        if where is not None:
+            found &= where
+        batch_N, row_N = self.batch_M[i], self.row_M[i]
+        for b in torch.unique(batch_N[found]).tolist():
+            pos = (found & (batch_N == b)).nonzero().squeeze(1)
+            yield b, pos, row_N[pos]
+
+    def _gather(self, batch_N: torch.Tensor, row_N: torch.Tensor, num_tokens: int) -> tuple[KVCache, torch.Tensor]:
+        """Keys/values and log-probs of the first ``num_tokens`` tokens of these batch rows, in order: one
+        index_select per source batch."""
+        caches, prefixes, order = [], [], []
+        for b in torch.unique(batch_N).tolist():
+            pos = (batch_N == b).nonzero().squeeze(1)
+            batch = self.batches[b]
+            caches.append(_select(batch.cache.truncate(num_tokens), row_N[pos]))
+            prefixes.append(batch.logp_NL[row_N[pos], :num_tokens])
+            order.append(pos)
+        if len(caches) == 1:
+            return caches[0], prefixes[0]
+        back = torch.argsort(torch.cat(order))
+        return _select(KVCache.cat(caches), back), torch.cat(prefixes)[back]
+
+    def _add(self, code_N: torch.Tensor, batch: _Batch) -> None:
+        """Record a scored batch: its rows become the latest entries of their codes."""
+        b, self.next_batch = self.next_batch, self.next_batch + 1
+        self.batches[b] = batch
+        old = ~torch.isin(self.codes_M, code_N)
+        codes = torch.cat((self.codes_M[old], code_N))
+        order = torch.argsort(codes, stable=True)
+        self.codes_M = codes[order]
+        self.batch_M = torch.cat((self.batch_M[old], torch.full_like(code_N, b)))[order]
+        self.row_M = torch.cat((self.row_M[old], torch.arange(len(code_N))))[order]
+
+    def _forget_pruned(self, code_N: torch.Tensor) -> None:
         """Drop entries of classes an image no longer asks for (candidates only shrink from stage to stage), and
         compact the survivors' keys/values so the pruned rows' memory is freed (one index_select per batch)."""
-        wanted: dict[Hashable, set[int]] = {}
-        for (img, _), c in zip(keys, classes.tolist()):
-            wanted.setdefault(img, set()).add(c)
-        self.entries = {k: e for k, e in self.entries.items() if k[0] not in wanted or k[2] in wanted[k[0]]}
-        live: dict[int, tuple[KVCache, list]] = {}
-        for k, e in self.entries.items():
-            if e.cache is not None:
-                live.setdefault(id(e.cache), (e.cache, []))[1].append(k)
-        for cache, ks in live.values():
-            if len(ks) < cache.kv[0][0].shape[0]:
-                compact = cache.select(torch.tensor([self.entries[k].row for k in ks]))
-                for i, k in enumerate(ks):
-                    self.entries[k] = replace(self.entries[k], cache=compact, row=i)
+        elsewhere = ~torch.isin(self.codes_M >> _IMAGE_SHIFT, code_N >> _IMAGE_SHIFT)
+        keep = elsewhere | torch.isin(_clean(self.codes_M), _clean(code_N))
+        self.codes_M, self.batch_M, self.row_M = self.codes_M[keep], self.batch_M[keep], self.row_M[keep]
+        self._drop_unused()
+        for b, batch in self.batches.items():
+            mine = (self.batch_M == b).nonzero().squeeze(1)
+            if batch.cache is None or len(mine) == len(batch.tokens_NL):
+                continue
+            rows = self.row_M[mine].sort().values
+            self.batches[b] = _Batch(batch.tokens_NL[rows], batch.logp_NL[rows], _select(batch.cache, rows))
+            new_row = torch.empty(len(batch.tokens_NL), dtype=torch.long)
+            new_row[rows] = torch.arange(len(rows))
+            self.row_M[mine] = new_row[self.row_M[mine]]
+
+    def _drop_unused(self) -> None:
+        """Free the batches no entry points to any more (every row pruned or scored again)."""
+        used = set(torch.unique(self.batch_M).tolist())
+        self.batches = {b: batch for b, batch in self.batches.items() if b in used}
