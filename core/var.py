@@ -169,9 +169,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 def _unit(t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.normalize over the last dim, times ``scale`` if given: one multiply by a per-row factor (fp32, cast once)
     instead of a division and a second multiplication pass."""
-    factor = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12).reciprocal_()
+    factor = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12).reciprocal()
     if scale is not None:
-        factor = factor.mul_(scale)
+        factor = factor * scale
     return t * factor.to(t.dtype)
 
 
