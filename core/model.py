@@ -218,7 +218,8 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
 def resolve_compile(flag: bool | None, device: torch.device) -> bool:
     """``None`` (auto) → compile on CUDA when Triton is installed, where the fused kernels pay for their one-time
-    compile; not on CPUs, where inductor's compile (minutes on a small machine) outweighs a run's gain."""
+    compile; not on CPUs, where fusing the elementwise work gained ≤ 5% on W1 (bf16, AMX Xeon) for ~37 s of cold
+    compile (~4 s with the cache warm)."""
     if flag is not None:
         return flag
     if device.type != "cuda":

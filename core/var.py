@@ -11,7 +11,9 @@ import copy
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -41,11 +43,10 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         w = self.mat_qkv.weight
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
-        q, k, v = F.linear(x, w, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, w, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.l2_norm:
-            scale_1H11 = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
-            q = F.normalize(q, dim=-1).mul_(scale_1H11)
-            k = F.normalize(k, dim=-1)
+            scale_1H11 = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp()
+            q, k = _unit(q, scale_1H11), _unit(k)
         return q, k, v   # each B, H, L, c, in the weights' dtype
 
     def forward(self, x: torch.Tensor, spans: list[Span],
@@ -63,7 +64,7 @@ class SelfAttention(nn.Module):
         for lo, hi, keys in spans:
             out_BLHc[:, lo:hi] = F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys],
                                                                 scale=scale).transpose(1, 2)
-        return self.proj(out_BLHc.view(B, L, C)), (k, v)
+        return linear(out_BLHc.view(B, L, C), self.proj.weight, self.proj.bias), (k, v)
 
 
 class FFN(nn.Module):
@@ -73,9 +74,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU (tanh, as the official model) in place on fc1's fresh output: equal results, one B×L×hidden buffer
-        fewer to allocate and fault in (a third of GELU's time on a CPU)."""
-        return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
+        """fc2(GELU(fc1(x))), GELU in its tanh form as in the official model (see :func:`linear`)."""
+        return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -88,6 +88,7 @@ class AdaLNSelfAttn(nn.Module):
         self.attn = SelfAttention(C, heads, l2_norm)
         self.ffn = FFN(C, hidden)
         self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.fused = False                      # elementwise work by fused_ops() (see VAR.compiled)
         if shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
         else:
@@ -105,25 +106,73 @@ class AdaLNSelfAttn(nn.Module):
         modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
         512-pixel model's class scores by several nats)."""
         g1, g2, s1, s2, b1, b2 = self.modulation(cond).float().unbind(2)
-        a, kv = self.attn(self.attn_input(x, s1, b1), spans, past)
-        return self.ffn_branch(x, a, g1, s2, b2, g2), kv
+        ops, eps, dtype = fused_ops() if self.fused else EAGER_OPS, self.ln_wo_grad.eps, self.attn.mat_qkv.weight.dtype
+        a, kv = self.attn(ops.norm_modulate(x, s1, b1, eps, dtype), spans, past)
+        x, h = ops.residual_norm_modulate(x, a, g1, s2, b2, eps, dtype)
+        return ops.residual(x, self.ffn(h), g2), kv
 
-    def attn_input(self, x: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
-        return _modulate(self.ln_wo_grad(x), s1, b1, self.attn.mat_qkv.weight.dtype)
 
-    def ffn_branch(self, x: torch.Tensor, a: torch.Tensor, g1: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor,
-                   g2: torch.Tensor) -> torch.Tensor:
-        """x + γ1·a, then its MLP branch added: the elementwise work that ``compile`` fuses into the matmuls. Each
-        addcmul computes in fp32 from the low-precision branch output, with no fp32 copy of it."""
-        x = torch.addcmul(x, a, g1)
-        h = _modulate(self.ln_wo_grad(x), s2, b2, self.ffn.fc1.weight.dtype)
-        return torch.addcmul(x, self.ffn(h), g2)
+def _norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """A branch's input: LN(x)·(1 + scale) + shift, in the branch's dtype."""
+    return _modulate(F.layer_norm(x, x.shape[-1:], eps=eps), scale, shift, dtype)
 
-    def compile(self) -> None:
-        """Fuse the elementwise work around the matmuls (``torch.compile``, shapes dynamic so a new batch or length
-        does not recompile); any failure falls back to eager for good."""
-        self.attn_input = _Fused(self.attn_input)
-        self.ffn_branch = _Fused(self.ffn_branch)
+
+def _residual(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """x + γ·branch in x's dtype. A low-precision branch is cast first: on a CPU an addcmul of mixed dtypes runs ~4×
+    slower than the cast and a same-dtype addcmul together."""
+    return torch.addcmul(x, branch.to(x.dtype), gamma)
+
+
+def _residual_norm_modulate(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor,
+                            shift: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention branch added, and the MLP branch's input made from the result."""
+    x = _residual(x, branch, gamma)
+    return x, _norm_modulate(x, scale, shift, eps, dtype)
+
+
+class BlockOps(NamedTuple):
+    """The elementwise work between a block's matmuls; the same functions for every block (module-free, so one
+    compiled graph serves all blocks, batches and lengths)."""
+
+    norm_modulate: Callable
+    residual_norm_modulate: Callable
+    residual: Callable
+
+
+EAGER_OPS = BlockOps(_norm_modulate, _residual_norm_modulate, _residual)
+
+
+@lru_cache(maxsize=1)
+def fused_ops() -> BlockOps:
+    """:data:`EAGER_OPS` compiled by ``torch.compile`` (each a single fused loop, e.g. norm statistics, modulation
+    and the cast in one pass), built on first use."""
+    return BlockOps(*(_Fused(fn) for fn in EAGER_OPS))
+
+
+ONEDNN_DTYPES = (torch.bfloat16,)   # in fp32 ATen's MKL GEMM is faster than oneDNN's, which cancels the fusion
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16 it is one oneDNN call (the kernel torch's own
+    compiler emits for a frozen linear) with the bias and the GELU applied in the matmul's epilogue: ATen would copy
+    the broadcast bias into the output before the GEMM and run GELU as a separate pass, which in bf16 costs as much
+    as the fc1 matmul itself (W1: the blocks' linear layers 25% faster). The official tanh approximation either way."""
+    if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "tanh" if gelu else "")
+    y = F.linear(x, weight, bias)
+    return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y   # in place: one buffer fewer to fault in
+
+
+def _unit(t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.normalize over the last dim, times ``scale`` if given: one multiply by a per-row factor (fp32, cast once)
+    instead of a division and a second multiplication pass."""
+    factor = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12).reciprocal()
+    if scale is not None:
+        factor = factor * scale
+    return t * factor.to(t.dtype)
 
 
 def _modulate(n_BLC: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -294,12 +343,12 @@ class VAR(nn.Module):
         return self.head(h).float()
 
     def compiled(self) -> VAR:
-        """This VAR with every block's elementwise work fused by ``torch.compile`` (see ``AdaLNSelfAttn.compile``);
-        the inductor cache lives under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
+        """This VAR with every block's elementwise work fused by ``torch.compile`` (see :func:`fused_ops`); the
+        inductor cache lives under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avarc" / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
         for b in self.blocks:
-            b.compile()
+            b.fused = True
         return self
 
     def in_dtype(self, dtype: torch.dtype) -> VAR:
