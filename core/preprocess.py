@@ -7,6 +7,7 @@ int(round(1.125·R)·long/short), torchvision's rule), centre-crop R×R (torchvi
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,17 +29,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# catch_warnings swaps the process-wide filter list, so two threads opening images at once (the batch loader's
+# pool) could restore each other's filters and let a decompression bomb through: one opener at a time.
+_OPEN_LOCK = threading.Lock()
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image, turning every decoder failure into one AvarcError line. Images over PIL's
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) are refused, not decoded."""
     if Path(path).exists() and not Path(path).is_file():      # a FIFO or device would block or never end
         raise AvarcError(f"{path}: not a regular file; pass image files")
     try:
-        with warnings.catch_warnings():
+        with _OPEN_LOCK, warnings.catch_warnings():     # PIL checks the size in open(); decoding runs unlocked
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                return to_rgb(im)
+            im = Image.open(path)
+        with im:
+            im.load()
+            return to_rgb(im)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise AvarcError(f"{path}: too large to decode safely (over {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's "
                          "decompression-bomb limit); resize it") from None

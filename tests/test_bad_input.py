@@ -8,11 +8,13 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from core.preprocess import load_pixels
 from tests.conftest import avarc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +139,17 @@ def test_keep_larger_than_the_candidates_warns_once(monkeypatch, capsys, few):
     code, _, err = avarc(monkeypatch, capsys, "classify", few, "--classes", "3,8")
     assert code == 0 and err.count("warning:") == 1
     assert "keeps more classes (stage 1: 3) than there are candidates (2)" in err.replace("\n", " ")
+
+
+def test_decompression_bombs_are_refused_by_every_loader_thread(tmp_path):
+    """The batch loader opens images in a thread pool; warning filters are process-wide, so concurrent openers once
+    undid each other's filter and about one bomb in twenty was decoded (found by CI on a fresh clone)."""
+    Image.new("L", (12000, 12000)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
+    paths = [tmp_path / "bomb.png", tmp_path / "small.png"] * 40
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda p: load_pixels(p, 32), paths))
+    assert [isinstance(o, str) and "too large to decode safely" in o for o in out] == [True, False] * 40
 
 
 def test_decompression_bomb_is_a_skipped_record_without_stray_warnings(tmp_path, few):
