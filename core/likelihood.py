@@ -75,7 +75,7 @@ def target_logp(var: VAR, h_BLC: torch.Tensor, targets_BL: torch.Tensor) -> torc
     """log softmax(head(h))[target] for fp32 states → B, L fp32 (the head has fp32 inputs and outputs; no
     log-softmax tensor). Under a bf16/fp16 engine the head's matmul may use TF32 on a GPU: its inputs keep 10
     mantissa bits where the body's bf16 states keep 7, and true fp32 ran at 1/15 of bf16's rate on an H200."""
-    with _tf32_matmul(var.blocks[0].ffn.fc1.weight.dtype != torch.float32 if len(var.blocks) else False):
+    with _tf32_matmul(var.compute_dtype != torch.float32):
         logits_BLV = var.head(h_BLC)
     picked = logits_BLV.gather(-1, targets_BL.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits_BLV, dim=-1)
@@ -115,7 +115,7 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
     if start > n_tok:
         raise ValueError(f"cache holds {start} tokens, more than the {n_tok} requested")
     device = var.head.weight.device
-    elem = var.blocks[0].ffn.fc1.weight.element_size() if len(var.blocks) else 4
+    elem = var.compute_dtype.itemsize
     if chunk is None:
         chunk = pairs_per_chunk(spec, n_tok, budget_bytes or memory_budget(device), elem)
     tokens_NL = _to_device(tokens[:, :n_tok], device)

@@ -261,6 +261,11 @@ class VAR(nn.Module):
         self._levels: dict[torch.device, torch.Tensor] = {}
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks' linear layers (and so attention and the caches) run in; see :meth:`in_dtype`."""
+        return self.blocks[0].ffn.fc1.weight.dtype if len(self.blocks) else torch.float32
+
+    @property
     def num_slots(self) -> int:
         """Places a class enters the network: the start token, each block's AdaLN, the AdaLN before the head."""
         return self.spec.depth + 2
