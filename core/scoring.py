@@ -136,8 +136,7 @@ class Scorer:
 
     def _fits(self, rows: int, n_tok: int) -> bool:
         spec = self.model.spec.var
-        elem = 4 if self.model.dtype == torch.float32 else 2
-        return rows * spec.depth * 2 * n_tok * spec.embed_dim * elem <= self.cache_bytes
+        return rows * spec.depth * 2 * n_tok * spec.embed_dim * self.model.dtype.itemsize <= self.cache_bytes
 
     def _codes(self, keys: list[Key], classes: torch.Tensor) -> torch.Tensor:
         """Each row's code (image, sample, class); the one pass over rows in Python, a dict look-up each."""
