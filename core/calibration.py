@@ -3,12 +3,14 @@ calibration error (ECE) that says how far the top-1 confidence is from the top-1
 
 A stage's score sums the log-likelihoods of many tokens as if each were independent evidence; they are not, so
 the untempered posterior tends to be overconfident, and a temperature above 1 softens it. The temperature is
-fitted only in that direction (T ≥ 1; the NLL is convex in 1/T, so this is the unconstrained fit or 1), because
-the images ``avarc tune`` fits it on are the ones it chose the schedule to get right: they hold fewer mistakes
-than new images will, and a fit on a handful of mistakes, or on one near tie, sharpens (T < 1) where new images
-need the opposite. Where no image is ranked wrongly the NLL only falls as T shrinks and says nothing about T.
-In either case the posterior stays untempered (T = 1), and tune says why.
-Scores are N×K arrays with NaN where a class was not among an image's last-stage candidates (its probability is 0).
+fitted only in that direction (T ≥ 1; the NLL is convex in 1/T, so this is the unconstrained fit or 1): half the
+images ``avarc tune`` fits it on are the ones it chose the schedule to get right, so they hold fewer mistakes than
+new images will, and a fit on a handful of mistakes, or on one near tie, sharpens (T < 1) where new images need
+the opposite. Where no image is ranked wrongly the NLL only falls as T shrinks and says nothing about T. In
+either case the posterior stays untempered (T = 1), and tune says why. What a fitted temperature does to images
+it has not seen is measured by cross-fitting (:func:`cross_fitted_temperatures`).
+Scores are N×K arrays with NaN where a class was not among an image's last-stage candidates (its probability is 0);
+a temperature is one number for every image or one per image.
 """
 from __future__ import annotations
 
@@ -21,19 +23,20 @@ NUM_BINS = 15
 _FAR = -1e30      # a finite stand-in for "not a candidate", so gradients stay finite
 
 
-def posterior(scores_NK: np.ndarray, temperature: float) -> np.ndarray:
+def posterior(scores_NK: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
     """softmax(scores / T) over each image's candidates (float64, as ``core.schedule`` computes it)."""
-    s = torch.from_numpy(np.where(np.isnan(scores_NK), -np.inf, scores_NK)) / temperature
-    return torch.softmax(s, 1).numpy()
+    t = torch.as_tensor(np.asarray(temperature, dtype=np.float64)).reshape(-1, 1)
+    return torch.softmax(torch.from_numpy(np.where(np.isnan(scores_NK), -np.inf, scores_NK)) / t, 1).numpy()
 
 
-def nll(scores_NK: np.ndarray, label_cols: np.ndarray, temperature: float) -> tuple[float, int]:
+def nll(scores_NK: np.ndarray, label_cols: np.ndarray, temperature: float | np.ndarray) -> tuple[float, int]:
     """Mean NLL of the true class over the images whose true class is a candidate (a pruned one has probability
     0), and how many images that is."""
     use = ~np.isnan(scores_NK[np.arange(len(label_cols)), label_cols])
     if not use.any():
         return float("nan"), 0
-    p = posterior(scores_NK[use], temperature)[np.arange(int(use.sum())), label_cols[use]]
+    t = np.broadcast_to(np.asarray(temperature, dtype=np.float64), use.shape)[use]
+    p = posterior(scores_NK[use], t)[np.arange(int(use.sum())), label_cols[use]]
     return float(-np.log(p).mean()), int(use.sum())
 
 
@@ -83,6 +86,21 @@ def fit_temperature(scores_NK: np.ndarray, label_cols: np.ndarray) -> Temperatur
     opt.step(closure)
     fitted = float(f"{float(log_t.detach().clamp(lo, hi).exp()):.4g}")
     return TemperatureFit(fitted, int(use.sum()), int((s.argmax(1) != y).sum()))
+
+
+def cross_fitted_temperatures(scores_NK: np.ndarray, label_cols: np.ndarray, judged: np.ndarray, folds: int = 10,
+                               seed: int = 0) -> np.ndarray:
+    """For each ``judged`` image, the temperature fitted (as :func:`fit_temperature`, softening only) on every image
+    outside its fold: the judged images split into ``folds`` seeded folds, so each gets the posterior of a fit that
+    never saw it, and their ECE and NLL say what the fitted temperature does to new images."""
+    judged = np.asarray(judged, dtype=np.int64)
+    out = np.ones(len(judged))
+    order = np.random.default_rng(seed).permutation(len(judged))
+    for fold in np.array_split(order, max(1, min(folds, len(judged)))):
+        rest = np.ones(len(label_cols), dtype=bool)
+        rest[judged[fold]] = False
+        out[fold] = fit_temperature(scores_NK[rest], label_cols[rest]).temperature
+    return out
 
 
 @dataclass

@@ -220,7 +220,7 @@ def tune_report(result, shipped: list[tuple[str, object]], title: str) -> str:
                ("executed GFLOPs/image (varc)", f"{result.chosen_all.executed_gflops:.4g} "
                                                 f"({result.baseline.executed_gflops:.4g})"),
                ("budget", f"{result.budget_gflops:.4g}"), ("temperature", f"{result.temperature:.4g}"),
-               ("ECE held out, T=1 → fitted", f"{result.ece_before:.4f} → {result.ece_after:.4f}"
+               ("ECE held out, T=1 → fitted (cross-fitted)", f"{result.ece_before:.4f} → {result.ece_after:.4f}"
                 if result.ece_before is not None else "–")]
     body = (f"<h2>Choice</h2>{_table(['', 'value'], summary)}<h2>Accuracy vs compute</h2>"
             f'<div class="plots">{_img(fig)}</div><h2>Pareto front</h2>'

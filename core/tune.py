@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .calibration import TemperatureFit, expected_calibration_error, fit_temperature, nll, posterior
+from .calibration import (TemperatureFit, cross_fitted_temperatures, expected_calibration_error, fit_temperature,
+                          nll, posterior)
 from .errors import AvarcError
 from .flops import encoder_macs, sequence_macs
 from .profiles import Profile, Stage, list_profiles
@@ -322,9 +323,9 @@ class TuneResult:
     baseline: Point                        # the one-stage, all-scales, clean-only schedule (`varc`) on every image
     baseline_held: Point | None
     budget_gflops: float
-    calibration: TemperatureFit            # on the fit images; its ``temperature`` is the profile's
+    calibration: TemperatureFit            # on every tuning image; its ``temperature`` is the profile's
     ece_before: float | None               # on the held-out images, temperature 1
-    ece_after: float | None                # on the held-out images, the profile's temperature
+    ece_after: float | None                # on the held-out images, each with a temperature fitted without it
     nll_before: float | None               # the same for the NLL, over the held-out images whose true class
     nll_after: float | None                # reached the last stage (``nll_images`` of them)
     nll_images: int
@@ -345,8 +346,11 @@ def baseline_stages(num_scales: int) -> tuple[Stage, ...]:
 def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget_gflops: float | None = None,
          holdout: float = 0.5, min_stages: int = 1, max_stages: int = 3, seed: int = 0) -> TuneResult:
     """Search on the fit part, choose within the budget (``budget``: a fraction of the baseline's executed
-    GFLOPs, or ``budget_gflops``), judge on the held-out part, fit the posterior temperature on the fit part
-    (only ever softening it: :mod:`core.calibration` says why)."""
+    GFLOPs, or ``budget_gflops``), judge on the held-out part. The posterior temperature (only ever softening it:
+    :mod:`core.calibration` says why) is fitted on every tuning image: it changes no prediction, so the held-out
+    judgement of the schedule stands, and the held-out part holds the mistakes that the images the schedule was
+    chosen on lack. Its held-out ECE and NLL are cross-fitted: each held-out image is judged with the temperature
+    fitted on every tuning image outside its fold."""
     if (table.labels < 0).any():
         raise AvarcError("tuning needs labelled images (class sub-folders); some images have no label")
     rep = Replayer(table, spec)
@@ -359,10 +363,10 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
     r = rep.replay(chosen.stages)
     col = {c: k for k, c in enumerate(table.candidates)}
     y = np.asarray([col[c] for c in table.labels])
-    calibration = fit_temperature(r.final_scores[fit], y[fit])
+    calibration = fit_temperature(r.final_scores, y)
     ece, nlls, nll_images = [None, None], [None, None], 0
     if len(held):
-        for i, t in enumerate((1.0, calibration.temperature)):       # untempered, then as the profile will run
+        for i, t in enumerate((1.0, cross_fitted_temperatures(r.final_scores, y, held, seed=seed))):
             ece[i] = expected_calibration_error(posterior(r.final_scores[held], t), y[held])
             nlls[i], nll_images = nll(r.final_scores[held], y[held], t)
     front = pareto(points)
@@ -388,8 +392,9 @@ def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str,
             f"top-1 on the images it was chosen on {r.chosen.accuracy:.2%}"
             + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})" if r.chosen_held else "")
             + f"\nexecuted GFLOPs/image {r.chosen_all.executed_gflops:.4g}, paper convention {r.chosen_all.paper_gflops:.4g}\n"
-            f"posterior temperature, fitted on the images it was chosen on: {r.calibration.describe()}"
-            + (f"; held-out ECE {r.ece_before:.4f} → {r.ece_after:.4f}" if r.ece_before is not None else ""))
+            f"posterior temperature, fitted on every tuning image: {r.calibration.describe()}"
+            + (f"\nheld-out ECE {r.ece_before:.4f} → {r.ece_after:.4f} (each image with a temperature fitted without it)"
+               if r.ece_before is not None else ""))
     profile = Profile(name=name, stages=r.chosen.stages, sigma=table.sigma, temperature=r.temperature,
                       description=f"Tuned for {model} by avarc tune (budget {r.budget_gflops:.4g} GFLOPs/image).")
     return profile, note

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from core import Classifier, distributed, tune
+from core.calibration import cross_fitted_temperatures
 from core.data import Item, collect
 from core.flops import encoder_macs
 from core.preprocess import pixels_to_tensor
@@ -103,3 +104,19 @@ def test_paper_compute_matches_flops_schedule_macs(digits_case):
     r = tune.Replayer(table, model.spec).replay(shipped.stages)
     assert r.executed_macs.mean() == pytest.approx(schedule_macs(model.spec, shipped.stages, 10, reuse=True).paper,
                                                    rel=0.05)
+
+
+def test_cross_fitted_temperature_never_sees_the_image_it_judges(digits_case):
+    """Each held-out image's temperature is fitted without its fold: making one image a confident mistake changes
+    the temperature of the images in other folds (it is in their fit), never its own."""
+    clf, _, table = digits_case
+    scores = tune.Replayer(table, clf.spec).replay(SCHEDULES["varc"]).final_scores
+    y = np.searchsorted(table.candidates, table.labels)
+    _, held = tune.split(table.labels, 0.5)
+    before = cross_fitted_temperatures(scores, y, held)
+    i = held[0]
+    worse = scores.copy()
+    worse[i, (y[i] + 1) % worse.shape[1]] = worse[i, y[i]] + 50.0      # another class 50 nats ahead of the true one
+    after = cross_fitted_temperatures(worse, y, held)
+    assert after[0] == before[0]
+    assert (after[1:] > before[1:]).sum() >= len(held) - len(held) // 10 - 1 and (after >= 1).all()

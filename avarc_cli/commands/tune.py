@@ -31,7 +31,7 @@ def tune(
     stages: Annotated[str, typer.Option("--stages", help="Stage counts to search: N or A..B.")] = "1..3",
     max_samples: Annotated[int, typer.Option("--max-samples", min=1, help="Most samples (1 clean + latent-noise neighbours) a stage may average.")] = 3,
     sigma: Annotated[float, typer.Option("--sigma", min=0.0, help="Latent-noise σ of the smoothing neighbours.")] = 0.1,
-    holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.95, help="Share of each class's images held out: the schedule and temperature are chosen on the rest and judged on these.")] = 0.5,
+    holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.95, help="Share of each class's images held out: the schedule is chosen on the rest and judged on these.")] = 0.5,
     classes: ClassesOpt = None,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=2, help="Score at most this many images (evenly spread over the sorted list).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Profile YAML to write (run it with `avarc classify -p FILE`).")] = Path("tuned.yaml"),
@@ -50,7 +50,7 @@ def tune(
     avarc tune val/ -m d16-cca --max-images 500 --report tune.html
     avarc classify test/ -p tuned.yaml         # run the chosen schedule
 
-    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep, early-exit margins) is then evaluated exactly from those scores, without running the model again. The most accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of the best), judged on the held-out part, and written as a profile with a posterior temperature fitted on the fit part by minimum NLL (only ever softening the posterior: 1 when the fit would sharpen it or there is no mistake to fit on); the held-out ECE and NLL are printed untempered and with it.
+    One pass scores every candidate class on every scale of every image, for the clean tokens and the smoothing neighbours `classify` draws (same --seed, same folder). Every schedule (stage count, scales, samples, keep, early-exit margins) is then evaluated exactly from those scores, without running the model again. The most accurate schedule within the budget on the fit part is chosen (the simplest one within one standard error of the best), judged on the held-out part, and written as a profile with a posterior temperature fitted on every tuning image by minimum NLL (only ever softening the posterior: 1 when the fit would sharpen it or there is no mistake to fit on); the held-out ECE and NLL are printed untempered and cross-fitted (each held-out image with the temperature fitted without it).
     """
     lo, hi = _stage_range(stages)
     check_output_files({"out": out, "report": report}, force)
@@ -95,9 +95,9 @@ def tune(
             ("executed GFLOPs/image (varc)", f"{res.chosen_all.executed_gflops:.4g} ({res.baseline.executed_gflops:.4g}, "
                                               f"{res.chosen_all.executed_gflops / res.baseline.executed_gflops:.0%})"),
             ("paper-convention GFLOPs/image", f"{res.chosen_all.paper_gflops:.4g}"),
-            ("temperature (fit part)", res.calibration.describe()),
-            ("ECE held out (T=1 → profile's)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
-            ("NLL held out (T=1 → profile's)", _nll(res)),
+            ("temperature (all tuning images)", res.calibration.describe()),
+            ("ECE held out (T=1 → cross-fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
+            ("NLL held out (T=1 → cross-fitted)", _nll(res)),
             ("schedules evaluated", len(res.points)),
             ("seconds (scoring pass / search)", f"{scored_s:.1f} / {search_s:.1f}"),
             ("profile", str(out))]
