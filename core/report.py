@@ -89,6 +89,13 @@ def record_gflops(record: dict, spec: ModelSpec) -> float:
     return macs / 1e9
 
 
+def untempered_confidence(record: dict) -> float:
+    """The top-1 probability at temperature 1: softmax over the last stage's scores (what the posterior tempers), so
+    a report shows what a profile's fitted temperature did to the calibration of the images it was run on."""
+    s = np.asarray(record["stages"][-1]["scores"], dtype=np.float64)
+    return float(1.0 / np.exp(s - s.max()).sum())
+
+
 def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, explain_dir: Path | None = None,
                worst: int = 12) -> str:
     """The page for a labelled classify run's records."""
@@ -104,11 +111,13 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
     top5 = np.mean([r["label_rank"] is not None and r["label_rank"] <= 5 for r in lab])
     conf = np.asarray([r["posterior"][0]["p"] if r["posterior"] else 1.0 for r in lab])
     rel = reliability(conf, correct)
+    plain = reliability([untempered_confidence(r) for r in lab], correct)
     summary = [("model", run.get("model", "?")), ("profile", run.get("profile", "?")), ("seed", run.get("seed", "?")),
                ("images", len(records)), ("skipped", len(records) - len(ok)), ("labelled", len(lab)),
                ("top-1", f"{correct.mean():.2%}"), ("top-5", f"{top5:.2%}"), ("mistakes", int((~correct).sum())),
                ("early exits", sum(r["exited_after"] is not None for r in lab)),
-               ("ECE (top-1, 15 bins)", f"{rel.ece:.4f}")]
+               ("ECE (top-1, 15 bins)", f"{rel.ece:.4f}"),
+               ("ECE untempered (T = 1)", f"{plain.ece:.4f}")]
     gflops = [record_gflops(r, spec) for r in lab] if spec is not None else None
     if gflops:
         summary.append(("GFLOPs/image, paper convention (mean)", f"{np.mean(gflops):.4g}"))

@@ -123,6 +123,12 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     mistakes = [sum(r["pred"] != r["label"] for r in recs) for recs in (ours, varc)]
     gflops = [executed_gflops(clf, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
     test_ece = (top1_ece(untempered), top1_ece(ours))
+    code, _, err = avarc(monkeypatch, capsys, "report", tmp_path / "test.jsonl")      # shows both
+    assert code == 0, err
+    page = (tmp_path / "test.html").read_text()
+    shown = [float(re.search(rf"<td>{label}</td><td>([\d.]+)", page).group(1))
+             for label in (r"ECE untempered \(T = 1\)", r"ECE \(top-1, 15 bins\)")]
+    assert shown == pytest.approx(test_ece, abs=2e-4), (shown, test_ece)
     print(f"{'+'.join(e.names[0] for e in ext) or 'base'}: {profile.describe()}; on digits 1618–1796: mistakes "
           f"tuned {mistakes[0]} vs varc {mistakes[1]}; executed GFLOPs/image {gflops[0]:.5f} vs {gflops[1]:.5f} "
           f"({gflops[0] / gflops[1]:.1%}); temperature {calibration.describe()}; ECE held out (cross-fitted) "

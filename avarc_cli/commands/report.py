@@ -29,7 +29,7 @@ def report(
     avarc explain wrong/ --out why
     avarc report run.jsonl --explain why --out run.html --force
 
-    Accuracy and top-5, accuracy per class, the confusion matrix, a reliability diagram, how often the true class survives each stage (the pruning diagnostic), compute per image and the most confident mistakes, in one HTML file with its images embedded (opens from disk, no server). Needs `pip install 'avarc\\[report]'`.
+    Accuracy and top-5, accuracy per class, the confusion matrix, a reliability diagram with the ECE as run and untempered (T = 1, from the last stage's scores: what a tuned profile's temperature changed), how often the true class survives each stage (the pruning diagnostic), compute per image and the most confident mistakes, in one HTML file with its images embedded (opens from disk, no server). Needs `pip install 'avarc\\[report]'`.
     """
     records = _read(results)
     out = check_output_file(out or results.with_suffix(".html"), "out", force)
