@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .calibration import reliability
+from .calibration import posterior, reliability
 from .errors import AvarcError
 from .explain import safe_stem
 from .flops import encoder_macs, sequence_macs
@@ -92,8 +92,7 @@ def record_gflops(record: dict, spec: ModelSpec) -> float:
 def untempered_confidence(record: dict) -> float:
     """The top-1 probability at temperature 1: softmax over the last stage's scores (what the posterior tempers), so
     a report shows what a profile's fitted temperature did to the calibration of the images it was run on."""
-    s = np.asarray(record["stages"][-1]["scores"], dtype=np.float64)
-    return float(1.0 / np.exp(s - s.max()).sum())
+    return float(posterior(np.asarray([record["stages"][-1]["scores"]], dtype=np.float64), 1.0).max())
 
 
 def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, explain_dir: Path | None = None,
