@@ -43,7 +43,7 @@ class BenchResult:
     score_err_max: float | None = None
     guard_images: float | None = None          # share of images the precision guard re-scored in fp32
     guard_share: float | None = None           # share of the time spent on it
-    guard_flips: float | None = None           # share of images whose prediction the guard changed
+    guard_flips: float | None = None           # share of images whose decisions the guard changed
     preds: list[int] = field(default_factory=list, repr=False)
     scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
 

@@ -9,14 +9,14 @@ other images share its batch.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from . import tokenizer
 from .errors import AvarcError
-from .guard import apply_guard
+from .guard import at_risk, guard
 from .model import Model
 from .profiles import Profile
 from .scoring import Scorer
@@ -36,6 +36,7 @@ class StageScores:
     keep: int
     candidates: list[int]
     scores: list[float]
+    exact: set[int] = field(default_factory=set)     # candidates the precision guard re-scored in fp32
 
     def ranked(self) -> list[tuple[int, float]]:
         return rank(self.candidates, self.scores)
@@ -118,11 +119,24 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     alive = {i: list(cands) for i in range(B)}
     history: list[list[StageScores]] = [[] for _ in range(B)]
     exited: dict[int, int] = {}
+    ends = model.spec.var.scale_ends()
+    guarded, flipped = set(), set()
+
+    def guarded_decisions(stages: dict[int, StageScores], last: bool, exit_margin: float | None) -> None:
+        """The precision guard on these stages' decisions (``core.guard``), counting the images it changed."""
+        before = {i: _decisions(st, exit_margin) for i, st in stages.items()}
+        risky = {i: (st, r) for i, st in stages.items()
+                 if (r := at_risk(st, profile.margin(ends[st.scales - 1]), last, exit_margin))}
+        guard(model, scorer, tokens, risky)
+        if model.dtype != torch.float32:
+            guarded.update(risky)
+            flipped.update(i for i in risky if _decisions(stages[i], exit_margin) != before[i])
+
     for s_idx, stage in enumerate(profile.stages, 1):
         active = [i for i in range(B) if i not in exited]
         if not active:
             break
-        n_tok = model.spec.var.scale_ends()[stage.scales - 1]
+        n_tok = ends[stage.scales - 1]
         seq, cls, keys, spans = [], [], [], []
         for i in active:
             c = torch.tensor(alive[i])
@@ -134,19 +148,29 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
         later = profile.stages[s_idx:]
         useful = any(st.scales > stage.scales or st.samples > 1 for st in later)
         sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_for_later=useful)
-        pos = 0
+        pos, now = 0, {}
         for i, n in zip(active, spans):
             block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)
             pos += n * stage.samples
-            st = StageScores(stage.scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
-            history[i].append(st)
+            now[i] = StageScores(stage.scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
+            history[i].append(now[i])
+        if later:
+            guarded_decisions(now, False, stage.exit_margin)
+        for i, st in now.items():
             alive[i] = st.survivors
-            ranked = st.ranked()
-            if (stage.exit_margin is not None and len(ranked) > 1
-                    and ranked[0][1] - ranked[1][1] >= stage.exit_margin):
+            if _decisions(st, stage.exit_margin)[2]:
                 exited[i] = s_idx
-    apply_guard(model, scorer, tokens, {i: h[-1] for i, h in enumerate(history) if h}, profile)
+    guarded_decisions({i: h[-1] for i, h in enumerate(history) if h}, True, None)
+    scorer.guarded += len(guarded)
+    scorer.guard_flips += len(flipped)
     return [_prediction(history[i], exited.get(i), temperature) for i in range(B)]
+
+
+def _decisions(st: StageScores, exit_margin: float | None) -> tuple:
+    """What a stage's scores decide: the best candidate, the survivors and whether the image exits."""
+    ranked = st.ranked()
+    exits = exit_margin is not None and len(ranked) > 1 and ranked[0][1] - ranked[1][1] >= exit_margin
+    return ranked[0][0], frozenset(st.survivors), exits
 
 
 def _prediction(stages: list[StageScores], exited_after: int | None, temperature: float) -> Prediction:

@@ -58,8 +58,8 @@ class Scorer:
         self.cache_bytes = cache_bytes if cache_bytes is not None else cache_budget(model.device)
         self.tokens_run = 0          # (pair × token) positions actually run
         self.macs = Macs()           # what the engine executed (linear, AdaLN, attention)
-        self.guarded = 0             # images whose top two the precision guard re-scored in fp32
-        self.guard_flips = 0         # … and whose prediction that changed
+        self.guarded = 0             # images the precision guard re-scored candidates of in fp32
+        self.guard_flips = 0         # … and whose survivors, early exit or prediction that changed
         self.reset()
 
     def reset(self) -> None:
