@@ -47,9 +47,7 @@ def at_risk(stage: StageScores, margin: float, last: bool, exit_margin: float | 
 def guard(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor, risky: dict[int, tuple[StageScores, set[int]]]) -> None:
     """Re-score in fp32 the given candidates of each image's stage (``risky``: image index → the stage and its
     candidates at risk) and write the fp32 scores into the stage, in place; a candidate already re-scored in fp32
-    keeps its score. Nothing happens in fp32."""
-    if model.dtype == torch.float32:
-        return
+    keeps its score."""
     ends = model.spec.var.scale_ends()
     by_scales: dict[int, list[tuple[int, int, int]]] = {}      # scales → (image, candidate, sample) rows
     for i, (st, cands) in risky.items():

@@ -123,14 +123,16 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     guarded, flipped = set(), set()
 
     def guarded_decisions(stages: dict[int, StageScores], last: bool, exit_margin: float | None) -> None:
-        """The precision guard on these stages' decisions (``core.guard``), counting the images it changed."""
+        """The precision guard on these stages' decisions (``core.guard``; fp32 needs none), counting the images
+        whose candidates it re-scored and those whose decisions that changed."""
+        if model.dtype == torch.float32:
+            return
         before = {i: _decisions(st, exit_margin) for i, st in stages.items()}
         risky = {i: (st, r) for i, st in stages.items()
                  if (r := at_risk(st, profile.margin(ends[st.scales - 1]), last, exit_margin))}
         guard(model, scorer, tokens, risky)
-        if model.dtype != torch.float32:
-            guarded.update(risky)
-            flipped.update(i for i in risky if _decisions(stages[i], exit_margin) != before[i])
+        guarded.update(risky)
+        flipped.update(i for i in risky if _decisions(stages[i], exit_margin) != before[i])
 
     for s_idx, stage in enumerate(profile.stages, 1):
         active = [i for i in range(B) if i not in exited]
