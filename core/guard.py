@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import Model
+from .profiles import Profile
 from .scoring import Scorer
 
 if TYPE_CHECKING:
@@ -26,9 +27,9 @@ def at_risk(stage: StageScores, margin: float, last: bool, exit_margin: float | 
     if they are closer than ``margin``; else those within ``margin`` of the keep boundary (a survivor within it of
     the best pruned score, a pruned one within it of the worst surviving score), and the best two if their lead is
     within ``margin`` of ``exit_margin``."""
-    ranked = stage.ranked()
-    if margin <= 0 or len(ranked) < 2:
+    if margin <= 0 or len(stage.candidates) < 2:
         return set()
+    ranked = stage.ranked()
     lead = ranked[0][1] - ranked[1][1]
     top_two = {ranked[0][0], ranked[1][0]}
     if last:
@@ -44,10 +45,30 @@ def at_risk(stage: StageScores, margin: float, last: bool, exit_margin: float | 
     return out
 
 
-def guard(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor, risky: dict[int, tuple[StageScores, set[int]]]) -> None:
-    """Re-score in fp32 the given candidates of each image's stage (``risky``: image index → the stage and its
-    candidates at risk) and write the fp32 scores into the stage, in place; a candidate already re-scored in fp32
-    keeps its score."""
+def guard_stages(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor, stages: dict[int, StageScores],
+                 profile: Profile, last: bool, exit_margin: float | None) -> tuple[set[int], set[int]]:
+    """The guard on one stage of each image (``stages``: image index → its stage; ``last``: each image's last stage,
+    whose best candidate is the prediction): re-score the candidates at risk in fp32, in place. Returns the images
+    re-scored and those whose decisions that changed. fp32 runs need no guard."""
+    if model.dtype == torch.float32:
+        return set(), set()
+    ends = model.spec.var.scale_ends()
+    risky = {i: (st, r) for i, st in stages.items()
+             if (r := at_risk(st, profile.margin(ends[st.scales - 1]), last, exit_margin))}
+
+    def outcome(st: StageScores) -> tuple:           # the survivors as a set: their order decides nothing
+        best, survivors, exits = st.decisions(exit_margin)
+        return best, frozenset(survivors), exits
+
+    before = {i: outcome(st) for i, (st, _) in risky.items()}
+    _rescore(model, scorer, tokens_BSL, risky)
+    return set(risky), {i for i, (st, _) in risky.items() if outcome(st) != before[i]}
+
+
+def _rescore(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor,
+             risky: dict[int, tuple[StageScores, set[int]]]) -> None:
+    """Write the fp32 scores (mean over the stage's samples) of the given candidates into each stage; a candidate
+    already re-scored in fp32 keeps its score."""
     ends = model.spec.var.scale_ends()
     by_scales: dict[int, list[tuple[int, int, int]]] = {}      # scales → (image, candidate, sample) rows
     for i, (st, cands) in risky.items():

@@ -16,7 +16,7 @@ import torch
 
 from . import tokenizer
 from .errors import AvarcError
-from .guard import at_risk, guard
+from .guard import guard_stages
 from .model import Model
 from .profiles import Profile
 from .scoring import Scorer
@@ -43,7 +43,14 @@ class StageScores:
 
     @property
     def survivors(self) -> list[int]:
-        return [c for c, _ in self.ranked()[:self.keep]]
+        return self.decisions(None)[1]
+
+    def decisions(self, exit_margin: float | None) -> tuple[int, list[int], bool]:
+        """What the scores decide, from one ranking: the best candidate, the survivors (best first) and whether the
+        image exits early (its lead reaches ``exit_margin``)."""
+        ranked = self.ranked()
+        exits = exit_margin is not None and len(ranked) > 1 and ranked[0][1] - ranked[1][1] >= exit_margin
+        return ranked[0][0], [c for c, _ in ranked[:self.keep]], exits
 
 
 @dataclass
@@ -120,20 +127,7 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     history: list[list[StageScores]] = [[] for _ in range(B)]
     exited: dict[int, int] = {}
     ends = model.spec.var.scale_ends()
-    guarded, flipped = set(), set()
-
-    def guarded_decisions(stages: dict[int, StageScores], last: bool, exit_margin: float | None) -> None:
-        """The precision guard on these stages' decisions (``core.guard``; fp32 needs none), counting the images
-        whose candidates it re-scored and those whose decisions that changed."""
-        if model.dtype == torch.float32:
-            return
-        before = {i: _decisions(st, exit_margin) for i, st in stages.items()}
-        risky = {i: (st, r) for i, st in stages.items()
-                 if (r := at_risk(st, profile.margin(ends[st.scales - 1]), last, exit_margin))}
-        guard(model, scorer, tokens, risky)
-        guarded.update(risky)
-        flipped.update(i for i in risky if _decisions(stages[i], exit_margin) != before[i])
-
+    guarded, flipped = set(), set()          # images the precision guard re-scored, and those it changed
     for s_idx, stage in enumerate(profile.stages, 1):
         active = [i for i in range(B) if i not in exited]
         if not active:
@@ -157,22 +151,17 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
             now[i] = StageScores(stage.scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
             history[i].append(now[i])
         if later:
-            guarded_decisions(now, False, stage.exit_margin)
+            rescored, changed = guard_stages(model, scorer, tokens, now, profile, False, stage.exit_margin)
+            guarded, flipped = guarded | rescored, flipped | changed
         for i, st in now.items():
-            alive[i] = st.survivors
-            if _decisions(st, stage.exit_margin)[2]:
+            _, alive[i], exits = st.decisions(stage.exit_margin)
+            if exits:
                 exited[i] = s_idx
-    guarded_decisions({i: h[-1] for i, h in enumerate(history) if h}, True, None)
-    scorer.guarded += len(guarded)
-    scorer.guard_flips += len(flipped)
+    rescored, changed = guard_stages(model, scorer, tokens, {i: h[-1] for i, h in enumerate(history) if h}, profile,
+                                     True, None)
+    scorer.guarded += len(guarded | rescored)
+    scorer.guard_flips += len(flipped | changed)
     return [_prediction(history[i], exited.get(i), temperature) for i in range(B)]
-
-
-def _decisions(st: StageScores, exit_margin: float | None) -> tuple:
-    """What a stage's scores decide: the best candidate, the survivors and whether the image exits."""
-    ranked = st.ranked()
-    exits = exit_margin is not None and len(ranked) > 1 and ranked[0][1] - ranked[1][1] >= exit_margin
-    return ranked[0][0], frozenset(st.survivors), exits
 
 
 def _prediction(stages: list[StageScores], exited_after: int | None, temperature: float) -> Prediction:
