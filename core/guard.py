@@ -61,15 +61,14 @@ def guard_stages(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor, stages:
         return best, frozenset(survivors), exits
 
     before = {i: outcome(st) for i, (st, _) in risky.items()}
-    _rescore(model, scorer, tokens_BSL, risky)
+    _rescore(scorer, tokens_BSL, risky, ends)
     return set(risky), {i for i, (st, _) in risky.items() if outcome(st) != before[i]}
 
 
-def _rescore(model: Model, scorer: Scorer, tokens_BSL: torch.Tensor,
-             risky: dict[int, tuple[StageScores, set[int]]]) -> None:
+def _rescore(scorer: Scorer, tokens_BSL: torch.Tensor, risky: dict[int, tuple[StageScores, set[int]]],
+             ends: list[int]) -> None:
     """Write the fp32 scores (mean over the stage's samples) of the given candidates into each stage; a candidate
-    already re-scored in fp32 keeps its score."""
-    ends = model.spec.var.scale_ends()
+    already re-scored in fp32 keeps its score. ``ends``: the model's token count after each scale."""
     by_scales: dict[int, list[tuple[int, int, int]]] = {}      # scales → (image, candidate, sample) rows
     for i, (st, cands) in risky.items():
         for c in sorted(cands - st.exact):

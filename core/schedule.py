@@ -41,10 +41,6 @@ class StageScores:
     def ranked(self) -> list[tuple[int, float]]:
         return rank(self.candidates, self.scores)
 
-    @property
-    def survivors(self) -> list[int]:
-        return self.decisions(None)[1]
-
     def decisions(self, exit_margin: float | None) -> tuple[int, list[int], bool]:
         """What the scores decide, from one ranking: the best candidate, the survivors (best first) and whether the
         image exits early (its lead reaches ``exit_margin``)."""

@@ -126,7 +126,7 @@ def test_guard_on_the_359_test_digits(device):
     fp32 = _predict(model, latents, staged, torch.float32)
     bf16 = _predict(model, latents, staged, torch.bfloat16, scorer)
     assert [r.pred for r in bf16] == [r.pred for r in fp32]
-    assert [set(r.stages[0].survivors) for r in bf16] == [set(r.stages[0].survivors) for r in fp32]
+    assert [set(r.stages[0].decisions(None)[1]) for r in bf16] == [set(r.stages[0].decisions(None)[1]) for r in fp32]
     assert [r.exited_after for r in bf16] == [r.exited_after for r in fp32]
     assert any(r.stages[0].exact for r in bf16) and scorer.guarded < 36
 
