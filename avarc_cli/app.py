@@ -65,7 +65,9 @@ UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer
 
 
 def main() -> None:
-    """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2."""
+    """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2. Anything
+    else that escapes a command (a bug, a library failing on this host) is one line too, naming the log file that
+    holds the full trace, and exit code 1: a command never ends in a traceback."""
     try:
         code = app(standalone_mode=False)
     except AvarcError as e:
@@ -74,8 +76,14 @@ def main() -> None:
     except UsageError as e:
         typer.secho(f"error: {e.format_message()}", err=True, fg="red")
         sys.exit(2)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 (the last resort: every other path has said its own line)
+        log = output.crash_log(e)
+        where = f"full trace in {log}" if log else "the trace could not be written"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        typer.secho(f"error: unexpected {type(e).__name__}: {first} ({where}; please report it)", err=True, fg="red")
+        sys.exit(1)
     sys.exit(code or 0)
 
 

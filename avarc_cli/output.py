@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
@@ -95,3 +100,20 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}" if abs(x) < 1e3 else f"{x:,.1f}"
     return str(x)
+
+
+def crash_log(err: BaseException) -> Path | None:
+    """Write an unexpected error's full trace (with the command line) to a new file under the user's cache
+    ($XDG_CACHE_HOME/avarc/logs, else the temp folder) and return its path; None if neither is writable."""
+    text = f"avarc {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(err))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avarc" / "logs"
+    for folder in (base, Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=time.strftime("crash-%Y%m%d-%H%M%S-"), suffix=".log", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None

@@ -201,17 +201,19 @@ def _agreement(a: list[int], b: list[int]) -> float:
 
 def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candidates: list[int],
             dtypes: list[torch.dtype], warmup: int = 1, repeat: int = 3, chunk: int | None = None, seed: int = 0,
-            plain: bool = False) -> list[BenchResult]:
+            plain: bool = False, results: list[BenchResult] | None = None) -> list[BenchResult]:
     """Every profile at every dtype; reduced precision is checked against an fp32 run (top-1 agreement, first-stage
     score error) and, with ``plain``, every dtype is also timed without reuse across stages (agreement with the
-    optimised path). The model's dtype is restored afterwards."""
-    own, results = model.dtype, []
+    optimised path). Rows are appended to ``results`` as they finish, so a caller keeps them when a later run
+    fails. The model's dtype is restored afterwards."""
+    own, results = model.dtype, [] if results is None else results
     try:
         for prof in profiles:
             by_dtype: dict[torch.dtype, BenchResult] = {}
             for dt in dtypes:
                 model.dtype = dt
                 by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed)
+                results.append(by_dtype[dt])
             if any(dt != torch.float32 for dt in dtypes):
                 if torch.float32 not in by_dtype:
                     model.dtype = torch.float32
@@ -223,7 +225,6 @@ def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candida
                     if dt != torch.float32:
                         err = torch.tensor(r.scores) - torch.tensor(ref.scores)
                         r.score_err_rms, r.score_err_max = err.pow(2).mean().sqrt().item(), err.abs().max().item()
-            results += [by_dtype[dt] for dt in dtypes]
             if plain:
                 for dt in dtypes:
                     model.dtype = dt

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +16,7 @@ from . import checkpoints, tokenizer
 from .errors import AvarcError
 from .likelihood import PairScores, pair_logp, score_pairs
 from .specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
-from .var import VAR, KVCache
+from .var import VAR, KVCache, onednn_bf16
 from .vqvae import VQVAE
 
 
@@ -238,24 +240,35 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where oneDNN runs bf16 matmuls several
-    times faster than fp32; elsewhere (e.g. AVX2-only) bf16 is emulated and much slower than fp32."""
+    """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16) that oneDNN can use, where bf16
+    matmuls run several times faster than fp32; elsewhere (e.g. AVX2-only) bf16 is emulated, slower than fp32.
+    ``AVARC_CPU_BF16=emulated`` makes any host answer as one without (see :func:`core.var.onednn_bf16`)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and onednn_bf16()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` → the fastest dtype that keeps predictions (bf16 agrees with fp32 on ≥ 99% of images and the
     precision guard makes the prediction fp32's, see ``avarc bench``): bf16 on GPUs with bf16 tensor cores (compute
-    capability 8.0+, Ampere and later) and on CPUs with fast bf16, else fp32. Or an explicit fp32/bf16/fp16."""
+    capability 8.0+, Ampere and later) and on CPUs with native bf16, else fp32. Or an explicit fp32/bf16/fp16; bf16
+    asked for on a CPU that emulates it runs (correctly, slower than fp32) with one warning saying so."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     try:
-        return DTYPES[name]
+        dtype = DTYPES[name]
     except KeyError:
         raise AvarcError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        _warn_emulated()
+    return dtype
+
+
+@lru_cache(maxsize=1)
+def _warn_emulated() -> None:
+    logging.getLogger("avarc").warning("bf16 is emulated on this CPU (no AMX or AVX512-BF16): predictions stay exact "
+                                       "(the precision guard), but it runs slower than fp32; --dtype auto picks fp32")

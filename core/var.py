@@ -151,15 +151,33 @@ def fused_ops() -> BlockOps:
 
 
 ONEDNN_DTYPES = (torch.bfloat16,)   # in fp32 ATen's MKL GEMM is faster than oneDNN's, which cancels the fusion
+EMULATED_ENV = "AVARC_CPU_BF16"      # "emulated": take the plain path as on a CPU without native bf16 (tests, A/B)
+
+
+@lru_cache(maxsize=1)
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 linears on this CPU. ``mkldnn.is_available()`` only says the library is built in;
+    on an AVX2-only CPU oneDNN has no bf16 kernel and ``_linear_pointwise`` raises, while ATen's ``F.linear`` still
+    runs bf16 (emulated). So: the capability check, then one tiny call, decided once per process."""
+    if os.environ.get(EMULATED_ENV) == "emulated" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        x, w = torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "gelu", [], "tanh")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16 it is one oneDNN call (the kernel torch's own
-    compiler emits for a frozen linear) with the bias and the GELU applied in the matmul's epilogue: ATen would copy
-    the broadcast bias into the output before the GEMM and run GELU as a separate pass, which in bf16 costs as much
-    as the fc1 matmul itself (W1: the blocks' linear layers 25% faster). The official tanh approximation either way."""
+    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16, where oneDNN can run it (:func:`onednn_bf16`),
+    it is one oneDNN call (the kernel torch's own compiler emits for a frozen linear) with the bias and the GELU in
+    the matmul's epilogue: ATen would copy the broadcast bias into the output before the GEMM and run GELU as a
+    separate pass. The official tanh approximation either way."""
     if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available()):
+            and onednn_bf16()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
     y = F.linear(x, weight, bias)

@@ -83,10 +83,16 @@ def bench(
     n = min(classes or min(m.num_classes, 100), m.num_classes)
     x = _inputs(m, data, images, seed)
     wanted = [resolve_dtype(d, dev) for d in (dtypes or ["auto"])]
-    results = compare(m, [load_profile(p) for p in profiles or [default_profile_name(m)]], x, list(range(n)), wanted,
-                      warmup, repeat, batch_size, seed, plain)
-    _render(results, json_, f"{label}, {n} classes, {x.shape[0]} image(s), {n_threads} threads"
-            + (", compiled" if m.compile else ""))
+    title = f"{label}, {n} classes, {x.shape[0]} image(s), {n_threads} threads" + (", compiled" if m.compile else "")
+    results: list[BenchResult] = []
+    try:
+        compare(m, [load_profile(p) for p in profiles or [default_profile_name(m)]], x, list(range(n)), wanted,
+                warmup, repeat, batch_size, seed, plain, results)
+    except BaseException:
+        if results:      # what was measured before the failure or Ctrl-C is kept
+            _render(results, json_, title + " (incomplete: a later run failed)")
+        raise
+    _render(results, json_, title)
 
 
 def _inputs(m: Model, data: Optional[list[Path]], n: int, seed: int) -> torch.Tensor:

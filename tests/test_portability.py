@@ -1,0 +1,124 @@
+"""Every host runs every path: the kernel choice follows what the CPU can do, not what torch was built with. The
+plain (emulated-bf16) path is forced here with ``AVARC_CPU_BF16=emulated``, so an AMX host proves the AVX2 path;
+on a host without native bf16 the rest of the suite proves it anyway."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import model as model_mod
+from core import var as var_mod
+from core.profiles import load_profile
+from core.registry import resolve_model
+from core.schedule import noise_generator, run_stages, sample_tokens
+from core.scoring import Scorer
+from scripts import digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """This process as a CPU without native bf16 (oneDNN's bf16 kernels off), restored afterwards."""
+    monkeypatch.setenv(var_mod.EMULATED_ENV, "emulated")
+    var_mod.onednn_bf16.cache_clear()
+    yield
+    monkeypatch.undo()
+    var_mod.onednn_bf16.cache_clear()
+
+
+def test_forced_fallback_takes_plain_linear_and_auto_picks_fp32(emulated, caplog):
+    """No oneDNN bf16 call is made (its primitive cannot be built on AVX2); --dtype auto is fp32; an explicit bf16
+    works, with one warning; the fallback's bf16 linear equals F.linear's."""
+    assert not var_mod.onednn_bf16()
+    cpu = torch.device("cpu")
+    assert model_mod.resolve_dtype("auto", cpu) == torch.float32
+    model_mod._warn_emulated.cache_clear()
+    with caplog.at_level("WARNING", logger="avarc"):
+        assert model_mod.resolve_dtype("bf16", cpu) == torch.bfloat16
+        model_mod.resolve_dtype("bf16", cpu)
+    assert sum("emulated" in r.getMessage() for r in caplog.records) == 1
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((3, 5, 16), (8, 16), (8,)))
+    with torch.no_grad():
+        y = var_mod.linear(x, w, b, gelu=True)
+    assert torch.equal(y, torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh"))
+
+
+def test_native_choice_follows_the_probe():
+    """Where oneDNN reports and runs bf16 the fused path is taken; where it does not, never (whatever the host)."""
+    var_mod.onednn_bf16.cache_clear()
+    supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert var_mod.onednn_bf16() == supported
+    if not supported:
+        assert model_mod.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_emulated_bf16_guard_gives_fp32_predictions_on_the_test_digits(emulated):
+    """The 359 test digits, shipped profile, plain bf16 linears: the precision guard makes every prediction fp32's."""
+    model = resolve_model("digits", device="cpu")
+    data = digits.load_digits("test")
+    latents = model.encode(digits.to_tensor(data.images, model.spec.image_size))
+    prof = load_profile(model.meta.get("default_profile", "digits"))
+    gens = [noise_generator(0, str(i)) for i in range(latents.shape[0])]
+    tokens = sample_tokens(model, latents, prof.resolve(len(model.spec.var.patch_nums)).max_samples, prof.sigma, gens)
+    preds = {}
+    for dt in (torch.float32, torch.bfloat16):
+        model.dtype = dt
+        preds[dt] = [p.pred for p in run_stages(model, tokens, range(10), prof, Scorer(model))]
+    model.dtype = torch.float32
+    assert len(preds[torch.float32]) == 359 and preds[torch.bfloat16] == preds[torch.float32]
+
+
+def test_cli_bf16_on_an_emulating_cpu(tmp_path):
+    """`classify --dtype bf16` on the demo where bf16 is emulated: fp32's predictions, one warning line, no
+    traceback; `bench --dtype fp32 --dtype bf16` keeps both rows."""
+    env = {**os.environ, var_mod.EMULATED_ENV: "emulated", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for dt in ("fp32", "bf16"):
+        out = tmp_path / f"{dt}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", str(REPO / "examples" / "digits"), "--dtype",
+                            dt, "--device", "cpu", "--out", str(out)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+        assert ("emulated" in r.stderr) == (dt == "bf16")
+        runs[dt] = [json.loads(line)["pred"] for line in out.read_text().splitlines()]
+    assert runs["bf16"] == runs["fp32"] and len(runs["fp32"]) == 20
+    r = subprocess.run([sys.executable, "-m", "avarc_cli", "bench", "-m", "digits", "-p", "digits", "--images", "2",
+                        "--warmup", "0", "--repeat", "1", "--device", "cpu", "--dtype", "fp32", "--dtype", "bf16",
+                        "--json"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert [row["dtype"] for row in json.loads(r.stdout)["results"]] == ["fp32", "bf16"]
+
+
+def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monkeypatch, capsys, tmp_path):
+    """A kernel failing mid-bench (injected for bf16): the fp32 row is still printed, the error is one line naming
+    the log file with the full trace, exit code 1."""
+    from core import bench as bench_mod
+
+    from tests.conftest import avarc
+
+    real = bench_mod.run
+
+    def fails_in_bf16(model, *a, **kw):
+        if model.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(bench_mod, "run", fails_in_bf16)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.set_num_threads(1)
+    code, out, err = avarc(monkeypatch, capsys, "bench", "-m", "digits", "-p", "digits", "--images", "1", "--warmup",
+                           "0", "--repeat", "1", "--device", "cpu", "--dtype", "fp32", "--dtype", "bf16", "--json")
+    assert code == 1
+    assert [r["dtype"] for r in json.loads(out)["results"]] == ["fp32"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "unexpected RuntimeError: could not create a primitive" in lines[0]
+    logs = list((tmp_path / "avarc" / "logs").glob("crash-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in lines[0] and "Traceback" in logs[0].read_text()
