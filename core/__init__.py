@@ -8,14 +8,18 @@ __version__ = "0.1.0"
 
 from .errors import AvarcError
 from .classifier import Classifier
-from .explain import Explanation
-from .incremental import Extension
-from .schedule import Prediction, classify
-from .scoring import Scorer
-from .profiles import Profile, Stage, list_profiles, load_profile
-from .model import Model, build_model, load_model, resolve_device
-from .preprocess import preprocess_image
-from .specs import ModelSpec, VARSpec, VQVAESpec, infer_vae_spec, infer_var_spec, official_spec
+from .tasks.explain import Explanation
+from .tasks.incremental import Extension
+from .engine.stages import Prediction
+from .engine.schedule import classify
+from .engine.scoring import Scorer
+from .engine.profile import Profile, Stage
+from .io.profiles import list_profiles, load_profile
+from .engine.model import Model, build_model
+from .io.loading import load_model
+from .engine.runtime import resolve_device
+from .io.preprocess import preprocess_image
+from .models.specs import ModelSpec, VARSpec, VQVAESpec, infer_vae_spec, infer_var_spec, official_spec
 
 __all__ = [
     "AvarcError", "Classifier", "Explanation", "Extension", "Model", "ModelSpec", "VARSpec", "VQVAESpec",

@@ -7,7 +7,7 @@ preprocessing, encoder backend) is made once in :meth:`Classifier.from_pretraine
     print(preds[0].pred_name, preds[0].posterior[:3])
 
 Smoothing noise is seeded per image from ``seed`` and the image's key (a file's name, an in-memory image's
-position, or an :class:`~core.data.Item`'s key), so results do not depend on batching, order or sharding.
+position, or an :class:`~core.io.data.Item`'s key), so results do not depend on batching, order or sharding.
 """
 from __future__ import annotations
 
@@ -20,20 +20,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import distributed
-from .data import ClassSpace, Item
+from .io import distributed
+from .io.data import ClassSpace, Item
 from .errors import AvarcError
-from .explain import Explanation, Target, check_scales, explain_images
-from .incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
-from .model import Model, resolve_device, resolve_dtype
-from .preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil
-from .profiles import Profile, default_profile_name, load_profile
-from .registry import entry, is_registry_name, resolve_model
-from .results import model_identity, ok_record, run_info, skipped_record
-from .schedule import Prediction, classify as run_schedule, noise_generator
-from .scoring import Scorer
-from .specs import ModelSpec
-from .threads import set_threads
+from .tasks.explain import Explanation, Target, check_scales, explain_images
+from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
+from .engine.model import Model
+from .engine.runtime import resolve_device, resolve_dtype
+from .io.preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil
+from .engine.profile import Profile
+from .io.profiles import default_profile_name, load_profile
+from .io.registry import entry, is_registry_name
+from .io.loading import resolve_model
+from .io.results import model_identity, ok_record, run_info, skipped_record
+from .engine.stages import Prediction
+from .engine.schedule import classify as run_schedule, noise_generator
+from .engine.scoring import Scorer
+from .models.specs import ModelSpec
+from .engine.runtime import set_threads
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 IMAGES_PER_STEP = 16
@@ -61,7 +65,7 @@ class Classifier:
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
         shipped name, a YAML file or a Profile (default: the model's own). ``dtype``: ``auto``, ``fp32``, ``bf16``,
-        ``fp16`` or a torch dtype. ``threads``: CPU threads (default: see :func:`core.threads.set_threads`)."""
+        ``fp16`` or a torch dtype. ``threads``: CPU threads (default: see :func:`core.engine.runtime.set_threads`)."""
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)

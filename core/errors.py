@@ -12,7 +12,7 @@ class AvarcError(Exception):
 
     ``fix`` is a remedy a front end words its own way, where the message holds ``{fix}``: the name of a parameter
     to set (``"force"``: here "set force=True", in the CLI "pass --force"), or the download of a registry model
-    (``("download", name, model_dir)``: here ``core.registry.fetch(...)``, in the CLI ``avarc download …``)."""
+    (``("download", name, model_dir)``: here ``core.io.registry.fetch(...)``, in the CLI ``avarc download …``)."""
 
     def __init__(self, message: str, option: str | None = None, fix: str | tuple | None = None):
         self.template, self.option, self.fix = message, option, fix
@@ -25,4 +25,4 @@ def library_fix(fix: str | tuple) -> str:
         return f"set {fix}=True"
     _, name, model_dir = fix
     where = "" if model_dir is None else f", model_dir={os.fspath(model_dir)!r}"
-    return f"download it with core.registry.fetch(core.registry.entry({name!r}){where})"
+    return f"download it with core.io.registry.fetch(core.io.registry.entry({name!r}){where})"

@@ -1,1 +1,1 @@
-"""Shipped YAML classification schedules (read with ``core.profiles``)."""
+"""Shipped YAML classification schedules (read with ``core.io.profiles``)."""

@@ -28,12 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts import digits  # noqa: E402
-from core.bench import compare, matmul_peak, random_model, run as bench_run  # noqa: E402
-from core.model import load_model, resolve_device  # noqa: E402
-from core.preprocess import preprocess_image  # noqa: E402
-from core.profiles import Profile, load_profile  # noqa: E402
-from core.registry import resolve_model  # noqa: E402
-from core.var import fused_ops  # noqa: E402
+from core.runs.bench import compare, matmul_peak, random_model, run as bench_run  # noqa: E402
+from core.io.loading import load_model  # noqa: E402
+from core.engine.runtime import resolve_device
+from core.io.preprocess import preprocess_image  # noqa: E402
+from core.engine.profile import Profile  # noqa: E402
+from core.io.profiles import load_profile
+from core.io.loading import resolve_model  # noqa: E402
+from core.models.var import fused_ops  # noqa: E402
 
 CONFORMANCE = ROOT / "tests" / "data" / "conformance"
 T0 = time.perf_counter()

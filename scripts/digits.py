@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from core import AvarcError
-from core.model import Model
-from core.tokenizer import draw_noise, neighbour_tokens
+from core.engine.model import Model
+from core.engine.tokenizer import draw_noise, neighbour_tokens
 
 NUM_IMAGES = 1797
 TRAIN_END = 1438   # train = [0, TRAIN_END), test = [TRAIN_END, NUM_IMAGES)
@@ -73,7 +73,7 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """N, 8, 8 uint8 → N, 3, size, size float32 in [-1, 1], prepared exactly as ``preprocess='resize'`` does it."""
     from PIL import Image
 
-    from core.preprocess import preprocess_pil, pixels_to_tensor
+    from core.io.preprocess import preprocess_pil, pixels_to_tensor
 
     return torch.stack([pixels_to_tensor(preprocess_pil(Image.fromarray(im), size, "resize")) for im in images])
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))          # the digits d
 
 from avarc_cli import output                                      # noqa: E402
 import digits                                                     # noqa: E402
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model   # noqa: E402
-from core.model import save_model_dir                              # noqa: E402
-from core.training import Augment, TrainConfig, token_pool, train_var, train_vqvae   # noqa: E402
+from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model  # noqa: E402
+from core.io.loading import save_model_dir  # noqa: E402
+from core.tasks.training import Augment, TrainConfig, token_pool, train_var, train_vqvae  # noqa: E402
 
 IMAGE_SIZE = 8                       # the digits' own resolution: "resize" preprocessing keeps them pixel-exact
 PATCH_NUMS = (1, 2, 3, 4)            # 30 tokens per image on a 4×4 latent

@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from core import registry
+from core.io import registry
 from tests.conftest import ConformanceSet, avarc
 
 CS = ConformanceSet("official256")
@@ -51,7 +51,7 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     from PIL import Image
 
     from scripts import digits
-    from core.incremental import apply_extensions
+    from core.tasks.incremental import apply_extensions
     test = digits.load_digits("test")
     folder = tmp_path / "sevens"
     folder.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.preprocess import load_pixels
+from core.io.preprocess import load_pixels
 from tests.conftest import avarc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import torch
 
 import core
 from core import AvarcError
-from core.checkpoints import read_state_dict
+from core.models.checkpoints import read_state_dict
 
 from .conftest import CONFORMANCE
 

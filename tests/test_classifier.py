@@ -133,36 +133,60 @@ def test_bare_var_file_of_any_geometry_loads_with_its_vae(tmp_path):
 
 
 def test_ambiguous_scales_ask_to_be_stated():
-    from core.specs import infer_patch_nums
+    from core.models.specs import infer_patch_nums
 
     assert infer_patch_nums(30, 4) == (1, 2, 3, 4) and infer_patch_nums(680, 10)[-1] == 16
     with pytest.raises(AvarcError, match="ambiguous .* state them as patch_nums"):
         infer_patch_nums(139, 5)
 
 
-def test_core_imports_no_cli_and_has_no_import_cycle():
-    """Walk every core module's imports (the source, not a running interpreter): none reaches avarc_cli, and the
-    graph of core → core imports that run (those under ``if TYPE_CHECKING:`` only name types) has no cycle."""
+LAYERS = ("errors", "models", "engine", "io", "tasks", "classifier", "runs")   # bottom first
+
+
+def _core_imports() -> dict[str, set[str]]:
+    """Every core module → the core modules it imports when it runs (the source, not a running interpreter; imports
+    under ``if TYPE_CHECKING:`` only name types); a name imported from a package counts as its module when it is one."""
     graph: dict[str, set[str]] = {}
-    for path in sorted((REPO / "core").glob("*.py")):
-        mod = f"core.{path.stem}" if path.stem != "__init__" else "core"
-        deps = set()
+    for path in sorted((REPO / "core").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = mod.split(".") if parts[-1] == "__init__" else mod.split(".")[:-1]
         tree = ast.parse(path.read_text())
         typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                        for n in ast.walk(node)}
+        deps = set()
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
             if isinstance(node, ast.ImportFrom):
-                base = "core" if node.level == 1 else (node.module or "")
-                target = f"core.{node.module}" if node.level == 1 and node.module else base
-                deps.add(target)
-                deps.update(f"{target}.{a.name}" for a in node.names if target == "core")
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module or ""
+                deps.add(base)
+                deps.update(f"{base}.{a.name}" for a in node.names)
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
         assert not any(d == "avarc_cli" or d.startswith("avarc_cli.") for d in deps), (mod, deps)
-        graph[mod] = {d for d in deps if d.startswith("core.") and (REPO / "core" / f"{d[5:]}.py").is_file()}
-    assert len(graph) > 20
+        graph[mod] = {d for d in deps if d.startswith("core.") and d != mod and (
+            (REPO / (d.replace(".", "/") + ".py")).is_file() or (REPO / d.replace(".", "/") / "__init__.py").is_file())}
+    return graph
+
+
+def test_core_imports_point_down_no_cli_no_cycle():
+    """core is layered bottom up: errors, models (the networks), engine (tokens → likelihoods → schedule), io
+    (files, data, registry, loading, results), tasks (explain, add classes, calibration), the Classifier door, and
+    runs (whole jobs over a dataset: classify, tune, report, bench). Every import points to its own layer or
+    below, nothing reaches avarc_cli, and there is no import cycle."""
+    graph = _core_imports()
+    assert len(graph) > 35
+
+    def layer(m: str) -> int:
+        return LAYERS.index(m.split(".")[1])
+
+    for m, deps in graph.items():
+        if m == "core":
+            continue
+        up = [d for d in deps if d != "core" and layer(d) > layer(m)]
+        assert not up, f"{m} imports {up}, a layer above it ({' < '.join(LAYERS)})"
     state: dict[str, int] = {}
 
     def visit(m: str, stack: list[str]) -> None:

@@ -170,7 +170,7 @@ def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypa
     import torch
 
     from core import VARSpec, build_model
-    from core.data import dataset_presets, imagenet_classes
+    from core.io.data import dataset_presets, imagenet_classes
 
     spec = dataclasses.replace(CS.load().spec, var=VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=1000))
     var = build_model(spec, "cpu").var                                     # random weights, ImageNet-1k classes

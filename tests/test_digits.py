@@ -15,7 +15,8 @@ from PIL import Image
 
 import core
 from scripts import digits
-from core.registry import BUNDLED_DIR, resolve_model
+from core.io.registry import BUNDLED_DIR
+from core.io.loading import resolve_model
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
 TEST_START = 1438

@@ -1,4 +1,4 @@
-"""core.distributed under a real torchrun (2 CPU processes, gloo): the merged output equals a one-process run."""
+"""core.io.distributed under a real torchrun (2 CPU processes, gloo): the merged output equals a one-process run."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.distributed import Dist, images_per_step
+from core.io.distributed import Dist, images_per_step
 from tests.conftest import ConformanceSet
 from tests.test_classify_cli import MODEL, avarc, read_jsonl
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from core import AvarcError, preprocess_image
-from core.registry import resolve_model
+from core.io.loading import resolve_model
 
 from avarc_cli.output import message
 
@@ -205,7 +205,7 @@ def test_offline_uses_the_cache_without_any_request(hub, env, conf_golden_256):
     r = avarc(offline, "download")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("present") == 2
-    load = ("import torch, core.registry as r; m = r.resolve_model('d16'); g = torch.load(%r, weights_only=True); "
+    load = ("import torch, core.io.loading as r; m = r.resolve_model('d16'); g = torch.load(%r, weights_only=True); "
             "print(torch.equal(m.tokenize_latent(g['latent']), g['tokens']))" % str(conf_golden_256))
     r = subprocess.run([sys.executable, "-c", load], env=offline, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "True", r.stderr
@@ -242,15 +242,15 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     with pytest.raises(AvarcError) as err:
         resolve_model("d16", model_dir=tmp_path)
     assert str(err.value) == (f"model 'd16' is not in {tmp_path}; download it with "
-                              f"core.registry.fetch(core.registry.entry('d16'), model_dir={str(tmp_path)!r})")
+                              f"core.io.registry.fetch(core.io.registry.entry('d16'), model_dir={str(tmp_path)!r})")
     assert message(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
     with pytest.raises(AvarcError) as err:
         resolve_model(tmp_path / "nothing.pth")
     assert "no such model file" in str(err.value)
-    show = "import core.registry as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
+    show = "import core.io.loading as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
     r = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == ("model 'd20-cca' is not in the Hugging Face cache; "
-                                "download it with core.registry.fetch(core.registry.entry('d20-cca'))")
+                                "download it with core.io.registry.fetch(core.io.registry.entry('d20-cca'))")
 
 
 def test_list_shows_sizes_purposes_and_what_is_here(hub, env):

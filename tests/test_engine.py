@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from scripts import digits
-from core.schedule import noise_generator, run_stages, sample_tokens
-from core.profiles import GUARD_NATS_PER_TOKEN, load_profile, parse_profile
-from core.registry import resolve_model
-from core.scoring import Scorer
-from core.specs import official_spec
-from core.threads import choose_threads, usable_cores
+from core.engine.schedule import noise_generator, run_stages, sample_tokens
+from core.engine.profile import GUARD_NATS_PER_TOKEN
+from core.io.profiles import load_profile, parse_profile
+from core.io.loading import resolve_model
+from core.engine.scoring import Scorer
+from core.models.specs import official_spec
+from core.engine.runtime import choose_threads, usable_cores
 
 from .conftest import DEVICES
 

@@ -1,4 +1,4 @@
-"""core.explain: maps and scores against the formula applied to the conformance golden ``logp``
+"""core.tasks.explain: maps and scores against the formula applied to the conformance golden ``logp``
 (tests/data/conformance/<set>/golden.npz), pair choice, one-class models and safe output names."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
-from core.schedule import noise_generator
-from core.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
-from core.profiles import load_profile
+from core.engine.schedule import noise_generator
+from core.tasks.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
+from core.io.profiles import load_profile
 
 IMAGE, A, B = 1, 3, 7
 

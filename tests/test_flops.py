@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 
 from core import official_spec
-from core.flops import encoder_macs, schedule_macs, sequence_macs
+from core.engine.flops import encoder_macs, schedule_macs, sequence_macs
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""core.heatmap: colormaps, normalisation (constant maps never NaN), panel geometry and the rendered PNG."""
+"""core.tasks.heatmap: colormaps, normalisation (constant maps never NaN), panel geometry and the rendered PNG."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from core import AvarcError
-from core.explain import explain_logp
-from core.heatmap import GAP, caption_height, figure_size, jet, normalise, overlay, panel_size, render, turbo
+from core.tasks.explain import explain_logp
+from core.tasks.heatmap import GAP, caption_height, figure_size, jet, normalise, overlay, panel_size, render, turbo
 
 PATCH_NUMS = (1, 2, 4)
 

@@ -1,12 +1,13 @@
-"""core.incremental: new classes as trained class-embedding rows; old classes' scores untouched to the bit."""
+"""core.tasks.incremental: new classes as trained class-embedding rows; old classes' scores untouched to the bit."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import core
-from core import AvarcError, incremental
-from core.preprocess import preprocess_image
+from core import AvarcError
+from core.tasks import incremental
+from core.io.preprocess import preprocess_image
 from tests.conftest import ConformanceSet
 
 

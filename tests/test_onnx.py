@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from core import AvarcError, preprocess_image
-from core.checkpoints import read_state_dict
-from core.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
-from core.registry import resolve_model
+from core.models.checkpoints import read_state_dict
+from core.io.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
+from core.io.loading import resolve_model
 
 from .conftest import ConformanceSet
 
@@ -92,7 +92,7 @@ def test_without_onnxruntime_the_error_says_how_to_install():
     conf = ConformanceSet("official256")
     script = (
         "import sys; sys.modules['onnxruntime'] = None\n"
-        "from core import AvarcError; from core.registry import resolve_model\n"
+        "from core import AvarcError; from core.io.loading import resolve_model\n"
         f"try: resolve_model({str(conf.var_path)!r}, vae={str(conf.vae_path)!r}, encoder='onnx')\n"
         "except AvarcError as e: print(e)\n"
     )

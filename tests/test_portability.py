@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import model as model_mod
-from core import var as var_mod
-from core.profiles import load_profile
-from core.registry import resolve_model
-from core.schedule import noise_generator, run_stages, sample_tokens
-from core.scoring import Scorer
+from core.engine import runtime as model_mod
+from core.models import var as var_mod
+from core.io.profiles import load_profile
+from core.io.loading import resolve_model
+from core.engine.schedule import noise_generator, run_stages, sample_tokens
+from core.engine.scoring import Scorer
 from scripts import digits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_cli_bf16_on_an_emulating_cpu(tmp_path):
 def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monkeypatch, capsys, tmp_path):
     """A kernel failing mid-bench (injected for bf16): the fp32 row is still printed, the error is one line naming
     the log file with the full trace, exit code 1."""
-    from core import bench as bench_mod
+    from core.runs import bench as bench_mod
 
     from tests.conftest import avarc
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from core import AvarcError, preprocess_image
-from core.preprocess import open_image, preprocess_pil
+from core.io.preprocess import open_image, preprocess_pil
 
 from .conftest import CONFORMANCE
 

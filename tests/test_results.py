@@ -1,4 +1,4 @@
-"""core.results: records, the resumable results file and the metrics of the final table."""
+"""core.io.results: records, the resumable results file and the metrics of the final table."""
 from __future__ import annotations
 
 import csv
@@ -7,11 +7,10 @@ import json
 import pytest
 
 from core import AvarcError
-from core.schedule import Prediction, StageScores
-from core.data import Item
-from core.profiles import Profile, Stage
-from core.results import (Metrics, ResultsWriter, append_csv_summary, image_key, lock_results, ok_record, open_results,
-                          run_info, skipped_record, stage_survival)
+from core.engine.stages import Prediction, StageScores
+from core.io.data import Item
+from core.engine.profile import Profile, Stage
+from core.io.results import (Metrics, ResultsWriter, append_csv_summary, image_key, lock_results, ok_record, open_results, run_info, skipped_record, stage_survival)
 
 NAMES = [f"c{i}" for i in range(6)]
 PROFILE = Profile("p", (Stage(3, 1, 3), Stage(5, 1, 2), Stage(5, 2, 1)))
@@ -19,8 +18,8 @@ RUN = run_info("m", PROFILE, 0, range(6))
 
 
 def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_after=None) -> Prediction:
-    """A Prediction built the way the schedule builds it (see core.schedule._prediction)."""
-    from core.schedule import _prediction
+    """A Prediction built the way the schedule builds it (see core.engine.schedule._prediction)."""
+    from core.engine.schedule import _prediction
 
     stages = [StageScores(5, 1, k, list(s), list(s.values())) for s, k in zip(stage_scores, keeps)]
     return _prediction(stages, exited_after, 1.0)

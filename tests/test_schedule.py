@@ -1,4 +1,4 @@
-"""core.schedule: the staged schedule against the conformance vectors (tests/data/conformance/official256/
+"""core.engine.schedule: the staged schedule against the conformance vectors (tests/data/conformance/official256/
 golden.npz: ``logp`` and ``neighbor_logp`` of all tokens for all classes, computed by the upstream VAR code)."""
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from core import AvarcError
-from core.schedule import Scorer, classify, noise_generator, run_stages, sample_tokens
-from core.profiles import Profile, Stage, load_profile
-from core.tokenizer import draw_noise, neighbour_tokens
+from core.engine.schedule import Scorer, classify, noise_generator, run_stages, sample_tokens
+from core.engine.profile import Profile, Stage
+from core.io.profiles import load_profile
+from core.engine.tokenizer import draw_noise, neighbour_tokens
 from tests.conftest import ConformanceSet
 
 K = 10

@@ -2,10 +2,10 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core.schedule import run_stages, sample_tokens, noise_generator
-from core.profiles import Profile, Stage
-from core.scoring import Scorer
-from core.var import KVCache
+from core.engine.schedule import run_stages, sample_tokens, noise_generator
+from core.engine.profile import Profile, Stage
+from core.engine.scoring import Scorer
+from core.models.var import KVCache
 
 PROFILE = Profile("test", (Stage(3, 1, 6), Stage(10, 1, 3), Stage(10, 3, 1)), sigma=0.1)
 

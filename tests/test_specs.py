@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core import build_model, infer_vae_spec, infer_var_spec, official_spec
-from core.checkpoints import load_into, unwrap
+from core.models.checkpoints import load_into, unwrap
 
 from .conftest import CONFORMANCE
 

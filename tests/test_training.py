@@ -1,4 +1,4 @@
-"""core.training: a tiny VQ-VAE + VAR trained for a few steps on real digits learns, reproducibly, on any classes."""
+"""core.tasks.training: a tiny VQ-VAE + VAR trained for a few steps on real digits learns, reproducibly, on any classes."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 
 import core
 from scripts import digits
-from core.training import Augment, TrainConfig, lr_at, random_affine, token_pool, train_var, train_vqvae
+from core.tasks.training import Augment, TrainConfig, lr_at, random_affine, token_pool, train_var, train_vqvae
 
 VAE = core.VQVAESpec(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=0,
                      num_groups=4, using_sa=False, using_mid_sa=False)

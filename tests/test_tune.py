@@ -1,4 +1,4 @@
-"""core.schedule_table + core.tune: a schedule replayed from the one-pass score table is the same schedule run by
+"""core.runs.schedule_table + core.runs.tune: a schedule replayed from the one-pass score table is the same schedule run by
 the classifier (predictions to the image, scores to 1e-4, executed compute to the MAC), on real digits."""
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from core import Classifier, distributed, tune
-from core.calibration import cross_fitted_temperatures
-from core.data import Item, collect
-from core.flops import encoder_macs
-from core.preprocess import pixels_to_tensor
-from core.profiles import Profile, Stage, load_profile
-from core.schedule import Prediction, classify as run_schedule, noise_generator
-from core.schedule_table import build_table, exact_sample_counts
-from core.scoring import Scorer
+from core import Classifier
+from core.io import distributed
+from core.runs import tune
+from core.tasks.calibration import cross_fitted_temperatures
+from core.io.data import Item, collect
+from core.engine.flops import encoder_macs
+from core.io.preprocess import pixels_to_tensor
+from core.engine.profile import Profile, Stage
+from core.io.profiles import load_profile
+from core.engine.stages import Prediction
+from core.engine.schedule import classify as run_schedule, noise_generator
+from core.runs.schedule_table import build_table, exact_sample_counts
+from core.engine.scoring import Scorer
 from scripts.digits import load_digits
 
 SCHEDULES = {
@@ -94,7 +98,7 @@ def test_neighbour_prefix_is_what_classify_draws_for_fewer_samples():
 def test_paper_compute_matches_flops_schedule_macs(digits_case):
     clf, _, table = digits_case
     model = clf.model
-    from core.flops import schedule_macs
+    from core.engine.flops import schedule_macs
     for stages in SCHEDULES.values():
         if any(s.exit_margin is not None for s in stages):
             continue

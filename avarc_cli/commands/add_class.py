@@ -8,8 +8,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from core import AvarcError, Classifier
-from core.files import absolute, check_output_file
-from core.incremental import INITS, check_names, labelled_folders, read_class_folders
+from core.io.files import absolute, check_output_file
+from core.tasks.incremental import INITS, check_names, labelled_folders, read_class_folders
 
 from .. import output
 from ..interrupt import interruptible

@@ -8,16 +8,17 @@ import torch
 import typer
 
 from core import AvarcError
-from core.bench import BenchResult, compare, flops_only, random_model
-from core.data import ClassSpace, collect
-from core.incremental import apply_extensions
-from core.model import Model, resolve_compile, resolve_device, resolve_dtype
-from core.onnx_encoder import use_encoder
-from core.preprocess import preprocess_image
-from core.profiles import default_profile_name, load_profile
-from core.registry import resolve_model
-from core.specs import official_spec
-from core.threads import set_threads
+from core.runs.bench import BenchResult, compare, flops_only, random_model
+from core.io.data import ClassSpace, collect
+from core.tasks.incremental import apply_extensions
+from core.engine.model import Model
+from core.engine.runtime import resolve_compile, resolve_device, resolve_dtype
+from core.io.onnx_encoder import use_encoder
+from core.io.preprocess import preprocess_image
+from core.io.profiles import default_profile_name, load_profile
+from core.io.loading import resolve_model
+from core.models.specs import official_spec
+from core.engine.runtime import set_threads
 
 from .. import output
 from ..options import (BatchSizeOpt, DeviceOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, SeedOpt, ThreadsOpt, TrustPickleOpt,

@@ -6,11 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import AvarcError, Classifier, distributed
-from core.data import collect, dataset_presets
-from core.classify_run import ClassifyRun, classify_run
-from core.files import check_output_files
-from core.profiles import list_profiles
+from core import AvarcError, Classifier
+from core.io import distributed
+from core.io.data import collect, dataset_presets
+from core.runs.classify_run import ClassifyRun, classify_run
+from core.io.files import check_output_files
+from core.io.profiles import list_profiles
 
 from .. import output
 from ..interrupt import interruptible, results_safe

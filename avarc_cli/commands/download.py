@@ -8,9 +8,9 @@ import typer
 from rich.filesize import decimal
 
 from core import AvarcError
-from core.hub import Download
-from core.onnx_encoder import export_file
-from core.registry import REGISTRY, availability, fetch, with_vaes
+from core.io.hub import Download
+from core.io.onnx_encoder import export_file
+from core.io.registry import REGISTRY, availability, fetch, with_vaes
 
 from .. import output
 

@@ -7,10 +7,10 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from core import AvarcError, Classifier
-from core.data import collect
-from core.explain import unique_stems
-from core.files import make_output_dir
-from core.heatmap import COLORMAPS, check_style, save_explanation
+from core.io.data import collect
+from core.tasks.explain import unique_stems
+from core.io.files import make_output_dir
+from core.tasks.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
 from ..interrupt import interruptible

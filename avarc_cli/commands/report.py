@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from core import AvarcError, Classifier
-from core.files import check_output_file, write_text
-from core.registry import entry, is_registry_name
-from core.report import run_report
-from core.specs import ModelSpec
+from core.io.files import check_output_file, write_text
+from core.io.registry import entry, is_registry_name
+from core.runs.report import run_report
+from core.models.specs import ModelSpec
 
 from .. import output
 

@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from core import AvarcError, Classifier
-from core.data import collect
-from core.files import check_output_files, write_text
-from core.profiles import write_profile
-from core.schedule_table import build_table
-from core.tune import model_name, shipped_points, tune as run_tune, tuned_profile
+from core.io.data import collect
+from core.io.files import check_output_files, write_text
+from core.io.profiles import write_profile
+from core.runs.schedule_table import build_table
+from core.runs.tune import model_name, shipped_points, tune as run_tune, tuned_profile
 
 from .. import output
 from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt,
@@ -83,7 +83,7 @@ def tune(
     _print(res)
     shipped = shipped_points(res, table, clf.spec)
     if report is not None:
-        from core.report import tune_report
+        from core.runs.report import tune_report
 
         write_text(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), "report", force)
     rows = [("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),

@@ -1,0 +1,108 @@
+"""Compute accounting in the paper's convention, and what the engine actually executes.
+
+Paper convention (A-VARC Tables 1–2): multiply–accumulates of the VAR's linear layers over every scored token, its
+AdaLN projections once per sequence, and the VQ-VAE encoder's convolutions once per image; attention matmuls are
+reported separately. "Executed" counts the same quantities for the work the engine really runs after reusing
+earlier stages (a scored prefix is extended, an already scored (class, sample) is not scored again).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..models.specs import ModelSpec, VARSpec, VQVAESpec
+
+
+class StageLike(Protocol):
+    scales: int
+    samples: int
+    keep: int
+
+
+@dataclass(frozen=True)
+class Macs:
+    """Multiply–accumulates (true FLOPs = 2 × MACs)."""
+
+    linear: float = 0.0
+    attention: float = 0.0
+    encoder: float = 0.0
+
+    @property
+    def paper(self) -> float:
+        """The paper's count: linear + AdaLN (inside ``linear``) + encoder, attention excluded."""
+        return self.linear + self.encoder
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.encoder
+
+    def __add__(self, o: Macs) -> Macs:
+        return Macs(self.linear + o.linear, self.attention + o.attention, self.encoder + o.encoder)
+
+    def __mul__(self, k: float) -> Macs:
+        return Macs(self.linear * k, self.attention * k, self.encoder * k)
+
+
+def token_macs(spec: VARSpec) -> int:
+    """Linear-layer MACs of one token through the VAR (qkv, proj, MLP in every block, then the head)."""
+    C, hidden = spec.embed_dim, round(spec.embed_dim * spec.mlp_ratio)
+    return spec.depth * (4 * C * C + 2 * C * hidden) + C * spec.vocab_size
+
+
+def sequence_macs(spec: VARSpec, end: int, start: int = 0) -> Macs:
+    """One (sequence, class) pair: tokens [start, end), each attending to the keys of its own and earlier scales
+    (block-causal: the masked part of the score matrix is not computed); AdaLN once per sequence."""
+    C, first_l = spec.embed_dim, spec.patch_nums[0] ** 2
+    n = end - start
+    embed = max(0, end - max(start, first_l)) * spec.z_channels * C
+    adaln = (1 if spec.shared_aln else spec.depth) * 6 * C * C + 2 * C * C
+    pairs = sum((hi - lo) * keys for lo, hi, keys in spec.attention_spans(end, start))
+    attention = spec.depth * 2 * pairs * C
+    return Macs(linear=n * token_macs(spec) + embed + adaln, attention=attention)
+
+
+@lru_cache(maxsize=8)
+def encoder_macs(vae: VQVAESpec, image_size: int, patch_nums: tuple[int, ...]) -> int:
+    """Convolution MACs of encoder + quant_conv for one image (counted on the meta device: no memory, no time)."""
+    from ..models.vqvae import VQVAE
+
+    with torch.device("meta"):
+        model = VQVAE(vae, patch_nums)
+    total = 0
+
+    def hook(mod: nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        k = mod.weight.shape
+        total += out[0].numel() * k[1] * k[2] * k[3]
+
+    hooks = [m.register_forward_hook(hook) for m in [*model.encoder.modules(), model.quant_conv] if isinstance(m, nn.Conv2d)]
+    model.encode(torch.empty(1, 3, image_size, image_size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def schedule_macs(spec: ModelSpec, stages: Sequence[StageLike], num_classes: int, reuse: bool = False) -> Macs:
+    """MACs per image of a staged schedule over ``num_classes`` candidates (no early exits).
+
+    ``reuse=False`` is the paper's count; ``reuse=True`` what the engine runs: every (class, sample) keeps the
+    number of tokens already scored, a longer stage only extends it, and a stage no longer than it is free.
+    """
+    var = spec.var
+    ends = var.scale_ends()
+    scored: dict[int, int] = {}          # sample index → tokens scored so far for every surviving candidate
+    total = Macs(encoder=encoder_macs(spec.vae, spec.image_size, var.patch_nums))
+    candidates = num_classes
+    for st in stages:
+        end = ends[min(st.scales, len(ends)) - 1]
+        for j in range(st.samples):
+            start = scored.get(j, 0) if reuse else 0
+            if start < end:
+                total = total + sequence_macs(var, end, start) * candidates
+                scored[j] = end
+        candidates = min(candidates, st.keep)
+    return total

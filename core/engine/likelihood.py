@@ -1,0 +1,152 @@
+"""The likelihood engine: per-token log p(token | class, earlier scales) under teacher forcing.
+
+Works on (sequence, class) pairs so that a schedule can give every image its own candidate classes; the pairs
+are run in chunks sized to the device's free memory, and only the target tokens' log-probs are kept (logit minus
+logsumexp in fp32, never a B×L×V log-softmax). The VAR passed in already holds its weights in the compute dtype
+(``VAR.in_dtype``), so nothing is re-cast per call; inputs go to the device once and results come back once.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..models.quantizer import MultiScaleQuantizer
+from ..models.specs import VARSpec
+from ..models.var import VAR, KVCache
+
+CPU_BUDGET_BYTES = 2 << 30          # activations of one chunk on a CPU (larger chunks buy nothing there)
+CPU_CACHE_BYTES = 4 << 30           # keys/values kept for later stages on a CPU
+GPU_FREE_SHARE = 0.4                # of the GPU's free memory, for each of the two (the rest: allocator slack)
+log = logging.getLogger("avarc")
+
+
+def bytes_per_pair(spec: VARSpec, num_tokens: int, elem: int = 4) -> int:
+    """Activation memory of one (sequence, class) forward: the widest block's tensors (residual, norm, q/k/v,
+    attention output, MLP hidden and its GELU) and the fp32 logits with their logsumexp temporary. Attention scores
+    are never stored (SDPA's fused kernels), so nothing grows with the square of the length."""
+    C, hidden = spec.embed_dim, round(spec.embed_dim * spec.mlp_ratio)
+    per_token = (8 * C + 2 * hidden) * elem + spec.vocab_size * 4 * 2
+    return num_tokens * per_token
+
+
+def _gpu_share(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * GPU_FREE_SHARE)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the activations of one chunk of pairs may use: a share of the GPU's free memory, 2 GiB on a CPU."""
+    return _gpu_share(device) if device.type == "cuda" else CPU_BUDGET_BYTES
+
+
+def cache_budget(device: torch.device) -> int:
+    """Bytes of keys/values a schedule may keep for its later stages: a share of the GPU's free memory, 4 GiB on a
+    CPU."""
+    return _gpu_share(device) if device.type == "cuda" else CPU_CACHE_BYTES
+
+
+def pairs_per_chunk(spec: VARSpec, num_tokens: int, budget_bytes: int = CPU_BUDGET_BYTES, elem: int = 4) -> int:
+    return max(1, budget_bytes // bytes_per_pair(spec, num_tokens, elem))
+
+
+def num_tokens(spec: VARSpec, num_scales: int | None) -> int:
+    s = len(spec.patch_nums) if num_scales is None else num_scales
+    if not 1 <= s <= len(spec.patch_nums):
+        raise ValueError(f"num_scales must be in 1..{len(spec.patch_nums)}, got {s}")
+    return spec.scale_ends()[s - 1]
+
+
+@contextmanager
+def _tf32_matmul(on: bool) -> Iterator[None]:
+    """cuBLAS fp32 matmuls in TF32 while ``on``, then the caller's flag back (no effect on CPUs)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on or saved
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def target_logp(var: VAR, h_BLC: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(h))[target] for fp32 states → B, L fp32 (the head has fp32 inputs and outputs; no
+    log-softmax tensor). Under a bf16/fp16 engine the head's matmul may use TF32 on a GPU: its inputs keep 10
+    mantissa bits where the body's bf16 states keep 7, and true fp32 ran at 1/15 of bf16's rate on an H200."""
+    with _tf32_matmul(var.compute_dtype != torch.float32):
+        logits_BLV = var.head(h_BLC)
+    picked = logits_BLV.gather(-1, targets_BL.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits_BLV, dim=-1)
+
+
+@dataclass
+class PairScores:
+    """Per-token log-probs of tokens ``start`` … L'−1 for N (sequence, class) pairs, and optionally the pairs'
+    keys/values of all L' tokens so that a later, longer forward can start where this one stopped."""
+
+    logp: torch.Tensor            # N, L' − start, fp32 on CPU
+    start: int
+    cache: KVCache | None = None
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One pinned, non-blocking host-to-device copy (a plain copy on CPU)."""
+    if device.type != "cuda" or x.device == device:
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+@torch.no_grad()
+def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
+                num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None,
+                cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
+    """tokens N, L (≥ the first s scales) and class ids N → log-probs of the first s scales' tokens, skipping the
+    ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs). A chunk that
+    runs out of device memory is halved and retried (one log line says so)."""
+    spec = var.spec
+    n_tok = num_tokens(spec, num_scales)
+    start = cache.num_tokens if cache is not None else 0
+    if start > n_tok:
+        raise ValueError(f"cache holds {start} tokens, more than the {n_tok} requested")
+    device = var.head.weight.device
+    elem = var.compute_dtype.itemsize
+    if chunk is None:
+        chunk = pairs_per_chunk(spec, n_tok, budget_bytes or memory_budget(device), elem)
+    tokens_NL = _to_device(tokens[:, :n_tok], device)
+    class_N = _to_device(class_idx, device)
+    # a stage's rows repeat each sequence once per candidate class: build each distinct sequence's input once
+    distinct_UL, row_of = torch.unique(tokens_NL, dim=0, return_inverse=True)
+    input_ULC = quantizer.var_input(distinct_UL)
+    out, caches, i = [], [], 0
+    while i < tokens_NL.shape[0]:
+        t = tokens_NL[i:i + chunk]
+        part = cache.select(slice(i, i + chunk)) if cache is not None else None
+        try:
+            h, kv = var.hidden(class_N[i:i + chunk], input_ULC[row_of[i:i + chunk]], part, keep_cache)
+            out.append(target_logp(var, h, t[:, start:]))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if chunk == 1 or not _is_oom(e):
+                raise
+            log.warning(f"out of device memory with {chunk} pairs per forward; retrying with {chunk // 2}")
+            chunk //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if keep_cache:
+            caches.append(kv)
+        i += t.shape[0]
+    logp = torch.cat(out).cpu() if out else torch.zeros(0, n_tok - start)
+    joined = (caches[0] if len(caches) == 1 else KVCache.cat(caches)) if caches else None
+    return PairScores(logp, start, joined)
+
+
+def pair_logp(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
+              num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None) -> torch.Tensor:
+    """tokens N, L (≥ the first s scales) and class ids N → N, L' fp32 log-probs of the first s scales."""
+    return score_pairs(var, quantizer, tokens, class_idx, num_scales, chunk, budget_bytes).logp

@@ -1,0 +1,129 @@
+"""The staged schedule of A-VARC / A-VARC+: score every candidate class cheaply, keep the best few, rescore those
+more carefully, and predict the best of the last stage.
+
+Stage scores are mean-over-samples summed token log-likelihoods of the first ``scales`` scales; sample 0 is the
+image's own tokens, samples 1… are tokens of ``latent + σ·noise`` re-quantised (likelihood smoothing). An image's
+tokens and neighbour tokens are computed once, from its own noise generator, so a result never depends on which
+other images share its batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+from . import tokenizer
+from ..errors import AvarcError
+from .guard import guard_stages
+from .model import Model
+from .profile import Profile
+from .scoring import Scorer
+from .stages import Prediction, StageScores
+
+
+def noise_generator(seed: int, key: str) -> torch.Generator:
+    """A generator seeded from the run seed and an image's path, so its noise is the same in every batch/shard."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sample_tokens(model: Model, latents: torch.Tensor, num_samples: int, sigma: float,
+                  generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """B, Cvae, h, w latents → B, S, L tokens: the clean tokens, then S−1 neighbours from each image's generator."""
+    clean = model.tokenize_latent(latents).cpu().unsqueeze(1)                   # B, 1, L
+    if num_samples == 1:
+        return clean
+    noise = torch.cat([tokenizer.draw_noise(latents[i:i + 1], num_samples - 1, g) for i, g in enumerate(generators)], 1)
+    neighbours = tokenizer.neighbour_tokens(model.vae, latents.to(model.device), noise.to(model.device), sigma)
+    return torch.cat([clean, neighbours.cpu()], 1)
+
+
+def _check_candidates(model: Model, candidates: Sequence[int]) -> list[int]:
+    cands = list(dict.fromkeys(int(c) for c in candidates))
+    if not cands:
+        raise AvarcError("no candidate classes; give at least one class to choose from")
+    bad = [c for c in cands if not 0 <= c < model.num_classes]
+    if bad:
+        raise AvarcError(f"candidate class {bad[0]} is out of range; this model has classes 0…{model.num_classes - 1}")
+    return cands
+
+
+@torch.no_grad()
+def classify(model: Model, latents: torch.Tensor, candidates: Sequence[int], profile: Profile,
+             generators: Sequence[torch.Generator], scorer: Scorer | None = None,
+             temperature: float = 1.0) -> list[Prediction]:
+    """Run a profile's stages on a batch of encoder latents (B, Cvae, h, w), one noise generator per image."""
+    profile = profile.resolve(len(model.spec.var.patch_nums))
+    if len(generators) != latents.shape[0]:
+        raise ValueError(f"{latents.shape[0]} latents but {len(generators)} generators")
+    tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, generators)
+    return run_stages(model, tokens, candidates, profile, scorer, temperature)
+
+
+@torch.no_grad()
+def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], profile: Profile,
+               scorer: Scorer | None = None, temperature: float = 1.0) -> list[Prediction]:
+    """The schedule itself, on B, S, L sample tokens (sample 0 clean; a stage with n samples uses the first n)."""
+    profile = profile.resolve(len(model.spec.var.patch_nums))
+    if tokens.shape[1] < profile.max_samples:
+        raise ValueError(f"profile {profile.name} needs {profile.max_samples} samples per image, got {tokens.shape[1]}")
+    if temperature <= 0:
+        raise AvarcError(f"the posterior's temperature must be positive, got {temperature}", option="temperature")
+    scorer = scorer or Scorer(model)
+    scorer.reset()
+    cands = _check_candidates(model, candidates)
+    B = tokens.shape[0]
+    alive = {i: list(cands) for i in range(B)}
+    history: list[list[StageScores]] = [[] for _ in range(B)]
+    exited: dict[int, int] = {}
+    ends = model.spec.var.scale_ends()
+    guarded, flipped = set(), set()          # images the precision guard re-scored, and those it changed
+    for s_idx, stage in enumerate(profile.stages, 1):
+        active = [i for i in range(B) if i not in exited]
+        if not active:
+            break
+        n_tok = ends[stage.scales - 1]
+        seq, cls, keys, spans = [], [], [], []
+        for i in active:
+            c = torch.tensor(alive[i])
+            for j in range(stage.samples):
+                seq.append(tokens[i, j, :n_tok].expand(len(c), -1))
+                cls.append(c)
+                keys += [(i, j)] * len(c)
+            spans.append(len(c))
+        later = profile.stages[s_idx:]
+        useful = any(st.scales > stage.scales or st.samples > 1 for st in later)
+        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_for_later=useful)
+        pos, now = 0, {}
+        for i, n in zip(active, spans):
+            block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)
+            pos += n * stage.samples
+            now[i] = StageScores(stage.scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
+            history[i].append(now[i])
+        if later:
+            rescored, changed = guard_stages(model, scorer, tokens, now, profile, False, stage.exit_margin)
+            guarded, flipped = guarded | rescored, flipped | changed
+        for i, st in now.items():
+            _, alive[i], exits = st.decisions(stage.exit_margin)
+            if exits:
+                exited[i] = s_idx
+    rescored, changed = guard_stages(model, scorer, tokens, {i: h[-1] for i, h in enumerate(history) if h}, profile,
+                                     True, None)
+    scorer.guarded += len(guarded | rescored)
+    scorer.guard_flips += len(flipped | changed)
+    return [_prediction(history[i], exited.get(i), temperature) for i in range(B)]
+
+
+def _prediction(stages: list[StageScores], exited_after: int | None, temperature: float) -> Prediction:
+    last = stages[-1]
+    ranking = last.ranked()
+    placed = set(last.candidates)
+    for st in reversed(stages[:-1]):
+        ranking += [(c, s) for c, s in st.ranked() if c not in placed]
+        placed.update(st.candidates)
+    pred = ranking[0][0]
+    scores = torch.tensor([s for _, s in last.ranked()], dtype=torch.float64) / temperature
+    probs = torch.softmax(scores, 0).tolist()
+    posterior = [(c, p) for (c, _), p in zip(last.ranked(), probs)]
+    return Prediction(pred=pred, ranking=ranking, stages=stages, posterior=posterior, exited_after=exited_after)

@@ -1,0 +1,207 @@
+"""Scoring (sequence, class) pairs for a staged schedule, with reuse across stages.
+
+Attention is block-causal over scales, so the log-probs and keys/values of a sequence's first scales do not depend
+on later scales. A later stage therefore never recomputes what an earlier one scored for the same tokens and class:
+a stage no longer than what is already scored costs nothing (e.g. the clean sample of A-VARC+'s last stage), a longer
+one only runs the new scales on top of the cached keys/values, and a smoothing neighbour whose coarse scales equal
+the clean tokens starts from the clean sequence's cache. Results equal a plain forward up to float rounding.
+
+The bookkeeping is batched: what was scored lives per forward (a :class:`_Batch`), and a sorted tensor of row codes
+(image, sample, class) says which batch row holds each pair, so a stage costs a few tensor ops per source batch
+whatever its number of rows (at 1000 classes × 32 images, per-row ops would cost a GPU step's worth of Python).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from .flops import Macs, sequence_macs
+from .likelihood import cache_budget
+from .model import Model
+from ..models.var import KVCache
+
+Key = tuple[Hashable, int]     # (image key, sample index); sample 0 is the clean tokens
+
+# A row's code packs (image number, sample, class) into one int64: image << 40 | sample << 24 | class.
+_SAMPLE_SHIFT, _IMAGE_SHIFT = 24, 40
+_SAMPLE_BITS = ((1 << (_IMAGE_SHIFT - _SAMPLE_SHIFT)) - 1) << _SAMPLE_SHIFT
+
+
+def _clean(code: torch.Tensor) -> torch.Tensor:
+    """The codes of the same images and classes on the clean sample (0)."""
+    return code & ~_SAMPLE_BITS
+
+
+def _select(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """Rows of a cache, the index moved to its device once (not once per block: each move waits for the device)."""
+    return cache.select(rows.to(cache.kv[0][0].device))
+
+
+@dataclass
+class _Batch:
+    """The rows of one forward: their first L' tokens and log-probs, and their keys/values if kept."""
+    tokens_NL: torch.Tensor
+    logp_NL: torch.Tensor
+    cache: KVCache | None
+
+
+class Scorer:
+    """Summed token log-likelihoods of (sequence, class) pairs on the first s scales: the one place a schedule asks
+    for scores. With ``keys`` (each row's (image, sample)) and ``reuse`` it remembers per (image, sample, class) what
+    was scored; keys/values are kept only when the caller says a later stage can use them and they fit
+    ``cache_bytes``. ``reuse=False`` is the plain path (every pair from the first token), kept for verification."""
+
+    def __init__(self, model: Model, chunk: int | None = None, reuse: bool = True, cache_bytes: int | None = None):
+        self.model, self.chunk, self.reuse = model, chunk, reuse
+        self.cache_bytes = cache_bytes if cache_bytes is not None else cache_budget(model.device)
+        self.tokens_run = 0          # (pair × token) positions actually run
+        self.macs = Macs()           # what the engine executed (linear, AdaLN, attention)
+        self.guarded = 0             # images the precision guard re-scored candidates of in fp32
+        self.guard_flips = 0         # … and whose survivors, early exit or prediction that changed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new batch of images)."""
+        self.images: dict[Hashable, int] = {}          # image key → its number in row codes
+        self.batches: dict[int, _Batch] = {}
+        self.next_batch = 0
+        # The index map, sorted by code: which batch and row hold the latest scores of each (image, sample, class).
+        self.codes_M = torch.zeros(0, dtype=torch.long)
+        self.batch_M = torch.zeros(0, dtype=torch.long)
+        self.row_M = torch.zeros(0, dtype=torch.long)
+
+    def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int,
+              keys: list[Key] | None = None, keep_for_later: bool = False) -> torch.Tensor:
+        """N, L tokens and N class ids → N fp32 sums of log p(token | class, earlier scales) over the first scales."""
+        if tokens.shape[0] == 0:
+            return torch.zeros(0)
+        if keys is None or not self.reuse:
+            lp = self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk)
+            self._count(lp.shape[0], lp.shape[1], 0)
+            return lp.sum(-1)
+        ends = self.model.spec.var.scale_ends()
+        n_tok = ends[num_scales - 1]
+        tokens_NL, classes = tokens[:, :n_tok].cpu(), classes.cpu()      # the bookkeeping runs on the host
+        code_N = self._codes(keys, classes)
+        self._forget_pruned(code_N)
+        out = torch.empty(tokens.shape[0])
+        # Free rides: pairs already scored on at least these tokens.
+        free = torch.zeros(len(code_N), dtype=torch.bool)
+        for b, pos, row in self._by_batch(code_N):
+            batch = self.batches[b]
+            if batch.tokens_NL.shape[1] < n_tok:
+                continue
+            same = (batch.tokens_NL[row, :n_tok] == tokens_NL[pos]).all(1)
+            pos, row = pos[same], row[same]
+            out[pos] = batch.logp_NL[row, :n_tok].sum(-1)
+            free[pos] = True
+        # The longest usable cached prefix of each other pair: its own sample first, then the clean one.
+        start = torch.zeros(len(code_N), dtype=torch.long)
+        src_batch, src_row = torch.full_like(start, -1), torch.zeros_like(start)
+        whole = torch.tensor([0] + ends[:num_scales - 1])     # ends of scales a prefix may stop at
+        for cand in (code_N, _clean(code_N)):
+            for b, pos, row in self._by_batch(cand, ~free):
+                batch = self.batches[b]
+                if batch.cache is None:
+                    continue
+                limit = min(batch.cache.num_tokens, n_tok)
+                same = (batch.tokens_NL[row, :limit] == tokens_NL[pos, :limit]).cumprod(1).sum(1)
+                usable = whole[torch.searchsorted(whole, same, right=True) - 1]
+                better = usable > start[pos]
+                pos = pos[better]
+                start[pos], src_batch[pos], src_row[pos] = usable[better], b, row[better]
+        keep = keep_for_later and self._fits(len(tokens), n_tok)
+        todo = ~free
+        for s in torch.unique(start[todo]).tolist():
+            idx = (todo & (start == s)).nonzero().squeeze(1)
+            cache, prefix = self._gather(src_batch[idx], src_row[idx], s) if s else (None, None)
+            res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep)
+            self._count(len(idx), n_tok, s)
+            sums = res.logp.sum(-1)
+            out[idx] = sums + prefix.sum(-1) if s else sums
+            logp_NL = torch.cat((prefix, res.logp), 1) if s else res.logp
+            self._add(code_N[idx], _Batch(tokens_NL[idx], logp_NL, res.cache))
+        self._drop_unused()
+        return out
+
+    def score_fp32(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int) -> torch.Tensor:
+        """Like a plain :meth:`score`, in fp32 whatever the model's dtype (the precision guard's re-scoring)."""
+        return self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk, dtype=torch.float32).sum(-1)
+
+    def _count(self, rows: int, end: int, start: int) -> None:
+        self.tokens_run += rows * (end - start)
+        self.macs = self.macs + sequence_macs(self.model.spec.var, end, start) * rows
+
+    def _fits(self, rows: int, n_tok: int) -> bool:
+        spec = self.model.spec.var
+        return rows * spec.depth * 2 * n_tok * spec.embed_dim * self.model.dtype.itemsize <= self.cache_bytes
+
+    def _codes(self, keys: list[Key], classes: torch.Tensor) -> torch.Tensor:
+        """Each row's code (image, sample, class); the one pass over rows in Python, a dict look-up each."""
+        images = self.images
+        image_N = torch.tensor([images.setdefault(img, len(images)) for img, _ in keys], dtype=torch.long)
+        sample_N = torch.tensor([j for _, j in keys], dtype=torch.long)
+        return image_N << _IMAGE_SHIFT | sample_N << _SAMPLE_SHIFT | classes.to(torch.long)
+
+    def _by_batch(self, code_N: torch.Tensor, where: torch.Tensor | None = None):
+        """For each batch holding some of these codes: (batch, positions in ``code_N``, rows in the batch)."""
+        if not len(self.codes_M):
+            return
+        i = torch.searchsorted(self.codes_M, code_N).clamp(max=len(self.codes_M) - 1)
+        found = self.codes_M[i] == code_N
+        if where is not None:
+            found &= where
+        batch_N, row_N = self.batch_M[i], self.row_M[i]
+        for b in torch.unique(batch_N[found]).tolist():
+            pos = (found & (batch_N == b)).nonzero().squeeze(1)
+            yield b, pos, row_N[pos]
+
+    def _gather(self, batch_N: torch.Tensor, row_N: torch.Tensor, num_tokens: int) -> tuple[KVCache, torch.Tensor]:
+        """Keys/values and log-probs of the first ``num_tokens`` tokens of these batch rows, in order: one
+        index_select per source batch."""
+        caches, prefixes, order = [], [], []
+        for b in torch.unique(batch_N).tolist():
+            pos = (batch_N == b).nonzero().squeeze(1)
+            batch = self.batches[b]
+            caches.append(_select(batch.cache.truncate(num_tokens), row_N[pos]))
+            prefixes.append(batch.logp_NL[row_N[pos], :num_tokens])
+            order.append(pos)
+        if len(caches) == 1:
+            return caches[0], prefixes[0]
+        back = torch.argsort(torch.cat(order))
+        return _select(KVCache.cat(caches), back), torch.cat(prefixes)[back]
+
+    def _add(self, code_N: torch.Tensor, batch: _Batch) -> None:
+        """Record a scored batch: its rows become the latest entries of their codes."""
+        b, self.next_batch = self.next_batch, self.next_batch + 1
+        self.batches[b] = batch
+        old = ~torch.isin(self.codes_M, code_N)
+        codes = torch.cat((self.codes_M[old], code_N))
+        order = torch.argsort(codes, stable=True)
+        self.codes_M = codes[order]
+        self.batch_M = torch.cat((self.batch_M[old], torch.full_like(code_N, b)))[order]
+        self.row_M = torch.cat((self.row_M[old], torch.arange(len(code_N))))[order]
+
+    def _forget_pruned(self, code_N: torch.Tensor) -> None:
+        """Drop entries of classes an image no longer asks for (candidates only shrink from stage to stage), and
+        compact the survivors' keys/values so the pruned rows' memory is freed (one index_select per batch)."""
+        elsewhere = ~torch.isin(self.codes_M >> _IMAGE_SHIFT, code_N >> _IMAGE_SHIFT)
+        keep = elsewhere | torch.isin(_clean(self.codes_M), _clean(code_N))
+        self.codes_M, self.batch_M, self.row_M = self.codes_M[keep], self.batch_M[keep], self.row_M[keep]
+        self._drop_unused()
+        for b, batch in self.batches.items():
+            mine = (self.batch_M == b).nonzero().squeeze(1)
+            if batch.cache is None or len(mine) == len(batch.tokens_NL):
+                continue
+            rows = self.row_M[mine].sort().values
+            self.batches[b] = _Batch(batch.tokens_NL[rows], batch.logp_NL[rows], _select(batch.cache, rows))
+            new_row = torch.empty(len(batch.tokens_NL), dtype=torch.long)
+            new_row[rows] = torch.arange(len(rows))
+            self.row_M[mine] = new_row[self.row_M[mine]]
+
+    def _drop_unused(self) -> None:
+        """Free the batches no entry points to any more (every row pruned or scored again)."""
+        used = set(torch.unique(self.batch_M).tolist())
+        self.batches = {b: batch for b, batch in self.batches.items() if b in used}

@@ -1,0 +1,54 @@
+"""What a stage of the schedule decides, as plain data: each image's candidates and scores per stage, the one
+ranking rule, and the final :class:`Prediction`. The schedule writes these, the precision guard re-scores them,
+results and tasks read them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+def rank(candidates: Sequence[int], scores: Sequence[float]) -> list[tuple[int, float]]:
+    """Candidates best first; ties by class index, for a stable order (the one ranking rule of every stage)."""
+    return sorted(zip(candidates, scores), key=lambda cs: (-cs[1], cs[0]))
+
+
+@dataclass
+class StageScores:
+    """One stage of one image: the candidates it scored (in input order) and their scores."""
+
+    scales: int
+    samples: int
+    keep: int
+    candidates: list[int]
+    scores: list[float]
+    exact: set[int] = field(default_factory=set)     # candidates the precision guard re-scored in fp32
+
+    def ranked(self) -> list[tuple[int, float]]:
+        return rank(self.candidates, self.scores)
+
+    def decisions(self, exit_margin: float | None) -> tuple[int, list[int], bool]:
+        """What the scores decide, from one ranking: the best candidate, the survivors (best first) and whether the
+        image exits early (its lead reaches ``exit_margin``)."""
+        ranked = self.ranked()
+        exits = exit_margin is not None and len(ranked) > 1 and ranked[0][1] - ranked[1][1] >= exit_margin
+        return ranked[0][0], [c for c, _ in ranked[:self.keep]], exits
+
+
+@dataclass
+class Prediction:
+    """The outcome for one image. ``ranking`` is every candidate: the last stage's by score, then classes pruned
+    earlier by their last score (later stages first); ``posterior`` is over the last stage's candidates."""
+
+    pred: int
+    ranking: list[tuple[int, float]]
+    stages: list[StageScores]
+    posterior: list[tuple[int, float]]
+    exited_after: int | None = None        # 1-based stage after which the image stopped early
+    pred_name: str | None = None           # the predicted class's name (set by ``Classifier``)
+    label: int | None = None               # the true class, when the caller knows it
+
+    def label_rank(self, label: int) -> int | None:
+        """1-based rank of a class in the ranking (None if it was not a candidate)."""
+        return next((i for i, (c, _) in enumerate(self.ranking, 1) if c == label), None)
+
+

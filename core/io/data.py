@@ -1,0 +1,292 @@
+"""What to classify: image files and folders, their labels, and the candidate classes.
+
+Folders are read recursively in a sorted, stable order; every non-hidden file is an input (PIL decides what it
+can open; what it cannot becomes a skipped record). In labelled mode the first sub-folder below an input folder
+names the class: an ImageNet synset (``n01440764``), a class index (ImageNet-V2's ``0`` … ``999``) or one of the
+model's class names. Dataset presets and synset subsets restrict the candidate classes as the paper's
+evaluation does; labelled images whose class is not a candidate are left out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..errors import AvarcError
+from .files import absolute
+
+IMAGENET_CLASSES = 1000
+LABEL_MODES = ("auto", "folders", "none")
+_SYNSET = re.compile(r"n\d{8}")
+
+
+def _data_file(name: str) -> str:
+    return resources.files("core").joinpath("data", name).read_text()
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """(synset, name) of the 1000 ImageNet-1k classes in class-index order."""
+    index = json.loads(_data_file("imagenet_class_index.json"))
+    return tuple((index[str(i)][0], index[str(i)][1]) for i in range(IMAGENET_CLASSES))
+
+
+@lru_cache(maxsize=1)
+def _variant_classes() -> dict:
+    return json.loads(_data_file("imagenet_variant_classes.json"))
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """How a standard evaluation set is laid out: its class folders are ``synset`` or ``index`` names, and it may
+    cover only some of the 1000 classes (``candidates``)."""
+
+    name: str
+    folders: str
+    candidates: tuple[int, ...] | None
+    description: str
+
+
+def _preset_candidates(key: str) -> tuple[int, ...]:
+    return tuple(sorted(_variant_classes()[key]["indices"]))
+
+
+def dataset_presets() -> dict[str, DatasetPreset]:
+    return {
+        "imagenet": DatasetPreset("imagenet", "synset", None, "ImageNet-1k val: synset folders, 1000 classes"),
+        "imagenet-v2": DatasetPreset("imagenet-v2", "index", None, "ImageNet-V2: class-index folders 0…999"),
+        "imagenet-a": DatasetPreset("imagenet-a", "synset", _preset_candidates("imagenet-a"),
+                                    "ImageNet-A: synset folders, candidates restricted to its 200 classes"),
+        "imagenet-r": DatasetPreset("imagenet-r", "synset", _preset_candidates("imagenet-r"),
+                                    "ImageNet-R: synset folders, candidates restricted to its 200 classes"),
+        "imagenet-sketch": DatasetPreset("imagenet-sketch", "synset", None, "ImageNet-Sketch: synset folders, 1000 classes"),
+    }
+
+
+SUBSETS = ("imagenet100", "imageneta100", "imagenetr100")
+
+
+def read_subset(name_or_path: str | os.PathLike) -> list[str]:
+    """A shipped synset list (``imagenet100``, ``imageneta100``, ``imagenetr100``) or a file of synsets, one a line."""
+    key = str(name_or_path)
+    if key in SUBSETS:
+        text, where = _data_file(f"{key}.txt"), key
+    else:
+        path = Path(key)
+        if not path.is_file():
+            raise AvarcError(f"{key}: no such subset file; use one of {', '.join(SUBSETS)} or a file of synsets, one a line")
+        text, where = path.read_text(errors="replace"), str(path)
+    synsets = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    bad = next((s for s in synsets if not _SYNSET.fullmatch(s)), None)
+    if bad is not None or not synsets:
+        raise AvarcError(f"{where}: {'not a synset: ' + repr(bad) if bad else 'no synsets'}; "
+                         "a subset file lists ImageNet synsets like n01440764, one a line")
+    return synsets
+
+
+class ClassSpace:
+    """A model's classes: names for records, and every way a user may name one (index, name, synset)."""
+
+    def __init__(self, model):
+        self.num_classes = model.num_classes
+        self.imagenet = model.spec.var.num_classes == IMAGENET_CLASSES
+        own_names = bool(model.spec.class_names) or self.num_classes > model.spec.var.num_classes
+        inet = imagenet_classes() if self.imagenet else ()
+        self.names = [inet[i][1] if self.imagenet and not model.spec.class_names else model.class_name(i)
+                      for i in range(self.num_classes)]
+        self._by_name: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            self._by_name.setdefault(name.lower(), []).append(i)
+        self._own = {model.class_name(i): i for i in range(self.num_classes)} if own_names else {}
+        self._by_synset = {s: i for i, (s, _) in enumerate(inet)}
+
+    def synset_index(self, synset: str, where: str) -> int:
+        if not self.imagenet:
+            raise AvarcError(f"{where}: synset {synset} names an ImageNet class but this model has "
+                             f"{self.num_classes} classes; use the model's class names or indices")
+        if synset not in self._by_synset:
+            raise AvarcError(f"{where}: {synset} is not one of the 1000 ImageNet-1k synsets; fix the name")
+        return self._by_synset[synset]
+
+    def parse(self, token: str, where: str) -> int:
+        """A class named by the model's own name, a synset, an index or an ImageNet name (``tench``)."""
+        token = token.strip()
+        if token in self._own:
+            return self._own[token]
+        if _SYNSET.fullmatch(token):
+            return self.synset_index(token, where)
+        if token.isdigit():
+            idx = int(token)
+            if idx < self.num_classes:
+                return idx
+            raise AvarcError(f"{where}: class index {idx} is out of range; this model has classes 0…{self.num_classes - 1}")
+        hits = self._by_name.get(token.lower().replace(" ", "_"), [])
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise AvarcError(f"{where}: class name {token!r} is ambiguous (indices {', '.join(map(str, hits))}); "
+                             "name the class by index or synset")
+        raise AvarcError(f"{where}: {token!r} is not a class of this model; use a class index 0…{self.num_classes - 1}"
+                         + (", a synset or an ImageNet class name" if self.imagenet else " or a class name"))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: ``path`` as the user can open it, ``key`` (its path below the input folder) seeds its
+    noise, and its ``label`` (a class index) in labelled mode, or the reason it has none usable."""
+
+    path: str
+    key: str
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    items: list[Item]
+    candidates: list[int]
+    labelled: bool
+    left_out: int = 0      # labelled images whose class is not a candidate
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder``, sorted by path components (stable across machines). Folder symlinks
+    are followed once (a link back up the tree is not walked again); a file symlink loop stays an input and becomes
+    a skipped record."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / f for f in files if not f.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _class_folder(path: Path, root: Path) -> str | None:
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) >= 2 else None
+
+
+def _folder_label(space: ClassSpace, name: str, folder_kind: str | None, where: str) -> int:
+    if folder_kind == "synset" and not _SYNSET.fullmatch(name):
+        raise AvarcError(f"{where}: this dataset's class folders are synsets like n01440764, found {name!r}; "
+                         "check the dataset root you passed")
+    if folder_kind == "index" and not name.isdigit():
+        raise AvarcError(f"{where}: this dataset's class folders are class indices 0…999, found {name!r}; "
+                         "check the dataset root you passed")
+    return space.parse(name, where)
+
+
+def parse_classes(space: ClassSpace, text: str) -> list[int]:
+    """Comma-separated indices, synsets or names → class indices."""
+    try:
+        out = [space.parse(tok, text) for tok in text.split(",") if tok.strip()]
+    except AvarcError as e:
+        raise AvarcError(str(e), option="classes") from None
+    if not out:
+        raise AvarcError("no classes given; list indices, synsets or names separated by commas", option="classes")
+    return list(dict.fromkeys(out))
+
+
+def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str = "auto", dataset: str | None = None,
+            subset: str | None = None, classes: str | None = None, exclude: Iterable[str | os.PathLike] = ()) -> Inputs:
+    """Inputs → the ordered image list, their labels and the candidate classes."""
+    if labels not in LABEL_MODES:
+        raise AvarcError(f"unknown label mode {labels!r}; use {', '.join(LABEL_MODES)}")
+    preset = None
+    if dataset is not None:
+        presets = dataset_presets()
+        if dataset not in presets:
+            raise AvarcError(f"unknown dataset {dataset!r}; use one of {', '.join(presets)}")
+        preset = presets[dataset]
+        if not space.imagenet:
+            raise AvarcError(f"{dataset} needs an ImageNet-1k model (1000 classes); this one has {space.num_classes}",
+                             option="dataset")
+        if labels == "none":
+            raise AvarcError(f"{dataset} is a labelled evaluation; its labels cannot be turned off", option="labels")
+        labels = "folders"
+    if not inputs:
+        raise AvarcError("no inputs; pass image files or folders")
+    skip = {absolute(p) for p in exclude}
+    groups: list[tuple[Path | None, list[Path]]] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            files = [f for f in _walk(path) if absolute(f) not in skip]
+            if not files:
+                raise AvarcError(f"{path}: no files in this folder; point at a folder of images")
+            groups.append((path, files))
+        elif path.exists() or path.is_symlink():   # a FIFO, a broken link or a link loop becomes a skipped record
+            groups.append((None, [path]))
+        else:
+            raise AvarcError(f"{path}: no such file or folder")
+
+    folder_kind = preset.folders if preset else None
+    labelled = labels == "folders" or (labels == "auto" and _looks_labelled(groups, space))
+    cache: dict[str, int] = {}
+    items, seen = [], set()
+    for root, files in groups:
+        for f in files:
+            resolved = absolute(f)
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            key = f.relative_to(root).as_posix() if root is not None else f.name
+            label = None
+            if labelled:
+                base = root if root is not None else f.parent.parent
+                name = _class_folder(f, base)
+                if name is None:
+                    raise AvarcError(f"{f}: not inside a class folder; labelled mode reads the class from the first "
+                                     "sub-folder (root/<class>/image), or classify without labels", option="labels")
+                if name not in cache:
+                    cache[name] = _folder_label(space, name, folder_kind, str(base / name))
+                label = cache[name]
+            items.append(Item(path=str(f), key=key, label=label))
+
+    candidates = list(range(space.num_classes))
+    if preset is not None and preset.candidates is not None:
+        candidates = list(preset.candidates)
+    if subset is not None:
+        try:
+            wanted = {space.synset_index(s, str(subset)) for s in read_subset(subset)}
+        except AvarcError as e:
+            raise AvarcError(str(e), option="subset") from None
+        candidates = [c for c in candidates if c in wanted]
+    if classes is not None:
+        wanted = set(parse_classes(space, classes))
+        candidates = [c for c in candidates if c in wanted]
+    if not candidates:
+        raise AvarcError("no candidate classes left after the dataset, subset and class restrictions; they have no "
+                         "class in common")
+    left_out = 0
+    if labelled:
+        allowed = set(candidates)
+        kept = [it for it in items if it.label in allowed]
+        left_out = len(items) - len(kept)
+        items = kept
+        if not items:
+            raise AvarcError("no labelled images belong to the candidate classes; check the subset and class restrictions")
+    return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out)
+
+
+def _looks_labelled(groups: list[tuple[Path | None, list[Path]]], space: ClassSpace) -> bool:
+    """Every input is a folder whose files all sit in sub-folders named after classes."""
+    if not groups or any(root is None for root, _ in groups):
+        return False
+    for root, files in groups:
+        for name in {_class_folder(f, root) for f in files}:
+            if name is None:
+                return False
+            try:
+                space.parse(name, str(root))
+            except AvarcError:
+                return False
+    return True

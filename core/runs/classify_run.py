@@ -1,0 +1,101 @@
+"""One classification run over collected inputs: its results file (new or resumed, records already there counted
+into the metrics), the images still to do, and the running counts a front end shows as progress and reports at the
+end. Every batch is on disk before it is counted, so ``safe`` is always what an interrupt leaves in the file."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..classifier import Classifier
+from ..io.data import Inputs, Item
+from ..io.distributed import Dist
+from ..io.results import Metrics, ResultsFile, append_csv_summary, check_csv, image_key, results_file, summary_row
+
+
+@dataclass
+class ClassifyRun:
+    """A run in progress; iterate it to classify the images still to do, batch by batch."""
+
+    clf: Classifier
+    found: Inputs
+    run_key: dict
+    results: ResultsFile
+    todo: list[Item]
+    metrics: Metrics
+    options: dict                    # seed, temperature, topk, dist: what classify_items takes
+    keep_records: bool = False       # keep this run's records in ``records`` (for a front end to show)
+    records: list[dict] = field(default_factory=list)
+    new: int = 0                     # records this run made
+    unreadable: int = 0              # of them, skipped records
+    safe: int = 0                    # records in the results file
+    start: float = field(default_factory=time.perf_counter)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        for batch in self.clf.classify_items(self.todo, self.found.candidates, run_key=self.run_key, **self.options):
+            self.results.write(batch)
+            for rec in batch:
+                self.metrics.add(rec)
+            self.new, self.safe = self.new + len(batch), self.safe + len(batch)
+            self.unreadable += sum(r["status"] != "ok" for r in batch)
+            self.records += batch if self.keep_records else []
+            yield batch
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float | None:
+        """Images per second this run (None before any)."""
+        return self.new / self.seconds if self.new else None
+
+    @property
+    def all_unreadable(self) -> bool:
+        """This run classified images and could read none of them."""
+        return bool(self.new) and self.unreadable == self.new
+
+    def notes(self) -> list[str]:
+        """What a person should know before the run starts: left-out images, stages that keep every candidate, what
+        resuming found."""
+        out, stages, n = [], self.clf.profile.stages, len(self.found.candidates)
+        if self.found.left_out:
+            out.append(f"note: left out {self.found.left_out} labelled images whose class is not a candidate")
+        big = [i for i, st in enumerate(stages, 1) if st.keep > n]
+        if big:
+            out.append(f"warning: profile {self.clf.profile.name} keeps more classes (stage {big[0]}: "
+                       f"{stages[big[0] - 1].keep}) than there are candidates ({n}); those stages keep every candidate")
+        resumed = self.results.resumed
+        if resumed is not None and (self.results.done or resumed.torn):
+            out.append(f"resume: {len(self.results.done)} images already done, {len(self.todo)} to go"
+                       + (" (cut off a torn last line)" if resumed.torn else ""))
+        return out
+
+    def append_summary(self, csv: str | os.PathLike, dataset: str | None = None, subset: str | None = None) -> bool:
+        """Add this run's summary row to ``csv``; False (nothing added) when it classified nothing new."""
+        if self.new:
+            append_csv_summary(csv, summary_row(self.metrics, self.clf.profile, self.run_key, dataset, subset,
+                                                self.new, self.seconds))
+        return bool(self.new)
+
+
+@contextmanager
+def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
+                 csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
+                 dist: Dist = Dist(), keep_records: bool = False) -> Iterator[ClassifyRun]:
+    """Open the run's results file ``out`` (locked for the block; ``resume`` continues it) after checking that a
+    summary row can be added to ``csv``, and hand back the run."""
+    run_key = clf.run_key(seed, found.candidates)
+    metrics = Metrics(len(clf.profile.stages))
+    if csv is not None and dist.is_main:
+        check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
+    with results_file(out, resume, run_key, dist) as results:
+        for rec in results.resumed.done.values() if results.resumed else ():
+            metrics.add(rec)
+        todo = [it for it in found.items if image_key(it.path) not in results.done]
+        yield ClassifyRun(clf, found, run_key, results, todo, metrics,
+                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist), keep_records,
+                          safe=len(results.done))

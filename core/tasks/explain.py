@@ -1,0 +1,210 @@
+"""Token-wise explanations: which image regions made the model prefer one class over another.
+
+A VAR's likelihood factorises over tokens, so the log-likelihood ratio of two classes is a sum of per-token
+terms. For an image and classes A, B (and the null class, the model's unconditional p(x)) we keep three
+per-token differences — A vs null (the pointwise mutual information of A), B vs null, and A vs B — and draw each
+on the finest token grid used: scale k's p_k×p_k map is upsampled to p×p nearest-neighbour and weighted by
+(p_k/p)², so a token's weight is the share of the image it covers and, when p is a multiple of every p_k, a
+map's pixel sum is exactly the log-likelihood ratio in nats.
+
+With ``num_scales`` = S < all, the maps cover the first S scales: p is the S-th scale's size and the scores are
+sums over those scales' tokens. A model with a single class explains A against the null class only: B is the
+null class, its map is zero and the A-vs-B map equals the A-vs-null one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..engine.schedule import Scorer, classify
+from ..errors import AvarcError
+from ..io.files import atomic_write
+from ..engine.model import Model
+from ..engine.profile import Profile
+
+@dataclass(frozen=True)
+class Target:
+    """What the user fixed for one image: the class to explain (``cls``), the class to contrast it with (``vs``)
+    and the image's true ``label``; whatever is None is chosen by the classifier."""
+
+    cls: int | None = None
+    vs: int | None = None
+    label: int | None = None
+
+    @property
+    def needs_ranking(self) -> bool:
+        return (self.cls is None and self.label is None) or self.vs is None
+
+
+@dataclass
+class Explanation:
+    """One image's explanation of A against B (and both against the null class)."""
+
+    classes: tuple[int, int]        # A, B (B may be the null class)
+    scores: torch.Tensor            # 3 float64: log p(x|A), log p(x|B), log p(x|null) over the scales used
+    per_scale: torch.Tensor         # 3, L' float32: per-token A−null, B−null, A−B, scales concatenated coarse → fine
+    maps: torch.Tensor              # 3, p, p float32: per_scale drawn on the p×p grid (see the module docstring)
+    patch_nums: tuple[int, ...]     # the scales used; p = patch_nums[-1]
+    pred: int | None = None         # the schedule's prediction, when it ran
+    label: int | None = None        # the image's true class, when known
+    pixels: np.ndarray | None = None  # R, R, 3 uint8: the input as the model saw it (for drawing the panels)
+
+    @property
+    def ratios(self) -> tuple[float, float, float]:
+        """Log-likelihood ratios in nats: A vs null, B vs null, A vs B."""
+        a, b, null = self.scores.tolist()
+        return a - null, b - null, a - b
+
+
+def scale_maps(per_token: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor:
+    """…, L' per-token values (L' = Σ p_k²) → …, p, p: each scale upsampled nearest-neighbour (source index
+    ⌊i·p_k/p⌋, exact integer arithmetic) and weighted by (p_k/p)²."""
+    p = patch_nums[-1]
+    if per_token.shape[-1] != sum(k * k for k in patch_nums):
+        raise ValueError(f"{per_token.shape[-1]} tokens do not fill scales {tuple(patch_nums)}")
+    out = per_token.new_zeros(*per_token.shape[:-1], p, p)
+    start = 0
+    for k in patch_nums:
+        grid = per_token[..., start:start + k * k].unflatten(-1, (k, k))
+        idx = torch.arange(p) * k // p
+        out += (k / p) ** 2 * grid[..., idx, :][..., idx]
+        start += k * k
+    return out
+
+
+def explain_logp(logp: torch.Tensor, classes: tuple[int, int], patch_nums: Sequence[int],
+                 pred: int | None = None, label: int | None = None) -> Explanation:
+    """3, L' per-token log-probs of A, B and the null class → the explanation."""
+    logp = logp.float()
+    diffs = torch.stack([logp[0] - logp[2], logp[1] - logp[2], logp[0] - logp[1]])
+    return Explanation(classes=(int(classes[0]), int(classes[1])), scores=logp.double().sum(-1), per_scale=diffs,
+                       maps=scale_maps(diffs, patch_nums), patch_nums=tuple(patch_nums), pred=pred, label=label)
+
+
+def check_scales(model: Model, num_scales: int | None) -> int:
+    n = len(model.spec.var.patch_nums)
+    if num_scales is None:
+        return n
+    if not 1 <= num_scales <= n:
+        raise AvarcError(f"{num_scales} scales asked for, but this model has {n}; use 1…{n}", option="scales")
+    return num_scales
+
+
+@torch.no_grad()
+def explain_tokens(model: Model, tokens: torch.Tensor, pairs: Sequence[tuple[int, int]], num_scales: int | None = None,
+                   chunk: int | None = None, preds: Sequence[int | None] | None = None,
+                   labels: Sequence[int | None] | None = None) -> list[Explanation]:
+    """N, L clean tokens and one (A, B) pair per image → explanations on the first ``num_scales`` scales."""
+    S = check_scales(model, num_scales)
+    N = tokens.shape[0]
+    if len(pairs) != N:
+        raise ValueError(f"{N} token sequences but {len(pairs)} class pairs")
+    if N == 0:
+        return []
+    null = model.null_class
+    scored = list(dict.fromkeys((i, c) for i, (a, b) in enumerate(pairs) for c in (a, b, null)))   # B = null: once
+    bad = [c for _, c in scored if not 0 <= c <= null]
+    if bad:
+        raise AvarcError(f"class {bad[0]} is out of range; this model has classes 0…{model.num_classes - 1}")
+    flat = model.pair_logp(tokens[[i for i, _ in scored]], torch.tensor([c for _, c in scored]), S, chunk)
+    at = {key: k for k, key in enumerate(scored)}
+    logp = torch.stack([flat[[at[i, a], at[i, b], at[i, null]]] for i, (a, b) in enumerate(pairs)])     # N, 3, L'
+    patch_nums = model.spec.var.patch_nums[:S]
+    preds = preds if preds is not None else [None] * N
+    labels = labels if labels is not None else [None] * N
+    return [explain_logp(logp[i], pairs[i], patch_nums, preds[i], labels[i]) for i in range(N)]
+
+
+def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) -> tuple[int, int]:
+    """(A, B): A = ``cls``, else the true label, else the best class (the best one other than ``vs`` if that is
+    fixed); B = ``vs``, else the best-ranked class other than A (the runner-up, or the best wrong class when A is
+    the label), else the null class when the model has no other class."""
+    def best_except(c: int | None) -> int:
+        if ranking is None:
+            raise ValueError("a class ranking is needed to choose the pair")
+        return next((r for r in ranking if r != c), null_class)
+
+    a = target.cls if target.cls is not None else target.label if target.label is not None else best_except(target.vs)
+    b = target.vs if target.vs is not None else best_except(a)
+    if a == null_class:
+        raise AvarcError("the null class cannot be the explained class (A); name a real class", option="a")
+    if a == b:
+        raise AvarcError(f"the explained class and the contrast class are the same class ({a}); pick two different classes", option="b")
+    return a, b
+
+
+@torch.no_grad()
+def explain_images(model: Model, images: torch.Tensor, targets: Sequence[Target], profile: Profile,
+                   generators: Sequence[torch.Generator], num_scales: int | None = None,
+                   chunk: int | None = None) -> list[Explanation | AvarcError]:
+    """B, 3, R, R preprocessed images → one explanation each. Classes the user left open are chosen with the
+    profile's schedule over every class (one noise generator per image, as in classification). An image whose
+    pair cannot be formed (e.g. its label is the ``vs`` class) gets the error instead, so it never stops a batch."""
+    if not (len(targets) == len(generators) == images.shape[0]):
+        raise ValueError(f"{images.shape[0]} images, {len(targets)} targets, {len(generators)} generators")
+    latents = model.encode(images)
+    tokens = model.tokenize_latent(latents).cpu()
+    ranked = [i for i, t in enumerate(targets) if t.needs_ranking]
+    rankings: dict[int, list[int]] = {}
+    preds: list[int | None] = [None] * len(targets)
+    if ranked:
+        results = classify(model, latents[ranked], range(model.num_classes), profile, [generators[i] for i in ranked],
+                           Scorer(model, chunk))
+        for i, p in zip(ranked, results):
+            rankings[i], preds[i] = [c for c, _ in p.ranking], p.pred
+    pairs: dict[int, tuple[int, int]] = {}
+    out: dict[int, Explanation | AvarcError] = {}
+    for i, t in enumerate(targets):
+        try:
+            pairs[i] = choose_pair(t, rankings.get(i), model.null_class)
+        except AvarcError as e:
+            out[i] = e
+    done = list(pairs)
+    out.update(zip(done, explain_tokens(model, tokens[done], [pairs[i] for i in done], num_scales, chunk,
+                                        [preds[i] for i in done], [targets[i].label for i in done])))
+    return [out[i] for i in range(len(targets))]
+
+
+def save_npz(expl: Explanation, path: str | os.PathLike, names: tuple[str, str]) -> Path:
+    """``maps`` (3, p, p), ``classes`` [A, B], ``scores`` (3), ``per_scale`` (3, L'), plus ``names`` and
+    ``patch_nums`` so the file reads on its own (plain arrays: ``np.load`` needs no pickle)."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        np.savez(f, maps=expl.maps.numpy().astype(np.float32), classes=np.array(expl.classes, dtype=np.int64),
+                 scores=expl.scores.numpy().astype(np.float64), per_scale=expl.per_scale.numpy().astype(np.float32),
+                 names=np.array(names, dtype=str), patch_nums=np.array(expl.patch_nums, dtype=np.int64))
+    return path
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_stem(name: str, limit: int = 100) -> str:
+    """A file-name stem that is safe on every file system: accents folded to ASCII, anything else outside
+    ``A-Za-z0-9._-`` (slashes, spaces, other scripts) replaced by ``_``, no leading dot, at most ``limit`` chars."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    stem = _UNSAFE.sub("_", ascii_name).lstrip(".")[:limit].strip("_")
+    return stem or "image"
+
+
+def unique_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Output stems named after the images' stems; a repeated stem gets ``-2``, ``-3``, … (compared ignoring case,
+    for case-insensitive file systems)."""
+    seen: set[str] = set()
+    out = []
+    for p in paths:
+        base = safe_stem(Path(p).stem)
+        stem, n = base, 1
+        while stem.lower() in seen:
+            n += 1
+            stem = f"{base}-{n}"
+        seen.add(stem.lower())
+        out.append(stem)
+    return out
