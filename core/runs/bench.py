@@ -85,7 +85,9 @@ PEAK_MIN_SECONDS = {"cpu": 0.3, "cuda": 0.15}
 def matmul_peak(device_str: str, dtype: torch.dtype, threads: int | None = None) -> float:
     """Measured dense matmul rate (FLOP/s) of this device and dtype, the yardstick for ``peak_pct``: large square
     GEMMs, each timed over enough repeats to last ``PEAK_MIN_SECONDS``, best of three runs, best size. (``threads``
-    only keys the cache: the rate is measured with the current thread count.)"""
+    only keys the cache: the rate is measured with the current thread count.) Sizes grow only while one product
+    takes less than ``PEAK_MIN_SECONDS``: where a dtype is emulated (bf16 on an AVX2-only CPU) the largest would
+    take minutes, and a smaller product already shows the rate."""
     device = torch.device(device_str)
     kind = "cuda" if device.type == "cuda" else "cpu"
     best = 0.0
@@ -96,7 +98,8 @@ def matmul_peak(device_str: str, dtype: torch.dtype, threads: int | None = None)
         t0 = time.perf_counter()
         a @ b
         _sync(device)
-        reps = max(1, math.ceil(PEAK_MIN_SECONDS[kind] / max(time.perf_counter() - t0, 1e-6)))
+        once = max(time.perf_counter() - t0, 1e-6)
+        reps = max(1, math.ceil(PEAK_MIN_SECONDS[kind] / once))
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(reps):
@@ -104,6 +107,8 @@ def matmul_peak(device_str: str, dtype: torch.dtype, threads: int | None = None)
             _sync(device)
             best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
         del a, b
+        if once >= PEAK_MIN_SECONDS[kind]:
+            break
     return best
 
 
