@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from core.io import registry
+from core.io import loading
 from tests.conftest import ConformanceSet, avarc
 
 CS = ConformanceSet("official256")
@@ -62,11 +62,11 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
                            "--out", ext, *FAST)
     assert code == 0, err
 
-    base = registry.resolve_model("digits", device="cpu")
+    base = loading.resolve_model("digits", device="cpu")
     tokens = base.tokenize(digits.to_tensor(test.images[:64], base.spec.image_size))
     K = base.num_classes
     before = base.token_logp(tokens, [*range(K), base.null_class])
-    extended = registry.resolve_model("digits", device="cpu")
+    extended = loading.resolve_model("digits", device="cpu")
     apply_extensions(extended, [ext])
     assert extended.num_classes == K + 1 and extended.class_name(K) == "sevens"
     assert torch.equal(extended.token_logp(tokens, [*range(K), extended.null_class]), before)
