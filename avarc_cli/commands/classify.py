@@ -77,7 +77,7 @@ def classify(
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk, dist=dist,
                               keep_records=out is None and not found.labelled) as run:
                 for note in run.notes() if dist.is_main else ():
-                    output.err_console.print(note, markup=False, highlight=False, soft_wrap=True)
+                    output.say(note, err=True)
                 with output.progress(disable=not dist.is_main) as bar:
                     task = bar.add_task("classify", total=len(run.todo), info="")
                     for batch in run:
@@ -89,10 +89,10 @@ def classify(
         return
     _report(run, topk, dist.world)
     if csv is not None and not run.append_summary(csv, dataset, subset):
-        output.err_console.print(f"note: nothing new was classified; no row added to {csv}", markup=False)
+        output.say(f"note: nothing new was classified; no row added to {csv}", err=True)
     if run.all_unreadable:
-        output.err_console.print(f"error: none of the {run.new} images could be read (see the skipped records); "
-                                 "check the inputs", markup=False, highlight=False, soft_wrap=True)
+        output.say(f"error: none of the {run.new} images could be read (see the skipped records); check the inputs",
+                   err=True)
         raise typer.Exit(1)
 
 

@@ -81,7 +81,7 @@ def explain(
                     rows.append((it.path, a, b, *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:
-        output.err_console.print(f"skipped: {reason}", markup=False, highlight=False)
+        output.say(f"skipped: {reason}", err=True)
     if rows:
         output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
                      f"{scales or len(clf.spec.var.patch_nums)} scales",

@@ -38,7 +38,7 @@ def report(
     name = model or next((r.get("run", {}).get("model") for r in records if r.get("run")), None)
     page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
     write_text(out, page, "out", force)
-    output.console.print(f"wrote {out}")
+    output.say(f"wrote {out}")
 
 
 def _read(path: Path) -> list[dict]:

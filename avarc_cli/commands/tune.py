@@ -70,7 +70,7 @@ def tune(
                             on_step=lambda n: prog.update(task, advance=n))
     scored_s = time.perf_counter() - start
     for path, reason in table.skipped:
-        output.err_console.print(f"skipped {path}: {reason}")
+        output.say(f"skipped {path}: {reason}", err=True)
     start = time.perf_counter()
     res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout, min_stages=lo,
                    max_stages=hi, seed=seed)
