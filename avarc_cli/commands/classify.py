@@ -75,6 +75,7 @@ def classify(
                                              batch_size=batch_size)
             found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk, dist=dist,
+                              labels=labels,
                               keep_records=out is None and not found.labelled) as run:
                 for note in run.notes() if dist.is_main else ():
                     output.say(note, err=True)

@@ -10,6 +10,7 @@ from core import AvarcError, Classifier
 from core.io.data import collect
 from core.tasks.explain import unique_stems
 from core.io.files import make_output_dir
+from core.io.results import image_key
 from core.tasks.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
@@ -77,7 +78,8 @@ def explain(
                 if isinstance(ex, str):
                     skipped.append(ex)
                 else:
-                    a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha)
+                    a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha, image_key(it.path),
+                                            exclusive=not force)
                     rows.append((it.path, a, b, *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:

@@ -156,7 +156,8 @@ def valid_record(rec: object) -> bool:
     """Whether ``rec`` has every field a reader uses, with its type (a hand-edited record that lacks one is not a
     record: readers name its line instead of failing on it)."""
     if not (isinstance(rec, dict) and isinstance(rec.get("run"), dict) and isinstance(rec.get("path"), str)
-            and rec.get("status") in ("ok", "skipped") and isinstance(rec.get("stages"), list)):
+            and rec.get("status") in ("ok", "skipped") and isinstance(rec.get("stages"), list)
+            and isinstance(rec.get("file", ""), str)):
         return False
     if rec["status"] == "skipped":
         return True
@@ -166,7 +167,7 @@ def valid_record(rec: object) -> bool:
         isinstance(p, dict) and isinstance(p.get("p"), (int, float)) for p in rec["posterior"])
     stages = all(isinstance(st, dict) and isinstance(st.get("candidates"), list) and isinstance(st.get("scores"), list)
                  and all(isinstance(k, int) for k in (st.get("scales"), st.get("samples"), st.get("keep")))
-                 and len(st["candidates"]) == len(st["scores"])
+                 and len(st["candidates"]) == len(st["scores"]) > 0
                  and all(isinstance(c, int) for c in st["candidates"])
                  and all(isinstance(x, (int, float)) for x in st["scores"]) for st in rec["stages"])
     return ints and named and stages and bool(rec["stages"]) and (rec.get("exited_after") is None
