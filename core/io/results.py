@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import signal
@@ -396,13 +397,13 @@ class Metrics:
 
 
 def _csv_header(path: Path) -> list[str] | None:
-    """The header row of an existing, non-empty CSV file (None when there is none yet)."""
+    """The header row of an existing, non-empty CSV file (None when there is none yet; [] when the file is not a
+    UTF-8 CSV anywhere in it, since the summary row is appended to the whole file)."""
     if not path.exists() or path.stat().st_size == 0:
         return None
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), [])
-    except (UnicodeDecodeError, csv.Error):
+        return next(csv.reader(path.read_bytes().decode("utf-8").splitlines()), [])
+    except (UnicodeDecodeError, csv.Error, OSError):
         return []
 
 
@@ -423,14 +424,14 @@ def append_csv_summary(path: str | os.PathLike, row: dict) -> None:
     path = Path(path)
     check_csv(path, list(row))
     old = path.read_bytes() if path.exists() else b""
-    with atomic_write(path, "w") as f:
-        f.write(old.decode("utf-8"))
-        if old and not old.endswith(b"\n"):
-            f.write("\r\n")
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if not old.strip():
-            w.writeheader()
-        w.writerow(row)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(row))
+    if not old.strip():
+        w.writeheader()
+    w.writerow(row)
+    with atomic_write(path) as f:
+        f.write(old + (b"\r\n" if old and not old.endswith(b"\n") else b"")
+                + text.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, subset: str | None, new: int,
