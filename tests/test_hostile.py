@@ -8,13 +8,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from core import AvarcError
 from core.io.results import lock_results, record_line, weights_identity
+from core.tasks.incremental import load_extension
 from tests.conftest import avarc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,8 +243,9 @@ def test_hostile_text_is_text_in_the_terminal_and_the_plots(digits, results, tmp
     proc = run("classify", folder / "0.png" if (folder / "0.png").exists() else next(folder.iterdir()))
     assert proc.returncode == 0 and "[draft]" in proc.stdout.replace("\n", ""), proc.stdout
     recs = strict_records(results)
-    for r in recs[:3]:
-        r["label_name"] = "US$ 5 % or $ 6"
+    for r in recs:                                          # class 0 renamed: in the tick labels and the tables
+        r["label_name"] = "US$ 5 % or $ 6" if r["label"] == 0 else r["label_name"]
+        r["pred_name"] = "US$ 5 % or $ 6" if r["pred"] == 0 else r["pred_name"]
     edited = tmp_path / "money.jsonl"
     edited.write_text("".join(json.dumps(r) + "\n" for r in recs))
     proc = run("report", edited)
@@ -273,7 +277,9 @@ def test_damaged_extension_files_are_one_line(digits, tmp_path):
     for what, doc in damages.items():
         bad = tmp_path / f"{what.replace(' ', '_')}.pt"
         torch.save(doc, bad)
-        one_line(run("classify", digits / "0" / "0.png", "-e", bad), "damaged extension file")
+        with pytest.raises(AvarcError, match=f"{bad}: damaged extension file"):
+            load_extension(bad)
+    one_line(run("classify", digits / "0" / "0.png", "-e", bad), "damaged extension file")
 
 
 @pytest.mark.parametrize("damage", ["missing key", "wrong type", "brackets", "latin1", "nan"])
@@ -326,10 +332,15 @@ def test_tune_says_what_is_safe_on_sigterm(digits, tmp_path):
     out = tmp_path / "t.yaml"
     proc = subprocess.Popen(cli("tune", digits, "--out", out), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("scoring" in line for line in err) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)                                    # the scoring pass is done: the search is running
     proc.send_signal(signal.SIGTERM)
-    code, err = proc.wait(timeout=120), proc.stderr.read()
-    if code == 0:
-        pytest.skip("tune finished before the signal")
-    assert code == 143 and "Traceback" not in err and "interrupted: " in err, err
-    assert "was not written" in err or "wrote" in err
+    code = proc.wait(timeout=120)
+    reader.join(timeout=10)
+    text = "".join(err)
+    assert code == 143 and "Traceback" not in text, text
+    assert f"interrupted: nothing written ({out} was not written)" in text.replace("\n", "") and not out.exists()
