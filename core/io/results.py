@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypedDict
 
 from filelock import FileLock, Timeout
 
@@ -30,6 +30,36 @@ from ..models.checkpoints import file_sha256
 from ..engine.model import Model
 from ..engine.profile import Profile
 from ..engine.stages import Prediction, rank
+
+
+class StageRecord(TypedDict):
+    """One profile stage of a record: the candidates it scored and their scores (4 decimals)."""
+
+    scales: int
+    samples: int
+    keep: int
+    candidates: list[int]
+    scores: list[float]
+
+
+class Record(TypedDict):
+    """One image's result: the one JSON line per image that classify writes and resume, report and the metrics read
+    (through :func:`record_line`, :func:`parse_line` and :func:`read_records`, the only writer and readers)."""
+
+    path: str
+    file: str
+    label: int | None
+    label_name: str | None
+    pred: int | None
+    pred_name: str | None
+    label_rank: int | None
+    topk: list[dict]
+    stages: list[StageRecord]
+    exited_after: int | None
+    posterior: list[dict]
+    status: str             # "ok" or "skipped"
+    error: str | None
+    run: dict               # the run's identity: see run_info
 
 
 def model_identity(model: Model, arg: str) -> str:
@@ -77,12 +107,12 @@ def image_key(path: str | os.PathLike) -> str:
     return text(absolute(path))
 
 
-def record_key(record: dict) -> str:
+def record_key(record: Record) -> str:
     """A record's image key (records written before the ``file`` field resolve their ``path`` from here)."""
     return record.get("file") or image_key(record["path"])
 
 
-def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: int) -> dict:
+def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: int) -> Record:
     return {
         "path": item.path,
         "file": image_key(item.path),
@@ -102,7 +132,7 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: 
     }
 
 
-def skipped_record(item: Item, reason: str, names: Sequence[str], run: dict) -> dict:
+def skipped_record(item: Item, reason: str, names: Sequence[str], run: dict) -> Record:
     return {"path": item.path, "file": image_key(item.path), "label": item.label,
             "label_name": names[item.label] if item.label is not None else None,
             "pred": None, "pred_name": None, "label_rank": None, "topk": [], "stages": [], "exited_after": None,
@@ -114,7 +144,7 @@ class Resumed:
     """What ``--resume`` found: the records already done by this run (by image key), and whether a torn last line
     (a kill -9 mid-write) was cut off."""
 
-    done: dict[str, dict] = field(default_factory=dict)
+    done: dict[str, Record] = field(default_factory=dict)
     torn: bool = False
 
 
@@ -139,7 +169,7 @@ def _differs(theirs: dict, ours: dict) -> str:
     return ", ".join(diff) or "other candidate classes, schedule or extensions"
 
 
-def parse_line(line: bytes) -> dict | None:
+def parse_line(line: bytes) -> Record | None:
     """One results line as a record, or None when it is not one (not JSON, too deeply nested, or not an object with
     the fields every record has, of the right types)."""
     try:
@@ -175,7 +205,7 @@ def valid_record(rec: object) -> bool:
                                                                     or isinstance(rec["exited_after"], int))
 
 
-def read_records(path: str | os.PathLike, option: str | None = None) -> list[dict]:
+def read_records(path: str | os.PathLike, option: str | None = None) -> list[Record]:
     """Every record of a results file, for a reader (report, metrics): a torn last line (an interrupted run) is left
     out; any other line that is not a record, or a file that cannot be read, is one error naming the line."""
     path = Path(path)
@@ -238,7 +268,7 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
     return state
 
 
-def record_line(record: dict) -> bytes:
+def record_line(record: Record) -> bytes:
     """A record as one line of strict JSON (no NaN or Infinity: a non-finite number is refused) in UTF-8; a path
     holding a surrogate-escaped byte is written with ``\\u`` escapes, so the line stays valid UTF-8."""
     try:
@@ -262,7 +292,7 @@ class ResultsWriter:
         self.path, self.safe = Path(path), safe
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def write(self, records: Iterable[dict]) -> None:
+    def write(self, records: Iterable[Record]) -> None:
         records = list(records)
         data = b"".join(map(record_line, records))
         held = _hold_signals()
@@ -338,7 +368,7 @@ def results_file(path: str | os.PathLike | None, resume: bool, run: dict, dist: 
             held["lock"].release()
 
 
-def stage_survival(record: dict, num_stages: int) -> list[bool]:
+def stage_survival(record: Record, num_stages: int) -> list[bool]:
     """Whether the true class was still in the running after each profile stage (after an early exit, only the
     prediction is)."""
     label, stages = record["label"], record["stages"]
@@ -368,7 +398,7 @@ class Metrics:
     def __post_init__(self) -> None:
         self.survived = self.survived or [0] * self.num_stages
 
-    def add(self, record: dict) -> None:
+    def add(self, record: Record) -> None:
         self.images += 1
         if record["status"] != "ok":
             self.skipped += 1

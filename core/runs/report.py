@@ -16,7 +16,7 @@ from ..tasks.calibration import posterior, reliability
 from ..errors import AvarcError
 from ..tasks.explain import explained_panels
 from ..engine.flops import encoder_macs, sequence_macs
-from ..io.results import record_key, stage_survival
+from ..io.results import Record, record_key, stage_survival
 from ..models.specs import ModelSpec
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -104,7 +104,7 @@ def untempered_confidence(record: dict) -> float:
     return float(posterior(np.asarray([record["stages"][-1]["scores"]], dtype=np.float64), 1.0).max())
 
 
-def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, explain_dir: Path | None = None,
+def run_report(records: list[Record], title: str, spec: ModelSpec | None = None, explain_dir: Path | None = None,
                worst: int = 12) -> str:
     """The page for a labelled classify run's records."""
     plt = _plt()
