@@ -148,14 +148,19 @@ class Resumed:
     torn: bool = False
 
 
+def file_lock(path: str | os.PathLike) -> FileLock:
+    """The one lock of a file, keyed by its resolved path (a symlink or another spelling of it takes the same lock);
+    a hidden ``.avarc-HASH.lock`` beside the real file, short whatever the file's name."""
+    real = absolute(path)
+    return FileLock(real.with_name(f".avarc-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}.lock"))
+
+
 def lock_results(path: str | os.PathLike) -> FileLock:
     """Hold an exclusive lock on the results file for the whole run, so two processes can never append to one file; a
     second one is refused at once. The lock (a hidden file beside the real file) is keyed by the resolved path, so a
     symlink or another spelling of the same file takes the same lock, and its name is short (a 250-byte name works)."""
     path = Path(path)
-    real = absolute(path)
-    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
-    lock = FileLock(real.with_name(f".avarc-{digest}.lock"))
+    lock = file_lock(path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -452,6 +457,11 @@ def append_csv_summary(path: str | os.PathLike, row: dict) -> None:
     """Add one run's summary row to a CSV (header written when the file is new), so runs accumulate into a table.
     Every row parses under the one header (a row with other columns is refused); the file is replaced atomically."""
     path = Path(path)
+    with file_lock(path):                # two runs ending together each add their row (read, add, replace)
+        _append_csv(path, row)
+
+
+def _append_csv(path: Path, row: dict) -> None:
     check_csv(path, list(row))
     old = path.read_bytes() if path.exists() else b""
     text = io.StringIO(newline="")
