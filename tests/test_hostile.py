@@ -347,11 +347,12 @@ def test_tune_says_what_is_safe_on_sigterm(digits, tmp_path):
 
 
 def test_two_processes_appending_summary_rows_lose_none(tmp_path):
-    csv = tmp_path / "s.csv"
-    code = (f"from core.io.results import append_csv_summary\n"
-            f"for i in range(25): append_csv_summary({str(csv)!r}, {{'run': '{{}}'.format(__import__('sys').argv[1]), 'i': i}})")
+    csv, start = tmp_path / "s.csv", time.time() + 8           # both start appending at once, after their imports
+    code = ("import sys, time\nfrom core.io.results import append_csv_summary\n"
+            f"time.sleep(max(0, {start} - time.time()))\n"
+            f"for i in range(100): append_csv_summary({str(csv)!r}, {{'run': sys.argv[1], 'i': i}})")
     procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
              for name in ("a", "b")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
     rows = csv.read_text().splitlines()
-    assert rows[0] == "run,i" and sorted(rows[1:]) == sorted(f"{n},{i}" for n in "ab" for i in range(25))
+    assert rows[0] == "run,i" and sorted(rows[1:]) == sorted(f"{n},{i}" for n in "ab" for i in range(100))
