@@ -356,3 +356,20 @@ def test_two_processes_appending_summary_rows_lose_none(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
     rows = csv.read_text().splitlines()
     assert rows[0] == "run,i" and sorted(rows[1:]) == sorted(f"{n},{i}" for n in "ab" for i in range(100))
+
+
+def test_report_links_each_mistake_to_its_own_explain_panel(digits, tmp_path):
+    import base64
+
+    for side, src in (("a", "0.png"), ("b", "1.png")):           # two images named x.png: explain writes x, x-2
+        (tmp_path / side / "0").mkdir(parents=True)
+        shutil.copy(digits / "0" / src, tmp_path / side / "0" / "x.png")
+    out, why = tmp_path / "r.jsonl", tmp_path / "why"
+    assert run("classify", tmp_path / "a", tmp_path / "b", "--out", out).returncode == 0
+    assert run("explain", tmp_path / "a", tmp_path / "b", "--out", why).returncode == 0
+    assert sorted(p.name for p in why.glob("*.png")) == ["x-2.png", "x.png"]
+    recs = [{**r, "label": 1, "label_name": "1", "label_rank": 2} for r in strict_records(out)]   # both mistakes
+    out.write_bytes(b"".join(map(record_line, recs)))
+    assert run("report", out, "--explain", why).returncode == 0
+    page = out.with_suffix(".html").read_text()
+    assert all(base64.b64encode(p.read_bytes()).decode() in page for p in why.glob("*.png"))
