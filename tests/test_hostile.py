@@ -18,7 +18,6 @@ import torch
 from core import AvarcError
 from core.io.results import lock_results, record_line, weights_identity
 from core.tasks.incremental import load_extension
-from tests.conftest import avarc
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
@@ -94,6 +93,8 @@ def test_non_utf8_name_is_a_lossless_record_and_resume_and_report_read_it(digits
     page = run("report", wrong)
     assert page.returncode == 0, page.stderr
     assert "caf\ufffd.png" in wrong.with_suffix(".html").read_text(encoding="utf-8")
+    why = run("explain", digits / "1", "--out", tmp_path / "why")
+    assert why.returncode == 0 and (tmp_path / "why" / "caf.png").is_file(), why.stderr
 
 
 def test_whole_last_record_without_newline_is_kept_on_resume(digits, results, tmp_path):
@@ -180,7 +181,8 @@ def tiny_disk(tmp_path):
     """A 64 KiB tmpfs (needs root; skipped with the reason where mounting is not allowed)."""
     where = tmp_path / "disk"
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True,
+                          text=True)
     if proc.returncode:
         pytest.skip(f"cannot mount a small tmpfs for a real ENOSPC: {proc.stderr.strip() or proc.returncode}")
     yield where
@@ -234,7 +236,7 @@ def test_csv_with_a_latin1_byte_late_is_refused_before_the_run(digits, tmp_path)
     assert csv.read_bytes() == before and not (tmp_path / "r.jsonl").exists()
 
 
-def test_hostile_text_is_text_in_the_terminal_and_the_plots(digits, results, tmp_path, monkeypatch, capsys):
+def test_hostile_text_is_text_in_the_terminal_and_the_plots(digits, results, tmp_path):
     folder = tmp_path / "[draft]"
     shutil.copytree(digits / "1", folder)
     ext = tmp_path / "x.pt"
@@ -272,7 +274,8 @@ def test_damaged_extension_files_are_one_line(digits, tmp_path):
     good = torch.load(ext, weights_only=True)
     damages = {"no names": {k: v for k, v in good.items() if k != "names"},
                "offset text": {**good, "offset": "3"}, "parents int": {**good, "parents": 5},
-               "base_sha256 list": {**good, "base_sha256": [1]}, "nan rows": {**good, "rows": good["rows"] * float("nan")},
+               "base_sha256 list": {**good, "base_sha256": [1]},
+               "nan rows": {**good, "rows": good["rows"] * float("nan")},
                "names int": {**good, "names": [7]}, "training list": {**good, "training": [1]}}
     for what, doc in damages.items():
         bad = tmp_path / f"{what.replace(' ', '_')}.pt"

@@ -94,7 +94,8 @@ def disk_error(err: OSError, safe: str, fix: str) -> AvarcError:
 
 
 def refuse_existing(path: Path, option: str | None = None) -> AvarcError:
-    return AvarcError(f"{path}: already exists; {FIX} to overwrite it, or choose another file", option=option, fix="force")
+    return AvarcError(f"{path}: already exists; {FIX} to overwrite it, or choose another file", option=option,
+                      fix="force")
 
 
 @contextmanager

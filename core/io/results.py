@@ -219,7 +219,8 @@ def read_records(path: str | os.PathLike, option: str | None = None) -> list[Rec
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise AvarcError(f"{path}: cannot read it ({e.strerror}); pass a readable results file", option=option) from None
+        raise AvarcError(f"{path}: cannot read it ({e.strerror}); pass a readable results file",
+                         option=option) from None
     lines = data.splitlines()
     records = []
     for number, line in enumerate(lines, 1):

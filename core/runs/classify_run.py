@@ -93,7 +93,8 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     mode, so ``resume`` refuses a file of any other run and names the difference."""
     temp = temperature if temperature is not None else clf.profile.temperature or 1.0
     run_key = clf.run_key(seed, found.candidates, weights=weights_identity(clf.model),
-                          dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk, labels=labels)
+                          dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk,
+                          labels=labels)
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))

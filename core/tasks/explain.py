@@ -25,7 +25,6 @@ import torch
 
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
-from ..io.files import atomic_write
 from ..engine.model import Model
 from ..engine.profile import Profile
 
