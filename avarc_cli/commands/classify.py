@@ -32,7 +32,7 @@ def classify(
     labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write one JSON record per image to this .jsonl file, as results arrive (locked for the run: one writer at a time).")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Append this run's summary (accuracy, recall, images/s) as a row to a CSV file.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same model, profile and seed (a file of another run is refused, never changed).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same run (model weights, profile, seed, dtype, temperature, --topk, --labels; a file of another run is refused, never changed, naming the difference).")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,

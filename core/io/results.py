@@ -1,9 +1,12 @@
 """Result records (one JSON line per image), the results file with ``--resume``, and the run's metrics.
 
-Every record carries a ``run`` key (model, profile, seed and a fingerprint of everything that changes scores) and
-``file``, the image's resolved absolute path, which is the key resuming matches on. Resuming never removes a record:
-a file of another run, or not a results file, is refused untouched. A kill -9 can leave a torn last line; resuming
-cuts it off, so no record is duplicated and none that was complete is lost. One run at a time holds the file's lock.
+Every record (a :class:`Record`) carries a ``run`` key, the run's identity (model, weights' SHA-256, profile, seed,
+dtype, temperature, top-k, labels mode and a fingerprint of everything that changes a record), and ``file``, the
+image's resolved absolute path, which is the key resuming matches on. Resuming never removes a record: a file of
+another run, or not a results file, is refused untouched. A kill -9 can leave a torn last line; resuming cuts it
+off, so no record is duplicated and none that was complete is lost. One run at a time holds the file's lock. Records
+are written by :func:`record_line` (strict JSON, bytes-safe paths) and read back only through :func:`parse_line`,
+which checks every field a reader uses, so a damaged line is one error naming it.
 """
 from __future__ import annotations
 
