@@ -51,7 +51,7 @@ def interruptible(said: Callable[[], str | None]) -> Iterator[None]:
     except KeyboardInterrupt:
         text = said()
         if text:
-            output.err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+            output.say(text, err=True)
         raise typer.Exit(interrupt_code()) from None
 
 

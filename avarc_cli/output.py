@@ -1,4 +1,8 @@
-"""All terminal output: rich tables and progress on stderr-friendly consoles, or one JSON document with --json."""
+"""All terminal output: rich tables and progress on stderr-friendly consoles, or one JSON document with --json.
+
+Every string a user can influence (paths, class names, error text) is printed as text, never as rich markup or
+emoji codes: :func:`say` for lines and :func:`table` for tables are the only ways text reaches the terminal, and a
+file name that is not UTF-8 shows its odd bytes as U+FFFD instead of failing to print."""
 from __future__ import annotations
 
 import json
@@ -14,6 +18,7 @@ from typing import Any, Iterable, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from core import AvarcError
 from core.errors import FIX
@@ -33,7 +38,7 @@ def flag(option: str) -> str:
 
 def message(err: AvarcError) -> str:
     """An error as one line; one about a parameter names its flag, and a remedy is worded as a flag or a command."""
-    text = str(err) if err.fix is None else err.template.replace(FIX, _fix(err.fix))
+    text = shown(err) if err.fix is None else shown(err.template.replace(FIX, _fix(err.fix)))
     return text if err.option is None else f"{flag(err.option)}: {text}"
 
 
@@ -52,6 +57,17 @@ def _numeric(cell: Any) -> bool:
     return isinstance(cell, str) and bool(_QUANTITY.fullmatch(cell)) and not cell.isdigit()
 
 
+def shown(value: Any) -> str:
+    """A value as terminal text: a surrogate-escaped byte of a non-UTF-8 file name becomes U+FFFD (printable)."""
+    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def say(line: Any, err: bool = False) -> None:
+    """Print one line of user-facing text (stdout, or stderr with ``err``), literally: brackets, ``$`` and ``:x:``
+    in a path or a class name are shown as they are."""
+    (err_console if err else console).print(Text(shown(line)), soft_wrap=True, emoji=False, highlight=False)
+
+
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A table whose numeric columns are right-aligned and keep their numbers whole, and whose headers never break inside a word
     (long text cells, such as paths, fold instead). Too wide for the terminal even so, it is printed turned: one
@@ -59,13 +75,14 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     rows = [list(r) for r in rows]
     if rows and len(rows) < len(columns) and _least_width(columns, rows) > console.width:
         columns, rows = [columns[0], *(_fmt(r[0]) for r in rows)], [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i]
-    t = Table(title=title, title_justify="left", min_width=min(len(title), console.width))
+    t = Table(title=Text(shown(title)), title_justify="left", min_width=min(len(title), console.width))
     for i, c in enumerate(columns):
         cells = [r[i] for r in rows if r[i] is not None]
         numeric = sum(map(_numeric, cells)) > len(cells) / 2        # mostly numbers (a turned table mixes a few words in)
-        t.add_column(c, justify="right" if numeric else "left", overflow="fold", min_width=_least(c, cells, numeric))
+        t.add_column(Text(shown(c)), justify="right" if numeric else "left", overflow="fold",
+                     min_width=_least(c, cells, numeric))
     for r in rows:
-        t.add_row(*map(_fmt, r))
+        t.add_row(*(Text(shown(_fmt(x))) for x in r))
     console.print(t)
 
 

@@ -172,10 +172,10 @@ class Classifier:
             return list(range(self.model.num_classes))
         return [self.class_id(c, "candidate") for c in candidates]
 
-    def run_key(self, seed: int, candidates: Sequence[int]) -> dict:
-        """The ``run`` key of this classifier's records (what decides every score)."""
+    def run_key(self, seed: int, candidates: Sequence[int], **settings) -> dict:
+        """The ``run`` key of this classifier's records (what decides every score; ``settings`` as ``run_info``)."""
         extra = {"extensions": [e.sha256 for e in self.extensions]} if self.extensions else None
-        return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra)
+        return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra, **settings)
 
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0, temperature: float | None = None,
                        topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),

@@ -49,7 +49,7 @@ def test_run_fingerprint_changes_with_anything_that_changes_scores():
 
 
 def _rec(path: str, run: dict = RUN) -> dict:
-    return skipped_record(Item(path, path), "x", NAMES, run) | {"status": "ok"}
+    return skipped_record(Item(path, path), "x", NAMES, run)
 
 
 def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):

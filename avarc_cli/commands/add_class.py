@@ -57,7 +57,7 @@ def add_class(
     check_names(clf.model, list(folders), "add-class")      # before reading any image
     read = read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
     for path, reason in read.skipped:
-        output.err_console.print(f"skipped {path}: {reason}", markup=False, highlight=False)
+        output.say(f"skipped {path}: {reason}", err=True)
     names = list(read.images)
     start = time.perf_counter()
     with interruptible(lambda: f"interrupted while training; {out} was not written"), output.progress() as bar:
@@ -65,13 +65,13 @@ def add_class(
         ext = clf.add_classes(read.images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
                               init=init, seed=seed, holdout=holdout,
                               on_step=lambda s, total, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
-    ext.save(out)
+    ext.save(out, exclusive=not force)
     n, acc = clf.model.num_classes, ext.training["held_out_accuracy"]
     rows = [(name, n - len(names) + i, count["train"], count["held_out"], None if acc[name] is None else f"{100 * acc[name]:.1f}")
             for i, (name, count) in enumerate(ext.training["images"].items())]
     output.table(f"avarc add-class · {len(names)} new of {n} classes · {time.perf_counter() - start:.1f} s",
                  ["class", "id", "train images", "held out", "held-out top-1 %"], rows)
-    output.console.print(f"wrote {out}; use it with --extension {out}")
+    output.say(f"wrote {out}; use it with --extension {out}")
 
 
 def _parse_classes(args: list[str]) -> dict[str, Path]:

@@ -32,7 +32,7 @@ def classify(
     labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write one JSON record per image to this .jsonl file, as results arrive (locked for the run: one writer at a time).")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Append this run's summary (accuracy, recall, images/s) as a row to a CSV file.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same model, profile and seed (a file of another run is refused, never changed).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same run (model weights, profile, seed, dtype, temperature, --topk, --labels; a file of another run is refused, never changed, naming the difference).")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchSizeOpt = None,
@@ -75,9 +75,10 @@ def classify(
                                              batch_size=batch_size)
             found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk, dist=dist,
+                              labels=labels,
                               keep_records=out is None and not found.labelled) as run:
                 for note in run.notes() if dist.is_main else ():
-                    output.err_console.print(note, markup=False, highlight=False, soft_wrap=True)
+                    output.say(note, err=True)
                 with output.progress(disable=not dist.is_main) as bar:
                     task = bar.add_task("classify", total=len(run.todo), info="")
                     for batch in run:
@@ -89,10 +90,10 @@ def classify(
         return
     _report(run, topk, dist.world)
     if csv is not None and not run.append_summary(csv, dataset, subset):
-        output.err_console.print(f"note: nothing new was classified; no row added to {csv}", markup=False)
+        output.say(f"note: nothing new was classified; no row added to {csv}", err=True)
     if run.all_unreadable:
-        output.err_console.print(f"error: none of the {run.new} images could be read (see the skipped records); "
-                                 "check the inputs", markup=False, highlight=False, soft_wrap=True)
+        output.say(f"error: none of the {run.new} images could be read (see the skipped records); check the inputs",
+                   err=True)
         raise typer.Exit(1)
 
 

@@ -45,7 +45,7 @@ def download(
             results.append(fetch(e, dir_, revision, force))
         except AvarcError as err:
             failures.append(output.message(err))
-            output.err_console.print(f"[red]failed[/red] {output.message(err)}")
+            output.say(f"failed {output.message(err)}", err=True)
     if results:
         output.table("Models", ["model", "status", "size", "checked sha256", "path"],
                      [(r.name, r.status, decimal(r.size), r.sha256[:12] + "…" if r.sha256 else None, r.path) for r in results])
@@ -66,7 +66,7 @@ def _export_encoders(results: list[Download], failures: list[str]) -> None:
                 ex = export_file(vae_file)
             except AvarcError as err:
                 failures.append(output.message(err))
-                output.err_console.print(f"[red]failed[/red] {output.message(err)}")
+                output.say(f"failed {output.message(err)}", err=True)
                 continue
         rows.append((r.name, "exported" if ex.exported else "up to date", ex.weights_sha256[:12] + "…", ex.path))
     if rows:

@@ -10,6 +10,7 @@ from core import AvarcError, Classifier
 from core.io.data import collect
 from core.tasks.explain import unique_stems
 from core.io.files import make_output_dir
+from core.io.results import image_key
 from core.tasks.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
@@ -77,11 +78,12 @@ def explain(
                 if isinstance(ex, str):
                     skipped.append(ex)
                 else:
-                    a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha)
+                    a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha, image_key(it.path),
+                                            exclusive=not force)
                     rows.append((it.path, a, b, *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:
-        output.err_console.print(f"skipped: {reason}", markup=False, highlight=False)
+        output.say(f"skipped: {reason}", err=True)
     if rows:
         output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
                      f"{scales or len(clf.spec.var.patch_nums)} scales",

@@ -1,14 +1,14 @@
 """``avarc report``: one self-contained HTML page for a labelled classify run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from core import AvarcError, Classifier
-from core.io.files import check_output_file, write_text
+from core.io.files import absolute, check_output_file, write_text
+from core.io.results import read_records
 from core.io.registry import entry, is_registry_name
 from core.runs.report import run_report
 from core.models.specs import ModelSpec
@@ -31,39 +31,31 @@ def report(
 
     Accuracy and top-5, accuracy per class, the confusion matrix, a reliability diagram with the ECE as run and untempered (T = 1, from the last stage's scores: what a tuned profile's temperature changed), how often the true class survives each stage (the pruning diagnostic), compute per image and the most confident mistakes, in one HTML file with its images embedded (opens from disk, no server). Needs `pip install 'avarc\\[report]'`.
     """
-    records = _read(results)
-    out = check_output_file(out or results.with_suffix(".html"), "out", force)
+    records = read_records(results)
+    out = out or results.with_suffix(".html")
+    if absolute(out) == absolute(results) or (explain is not None and absolute(out).parent == absolute(explain)
+                                              and out.suffix.lower() in (".png", ".npz")):
+        raise AvarcError(f"{out}: is an input of this report; never written over, even with --force; choose another "
+                         "file", option="out")
+    out = check_output_file(out, "out", force)
     if explain is not None and not explain.is_dir():
         raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
-    name = model or next((r.get("run", {}).get("model") for r in records if r.get("run")), None)
+    name = model or next((r["run"].get("model") for r in records if isinstance(r["run"].get("model"), str)), None)
     page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
     write_text(out, page, "out", force)
-    output.console.print(f"wrote {out}")
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise AvarcError(f"{path}: no such results file; pass the --out file of `avarc classify`")
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if n == len(lines):      # a torn last line of an interrupted run
-                break
-            raise AvarcError(f"{path}: line {n} is not a JSON record; pass a file written by `avarc classify --out`") from None
-    if not records or not all(isinstance(r, dict) and "status" in r and "stages" in r for r in records):
-        raise AvarcError(f"{path}: not classify records; pass a file written by `avarc classify --out`")
-    return records
+    output.say(f"wrote {out}")
 
 
 def _spec(name: str | None, given: bool) -> ModelSpec | None:
-    """The architecture for GFLOPs: a registry entry holds it (no download); another model given is loaded."""
+    """The architecture for GFLOPs: a registry entry holds it (no download); a model file or folder the records
+    name (or ``--model``) is loaded; one that cannot be is an error only when given."""
     if name is None:
         return None
     if is_registry_name(name):
         return entry(name).spec
-    return Classifier.from_pretrained(name, device="cpu", dtype="fp32").spec if given else None
+    try:
+        return Classifier.from_pretrained(name, device="cpu", dtype="fp32").spec
+    except AvarcError:
+        if given:
+            raise
+        return None

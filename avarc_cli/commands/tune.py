@@ -16,6 +16,7 @@ from core.runs.schedule_table import build_table
 from core.runs.tune import model_name, shipped_points, tune as run_tune, tuned_profile
 
 from .. import output
+from ..interrupt import interruptible
 from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt,
                        SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
@@ -54,56 +55,61 @@ def tune(
     """
     lo, hi = _stage_range(stages)
     check_output_files({"out": out, "report": report}, force)
-    clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
-                                     encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
-                                     patch_nums=patch_nums, threads=threads)
-    found = collect([str(folder)], clf.space, "folders", None, None, classes, exclude=[p for p in (out, report) if p])
-    items = found.items
-    if max_images is not None and max_images < len(items):
-        step = len(items) / max_images
-        items = [items[int(i * step)] for i in range(max_images)]
+    written: list[Path] = []
+    with interruptible(lambda: "interrupted: " + (f"wrote {', '.join(map(str, written))}" if written else
+                                                  f"nothing written ({out} was not written)")):
+        clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
+                                         encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
+                                         patch_nums=patch_nums, threads=threads)
+        found = collect([str(folder)], clf.space, "folders", None, None, classes, exclude=[p for p in (out, report) if p])
+        items = found.items
+        if max_images is not None and max_images < len(items):
+            step = len(items) / max_images
+            items = [items[int(i * step)] for i in range(max_images)]
 
-    start = time.perf_counter()
-    with output.progress() as prog:
-        task = prog.add_task("scoring", total=len(items), info=f"{len(found.candidates)} classes × {max_samples} samples")
-        table = build_table(clf, items, found.candidates, max_samples, sigma, seed,
-                            on_step=lambda n: prog.update(task, advance=n))
-    scored_s = time.perf_counter() - start
-    for path, reason in table.skipped:
-        output.err_console.print(f"skipped {path}: {reason}")
-    start = time.perf_counter()
-    res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout, min_stages=lo,
-                   max_stages=hi, seed=seed)
-    search_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with output.progress() as prog:
+            task = prog.add_task("scoring", total=len(items), info=f"{len(found.candidates)} classes × {max_samples} samples")
+            table = build_table(clf, items, found.candidates, max_samples, sigma, seed,
+                                on_step=lambda n: prog.update(task, advance=n))
+        scored_s = time.perf_counter() - start
+        for path, reason in table.skipped:
+            output.say(f"skipped {path}: {reason}", err=True)
+        start = time.perf_counter()
+        res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout, min_stages=lo,
+                       max_stages=hi, seed=seed)
+        search_s = time.perf_counter() - start
 
-    ident = model_name(clf)
-    profile, note = tuned_profile(res, table, str(folder), ident, name=out.stem)
-    write_profile(profile, out, note, force=force)
+        ident = model_name(clf)
+        profile, note = tuned_profile(res, table, str(folder), ident, name=out.stem)
+        write_profile(profile, out, note, force=force)
+        written.append(out)
 
-    _print(res)
-    shipped = shipped_points(res, table, clf.spec)
-    if report is not None:
-        from core.runs.report import tune_report
+        _print(res)
+        shipped = shipped_points(res, table, clf.spec)
+        if report is not None:
+            from core.runs.report import tune_report
 
-        write_text(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), "report", force)
-    rows = [("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
-            ("chosen", res.chosen.describe()),
-            ("top-1 on the images it was chosen on", f"{res.chosen.accuracy:.2%}"),
-            ("top-1 held out (varc)", f"{res.chosen_held.accuracy:.2%} ({res.baseline_held.accuracy:.2%})"
-             if res.chosen_held else "–"),
-            ("top-1, all tuning images", f"{res.chosen_all.correct}/{res.chosen_all.images}"),
-            ("executed GFLOPs/image (varc)", f"{res.chosen_all.executed_gflops:.4g} ({res.baseline.executed_gflops:.4g}, "
-                                              f"{res.chosen_all.executed_gflops / res.baseline.executed_gflops:.0%})"),
-            ("paper-convention GFLOPs/image", f"{res.chosen_all.paper_gflops:.4g}"),
-            ("temperature (all tuning images)", res.calibration.describe()),
-            ("ECE held out (T=1 → cross-fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
-            ("NLL held out (T=1 → cross-fitted)", _nll(res)),
-            ("schedules evaluated", len(res.points)),
-            ("seconds (scoring pass / search)", f"{scored_s:.1f} / {search_s:.1f}"),
-            ("profile", str(out))]
-    if report is not None:
-        rows.append(("report", str(report)))
-    output.table("avarc tune", ["", "value"], rows)
+            write_text(report, tune_report(res, shipped, title=f"avarc tune · {ident} · {folder.name}"), "report", force)
+            written.append(report)
+        rows = [("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
+                ("chosen", res.chosen.describe()),
+                ("top-1 on the images it was chosen on", f"{res.chosen.accuracy:.2%}"),
+                ("top-1 held out (varc)", f"{res.chosen_held.accuracy:.2%} ({res.baseline_held.accuracy:.2%})"
+                 if res.chosen_held else "–"),
+                ("top-1, all tuning images", f"{res.chosen_all.correct}/{res.chosen_all.images}"),
+                ("executed GFLOPs/image (varc)", f"{res.chosen_all.executed_gflops:.4g} ({res.baseline.executed_gflops:.4g}, "
+                                                  f"{res.chosen_all.executed_gflops / res.baseline.executed_gflops:.0%})"),
+                ("paper-convention GFLOPs/image", f"{res.chosen_all.paper_gflops:.4g}"),
+                ("temperature (all tuning images)", res.calibration.describe()),
+                ("ECE held out (T=1 → cross-fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None else "–"),
+                ("NLL held out (T=1 → cross-fitted)", _nll(res)),
+                ("schedules evaluated", len(res.points)),
+                ("seconds (scoring pass / search)", f"{scored_s:.1f} / {search_s:.1f}"),
+                ("profile", str(out))]
+        if report is not None:
+            rows.append(("report", str(report)))
+        output.table("avarc tune", ["", "value"], rows)
 
 
 def _stage_range(text: str) -> tuple[int, int]:

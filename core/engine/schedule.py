@@ -24,7 +24,7 @@ from .stages import Prediction, StageScores
 
 def noise_generator(seed: int, key: str) -> torch.Generator:
     """A generator seeded from the run seed and an image's path, so its noise is the same in every batch/shard."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8", "surrogateescape")).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 

@@ -6,6 +6,7 @@ needed, a path under a file, an unwritable folder) so a bad ``--out`` fails in o
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -49,7 +50,7 @@ def check_output_file(path: str | os.PathLike, option: str | None = None, force:
         raise AvarcError(f"{path}: not a regular file; give a file name", option=option)
     _writable_folder(path.parent, path, option)
     if force is False and path.exists():
-        raise AvarcError(f"{path}: already exists; {FIX} to overwrite it, or choose another file", option=option, fix="force")
+        raise refuse_existing(path, option)
     return path
 
 
@@ -86,28 +87,60 @@ def _umask() -> int:
     return mask
 
 
+def disk_error(err: OSError, safe: str, fix: str) -> AvarcError:
+    """A write that failed (a full disk, a quota, an I/O error) as one line: what is safe, and what to do."""
+    what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"cannot write ({err.strerror})"
+    return AvarcError(f"{what}: {safe}; free space and {fix}")
+
+
+def refuse_existing(path: Path, option: str | None = None) -> AvarcError:
+    return AvarcError(f"{path}: already exists; {FIX} to overwrite it, or choose another file", option=option,
+                      fix="force")
+
+
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", exclusive: bool = False,
+                 option: str | None = None) -> Iterator[IO]:
     """Write ``path`` through a temporary file in the same folder, flushed to disk and renamed over the target only
-    when the block completes; on any error (or a signal) the target is untouched and the temporary file removed."""
+    when the block completes; on any error (or a signal) the target is untouched and the temporary file removed.
+    ``exclusive``: the target is created only if it does not exist at that moment (a hard link, which fails on an
+    existing name), so of two runs racing to one name one is refused, never silently overwritten. The temporary
+    name is short, so a target name of 255 bytes works. A full disk is one error naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".avarc-", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())   # not mkstemp's 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise refuse_existing(path, option) from None
+            except OSError:                         # no hard links here (FAT, some FUSE): check, then rename
+                if os.path.lexists(path):
+                    raise refuse_existing(path, option) from None
+                os.replace(tmp, path)
+            Path(tmp).unlink(missing_ok=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_error(e, f"{path} was not written", "run again") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def write_text(path: str | os.PathLike, text: str, option: str | None = None, force: bool = False) -> Path:
-    """A whole text file written atomically; an existing one is refused unless ``force`` (errors name ``option``)."""
+    """A whole text file written atomically; an existing one is refused unless ``force`` (errors name ``option``),
+    also when another process creates it meanwhile."""
     path = check_output_file(path, option, force)
-    with atomic_write(path, "w") as f:
+    with atomic_write(path, "w", exclusive=not force, option=option) as f:
         f.write(text)
     return path

@@ -136,9 +136,27 @@ def shipped_names() -> list[str]:
     return sorted(p.name[:-5] for p in _shipped_dir().iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_PROFILE_BYTES = 1 << 20
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """YAML without aliases: a profile never needs them, and nested aliases expand exponentially (a few hundred bytes
+    to billions of nodes), so a hostile file is refused at its first alias instead of exhausting memory."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a profile",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def _read(text: str, name: str, source: str) -> Profile:
+    if len(text) > MAX_PROFILE_BYTES:
+        raise _fail(source, f"is {len(text)} characters, too large for a profile; check the file")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 — a SafeLoader without aliases
+    except RecursionError:
+        raise _fail(source, "invalid YAML (nested too deeply); fix the file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -155,7 +173,7 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     path = Path(key)
     if path.is_file():
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise _fail(str(path), f"cannot read the profile ({e.__class__.__name__}); check the file") from None
         return _read(text, path.stem, str(path))

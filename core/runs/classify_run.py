@@ -13,7 +13,8 @@ from typing import Iterator
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.results import Metrics, ResultsFile, append_csv_summary, check_csv, image_key, results_file, summary_row
+from ..io.results import (Metrics, ResultsFile, append_csv_summary, check_csv, image_key, results_file, summary_row,
+                          weights_identity)
 
 
 @dataclass
@@ -85,10 +86,15 @@ class ClassifyRun:
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
-                 dist: Dist = Dist(), keep_records: bool = False) -> Iterator[ClassifyRun]:
+                 dist: Dist = Dist(), keep_records: bool = False, labels: str = "auto") -> Iterator[ClassifyRun]:
     """Open the run's results file ``out`` (locked for the block; ``resume`` continues it) after checking that a
-    summary row can be added to ``csv``, and hand back the run."""
-    run_key = clf.run_key(seed, found.candidates)
+    summary row can be added to ``csv``, and hand back the run. Its identity (every record's ``run``) covers all that
+    changes a record: the model and its weights' SHA-256, the schedule, seed, dtype, temperature, top-k and labels
+    mode, so ``resume`` refuses a file of any other run and names the difference."""
+    temp = temperature if temperature is not None else clf.profile.temperature or 1.0
+    run_key = clf.run_key(seed, found.candidates, weights=weights_identity(clf.model),
+                          dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk,
+                          labels=labels)
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))

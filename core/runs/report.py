@@ -14,9 +14,9 @@ import numpy as np
 
 from ..tasks.calibration import posterior, reliability
 from ..errors import AvarcError
-from ..tasks.explain import safe_stem
+from ..tasks.explain import explained_panels
 from ..engine.flops import encoder_macs, sequence_macs
-from ..io.results import stage_survival
+from ..io.results import Record, record_key, stage_survival
 from ..models.specs import ModelSpec
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -34,8 +34,14 @@ def _plt():
     except ImportError:
         raise AvarcError("reports need matplotlib; pip install 'avarc[report]'") from None
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False     # a class name with `$` is text, not mathtext
     import matplotlib.pyplot as plt
     return plt
+
+
+def _text(value) -> str:
+    """User text (a path, a class name) for the page: escaped, and a non-UTF-8 file name's odd bytes shown as U+FFFD."""
+    return html.escape(str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _img(fig) -> str:
@@ -51,9 +57,12 @@ def _png_file(path: Path, width: int | None = None) -> str:
 
 
 def _image_thumb(path: str, size: int = 96) -> str:
-    """An input image as an embedded PNG thumbnail (nearest-neighbour, so tiny images stay sharp)."""
+    """An input image as an embedded PNG thumbnail (nearest-neighbour, so tiny images stay sharp); only a regular
+    file is opened (a FIFO or a device where an image was would block or never end)."""
     from PIL import Image
 
+    if not Path(path).is_file():
+        return "<i>image not found</i>"
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -68,15 +77,15 @@ def _image_thumb(path: str, size: int = 96) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence], classes: Sequence[str] = ()) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(f'<tr class="{c}">' + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>"
+    head = "".join(f"<th>{_text(h)}</th>" for h in header)
+    body = "".join(f'<tr class="{c}">' + "".join(f"<td>{_text(x)}</td>" for x in r) + "</tr>"
                    for r, c in zip(rows, [*classes, *[""] * len(rows)]))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_text(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{_text(title)}</h1>{body}</body></html>\n")
 
 
 def record_gflops(record: dict, spec: ModelSpec) -> float:
@@ -95,7 +104,7 @@ def untempered_confidence(record: dict) -> float:
     return float(posterior(np.asarray([record["stages"][-1]["scores"]], dtype=np.float64), 1.0).max())
 
 
-def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, explain_dir: Path | None = None,
+def run_report(records: list[Record], title: str, spec: ModelSpec | None = None, explain_dir: Path | None = None,
                worst: int = 12) -> str:
     """The page for a labelled classify run's records."""
     plt = _plt()
@@ -177,18 +186,18 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
 
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]), key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
-    cards = []
+    cards, panels = [], explained_panels(explain_dir) if explain_dir else {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
-        panel = explain_dir / f"{safe_stem(Path(r['path']).stem)}.png" if explain_dir else None
+        panel = panels.get(record_key(r))
         pic = _png_file(panel) if panel is not None and panel.is_file() else _image_thumb(r["path"])
         rank = r["label_rank"] if r["label_rank"] is not None else "pruned"
-        cards.append(f'<div class="card">{pic}<br>{html.escape(Path(r["path"]).name)}<br>true <b>'
-                     f'{html.escape(str(r["label_name"]))}</b>, predicted <b>{html.escape(str(r["pred_name"]))}</b> '
+        cards.append(f'<div class="card">{pic}<br>{_text(Path(r["path"]).name)}<br>true <b>'
+                     f'{_text(r["label_name"])}</b>, predicted <b>{_text(r["pred_name"])}</b> '
                      f"(p {p:.3f}); true class rank {rank}</div>")
     parts.append(f"<h2>Worst mistakes ({len(wrong)} in all, most confident first)</h2>"
                  f'<div class="gallery">{"".join(cards) or "<p>none</p>"}</div>')
-    if Counter(r["run"]["fingerprint"] for r in lab if r.get("run")).most_common(2)[1:]:
+    if Counter(r["run"].get("fingerprint") for r in lab).most_common(2)[1:]:
         parts.insert(0, "<p><b>note:</b> these results mix several runs (different run fingerprints).</p>")
     return _page(title, "".join(parts))
 

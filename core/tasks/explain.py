@@ -25,7 +25,6 @@ import torch
 
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
-from ..io.files import atomic_write
 from ..engine.model import Model
 from ..engine.profile import Profile
 
@@ -172,15 +171,31 @@ def explain_images(model: Model, images: torch.Tensor, targets: Sequence[Target]
     return [out[i] for i in range(len(targets))]
 
 
-def save_npz(expl: Explanation, path: str | os.PathLike, names: tuple[str, str]) -> Path:
-    """``maps`` (3, p, p), ``classes`` [A, B], ``scores`` (3), ``per_scale`` (3, L'), plus ``names`` and
-    ``patch_nums`` so the file reads on its own (plain arrays: ``np.load`` needs no pickle)."""
-    path = Path(path)
-    with atomic_write(path) as f:
-        np.savez(f, maps=expl.maps.numpy().astype(np.float32), classes=np.array(expl.classes, dtype=np.int64),
-                 scores=expl.scores.numpy().astype(np.float64), per_scale=expl.per_scale.numpy().astype(np.float32),
-                 names=np.array(names, dtype=str), patch_nums=np.array(expl.patch_nums, dtype=np.int64))
-    return path
+def npz_arrays(expl: Explanation, names: tuple[str, str], image: str | None = None) -> dict[str, np.ndarray]:
+    """``maps`` (3, p, p), ``classes`` [A, B], ``scores`` (3), ``per_scale`` (3, L'), plus ``names``,
+    ``patch_nums`` and ``image`` (the input's resolved path, which ``avarc report`` finds the panel by) so the file
+    reads on its own (plain arrays: ``np.load`` needs no pickle)."""
+    return dict(maps=expl.maps.numpy().astype(np.float32), classes=np.array(expl.classes, dtype=np.int64),
+                scores=expl.scores.numpy().astype(np.float64), per_scale=expl.per_scale.numpy().astype(np.float32),
+                names=np.array(names, dtype=str), patch_nums=np.array(expl.patch_nums, dtype=np.int64),
+                **({} if image is None else {"image": np.array(image, dtype=str)}))
+
+
+def explained_panels(folder: str | os.PathLike) -> dict[str, Path]:
+    """The panels an ``avarc explain --out FOLDER`` wrote, by input image key (the ``image`` its ``.npz`` holds):
+    how a report links a record to its explanation whatever stem explain gave it (``x-2.png`` for a second
+    ``x.png``). Unreadable or older files (no ``image``) are passed over."""
+    found = {}
+    for npz in sorted(Path(folder).glob("*.npz")):
+        png = npz.with_suffix(".png")
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                key = str(z["image"]) if "image" in z.files else None
+        except Exception:  # noqa: BLE001 — a damaged file among the panels only loses its own link
+            continue
+        if key is not None and png.is_file():
+            found.setdefault(key, png)
+    return found
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import AvarcError
-from .explain import Explanation, save_npz
+from .explain import Explanation, npz_arrays
 from ..io.files import atomic_write
 
 MIN_PANEL = 256     # panels are at least this many pixels wide
@@ -128,16 +128,25 @@ def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colorm
 
 
 def save_explanation(expl: Explanation, out: str | os.PathLike, stem: str, names: Sequence[str], colormap: str = "turbo",
-                     alpha: float = 0.5) -> tuple[str, str]:
-    """``OUT/<stem>.npz`` (the raw maps) and ``OUT/<stem>.png`` (the panels, captioned with the true and predicted
-    class when known), each written atomically. ``names`` are every class's display name, the null class's last.
-    Returns A's and B's names."""
+                     alpha: float = 0.5, image: str | None = None, exclusive: bool = False) -> tuple[str, str]:
+    """``OUT/<stem>.npz`` (the raw maps, and ``image``: the input's key) and ``OUT/<stem>.png`` (the panels,
+    captioned with the true and predicted class when known), written together: the ``.npz`` only after its ``.png``,
+    so a failure (a full disk) leaves neither half. ``exclusive``: refused if either exists by then (another run).
+    ``names`` are every class's display name, the null class's last. Returns A's and B's names."""
     a, b = (names[c] for c in expl.classes)
     notes = ([f"true: {names[expl.label]}"] if expl.label is not None else []) + \
         ([f"predicted: {names[expl.pred]}"] if expl.pred is not None else [])
-    save_npz(expl, Path(out) / f"{stem}.npz", (a, b))
-    with atomic_write(Path(out) / f"{stem}.png") as f:
-        render(expl.pixels, expl, (a, b), colormap, alpha, ", ".join(notes)).save(f, format="PNG")
+    png, made = Path(out) / f"{stem}.png", False
+    try:
+        with atomic_write(Path(out) / f"{stem}.npz", exclusive=exclusive, option="out") as f:
+            np.savez(f, **npz_arrays(expl, (a, b), image))
+            with atomic_write(png, exclusive=exclusive, option="out") as g:
+                render(expl.pixels, expl, (a, b), colormap, alpha, ", ".join(notes)).save(g, format="PNG")
+            made = True
+    except BaseException:
+        if made:
+            png.unlink(missing_ok=True)    # this run's panel: its .npz could not be written
+        raise
     return a, b
 
 

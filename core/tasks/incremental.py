@@ -15,6 +15,7 @@ never modified.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import zipfile
@@ -66,19 +67,20 @@ class Extension:
     def sha256(self) -> str:
         return rows_sha256(self.rows)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the extension file (loads with ``weights_only=True``; apply it with ``extensions=[path]``)."""
-        return save_extension(self, path)
+    def save(self, path: str | os.PathLike, exclusive: bool = False) -> Path:
+        """Write the extension file (loads with ``weights_only=True``; apply it with ``extensions=[path]``);
+        ``exclusive``: refused if the file exists by then (another run wrote it meanwhile)."""
+        return save_extension(self, path, exclusive)
 
     def describe_base(self) -> str:
         short = self.base_sha256[:12]
         return f"{self.base_name} (sha256 {short}…)" if self.base_name else f"sha256 {short}…"
 
 
-def save_extension(ext: Extension, path: str | os.PathLike) -> Path:
+def save_extension(ext: Extension, path: str | os.PathLike, exclusive: bool = False) -> Path:
     """Written atomically (temporary file + rename): a kill mid-write never leaves half an extension."""
     path = Path(path)
-    with atomic_write(path) as f:
+    with atomic_write(path, exclusive=exclusive, option="out") as f:
         torch.save({"format": EXTENSION_FORMAT, "rows": ext.rows.detach().float().cpu().contiguous(),
                     "names": list(ext.names), "base_sha256": ext.base_sha256, "base_name": ext.base_name or "",
                     "offset": int(ext.offset), "parents": [dict(p) for p in ext.parents],
@@ -99,12 +101,37 @@ def load_extension(path: str | os.PathLike) -> Extension:
     if not isinstance(doc, Mapping) or doc.get("format") != EXTENSION_FORMAT:
         raise AvarcError(f"{path}: not an extension file (no format {EXTENSION_FORMAT!r}); "
                          "pass a file written by `avarc add-class`, not a model checkpoint")
-    rows, names = doc.get("rows"), doc.get("names")
-    if not isinstance(rows, torch.Tensor) or rows.ndim != 3 or not isinstance(names, list) or len(names) != rows.shape[0]:
-        raise AvarcError(f"{path}: damaged extension file (rows and names disagree); write it again with `avarc add-class`")
-    return Extension(rows=rows, names=[str(n) for n in names], base_sha256=str(doc["base_sha256"]),
-                     base_name=doc.get("base_name") or None, offset=int(doc.get("offset", 0)),
+    problem = _schema_problem(doc)
+    if problem:
+        raise AvarcError(f"{path}: damaged extension file ({problem}); write it again with `avarc add-class`")
+    return Extension(rows=doc["rows"], names=list(doc["names"]), base_sha256=doc["base_sha256"],
+                     base_name=doc.get("base_name") or None, offset=doc.get("offset", 0),
                      parents=list(doc.get("parents", [])), training=dict(doc.get("training", {})))
+
+
+def _schema_problem(doc: Mapping) -> str | None:
+    """What is wrong with an extension file's fields (a missing one, a wrong type, rows that are not finite), or
+    None: every field is checked before any is used, so a hand-damaged file is one line, never a traceback."""
+    rows, names = doc.get("rows"), doc.get("names")
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 3 or not rows.is_floating_point():
+        return "rows: not a 3-d float tensor"
+    if not isinstance(names, list) or len(names) != rows.shape[0] or not all(isinstance(n, str) and n for n in names):
+        return "names: not one non-empty name per row"
+    if not torch.isfinite(rows).all():
+        return "rows: not finite"
+    if not isinstance(doc.get("base_sha256"), str) or not isinstance(doc.get("base_name", ""), str):
+        return "base_sha256 or base_name: not text"
+    offset = doc.get("offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        return "offset: not a class count"
+    parents = doc.get("parents", [])
+    if not isinstance(parents, list) or not all(
+            isinstance(p, Mapping) and isinstance(p.get("sha256"), str) and isinstance(p.get("names"), list)
+            for p in parents):
+        return "parents: not a list of {sha256, names}"
+    if not isinstance(doc.get("training", {}), Mapping):
+        return "training: not a mapping"
+    return None
 
 
 def applied(model: Model) -> list[dict]:
@@ -113,10 +140,14 @@ def applied(model: Model) -> list[dict]:
 
 
 def check_names(model: Model, names: Sequence[str], where: str) -> None:
-    existing = {model.class_name(i) for i in range(model.num_classes)} | {"null"}
+    existing = {model.class_name(i) for i in range(model.num_classes)}
     for i, name in enumerate(names):
-        if not name or name != name.strip() or "=" in name:
-            raise AvarcError(f"{where}: class name {name!r} is not usable; use a name without '=' or outer spaces")
+        if not name or name != name.strip() or "=" in name or not name.isprintable():
+            raise AvarcError(f"{where}: class name {name!r} is not usable; use a printable name without '=' or outer "
+                             "spaces")
+        if name.lower() == "null":
+            raise AvarcError(f"{where}: class name {name!r} is reserved (`--vs null` is the unconditional model); "
+                             "choose another name")
         if name in existing or name in names[:i]:
             raise AvarcError(f"{where}: class {name!r} already exists in this model; choose another name")
 
@@ -243,8 +274,10 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     for name, x in images.items():
         if x.shape[0] == 0:
             raise AvarcError(f"{name}: no images; give a folder with at least one readable image")
-    if steps < 1 or lr <= 0 or batch_size < 1 or augment_sigma < 0 or not 0 <= holdout < 1:
-        raise AvarcError("add-class: need steps ≥ 1, lr > 0, batch size ≥ 1, augment sigma ≥ 0 and 0 ≤ holdout < 1")
+    if not (steps >= 1 and 0 < lr < math.inf and batch_size >= 1 and 0 <= augment_sigma < math.inf
+            and 0 <= holdout < 1):
+        raise AvarcError("add-class: need steps ≥ 1, a finite lr > 0, batch size ≥ 1, a finite augment sigma ≥ 0 "
+                         "and 0 ≤ holdout < 1")
     if init not in INITS:
         raise AvarcError(f"unknown initialisation {init!r}; use {' or '.join(INITS)}", option="init")
     base_sha = base_sha256(model)
@@ -279,6 +312,10 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     finally:
         hook.remove()
     rows = var.extra_class_emb.detach()[-len(names):].clone()
+    if not torch.isfinite(rows).all():
+        var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
+        raise AvarcError(f"add-class: training diverged (the new rows are not finite, final loss {log.mean(last=1)}); "
+                         "nothing was written; lower --lr")
     extra = rows if old_extra is None else torch.cat((old_extra, rows))   # earlier rows restored bit-for-bit
     var.extra_class_emb = torch.nn.Parameter(extra, requires_grad=False)
 
