@@ -13,9 +13,11 @@ from .model import Model
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2", "unique_dim",
                       "unique_consecutive", "masked_select", "argwhere", "equal", "is_nonzero"})
 
+ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided"})   # no kernel runs
+
 
 class OpCounter(TorchDispatchMode):
-    """Counts the non-view aten ops dispatched inside it by name, and the host syncs among them (a sync op, or a
+    """Counts the aten ops dispatched inside it that run a kernel (not views, not bare allocations) by name, and the host syncs among them (a sync op, or a
     copy between devices)."""
 
     def __init__(self):
@@ -26,7 +28,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if not func.is_view:
+        if not func.is_view and name not in ALLOCATIONS:
             self.ops[name] += 1
         to = kwargs.get("device")
         if name in SYNC_OPS or (name == "_to_copy" and to is not None and torch.device(to) != args[0].device):

@@ -133,8 +133,8 @@ class CompiledBlock:
             except Exception as e:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                     raise
-                log.warning(f"compiling the blocks failed, running them uncompiled: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}")
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                log.warning(f"compiling the blocks failed, running them uncompiled: {type(e).__name__}: {first}")
                 self.failed = True
         return block_step(*args)
 
@@ -259,7 +259,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh) in cuBLASLt's epilogue (on a CPU that
     call computes the erf GELU, so not there). The official tanh approximation either way."""
     if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
-            and onednn_bf16()):
+            and not torch.compiler.is_compiling() and onednn_bf16()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
     if gelu and bias is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
