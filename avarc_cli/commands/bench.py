@@ -122,11 +122,13 @@ def _render(results: list[BenchResult], as_json: bool, title: str, flops: bool =
     output.table(f"Speed: {title}, {device}", ["profile", "dtype", "s/image", "img/s", "TFLOP/s", "% peak", "peak MB"],
                  [(r.profile, r.dtype, g3(r.s_per_image["median"]), g3(r.images_per_s), g3(r.tflops),
                    f"{r.peak_pct:.0f}", f"{r.peak_mem_mb:.0f}") for r in results])
-    output.table("Work per image: GFLOPs (paper convention, executed after reuse), time share of encoder and stages",
-                 ["profile", "dtype", "GFLOPs", "executed", "attention", "enc %", "stages %"],
+    output.table("Work per image: GFLOPs (paper convention, executed after reuse), time share of encoder and stages, "
+                 "launches (aten ops) per forward, host syncs per scoring step",
+                 ["profile", "dtype", "GFLOPs", "executed", "attention", "enc %", "stages %", "launches/fwd",
+                  "syncs/step"],
                  [(r.profile, r.dtype, g3(r.gflops_per_image), g3(r.gflops_executed), g3(r.attention_gflops_per_image),
-                   f"{100 * (r.encoder_share or 0):.0f}", " ".join(f"{100 * x:.0f}" for x in r.stage_share or []))
-                  for r in results])
+                   f"{100 * (r.encoder_share or 0):.0f}", " ".join(f"{100 * x:.0f}" for x in r.stage_share or []),
+                   g3(r.launches_per_forward), g3(r.host_syncs_per_step)) for r in results])
     if any(r.agreement_fp32 is not None for r in results):
         output.table("Precision: top-1 agreement with fp32 (plain: with the optimised path), first-stage score error "
                      "vs fp32 (nats), precision guard (images re-scored in fp32, time share)",

@@ -71,14 +71,24 @@ def _tf32_matmul(on: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+HEAD_TILE_BYTES = 64 << 20    # fp32 logits of one tile of tokens in the fused head
+
+
 def target_logp(var: VAR, h_BLC: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(h))[target] for fp32 states → B, L fp32 (the head has fp32 inputs and outputs; no
-    log-softmax tensor). Under a bf16/fp16 engine the head's matmul may use TF32 on a GPU: its inputs keep 10
-    mantissa bits where the body's bf16 states keep 7, and true fp32 ran at 1/15 of bf16's rate on an H200."""
+    """log softmax(head(h))[target] for fp32 states → B, L fp32, in tiles of tokens: each tile's logits are made,
+    their target picked and their logsumexp taken, so B×L×V logits never exist at once (the head has fp32 inputs
+    and outputs). Under a bf16/fp16 engine the head's matmul may use TF32 on a GPU: its inputs keep 10 mantissa bits
+    where the body's bf16 states keep 7, and true fp32 ran at 1/15 of bf16's rate on an H200."""
+    B, L, C = h_BLC.shape
+    h_TC, t_T = h_BLC.reshape(B * L, C), targets_BL.reshape(B * L, 1)
+    out = torch.empty(B * L, dtype=torch.float32, device=h_BLC.device)
+    tile = max(1, HEAD_TILE_BYTES // (4 * var.head.weight.shape[0]))
     with _tf32_matmul(var.compute_dtype != torch.float32):
-        logits_BLV = var.head(h_BLC)
-    picked = logits_BLV.gather(-1, targets_BL.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits_BLV, dim=-1)
+        for lo in range(0, B * L, tile):
+            logits = torch.addmm(var.head.bias, h_TC[lo:lo + tile], var.head.weight.t())
+            torch.sub(logits.gather(-1, t_T[lo:lo + tile]).squeeze(-1), torch.logsumexp(logits, dim=-1),
+                      out=out[lo:lo + tile])
+    return out.view(B, L)
 
 
 @dataclass
@@ -108,7 +118,9 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
                 cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
     """tokens N, L (≥ the first s scales) and class ids N → log-probs of the first s scales' tokens, skipping the
     ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs). A chunk that
-    runs out of device memory is halved and retried (one log line says so)."""
+    runs out of device memory is halved and retried (one log line says so). Nothing in the loop waits for the
+    device: the inputs go over once (pinned, non-blocking), the AdaLN rows come from the engine's class table, the
+    kept keys/values are written into one preallocated cache, and the log-probs come back in one transfer."""
     spec = var.spec
     n_tok = num_tokens(spec, num_scales)
     start = cache.num_tokens if cache is not None else 0
@@ -118,18 +130,23 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
     elem = var.compute_dtype.itemsize
     if chunk is None:
         chunk = pairs_per_chunk(spec, n_tok, budget_bytes or memory_budget(device), elem)
+    N = tokens.shape[0]
+    ids = sorted(set(class_idx.tolist())) if class_idx.device.type == "cpu" else None
+    table = var.class_table(ids) if ids is not None and N else None
     tokens_NL = _to_device(tokens[:, :n_tok], device)
     class_N = _to_device(class_idx, device)
-    # a stage's rows repeat each sequence once per candidate class: build each distinct sequence's input once
-    distinct_UL, row_of = torch.unique(tokens_NL, dim=0, return_inverse=True)
-    input_ULC = quantizer.var_input(distinct_UL)
-    out, caches, i = [], [], 0
-    while i < tokens_NL.shape[0]:
+    logp = torch.empty(N, n_tok - start, device=device)
+    kept = KVCache.empty(spec, N, n_tok, var.compute_dtype, device) if keep_cache and N else None
+    i = 0
+    while i < N:
         t = tokens_NL[i:i + chunk]
+        c = class_N[i:i + chunk]
         part = cache.select(slice(i, i + chunk)) if cache is not None else None
         try:
-            h, kv = var.hidden(class_N[i:i + chunk], input_ULC[row_of[i:i + chunk]], part, keep_cache)
-            out.append(target_logp(var, h, t[:, start:]))
+            mods = table.lookup(c) if table is not None else None
+            out = kept.rows(i, i + t.shape[0]) if kept is not None else None
+            h, _ = var.hidden(c, quantizer.var_input(t), part, keep_cache, mods, out)
+            logp[i:i + t.shape[0]] = target_logp(var, h, t[:, start:])
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if chunk == 1 or not _is_oom(e):
                 raise
@@ -138,12 +155,8 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if keep_cache:
-            caches.append(kv)
         i += t.shape[0]
-    logp = torch.cat(out).cpu() if out else torch.zeros(0, n_tok - start)
-    joined = (caches[0] if len(caches) == 1 else KVCache.cat(caches)) if caches else None
-    return PairScores(logp, start, joined)
+    return PairScores(logp.cpu(), start, kept)
 
 
 def pair_logp(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,

@@ -36,7 +36,7 @@ def _clean(code: torch.Tensor) -> torch.Tensor:
 
 def _select(cache: KVCache, rows: torch.Tensor) -> KVCache:
     """Rows of a cache, the index moved to its device once (not once per block: each move waits for the device)."""
-    return cache.select(rows.to(cache.kv[0][0].device))
+    return cache.select(rows.to(cache.bufs[0].device))
 
 
 @dataclass

@@ -8,12 +8,13 @@ Shapes: B batch, L tokens, C width, H heads, V vocabulary.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 
 from .specs import VARSpec
 
+log = logging.getLogger("avarc")
+
 MAX_SCALE_MUL = float(torch.tensor(100.0).log())   # the clamp, computed in fp32 as the official code does
-Span = tuple[int, int, int]   # see VARSpec.attention_spans
 
 
 class SelfAttention(nn.Module):
@@ -38,33 +40,129 @@ class SelfAttention(nn.Module):
         if l2_norm:
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(C, C)
+        self._constants: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The qkv bias (q, 0, v) in the weights' dtype and the q/k factor (2, H, 1: exp(scale_mul) for q, 1 for k),
+        made once per weights rather than in every forward; remade when a parameter changes (or under autograd)."""
+        params = [self.q_bias, self.v_bias, self.mat_qkv.weight] + ([self.scale_mul_1H11] if self.l2_norm else [])
+        key = tuple((p._version, p.dtype, p.device) for p in params)
+        if self._constants is None or self._constants[0] != key or torch.is_grad_enabled():
+            w = self.mat_qkv.weight
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
+            factor = None
+            if self.l2_norm:
+                scale_H = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().view(self.heads, 1)
+                factor = torch.stack((scale_H, torch.ones_like(scale_H)))
+            self._constants = (key, bias, factor)
+        return self._constants[1], self._constants[2]
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, L, C = x.shape
-        w = self.mat_qkv.weight
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
-        q, k, v = linear(x, w, bias).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.l2_norm:
-            scale_1H11 = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp()
-            q, k = _unit(q, scale_1H11), _unit(k)
-        return q, k, v   # each B, H, L, c, in the weights' dtype
+        """x (B, L, C) → q, k, v each B, H, L, c in the weights' dtype, q and k normalised and scaled."""
+        B, L, _ = x.shape
+        bias, factor = self.constants()
+        y = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        q, k, v = (_unit_qk(y, factor) if factor is not None else y).permute(2, 0, 3, 1, 4)
+        return q, k, v
 
-    def forward(self, x: torch.Tensor, spans: list[Span],
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x holds the new tokens; ``past`` the keys/values of the tokens before them. Each span's queries attend to
-        its keys prefix without a mask, so the masked half of the score matrix is never computed. Returns the output
-        and the keys/values of all tokens so far (for a later extension). q, k, v and the cache are all in the
-        weights' dtype, so no span re-casts its key/value prefix."""
-        B, L, C = x.shape
-        q, k, v = self.qkv(x)
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        scale = 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
-        out_BLHc = q.new_empty(B, L, self.heads, self.head_dim)   # spans write here: no cat, no transpose copy
-        for lo, hi, keys in spans:
-            out_BLHc[:, lo:hi] = F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys],
-                                                                scale=scale).transpose(1, 2)
-        return linear(out_BLHc.view(B, L, C), self.proj.weight, self.proj.bias), (k, v)
+    def scale(self) -> float:
+        return 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
+
+
+def _unit_qk(y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """y (B, L, 3, H, c) with q and k normalised over c and multiplied by ``factor`` (2, H, 1), as F.normalize
+    does (the norm clamped at 1e-12), with one fp32 factor per row cast once; written into y in place when
+    running eagerly (no new buffer), functionally under the compiler."""
+    qk = y[:, :, :2]
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
+    r = torch.div(factor, norm).to(y.dtype)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return torch.cat((qk * r, y[:, :, 2:]), 2)
+    torch.mul(qk, r, out=qk)
+    return y
+
+
+def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor,
+               factor: torch.Tensor | None, w_proj: torch.Tensor, b_proj: torch.Tensor, w1: torch.Tensor,
+               b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, mask: torch.Tensor | None,
+               kv: torch.Tensor | None, start: int, eps: float, heads: int, scale: float) -> torch.Tensor:
+    """One block, module-free (so one compiled graph serves every block, batch and length): x (B, L, C) fp32
+    residual stream of tokens start … start+L−1, ``mod`` its B, 6, C AdaLN rows (γ1, γ2, 1 + s1, 1 + s2, b1,
+    b2). ``kv`` (B, ≥ start+L, 2, H, c), if given, holds the earlier tokens' keys/values and receives the new
+    ones; else the keys are the new tokens' own. One attention call whatever the number of scales (``mask``).
+    Only the linear layers run in their weights' dtype: the norm, the AdaLN modulation and the residual adds stay
+    fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a 512-pixel model's class scores by several
+    nats)."""
+    B, L, C = x.shape
+    dtype = w_qkv.dtype
+    g1, g2, s1, s2, sh1, sh2 = (mod[:, i:i + 1] for i in range(MOD_ROWS))
+    y = linear(_norm_modulate(x, s1, sh1, eps, dtype), w_qkv, b_qkv).view(B, L, 3, heads, C // heads)
+    if factor is not None:
+        y = _unit_qk(y, factor)
+    if kv is not None:
+        kv[:, start:start + L].copy_(y[:, :, 1:])
+        keys = kv[:, :start + L]
+    else:
+        keys = y[:, :, 1:]
+    a = F.scaled_dot_product_attention(y[:, :, 0].transpose(1, 2), keys[:, :, 0].transpose(1, 2),
+                                       keys[:, :, 1].transpose(1, 2), attn_mask=mask, scale=scale)
+    x = _residual(x, linear(a.transpose(1, 2).reshape(B, L, C), w_proj, b_proj), g1)
+    h = linear(_norm_modulate(x, s2, sh2, eps, dtype), w1, b1, gelu=True)
+    return _residual(x, linear(h, w2, b2), g2)
+
+
+class CompiledBlock:
+    """:func:`block_step` compiled once per dtype with ``fullgraph=True`` (a graph break is an error, not a silent
+    split), dynamic in batch and length. If compiling or running the compiled code fails (no compiler, unsupported
+    backend) one warning says so and the blocks run eagerly from then on; running out of memory is raised, never
+    taken for a compiler failure."""
+
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend
+        self.fns: dict[torch.dtype, Callable] = {}
+        self.failed = False
+
+    def __call__(self, args: tuple) -> torch.Tensor:
+        if not self.failed:
+            dtype = args[2].dtype
+            fn = self.fns.get(dtype)
+            if fn is None:
+                fn = self.fns[dtype] = torch.compile(block_step, fullgraph=True, dynamic=True, backend=self.backend)
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
+                if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                log.warning(f"compiling the blocks failed, running them uncompiled: {type(e).__name__}: {first}")
+                self.failed = True
+        return block_step(*args)
+
+
+class AttentionPlan:
+    """Block-causal attention of tokens start … end−1 over keys 0 … end−1 as one call: an additive mask (0 where a
+    query's scale is at least the key's, −inf elsewhere), built once per (start, end, dtype, device) and shared by
+    every block; None where the new tokens are a single scale (they see every key)."""
+
+    def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device):
+        self.start, self.end, self.device = start, end, device
+        self.spans = spec.attention_spans(end, start)
+        self._masks: dict[torch.dtype, torch.Tensor | None] = {}
+        self._bool = None
+        if len(self.spans) > 1:
+            keep = torch.zeros(end - start, end, dtype=torch.bool)
+            for lo, hi, keys in self.spans:
+                keep[lo:hi, :keys] = True
+            self._bool = keep.to(device)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self._bool is None:
+            return None
+        m = self._masks.get(dtype)
+        if m is None:
+            m = torch.zeros(self._bool.shape, dtype=dtype, device=self.device).masked_fill_(~self._bool, float("-inf"))
+            self._masks[dtype] = m
+        return m
 
 
 class FFN(nn.Module):
@@ -78,6 +176,9 @@ class FFN(nn.Module):
         return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
 
 
+MOD_ROWS = 6    # a block's AdaLN rows in a class table: γ1, γ2, 1 + s1, 1 + s2, b1, b2
+
+
 class AdaLNSelfAttn(nn.Module):
     """x += γ1·attn(LN(x)(1+s1)+b1); x += γ2·ffn(LN(x)(1+s2)+b2), with the six AdaLN vectors from the class
     embedding (own projection) or, in the shared variant, a per-block offset ``ada_gss`` on a shared projection."""
@@ -88,66 +189,46 @@ class AdaLNSelfAttn(nn.Module):
         self.attn = SelfAttention(C, heads, l2_norm)
         self.ffn = FFN(C, hidden)
         self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
-        self.fused = False                      # elementwise work by fused_ops() (see VAR.compiled)
         if shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
-        """B, C class embedding (or B, 1, 6, C shared projection) → B, 1, 6, C (γ1, γ2, s1, s2, b1, b2)."""
+        """B, C class embedding (or B, 1, 6, C shared projection) → B, 6, C fp32 rows γ1, γ2, 1 + s1, 1 + s2, b1, b2
+        (the ones added here, once per class rather than in every forward)."""
         if self.shared_aln:
-            return self.ada_gss + cond
-        return self.ada_lin(cond).view(-1, 1, 6, self.C)
+            m = (self.ada_gss + cond).float().view(-1, 6, self.C)
+        else:
+            m = self.ada_lin(cond).float().view(-1, 6, self.C)
+        one = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=m.device).view(1, 6, 1)
+        return m + one
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, spans: list[Span],
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x is the fp32 residual stream. Only the linear layers run in their weights' dtype: the norm, the AdaLN
-        modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
-        512-pixel model's class scores by several nats)."""
-        g1, g2, s1, s2, b1, b2 = self.modulation(cond).float().unbind(2)
-        ops, eps, dtype = fused_ops() if self.fused else EAGER_OPS, self.ln_wo_grad.eps, self.attn.mat_qkv.weight.dtype
-        a, kv = self.attn(ops.norm_modulate(x, s1, b1, eps, dtype), spans, past)
-        x, h = ops.residual_norm_modulate(x, a, g1, s2, b2, eps, dtype)
-        return ops.residual(x, self.ffn(h), g2), kv
+    def step_args(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan, kv: torch.Tensor | None) -> tuple:
+        """The arguments of :func:`block_step` for this block."""
+        at, f = self.attn, self.ffn
+        bias, factor = at.constants()
+        return (x, mod, at.mat_qkv.weight, bias, factor, at.proj.weight, at.proj.bias, f.fc1.weight, f.fc1.bias,
+                f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype), kv, plan.start, self.ln_wo_grad.eps,
+                at.heads, at.scale())
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan,
+                kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x is the fp32 residual stream of the plan's new tokens, ``mod`` this block's B, 6, C rows
+        (:meth:`modulation`); see :func:`block_step`."""
+        return block_step(*self.step_args(x, mod, plan, kv))
 
 
-def _norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+def _norm_modulate(x: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor, eps: float,
                    dtype: torch.dtype) -> torch.Tensor:
-    """A branch's input: LN(x)·(1 + scale) + shift, in the branch's dtype."""
-    return _modulate(F.layer_norm(x, x.shape[-1:], eps=eps), scale, shift, dtype)
+    """A branch's input: LN(x)·(1 + scale) + shift, in the branch's dtype (``scale1`` holds 1 + scale)."""
+    return _modulate(F.layer_norm(x, x.shape[-1:], eps=eps), scale1, shift, dtype)
 
 
 def _residual(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """x + γ·branch in x's dtype. A low-precision branch is cast first: on a CPU an addcmul of mixed dtypes runs ~4×
     slower than the cast and a same-dtype addcmul together."""
     return torch.addcmul(x, branch.to(x.dtype), gamma)
-
-
-def _residual_norm_modulate(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor,
-                            shift: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention branch added, and the MLP branch's input made from the result."""
-    x = _residual(x, branch, gamma)
-    return x, _norm_modulate(x, scale, shift, eps, dtype)
-
-
-class BlockOps(NamedTuple):
-    """The elementwise work between a block's matmuls; the same functions for every block (module-free, so one
-    compiled graph serves all blocks, batches and lengths)."""
-
-    norm_modulate: Callable
-    residual_norm_modulate: Callable
-    residual: Callable
-
-
-EAGER_OPS = BlockOps(_norm_modulate, _residual_norm_modulate, _residual)
-
-
-@lru_cache(maxsize=1)
-def fused_ops() -> BlockOps:
-    """:data:`EAGER_OPS` compiled by ``torch.compile`` (each a single fused loop, e.g. norm statistics, modulation
-    and the cast in one pass), built on first use."""
-    return BlockOps(*(_Fused(fn) for fn in EAGER_OPS))
 
 
 ONEDNN_DTYPES = (torch.bfloat16,)   # in fp32 ATen's MKL GEMM is faster than oneDNN's, which cancels the fusion
@@ -175,47 +256,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """F.linear, then GELU(tanh) if asked. For CPU inference in bf16, where oneDNN can run it (:func:`onednn_bf16`),
     it is one oneDNN call (the kernel torch's own compiler emits for a frozen linear) with the bias and the GELU in
     the matmul's epilogue: ATen would copy the broadcast bias into the output before the GEMM and run GELU as a
-    separate pass. The official tanh approximation either way."""
+    separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh) in cuBLASLt's epilogue (on a CPU that
+    call computes the erf GELU, so not there). The official tanh approximation either way."""
     if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
-            and onednn_bf16()):
+            and not torch.compiler.is_compiling() and onednn_bf16()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
+    if gelu and bias is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight, bias)
     return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y   # in place: one buffer fewer to fault in
 
 
-def _unit(t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """F.normalize over the last dim, times ``scale`` if given: one multiply by a per-row factor (fp32, cast once)
-    instead of a division and a second multiplication pass."""
-    factor = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12).reciprocal()
-    if scale is not None:
-        factor = factor * scale
-    return t * factor.to(t.dtype)
-
-
-def _modulate(n_BLC: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """shift + n·(1 + scale) computed in fp32 and written once, straight in ``dtype`` (one pass: no fp32
-    intermediate and no separate cast). With autograd on (add-class trains class rows) ``out=`` is not allowed, so
-    the same values come from a cast."""
-    if torch.is_grad_enabled():
-        return torch.addcmul(shift, n_BLC, scale.add(1)).to(dtype)
-    return torch.addcmul(shift, n_BLC, scale.add(1), out=n_BLC.new_empty(n_BLC.shape, dtype=dtype))
-
-
-class _Fused:
-    """A function compiled on first use, or the function itself once compiling or running the compiled code fails
-    (no compiler, unsupported backend)."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
-                self.compiled = None
-        return self.fn(*args)
+def _modulate(n_BLC: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """shift + n·scale1 computed in fp32 and written once, straight in ``dtype`` (one pass: no fp32 intermediate
+    and no separate cast). With autograd on (add-class trains class rows) ``out=`` is not allowed, so the same
+    values come from a cast."""
+    if dtype == n_BLC.dtype or torch.is_grad_enabled():
+        return torch.addcmul(shift, n_BLC, scale1).to(dtype)
+    return torch.addcmul(shift, n_BLC, scale1, out=n_BLC.new_empty(n_BLC.shape, dtype=dtype))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -225,31 +285,72 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
-        return _modulate(self.ln_wo_grad(x), scale, shift, x.dtype)
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """B, C class embedding → B, 2, C fp32 rows 1 + scale, shift."""
+        m = self.ada_lin(cond).float().view(-1, 2, self.C)
+        return m + torch.tensor([1.0, 0.0], device=m.device).view(1, 2, 1)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        return _modulate(self.ln_wo_grad(x), mod[:, :1], mod[:, 1:], x.dtype)
 
 
 @dataclass
 class KVCache:
-    """Keys and values (B, H, n, c) of the first n tokens in every block, for extending a sequence to more scales."""
+    """Keys and values of the first n tokens in every block, for extending a sequence to more scales: per block one
+    B, n, 2, H, c buffer holding only keys and values (never the queries' share of the projection)."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    bufs: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, spec: VARSpec, rows: int, num_tokens: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """Preallocated buffers that forwards fill in place (chunk by chunk, prefix and new tokens)."""
+        H = spec.num_heads
+        return cls([torch.empty(rows, num_tokens, 2, H, spec.embed_dim // H, dtype=dtype, device=device)
+                    for _ in range(spec.depth)])
+
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block (keys, values), each B, H, n, c (views)."""
+        return [(b[:, :, 0].transpose(1, 2), b[:, :, 1].transpose(1, 2)) for b in self.bufs]
 
     @property
     def num_tokens(self) -> int:
-        return self.kv[0][0].shape[2]
+        return self.bufs[0].shape[1]
 
-    def select(self, rows: torch.Tensor) -> KVCache:
-        return KVCache([(k[rows], v[rows]) for k, v in self.kv])
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the storage the cache keeps alive (a truncated or sliced view keeps all of its buffer)."""
+        seen = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in self.bufs}
+        return sum(seen.values())
+
+    def select(self, rows: torch.Tensor | slice) -> KVCache:
+        return KVCache([b[rows] for b in self.bufs])
 
     def truncate(self, num_tokens: int) -> KVCache:
-        return KVCache([(k[:, :, :num_tokens], v[:, :, :num_tokens]) for k, v in self.kv])
+        return KVCache([b[:, :num_tokens] for b in self.bufs])
+
+    def rows(self, lo: int, hi: int) -> KVCache:
+        """Rows lo … hi−1 as views (a chunk's share of a preallocated cache)."""
+        return KVCache([b[lo:hi] for b in self.bufs])
 
     @staticmethod
     def cat(caches: list[KVCache]) -> KVCache:
-        return KVCache([(torch.cat([c.kv[i][0] for c in caches]), torch.cat([c.kv[i][1] for c in caches]))
-                        for i in range(len(caches[0].kv))])
+        return KVCache([torch.cat([c.bufs[i] for c in caches]) for i in range(len(caches[0].bufs))])
+
+
+class ClassTable:
+    """Every AdaLN row of a set of classes (fp32, computed once): per block γ1, γ2, 1 + s1, 1 + s2, b1, b2, then the
+    head's 1 + scale, shift, so a forward gathers its rows' modulation instead of projecting per row and block."""
+
+    def __init__(self, ids: list[int], rows: torch.Tensor, num_ids: int):
+        self.ids = ids
+        self.rows = rows                                     # n, depth·6 + 2, C
+        slot = torch.zeros(num_ids, dtype=torch.long)
+        slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        self.slot = slot.to(rows.device)                     # class id → row of ``rows``
+
+    def lookup(self, class_idx: torch.Tensor) -> torch.Tensor:
+        return self.rows[self.slot[class_idx]]
 
 
 class SharedAdaLin(nn.Linear):
@@ -277,6 +378,9 @@ class VAR(nn.Module):
         self.head = nn.Linear(C, spec.vocab_size)
         self.extra_class_emb: nn.Parameter | None = None   # n, slots, C: classes added by extensions
         self._levels: dict[torch.device, torch.Tensor] = {}
+        self._plans: dict[tuple, AttentionPlan] = {}
+        self._table: tuple[tuple, ClassTable] | None = None
+        self.block_fn: Callable | None = None               # the compiled block (see :meth:`compiled`)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -340,38 +444,78 @@ class VAR(nn.Module):
         x = torch.cat((sos, self.word_embed(x_in.float())), dim=1)
         return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], conds
 
-    def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
-               keep_cache: bool = False) -> tuple[torch.Tensor, KVCache | None]:
-        """Run the blocks over the first L' = x_in.shape[1] + first_l tokens → final normalised states (before the
-        head) of the tokens not already in ``cache`` (B, L'−cache.num_tokens, C), and with ``keep_cache`` the
-        keys/values of all L' tokens. Block-causal attention makes the cached prefix exact, not an approximation."""
-        x, conds = self.embed(class_idx, x_in)
-        start = cache.num_tokens if cache is not None else 0
-        x = x[:, start:].contiguous()     # one layout for every call: compiled blocks need no recompiles
-        spans = self.spec.attention_spans(start + x.shape[1], start)
+    def modulations(self, conds: torch.Tensor) -> torch.Tensor:
+        """B, slots, C class embeddings → B, depth·6 + 2, C fp32 AdaLN rows (every block's six, then the head's
+        two); differentiable, so training reaches the class rows through it."""
         if self.extra_class_emb is None:        # every slot holds the class's one row: project it once
             block_conds = [self.shared_ada_lin(conds[:, 1])] * len(self.blocks)
         else:
             block_conds = [self.shared_ada_lin(conds[:, 1 + i]) for i in range(len(self.blocks))]
-        kvs = []
+        rows = [b.modulation(c) for b, c in zip(self.blocks, block_conds)]
+        return torch.cat(rows + [self.head_nm.modulation(conds[:, -1])], 1)
+
+    def class_table(self, ids: list[int]) -> ClassTable:
+        """The AdaLN rows of these classes, computed once per engine and class set: a table already holding them
+        is reused (a later stage's survivors are a subset), else one for the union is made."""
+        key = (id(self.extra_class_emb), tuple(p._version for p in self.parameters()))
+        want = set(ids)
+        if self._table is not None and self._table[0] == key and want <= set(self._table[1].ids):
+            return self._table[1]
+        if self._table is not None and self._table[0] == key:
+            want |= set(self._table[1].ids)
+        self._table = None                                   # free the old table first
+        order = sorted(want)
+        device = self.class_emb.weight.device
+        with torch.no_grad():
+            rows = self.modulations(self.conditions(torch.tensor(order, device=device)))
+        self._table = (key, ClassTable(order, rows, self.num_classes + 1))
+        return self._table[1]
+
+    def plan(self, start: int, end: int, device: torch.device) -> AttentionPlan:
+        """The attention plan of tokens start … end−1 (kept per device: masks are built once)."""
+        key = (start, end, device)
+        if key not in self._plans:
+            self._plans[key] = AttentionPlan(self.spec, start, end, device)
+        return self._plans[key]
+
+    def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
+               keep_cache: bool = False, mods: torch.Tensor | None = None,
+               cache_out: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        """Run the blocks over the first L' = x_in.shape[1] + first_l tokens → final normalised states (before the
+        head) of the tokens not already in ``cache`` (B, L'−cache.num_tokens, C), and with ``keep_cache`` the
+        keys/values of all L' tokens (written into ``cache_out`` if given, a preallocated share of a larger cache).
+        ``mods``: the rows' AdaLN rows from a :class:`ClassTable` (else projected here). Block-causal attention
+        makes the cached prefix exact, not an approximation."""
+        x, conds = self.embed(class_idx, x_in)
+        B, end = x.shape[0], x.shape[1]
+        start = cache.num_tokens if cache is not None else 0
+        x = x[:, start:].contiguous()     # one layout for every call: compiled blocks need no recompiles
+        mods = self.modulations(conds) if mods is None else mods
+        plan = self.plan(start, end, x.device)
+        if cache_out is None and (keep_cache or cache is not None):
+            cache_out = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device)
+        block_fn = self.block_fn if self.block_fn is not None and not torch.is_grad_enabled() else None
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, block_conds[i], spans, cache.kv[i] if cache is not None else None)
-            if keep_cache:
-                kvs.append(kv)
-        return self.head_nm(x.float(), conds[:, -1].float()), (KVCache(kvs) if keep_cache else None)
+            kv = None
+            if cache_out is not None:
+                kv = cache_out.bufs[i]
+                if cache is not None:
+                    kv[:, :start].copy_(cache.bufs[i][:, :start])
+            mod = mods[:, MOD_ROWS * i:MOD_ROWS * (i + 1)]
+            x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv))
+        return self.head_nm(x, mods[:, -2:]), (cache_out if keep_cache else None)
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
         h, _ = self.hidden(class_idx, x_in)
         return self.head(h).float()
 
-    def compiled(self) -> VAR:
-        """This VAR with every block's elementwise work fused by ``torch.compile`` (see :func:`fused_ops`); the
-        inductor cache lives under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
+    def compiled(self, backend: str = "inductor") -> VAR:
+        """This VAR with every block run by one compiled graph (see :class:`CompiledBlock`); the inductor cache lives
+        under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avarc" / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-        for b in self.blocks:
-            b.fused = True
+        self.block_fn = CompiledBlock(backend)
         return self
 
     def in_dtype(self, dtype: torch.dtype) -> VAR:

@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from ..engine.schedule import noise_generator, run_stages, sample_tokens
+from ..engine.counters import engine_counters
 from ..engine.flops import encoder_macs, schedule_macs
 from ..engine.model import Model, build_model
 from ..engine.runtime import dtype_name
@@ -45,6 +46,8 @@ class BenchResult:
     guard_images: float | None = None          # share of images the precision guard re-scored in fp32
     guard_share: float | None = None           # share of the time spent on it
     guard_flips: float | None = None           # share of images whose decisions the guard changed
+    launches_per_forward: float | None = None  # non-view aten ops of one full-length forward (≈ kernel launches)
+    host_syncs_per_step: float | None = None   # ops in one scoring step that wait for the device
     preds: list[int] = field(default_factory=list, repr=False)
     scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
 
@@ -188,6 +191,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     total = statistics.median(times)
     shares = [statistics.median(s[k] for s in stage_times) / total for k in range(len(stage_times[0]))]
     low = model.dtype != torch.float32
+    counted = engine_counters(model)          # after the timed runs: counting slows the dispatch down
     return BenchResult(
         profile=profile.name, dtype=dtype_name(model.dtype), device=str(device),
         s_per_image={"median": med, "min": min(per_image), "max": max(per_image)}, images_per_s=1 / med,
@@ -196,7 +200,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         peak_mem_mb=_peak_mem_mb(device), agreement_fp32=None, stage_share=shares,
         encoder_share=statistics.median(enc_times) / total,
         guard_images=guarded / n if low else None, guard_share=statistics.median(guard_times) / total if low else None,
-        guard_flips=flips / n if low else None,
+        guard_flips=flips / n if low else None, **counted,
         preds=[p.pred for p in out], scores=[p.stages[0].scores for p in out],
     )
 

@@ -1,0 +1,58 @@
+"""What a forward and a scoring step dispatch: aten ops that launch work (views launch nothing) and ops that make
+the host wait for the device (``.item()``, ``nonzero``, ``unique``, a copy to the host). ``avarc bench`` reports
+them on every device and the tests hold them down; on CUDA, eager, each counted op is about one kernel launch."""
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .model import Model
+
+SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2", "unique_dim",
+                      "unique_consecutive", "masked_select", "argwhere", "equal", "is_nonzero"})
+
+ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided"})   # no kernel runs
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it that run a kernel (not views, not bare allocations) by name, and the host syncs among them (a sync op, or a
+    copy between devices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in ALLOCATIONS:
+            self.ops[name] += 1
+        to = kwargs.get("device")
+        if name in SYNC_OPS or (name == "_to_copy" and to is not None and torch.device(to) != args[0].device):
+            self.syncs += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+@torch.no_grad()
+def engine_counters(model: Model, rows: int = 1) -> dict[str, float]:
+    """Launches (non-view aten ops) of one full-length forward of ``rows`` pairs, and host syncs of one scoring step
+    (``score_pairs`` with its cache kept), in the model's dtype, after a warm-up call."""
+    spec = model.spec.var
+    tokens = torch.randint(0, spec.vocab_size, (rows, spec.seq_len), generator=torch.Generator().manual_seed(0))
+    classes = torch.arange(rows) % model.num_classes
+    model.score_pairs(tokens, classes, keep_cache=True)
+    with OpCounter() as step:
+        model.score_pairs(tokens, classes, keep_cache=True)
+    var = model.engine_var()
+    mods = var.class_table(classes.tolist()).lookup(classes.to(model.device))
+    x_in = model.vae.quantize.var_input(tokens.to(model.device))
+    with OpCounter() as fwd:
+        var.hidden(classes.to(model.device), x_in, mods=mods)
+    return {"launches_per_forward": float(fwd.total), "host_syncs_per_step": float(step.syncs)}

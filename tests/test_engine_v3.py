@@ -1,0 +1,180 @@
+"""Engine v3's structure, counted on the CPU: aten ops per block, one attention call per forward, host syncs per
+scoring step, the keys/values held against their budget, the class table, the fused head and the compiled block
+(one graph, no graph breaks, no recompiles after warm-up; a compiler failure warns once, running out of memory is
+raised). Numbers against the conformance vectors stay in test_conformance/test_likelihood."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from core.engine import likelihood
+from core.engine.counters import SYNC_OPS, OpCounter, engine_counters
+from core.engine.model import build_model
+from core.engine.profile import Profile, Stage
+from core.engine.schedule import noise_generator, run_stages, sample_tokens
+from core.engine.scoring import Scorer
+from core.models.specs import official_spec
+from core.models.var import CompiledBlock
+
+def _small(depth: int, seed: int = 0):
+    """The d16 geometry (10 scales, 16 heads) narrowed to width 64 and ``depth`` blocks, random weights."""
+    spec = official_spec("d16")
+    spec = dataclasses.replace(spec, var=dataclasses.replace(spec.var, depth=depth, embed_dim=64, num_heads=4))
+    torch.manual_seed(seed)
+    m = build_model(spec)
+    m.var.init_weights()
+    return m
+
+
+@pytest.fixture(scope="module")
+def small():
+    return {d: _small(d) for d in (2, 4)}
+
+
+def _forward_ops(model, num_scales: int = 10, keep_cache: bool = False) -> OpCounter:
+    var, ends = model.var, model.spec.var.scale_ends()
+    tokens = torch.randint(0, model.spec.var.vocab_size, (3, ends[num_scales - 1]))
+    x_in = model.vae.quantize.var_input(tokens)
+    mods = var.class_table([1, 2, 3]).lookup(torch.tensor([1, 2, 3]))
+    with torch.no_grad():
+        var.hidden(torch.tensor([1, 2, 3]), x_in, keep_cache=keep_cache, mods=mods)     # constants made once
+    with torch.no_grad(), OpCounter() as mode:
+        var.hidden(torch.tensor([1, 2, 3]), x_in, keep_cache=keep_cache, mods=mods)
+    return mode
+
+
+@pytest.mark.parametrize("keep_cache", [False, True])
+def test_aten_ops_per_block(small, keep_cache):
+    """fp32 on a CPU: LN, modulate, qkv, q/k norm (norm, clamp, factor, scale), [K/V into the cache], attention,
+    proj, residual, LN, modulate, fc1, GELU, fc2, residual: 16 (17 keeping the cache) where the engine ran ~51.
+    On CUDA fc1's GELU is in the GEMM's epilogue (one fewer)."""
+    a, b = _forward_ops(small[2], keep_cache=keep_cache), _forward_ops(small[4], keep_cache=keep_cache)
+    per_block = (sum(b.ops.values()) - sum(a.ops.values())) / 2
+    assert per_block <= 16 + keep_cache, (b.ops - a.ops)
+    assert (b.ops - a.ops)["_scaled_dot_product_flash_attention_for_cpu"] == 2      # one per block
+
+
+def test_attention_calls_do_not_grow_with_scales(small):
+    m = small[2]
+    calls = [_forward_ops(m, s).ops["_scaled_dot_product_flash_attention_for_cpu"] for s in (1, 4, 7, 10)]
+    assert calls == [2, 2, 2, 2]
+    counted = engine_counters(m)
+    assert counted["host_syncs_per_step"] <= 1 and counted["launches_per_forward"] <= 2 * 17 + 12
+
+
+def test_scoring_step_has_at_most_one_host_transfer(small):
+    """score_pairs (one scoring step on the device): no unique, nonzero or item; the log-probs come back once."""
+    m = small[2]
+    tokens = torch.randint(0, m.spec.var.vocab_size, (2, m.spec.var.seq_len)).repeat_interleave(3, 0)
+    classes = torch.tensor([0, 1, 2] * 2)
+    m.score_pairs(tokens, classes, num_scales=6)            # warm: the class table, the attention plan
+    with OpCounter() as mode:
+        m.score_pairs(tokens, classes, num_scales=6, chunk=2, keep_cache=True)
+    assert mode.syncs <= 1
+    assert not any(name in mode.ops for name in SYNC_OPS)
+
+
+def test_kept_keys_values_fit_the_budget(small):
+    """The cache holds only K and V (2·C per token and block, not the 3·C qkv buffer it used to view), in one
+    preallocated buffer per block, and a scorer keeps no more than its budget."""
+    m = small[2]
+    spec = m.spec.var
+    n_tok, rows = spec.scale_ends()[5], 6
+    tokens = torch.randint(0, spec.vocab_size, (rows, spec.seq_len))
+    res = m.score_pairs(tokens, torch.arange(rows), num_scales=6, chunk=4, keep_cache=True)
+    exact = rows * spec.depth * 2 * n_tok * spec.embed_dim * 4
+    assert res.cache.nbytes == exact and len(res.cache.bufs) == spec.depth
+    budget = exact + 1
+    scorer = Scorer(m, cache_bytes=budget)
+    scorer.score(tokens, torch.arange(rows), 6, [(i, 0) for i in range(rows)], keep_for_later=True)
+    held = sum(b.cache.nbytes for b in scorer.batches.values() if b.cache is not None)
+    assert 0 < held <= budget
+    small_scorer = Scorer(m, cache_bytes=exact - 1)          # does not fit: nothing kept
+    small_scorer.score(tokens, torch.arange(rows), 6, [(i, 0) for i in range(rows)], keep_for_later=True)
+    assert all(b.cache is None for b in small_scorer.batches.values())
+
+
+def test_class_table_once_per_class_set(small):
+    var = small[2].var
+    t = var.class_table([3, 5, 7])
+    assert var.class_table([5, 7]) is t                    # survivors are a subset: the same table
+    with torch.no_grad():
+        rows = var.modulations(var.conditions(torch.tensor([7, 3])))
+    assert torch.allclose(t.lookup(torch.tensor([7, 3])), rows, atol=1e-6)
+    u = var.class_table([11])
+    assert u is not t and set(u.ids) >= {3, 5, 7, 11}
+
+
+def test_fused_head_equals_log_softmax(small, monkeypatch):
+    """In tiles of a few tokens (no B×L×V logits at once) the target log-probs equal a full log-softmax's."""
+    var = small[2].var
+    h = torch.randn(2, 37, var.spec.embed_dim)
+    targets = torch.randint(0, var.spec.vocab_size, (2, 37))
+    want = torch.log_softmax(var.head(h), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    monkeypatch.setattr(likelihood, "HEAD_TILE_BYTES", 5 * 4 * var.spec.vocab_size)     # 5 tokens a tile
+    got = likelihood.target_logp(var, h, targets)
+    assert (got - want).abs().max() < 1e-4
+
+
+def _schedule(model):
+    latents = torch.randn(2, model.spec.vae.z_channels, 16, 16)
+    gens = [noise_generator(0, f"i{k}") for k in range(2)]
+    profile = Profile("c", (Stage(2, 1, 3), Stage(3, 2, 2), Stage(3, 1, 1)), sigma=0.1)
+    tokens = sample_tokens(model, latents, 2, 0.1, gens)
+    return lambda: (run_stages(model, tokens, range(6), profile, Scorer(model)),
+                    model.pair_logp(tokens[:1, 0], torch.tensor([1]), 3))
+
+
+def test_compiled_block_one_graph_no_breaks_no_recompiles():
+    """Under torch.compile (fullgraph: a break would raise) stages 1–3 with smoothing, the precision guard's fp32
+    re-scoring and a 1-row forward compile once per dtype during warm-up; a second run compiles nothing more."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = _small(2)
+    model.compile, model.dtype = True, torch.bfloat16
+    model._engines.clear()
+    for dt in (torch.bfloat16, torch.float32):
+        model.engine_var(dt).block_fn.backend = "eager"
+    run = _schedule(model)
+    counters.clear()
+    run()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["graph_break"]
+    counters.clear()
+    run()
+    assert counters["stats"]["unique_graphs"] == 0 and not counters["recompiles"] and not counters["graph_break"]
+    assert not any(model.engine_var(dt).block_fn.failed for dt in (torch.bfloat16, torch.float32))
+
+
+def test_compiler_failure_warns_once_and_oom_is_raised(small, caplog):
+    m = small[2]
+    tokens = torch.randint(0, m.spec.vocab_size if hasattr(m.spec, "vocab_size") else 4096, (2, 30))
+    want = m.pair_logp(tokens, torch.tensor([1, 2]), 4)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    def oom(gm, example_inputs):
+        def run(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run
+
+    var = m.var
+    try:
+        torch._dynamo.reset()
+        var.block_fn = CompiledBlock(broken)
+        with caplog.at_level(logging.WARNING, logger="avarc"):
+            got = [m.pair_logp(tokens, torch.tensor([1, 2]), 4) for _ in range(2)]
+        assert all(torch.allclose(g, want, atol=1e-5) for g in got)
+        assert len([r for r in caplog.records if "compiling the blocks failed" in r.message]) == 1
+        torch._dynamo.reset()
+        var.block_fn = CompiledBlock(oom)
+        with pytest.raises(torch.OutOfMemoryError):
+            m.pair_logp(tokens, torch.tensor([1, 2]), 4, chunk=1)
+        assert not var.block_fn.failed
+    finally:
+        var.block_fn = None
+        torch._dynamo.reset()
