@@ -72,6 +72,7 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: 
         "stages": [{"scales": st.scales, "samples": st.samples, "keep": st.keep, "candidates": st.candidates,
                     "scores": [round(s, 4) for s in st.scores]} for st in p.stages],
         "exited_after": p.exited_after,
+        "gflops": p.gflops,
         "posterior": [{"class": c, "name": names[c], "p": round(q, 6)} for c, q in p.posterior[:topk]],
         "status": "ok",
         "error": None,
