@@ -111,6 +111,8 @@ def _report(run: ClassifyRun, topk: int, world: int) -> None:
                  for i, (st, r) in enumerate(zip(profile.stages, m.recall), 1)]
     if any(st.exit_margin is not None for st in profile.stages):
         rows.append(("early exits", m.early_exits))
+    if run.gflops_per_image is not None:
+        rows.append(("GFLOPs/image executed (mean)", f"{run.gflops_per_image:.4g}"))
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
     output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)

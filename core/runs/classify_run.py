@@ -33,12 +33,24 @@ class ClassifyRun:
     unreadable: int = 0              # of them, skipped records
     safe: int = 0                    # records in the results file
     start: float = field(default_factory=time.perf_counter)
+    gflops: list[float] = field(default_factory=list)    # executed GFLOPs of each ok record in the file
+
+    def count(self, records) -> None:
+        """Add records (new or resumed) to the metrics and the compute total."""
+        for rec in records:
+            self.metrics.add(rec)
+            if rec["status"] == "ok" and isinstance(rec.get("gflops"), dict):
+                self.gflops.append(rec["gflops"]["executed"])
+
+    @property
+    def gflops_per_image(self) -> float | None:
+        """Mean executed GFLOPs per classified image, read from the records (exits and reuse included)."""
+        return sum(self.gflops) / len(self.gflops) if self.gflops else None
 
     def __iter__(self) -> Iterator[list[dict]]:
         for batch in self.clf.classify_items(self.todo, self.found.candidates, run_key=self.run_key, **self.options):
             self.results.write(batch)
-            for rec in batch:
-                self.metrics.add(rec)
+            self.count(batch)
             self.new, self.safe = self.new + len(batch), self.safe + len(batch)
             self.unreadable += sum(r["status"] != "ok" for r in batch)
             self.records += batch if self.keep_records else []
@@ -93,9 +105,9 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
     with results_file(out, resume, run_key, dist) as results:
-        for rec in results.resumed.done.values() if results.resumed else ():
-            metrics.add(rec)
         todo = [it for it in found.items if image_key(it.path) not in results.done]
-        yield ClassifyRun(clf, found, run_key, results, todo, metrics,
+        run = ClassifyRun(clf, found, run_key, results, todo, metrics,
                           dict(seed=seed, temperature=temperature, topk=topk, dist=dist), keep_records,
                           safe=len(results.done))
+        run.count(results.resumed.done.values() if results.resumed else ())
+        yield run
