@@ -27,7 +27,7 @@ from .tasks.explain import Explanation, Target, check_scales, explain_images
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .engine.model import Model
 from .engine.runtime import resolve_device, resolve_dtype
-from .io.preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil
+from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil
 from .engine.profile import Profile
 from .io.profiles import default_profile_name, load_profile
 from .io.registry import entry, is_registry_name
@@ -198,7 +198,7 @@ class Classifier:
 
     def load(self, item: Item) -> np.ndarray | str:
         """An item's model-input pixels, or why it cannot be read (every batch loop's loader)."""
-        return load_pixels(item.path, self.spec.image_size, self.spec.preprocess)
+        return item.pixels(self.spec.image_size, self.spec.preprocess)
 
     # explain
     def explain(self, images: Sequence[ImageInput] | torch.Tensor, *, a: int | str | None = None, b: int | str | None = None,

@@ -13,7 +13,7 @@ from typing import Iterator
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.results import Metrics, ResultsFile, append_csv_summary, check_csv, image_key, results_file, summary_row
+from ..io.results import Metrics, ResultsFile, append_csv_summary, check_csv, results_file, summary_row
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ClassifyRun:
     def notes(self) -> list[str]:
         """What a person should know before the run starts: left-out images, stages that keep every candidate, what
         resuming found."""
-        out, stages, n = [], self.clf.profile.stages, len(self.found.candidates)
+        out, stages, n = list(self.found.notes), self.clf.profile.stages, len(self.found.candidates)
         if self.found.left_out:
             out.append(f"note: left out {self.found.left_out} labelled images whose class is not a candidate")
         big = [i for i, st in enumerate(stages, 1) if st.keep > n]
@@ -105,7 +105,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
     with results_file(out, resume, run_key, dist) as results:
-        todo = [it for it in found.items if image_key(it.path) not in results.done]
+        todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,
                           dict(seed=seed, temperature=temperature, topk=topk, dist=dist), keep_records,
                           safe=len(results.done))
