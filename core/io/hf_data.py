@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -20,7 +21,7 @@ from PIL import Image
 from ..errors import AvarcError
 from .preprocess import open_image, to_rgb
 
-HUB = "hf://datasets/"
+_HUB = re.compile(r"hf:/+datasets/(?P<repo>.*)")     # a shell Path folds hf:// to hf:/
 _NOT_PARQUET_OK = {"README.md", ".gitattributes"}
 
 
@@ -33,7 +34,7 @@ def _parquet_folder(path: Path) -> bool:
 def is_dataset(raw: str | os.PathLike) -> bool:
     """A hub address, a parquet file, a ``save_to_disk`` folder or a folder of parquet files."""
     text, path = str(raw), Path(raw)
-    if text.startswith(HUB):
+    if _HUB.fullmatch(text):
         return True
     if path.is_file():
         return path.suffix == ".parquet"
@@ -66,8 +67,9 @@ def load_split(raw: str, split: str | None):
     ds_lib = _datasets()
     path = Path(raw)
     try:
-        if raw.startswith(HUB):
-            repo = raw[len(HUB):].strip("/")
+        hub = _HUB.fullmatch(raw)
+        if hub:
+            repo = hub["repo"].strip("/")
             if repo.count("/") != 1:
                 raise AvarcError(f"{raw}: not a hub dataset address; write hf://datasets/OWNER/NAME")
             found = ds_lib.load_dataset(repo)
@@ -146,7 +148,8 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         if not is_dataset(raw):
             raise AvarcError(f"{raw}: pass datasets alone, or files and folders alone, in one run")
         split_name, ds = load_split(str(raw), split)
-        where = f"{raw}[{split_name}]"
+        hub = _HUB.fullmatch(str(raw))
+        where = f"hf://datasets/{hub['repo'].strip('/')}[{split_name}]" if hub else f"{raw}[{split_name}]"
         image_col = _column(str(raw), ds, image_column, ds_lib.Image, "images", "image_column")
         if image_col is None:
             raise AvarcError(f"{raw}: no column holds images (an Image feature); name it with --image-column "
