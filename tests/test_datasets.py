@@ -1,0 +1,133 @@
+"""Hugging Face ``datasets`` inputs (core/io/hf_data.py): the digits test split as a folder of PNGs, a parquet file, a
+folder of parquet files (the hub's layout) and a ``save_to_disk`` folder give the same predictions and scores;
+resume after kill -9; one-line errors for a missing column, a non-image column and a bad split."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import avarc
+
+datasets = pytest.importorskip("datasets")
+
+REPO = Path(__file__).resolve().parents[1]
+PLAIN = "stages:\n  - {scales: 3, samples: 1, keep: 4}\n  - {scales: all, samples: 1, keep: 1}\n"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """The digits test split as class folders, and the same PNG bytes in the folder's order as a dataset (Image and
+    ClassLabel features, and a string column) in three formats; a profile without smoothing noise (whose seed is
+    the image's path, which differs between a file and a row)."""
+    from scripts.digits import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    os.environ.setdefault("HF_DATASETS_CACHE", str(root / "hf-cache"))
+    test = load_digits("test")
+    folder = root / "folder"
+    rows = sorted(zip(test.images, test.labels, test.indices), key=lambda r: (str(r[1]), f"{r[2]}.png"))
+    for image, label, index in rows:
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        (folder / str(label) / f"{index}.png").write_bytes(_png(image))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+                                  "index": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(im), "path": None} for im, _, _ in rows],
+                                     "label": [int(y) for _, y, _ in rows], "index": [int(i) for _, _, i in rows]},
+                                    features=features)
+    ds.to_parquet(str(root / "digits.parquet"))
+    (root / "hub" / "data").mkdir(parents=True)
+    ds.to_parquet(str(root / "hub" / "data" / "test-00000-of-00001.parquet"))
+    (root / "hub" / "README.md").write_text("digits test split\n")
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(root / "saved"))
+    bad = datasets.concatenate_datasets([ds, datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"not an image", "path": None}], "label": [3], "index": [-1]}, features=features)])
+    bad.to_parquet(str(root / "with-bad-row.parquet"))
+    (root / "plain.yaml").write_text(PLAIN)
+    return {"root": root, "folder": folder, "parquet": root / "digits.parquet", "hub": root / "hub",
+            "saved": root / "saved", "bad": root / "with-bad-row.parquet", "profile": root / "plain.yaml"}
+
+
+def _classify(monkeypatch, capsys, digits, source, out: Path, *extra) -> tuple[int, str, str]:
+    return avarc(monkeypatch, capsys, "classify", source, "--device", "cpu", "--profile", digits["profile"],
+                 "--out", out, *extra)
+
+
+def test_every_format_gives_the_folder_runs_predictions_and_scores(digits, tmp_path, monkeypatch, capsys):
+    code, _, err = _classify(monkeypatch, capsys, digits, digits["folder"], tmp_path / "folder.jsonl")
+    assert code == 0, err
+    want = read_jsonl(tmp_path / "folder.jsonl")
+    assert len(want) == 359
+    for name, extra, split in (("parquet", ["--split", "test"], "test"), ("hub", [], "test"), ("saved", [], "test")):
+        out = tmp_path / f"{name}.jsonl"
+        code, stdout, err = _classify(monkeypatch, capsys, digits, digits[name], out, *extra)
+        assert code == 0, err
+        got = read_jsonl(out)
+        assert [r["path"] for r in got] == [f"{digits[name]}[{split}]#{i}" for i in range(359)]
+        assert [(r["label"], r["pred"], r["label_rank"]) for r in got] == [(r["label"], r["pred"], r["label_rank"]) for r in want]
+        assert [r["stages"] for r in got] == [r["stages"] for r in want]
+        assert [r["gflops"] for r in got] == [r["gflops"] for r in want]
+        assert "top-1" in stdout
+
+
+def test_resume_after_kill_9_leaves_one_record_per_row_and_a_bad_row_is_skipped(digits, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bad.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "avarc_cli", "classify", str(digits["bad"]), "--device", "cpu", "--profile",
+           str(digits["profile"]), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(out.read_text().splitlines())
+    assert 0 < before < 360, "the run was not cut off mid-way"
+    code, _, err = _classify(monkeypatch, capsys, digits, digits["bad"], out, "--resume")
+    assert code == 0, err and f"resume: {before} images already done" in err.replace("\n", " ")
+    records = read_jsonl(out)
+    assert sorted(r["path"] for r in records) == sorted(f"{digits['bad']}[train]#{i}" for i in range(360))
+    skipped = [r for r in records if r["status"] != "ok"]
+    assert [r["path"] for r in skipped] == [f"{digits['bad']}[train]#359"]
+    assert "not a readable image" in skipped[0]["error"] and skipped[0]["label"] == 3
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--image-column", "picture"], "no column 'picture'; its columns: image, label, index"),
+    (["--image-column", "index"], "column 'index' holds"),
+    (["--label-column", "image"], "column 'image' holds"),
+    (["--split", "validation"], "no split 'validation'; its splits: test"),
+])
+def test_dataset_mistakes_are_one_line(digits, monkeypatch, capsys, args, says):
+    code, _, err = avarc(monkeypatch, capsys, "classify", digits["saved"], "--device", "cpu", *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_from_list_reads_paths_relative_to_the_list(digits, tmp_path, monkeypatch, capsys):
+    files = sorted((digits["folder"] / "3").iterdir())[:3]
+    listing = digits["folder"] / "mine.txt"
+    listing.write_text("# three threes\n" + "".join(f"{f.relative_to(digits['folder'])}\n" for f in files) + "\n")
+    out = tmp_path / "list.jsonl"
+    code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", listing, "--device", "cpu", "--out", out)
+    assert code == 0, err
+    assert [r["path"] for r in read_jsonl(out)] == [str(f) for f in files]
+    code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", tmp_path / "none.txt")
+    assert code == 2 and "none.txt: no such list file" in err
