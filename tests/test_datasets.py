@@ -3,19 +3,23 @@ folder of parquet files (the hub's layout) and a ``save_to_disk`` folder give th
 resume after kill -9; one-line errors for a missing column, a non-image column and a bad split."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 from PIL import Image
 
 from tests.conftest import avarc
+from tests.test_download import COMMIT, FakeHub, _Handler
 
 datasets = pytest.importorskip("datasets")
 
@@ -133,3 +137,92 @@ def test_from_list_reads_paths_relative_to_the_list(digits, tmp_path, monkeypatc
     assert [r["path"] for r in read_jsonl(out)] == [str(f) for f in files]
     code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", tmp_path / "none.txt")
     assert code == 2 and "none.txt: no such list file" in err
+
+
+DATASET = "avarc-tests/digits"
+
+
+class _DatasetHandler(_Handler):
+    """The download tests' hub stand-in, also answering for one dataset repo as the hub's API does: its info, its
+    tree, paths-info, and its files under /datasets/OWNER/NAME/resolve/REV/PATH (other paths as before)."""
+
+    def do_POST(self) -> None:
+        self._serve(body=True)
+
+    def _json(self, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _serve(self, body: bool) -> None:
+        hub: FakeHub = self.server
+        url = urlparse(self.path)
+        path, api, files = unquote(url.path), f"/api/datasets/{DATASET}", hub.dataset_files
+        if not path.startswith((api, f"/datasets/{DATASET}/")):
+            return super()._serve(body)
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode()) if length else {}
+        hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        entries = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for f, b in files.items()]
+        entries += [{"type": "directory", "path": "data", "oid": "0" * 40, "size": 0}]
+        if path in (api, f"{api}/revision/main", f"{api}/revision/{COMMIT}"):
+            return self._json({"id": DATASET, "sha": COMMIT, "private": False, "gated": False, "disabled": False,
+                               "siblings": [{"rfilename": f} for f in files], "tags": [], "cardData": {},
+                               "lastModified": "2026-01-01T00:00:00.000Z"})
+        if path.startswith(f"{api}/tree/"):
+            folder = path[len(f"{api}/tree/"):].partition("/")[2]
+            return self._json([e for e in entries if e["path"].rpartition("/")[0] == folder])
+        if path.startswith(f"{api}/paths-info/"):
+            return self._json([e for e in entries if e["path"] in form.get("paths", [])])
+        rev, _, name = path[len(f"/datasets/{DATASET}/resolve/"):].partition("/")
+        if rev not in ("main", COMMIT) or name not in files:
+            return self._error(404, "EntryNotFound")
+        data = files[name]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+@pytest.fixture
+def dataset_hub(digits):
+    server = FakeHub()
+    server.RequestHandlerClass = _DatasetHandler
+    server.dataset_files = {"README.md": b"digits test split\n",
+                            "data/test-00000-of-00001.parquet": (digits["hub"] / "data/test-00000-of-00001.parquet").read_bytes()}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_dataset_through_the_hf_cache_then_offline(digits, dataset_hub, tmp_path, monkeypatch, capsys):
+    code, _, err = _classify(monkeypatch, capsys, digits, digits["folder"], tmp_path / "folder.jsonl")
+    assert code == 0, err
+    want = read_jsonl(tmp_path / "folder.jsonl")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env = {**keep, "HF_ENDPOINT": dataset_hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "COLUMNS": "400"}
+    for offline in ("0", "1"):
+        out = tmp_path / f"hub{offline}.jsonl"
+        seen = len(dataset_hub.requests)
+        done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", f"hf://datasets/{DATASET}", "--device",
+                               "cpu", "--profile", str(digits["profile"]), "--out", str(out)],
+                              env={**env, "HF_HUB_OFFLINE": offline}, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        got = read_jsonl(out)
+        assert [r["path"] for r in got] == [f"hf://datasets/{DATASET}[test]#{i}" for i in range(N)]
+        assert [(r["pred"], r["stages"]) for r in got] == [(r["pred"], r["stages"]) for r in want]
+        assert (len(dataset_hub.requests) > seen) == (offline == "0")      # offline: the cache, not one request
+    done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", "hf://datasets/avarc-tests/nothing-cached"],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "hf://datasets/avarc-tests/nothing-cached: not in the HF cache and HF_HUB_OFFLINE is set" in done.stderr

@@ -1,6 +1,6 @@
 """Hugging Face ``datasets`` as inputs (the optional ``avarc[datasets]`` extra): a ``save_to_disk`` folder, parquet
-files or a folder of them, or ``hf://datasets/OWNER/NAME`` from the hub (fetched through the HF cache, so
-``HF_HUB_OFFLINE=1`` reads the cache and asks nothing).
+files or a folder of them, or ``hf://datasets/OWNER/NAME`` from the hub (fetched into the HF cache rather than
+streamed: resuming and the batch loader take rows by number; ``HF_HUB_OFFLINE=1`` reads the cache and asks nothing).
 
 A row becomes an :class:`~core.io.data.Item` whose ``path`` is ``DATASET[split]#ROW`` (what records show and
 ``--resume`` matches on). The image column is the split's ``Image`` feature and the label column its ``ClassLabel``
@@ -62,9 +62,16 @@ def _splits(name: str, found: dict, split: str | None):
     return split, found[split]
 
 
+def display(raw: str | os.PathLike) -> str:
+    """How records and messages name an input (a shell path folds ``hf://`` to ``hf:/``; shown as written)."""
+    hub = _HUB.fullmatch(str(raw))
+    return f"hf://datasets/{hub['repo'].strip('/')}" if hub else str(raw)
+
+
 def load_split(raw: str, split: str | None):
     """(split name, ``datasets.Dataset``) of one input."""
     ds_lib = _datasets()
+    raw = display(raw)
     path = Path(raw)
     try:
         hub = _HUB.fullmatch(raw)
@@ -83,7 +90,11 @@ def load_split(raw: str, split: str | None):
             found = ds_lib.load_dataset("parquet", data_dir=str(path))
     except AvarcError:
         raise
-    except (FileNotFoundError, ValueError, OSError, ConnectionError) as e:
+    except ConnectionError as e:
+        if "offline" in str(e).lower():
+            raise AvarcError(f"{raw}: not in the HF cache and HF_HUB_OFFLINE is set; run once online to cache it")
+        raise AvarcError(f"{raw}: cannot reach the hub ({str(e).splitlines()[0]}); check the network or HF_ENDPOINT")
+    except (FileNotFoundError, ValueError, OSError) as e:
         if "split" in str(e).lower() and split:
             raise AvarcError(f"{raw}: no split {split!r} ({str(e).splitlines()[0]})", option="split") from None
         raise AvarcError(f"{raw}: cannot read this dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -148,13 +159,12 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         if not is_dataset(raw):
             raise AvarcError(f"{raw}: pass datasets alone, or files and folders alone, in one run")
         split_name, ds = load_split(str(raw), split)
-        hub = _HUB.fullmatch(str(raw))
-        where = f"hf://datasets/{hub['repo'].strip('/')}[{split_name}]" if hub else f"{raw}[{split_name}]"
-        image_col = _column(str(raw), ds, image_column, ds_lib.Image, "images", "image_column")
+        where = f"{display(raw)}[{split_name}]"
+        image_col = _column(display(raw), ds, image_column, ds_lib.Image, "images", "image_column")
         if image_col is None:
-            raise AvarcError(f"{raw}: no column holds images (an Image feature); name it with --image-column "
+            raise AvarcError(f"{display(raw)}: no column holds images (an Image feature); name it with --image-column "
                              f"(columns: {', '.join(ds.features)})", option="image_column")
-        label_col = _column(str(raw), ds, label_column, ds_lib.ClassLabel, "class labels (a ClassLabel feature)",
+        label_col = _column(display(raw), ds, label_column, ds_lib.ClassLabel, "class labels (a ClassLabel feature)",
                             "label_column")
         splits.append((where, ds, image_col, label_col))
     if labels == "folders" and any(lc is None for *_, lc in splits):
