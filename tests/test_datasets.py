@@ -67,9 +67,10 @@ def digits(tmp_path_factory) -> dict[str, Path]:
     bad = datasets.concatenate_datasets([ds, datasets.Dataset.from_dict(
         {"image": [{"bytes": b"not an image", "path": None}], "label": [3], "index": [-1]}, features=features)])
     bad.to_parquet(str(root / "with-bad-row.parquet"))
+    ds.select(range(3)).to_parquet(str(root / "three.parquet"))
     (root / "plain.yaml").write_text(PLAIN)
     return {"root": root, "folder": folder, "parquet": root / "digits.parquet", "hub": root / "hub",
-            "saved": root / "saved", "bad": root / "with-bad-row.parquet", "profile": root / "plain.yaml"}
+            "saved": root / "saved", "bad": root / "with-bad-row.parquet", "three": root / "three.parquet", "profile": root / "plain.yaml"}
 
 
 def _classify(monkeypatch, capsys, digits, source, out: Path, *extra) -> tuple[int, str, str]:
@@ -226,3 +227,23 @@ def test_hub_dataset_through_the_hf_cache_then_offline(digits, dataset_hub, tmp_
                           env={**env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "hf://datasets/avarc-tests/nothing-cached: not in the HF cache and HF_HUB_OFFLINE is set" in done.stderr
+
+
+def test_explain_and_tune_read_datasets(digits, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    files = sorted((digits["folder"] / "0").iterdir())[:3]          # the dataset's first three rows, as files
+    listing = tmp_path / "three.txt"
+    listing.write_text("".join(f"{f}\n" for f in files))
+    for name, source in (("files", ["--from-list", listing]), ("rows", [digits["three"]])):
+        code, _, err = avarc(monkeypatch, capsys, "explain", *source, "--device", "cpu", "--profile", digits["profile"],
+                             "--labels", "none", "--out", tmp_path / name)
+        assert code == 0, err
+    rows = [tmp_path / "rows" / f"three{n}.npz" for n in ("", "-2", "-3")]       # row 0, 1, 2 of three.parquet
+    for f, r in zip(files, rows):
+        a, b = np.load(tmp_path / "files" / f"{f.stem}.npz"), np.load(r)
+        assert np.array_equal(a["classes"], b["classes"]) and np.allclose(a["maps"], b["maps"])
+    code, stdout, err = avarc(monkeypatch, capsys, "tune", digits["saved"], "--device", "cpu", "--split", "test",
+                              "--out", tmp_path / "tuned.yaml", "--stages", "1..2")
+    assert code == 0, err
+    assert (tmp_path / "tuned.yaml").is_file() and "120" in stdout + err
