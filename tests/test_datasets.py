@@ -247,3 +247,22 @@ def test_explain_and_tune_read_datasets(digits, tmp_path, monkeypatch, capsys):
                               "--out", tmp_path / "tuned.yaml", "--stages", "1..2")
     assert code == 0, err
     assert (tmp_path / "tuned.yaml").is_file() and "120" in stdout + err
+
+
+def test_add_class_learns_the_classes_a_dataset_names(digits, tmp_path, monkeypatch, capsys):
+    import torch
+    from scripts.digits import load_digits
+
+    test = load_digits("test")
+    sevens = [_png(im) for im in test.images[test.labels == 7][:6]]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["sevens"])})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in sevens + [b"junk"]],
+                                     "label": [0] * 7}, features=features)
+    ds.save_to_disk(str(tmp_path / "new"))
+    ext = tmp_path / "sevens.pt"
+    code, out, err = avarc(monkeypatch, capsys, "add-class", tmp_path / "new", "--steps", "2", "--holdout", "0",
+                           "--device", "cpu", "--out", ext)
+    assert code == 0, err
+    assert "new[train]#6: not a readable image" in err.replace("\n", "") and "sevens" in out
+    saved = torch.load(ext, weights_only=True)
+    assert saved["names"] == ["sevens"] and saved["training"]["images"]["sevens"]["train"] == 6

@@ -16,10 +16,11 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image
 
 from ..errors import AvarcError
-from .preprocess import open_image, to_rgb
+from .preprocess import open_image, preprocess_pil, to_rgb
 
 _HUB = re.compile(r"hf:/+datasets/(?P<repo>.*)")     # a shell Path folds hf:// to hf:/
 _NOT_PARQUET_OK = {"README.md", ".gitattributes"}
@@ -188,3 +189,36 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
             raise AvarcError(f"{where}: no rows; pass a split with images", option="split")
         out.append(Rows(where, SplitImages(where, ds, image_col), ids))
     return out, labelled
+
+
+def class_names(raw: str | os.PathLike, split: str | None, label_column: str | None) -> list[str]:
+    """The ``ClassLabel`` names of a labelled dataset (``add-class``: the new classes it holds)."""
+    ds_lib = _datasets()
+    split_name, ds = load_split(str(raw), split)
+    column = _column(display(raw), ds, label_column, ds_lib.ClassLabel, "class labels (a ClassLabel feature)",
+                     "label_column")
+    if column is None:
+        raise AvarcError(f"{display(raw)}[{split_name}]: no label column (a ClassLabel feature) to name the new "
+                         f"classes; name it with --label-column (columns: {', '.join(ds.features)})", option="label_column")
+    return list(ds.features[column].names)
+
+
+def class_pixels(raw: str | os.PathLike, split: str | None, image_column: str | None, label_column: str | None,
+                 size: int, preprocess: str) -> tuple[dict[str, list[np.ndarray]], list[tuple[str, str]]]:
+    """Every readable row of a labelled dataset, prepared as the model expects, by ``ClassLabel`` name, and the rows
+    skipped with their reason (``add-class``'s reading of a dataset)."""
+    names = class_names(raw, split, label_column)
+    found, _ = read_rows([raw], lambda name, _where: names.index(name), "folders", split, image_column, label_column)
+    images: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    skipped = []
+    for rows in found:
+        for i, y in enumerate(rows.labels):
+            where = f"{rows.where}#{i}"
+            try:
+                px = preprocess_pil(rows.images.image(i), size, preprocess)
+            except AvarcError as e:
+                skipped.append((where, str(e)))
+                continue
+            if y is not None:
+                images[names[y]].append(px)
+    return images, skipped
