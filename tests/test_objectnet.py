@@ -67,6 +67,7 @@ def release(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def var1000(tmp_path_factory) -> Path:
     spec = dataclasses.replace(CS.load().spec, var=VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=1000))
+    torch.manual_seed(0)
     var = build_model(spec, "cpu").var
     var.init_weights()
     path = tmp_path_factory.mktemp("m") / "var1000.pth"
@@ -152,3 +153,17 @@ def test_cli_error_is_one_line(release, var1000, tmp_path, monkeypatch, capsys):
     code, stdout, stderr = avarc(monkeypatch, capsys, "classify", tmp_path, "--model", var1000, "--vae", CS.vae_path,
                                  "--device", "cpu", "--dataset", "objectnet")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "not an ObjectNet release" in stderr
+
+
+def test_report_tables_name_objectnet_classes(release, var1000, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    a, b = OVERLAP[:2]
+    out = tmp_path / "on.jsonl"
+    code, _, err = avarc(monkeypatch, capsys, "classify", release, "--model", var1000, "--vae", CS.vae_path, "--device",
+                         "cpu", "--dataset", "objectnet", "--out", out, "--classes", f"{a},{b},{OVERLAP[32]}",
+                         "--profile", "varc")
+    assert code == 0, err
+    code, _, err = avarc(monkeypatch, capsys, "report", out, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "<td>Thing 0</td><td>2</td>" in page and "<td>Thing 20</td><td>1</td>" in page   # not its two ImageNet ids

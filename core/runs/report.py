@@ -142,6 +142,11 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
         cm[idx[r["label"]], idx[r["pred"]]] += 1
     tick = [str(names[c]) for c in labels]
     per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–") for i, c in enumerate(labels)]
+    if any("accepted" in r for r in lab):      # ObjectNet: one row per ObjectNet class, right = any accepted class
+        by_class: dict[str, list[int]] = {}
+        for r in lab:
+            by_class.setdefault(r["label_name"], []).append(r["pred"] == r["label"])
+        per = [(name, len(ok), f"{np.mean(ok):.1%}") for name, ok in sorted(by_class.items())]
     fig, ax = plt.subplots(figsize=(max(4, 0.32 * len(labels) + 2), 3))
     rows_with = cm.sum(1) > 0
     ax.bar(np.arange(len(labels))[rows_with], (np.diag(cm) / np.maximum(cm.sum(1), 1))[rows_with], color="#4c72b0")
