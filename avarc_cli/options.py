@@ -49,3 +49,8 @@ ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Restrict t
 SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Restrict candidates (and labelled images) to a synset list: imagenet100, imageneta100, imagenetr100 or a file.")]
 InputsArg = Annotated[Optional[list[Path]], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: 1 for tiny models, else the cores not busy with other work; see README, Threads).")]
+FromListOpt = Annotated[Optional[Path], typer.Option("--from-list", help="Also read image paths from this text file, one a line (relative paths: from the file's folder).", show_default=False)]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a Hugging Face dataset input (default: its only split).", show_default=False)]
+ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="Column of a dataset input that holds the images (default: its Image feature).", show_default=False)]
+LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="Column of a dataset input that holds the labels (default: its ClassLabel feature).", show_default=False)]
+BorderOpt = Annotated[int, typer.Option("--border", min=0, help="--dataset objectnet: pixels cropped off each side first (the release's frame), as public ObjectNet evaluations do.")]

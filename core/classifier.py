@@ -27,7 +27,7 @@ from .tasks.explain import Explanation, Target, check_scales, explain_images
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .engine.model import Model
 from .engine.runtime import resolve_device, resolve_dtype
-from .io.preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil
+from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil
 from .engine.profile import Profile
 from .io.profiles import default_profile_name, load_profile
 from .io.registry import entry, is_registry_name
@@ -36,6 +36,7 @@ from .io.results import model_identity, ok_record, run_info, skipped_record
 from .engine.stages import Prediction
 from .engine.schedule import classify as run_schedule, noise_generator
 from .engine.scoring import Scorer
+from .engine.flops import image_gflops
 from .models.specs import ModelSpec
 from .engine.runtime import set_threads
 
@@ -148,10 +149,11 @@ class Classifier:
         ``temperature`` None: the profile's (fitted by ``avarc tune``), else 1."""
         gens = [noise_generator(seed, k) for k in keys]
         temperature = temperature if temperature is not None else self.profile.temperature or 1.0
-        preds = run_schedule(self.model, self.model.encode(x), candidates, self.profile, gens,
-                             Scorer(self.model, self.batch_size), temperature)
+        scorer = Scorer(self.model, self.batch_size)
+        preds = run_schedule(self.model, self.model.encode(x), candidates, self.profile, gens, scorer, temperature)
         names = self.class_names
-        return [replace(p, pred_name=names[p.pred]) for p in preds]
+        return [replace(p, pred_name=names[p.pred], gflops=image_gflops(self.spec, p.stages, scorer.executed(i)))
+                for i, p in enumerate(preds)]
 
     def classify(self, images: Sequence[ImageInput] | torch.Tensor, *, labels: Sequence[int | str | None] | None = None,
                  candidates: Sequence[int | str] | None = None, seed: int = 0, temperature: float | None = None,
@@ -196,7 +198,7 @@ class Classifier:
 
     def load(self, item: Item) -> np.ndarray | str:
         """An item's model-input pixels, or why it cannot be read (every batch loop's loader)."""
-        return load_pixels(item.path, self.spec.image_size, self.spec.preprocess)
+        return item.pixels(self.spec.image_size, self.spec.preprocess)
 
     # explain
     def explain(self, images: Sequence[ImageInput] | torch.Tensor, *, a: int | str | None = None, b: int | str | None = None,

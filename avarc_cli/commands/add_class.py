@@ -5,21 +5,28 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
+import torch
 import typer
 
 from core import AvarcError, Classifier
 from core.io.files import absolute, check_output_file
-from core.tasks.incremental import INITS, check_names, labelled_folders, read_class_folders
+from core.io import hf_data
+from core.io.preprocess import pixels_to_tensor
+from core.tasks.incremental import INITS, ClassImages, check_names, labelled_folders, read_class_folders
 
 from .. import output
 from ..interrupt import interruptible
-from ..options import DeviceOpt, DtypeOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt, ThreadsOpt, TrustPickleOpt, VaeOpt
+from ..options import (DeviceOpt, DtypeOpt, ExtensionOpt, ImageColumnOpt, LabelColumnOpt, ModelDirOpt, ModelOpt, PatchNumsOpt,
+                       SplitOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 Init = Literal[INITS]  # type: ignore[valid-type]   (the initialisations core knows)
 
 
 def add_class(
-    classes: Annotated[list[str], typer.Argument(metavar="NAME DIR | NAME=DIR... | FOLDER", help="NAME IMAGES_DIR, or NAME=DIR pairs, or one folder of class sub-folders.", show_default=False)],
+    classes: Annotated[list[str], typer.Argument(metavar="NAME DIR | NAME=DIR... | FOLDER", help="NAME IMAGES_DIR, or NAME=DIR pairs, or one folder of class sub-folders, or one labelled dataset (its ClassLabel names are the new classes).", show_default=False)],
+    split: SplitOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
     patch_nums: PatchNumsOpt = None,
@@ -47,7 +54,8 @@ def add_class(
 
     Only the new classes' embedding rows (one per block, start token and head) are trained, on the teacher-forced likelihood of their images; every other weight, and so every old class's score, stays exactly as it was. The base checkpoint is never modified.
     """
-    folders = _parse_classes(classes)
+    dataset = classes[0] if len(classes) == 1 and hf_data.is_dataset(classes[0]) else None
+    folders = dict.fromkeys(hf_data.class_names(dataset, split, label_column)) if dataset else _parse_classes(classes)
     out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
     clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
                                      model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums, threads=threads)
@@ -55,7 +63,15 @@ def add_class(
         raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
                          "choose another --out")
     check_names(clf.model, list(folders), "add-class")      # before reading any image
-    read = read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
+    if dataset:
+        pixels, skipped = hf_data.class_pixels(dataset, split, image_column, label_column, clf.spec.image_size,
+                                               clf.spec.preprocess)
+        empty = next((n for n, px in pixels.items() if not px), None)
+        if empty is not None:
+            raise AvarcError(f"{dataset}: no readable images for class {empty!r}; every ClassLabel name needs rows")
+        read = ClassImages({n: torch.stack([pixels_to_tensor(p) for p in px]) for n, px in pixels.items()}, skipped)
+    else:
+        read = read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
     for path, reason in read.skipped:
         output.say(f"skipped {path}: {reason}", err=True)
     names = list(read.images)

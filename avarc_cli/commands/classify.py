@@ -8,15 +8,16 @@ import typer
 
 from core import AvarcError, Classifier
 from core.io import distributed
-from core.io.data import collect, dataset_presets
+from core.io.data import DataOptions, collect, dataset_presets, read_list
 from core.runs.classify_run import ClassifyRun, classify_run
 from core.io.files import check_output_files
 from core.io.profiles import list_profiles
 
 from .. import output
 from ..interrupt import interruptible, results_safe
-from ..options import (BatchSizeOpt, ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt,
-                       ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SubsetOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
+from ..options import (BatchSizeOpt, BorderOpt, ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, FromListOpt,
+                       ImageColumnOpt, InputsArg, LabelColumnOpt, LabelsOpt, ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt,
+                       SeedOpt, SplitOpt, SubsetOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 
 def classify(
@@ -30,6 +31,11 @@ def classify(
     subset: SubsetOpt = None,
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
+    from_list: FromListOpt = None,
+    split: SplitOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    border: BorderOpt = 2,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write one JSON record per image to this .jsonl file, as results arrive (locked for the run: one writer at a time).")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Append this run's summary (accuracy, recall, images/s) as a row to a CSV file.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue --out: skip images it already holds for the same run (model weights, profile, seed, dtype, temperature, --topk, --labels; a file of another run is refused, never changed, naming the difference).")] = False,
@@ -52,6 +58,9 @@ def classify(
     avarc classify a/ -m d20-cca --dataset imagenet-a -p adaptive -o a.jsonl
     avarc classify a/ -m d20-cca --dataset imagenet-a -o a.jsonl --resume
     torchrun --nproc_per_node 8 -m avarc_cli classify val/ -m d30 -o val.jsonl
+    avarc classify objectnet-1.0/ -m d16 --dataset objectnet -o on.jsonl
+    avarc classify val.parquet -m d16 --split validation -o v.jsonl   # also save_to_disk folders, hf://datasets/…
+    avarc classify --from-list mine.txt -m d16    # image paths, one a line
     avarc classify --list-profiles       # the shipped schedules, stage by stage
 
     Each stage of the profile scores the surviving candidate classes by the exact log-likelihood of the image's VAR tokens on the first scales, keeps the best, and the last stage's best is the prediction. Unreadable images are recorded as skipped; --resume continues an interrupted --out file.
@@ -61,6 +70,7 @@ def classify(
                      [(p.name, "\n".join(f"{i}. {s.describe()}" for i, s in enumerate(p.stages, 1)), p.sigma, p.description)
                       for p in list_profiles()])
         return
+    inputs = [*(inputs or []), *(read_list(from_list) if from_list is not None else [])]
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc classify examples/digits`)")
     if resume and out is None:
@@ -73,7 +83,8 @@ def classify(
                                              device=distributed.rank_device(dist, device), dtype=dtype, encoder=encoder,
                                              model_dir=model_dir, trust_pickle=trust_pickle, patch_nums=patch_nums, threads=threads,
                                              batch_size=batch_size)
-            found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p])
+            found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p],
+                            data=DataOptions(split, image_column, label_column, border))
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk, dist=dist,
                               labels=labels,
                               keep_records=out is None and not found.labelled) as run:
@@ -112,6 +123,8 @@ def _report(run: ClassifyRun, topk: int, world: int) -> None:
                  for i, (st, r) in enumerate(zip(profile.stages, m.recall), 1)]
     if any(st.exit_margin is not None for st in profile.stages):
         rows.append(("early exits", m.early_exits))
+    if run.gflops_per_image is not None:
+        rows.append(("GFLOPs/image executed (mean)", f"{run.gflops_per_image:.4g}"))
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
     output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from core import AvarcError, Classifier
-from core.io.data import collect
+from core.io.data import DataOptions, collect, read_list
 from core.tasks.explain import unique_stems
 from core.io.files import make_output_dir
 from core.io.results import image_key
@@ -15,8 +15,9 @@ from core.tasks.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
 from ..interrupt import interruptible
-from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt, ModelDirOpt,
-                       ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
+from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, FromListOpt, ImageColumnOpt, InputsArg,
+                       LabelColumnOpt, LabelsOpt, ModelDirOpt, ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, SplitOpt,
+                       ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 Colormap = Literal[tuple(COLORMAPS)]  # type: ignore[valid-type]   (the colormaps core draws)
 
@@ -32,6 +33,10 @@ def explain(
     vs: Annotated[Optional[str], typer.Option("--vs", help="Class to contrast with (B): index, synset, name or `null`. Default: the best other class.")] = None,
     label: Annotated[Optional[str], typer.Option("--label", help="True class of every input (index, synset or name): A = it, B = the best wrong class.")] = None,
     labels: LabelsOpt = "auto",
+    from_list: FromListOpt = None,
+    split: SplitOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <image>.png and <image>.npz.")] = Path("explanations"),
     colormap: Annotated[Colormap, typer.Option("--colormap", help="Heatmap colours.")] = "turbo",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the input, 0…1.")] = 0.5,
@@ -55,6 +60,7 @@ def explain(
 
     OUT/<image>.png shows the input, then where its tokens favour A over the unconditional model, B over it, and the more likely of A, B over the other. OUT/<image>.npz holds the signed maps (3, p, p: A vs null, B vs null, A vs B), classes [A, B], scores log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Classes left open are chosen with the profile's schedule, as `avarc classify` ranks them; unreadable images are skipped.
     """
+    inputs = [*(inputs or []), *(read_list(from_list) if from_list is not None else [])]
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)
@@ -63,7 +69,8 @@ def explain(
                                      encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
                                      patch_nums=patch_nums, threads=threads, batch_size=batch_size)
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
-    found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [])
+    found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [],
+                    data=DataOptions(split, image_column, label_column))
     names = [n.replace("_", " ") if clf.space.imagenet else n for n in clf.class_names] + ["null"]
     stems = dict(zip((it.path for it in found.items), unique_stems([it.path for it in found.items])))
     clash = [out / f"{stem}{ext}" for stem in stems.values() for ext in (".png", ".npz") if (out / f"{stem}{ext}").exists()]

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from core import AvarcError, Classifier
-from core.io.data import collect
+from core.io.data import DataOptions, collect
 from core.io.files import check_output_files, write_text
 from core.io.profiles import write_profile
 from core.runs.schedule_table import build_table
@@ -17,12 +17,15 @@ from core.runs.tune import model_name, shipped_points, tune as run_tune, tuned_p
 
 from .. import output
 from ..interrupt import interruptible
-from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, ModelOpt, PatchNumsOpt,
-                       SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
+from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, ImageColumnOpt, LabelColumnOpt,
+                       ModelDirOpt, ModelOpt, PatchNumsOpt, SeedOpt, SplitOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 
 def tune(
-    folder: Annotated[Path, typer.Argument(metavar="LABELLED_DIR", help="A folder of class sub-folders (labelled images), as `avarc classify` reads them.", show_default=False)],
+    folder: Annotated[Path, typer.Argument(metavar="LABELLED_DIR", help="A folder of class sub-folders (labelled images), or a labelled dataset (parquet, save_to_disk folder, hf://datasets/OWNER/NAME), as `avarc classify` reads them.", show_default=False)],
+    split: SplitOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     model: ModelOpt = "digits",
     vae: VaeOpt = None,
     patch_nums: PatchNumsOpt = None,
@@ -61,7 +64,8 @@ def tune(
         clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), device=device, dtype=dtype,
                                          encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
                                          patch_nums=patch_nums, threads=threads)
-        found = collect([str(folder)], clf.space, "folders", None, None, classes, exclude=[p for p in (out, report) if p])
+        found = collect([str(folder)], clf.space, "folders", None, None, classes, exclude=[p for p in (out, report) if p],
+                        data=DataOptions(split, image_column, label_column))
         items = found.items
         if max_images is not None and max_images < len(items):
             step = len(items) / max_images

@@ -23,6 +23,13 @@ class StageLike(Protocol):
     keep: int
 
 
+class RanStage(Protocol):
+    """A stage as one image ran it (``StageScores``, or a record's stage): the candidates it scored."""
+    scales: int
+    samples: int
+    candidates: Sequence[int]
+
+
 @dataclass(frozen=True)
 class Macs:
     """Multiply–accumulates (true FLOPs = 2 × MACs)."""
@@ -106,3 +113,14 @@ def schedule_macs(spec: ModelSpec, stages: Sequence[StageLike], num_classes: int
                 scored[j] = end
         candidates = min(candidates, st.keep)
     return total
+
+
+def image_gflops(spec: ModelSpec, stages: Sequence[RanStage], executed: Macs) -> dict[str, float]:
+    """One image's compute in GFLOPs, paper convention (attention excluded): ``paper`` counts every stage it ran
+    (an early exit ends the list) from the first token for each candidate and sample, ``executed`` what its rows
+    of the scorer ran (``executed``: the VAR part, from :meth:`Scorer.executed`) plus its encoder pass."""
+    var, ends = spec.var, spec.var.scale_ends()
+    enc = encoder_macs(spec.vae, spec.image_size, var.patch_nums)
+    paper = sum((sequence_macs(var, ends[min(st.scales, len(ends)) - 1]) * (len(st.candidates) * st.samples)
+                 for st in stages), Macs())
+    return {"executed": (executed.paper + enc) / 1e9, "paper": (paper.paper + enc) / 1e9}

@@ -65,6 +65,7 @@ class Scorer:
     def reset(self) -> None:
         """Forget everything (a new batch of images)."""
         self.images: dict[Hashable, int] = {}          # image key → its number in row codes
+        self.image_macs: dict[int, Macs] = {}          # image number → what its rows executed since the reset
         self.batches: dict[int, _Batch] = {}
         self.next_batch = 0
         # The index map, sorted by code: which batch and row hold the latest scores of each (image, sample, class).
@@ -79,7 +80,7 @@ class Scorer:
             return torch.zeros(0)
         if keys is None or not self.reuse:
             lp = self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk)
-            self._count(lp.shape[0], lp.shape[1], 0)
+            self._count(lp.shape[0], lp.shape[1], 0, None if keys is None else self._codes(keys, classes.cpu()))
             return lp.sum(-1)
         ends = self.model.spec.var.scale_ends()
         n_tok = ends[num_scales - 1]
@@ -118,7 +119,7 @@ class Scorer:
             idx = (todo & (start == s)).nonzero().squeeze(1)
             cache, prefix = self._gather(src_batch[idx], src_row[idx], s) if s else (None, None)
             res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep)
-            self._count(len(idx), n_tok, s)
+            self._count(len(idx), n_tok, s, code_N[idx])
             sums = res.logp.sum(-1)
             out[idx] = sums + prefix.sum(-1) if s else sums
             logp_NL = torch.cat((prefix, res.logp), 1) if s else res.logp
@@ -130,9 +131,18 @@ class Scorer:
         """Like a plain :meth:`score`, in fp32 whatever the model's dtype (the precision guard's re-scoring)."""
         return self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk, dtype=torch.float32).sum(-1)
 
-    def _count(self, rows: int, end: int, start: int) -> None:
+    def executed(self, image: Hashable) -> Macs:
+        """What the rows of one image (its key in ``score``'s ``keys``) executed since the last reset."""
+        return self.image_macs.get(self.images.get(image, -1), Macs())
+
+    def _count(self, rows: int, end: int, start: int, code_N: torch.Tensor | None = None) -> None:
+        pair = sequence_macs(self.model.spec.var, end, start)
         self.tokens_run += rows * (end - start)
-        self.macs = self.macs + sequence_macs(self.model.spec.var, end, start) * rows
+        self.macs = self.macs + pair * rows
+        if code_N is not None:
+            image_N, n_N = torch.unique(code_N >> _IMAGE_SHIFT, return_counts=True)
+            for img, n in zip(image_N.tolist(), n_N.tolist()):
+                self.image_macs[img] = self.image_macs.get(img, Macs()) + pair * n
 
     def _fits(self, rows: int, n_tok: int) -> bool:
         spec = self.model.spec.var

@@ -46,6 +46,7 @@ class Prediction:
     exited_after: int | None = None        # 1-based stage after which the image stopped early
     pred_name: str | None = None           # the predicted class's name (set by ``Classifier``)
     label: int | None = None               # the true class, when the caller knows it
+    gflops: dict[str, float] | None = None  # this image's compute, {"executed", "paper"} (set by ``Classifier``)
 
     def label_rank(self, label: int) -> int | None:
         """1-based rank of a class in the ranking (None if it was not a candidate)."""

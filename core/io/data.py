@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
 
 from ..errors import AvarcError
 from .files import absolute
+from . import hf_data
+from .objectnet import DEFAULT_BORDER, read_objectnet
+from .preprocess import load_pixels, open_image, preprocess_pil
 
 IMAGENET_CLASSES = 1000
 LABEL_MODES = ("auto", "folders", "none")
@@ -65,6 +71,8 @@ def dataset_presets() -> dict[str, DatasetPreset]:
         "imagenet-r": DatasetPreset("imagenet-r", "synset", _preset_candidates("imagenet-r"),
                                     "ImageNet-R: synset folders, candidates restricted to its 200 classes"),
         "imagenet-sketch": DatasetPreset("imagenet-sketch", "synset", None, "ImageNet-Sketch: synset folders, 1000 classes"),
+        "objectnet": DatasetPreset("objectnet", "objectnet", None, "ObjectNet: the objectnet-1.0 release, read "
+                                   "through its mappings; the 125 ImageNet classes of its 113 overlapping classes"),
     }
 
 
@@ -135,14 +143,61 @@ class ClassSpace:
                          + (", a synset or an ImageNet class name" if self.imagenet else " or a class name"))
 
 
+class RowSource(Protocol):
+    """A table of images (a Hugging Face dataset split): row → decoded image, or AvarcError naming the row."""
+
+    def image(self, row: int) -> Image.Image: ...
+
+
 @dataclass(frozen=True)
 class Item:
-    """One input image: ``path`` as the user can open it, ``key`` (its path below the input folder) seeds its
-    noise, and its ``label`` (a class index) in labelled mode, or the reason it has none usable."""
+    """One input image: ``path`` as the user can open it (a dataset row: ``DATASET[split]#ROW``), ``key`` (its
+    path below the input folder, or ``path`` for a row) seeds its noise, and its ``label`` (a class index) in
+    labelled mode. ObjectNet's items name their own class (``label_name``), accept any of several ImageNet classes
+    (``accepted``, ``label`` the first) and lose a ``border`` of pixels on each side before preprocessing."""
 
     path: str
     key: str
     label: int | None = None
+    label_name: str | None = None
+    accepted: tuple[int, ...] = ()
+    border: int = 0
+    source: RowSource | None = field(default=None, compare=False, repr=False)
+    row: int | None = None
+
+    @property
+    def file(self) -> str:
+        """What ``--resume`` matches on: a file's absolute path (symlinks resolved), a row's ``path``."""
+        return self.path if self.source is not None else str(absolute(self.path))
+
+    def open(self) -> Image.Image:
+        """The decoded RGB image, its border cropped; AvarcError (one line naming it) when it cannot be read."""
+        img = self.source.image(self.row) if self.source is not None else open_image(self.path)
+        b = self.border
+        if b:
+            if min(img.size) <= 2 * b:
+                raise AvarcError(f"{self.path}: {img.size[0]}×{img.size[1]} pixels leave nothing after cropping "
+                                 f"a {b}-pixel border")
+            img = img.crop((b, b, img.size[0] - b, img.size[1] - b))
+        return img
+
+    def pixels(self, size: int, mode: str = "official") -> np.ndarray | str:
+        """The model's input pixels, or the one-line reason the image cannot be used (a skipped record)."""
+        if self.source is None and not self.border:
+            return load_pixels(self.path, size, mode)
+        try:
+            return preprocess_pil(self.open(), size, mode)
+        except AvarcError as e:
+            return str(e)
+        except Exception as e:  # decoders raise many types; record, go on
+            return f"{self.path}: not a readable image ({type(e).__name__}: {e})"
+
+    def record_label(self, rank_of: Callable[[int], int | None]) -> int | None:
+        """The label a result keeps: with several accepted classes, the one the prediction ranked best (so its rank
+        is the label's rank, and it survived every stage any accepted class survived)."""
+        if len(self.accepted) < 2:
+            return self.label
+        return min(self.accepted, key=lambda c: (rank_of(c) is None, rank_of(c) or 0))
 
 
 @dataclass(frozen=True)
@@ -151,6 +206,34 @@ class Inputs:
     candidates: list[int]
     labelled: bool
     left_out: int = 0      # labelled images whose class is not a candidate
+    notes: tuple[str, ...] = ()    # what the reader skipped, one line each (ObjectNet's folders without ImageNet classes)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to read inputs that are not plain image folders: a dataset's split and columns, ObjectNet's border."""
+
+    split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    border: int = DEFAULT_BORDER
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """``--from-list``: image paths one a line (blank lines and ``#`` comments ignored), relative ones taken from the
+    list file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise AvarcError(f"{path}: no such list file; pass a text file of image paths, one a line", option="from_list")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AvarcError(f"{path}: not a text file; pass a text file of image paths, one a line",
+                         option="from_list") from None
+    out = [str(path.parent / line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not out:
+        raise AvarcError(f"{path}: lists no image paths; write one path a line", option="from_list")
+    return out
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -196,8 +279,10 @@ def parse_classes(space: ClassSpace, text: str) -> list[int]:
 
 
 def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str = "auto", dataset: str | None = None,
-            subset: str | None = None, classes: str | None = None, exclude: Iterable[str | os.PathLike] = ()) -> Inputs:
-    """Inputs → the ordered image list, their labels and the candidate classes."""
+            subset: str | None = None, classes: str | None = None, exclude: Iterable[str | os.PathLike] = (),
+            data: DataOptions = DataOptions()) -> Inputs:
+    """Inputs (files, folders, Hugging Face datasets) → the ordered image list, their labels and the candidate
+    classes."""
     if labels not in LABEL_MODES:
         raise AvarcError(f"unknown label mode {labels!r}; use {', '.join(LABEL_MODES)}")
     preset = None
@@ -214,6 +299,45 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         labels = "folders"
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders")
+    notes: tuple[str, ...] = ()
+    candidates = list(range(space.num_classes))
+    if preset is not None and preset.folders == "objectnet":
+        items, notes, candidates = _objectnet(inputs, data.border)
+        labelled = True
+    elif any(hf_data.is_dataset(raw) for raw in inputs):
+        found, labelled = hf_data.read_rows(inputs, space.parse, labels, data.split, data.image_column,
+                                            data.label_column)
+        items = [Item(path=f"{rows.where}#{i}", key=f"{rows.where}#{i}", label=y, source=rows.images, row=i)
+                 for rows in found for i, y in enumerate(rows.labels)]
+    else:
+        items, labelled = _files(inputs, space, labels, preset.folders if preset else None, exclude)
+    if preset is not None and preset.candidates is not None:
+        candidates = list(preset.candidates)
+    if subset is not None:
+        try:
+            wanted = {space.synset_index(s, str(subset)) for s in read_subset(subset)}
+        except AvarcError as e:
+            raise AvarcError(str(e), option="subset") from None
+        candidates = [c for c in candidates if c in wanted]
+    if classes is not None:
+        wanted = set(parse_classes(space, classes))
+        candidates = [c for c in candidates if c in wanted]
+    if not candidates:
+        raise AvarcError("no candidate classes left after the dataset, subset and class restrictions; they have no "
+                         "class in common")
+    left_out = 0
+    if labelled:
+        allowed = set(candidates)
+        kept = [it for it in items if it.label in allowed or allowed.intersection(it.accepted)]
+        left_out = len(items) - len(kept)
+        items = kept
+        if not items:
+            raise AvarcError("no labelled images belong to the candidate classes; check the subset and class restrictions")
+    return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out, notes=notes)
+
+
+def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, folder_kind: str | None,
+           exclude: Iterable[str | os.PathLike]) -> tuple[list[Item], bool]:
     skip = {absolute(p) for p in exclude}
     groups: list[tuple[Path | None, list[Path]]] = []
     for raw in inputs:
@@ -228,7 +352,6 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         else:
             raise AvarcError(f"{path}: no such file or folder")
 
-    folder_kind = preset.folders if preset else None
     labelled = labels == "folders" or (labels == "auto" and _looks_labelled(groups, space))
     cache: dict[str, int] = {}
     items, seen = [], set()
@@ -250,31 +373,31 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
                     cache[name] = _folder_label(space, name, folder_kind, str(base / name))
                 label = cache[name]
             items.append(Item(path=str(f), key=key, label=label))
+    return items, labelled
 
-    candidates = list(range(space.num_classes))
-    if preset is not None and preset.candidates is not None:
-        candidates = list(preset.candidates)
-    if subset is not None:
-        try:
-            wanted = {space.synset_index(s, str(subset)) for s in read_subset(subset)}
-        except AvarcError as e:
-            raise AvarcError(str(e), option="subset") from None
-        candidates = [c for c in candidates if c in wanted]
-    if classes is not None:
-        wanted = set(parse_classes(space, classes))
-        candidates = [c for c in candidates if c in wanted]
-    if not candidates:
-        raise AvarcError("no candidate classes left after the dataset, subset and class restrictions; they have no "
-                         "class in common")
-    left_out = 0
-    if labelled:
-        allowed = set(candidates)
-        kept = [it for it in items if it.label in allowed]
-        left_out = len(items) - len(kept)
-        items = kept
-        if not items:
-            raise AvarcError("no labelled images belong to the candidate classes; check the subset and class restrictions")
-    return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out)
+
+def _objectnet(inputs: Sequence[str | os.PathLike], border: int) -> tuple[list[Item], tuple[str, ...], list[int]]:
+    """The release's images of the classes with ImageNet counterparts; the other folders are counted, not read."""
+    if len(inputs) != 1:
+        raise AvarcError("objectnet reads one folder: the unpacked objectnet-1.0 release", option="dataset")
+    if border < 0:
+        raise AvarcError(f"the border to crop must be 0 or more pixels, got {border}", option="border")
+    release = read_objectnet(inputs[0])
+    items, skipped, skipped_images = [], 0, 0
+    for folder in sorted(p for p in release.images.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = _walk(folder)
+        cls = release.classes.get(folder.name)
+        if cls is None:
+            skipped, skipped_images = skipped + 1, skipped_images + len(files)
+            continue
+        items += [Item(path=str(f), key=f.relative_to(release.images).as_posix(), label=cls.accepted[0],
+                       label_name=cls.name, accepted=cls.accepted, border=border) for f in files]
+    if not items:
+        raise AvarcError(f"{release.images}: no images in the folders of classes that overlap ImageNet; check the "
+                         "release", option="dataset")
+    notes = (f"note: skipped {skipped} ObjectNet folders ({skipped_images} images) whose classes have no ImageNet "
+             "counterpart",) if skipped else ()
+    return items, notes, release.candidates
 
 
 def _looks_labelled(groups: list[tuple[Path | None, list[Path]]], space: ClassSpace) -> bool:

@@ -116,18 +116,21 @@ def record_key(record: Record) -> str:
 
 
 def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: int) -> Record:
+    label = item.record_label(p.label_rank)
     return {
         "path": item.path,
-        "file": image_key(item.path),
-        "label": item.label,
-        "label_name": names[item.label] if item.label is not None else None,
+        "file": item.file,
+        "label": label,
+        "label_name": item.label_name or (names[label] if label is not None else None),
+        **({"accepted": list(item.accepted)} if item.accepted else {}),
         "pred": p.pred,
         "pred_name": names[p.pred],
-        "label_rank": p.label_rank(item.label) if item.label is not None else None,
+        "label_rank": p.label_rank(label) if label is not None else None,
         "topk": [{"class": c, "name": names[c], "score": round(s, 4)} for c, s in p.ranking[:topk]],
         "stages": [{"scales": st.scales, "samples": st.samples, "keep": st.keep, "candidates": st.candidates,
                     "scores": [round(s, 4) for s in st.scores]} for st in p.stages],
         "exited_after": p.exited_after,
+        "gflops": p.gflops,
         "posterior": [{"class": c, "name": names[c], "p": round(q, 6)} for c, q in p.posterior[:topk]],
         "status": "ok",
         "error": None,
@@ -136,8 +139,8 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: 
 
 
 def skipped_record(item: Item, reason: str, names: Sequence[str], run: dict) -> Record:
-    return {"path": item.path, "file": image_key(item.path), "label": item.label,
-            "label_name": names[item.label] if item.label is not None else None,
+    return {"path": item.path, "file": item.file, "label": item.label,
+            "label_name": item.label_name or (names[item.label] if item.label is not None else None),
             "pred": None, "pred_name": None, "label_rank": None, "topk": [], "stages": [], "exited_after": None,
             "posterior": [], "status": "skipped", "error": reason, "run": run}
 

@@ -13,7 +13,7 @@ from typing import Iterator
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.results import (Metrics, ResultsFile, append_csv_summary, check_csv, image_key, results_file, summary_row,
+from ..io.results import (Metrics, ResultsFile, append_csv_summary, check_csv, results_file, summary_row,
                           weights_identity)
 
 
@@ -34,12 +34,24 @@ class ClassifyRun:
     unreadable: int = 0              # of them, skipped records
     safe: int = 0                    # records in the results file
     start: float = field(default_factory=time.perf_counter)
+    gflops: list[float] = field(default_factory=list)    # executed GFLOPs of each ok record in the file
+
+    def count(self, records) -> None:
+        """Add records (new or resumed) to the metrics and the compute total."""
+        for rec in records:
+            self.metrics.add(rec)
+            if rec["status"] == "ok" and isinstance(rec.get("gflops"), dict):
+                self.gflops.append(rec["gflops"]["executed"])
+
+    @property
+    def gflops_per_image(self) -> float | None:
+        """Mean executed GFLOPs per classified image, read from the records (exits and reuse included)."""
+        return sum(self.gflops) / len(self.gflops) if self.gflops else None
 
     def __iter__(self) -> Iterator[list[dict]]:
         for batch in self.clf.classify_items(self.todo, self.found.candidates, run_key=self.run_key, **self.options):
             self.results.write(batch)
-            for rec in batch:
-                self.metrics.add(rec)
+            self.count(batch)
             self.new, self.safe = self.new + len(batch), self.safe + len(batch)
             self.unreadable += sum(r["status"] != "ok" for r in batch)
             self.records += batch if self.keep_records else []
@@ -62,7 +74,7 @@ class ClassifyRun:
     def notes(self) -> list[str]:
         """What a person should know before the run starts: left-out images, stages that keep every candidate, what
         resuming found."""
-        out, stages, n = [], self.clf.profile.stages, len(self.found.candidates)
+        out, stages, n = list(self.found.notes), self.clf.profile.stages, len(self.found.candidates)
         if self.found.left_out:
             out.append(f"note: left out {self.found.left_out} labelled images whose class is not a candidate")
         big = [i for i, st in enumerate(stages, 1) if st.keep > n]
@@ -99,9 +111,9 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
     with results_file(out, resume, run_key, dist) as results:
-        for rec in results.resumed.done.values() if results.resumed else ():
-            metrics.add(rec)
-        todo = [it for it in found.items if image_key(it.path) not in results.done]
-        yield ClassifyRun(clf, found, run_key, results, todo, metrics,
+        todo = [it for it in found.items if it.file not in results.done]
+        run = ClassifyRun(clf, found, run_key, results, todo, metrics,
                           dict(seed=seed, temperature=temperature, topk=topk, dist=dist), keep_records,
                           safe=len(results.done))
+        run.count(results.resumed.done.values() if results.resumed else ())
+        yield run

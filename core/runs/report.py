@@ -98,6 +98,14 @@ def record_gflops(record: dict, spec: ModelSpec) -> float:
     return macs / 1e9
 
 
+def record_compute(records: list[dict], spec: ModelSpec | None) -> tuple[list[float], list[float] | None]:
+    """Each record's own compute (``gflops``: executed, paper convention); records written before it carried
+    compute have no executed figure, and their paper figure is counted from their stages when ``spec`` is known."""
+    if records and all(isinstance(r.get("gflops"), dict) for r in records):
+        return [r["gflops"]["executed"] for r in records], [r["gflops"]["paper"] for r in records]
+    return [], [record_gflops(r, spec) for r in records] if spec is not None else None
+
+
 def untempered_confidence(record: dict) -> float:
     """The top-1 probability at temperature 1: softmax over the last stage's scores (what the posterior tempers), so
     a report shows what a profile's fitted temperature did to the calibration of the images it was run on."""
@@ -126,7 +134,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
                ("early exits", sum(r["exited_after"] is not None for r in lab)),
                ("ECE (top-1, 15 bins)", f"{rel.ece:.4f}"),
                ("ECE untempered (T = 1)", f"{plain.ece:.4f}")]
-    gflops = [record_gflops(r, spec) for r in lab] if spec is not None else None
+    executed, gflops = record_compute(lab, spec)
+    if executed:
+        q = np.percentile(executed, [0, 50, 90, 100])
+        summary.append(("GFLOPs/image executed (mean)", f"{np.mean(executed):.4g}"))
+        summary.append(("GFLOPs/image executed (min / median / p90 / max)", " / ".join(f"{x:.4g}" for x in q)))
     if gflops:
         summary.append(("GFLOPs/image, paper convention (mean)", f"{np.mean(gflops):.4g}"))
     parts = [f"<h2>Summary</h2>{_table(['', 'value'], summary)}"]
@@ -139,6 +151,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
         cm[idx[r["label"]], idx[r["pred"]]] += 1
     tick = [str(names[c]) for c in labels]
     per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–") for i, c in enumerate(labels)]
+    if any("accepted" in r for r in lab):      # ObjectNet: one row per ObjectNet class, right = any accepted class
+        by_class: dict[str, list[int]] = {}
+        for r in lab:
+            by_class.setdefault(r["label_name"], []).append(r["pred"] == r["label"])
+        per = [(name, len(ok), f"{np.mean(ok):.1%}") for name, ok in sorted(by_class.items())]
     fig, ax = plt.subplots(figsize=(max(4, 0.32 * len(labels) + 2), 3))
     rows_with = cm.sum(1) > 0
     ax.bar(np.arange(len(labels))[rows_with], (np.diag(cm) / np.maximum(cm.sum(1), 1))[rows_with], color="#4c72b0")
@@ -175,8 +192,9 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     ax.set_title("true class still in the running after each stage"), ax.title.set_fontsize(9)
     plots.append(_img(fig))
     fig, ax = plt.subplots(figsize=(4, 4))
-    if gflops:
-        ax.hist(gflops, bins=20, color="#8172b2"), ax.set_xlabel("GFLOPs per image (paper convention)")
+    if executed or gflops:
+        ax.hist(executed or gflops, bins=20, color="#8172b2")
+        ax.set_xlabel(f"GFLOPs per image ({'executed' if executed else 'paper convention'})")
     else:
         pairs = [sum(len(s["candidates"]) * s["samples"] for s in r["stages"]) for r in lab]
         ax.hist(pairs, bins=20, color="#8172b2"), ax.set_xlabel("(class, sample) pairs scored per image")
