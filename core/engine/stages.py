@@ -46,6 +46,8 @@ class Prediction:
     exited_after: int | None = None        # 1-based stage after which the image stopped early
     pred_name: str | None = None           # the predicted class's name (set by ``Classifier``)
     label: int | None = None               # the true class, when the caller knows it
+    ood: dict | None = None                # out-of-distribution scores (``core.tasks.ood``; set by ``Classifier``)
+    abstained: bool = False                # the profile's OOD rule answered "none of these" (``pred`` is kept)
 
     def label_rank(self, label: int) -> int | None:
         """1-based rank of a class in the ranking (None if it was not a candidate)."""

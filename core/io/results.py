@@ -60,20 +60,22 @@ def record_key(record: dict) -> str:
 
 
 def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: int) -> dict:
+    """An abstained image keeps its ranking, posterior and ``ood`` scores; only ``pred`` and ``pred_name`` are null."""
     return {
         "path": item.path,
         "file": image_key(item.path),
         "label": item.label,
         "label_name": names[item.label] if item.label is not None else None,
-        "pred": p.pred,
-        "pred_name": names[p.pred],
+        "pred": None if p.abstained else p.pred,
+        "pred_name": None if p.abstained else names[p.pred],
         "label_rank": p.label_rank(item.label) if item.label is not None else None,
         "topk": [{"class": c, "name": names[c], "score": round(s, 4)} for c, s in p.ranking[:topk]],
         "stages": [{"scales": st.scales, "samples": st.samples, "keep": st.keep, "candidates": st.candidates,
                     "scores": [round(s, 4) for s in st.scores]} for st in p.stages],
         "exited_after": p.exited_after,
         "posterior": [{"class": c, "name": names[c], "p": round(q, 6)} for c, q in p.posterior[:topk]],
-        "status": "ok",
+        "ood": p.ood,
+        "status": "abstained" if p.abstained else "ok",
         "error": None,
         "run": run,
     }
@@ -83,7 +85,7 @@ def skipped_record(item: Item, reason: str, names: Sequence[str], run: dict) -> 
     return {"path": item.path, "file": image_key(item.path), "label": item.label,
             "label_name": names[item.label] if item.label is not None else None,
             "pred": None, "pred_name": None, "label_rank": None, "topk": [], "stages": [], "exited_after": None,
-            "posterior": [], "status": "skipped", "error": reason, "run": run}
+            "posterior": [], "ood": None, "status": "skipped", "error": reason, "run": run}
 
 
 @dataclass
@@ -249,6 +251,7 @@ class Metrics:
     correct1: int = 0
     correct5: int = 0
     early_exits: int = 0
+    abstained: int = 0             # answered "none of these" (not counted in top1/top5/recall)
     survived: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -256,8 +259,11 @@ class Metrics:
 
     def add(self, record: dict) -> None:
         self.images += 1
-        if record["status"] != "ok":
+        if record["status"] == "skipped":
             self.skipped += 1
+            return
+        if record["status"] == "abstained":
+            self.abstained += 1
             return
         self.early_exits += record["exited_after"] is not None
         if record["label"] is None:
@@ -327,5 +333,6 @@ def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, su
            "subset": subset or "", "images": m.images, "skipped": m.skipped,
            "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
     row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
+    row.update({"abstained": m.abstained} if profile.ood is not None else {})
     row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})
     return row

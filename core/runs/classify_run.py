@@ -40,9 +40,13 @@ class ClassifyRun:
             for rec in batch:
                 self.metrics.add(rec)
             self.new, self.safe = self.new + len(batch), self.safe + len(batch)
-            self.unreadable += sum(r["status"] != "ok" for r in batch)
+            self.unreadable += sum(r["status"] == "skipped" for r in batch)
             self.records += batch if self.keep_records else []
             yield batch
+
+    @property
+    def ood_score(self) -> str | None:
+        return self.options["ood_score"]
 
     @property
     def seconds(self) -> float:
@@ -85,7 +89,7 @@ class ClassifyRun:
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
-                 dist: Dist = Dist(), keep_records: bool = False) -> Iterator[ClassifyRun]:
+                 dist: Dist = Dist(), keep_records: bool = False, ood_score: str | None = None) -> Iterator[ClassifyRun]:
     """Open the run's results file ``out`` (locked for the block; ``resume`` continues it) after checking that a
     summary row can be added to ``csv``, and hand back the run."""
     run_key = clf.run_key(seed, found.candidates)
@@ -97,5 +101,5 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
             metrics.add(rec)
         todo = [it for it in found.items if image_key(it.path) not in results.done]
         yield ClassifyRun(clf, found, run_key, results, todo, metrics,
-                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist), keep_records,
+                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score), keep_records,
                           safe=len(results.done))
