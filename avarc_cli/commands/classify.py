@@ -41,7 +41,7 @@ def classify(
     threads: ThreadsOpt = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6, help="Softmax temperature of the posterior over the final scores (default: the profile's, from `avarc tune`, else 1).", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", min=1, help="How many ranked classes (and posterior entries) each record keeps.")] = 5,
-    ood_score: Annotated[Optional[str], typer.Option("--ood-score", help="OOD score that decides abstention: likelihood (lower bound of log p(x) per token), ratio (log p(x|pred) − log p(x|null)) or posterior (its maximum). Default: the profile's, from `avarc calibrate-ood`, else ratio.", show_default=False)] = None,
+    ood_score: Annotated[Optional[str], typer.Option("--ood-score", help="OOD score that decides abstention: likelihood (lower bound of log p(x) per token), ratio (log p(x|pred) − log p(x|null)) or posterior (its maximum). Default: the profile's, from `avarc calibrate-ood`, else likelihood.", show_default=False)] = None,
     list_profiles_: Annotated[bool, typer.Option("--list-profiles", help="List the shipped profiles with their stages and exit.")] = False,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,

@@ -26,7 +26,7 @@ from ..engine.stages import Prediction
 from ..errors import AvarcError
 
 OOD_SCORES = ("likelihood", "ratio", "posterior")
-DEFAULT_OOD_SCORE = "ratio"
+DEFAULT_OOD_SCORE = "likelihood"
 
 
 def check_score(name: str) -> str:
