@@ -54,9 +54,8 @@ def class_bounds(p: Prediction, final_scales: int) -> tuple[dict[int, float], di
     return exact, upper
 
 
-def log_px_bounds(p: Prediction, final_scales: int) -> tuple[float, float]:
-    """[lower, upper] on log p(x) with a uniform prior over the image's candidates."""
-    exact, upper = class_bounds(p, final_scales)
+def log_px_bounds(exact: dict[int, float], upper: dict[int, float]) -> tuple[float, float]:
+    """[lower, upper] on log p(x) with a uniform prior over the candidates (``upper``'s keys)."""
     prior = -math.log(len(upper))
     return _logsumexp([s + prior for s in exact.values()]), _logsumexp([s + prior for s in upper.values()])
 
@@ -65,24 +64,27 @@ def log_px_bounds(p: Prediction, final_scales: int) -> tuple[float, float]:
 def ood_scores(model: Model, latents: torch.Tensor, preds: Sequence[Prediction], profile: Profile,
                chunk: int | None = None) -> list[dict]:
     """Every prediction's ``ood`` object: the bounds on log p(x) (also per token), the ratio against the null
-    class and the posterior's maximum. One forward per image for the null class on the final stage's scales (and one
-    for the predicted class when no stage scored it exactly there)."""
+    class and the posterior's maximum. One forward per image for the null class on the final stage's scales, and one
+    for the predicted class when no stage scored it exactly there (an early exit); that score joins the bounds."""
     S = int(profile.stages[-1].scales)
     n_tok = model.spec.var.scale_ends()[S - 1]
     tokens = model.tokenize_latent(latents).cpu()[:, :n_tok]
-    exact = [class_bounds(p, S)[0] for p in preds]
+    bounds = [class_bounds(p, S) for p in preds]
     rows = [(i, model.null_class) for i in range(len(preds))]
-    rows += [(i, p.pred) for i, p in enumerate(preds) if p.pred not in exact[i]]
+    rows += [(i, p.pred) for i, p in enumerate(preds) if p.pred not in bounds[i][0]]
     sums = model.pair_logp(tokens[[i for i, _ in rows]], torch.tensor([c for _, c in rows]), S, chunk).double().sum(-1)
     got = {row: float(s) for row, s in zip(rows, sums)}
     out = []
     for i, p in enumerate(preds):
-        lo, hi = log_px_bounds(p, S)
-        cond = exact[i].get(p.pred, got.get((i, p.pred)))
+        exact, upper = bounds[i]
+        if p.pred not in exact:
+            exact[p.pred] = got[(i, p.pred)]
+            upper[p.pred] = min(upper[p.pred], exact[p.pred])
+        lo, hi = log_px_bounds(exact, upper)
+        null = got[(i, model.null_class)]
         out.append({"log_px": [lo, hi], "log_px_per_token": [lo / n_tok, hi / n_tok], "tokens": n_tok,
-                    "log_px_given_pred": cond, "log_px_given_null": got[(i, model.null_class)],
-                    "likelihood": lo / n_tok, "ratio": cond - got[(i, model.null_class)],
-                    "posterior": p.posterior[0][1]})
+                    "log_px_given_pred": exact[p.pred], "log_px_given_null": null,
+                    "likelihood": lo / n_tok, "ratio": exact[p.pred] - null, "posterior": p.posterior[0][1]})
     return out
 
 
