@@ -6,7 +6,7 @@ rotated and thickened), ``patches`` (crops of ``sklearn.datasets.load_sample_ima
 stretched) and ``noise`` (uniform).
 
     python scripts/ood_digits.py --out ood/                # write ood/{letters,patches,noise}/*.png
-    python scripts/ood_digits.py --measure                 # AUROC per score and set, abstention, explanation AUCs
+    python scripts/ood_digits.py --measure all             # AUROC per score and set, abstention, explanation AUCs
 """
 from __future__ import annotations
 
@@ -93,12 +93,11 @@ def save(root: Path) -> None:
             im.save(root / name / f"{name}{i:03d}.png")
 
 
-def measure(metrics_images: int) -> None:
-    """Every table the README quotes, on the bundled model with its default profile (fp32, CPU)."""
+def measure_ood() -> None:
+    """The README's AUROC and abstention tables, on the bundled model with its default profile (fp32, CPU)."""
     from core import Classifier
     from core.engine.profile import OodRule
     from core.tasks.ood import DEFAULT_OOD_SCORE, OOD_SCORES, auroc, fit_thresholds
-    from dataclasses import replace
 
     clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
     sets = ood_sets()
@@ -127,31 +126,37 @@ def measure(metrics_images: int) -> None:
         acc_all = np.mean([p.pred == p.label for p in held])
         print(f"| {s} | {len(kept) / len(held):.1%} | {acc_kept:.2%} ({acc_all:.2%}) | "
               + " | ".join(f"{np.mean([p.ood[s] < t for p in scored[n]]):.1%}" for n in sets) + " |")
-    clf.profile = replace(clf.profile, ood=rule)
 
-    if metrics_images:
-        from core.tasks.explain_metrics import image_metrics, summarise
 
-        step = max(1, len(digits) // metrics_images)
-        idx = list(range(0, len(digits), step))[:metrics_images]
-        expls = clf.explain([digits[i] for i in idx], labels=[labels[i] for i in idx])
-        results = [image_metrics(clf.model, ex, clf.profile) for ex in expls]
-        summary = summarise(results)
-        print(f"\nexplanation metrics on {len(results)} test digits (mean ± s.e.):")
-        for k, (m, se) in summary.items():
-            print(f"  {k}: {m:.4f} ± {se:.4f}")
+def measure_explanations(count: int) -> None:
+    """Insertion/deletion AUC of the explanations of ``count`` test digits (evenly spread), true class vs null."""
+    from core import Classifier
+    from core.tasks.explain_metrics import image_metrics, summarise
+
+    clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
+    digits, labels = digit_images(FIT[0], HELD[1])
+    idx = np.linspace(0, len(digits) - 1, min(count, len(digits))).round().astype(int).tolist()
+    expls = clf.explain([digits[i] for i in idx], labels=[labels[i] for i in idx])
+    results = [image_metrics(clf.model, ex, clf.profile) for ex in expls]
+    print(f"\nexplanation metrics on {len(results)} test digits (mean ± s.e., std):")
+    for k, (m, se) in summarise(results).items():
+        print(f"  {k}: {m:.4f} ± {se:.4f} (std {np.std([getattr(r, k) for r in results], ddof=1):.4f})")
+    print(f"  images with insertion above random: {np.mean([r.insertion > r.random_insertion for r in results]):.1%}, "
+          f"deletion below random: {np.mean([r.deletion < r.random_deletion for r in results]):.1%}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the sets as PNG folders here")
-    ap.add_argument("--measure", action="store_true", help="print the README's tables")
+    ap.add_argument("--measure", choices=("ood", "explain", "all"), help="print the README's tables")
     ap.add_argument("--metrics-images", type=int, default=359, help="test digits for the explanation metrics")
     args = ap.parse_args()
     if args.out:
         save(args.out)
-    if args.measure:
-        measure(args.metrics_images)
+    if args.measure in ("ood", "all"):
+        measure_ood()
+    if args.measure in ("explain", "all"):
+        measure_explanations(args.metrics_images)
 
 
 if __name__ == "__main__":
