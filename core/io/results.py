@@ -41,9 +41,10 @@ def model_identity(model: Model, arg: str) -> str:
 
 def run_info(model_id: str, profile: Profile, seed: int, candidates: Sequence[int], extra: dict | None = None) -> dict:
     """The ``run`` key of every record; ``fingerprint`` covers the model, the resolved schedule, σ, the seed and the
-    candidate classes, which together decide every score."""
+    candidate classes, which together decide every score, and the abstention rule, which decides every status."""
     schedule = [[s.scales, s.samples, s.keep, s.exit_margin] for s in profile.stages]
-    blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}], sort_keys=True)
+    abstain = [[profile.ood.score, sorted(profile.ood.thresholds)]] if profile.ood is not None else []
+    blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, *abstain], sort_keys=True)
     return {"model": model_id, "profile": profile.name, "seed": seed,
             "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
