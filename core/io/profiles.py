@@ -115,7 +115,8 @@ def _parse_ood(raw, source: str) -> OodRule | None:
         return None
     example = "{score: ratio, coverage: 0.95, thresholds: {ratio: 1.2}}"
     if not isinstance(raw, dict) or not isinstance(raw.get("thresholds"), dict) or not raw["thresholds"]:
-        raise _fail(source, f"ood: must be a mapping like {example}; fix the profile or fit it with `avarc calibrate-ood`")
+        raise _fail(source, f"ood: must be a mapping like {example}; fix the profile or fit it with "
+                            "`avarc calibrate-ood`")
     bad = [k for k, v in raw["thresholds"].items() if not isinstance(k, str) or not _number(v)]
     coverage = raw.get("coverage")
     if bad or not _number(coverage) or not 0 < coverage <= 1 or raw.get("score") not in raw["thresholds"]:

@@ -44,7 +44,8 @@ def run_info(model_id: str, profile: Profile, seed: int, candidates: Sequence[in
     candidate classes, which together decide every score, and the abstention rule, which decides every status."""
     schedule = [[s.scales, s.samples, s.keep, s.exit_margin] for s in profile.stages]
     abstain = [[profile.ood.score, sorted(profile.ood.thresholds)]] if profile.ood is not None else []
-    blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, *abstain], sort_keys=True)
+    blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, *abstain],
+                      sort_keys=True)
     return {"model": model_id, "profile": profile.name, "seed": seed,
             "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 

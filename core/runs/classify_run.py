@@ -101,5 +101,6 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
             metrics.add(rec)
         todo = [it for it in found.items if image_key(it.path) not in results.done]
         yield ClassifyRun(clf, found, run_key, results, todo, metrics,
-                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score), keep_records,
+                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score),
+                          keep_records,
                           safe=len(results.done))

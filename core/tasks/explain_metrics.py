@@ -71,7 +71,8 @@ def auc(ys: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def class_posterior(model: Model, images: np.ndarray, cls: int, num_scales: int, temperature: float = 1.0) -> np.ndarray:
+def class_posterior(model: Model, images: np.ndarray, cls: int, num_scales: int,
+                    temperature: float = 1.0) -> np.ndarray:
     """N, R, R, 3 uint8 → N posteriors of ``cls`` over every class (exact clean-token scores on ``num_scales``)."""
     x = torch.stack([pixels_to_tensor(im) for im in images])
     logp = model.token_logp(model.tokenize(x).cpu(), range(model.num_classes), num_scales).double().sum(-1)
@@ -92,7 +93,7 @@ class ImageMetrics:
 
 def ranking_metrics(pixels: np.ndarray, heat: np.ndarray, posterior: Callable[[np.ndarray], np.ndarray],
                     start: str = "blank", seed: int = 0, cls: int = -1) -> ImageMetrics:
-    """The metrics of one image, given its p×p heatmap and ``posterior`` (images → the explained class's posterior)."""
+    """One image's metrics, from its p×p heatmap and ``posterior`` (images → the explained class's posterior)."""
     grid = heat.shape[-1]
     regions = region_ids(pixels.shape[0], grid)
     base = start_image(pixels, start)
@@ -104,17 +105,18 @@ def ranking_metrics(pixels: np.ndarray, heat: np.ndarray, posterior: Callable[[n
         curves[mode] = posterior(curve_images(pixels, base, order, regions, mode)).tolist()
         runs = [posterior(curve_images(pixels, base, o, regions, mode)) for o in randoms]
         curves[f"random_{mode}"] = np.mean(runs, 0).tolist()
-    return ImageMetrics(cls, *(auc(curves[k]) for k in ("insertion", "deletion", "random_insertion", "random_deletion")),
-                        curves=curves)
+    keys = ("insertion", "deletion", "random_insertion", "random_deletion")
+    return ImageMetrics(cls, *(auc(curves[k]) for k in keys), curves=curves)
 
 
-def image_metrics(model: Model, expl: Explanation, profile: Profile, start: str = "blank", seed: int = 0) -> ImageMetrics:
+def image_metrics(model: Model, expl: Explanation, profile: Profile, start: str = "blank",
+                  seed: int = 0) -> ImageMetrics:
     """Insertion/deletion metrics of an explanation (with its ``pixels``), ranked by its A-vs-null map."""
     if expl.pixels is None:
         raise ValueError("the explanation needs the pixels the model saw")
     cls, scales, temperature = expl.classes[0], len(expl.patch_nums), profile.temperature or 1.0
-    return ranking_metrics(expl.pixels, expl.maps[0].numpy(), lambda ims: class_posterior(model, ims, cls, scales, temperature),
-                           start, seed, cls)
+    return ranking_metrics(expl.pixels, expl.maps[0].numpy(),
+                           lambda ims: class_posterior(model, ims, cls, scales, temperature), start, seed, cls)
 
 
 def summarise(results: Sequence[ImageMetrics]) -> dict[str, tuple[float, float]]:
@@ -158,8 +160,9 @@ def curves_png(results: Sequence[ImageMetrics], summary: dict[str, tuple[float, 
             m, se = summary[key]
             ax.plot(np.linspace(0, 1, len(ys)), ys, style,
                     label=f"{'random' if key.startswith('random') else 'heatmap'}: AUC {m:.3f} ± {se:.3f}")
-        ax.set(title=f"{mode} ({len(results)} images)", xlabel="fraction of regions " +
-               ("inserted" if mode == "insertion" else "deleted"), ylabel="posterior of the explained class", ylim=(0, 1))
+        done = "inserted" if mode == "insertion" else "deleted"
+        ax.set(title=f"{mode} ({len(results)} images)", xlabel=f"fraction of regions {done}",
+               ylabel="posterior of the explained class", ylim=(0, 1))
         ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
