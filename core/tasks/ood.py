@@ -2,9 +2,11 @@
 null-class forward, and the abstention rule that turns a score into "none of these".
 
 log p(x) = logsumexp_y [log p(x|y) + log p(y)] (p(y) uniform over the candidates, x = the image's clean tokens on the
-final stage's scales) is bounded exactly: a class scored on those scales with the clean tokens alone contributes its
-exact term to the lower bound; every other class is bounded above by its smallest clean-token score on no more scales
-(each further token's log-probability is ≤ 0), or by 0 when it never had one, which gives the upper bound.
+final stage's scales) is bounded exactly: a class scored on those scales with the clean tokens alone (a stage's score,
+or the prediction's extra forward after an early exit) contributes its exact term to the lower bound; every other
+class is bounded above by its smallest clean-token score on no more scales (each further token's log-probability is
+≤ 0), or by 0 when it never had one, which gives the upper bound. "Exact" is in the model's dtype: in bf16 the bounds
+hold for bf16's scores.
 
 Every score is "higher = more in-distribution":
 
