@@ -128,16 +128,19 @@ def measure_ood() -> None:
               + " | ".join(f"{np.mean([p.ood[s] < t for p in scored[n]]):.1%}" for n in sets) + " |")
 
 
-def measure_explanations(count: int) -> None:
-    """Insertion/deletion AUC of the explanations of ``count`` test digits (evenly spread), true class vs null."""
+def measure_explanations(count: int, shard: tuple[int, int] = (0, 1)) -> None:
+    """Insertion/deletion AUC of the explanations of ``count`` test digits (evenly spread), true class vs null; with
+    ``shard`` (k, n) only every n-th of them from the k-th, each image's AUCs printed (images are independent)."""
     from core import Classifier
     from core.tasks.explain_metrics import image_metrics, summarise
 
     clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
     digits, labels = digit_images(FIT[0], HELD[1])
-    idx = np.linspace(0, len(digits) - 1, min(count, len(digits))).round().astype(int).tolist()
+    idx = np.linspace(0, len(digits) - 1, min(count, len(digits))).round().astype(int).tolist()[shard[0]::shard[1]]
     expls = clf.explain([digits[i] for i in idx], labels=[labels[i] for i in idx])
     results = [image_metrics(clf.model, ex, clf.profile) for ex in expls]
+    for i, r in zip(idx, results):
+        print(f"image {FIT[0] + i}: {r.insertion:.6f} {r.deletion:.6f} {r.random_insertion:.6f} {r.random_deletion:.6f}")
     print(f"\nexplanation metrics on {len(results)} test digits (mean ± s.e., std):")
     for k, (m, se) in summarise(results).items():
         print(f"  {k}: {m:.4f} ± {se:.4f} (std {np.std([getattr(r, k) for r in results], ddof=1):.4f})")
@@ -150,13 +153,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the sets as PNG folders here")
     ap.add_argument("--measure", choices=("ood", "explain", "all"), help="print the README's tables")
     ap.add_argument("--metrics-images", type=int, default=359, help="test digits for the explanation metrics")
+    ap.add_argument("--shard", default="0/1", help="K/N: measure every N-th of those images from the K-th")
     args = ap.parse_args()
     if args.out:
         save(args.out)
     if args.measure in ("ood", "all"):
         measure_ood()
     if args.measure in ("explain", "all"):
-        measure_explanations(args.metrics_images)
+        k, n = (int(v) for v in args.shard.split("/"))
+        measure_explanations(args.metrics_images, (k, n))
 
 
 if __name__ == "__main__":
