@@ -56,6 +56,10 @@ from avarc_cli.commands import tune  # noqa: E402
 
 app.command("tune", short_help="Find the best schedule for a model and a compute budget from one scoring pass; writes a profile.")(tune.tune)
 
+from avarc_cli.commands import calibrate_ood  # noqa: E402
+
+app.command("calibrate-ood", short_help="Fit abstention (\"none of these\") thresholds on in-distribution images; writes a profile.")(calibrate_ood.calibrate_ood)
+
 from avarc_cli.commands import report  # noqa: E402
 
 app.command("report", short_help="One self-contained HTML page (plots embedded) for a labelled classify run.")(report.report)

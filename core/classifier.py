@@ -24,6 +24,7 @@ from .io import distributed
 from .io.data import ClassSpace, Item
 from .errors import AvarcError
 from .tasks.explain import Explanation, Target, check_scales, explain_images
+from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .engine.model import Model
 from .engine.runtime import resolve_device, resolve_dtype
@@ -144,29 +145,34 @@ class Classifier:
 
     # classify
     def predict(self, x: torch.Tensor, keys: Sequence[str], candidates: Sequence[int], seed: int = 0,
-                temperature: float | None = None) -> list[Prediction]:
-        """B, 3, R, R preprocessed images → predictions (one noise generator per image, from seed and key).
-        ``temperature`` None: the profile's (fitted by ``avarc tune``), else 1."""
+                temperature: float | None = None, ood_score: str | None = None) -> list[Prediction]:
+        """B, 3, R, R preprocessed images → predictions (one noise generator per image, from seed and key), each
+        with its OOD scores and abstained where the profile's OOD rule says so. ``temperature`` None: the
+        profile's (fitted by ``avarc tune``), else 1. ``ood_score``: the score that decides (default: the rule's)."""
         gens = [noise_generator(seed, k) for k in keys]
         temperature = temperature if temperature is not None else self.profile.temperature or 1.0
+        latents = self.model.encode(x)
         scorer = Scorer(self.model, self.batch_size)
-        preds = run_schedule(self.model, self.model.encode(x), candidates, self.profile, gens, scorer, temperature)
+        preds = run_schedule(self.model, latents, candidates, self.profile, gens, scorer, temperature)
+        rule = self.profile.ood
+        score = check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE))
         names = self.class_names
-        return [replace(p, pred_name=names[p.pred], gflops=image_gflops(self.spec, p.stages, scorer.executed(i)))
-                for i, p in enumerate(preds)]
+        oods = ood_scores(self.model, latents, preds, self.profile, self.batch_size)
+        return [replace(p, pred_name=names[p.pred], gflops=image_gflops(self.spec, p.stages, scorer.executed(i)), ood=o,
+                        abstained=decide(o, score, rule)) for i, (p, o) in enumerate(zip(preds, oods))]
 
     def classify(self, images: Sequence[ImageInput] | torch.Tensor, *, labels: Sequence[int | str | None] | None = None,
                  candidates: Sequence[int | str] | None = None, seed: int = 0, temperature: float | None = None,
-                 keys: Sequence[str] | None = None) -> list[Prediction]:
+                 keys: Sequence[str] | None = None, ood_score: str | None = None) -> list[Prediction]:
         """Classify paths, PIL images or preprocessed tensors. ``labels`` (true classes) fill ``Prediction.label``;
-        ``candidates`` restricts the classes (default: all)."""
+        ``candidates`` restricts the classes (default: all); ``ood_score`` picks the OOD score that decides."""
         cands = self._candidates(candidates)
         keys = self._keys(images, keys)
         ids = [None if y is None else self.class_id(y, "label") for y in labels] if labels is not None else [None] * len(keys)
         out: list[Prediction] = []
         for i in range(0, len(keys), IMAGES_PER_STEP):
             x = self._tensors(images[i:i + IMAGES_PER_STEP])
-            out += self.predict(x, keys[i:i + IMAGES_PER_STEP], cands, seed, temperature)
+            out += self.predict(x, keys[i:i + IMAGES_PER_STEP], cands, seed, temperature, ood_score)
         return [replace(p, label=y) for p, y in zip(out, ids)]
 
     def _candidates(self, candidates: Sequence[int | str] | None) -> list[int]:
@@ -181,7 +187,7 @@ class Classifier:
 
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0, temperature: float | None = None,
                        topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
-                       per_step: int | None = None) -> Iterator[list[dict]]:
+                       per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[dict]]:
         """Items → batches of result records (unreadable images become skipped records), in input order."""
         names = self.class_names
         run = run_key or self.run_key(seed, candidates)
@@ -189,7 +195,7 @@ class Classifier:
         def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[dict]:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
             preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), [it.key for it, _ in good],
-                                      candidates, seed, temperature) if good else ())
+                                      candidates, seed, temperature, ood_score) if good else ())
             return [skipped_record(it, px, names, run) if isinstance(px, str) else ok_record(it, next(preds), names, run, topk)
                     for it, px in zip(batch, pixels)]
 

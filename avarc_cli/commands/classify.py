@@ -12,6 +12,7 @@ from core.io.data import DataOptions, collect, dataset_presets, read_list
 from core.runs.classify_run import ClassifyRun, classify_run
 from core.io.files import check_output_files
 from core.io.profiles import list_profiles
+from core.tasks.ood import check_score
 
 from .. import output
 from ..interrupt import interruptible, results_safe
@@ -46,6 +47,7 @@ def classify(
     threads: ThreadsOpt = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6, help="Softmax temperature of the posterior over the final scores (default: the profile's, from `avarc tune`, else 1).", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", min=1, help="How many ranked classes (and posterior entries) each record keeps.")] = 5,
+    ood_score: Annotated[Optional[str], typer.Option("--ood-score", help="OOD score that decides abstention: likelihood (lower bound of log p(x) per token), ratio (log p(x|pred) − log p(x|null)) or posterior (its maximum). Default: the profile's, from `avarc calibrate-ood`, else likelihood.", show_default=False)] = None,
     list_profiles_: Annotated[bool, typer.Option("--list-profiles", help="List the shipped profiles with their stages and exit.")] = False,
     model_dir: ModelDirOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -76,6 +78,8 @@ def classify(
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
     check_output_files({"out": out, "csv": csv})
+    if ood_score is not None:
+        check_score(ood_score)
     dist, run = distributed.init(device), None
     try:
         with interruptible(lambda: results_safe(out, None if run is None else run.safe) if dist.is_main else None):
@@ -87,7 +91,7 @@ def classify(
                             data=DataOptions(split, image_column, label_column, border))
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk, dist=dist,
                               labels=labels,
-                              keep_records=out is None and not found.labelled) as run:
+                              keep_records=out is None and not found.labelled, ood_score=ood_score) as run:
                 for note in run.notes() if dist.is_main else ():
                     output.say(note, err=True)
                 with output.progress(disable=not dist.is_main) as bar:
@@ -112,7 +116,8 @@ def _report(run: ClassifyRun, topk: int, world: int) -> None:
     m, profile = run.metrics, run.clf.profile
     if run.records:
         output.table("predictions", ["image", "prediction", "posterior", "runners-up"],
-                     [(r["path"], "skipped", None, r["error"]) if r["status"] != "ok" else
+                     [(r["path"], "skipped", None, r["error"]) if r["status"] == "skipped" else
+                      (r["path"], "none of these (abstained)", None, _ood_note(r)) if r["status"] == "abstained" else
                       (r["path"], r["pred_name"], f"{r['posterior'][0]['p']:.3f}", ", ".join(t["name"] for t in r["topk"][1:topk]))
                       for r in run.records])
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}%"  # noqa: E731
@@ -121,6 +126,8 @@ def _report(run: ClassifyRun, topk: int, world: int) -> None:
         rows += [("top-1", pct(m.top1)), ("top-5", pct(m.top5))]
         rows += [(f"stage {i} recall ({st.scales} scales, {st.samples}× → keep {st.keep})", pct(r))
                  for i, (st, r) in enumerate(zip(profile.stages, m.recall), 1)]
+    if profile.ood is not None:
+        rows.append((f"abstained ({run.ood_score or profile.ood.score} below its threshold)", m.abstained))
     if any(st.exit_margin is not None for st in profile.stages):
         rows.append(("early exits", m.early_exits))
     if run.gflops_per_image is not None:
@@ -128,3 +135,8 @@ def _report(run: ClassifyRun, topk: int, world: int) -> None:
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
     output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)
+
+
+def _ood_note(record: dict) -> str:
+    ood = record["ood"]
+    return f"{ood['score']} {ood[ood['score']]:.3g} < {ood['threshold']:.3g}; best guess {record['topk'][0]['name']}"

@@ -11,6 +11,7 @@ from core.io.data import DataOptions, collect, read_list
 from core.tasks.explain import unique_stems
 from core.io.files import make_output_dir
 from core.io.results import image_key
+from core.tasks.explain_metrics import STARTS, image_metrics, summarise, write_metrics
 from core.tasks.heatmap import COLORMAPS, check_style, save_explanation
 
 from .. import output
@@ -20,6 +21,7 @@ from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionO
                        ThreadsOpt, TrustPickleOpt, VaeOpt)
 
 Colormap = Literal[tuple(COLORMAPS)]  # type: ignore[valid-type]   (the colormaps core draws)
+Start = Literal[tuple(STARTS)]  # type: ignore[valid-type]   (the start images of the insertion/deletion metrics)
 
 
 def explain(
@@ -50,6 +52,8 @@ def explain(
     trust_pickle: TrustPickleOpt = False,
     encoder: EncoderOpt = "torch",
     force: Annotated[bool, typer.Option("--force", help="Overwrite <image>.png / <image>.npz files already in --out.")] = False,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map: insertion and deletion AUC of the class-A posterior when the finest-scale token regions are inserted into / deleted from the image best first, against random rankings; writes OUT/metrics.json and OUT/metrics.png.")] = False,
+    metrics_start: Annotated[Start, typer.Option("--metrics-start", help="What insertion starts from and deletion fills in: blank (black) or blur (the image blurred).")] = "blank",
 ) -> None:
     """\b
     avarc explain examples/digits        # true class vs its best wrong class
@@ -58,7 +62,7 @@ def explain(
     avarc explain val/ -m d16 --labels folders  # A = true, B = best wrong class
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
 
-    OUT/<image>.png shows the input, then where its tokens favour A over the unconditional model, B over it, and the more likely of A, B over the other. OUT/<image>.npz holds the signed maps (3, p, p: A vs null, B vs null, A vs B), classes [A, B], scores log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Classes left open are chosen with the profile's schedule, as `avarc classify` ranks them; unreadable images are skipped.
+    OUT/<image>.png shows the input, then where its tokens favour A over the unconditional model, B over it, and the more likely of A, B over the other. OUT/<image>.npz holds the signed maps (3, p, p: A vs null, B vs null, A vs B), classes [A, B], scores log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Classes left open are chosen with the profile's schedule, as `avarc classify` ranks them; unreadable images are skipped. --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).
     """
     inputs = [*(inputs or []), *(read_list(from_list) if from_list is not None else [])]
     if not inputs:
@@ -74,10 +78,11 @@ def explain(
     names = [n.replace("_", " ") if clf.space.imagenet else n for n in clf.class_names] + ["null"]
     stems = dict(zip((it.path for it in found.items), unique_stems([it.path for it in found.items])))
     clash = [out / f"{stem}{ext}" for stem in stems.values() for ext in (".png", ".npz") if (out / f"{stem}{ext}").exists()]
+    clash += [f for f in (out / "metrics.json", out / "metrics.png") if metrics and f.exists()]
     if clash and not force:
         raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
                          "overwrite them, or choose another --out")
-    rows, skipped, batches = [], [], clf.explain_items(found.items, target, scales, seed)
+    rows, skipped, measured, batches = [], [], [], clf.explain_items(found.items, target, scales, seed)
     with interruptible(lambda: f"interrupted: {len(rows)} explanations written to {out}"), output.progress() as bar:
         task = bar.add_task("explain", total=len(found.items), info="")
         for batch in batches:
@@ -88,6 +93,8 @@ def explain(
                     a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha, image_key(it.path),
                                             exclusive=not force)
                     rows.append((it.path, a, b, *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
+                    if metrics:
+                        measured.append((it.path, image_metrics(clf.model, ex, clf.profile, metrics_start, seed)))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:
         output.say(f"skipped: {reason}", err=True)
@@ -96,3 +103,10 @@ def explain(
                      f"{scales or len(clf.spec.var.patch_nums)} scales",
                      ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
 
+    if measured:
+        written = write_metrics(measured, out)
+        mean = summarise([m for _, m in measured])
+        output.table(f"explanation metrics · {len(measured)} images · start {metrics_start} · mean ± s.e. · "
+                     f"written to {written[0]}, {written[1].name}", ["AUC", "heatmap ranking", "random ranking", ""],
+                     [(mode, *(f"{mean[k][0]:.4f} ± {mean[k][1]:.4f}" for k in (mode, f"random_{mode}")), better)
+                      for mode, better in (("insertion", "higher is better"), ("deletion", "lower is better"))])

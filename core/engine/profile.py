@@ -28,6 +28,19 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class OodRule:
+    """Abstention, fitted by ``avarc calibrate-ood``: an image whose OOD ``score`` is below that score's threshold is
+    answered "none of these"; each threshold accepts ``coverage`` of the in-distribution images it was fitted on."""
+
+    score: str
+    coverage: float
+    thresholds: tuple[tuple[str, float], ...]
+
+    def threshold(self, score: str) -> float | None:
+        return dict(self.thresholds).get(score)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     stages: tuple[Stage, ...]
@@ -40,6 +53,7 @@ class Profile:
     those two re-scored in fp32, so its prediction is fp32's; 0 turns it off. The default, ``GUARD_NATS_PER_TOKEN``
     × the tokens scored, is 1.5× the largest bf16 − fp32 error of a score difference measured on the conformance
     models (0.61 nats over 680 tokens, 2.6 over 2240; README, Performance)."""
+    ood: OodRule | None = None         # abstention thresholds (fitted by `avarc calibrate-ood`)
 
     def margin(self, num_tokens: int) -> float:
         """The guard margin in nats for scores summed over ``num_tokens`` tokens."""

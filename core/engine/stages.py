@@ -47,6 +47,8 @@ class Prediction:
     pred_name: str | None = None           # the predicted class's name (set by ``Classifier``)
     label: int | None = None               # the true class, when the caller knows it
     gflops: dict[str, float] | None = None  # this image's compute, {"executed", "paper"} (set by ``Classifier``)
+    ood: dict | None = None                # out-of-distribution scores (``core.tasks.ood``; set by ``Classifier``)
+    abstained: bool = False                # the profile's OOD rule answered "none of these" (``pred`` is kept)
 
     def label_rank(self, label: int) -> int | None:
         """1-based rank of a class in the ranking (None if it was not a candidate)."""

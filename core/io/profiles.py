@@ -25,10 +25,10 @@ import yaml
 
 from ..errors import AvarcError
 from .files import write_text
-from ..engine.profile import _ALL, Profile, Stage
+from ..engine.profile import _ALL, OodRule, Profile, Stage
 
 STAGE_FIELDS = ("scales", "samples", "keep", "exit_margin")
-PROFILE_FIELDS = ("name", "description", "sigma", "temperature", "stages", "guard_margin")
+PROFILE_FIELDS = ("name", "description", "sigma", "temperature", "stages", "guard_margin", "ood")
 
 
 def _fail(where: str, problem: str) -> AvarcError:
@@ -102,7 +102,27 @@ def parse_profile(doc, name: str, source: str) -> Profile:
         raise _fail(source, f"temperature: must be a positive number or null, got {temperature!r}; fix the profile")
     return Profile(name=str(doc.get("name", name)), stages=stages, sigma=float(sigma), description=description.strip(),
                    source=source, temperature=float(temperature) if temperature is not None else None,
-                   guard_margin=None if guard is None else float(guard))
+                   guard_margin=None if guard is None else float(guard), ood=_parse_ood(doc.get("ood"), source))
+
+
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _parse_ood(raw, source: str) -> OodRule | None:
+    """``ood: {score: NAME, coverage: 0.95, thresholds: {NAME: value, …}}`` (written by ``avarc calibrate-ood``)."""
+    if raw is None:
+        return None
+    example = "{score: ratio, coverage: 0.95, thresholds: {ratio: 1.2}}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("thresholds"), dict) or not raw["thresholds"]:
+        raise _fail(source, f"ood: must be a mapping like {example}; fix the profile or fit it with "
+                            "`avarc calibrate-ood`")
+    bad = [k for k, v in raw["thresholds"].items() if not isinstance(k, str) or not _number(v)]
+    coverage = raw.get("coverage")
+    if bad or not _number(coverage) or not 0 < coverage <= 1 or raw.get("score") not in raw["thresholds"]:
+        raise _fail(source, f"ood: needs a score that has a numeric threshold and a coverage in (0, 1], like "
+                            f"{example}; fix the profile")
+    return OodRule(str(raw["score"]), float(coverage), tuple((k, float(v)) for k, v in raw["thresholds"].items()))
 
 
 def profile_yaml(profile: Profile, comment: str = "") -> str:
@@ -112,6 +132,9 @@ def profile_yaml(profile: Profile, comment: str = "") -> str:
         doc["temperature"] = profile.temperature
     if profile.guard_margin is not None:
         doc["guard_margin"] = profile.guard_margin
+    if profile.ood is not None:
+        doc["ood"] = {"score": profile.ood.score, "coverage": profile.ood.coverage,
+                      "thresholds": dict(profile.ood.thresholds)}
     head = "".join(f"# {line}\n".replace("# \n", "#\n") for line in comment.splitlines())
     body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
     stages = "".join("  - {" + ", ".join(f"{k}: {v}" for k, v in _stage_fields(st)) + "}\n" for st in profile.stages)

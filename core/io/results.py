@@ -90,9 +90,11 @@ def run_info(model_id: str, profile: Profile, seed: int, candidates: Sequence[in
              **settings) -> dict:
     """The ``run`` key of every record: the run's identity. ``fingerprint`` covers the model, its weights, the resolved
     schedule, σ, the seed, the candidate classes and every setting that changes a record (``settings``: weights,
-    dtype, temperature, top-k, labels mode); each of those is also a field, so a mismatch can be named."""
+    dtype, temperature, top-k, labels mode) and the abstention rule; each setting is also a field, so a mismatch can
+    be named."""
     schedule = [[s.scales, s.samples, s.keep, s.exit_margin] for s in profile.stages]
-    blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, settings],
+    abstain = [[profile.ood.score, sorted(profile.ood.thresholds)]] if profile.ood is not None else []
+    blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, settings, *abstain],
                       sort_keys=True)
     return {"model": model_id, "profile": profile.name, "seed": seed, **settings,
             "fingerprint": hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
@@ -117,14 +119,15 @@ def record_key(record: Record) -> str:
 
 def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: int) -> Record:
     label = item.record_label(p.label_rank)
+    """An abstained image keeps its ranking, posterior and ``ood`` scores; only ``pred`` and ``pred_name`` are null."""
     return {
         "path": item.path,
         "file": item.file,
         "label": label,
         "label_name": item.label_name or (names[label] if label is not None else None),
         **({"accepted": list(item.accepted)} if item.accepted else {}),
-        "pred": p.pred,
-        "pred_name": names[p.pred],
+        "pred": None if p.abstained else p.pred,
+        "pred_name": None if p.abstained else names[p.pred],
         "label_rank": p.label_rank(label) if label is not None else None,
         "topk": [{"class": c, "name": names[c], "score": round(s, 4)} for c, s in p.ranking[:topk]],
         "stages": [{"scales": st.scales, "samples": st.samples, "keep": st.keep, "candidates": st.candidates,
@@ -132,7 +135,8 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: 
         "exited_after": p.exited_after,
         "gflops": p.gflops,
         "posterior": [{"class": c, "name": names[c], "p": round(q, 6)} for c, q in p.posterior[:topk]],
-        "status": "ok",
+        "ood": p.ood,
+        "status": "abstained" if p.abstained else "ok",
         "error": None,
         "run": run,
     }
@@ -142,7 +146,7 @@ def skipped_record(item: Item, reason: str, names: Sequence[str], run: dict) -> 
     return {"path": item.path, "file": item.file, "label": item.label,
             "label_name": item.label_name or (names[item.label] if item.label is not None else None),
             "pred": None, "pred_name": None, "label_rank": None, "topk": [], "stages": [], "exited_after": None,
-            "posterior": [], "status": "skipped", "error": reason, "run": run}
+            "posterior": [], "ood": None, "status": "skipped", "error": reason, "run": run}
 
 
 @dataclass
@@ -405,6 +409,7 @@ class Metrics:
     correct1: int = 0
     correct5: int = 0
     early_exits: int = 0
+    abstained: int = 0             # answered "none of these" (not counted in top1/top5/recall)
     survived: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -412,8 +417,11 @@ class Metrics:
 
     def add(self, record: Record) -> None:
         self.images += 1
-        if record["status"] != "ok":
+        if record["status"] == "skipped":
             self.skipped += 1
+            return
+        if record["status"] == "abstained":
+            self.abstained += 1
             return
         self.early_exits += record["exited_after"] is not None
         if record["label"] is None:
@@ -488,5 +496,6 @@ def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, su
            "subset": subset or "", "images": m.images, "skipped": m.skipped,
            "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
     row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
+    row.update({"abstained": m.abstained} if profile.ood is not None else {})
     row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})
     return row

@@ -53,9 +53,13 @@ class ClassifyRun:
             self.results.write(batch)
             self.count(batch)
             self.new, self.safe = self.new + len(batch), self.safe + len(batch)
-            self.unreadable += sum(r["status"] != "ok" for r in batch)
+            self.unreadable += sum(r["status"] == "skipped" for r in batch)
             self.records += batch if self.keep_records else []
             yield batch
+
+    @property
+    def ood_score(self) -> str | None:
+        return self.options["ood_score"]
 
     @property
     def seconds(self) -> float:
@@ -98,7 +102,8 @@ class ClassifyRun:
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
-                 dist: Dist = Dist(), keep_records: bool = False, labels: str = "auto") -> Iterator[ClassifyRun]:
+                 dist: Dist = Dist(), keep_records: bool = False, labels: str = "auto",
+                 ood_score: str | None = None) -> Iterator[ClassifyRun]:
     """Open the run's results file ``out`` (locked for the block; ``resume`` continues it) after checking that a
     summary row can be added to ``csv``, and hand back the run. Its identity (every record's ``run``) covers all that
     changes a record: the model and its weights' SHA-256, the schedule, seed, dtype, temperature, top-k and labels
@@ -113,7 +118,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     with results_file(out, resume, run_key, dist) as results:
         todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,
-                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist), keep_records,
+                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score), keep_records,
                           safe=len(results.done))
         run.count(results.resumed.done.values() if results.resumed else ())
         yield run

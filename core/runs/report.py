@@ -202,6 +202,7 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     plots.append(_img(fig))
     parts.append(f'<h2>Calibration, pruning and compute</h2><div class="plots">{"".join(plots)}</div>')
 
+    parts.append(ood_section(records))
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]), key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
     cards, panels = [], explained_panels(explain_dir) if explain_dir else {}
@@ -218,6 +219,42 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     if Counter(r["run"].get("fingerprint") for r in lab).most_common(2)[1:]:
         parts.insert(0, "<p><b>note:</b> these results mix several runs (different run fingerprints).</p>")
     return _page(title, "".join(parts))
+
+
+def ood_section(records: list[dict]) -> str:
+    """Abstention: the deciding OOD score of accepted vs abstained images, and top-1 against coverage when the
+    images are accepted best score first (empty when the records carry no OOD scores)."""
+    scored = [r for r in records if r["status"] in ("ok", "abstained") and r.get("ood")]
+    if not scored:
+        return ""
+    plt = _plt()
+    name = scored[0]["ood"]["score"]
+    values = np.asarray([r["ood"][name] for r in scored])
+    abstained = np.asarray([r["status"] == "abstained" for r in scored])
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    bins = np.histogram_bin_edges(values, bins=30)
+    ax.hist(values[~abstained], bins=bins, color="#55a868", alpha=0.8, label=f"accepted ({(~abstained).sum()})")
+    ax.hist(values[abstained], bins=bins, color="#c44e52", alpha=0.8, label=f"abstained ({abstained.sum()})")
+    threshold = scored[0]["ood"].get("threshold")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel(f"OOD score: {name}"), ax.set_ylabel("images"), ax.set_title("accepted vs abstained")
+    ax.legend(fontsize=7)
+    plots = [_img(fig)]
+    lab = [r for r in scored if r["label"] is not None]
+    if lab:
+        order = np.argsort([-r["ood"][name] for r in lab], kind="stable")
+        right = np.asarray([lab[i]["label_rank"] == 1 for i in order], float)
+        n = np.arange(1, len(lab) + 1)
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.plot(n / len(lab), right.cumsum() / n, color="#4c72b0")
+        kept = sum(r["status"] == "ok" for r in lab) / len(lab)
+        ax.axvline(kept, color="k", ls="--", lw=1, label=f"this run: {kept:.1%} accepted")
+        ax.set_xlabel(f"coverage (accepted best {name} first)"), ax.set_ylabel("top-1 of the accepted")
+        ax.set_title("accuracy vs coverage"), ax.legend(fontsize=7)
+        plots.append(_img(fig))
+    return (f"<h2>Out of distribution: {int(abstained.sum())} of {len(scored)} abstained</h2>"
+            f'<div class="plots">{"".join(plots)}</div>')
 
 
 def tune_report(result, shipped: list[tuple[str, object]], title: str) -> str:
