@@ -130,12 +130,12 @@ def test_dataset_mistakes_are_one_line(digits, monkeypatch, capsys, args, says):
 
 def test_from_list_reads_paths_relative_to_the_list(digits, tmp_path, monkeypatch, capsys):
     files = sorted((digits["folder"] / "3").iterdir())[:3]
-    listing = digits["folder"] / "mine.txt"
-    listing.write_text("# three threes\n" + "".join(f"{f.relative_to(digits['folder'])}\n" for f in files) + "\n")
+    listing = tmp_path / "mine.txt"               # relative paths from the list's folder (not the shared folder)
+    listing.write_text("# three threes\n" + "".join(f"{os.path.relpath(f, tmp_path)}\n" for f in files) + "\n")
     out = tmp_path / "list.jsonl"
     code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", listing, "--device", "cpu", "--out", out)
     assert code == 0, err
-    assert [r["path"] for r in read_jsonl(out)] == [str(f) for f in files]
+    assert [os.path.realpath(r["path"]) for r in read_jsonl(out)] == [os.path.realpath(f) for f in files]
     code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", tmp_path / "none.txt")
     assert code == 2 and "none.txt: no such list file" in err
 
