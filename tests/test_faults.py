@@ -74,6 +74,9 @@ def baseline(digits) -> Path:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(proc, out, 1)
     proc.send_signal(signal.SIGSTOP)                     # frozen with the lock held: nothing else writes the file
+    stat = Path(f"/proc/{proc.pid}/stat")                # the stop is asynchronous: wait until it has landed
+    while stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] != "T":
+        time.sleep(0.01)
     try:
         before = sha(out)
         second = run("classify", digits, "--out", out, "--resume")

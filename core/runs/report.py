@@ -14,7 +14,7 @@ import numpy as np
 
 from ..tasks.calibration import posterior, reliability
 from ..errors import AvarcError
-from ..tasks.explain import explained_panels
+from ..tasks.explain import explained_panels, safe_stem
 from ..engine.flops import encoder_macs, sequence_macs
 from ..io.results import Record, record_key, stage_survival
 from ..models.specs import ModelSpec
@@ -208,7 +208,8 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     cards, panels = [], explained_panels(explain_dir) if explain_dir else {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
-        panel = panels.get(record_key(r))
+        panel = panels.get(record_key(r)) or (explain_dir / f"{safe_stem(Path(r['path']).stem)}.png" if explain_dir
+                                              else None)         # a panel of a copy of the image: by its name
         pic = _png_file(panel) if panel is not None and panel.is_file() else _image_thumb(r["path"])
         rank = r["label_rank"] if r["label_rank"] is not None else "pruned"
         cards.append(f'<div class="card">{pic}<br>{_text(Path(r["path"]).name)}<br>true <b>'
