@@ -15,8 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from core import AvarcError
-from core.errors import FIX
+from core.errors import FIX, AvarcError, NeedsDownload
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,11 +36,10 @@ def message(err: AvarcError) -> str:
     return text if err.option is None else f"{flag(err.option)}: {text}"
 
 
-def _fix(fix: str | tuple) -> str:
+def _fix(fix: str | NeedsDownload) -> str:
     if isinstance(fix, str):
         return f"pass {flag(fix)}"
-    _, name, model_dir = fix
-    return f"run `avarc download {name}{'' if model_dir is None else f' --dir {model_dir}'}`"
+    return f"run `avarc download {fix.name}{'' if fix.model_dir is None else f' --dir {fix.model_dir}'}`"
 
 
 def _numeric(cell: Any) -> bool:

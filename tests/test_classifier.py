@@ -140,7 +140,7 @@ def test_ambiguous_scales_ask_to_be_stated():
         infer_patch_nums(139, 5)
 
 
-LAYERS = ("errors", "models", "engine", "io", "tasks", "classifier", "runs")   # bottom first
+LAYERS = ("errors", "choices", "models", "engine", "io", "tasks", "classifier", "runs")   # bottom first
 
 
 def _core_imports() -> dict[str, set[str]]:

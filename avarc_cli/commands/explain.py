@@ -2,70 +2,59 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
-import typer
-
-from core import AvarcError, Classifier
-from core.io.data import collect
-from core.tasks.explain import unique_stems
-from core.io.files import make_output_dir
-from core.tasks.heatmap import COLORMAPS, check_style, save_explanation
-
-from .. import output
-from ..interrupt import interruptible
-from ..options import (BatchSizeOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, LabelsOpt, ModelDirOpt,
-                       ModelOpt, PatchNumsOpt, ProfileOpt, SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
-
-Colormap = Literal[tuple(COLORMAPS)]  # type: ignore[valid-type]   (the colormaps core draws)
+from ..options import (Colormap, ForceOpt, InputsArg, LabelsOpt, ModelOpt, ModelOptions, ProfileOpt, SeedOpt,
+                       model_options, opt)
 
 
+@model_options()
 def explain(
+    opts: ModelOptions,
     inputs: InputsArg = None,
     model: ModelOpt = "digits",
-    vae: VaeOpt = None,
-    patch_nums: PatchNumsOpt = None,
-    extension: ExtensionOpt = None,
     profile: ProfileOpt = None,
-    cls: Annotated[Optional[str], typer.Option("--class", help="Class to explain (A): index, synset or name. Default: the true class if known, else the prediction.")] = None,
-    vs: Annotated[Optional[str], typer.Option("--vs", help="Class to contrast with (B): index, synset, name or `null`. Default: the best other class.")] = None,
-    label: Annotated[Optional[str], typer.Option("--label", help="True class of every input (index, synset or name): A = it, B = the best wrong class.")] = None,
+    cls: Annotated[Optional[str], opt("--class", metavar="A", help="Class to explain (default: true, else predicted).")] = None,
+    vs: Annotated[Optional[str], opt("--vs", metavar="B", help="Class to contrast (or null; default: best other).")] = None,
+    label: Annotated[Optional[str], opt("--label", metavar="Y", help="True class of every input.")] = None,
     labels: LabelsOpt = "auto",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <image>.png and <image>.npz.")] = Path("explanations"),
-    colormap: Annotated[Colormap, typer.Option("--colormap", help="Heatmap colours.")] = "turbo",
-    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the input, 0…1.")] = 0.5,
-    scales: Annotated[Optional[int], typer.Option("--scales", help="Explain with the first S scales only (maps on the S-th scale's grid).")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchSizeOpt = None,
+    out: Annotated[Path, opt("--out", "-o", metavar="DIR", help="Folder for IMAGE.png and IMAGE.npz.",
+                             show_default=True)] = Path("explanations"),
+    colormap: Annotated[Colormap, opt("--colormap", help="Heatmap colours.", show_default=True)] = "turbo",
+    alpha: Annotated[float, opt("--alpha", min=0.0, max=1.0, metavar="A", help="Heatmap opacity, 0…1.",
+                                show_default=True)] = 0.5,
+    shared_scale: Annotated[bool, opt("--shared-scale", help="One colour scale (nats) for all three maps.")] = False,
+    scales: Annotated[Optional[int], opt("--scales", metavar="S", help="Use the first S scales only.")] = None,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = None,
-    model_dir: ModelDirOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    encoder: EncoderOpt = "torch",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite <image>.png / <image>.npz files already in --out.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """\b
     avarc explain examples/digits        # true class vs its best wrong class
     avarc explain cat.jpg -m d16 --out why      # A = prediction, B = runner-up
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
-    avarc explain val/ -m d16 --labels folders  # A = true, B = best wrong class
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
 
-    OUT/<image>.png shows the input, then where its tokens favour A over the unconditional model, B over it, and the more likely of A, B over the other. OUT/<image>.npz holds the signed maps (3, p, p: A vs null, B vs null, A vs B), classes [A, B], scores log p(x|A), log p(x|B), log p(x|null) and the per-token differences. Classes left open are chosen with the profile's schedule, as `avarc classify` ranks them; unreadable images are skipped.
+    OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
+    over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores (README, Explain).
     """
+    from core.errors import AvarcError
+    from core.io.data import collect
+    from core.io.files import make_output_dir
+    from core.tasks.explain import unique_stems
+    from core.tasks.heatmap import check_style
+
+    from .. import output
+    from ..interrupt import interruptible
+
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)
     make_output_dir(out, "out")
-    clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=device, dtype=dtype,
-                                     encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
-                                     patch_nums=patch_nums, threads=threads, batch_size=batch_size)
+    clf = opts.load(model, profile)
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
     found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [])
-    names = [n.replace("_", " ") if clf.space.imagenet else n for n in clf.class_names] + ["null"]
     stems = dict(zip((it.path for it in found.items), unique_stems([it.path for it in found.items])))
-    clash = [out / f"{stem}{ext}" for stem in stems.values() for ext in (".png", ".npz") if (out / f"{stem}{ext}").exists()]
+    clash = [out / f"{s}{ext}" for s in stems.values() for ext in (".png", ".npz") if (out / f"{s}{ext}").exists()]
     if clash and not force:
         raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
                          "overwrite them, or choose another --out")
@@ -76,9 +65,9 @@ def explain(
             for it, ex in batch:
                 if isinstance(ex, str):
                     skipped.append(ex)
-                else:
-                    a, b = save_explanation(ex, out, stems[it.path], names, colormap, alpha)
-                    rows.append((it.path, a, b, *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
+                    continue
+                ex.save(out / f"{stems[it.path]}.png", colormap=colormap, alpha=alpha, shared_scale=shared_scale)
+                rows.append((it.path, ex.names[0], ex.names[1], *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:
         output.err_console.print(f"skipped: {reason}", markup=False, highlight=False)
@@ -86,4 +75,3 @@ def explain(
         output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
                      f"{scales or len(clf.spec.var.patch_nums)} scales",
                      ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
-

@@ -17,11 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..choices import LABELS
 from ..errors import AvarcError
 from .files import absolute
 
 IMAGENET_CLASSES = 1000
-LABEL_MODES = ("auto", "folders", "none")
+LABEL_MODES = LABELS
 _SYNSET = re.compile(r"n\d{8}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models.checkpoints import file_sha256
-from ..errors import FIX, AvarcError
+from ..errors import FIX, AvarcError, NeedsDownload
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -100,7 +100,7 @@ def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.Pa
     if actual != expected:
         _remove(path, cached)
         raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
-                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again", fix=("download", e.name, model_dir))
+                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again", fix=NeedsDownload(e.name, model_dir))
     return actual
 
 

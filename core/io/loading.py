@@ -93,10 +93,10 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
 def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, model_dir: str | os.PathLike | None = None,
                   trust_pickle: bool = False, encoder: str = "torch",
-                  patch_nums: tuple[int, ...] | None = None) -> Model:
+                  patch_nums: tuple[int, ...] | None = None, compile: bool = False) -> Model:  # noqa: A002
     """A model argument (registry name, model directory or VAR file) → loaded Model, its encoder run by ``encoder``
     (``torch`` or ``onnx``; an ONNX export is made beside the VQ-VAE file on first use). ``patch_nums`` states the
-    scales of a bare VAR file when they cannot be read off it."""
+    scales of a bare VAR file when they cannot be read off it; ``compile`` fuses the engine with torch.compile."""
     check_backend(encoder)
     path = Path(model)
     if is_registry_name(model):
@@ -120,6 +120,7 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         loaded = load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle,
                             patch_nums=patch_nums)
     use_encoder(loaded, encoder, vae_path)
+    loaded.compile = compile
     return loaded
 
 

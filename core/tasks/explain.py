@@ -22,12 +22,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
 from ..io.files import atomic_write
 from ..engine.model import Model
 from ..engine.profile import Profile
+from .heatmap import render
 
 @dataclass(frozen=True)
 class Target:
@@ -55,12 +57,41 @@ class Explanation:
     pred: int | None = None         # the schedule's prediction, when it ran
     label: int | None = None        # the image's true class, when known
     pixels: np.ndarray | None = None  # R, R, 3 uint8: the input as the model saw it (for drawing the panels)
+    names: tuple[str, str] | None = None     # A's and B's display names (set by ``Classifier``)
+    label_name: str | None = None
+    pred_name: str | None = None
 
     @property
     def ratios(self) -> tuple[float, float, float]:
         """Log-likelihood ratios in nats: A vs null, B vs null, A vs B."""
         a, b, null = self.scores.tolist()
         return a - null, b - null, a - b
+
+    def __repr__(self) -> str:
+        a, b = self.names or self.classes
+        r_a, r_b, r_ab = self.ratios
+        return (f"Explanation({a!r} vs {b!r}: {r_ab:+.2f} nats; vs null {r_a:+.2f}, {r_b:+.2f}; "
+                f"maps {self.maps.shape[-1]}×{self.maps.shape[-1]})")
+
+    def to_pil(self, colormap: str = "turbo", alpha: float = 0.5, shared_scale: bool = False) -> Image.Image:
+        """The four panels ``avarc explain`` writes: the input, A vs null, B vs null and the contrast, each with a
+        colour bar in nats (``shared_scale``: one scale for the three maps)."""
+        if self.pixels is None:
+            raise AvarcError("this explanation has no input pixels to draw on; make it with Classifier.explain")
+        names = self.names or (str(self.classes[0]), str(self.classes[1]))
+        notes = ([f"true: {self.label_name}"] if self.label_name is not None else []) + \
+            ([f"predicted: {self.pred_name}"] if self.pred_name is not None else [])
+        return render(self.pixels, self, names, colormap, alpha, ", ".join(notes), shared_scale)
+
+    def save(self, path: str | os.PathLike, colormap: str = "turbo", alpha: float = 0.5,
+             shared_scale: bool = False) -> Path:
+        """Write the panels to ``path`` (PNG) and the raw maps beside it (same stem, ``.npz``), each atomically."""
+        path = Path(path)
+        image = self.to_pil(colormap, alpha, shared_scale)
+        save_npz(self, path.with_suffix(".npz"), self.names or (str(self.classes[0]), str(self.classes[1])))
+        with atomic_write(path) as f:
+            image.save(f, format="PNG")
+        return path
 
 
 def scale_maps(per_token: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor:

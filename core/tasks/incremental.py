@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoints import file_sha256
+from ..choices import INITS
 from ..errors import AvarcError
 from ..io.files import atomic_write
 from ..engine.model import Model
@@ -34,7 +35,6 @@ from ..engine.schedule import classify, noise_generator
 from .training import Augment, OnStep, TrainConfig, TrainLog, token_pool, train_var
 
 EXTENSION_FORMAT = "avarc-extension/1"
-INITS = ("null", "mean")
 
 
 def rows_sha256(rows: torch.Tensor) -> str:
@@ -69,6 +69,9 @@ class Extension:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the extension file (loads with ``weights_only=True``; apply it with ``extensions=[path]``)."""
         return save_extension(self, path)
+
+    def __repr__(self) -> str:
+        return f"Extension({len(self.names)} classes {self.names[:5]}, on {self.describe_base()}, offset {self.offset})"
 
     def describe_base(self) -> str:
         short = self.base_sha256[:12]
