@@ -34,13 +34,13 @@ def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 
 
 for name, fn, short in [
-    ("download", download.download, "Download official weights (HF cache or a folder, checked)."),
-    ("classify", classify.classify, "Classify images and labelled folders (JSONL, accuracy)."),
-    ("explain", explain.explain, "Token-wise log-likelihood-ratio heatmaps (PNG) and maps (NPZ)."),
-    ("bench", bench.bench, "Speed, GFLOPs, share of the device peak, memory, dtype agreement."),
-    ("add-class", add_class.add_class, "Learn new classes from their own images (an extension file)."),
-    ("tune", tune.tune, "The best schedule for a compute budget, from one scoring pass."),
-    ("report", report.report, "One self-contained HTML page for a labelled classify run."),
+    ("download", download.download, "Download official weights (checked)."),
+    ("classify", classify.classify, "Classify images and labelled folders."),
+    ("explain", explain.explain, "Why: per-token log-likelihood-ratio heatmaps."),
+    ("bench", bench.bench, "Speed, GFLOPs, memory, dtype agreement."),
+    ("add-class", add_class.add_class, "Learn new classes from their own images."),
+    ("tune", tune.tune, "The best schedule for a compute budget."),
+    ("report", report.report, "An HTML page for a labelled classify run."),
 ]:
     app.command(name, short_help=short, cls=Command)(fn)
 

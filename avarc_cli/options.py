@@ -120,7 +120,8 @@ def model_options(*skip: str) -> Callable[[Callable[..., Any]], Callable[..., An
 
         @functools.wraps(command)
         def run(**kw: Any) -> Any:
-            shared = {f.name: kw.pop(f.name, ModelOptions.DEFAULTS.get(f.name)) for f in dataclasses.fields(ModelOptions)}
+            shared = {f.name: ModelOptions.DEFAULTS.get(f.name) for f in dataclasses.fields(ModelOptions)}
+            shared.update({f.name: kw.pop(f.name) for f in fields})
             return command(opts=ModelOptions(**shared), **kw)
 
         del run.__wrapped__          # typer reads the signature below, not the command's own

@@ -25,3 +25,84 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
     output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)
+
+
+MIN_PER_CLASS = 20      # fewer fit images per class than this cannot tell schedules apart reliably
+NEAR = 2                # Pareto rows shown on each side of the chosen schedule
+
+
+def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[float, float], as_json: bool) -> None:
+    """A short summary and the Pareto rows nearest the budget (every schedule: ``--report`` or ``--json``). The
+    chosen schedule's compute is one figure everywhere: on the images it was chosen on, as in its Pareto row."""
+    import numpy as np
+
+    c, base = res.chosen, res.baseline
+    fewest = int(np.unique(np.asarray(labels)[res.fit_idx], return_counts=True)[1].min())
+    if fewest < MIN_PER_CLASS:
+        output.err_console.print(f"warning: only {fewest} images of some class choose the schedule (fewer than "
+                                 f"{MIN_PER_CLASS}): the choice is mostly noise; tune on more labelled images "
+                                 "(README, Choosing a schedule)", markup=False, highlight=False)
+    if as_json:
+        output.emit_json({"chosen": _point(c), "chosen_held_out": _point(res.chosen_held), "varc": _point(base),
+                          "budget_gflops": res.budget_gflops, "temperature": res.temperature,
+                          "ece_held_out": [res.ece_before, res.ece_after], "nll_held_out": [res.nll_before, res.nll_after],
+                          "front": [_point(p) for p in res.front], "schedules": [_point(p) for p in res.points],
+                          "profile": str(out), "report": None if report is None else str(report)})
+        return
+    front = sorted({p.stages: p for p in [*res.front, c]}.values(), key=lambda p: p.executed_gflops)
+    at = next(i for i, p in enumerate(front) if p.stages == c.stages)
+    held = {p.stages: h for p, h in zip(res.front, res.front_held)} | {c.stages: res.chosen_held}
+    rows = [(p.describe(), f"{p.accuracy:.1%}", f"{held[p.stages].accuracy:.1%}" if held.get(p.stages) else "–",
+             f"{p.executed_gflops:.4g}", f"{p.executed_gflops / base.executed_gflops:.0%}",
+             "◀" if p.stages == c.stages else "") for p in front[max(at - NEAR, 0):at + NEAR + 1]]
+    output.table(f"Pareto front near the budget ({len(front)} schedules on it, {len(res.points)} evaluated)",
+                 ["schedule (scales×samples→keep)", "fit", "held", "GFLOPs", "varc"], [r[:5] for r in rows])
+    output.table("avarc tune", ["", "value"], [
+        ("chosen", c.describe()),
+        ("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
+        ("top-1 chosen on / held out", f"{c.accuracy:.2%} / "
+         + (f"{res.chosen_held.accuracy:.2%} (varc {res.baseline_held.accuracy:.2%})" if res.chosen_held else "–")),
+        ("executed GFLOPs/image", f"{c.executed_gflops:.4g} ({c.executed_gflops / base.executed_gflops:.0%} of varc)"),
+        ("temperature", res.calibration.describe()),
+        ("ECE held out (T=1 → fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None
+         else "–"),
+        ("seconds (scoring / search)", f"{seconds[0]:.1f} / {seconds[1]:.1f}"),
+        ("wrote", str(out) if report is None else f"{out}, {report}")])
+
+
+def _point(p: Any) -> dict | None:
+    return None if p is None else {"schedule": p.describe(), "top1": p.accuracy, "images": p.images,
+                                   "executed_gflops": p.executed_gflops, "paper_gflops": p.paper_gflops}
+
+
+def bench_tables(results: list, as_json: bool, title: str, flops: bool = False) -> None:
+    """``avarc bench`` rows: one number per cell, each column with its unit."""
+    if as_json:
+        output.emit_json({"results": [r.to_json() for r in results]})
+        return
+    if flops:
+        output.table(f"GFLOPs per image ({title})", ["profile", "paper", "executed", "attention"],
+                     [(r.profile, r.gflops_per_image, r.gflops_executed, r.attention_gflops_per_image) for r in results])
+        return
+    device = results[0].device if results else "-"
+    g3 = lambda x: None if x is None else f"{x:.3g}"  # noqa: E731
+    pct = lambda x: None if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    memory = "GPU peak MiB" if device.startswith("cuda") else "process peak RSS MiB"
+    output.table(f"Speed: {title}, {device}",
+                 ["profile", "dtype", "s/image", "img/s", "TFLOP/s", "device peak TFLOP/s", "% of peak", memory],
+                 [(r.profile, r.dtype, g3(r.s_per_image["median"]), g3(r.images_per_s), g3(r.tflops),
+                   g3(r.tflops / r.peak_pct * 100) if r.peak_pct else None, f"{r.peak_pct:.0f}%",
+                   f"{r.peak_mem_mb:.0f}") for r in results])
+    stages = max((len(r.stage_share or []) for r in results), default=0)
+    output.table("Work per image: GFLOPs (paper convention, executed after reuse); time share of each part",
+                 ["profile", "dtype", "GFLOPs", "executed", "attention", "encoder", *(f"stage {i + 1}" for i in
+                                                                                   range(stages))],
+                 [(r.profile, r.dtype, g3(r.gflops_per_image), g3(r.gflops_executed), g3(r.attention_gflops_per_image),
+                   pct(r.encoder_share or 0), *[pct(x) for x in (r.stage_share or [])],
+                   *[None] * (stages - len(r.stage_share or []))) for r in results])
+    if any(r.agreement_fp32 is not None for r in results):
+        output.table("Precision: top-1 agreement with fp32 (plain: with the optimised path), first-stage score error "
+                     "vs fp32 (nats), precision guard (images re-scored in fp32, time share)",
+                     ["profile", "dtype", "agree", "err RMS", "err max", "guarded", "guard time"],
+                     [(r.profile, r.dtype, pct(r.agreement_fp32), g3(r.score_err_rms), g3(r.score_err_max),
+                       pct(r.guard_images), pct(r.guard_share)) for r in results])

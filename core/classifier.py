@@ -33,7 +33,7 @@ from .engine.profile import Profile
 from .io.profiles import default_profile_name, load_profile
 from .io.hub import find_local
 from .io.registry import entry, fetch, is_registry_name, with_vaes
-from .io.loading import resolve_model
+from .io.loading import finish, resolve_model
 from .io.results import model_identity, ok_record, run_info, skipped_record
 from .engine.stages import Prediction
 from .engine.schedule import classify as run_schedule, noise_generator
@@ -58,7 +58,7 @@ class Classifier:
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "digits", *, vae: str | os.PathLike | None = None,
+    def from_pretrained(cls, model: str | os.PathLike | Model = "digits", *, vae: str | os.PathLike | None = None,
                         extensions: Sequence[str | os.PathLike | Extension] = (), profile: str | os.PathLike | Profile | None = None,
                         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", encoder: str = "torch",
                         model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
@@ -69,16 +69,21 @@ class Classifier:
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
         shipped name, a YAML file or a Profile (default: the model's own). ``dtype``: ``auto``, ``fp32``, ``bf16``,
-        ``fp16`` or a torch dtype. ``threads``: CPU threads (default: see :func:`core.engine.runtime.set_threads`).
+        ``fp16`` or a torch dtype (a :class:`Model` passed built keeps its own). ``threads``: CPU threads (default:
+        see :func:`core.engine.runtime.set_threads`).
         ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
-        if not local_files_only:
-            _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
-        m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
-                          tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
+        if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
+            m = finish(model, encoder, None, resolve_compile(compile, dev))
+            model = "python"
+        else:
+            if not local_files_only:
+                _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
+            m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
+                              tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
         set_threads(m.spec.var, threads)
         for ext in extensions:
             apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),

@@ -33,4 +33,4 @@ def library_fix(fix: str | NeedsDownload) -> str:
     if isinstance(fix, str):
         return f"set {fix}=True"
     where = "" if fix.model_dir is None else f", model_dir={os.fspath(fix.model_dir)!r}"
-    return f"download it with Classifier.from_pretrained({fix.name!r}{where}) (local_files_only=False)"
+    return f"download it with Classifier.from_pretrained({fix.name!r}{where}) (without local_files_only)"

@@ -242,7 +242,7 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     with pytest.raises(AvarcError) as err:
         resolve_model("d16", model_dir=tmp_path)
     assert str(err.value) == (f"model 'd16' is not in {tmp_path}; download it with "
-                              f"core.io.registry.fetch(core.io.registry.entry('d16'), model_dir={str(tmp_path)!r})")
+                              f"Classifier.from_pretrained('d16', model_dir={str(tmp_path)!r}) (without local_files_only)")
     assert message(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
     with pytest.raises(AvarcError) as err:
         resolve_model(tmp_path / "nothing.pth")
@@ -250,7 +250,7 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     show = "import core.io.loading as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
     r = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == ("model 'd20-cca' is not in the Hugging Face cache; "
-                                "download it with core.io.registry.fetch(core.io.registry.entry('d20-cca'))")
+                                "download it with Classifier.from_pretrained('d20-cca') (without local_files_only)")
 
 
 def test_list_shows_sizes_purposes_and_what_is_here(hub, env):

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..models.checkpoints import file_sha256
 from ..errors import FIX, AvarcError, NeedsDownload
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PROBE_TIMEOUT_S = 3.0
+
+
+class HubUnreachable(AvarcError):
+    """The hub could not be reached at all: every later download would fail the same way, so callers stop."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
             raise AvarcError(f"{e.name}: {why} but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it")
         return Download(e.name, before, before.stat().st_size, "present")
     before_id = _identity(before)
+    _check_reachable(e)
     try:
         path = Path(hf_hub_download(e.repo_id, e.filename, revision=revision, force_download=force,
                                     local_dir=None if model_dir is None else Path(model_dir)))
@@ -80,6 +89,31 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
         return Download(e.name, path, path.stat().st_size, "present")
     sha = _verify(e, path, revision, model_dir)
     return Download(e.name, path, path.stat().st_size, "downloaded", sha)
+
+
+def _check_reachable(e: HubFile) -> None:
+    """One TCP connection to the endpoint before huggingface_hub's retries (which back off for about a minute per
+    file): a refused or timed-out connection is one line at once. Skipped behind a proxy, which we cannot probe."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    why = _unreachable(constants.ENDPOINT)
+    if why:
+        raise HubUnreachable(f"{e.name}: cannot reach {constants.ENDPOINT} ({why}) and the file is not here; check "
+                             "the connection (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use cached files only")
+
+
+@lru_cache(maxsize=None)
+def _unreachable(endpoint: str) -> str | None:
+    """Why a connection to the endpoint fails, or None when it connects (asked once per process)."""
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return getattr(err, "strerror", None) or type(err).__name__
+    return None
 
 
 def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.PathLike | None) -> str | None:

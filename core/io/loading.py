@@ -119,9 +119,15 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         vae_path = _resolve_vae(vae, path, model_dir)
         loaded = load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle,
                             patch_nums=patch_nums)
-    use_encoder(loaded, encoder, vae_path)
-    loaded.compile = compile
-    return loaded
+    return finish(loaded, encoder, vae_path, compile)
+
+
+def finish(model: Model, encoder: str = "torch", vae_file: str | os.PathLike | None = None,
+           compile: bool = False) -> Model:  # noqa: A002
+    """The decisions made once the weights are loaded: the encoder backend and torch.compile of the engine."""
+    use_encoder(model, encoder, vae_file)
+    model.compile = compile
+    return model
 
 
 def _in_model_dir(var_file: Path, vae: str | os.PathLike | None) -> bool:

@@ -52,10 +52,10 @@ def use_encoder(model: Model, backend: str, vae_file: str | os.PathLike | None =
     """
     check_backend(backend)
     if backend == "torch":
-        model.encoder = None
+        model.set_encoder(None)
         return None
     export = ensure_export(model.vae, vae_file)
-    model.encoder = OnnxEncoder(export.path, model.device)
+    model.set_encoder(OnnxEncoder(export.path, model.device))
     return export
 
 

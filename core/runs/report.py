@@ -225,7 +225,7 @@ def tune_report(result, shipped: list[tuple[str, object]], title: str) -> str:
     summary = [("chosen", c.describe()), ("top-1 fit", f"{c.accuracy:.2%}"),
                ("top-1 held out", f"{held.accuracy:.2%}" if held else "–"),
                ("varc top-1 held out", f"{result.baseline_held.accuracy:.2%}" if result.baseline_held else "–"),
-               ("executed GFLOPs/image (varc)", f"{result.chosen_all.executed_gflops:.4g} "
+               ("executed GFLOPs/image (varc)", f"{result.chosen.executed_gflops:.4g} "
                                                 f"({result.baseline.executed_gflops:.4g})"),
                ("budget", f"{result.budget_gflops:.4g}"), ("temperature", f"{result.temperature:.4g}"),
                ("ECE held out, T=1 → fitted (cross-fitted)", f"{result.ece_before:.4f} → {result.ece_after:.4f}"

@@ -391,7 +391,8 @@ def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str,
             f"budget {r.budget_gflops:.4g} executed GFLOPs/image; varc needs {r.baseline.executed_gflops:.4g}\n"
             f"top-1 on the images it was chosen on {r.chosen.accuracy:.2%}"
             + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})" if r.chosen_held else "")
-            + f"\nexecuted GFLOPs/image {r.chosen_all.executed_gflops:.4g}, paper convention {r.chosen_all.paper_gflops:.4g}\n"
+            + f"\nexecuted GFLOPs/image {r.chosen.executed_gflops:.4g}, paper convention {r.chosen.paper_gflops:.4g} "
+            "(on the images it was chosen on)\n"
             f"posterior temperature, fitted on every tuning image: {r.calibration.describe()}"
             + (f"\nheld-out ECE {r.ece_before:.4f} → {r.ece_after:.4f} (each image with a temperature fitted without it)"
                if r.ece_before is not None else ""))
