@@ -56,16 +56,17 @@ def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[fl
              f"{p.executed_gflops:.4g}", f"{p.executed_gflops / base.executed_gflops:.0%}",
              "◀" if p.stages == c.stages else "") for p in front[max(at - NEAR, 0):at + NEAR + 1]]
     output.table(f"Pareto front near the budget ({len(front)} schedules on it, {len(res.points)} evaluated)",
-                 ["schedule (scales×samples→keep)", "fit", "held", "GFLOPs", "varc"], [r[:5] for r in rows])
+                 ["schedule (scales×samples→keep)", "fit", "held", "GFLOPs", "varc", ""], rows)
     output.table("avarc tune", ["", "value"], [
         ("chosen", c.describe()),
         ("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
         ("top-1 chosen on / held out", f"{c.accuracy:.2%} / "
          + (f"{res.chosen_held.accuracy:.2%} (varc {res.baseline_held.accuracy:.2%})" if res.chosen_held else "–")),
+        ("top-1, all tuning images", f"{res.chosen_all.correct}/{res.chosen_all.images}"),
         ("executed GFLOPs/image", f"{c.executed_gflops:.4g} ({c.executed_gflops / base.executed_gflops:.0%} of varc)"),
         ("temperature", res.calibration.describe()),
-        ("ECE held out (T=1 → fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}" if res.ece_before is not None
-         else "–"),
+        ("ECE held out (T=1 → cross-fitted)", f"{res.ece_before:.4f} → {res.ece_after:.4f}"
+         if res.ece_before is not None else "–"),
         ("seconds (scoring / search)", f"{seconds[0]:.1f} / {seconds[1]:.1f}"),
         ("wrote", str(out) if report is None else f"{out}, {report}")])
 

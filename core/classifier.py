@@ -303,14 +303,16 @@ class Classifier:
         gens = [noise_generator(seed, k) for k in keys]
         return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales), self.batch_size)
 
-    def explain_items(self, items: Sequence[Item], target: Target, scales: int | None = None, seed: int = 0,
-                      per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:
-        """Items → batches of (item, explanation with its pixels, or the reason it was skipped), in input order."""
+    def explain_items(self, items: Sequence[Item], target: Target | Mapping[str, Target], scales: int | None = None,
+                      seed: int = 0, per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:
+        """Items → batches of (item, explanation with its pixels, or the reason it was skipped), in input order.
+        ``target``: one for every item, or one per item's path."""
         check_scales(self.model, scales)     # before the first batch: a bad value is an error, not a skip per image
 
         def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[tuple[Item, Explanation | str]]:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
-            targets = [target if target.label is not None else replace(target, label=it.label) for it, _ in good]
+            fixed = [target[it.path] if isinstance(target, Mapping) else target for it, _ in good]
+            targets = [t if t.label is not None else replace(t, label=it.label) for t, (it, _) in zip(fixed, good)]
             done = iter(self.explain_tensors(torch.stack([pixels_to_tensor(px) for _, px in good]), targets,
                                              [it.key for it, _ in good], scales, seed) if good else ())
             out = []

@@ -74,7 +74,6 @@ def bench(
     if random_weights:
         from core import Classifier
         from core.engine.runtime import resolve_device
-
         clf = Classifier.from_pretrained(random_model(depth, resolve_device(opts.device), seed), device=opts.device,
                                          threads=opts.threads, compile=opts.compile, encoder=opts.encoder)
     else:
@@ -102,7 +101,6 @@ def _inputs(clf, data: Optional[list[Path]], n: int, seed: int):  # noqa: ANN001
 
     from core.errors import AvarcError
     from core.io.data import collect
-
     if data:
         paths = [it.path for it in collect(data, clf.space, "none").items]
         if not paths:

@@ -4,16 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-from ..options import (Colormap, ForceOpt, InputsArg, LabelsOpt, ModelOpt, ModelOptions, ProfileOpt, SeedOpt,
-                       model_options, opt)
+from .. import panels
+from ..options import (Colormap, ForceOpt, InputsArg, LabelsOpt, ModelOptions, ProfileOpt, SeedOpt, model_options,
+                       opt)
 
 
 @model_options()
 def explain(
     opts: ModelOptions,
     inputs: InputsArg = None,
-    model: ModelOpt = "digits",
+    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME",
+                                        help="Registry name, folder or VAR file (default: digits, or the run's).")] = None,
     profile: ProfileOpt = None,
+    run: Annotated[Optional[Path], opt("--from", metavar="RUN.jsonl",
+                                       help="Explain a classify run's images with its model and classes.")] = None,
+    mistakes: Annotated[bool, opt("--mistakes", help="With --from: only the run's mistakes.")] = False,
     cls: Annotated[Optional[str], opt("--class", metavar="A", help="Class to explain (default: true, else predicted).")] = None,
     vs: Annotated[Optional[str], opt("--vs", metavar="B", help="Class to contrast (or null; default: best other).")] = None,
     label: Annotated[Optional[str], opt("--label", metavar="Y", help="True class of every input.")] = None,
@@ -33,6 +38,7 @@ def explain(
     avarc explain cat.jpg -m d16 --out why      # A = prediction, B = runner-up
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
+    avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
 
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores (README, Explain).
@@ -40,38 +46,16 @@ def explain(
     from core.errors import AvarcError
     from core.io.data import collect
     from core.io.files import make_output_dir
-    from core.tasks.explain import unique_stems
     from core.tasks.heatmap import check_style
 
-    from .. import output
-    from ..interrupt import interruptible
-
+    if run is not None:
+        return panels.explain_run(opts, run, mistakes, model, profile, out, colormap, alpha, shared_scale, scales, force)
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)
     make_output_dir(out, "out")
-    clf = opts.load(model, profile)
+    clf = opts.load(model or "digits", profile)
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
     found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [])
-    stems = dict(zip((it.path for it in found.items), unique_stems([it.path for it in found.items])))
-    clash = [out / f"{s}{ext}" for s in stems.values() for ext in (".png", ".npz") if (out / f"{s}{ext}").exists()]
-    if clash and not force:
-        raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
-                         "overwrite them, or choose another --out")
-    rows, skipped, batches = [], [], clf.explain_items(found.items, target, scales, seed)
-    with interruptible(lambda: f"interrupted: {len(rows)} explanations written to {out}"), output.progress() as bar:
-        task = bar.add_task("explain", total=len(found.items), info="")
-        for batch in batches:
-            for it, ex in batch:
-                if isinstance(ex, str):
-                    skipped.append(ex)
-                    continue
-                ex.save(out / f"{stems[it.path]}.png", colormap=colormap, alpha=alpha, shared_scale=shared_scale)
-                rows.append((it.path, ex.names[0], ex.names[1], *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
-            bar.update(task, advance=len(batch), info=f"{len(rows)} written")
-    for reason in skipped:
-        output.err_console.print(f"skipped: {reason}", markup=False, highlight=False)
-    if rows:
-        output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
-                     f"{scales or len(clf.spec.var.patch_nums)} scales",
-                     ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
+    panels.write(clf, found.items, target, out, colormap, alpha, shared_scale, scales, seed, force)
+

@@ -22,8 +22,8 @@ from ..models.specs import ModelSpec
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em}td,th{padding:3px 9px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:12px}
-.plots img{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
+td:first-child,th:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+.plots img{max-width:100%;height:auto;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #ddd;padding:6px;font-size:.8em;text-align:center;max-width:100%}
 .card img{image-rendering:pixelated;display:block;margin:auto;max-width:100%}.chosen{background:#fff4cc}"""
 
@@ -153,8 +153,11 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
     has = rel.count > 0
     ax.bar(mids[has], rel.accuracy[has], width=1 / len(mids), edgecolor="k", color="#8fb3de", label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.plot(rel.confidence[has], rel.accuracy[has], "o", color="#c44e52", ms=4, label="mean confidence")
-    ax.set_xlabel("top-1 posterior"), ax.set_ylabel("accuracy"), ax.set_title(f"reliability (ECE {rel.ece:.3f})")
+    ax.plot(mids[has], rel.confidence[has], "o", color="#c44e52", ms=4, label="mean confidence (bin)")
+    for x, y, n in zip(mids[has], np.maximum(rel.accuracy[has], rel.confidence[has]), rel.count[has]):
+        ax.text(x, y + 0.02, str(n), ha="center", fontsize=6)        # images in the bin
+    ax.set_ylim(0, 1.12), ax.set_xlabel("top-1 posterior (numbers: images per bin)"), ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {rel.ece:.3f})")
     ax.legend(fontsize=7, loc="upper left")
     plots = [_img(fig)]
     survived = np.mean([stage_survival(r, num_stages) for r in lab], axis=0)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
+from ..io.data import Item
 from ..io.files import atomic_write
 from ..engine.model import Model
 from ..engine.profile import Profile
@@ -117,6 +118,20 @@ def explain_logp(logp: torch.Tensor, classes: tuple[int, int], patch_nums: Seque
     diffs = torch.stack([logp[0] - logp[2], logp[1] - logp[2], logp[0] - logp[1]])
     return Explanation(classes=(int(classes[0]), int(classes[1])), scores=logp.double().sum(-1), per_scale=diffs,
                        maps=scale_maps(diffs, patch_nums), patch_nums=tuple(patch_nums), pred=pred, label=label)
+
+
+def record_targets(records: Sequence[dict], mistakes: bool = False) -> list[tuple[Item, Target, int]]:
+    """A classify run's records → its images with the run's classes fixed, and the run's prediction: A = the true
+    class (else the prediction), B = the prediction when it is wrong (else the runner-up), so the panels show why
+    the run decided as it did. ``mistakes``: only labelled images the run got wrong; skipped records are left out."""
+    out = []
+    for r in records:
+        if r["status"] != "ok" or (mistakes and (r["label"] is None or r["pred"] == r["label"])):
+            continue
+        a = r["label"] if r["label"] is not None else r["pred"]
+        b = r["pred"] if r["pred"] != a else (r["topk"][1]["class"] if len(r["topk"]) > 1 else None)
+        out.append((Item(r["path"], Path(r["path"]).name, r["label"]), Target(a, b, r["label"]), r["pred"]))
+    return out
 
 
 def check_scales(model: Model, num_scales: int | None) -> int:
