@@ -99,7 +99,8 @@ class Group(typer.core.TyperGroup):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         width = _width(ctx)
         lines = [f"Usage: {ctx.command_path} COMMAND [ARGS]...", ""]
-        lines += _wrap(self.help or "", width, "  ", "  ") + ["", f"Commands ({ctx.command_path} COMMAND --help for one):"]
+        lines += _wrap(self.help or "", width, "  ", "  ")
+        lines += ["", f"Commands ({ctx.command_path} COMMAND --help for one):"]
         rows = [(n, self.commands[n].short_help or "") for n in self.list_commands(ctx)]
         lines += _entries([(n, t) for n, t in rows], width)
         lines += ["", "Options:"]

@@ -51,16 +51,18 @@ def _numeric(cell: Any) -> bool:
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A table whose numeric columns are right-aligned and keep their numbers whole, and whose headers never break inside a word
-    (long text cells, such as paths, fold instead). Too wide for the terminal even so, it is printed turned: one
-    column per row, headed by its first cell, with the column names down the side, so it still reads at 80 columns."""
+    """A table whose numeric columns are right-aligned and keep their numbers whole, and whose headers never break
+    inside a word (long text cells, such as paths, fold instead). Too wide for the terminal even so, it is printed
+    turned: one column per row, headed by its first cell, with the column names down the side, so it still reads at
+    80 columns."""
     rows = [list(r) for r in rows]
     if rows and len(rows) < len(columns) and _least_width(columns, rows) > console.width:
-        columns, rows = [columns[0], *(_fmt(r[0]) for r in rows)], [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i]
+        columns, rows = ([columns[0], *(_fmt(r[0]) for r in rows)],
+                         [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i])
     t = Table(title=title, title_justify="left", min_width=min(len(title), console.width))
     for i, c in enumerate(columns):
         cells = [r[i] for r in rows if r[i] is not None]
-        numeric = sum(map(_numeric, cells)) > len(cells) / 2        # mostly numbers (a turned table mixes a few words in)
+        numeric = sum(map(_numeric, cells)) > len(cells) / 2      # mostly numbers (a turned table mixes in a few words)
         t.add_column(c, justify="right" if numeric else "left", overflow="fold", min_width=_least(c, cells, numeric))
     for r in rows:
         t.add_row(*map(_fmt, r))
@@ -88,8 +90,9 @@ def emit_json(obj: Any) -> None:
 
 def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar on stderr (so stdout stays clean for JSON/JSONL); ``disable`` silences it (other ranks)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient, disable=disable)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                    transient=transient, disable=disable)
 
 
 def _fmt(x: Any) -> str:

@@ -45,7 +45,8 @@ def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[fl
     if as_json:
         output.emit_json({"chosen": _point(c), "chosen_held_out": _point(res.chosen_held), "varc": _point(base),
                           "budget_gflops": res.budget_gflops, "temperature": res.temperature,
-                          "ece_held_out": [res.ece_before, res.ece_after], "nll_held_out": [res.nll_before, res.nll_after],
+                          "ece_held_out": [res.ece_before, res.ece_after],
+                          "nll_held_out": [res.nll_before, res.nll_after],
                           "front": [_point(p) for p in res.front], "schedules": [_point(p) for p in res.points],
                           "profile": str(out), "report": None if report is None else str(report)})
         return
@@ -83,7 +84,8 @@ def bench_tables(results: list, as_json: bool, title: str, flops: bool = False) 
         return
     if flops:
         output.table(f"GFLOPs per image ({title})", ["profile", "paper", "executed", "attention"],
-                     [(r.profile, r.gflops_per_image, r.gflops_executed, r.attention_gflops_per_image) for r in results])
+                     [(r.profile, r.gflops_per_image, r.gflops_executed, r.attention_gflops_per_image)
+                      for r in results])
         return
     device = results[0].device if results else "-"
     g3 = lambda x: None if x is None else f"{x:.3g}"  # noqa: E731

@@ -59,7 +59,8 @@ class Classifier:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | Model = "digits", *, vae: str | os.PathLike | None = None,
-                        extensions: Sequence[str | os.PathLike | Extension] = (), profile: str | os.PathLike | Profile | None = None,
+                        extensions: Sequence[str | os.PathLike | Extension] = (),
+                        profile: str | os.PathLike | Profile | None = None,
                         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", encoder: str = "torch",
                         model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
                         patch_nums: Sequence[int] | None = None, batch_size: int | None = None,
@@ -234,7 +235,8 @@ class Classifier:
         extra = {"extensions": [e.sha256 for e in self.extensions]} if self.extensions else None
         return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra)
 
-    def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0, temperature: float | None = None,
+    def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
+                       temperature: float | None = None,
                        topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
                        per_step: int | None = None) -> Iterator[list[dict]]:
         """Items → batches of result records (unreadable images become skipped records), in input order."""
@@ -245,7 +247,8 @@ class Classifier:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
             preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), [it.key for it, _ in good],
                                       candidates, seed, temperature) if good else ())
-            return [skipped_record(it, px, names, run) if isinstance(px, str) else ok_record(it, next(preds), names, run, topk)
+            return [skipped_record(it, px, names, run) if isinstance(px, str)
+                    else ok_record(it, next(preds), names, run, topk)
                     for it, px in zip(batch, pixels)]
 
         per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates))
@@ -297,11 +300,13 @@ class Classifier:
             raise AvarcError(f"{where[0]} and {where[1]} are the same class ({t.cls}); pick two different classes")
         return t
 
-    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str], scales: int | None = None,
+    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str],
+                        scales: int | None = None,
                         seed: int = 0) -> list[Explanation | AvarcError]:
         """B, 3, R, R preprocessed images → an explanation each (or why its class pair cannot be formed)."""
         gens = [noise_generator(seed, k) for k in keys]
-        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales), self.batch_size)
+        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales),
+                              self.batch_size)
 
     def explain_items(self, items: Sequence[Item], target: Target | Mapping[str, Target], scales: int | None = None,
                       seed: int = 0, per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:

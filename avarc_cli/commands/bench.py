@@ -26,8 +26,8 @@ def bench(
     random_weights: Annotated[bool, opt("--random-weights", help="Official --depth geometry, random weights.")] = False,
     depth: Annotated[int, opt("--depth", metavar="N", help="Official depth: 16, 20, 24, 30, 36.",
                               show_default=True)] = 16,
-    profiles: Annotated[Optional[list[str]], opt("--profile", "-p", metavar="NAME",
-                                                 help="Profile(s) to measure (repeatable; default: the model's).")] = None,
+    profiles: Annotated[Optional[list[str]], opt("--profile", "-p", metavar="NAME", help="Profile(s) to measure "
+                                                 "(repeatable; default: the model's).")] = None,
     num_classes: Annotated[Optional[int], opt("--num-classes", min=1, metavar="N",
                                               help="Candidate classes: the first N (default: all, ≤ 100).")] = None,
     dtypes: Annotated[Optional[list[str]], opt("--dtype", metavar="|".join(DTYPES), callback=_dtypes,
@@ -68,8 +68,8 @@ def bench(
             clf = opts.load(model, device="cpu")
             spec, k = clf.spec, clf.model.num_classes
         n = num_classes or min(k or spec.var.num_classes, 100)
-        bench_tables([flops_only(spec, load_profile(p), n) for p in profiles or ["varc", "a-varc-plus", "smooth-top10"]],
-                     json_, f"{n} classes", flops=True)
+        names = profiles or ["varc", "a-varc-plus", "smooth-top10"]
+        bench_tables([flops_only(spec, load_profile(p), n) for p in names], json_, f"{n} classes", flops=True)
         return
     if random_weights:
         from core import Classifier
@@ -86,8 +86,8 @@ def bench(
              + (", compiled" if clf.model.compile else ""))
     results: list = []
     try:
-        compare(clf.model, [load_profile(p) for p in profiles] if profiles else [clf.profile], x, list(range(n)), wanted,
-                warmup, repeat, opts.batch_size, seed, plain, results)
+        measured = [load_profile(p) for p in profiles] if profiles else [clf.profile]
+        compare(clf.model, measured, x, list(range(n)), wanted, warmup, repeat, opts.batch_size, seed, plain, results)
     except BaseException:
         if results:      # what was measured before the failure or Ctrl-C is kept
             bench_tables(results, json_, title + " (incomplete: a later run failed)")

@@ -13,14 +13,16 @@ from ..options import (Colormap, ForceOpt, InputsArg, LabelsOpt, ModelOptions, P
 def explain(
     opts: ModelOptions,
     inputs: InputsArg = None,
-    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME",
-                                        help="Registry name, folder or VAR file (default: digits, or the run's).")] = None,
+    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME", help="Registry name, folder or VAR file "
+                                        "(default: digits, or the run's).")] = None,
     profile: ProfileOpt = None,
     run: Annotated[Optional[Path], opt("--from", metavar="RUN.jsonl",
                                        help="Explain a classify run's images with its model and classes.")] = None,
     mistakes: Annotated[bool, opt("--mistakes", help="With --from: only the run's mistakes.")] = False,
-    cls: Annotated[Optional[str], opt("--class", metavar="A", help="Class to explain (default: true, else predicted).")] = None,
-    vs: Annotated[Optional[str], opt("--vs", metavar="B", help="Class to contrast (or null; default: best other).")] = None,
+    cls: Annotated[Optional[str], opt("--class", metavar="A",
+                                      help="Class to explain (default: true, else predicted).")] = None,
+    vs: Annotated[Optional[str], opt("--vs", metavar="B",
+                                     help="Class to contrast (or null; default: best other).")] = None,
     label: Annotated[Optional[str], opt("--label", metavar="Y", help="True class of every input.")] = None,
     labels: LabelsOpt = "auto",
     out: Annotated[Path, opt("--out", "-o", metavar="DIR", help="Folder for IMAGE.png and IMAGE.npz.",
@@ -49,7 +51,8 @@ def explain(
     from core.tasks.heatmap import check_style
 
     if run is not None:
-        return panels.explain_run(opts, run, mistakes, model, profile, out, colormap, alpha, shared_scale, scales, force)
+        return panels.explain_run(opts, run, mistakes, model, profile, out, colormap, alpha, shared_scale, scales,
+                                  force)
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)

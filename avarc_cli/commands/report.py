@@ -63,7 +63,8 @@ def _read(path: Path) -> list[dict]:
         except ValueError:
             if n == len(lines):      # a torn last line of an interrupted run
                 break
-            raise AvarcError(f"{path}: line {n} is not a JSON record; pass a file written by `avarc classify --out`") from None
+            raise AvarcError(f"{path}: line {n} is not a JSON record; pass a file written by "
+                             "`avarc classify --out`") from None
     if not records or not all(isinstance(r, dict) and "status" in r and "stages" in r for r in records):
         raise AvarcError(f"{path}: not classify records; pass a file written by `avarc classify --out`")
     return records

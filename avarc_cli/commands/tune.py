@@ -19,9 +19,10 @@ def tune(
     model: ModelOpt = "digits",
     budget: Annotated[float, opt("--budget", min=0.0, metavar="F", show_default=True,
                                  help="Budget as a share of `varc`'s executed GFLOPs per image.")] = 0.5,
-    budget_gflops: Annotated[Optional[float], opt("--budget-gflops", min=0.0, metavar="G",
-                                                  help="Budget in executed GFLOPs per image (wins over --budget).")] = None,
-    stages: Annotated[str, opt("--stages", metavar="N|A..B", help="Stage counts to search.", show_default=True)] = "1..3",
+    budget_gflops: Annotated[Optional[float], opt("--budget-gflops", min=0.0, metavar="G", help="Budget in "
+                                                  "executed GFLOPs per image (wins over --budget).")] = None,
+    stages: Annotated[str, opt("--stages", metavar="N|A..B", help="Stage counts to search.",
+                               show_default=True)] = "1..3",
     max_samples: Annotated[int, opt("--max-samples", min=1, metavar="N", show_default=True,
                                     help="Most samples (clean + noisy neighbours) per stage.")] = 3,
     sigma: Annotated[float, opt("--sigma", min=0.0, metavar="σ", help="Latent-noise σ of the neighbours.",

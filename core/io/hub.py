@@ -83,7 +83,7 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
     try:
         path = Path(hf_hub_download(e.repo_id, e.filename, revision=revision, force_download=force,
                                     local_dir=None if model_dir is None else Path(model_dir)))
-    except OSError as err:  # huggingface_hub's errors (HTTP, not found, offline, disk), as one line that says what to do
+    except OSError as err:  # huggingface_hub's errors (HTTP, not found, offline, disk): one line saying what to do
         raise _explain(e, revision, err) from None
     if _identity(path) == before_id:
         return Download(e.name, path, path.stat().st_size, "present")
@@ -125,7 +125,8 @@ def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.Pa
         meta = get_hf_file_metadata(hf_hub_url(e.repo_id, e.filename, revision=revision))
     except Exception as err:  # HTTP errors and the HTTP client's own connection errors alike
         _remove(path, cached)
-        raise AvarcError(f"{e.name}: fetched {e.filename} but could not read the hub's checksum for it ({_first_line(err)}); "
+        raise AvarcError(f"{e.name}: fetched {e.filename} but could not read the hub's checksum for it "
+                         f"({_first_line(err)}); "
                          "the file was removed, run the command again") from None
     expected = (meta.etag or "").lower()
     if not _SHA256.fullmatch(expected):
@@ -134,7 +135,8 @@ def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.Pa
     if actual != expected:
         _remove(path, cached)
         raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
-                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again", fix=NeedsDownload(e.name, model_dir))
+                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again",
+                         fix=NeedsDownload(e.name, model_dir))
     return actual
 
 
@@ -167,7 +169,8 @@ def _explain(e: HubFile, revision: str | None, err: OSError) -> AvarcError:
         return AvarcError(f"{e.name}: repository {e.repo_id} not found or not accessible at {constants.ENDPOINT}; "
                           "for a private or gated repository set HF_TOKEN")
     if isinstance(err, RevisionNotFoundError):
-        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; name an existing branch, tag or commit", option="revision")
+        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; name an existing branch, tag or "
+                          "commit", option="revision")
     if isinstance(err, EntryNotFoundError):
         return AvarcError(f"{e.name}: {e.filename} not found in {e.repo_id} at revision {rev!r}")
     return AvarcError(f"{e.name}: download of {e.filename} failed ({_first_line(err)}); run the command again")

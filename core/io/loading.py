@@ -70,12 +70,14 @@ def save_model_dir(model: Model, path: str | os.PathLike, **meta) -> Path:
     return path
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Model:
     """Load a model directory written by :func:`save_model_dir` (the bundled demo is one)."""
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise AvarcError(f"{path}: not a model directory (no meta.json); give a VAR checkpoint file and its VQ-VAE instead")
+        raise AvarcError(f"{path}: not a model directory (no meta.json); give a VAR checkpoint file and its VQ-VAE "
+                         "instead")
     try:
         meta = json.loads(meta_file.read_text())
         spec = spec_from_dict(meta["spec"])
@@ -102,7 +104,8 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
     if is_registry_name(model):
         e = entry(str(model))
         if e.is_vae:
-            raise AvarcError(f"{e.name!r} is a VQ-VAE, not a VAR; give it as the VQ-VAE and a VAR as the model", option="model")
+            raise AvarcError(f"{e.name!r} is a VQ-VAE, not a VAR; give it as the VQ-VAE and a VAR as the model",
+                             option="model")
         path = local_path(e, model_dir)
         vae = vae or e.vae
         patch_nums = patch_nums or e.spec.var.patch_nums

@@ -129,7 +129,8 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
     for r in lab:
         cm[idx[r["label"]], idx[r["pred"]]] += 1
     tick = [str(names[c]) for c in labels]
-    per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–") for i, c in enumerate(labels)]
+    per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–")
+           for i, c in enumerate(labels)]
     fig, ax = plt.subplots(figsize=(max(4, 0.32 * len(labels) + 2), 3))
     rows_with = cm.sum(1) > 0
     ax.bar(np.arange(len(labels))[rows_with], (np.diag(cm) / np.maximum(cm.sum(1), 1))[rows_with], color="#4c72b0")
@@ -142,7 +143,8 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
         for (i, j), n in np.ndenumerate(cm):
             if n:
                 ax.text(j, i, n, ha="center", va="center", fontsize=7, color="white" if n > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), tick, rotation=90, fontsize=7), ax.set_yticks(range(len(labels)), tick, fontsize=7)
+    ax.set_xticks(range(len(labels)), tick, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), tick, fontsize=7)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix")
     parts.append(f'<h2>Per class</h2><div class="plots">{acc_plot}{_img(fig)}</div>'
                  f"<details><summary>table</summary>{_table(['class', 'images', 'top-1'], per)}</details>")
@@ -179,7 +181,8 @@ def run_report(records: list[dict], title: str, spec: ModelSpec | None = None, e
     parts.append(f'<h2>Calibration, pruning and compute</h2><div class="plots">{"".join(plots)}</div>')
 
     # the worst mistakes: most confident first
-    wrong = sorted((r for r in lab if r["pred"] != r["label"]), key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
+    wrong = sorted((r for r in lab if r["pred"] != r["label"]),
+                   key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
     cards = []
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")

@@ -182,7 +182,8 @@ def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) 
     if a == null_class:
         raise AvarcError("the null class cannot be the explained class (A); name a real class", option="a")
     if a == b:
-        raise AvarcError(f"the explained class and the contrast class are the same class ({a}); pick two different classes", option="b")
+        raise AvarcError(f"the explained class and the contrast class are the same class ({a}); pick two different "
+                         "classes", option="b")
     return a, b
 
 
