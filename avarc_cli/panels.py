@@ -14,8 +14,8 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
     from core.errors import AvarcError
     from core.tasks.explain import unique_stems
 
-    from .. import output
-    from ..interrupt import interruptible
+    from . import output
+    from .interrupt import interruptible
 
     stems = dict(zip((it.path for it in items), unique_stems([it.path for it in items])))
     clash = [out / f"{s}{ext}" for s in stems.values() for ext in (".png", ".npz") if (out / f"{s}{ext}").exists()]

@@ -16,7 +16,6 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..models.checkpoints import file_sha256
 from ..errors import FIX, AvarcError, NeedsDownload
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -79,6 +78,8 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
             raise AvarcError(f"{e.name}: {why} but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it")
         return Download(e.name, before, before.stat().st_size, "present")
     before_id = _identity(before)
+    if before is not None and not force and _unreachable_now():
+        return Download(e.name, before, before.stat().st_size, "present")     # here; only the update check is lost
     _check_reachable(e)
     try:
         path = Path(hf_hub_download(e.repo_id, e.filename, revision=revision, force_download=force,
@@ -91,14 +92,22 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
     return Download(e.name, path, path.stat().st_size, "downloaded", sha)
 
 
+def _unreachable_now() -> bool:
+    from huggingface_hub import constants
+
+    return not _behind_proxy() and _unreachable(constants.ENDPOINT) is not None
+
+
+def _behind_proxy() -> bool:
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
+
+
 def _check_reachable(e: HubFile) -> None:
     """One TCP connection to the endpoint before huggingface_hub's retries (which back off for about a minute per
     file): a refused or timed-out connection is one line at once. Skipped behind a proxy, which we cannot probe."""
     from huggingface_hub import constants
 
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return
-    why = _unreachable(constants.ENDPOINT)
+    why = None if _behind_proxy() else _unreachable(constants.ENDPOINT)
     if why:
         raise HubUnreachable(f"{e.name}: cannot reach {constants.ENDPOINT} ({why}) and the file is not here; check "
                              "the connection (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use cached files only")
@@ -119,6 +128,8 @@ def _unreachable(endpoint: str) -> str | None:
 def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.PathLike | None) -> str | None:
     """Compare a freshly fetched file with the hub's SHA-256 for it; remove it (blob and link too) if they differ."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    from ..models.checkpoints import file_sha256
 
     cached = model_dir is None
     try:
