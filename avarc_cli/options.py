@@ -42,6 +42,13 @@ def _patch_nums(value: Optional[str]) -> Optional[tuple[int, ...]]:
         raise typer.BadParameter(f"{value!r}: give the scales as comma-separated integers, e.g. 1,2,3,4") from None
 
 
+def _dtypes(values: Optional[list[str]]) -> Optional[list[str]]:
+    bad = [v for v in values or [] if v not in DTYPES]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not a dtype; use {', '.join(DTYPES)}")
+    return values
+
+
 def opt(*names: str, help: str, **kw: Any) -> typer.models.OptionInfo:  # noqa: A002 (typer's own keyword)
     """A typer option with no default shown unless asked: the help text says what a missing value means."""
     return typer.Option(*names, help=help, show_default=kw.pop("show_default", False), **kw)
@@ -60,6 +67,8 @@ SubsetOpt = Annotated[Optional[str], opt("--subset", metavar="LIST",
                                          help="Synset list: imagenet100, imageneta100, imagenetr100 or a file.")]
 InputsArg = Annotated[Optional[list[Path]], typer.Argument(metavar="INPUTS...", show_default=False,
                                                            help="Image files and/or folders (searched recursively).")]
+DtypesOpt = Annotated[Optional[list[str]], opt("--dtype", metavar="|".join(DTYPES), callback=_dtypes,
+                                               help="Dtype(s) to measure (repeatable).")]
 ForceOpt = Annotated[bool, opt("--force", help="Overwrite output files that exist.")]
 JsonOpt = Annotated[bool, opt("--json", help="Print one JSON document instead of tables.")]
 

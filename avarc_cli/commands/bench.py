@@ -4,18 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
-from core.choices import DTYPES
-
-from ..options import JsonOpt, ModelOptions, SeedOpt, model_options, opt
-
-
-def _dtypes(values: Optional[list[str]]) -> Optional[list[str]]:
-    bad = [v for v in values or [] if v not in DTYPES]
-    if bad:
-        raise typer.BadParameter(f"{bad[0]!r} is not a dtype; use {', '.join(DTYPES)}")
-    return values
+from ..options import DtypesOpt, JsonOpt, ModelOptions, SeedOpt, model_options, opt
 
 
 @model_options("dtype")
@@ -30,8 +19,7 @@ def bench(
                                                  "(repeatable; default: the model's).")] = None,
     num_classes: Annotated[Optional[int], opt("--num-classes", min=1, metavar="N",
                                               help="Candidate classes: the first N (default: all, ≤ 100).")] = None,
-    dtypes: Annotated[Optional[list[str]], opt("--dtype", metavar="|".join(DTYPES), callback=_dtypes,
-                                               help="Dtype(s) to measure (repeatable).")] = None,
+    dtypes: DtypesOpt = None,
     images: Annotated[int, opt("--images", min=1, metavar="N", help="Images per timed run.", show_default=True)] = 1,
     data: Annotated[Optional[list[Path]], opt("--data", metavar="PATH",
                                               help="Real images (files/folders), not random pixels.")] = None,
@@ -58,6 +46,7 @@ def bench(
     from core.models.specs import official_spec
     from core.runs.bench import compare, flops_only, random_model
 
+    from .. import output
     from ..render import bench_tables
 
     if opts.extension and (random_weights or model is None and flops_only_):
@@ -85,9 +74,11 @@ def bench(
     title = (f"{label}, {n} classes, {x.shape[0]} image(s), {torch.get_num_threads()} threads"
              + (", compiled" if clf.model.compile else ""))
     results: list = []
+    measured = [load_profile(p) for p in profiles] if profiles else [clf.profile]
     try:
-        measured = [load_profile(p) for p in profiles] if profiles else [clf.profile]
-        compare(clf.model, measured, x, list(range(n)), wanted, warmup, repeat, opts.batch_size, seed, plain, results)
+        with output.err_console.status(f"measuring {len(measured)} profile(s) × {len(wanted)} dtype(s) on {label}…"):
+            compare(clf.model, measured, x, list(range(n)), wanted, warmup, repeat, opts.batch_size, seed, plain,
+                    results)
     except BaseException:
         if results:      # what was measured before the failure or Ctrl-C is kept
             bench_tables(results, json_, title + " (incomplete: a later run failed)")
