@@ -245,6 +245,12 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
     row = next(line for line in stdout.splitlines() if "◀" in line)
     assert row.split("│")[4].strip() == chosen, stdout                                       # one figure, both tables
     assert f"executed GFLOPs/image {chosen}" in out.read_text()                              # and in the profile
+    code, js, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
+                          "--force", "--json", *FAST)
+    assert code == 0, err
+    every = json.loads(js)                                    # the full table: every schedule, not only the front
+    assert f"{every['chosen']['executed_gflops']:.4g}" == chosen
+    assert len(every["schedules"]) > len(every["front"]) >= 1
     images = decoded_images(page.read_text())
     assert len(images) == 1 and images[0].width >= 600
     code, _, err = avarc(monkeypatch, capsys, "tune", small, "--out", out, *FAST)
