@@ -90,12 +90,13 @@ def bench_tables(results: list, as_json: bool, title: str, flops: bool = False) 
     device = results[0].device if results else "-"
     g3 = lambda x: None if x is None else f"{x:.3g}"  # noqa: E731
     pct = lambda x: None if x is None else f"{100 * x:.0f}%"  # noqa: E731
-    memory = "GPU peak MiB" if device.startswith("cuda") else "process peak RSS MiB"
-    output.table(f"Speed: {title}, {device}",
-                 ["profile", "dtype", "s/image", "img/s", "TFLOP/s", "device peak TFLOP/s", "% of peak", memory],
+    gpu = device.startswith("cuda")
+    output.table(f"Speed: {title}, {device} (peak: the device's measured matmul TFLOP/s; memory: "
+                 f"{'peak GPU allocation' if gpu else 'the process peak resident set, torch included'}, MiB)",
+                 ["profile", "dtype", "s/image", "img/s", "TFLOP/s", "peak", "% peak", "GPU MiB" if gpu else "RSS MiB"],
                  [(r.profile, r.dtype, g3(r.s_per_image["median"]), g3(r.images_per_s), g3(r.tflops),
                    g3(r.tflops / r.peak_pct * 100) if r.peak_pct else None, f"{r.peak_pct:.0f}%",
-                   f"{r.peak_mem_mb:.0f}") for r in results])
+                   round(r.peak_mem_mb)) for r in results])
     stages = max((len(r.stage_share or []) for r in results), default=0)
     output.table("Work per image: GFLOPs (paper convention, executed after reuse); time share of each part",
                  ["profile", "dtype", "GFLOPs", "executed", "attention", "encoder", *(f"stage {i + 1}" for i in
