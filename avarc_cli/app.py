@@ -1,4 +1,7 @@
-"""The Typer application; every ``AvarcError`` becomes one line on stderr and exit code 2."""
+"""The Typer application; every ``AvarcError`` becomes one line on stderr and exit code 2.
+
+The command modules import nothing heavy at the top (torch loads inside a command, after typer has parsed the
+arguments), so ``--help`` and ``--version`` answer at once."""
 from __future__ import annotations
 
 import sys
@@ -6,17 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import AvarcError, __version__
+from core import __version__
+from core.errors import AvarcError
 
 from . import output
+from .commands import add_class, bench, calibrate_ood, classify, download, explain, report, tune
+from .help import Command, Group
 
-app = typer.Typer(
-    name="avarc",
-    help="Classify, explain and extend image classes with Visual AutoRegressive (VAR) models as generative classifiers.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer(name="avarc", help="VAR image models as efficient, explainable generative classifiers (A-VARC).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  cls=Group)
 
 
 def _version(value: bool) -> None:
@@ -26,44 +28,22 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
-) -> None:
+def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                         help="Print the version and exit.")] = None) -> None:
     """avarc: VAR image models as efficient, explainable generative classifiers (A-VARC / A-VARC+)."""
 
 
-from avarc_cli.commands import download  # noqa: E402  (commands are registered once the app exists)
-
-app.command("download", short_help="Download official weights from the Hugging Face hub (cache, offline, verified).")(download.download)
-
-from avarc_cli.commands import classify  # noqa: E402
-
-app.command("classify", short_help="Classify images and labelled folders with a staged A-VARC schedule (JSONL, accuracy table).")(classify.classify)
-
-from avarc_cli.commands import explain  # noqa: E402
-
-app.command("explain", short_help="Explain predictions: token-wise log-likelihood-ratio heatmaps (PNG panels) and raw maps (NPZ).")(explain.explain)
-
-from avarc_cli.commands import bench  # noqa: E402
-
-app.command("bench", short_help="Measure speed, GFLOPs, achieved TFLOP/s vs the device peak, memory and dtype agreement.")(bench.bench)
-
-from avarc_cli.commands import add_class  # noqa: E402
-
-app.command("add-class", short_help="Learn new classes from their own images (no replay, old classes unchanged); writes an extension file.")(add_class.add_class)
-
-from avarc_cli.commands import tune  # noqa: E402
-
-app.command("tune", short_help="Find the best schedule for a model and a compute budget from one scoring pass; writes a profile.")(tune.tune)
-
-from avarc_cli.commands import calibrate_ood  # noqa: E402
-
-app.command("calibrate-ood", short_help="Fit abstention (\"none of these\") thresholds on in-distribution images; writes a profile.")(calibrate_ood.calibrate_ood)
-
-from avarc_cli.commands import report  # noqa: E402
-
-app.command("report", short_help="One self-contained HTML page (plots embedded) for a labelled classify run.")(report.report)
-
+for name, fn, short in [
+    ("download", download.download, "Download official weights (checked)."),
+    ("classify", classify.classify, "Classify images and labelled folders."),
+    ("explain", explain.explain, "Why: per-token log-likelihood-ratio heatmaps."),
+    ("bench", bench.bench, "Speed, GFLOPs, memory, dtype agreement."),
+    ("add-class", add_class.add_class, "Learn new classes from their own images."),
+    ("tune", tune.tune, "The best schedule for a compute budget."),
+    ("calibrate-ood", calibrate_ood.calibrate_ood, "Fit \"none of these\" thresholds; writes a profile."),
+    ("report", report.report, "An HTML page for a labelled classify run."),
+]:
+    app.command(name, short_help=short, cls=Command)(fn)
 
 UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
 

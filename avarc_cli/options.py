@@ -1,25 +1,37 @@
-"""Options shared by several commands, defined once (model, vae, device, dtype, profile, extension, seed, …).
+"""The options shared by commands, defined once. :class:`ModelOptions` holds every option that decides how the
+model is built; :func:`model_options` adds its fields to a command's signature and hands the command one
+``ModelOptions`` whose :meth:`~ModelOptions.load` is the one ``Classifier.from_pretrained`` call. Adding a model
+option is one edit: a field here.
 
-Options with a fixed set of values are ``Literal`` types, so ``--help`` lists them and typer refuses anything else.
+Nothing here imports torch: typer parses the arguments (and answers ``--help``) before any model code loads.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import re
+import typing
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
-Dtype = Literal["auto", "fp32", "bf16", "fp16"]
-Labels = Literal["auto", "folders", "none"]
-Encoder = Literal["torch", "onnx"]
-DEVICE_KINDS = "auto, cpu, cuda, cuda:N or mps"
+from core.choices import COLORMAPS, DTYPES, ENCODERS, INITS, LABELS, METRICS_STARTS, OOD_SCORES
+
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+Labels = Literal[LABELS]  # type: ignore[valid-type]
+Encoder = Literal[ENCODERS]  # type: ignore[valid-type]
+Init = Literal[INITS]  # type: ignore[valid-type]
+Colormap = Literal[COLORMAPS]  # type: ignore[valid-type]
+MetricsStart = Literal[METRICS_STARTS]  # type: ignore[valid-type]
+OodScore = Literal[OOD_SCORES]  # type: ignore[valid-type]
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _device(value: str) -> str:
     if not _DEVICE.fullmatch(value):
-        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_KINDS}")
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
     return value
 
 
@@ -32,25 +44,140 @@ def _patch_nums(value: Optional[str]) -> Optional[tuple[int, ...]]:
         raise typer.BadParameter(f"{value!r}: give the scales as comma-separated integers, e.g. 1,2,3,4") from None
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name (digits, d16, d20-cca, …), a model directory, or a VAR checkpoint file.")]
-VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VQ-VAE checkpoint file or registry name (default: the model's paired VQ-VAE, or vae.pth beside the VAR file).")]
-PatchNumsOpt = Annotated[Optional[str], typer.Option("--patch-nums", metavar="P1,P2,…", callback=_patch_nums, help="Scales of a bare VAR file (e.g. 1,2,3,4) when they cannot be read off it unambiguously.")]
-ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="Directory of plain checkpoint files (from `avarc download --dir`) instead of the hub cache.")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N|mps]", callback=_device, help="Where to run (auto: cuda, then mps, else cpu).")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="VAR compute dtype (auto: bf16 where the hardware runs it fast, else fp32); tokenisation is always fp32.")]
-ProfileOpt = Annotated[Optional[str], typer.Option("--profile", "-p", help="Schedule: a shipped profile name or a YAML file (see `avarc classify --list-profiles`).")]
-ExtensionOpt = Annotated[Optional[list[Path]], typer.Option("--extension", "-e", help="Class extension file from `avarc add-class` (repeatable).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the likelihood-smoothing noise (drawn per image from seed and path).")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="(sequence, class) pairs per forward; default: sized to a memory budget.")]
-EncoderOpt = Annotated[Encoder, typer.Option("--encoder", help="VQ-VAE encoder backend (onnx needs `pip install avarc\\[onnx]`).")]
-TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that need code execution to unpickle (only for files you trust).")]
-LabelsOpt = Annotated[Labels, typer.Option("--labels", help="Where true labels come from: auto (class sub-folders if every folder name is a class), folders, or none.")]
-ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Restrict the candidate classes: comma-separated indices, synsets or class names.")]
-SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Restrict candidates (and labelled images) to a synset list: imagenet100, imageneta100, imagenetr100 or a file.")]
-InputsArg = Annotated[Optional[list[Path]], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: 1 for tiny models, else the cores not busy with other work; see README, Threads).")]
-FromListOpt = Annotated[Optional[Path], typer.Option("--from-list", help="Also read image paths from this text file, one a line (relative paths: from the file's folder).", show_default=False)]
-SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a Hugging Face dataset input (default: its only split).", show_default=False)]
-ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="Column of a dataset input that holds the images (default: its Image feature).", show_default=False)]
-LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="Column of a dataset input that holds the labels (default: its ClassLabel feature).", show_default=False)]
-BorderOpt = Annotated[int, typer.Option("--border", min=0, help="--dataset objectnet: pixels cropped off each side first (the release's frame), as public ObjectNet evaluations do.")]
+def _dtypes(values: Optional[list[str]]) -> Optional[list[str]]:
+    bad = [v for v in values or [] if v not in DTYPES]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not a dtype; use {', '.join(DTYPES)}")
+    return values
+
+
+def opt(*names: str, help: str, **kw: Any) -> typer.models.OptionInfo:  # noqa: A002 (typer's own keyword)
+    """A typer option with no default shown unless asked: the help text says what a missing value means."""
+    return typer.Option(*names, help=help, show_default=kw.pop("show_default", False), **kw)
+
+
+ModelOpt = Annotated[str, opt("--model", "-m", metavar="NAME", show_default=True,
+                              help="Registry name (digits, d16, d20-cca, …), model folder or VAR file.")]
+ProfileOpt = Annotated[Optional[str], opt("--profile", "-p", metavar="NAME",
+                                          help="Schedule: a shipped name or a YAML file (default: the model's).")]
+SeedOpt = Annotated[int, opt("--seed", help="Seed of the likelihood-smoothing noise.", show_default=True)]
+ClassesOpt = Annotated[Optional[str], opt("--classes", metavar="A,B,…",
+                                          help="Candidate classes only: indices, synsets or names.")]
+LabelsOpt = Annotated[Labels, opt("--labels", show_default=True,
+                                  help="True labels from class sub-folders (auto: when every name is a class).")]
+SubsetOpt = Annotated[Optional[str], opt("--subset", metavar="LIST",
+                                         help="Synset list: imagenet100, imageneta100, imagenetr100 or a file.")]
+InputsArg = Annotated[Optional[list[Path]], typer.Argument(metavar="INPUTS...", show_default=False,
+                                                           help="Image files and/or folders (searched recursively).")]
+DtypesOpt = Annotated[Optional[list[str]], opt("--dtype", metavar="|".join(DTYPES), callback=_dtypes,
+                                               help="Dtype(s) to measure (repeatable).")]
+ForceOpt = Annotated[bool, opt("--force", help="Overwrite output files that exist.")]
+JsonOpt = Annotated[bool, opt("--json", help="Print one JSON document instead of tables.")]
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """How the model is built; each field is one option of every command that loads a model."""
+
+    vae: Annotated[Optional[str], opt("--vae", metavar="FILE", help="VQ-VAE file or name (default: the paired one).")]
+    extension: Annotated[Optional[list[Path]], opt("--extension", "-e", metavar="FILE",
+                                                   help="Class extension from `avarc add-class` (repeatable).")]
+    device: Annotated[str, opt("--device", metavar="DEV", callback=_device, show_default=True,
+                               help="auto, cpu, cuda, cuda:N or mps.")]
+    dtype: Annotated[Dtype, opt("--dtype", show_default=True, help="VAR compute dtype (auto: bf16 where fast).")]
+    batch_size: Annotated[Optional[int], opt("--batch-size", "-b", min=1, metavar="N",
+                                             help="(image, class) pairs per forward (default: fits memory).")]
+    threads: Annotated[Optional[int], opt("--threads", min=1, metavar="N",
+                                          help="CPU threads (default: the idle cores; README, Threads).")]
+    compile: Annotated[Optional[bool], opt("--compile/--no-compile",
+                                           help="torch.compile the engine (default: on CUDA with Triton).")]
+    encoder: Annotated[Encoder, opt("--encoder", show_default=True,
+                                    help="VQ-VAE encoder (onnx: pip install 'avarc[onnx]').")]
+    model_dir: Annotated[Optional[Path], opt("--model-dir", metavar="DIR",
+                                             help="Plain files from `avarc download --dir`, not the hub cache.")]
+    patch_nums: Annotated[Optional[str], opt("--patch-nums", metavar="1,2,…", callback=_patch_nums,
+                                             help="Scales of a bare VAR file, if not readable off it.")]
+    trust_pickle: Annotated[bool, opt("--trust-pickle", help="Let checkpoints run code to unpickle (trusted only).")]
+
+    DEFAULTS: typing.ClassVar[dict[str, Any]] = {"device": "auto", "dtype": "auto", "encoder": "torch",
+                                                 "trust_pickle": False}
+
+    def load(self, model: str, profile: str | None = None, **override: Any):  # noqa: ANN201 (a core.Classifier)
+        """The one ``Classifier.from_pretrained`` call of every command (``override``: a command's own choice)."""
+        from core import Classifier
+
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extension"}
+        kw.update(override)
+        with _loading(model):
+            return Classifier.from_pretrained(model, extensions=self.extension or (), profile=profile, **kw)
+
+
+def _loading(model: str):  # noqa: ANN202
+    from . import output
+
+    return output.err_console.status(f"loading {model}…")
+
+
+@dataclasses.dataclass
+class InputOptions:
+    """Where inputs come from besides image files and folders; each field is one option of every command that
+    reads images (a list file, a dataset's split and columns, ObjectNet's border)."""
+
+    from_list: Annotated[Optional[Path], opt("--from-list", metavar="FILE",
+                                             help="Also read image paths from this file, one a line.")]
+    split: Annotated[Optional[str], opt("--split", help="Split of a dataset input (default: its only split).")]
+    image_column: Annotated[Optional[str], opt("--image-column", metavar="NAME",
+                                               help="Dataset column of the images (default: its Image feature).")]
+    label_column: Annotated[Optional[str], opt("--label-column", metavar="NAME",
+                                               help="Dataset column of the labels (default: its ClassLabel).")]
+    border: Annotated[int, opt("--border", min=0, metavar="PX", show_default=True,
+                               help="--dataset objectnet: pixels cropped off each side first.")]
+
+    DEFAULTS: typing.ClassVar[dict[str, Any]] = {"border": 2}
+
+    def inputs(self, given: list[Path] | None) -> list:
+        """The command's inputs with ``--from-list``'s paths after them."""
+        from core.io.data import read_list
+
+        return [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
+
+    def data(self):  # noqa: ANN201 (a core.io.data.DataOptions)
+        from core.io.data import DataOptions
+
+        return DataOptions(self.split, self.image_column, self.label_column, self.border)
+
+
+def _shared(group: type, name: str, skip: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the fields of ``group`` (a dataclass of options, less ``skip``) as options, handed to the
+    command as one ``name`` argument."""
+    fields = [f for f in dataclasses.fields(group) if f.name not in skip]
+    hints = typing.get_type_hints(group, include_extras=True)
+
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(command, eval_str=True)
+        params = [p for p in own.parameters.values() if p.name != name]
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                     default=group.DEFAULTS.get(f.name)) for f in fields]
+
+        @functools.wraps(command)
+        def run(**kw: Any) -> Any:
+            values = {f.name: group.DEFAULTS.get(f.name) for f in dataclasses.fields(group)}
+            values.update({f.name: kw.pop(f.name) for f in fields})
+            return command(**{name: group(**values)}, **kw)
+
+        del run.__wrapped__          # typer reads the signature below, not the command's own
+        run.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap
+
+
+def model_options(*skip: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The :class:`ModelOptions` fields (less ``skip``) as options; the command gets one ``opts`` argument."""
+    return _shared(ModelOptions, "opts", skip)
+
+
+def input_options(*skip: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The :class:`InputOptions` fields (less ``skip``) as options; the command gets one ``source`` argument."""
+    return _shared(InputOptions, "source", skip)

@@ -20,8 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from core import AvarcError
-from core.errors import FIX
+from core.errors import FIX, AvarcError, NeedsDownload
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,11 +41,10 @@ def message(err: AvarcError) -> str:
     return text if err.option is None else f"{flag(err.option)}: {text}"
 
 
-def _fix(fix: str | tuple) -> str:
+def _fix(fix: str | NeedsDownload) -> str:
     if isinstance(fix, str):
         return f"pass {flag(fix)}"
-    _, name, model_dir = fix
-    return f"run `avarc download {name}{'' if model_dir is None else f' --dir {model_dir}'}`"
+    return f"run `avarc download {fix.name}{'' if fix.model_dir is None else f' --dir {fix.model_dir}'}`"
 
 
 def _numeric(cell: Any) -> bool:
@@ -69,16 +67,18 @@ def say(line: Any, err: bool = False) -> None:
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A table whose numeric columns are right-aligned and keep their numbers whole, and whose headers never break inside a word
-    (long text cells, such as paths, fold instead). Too wide for the terminal even so, it is printed turned: one
-    column per row, headed by its first cell, with the column names down the side, so it still reads at 80 columns."""
+    """A table whose numeric columns are right-aligned and keep their numbers whole, and whose headers never break
+    inside a word (long text cells, such as paths, fold instead). Too wide for the terminal even so, it is printed
+    turned: one column per row, headed by its first cell, with the column names down the side, so it still reads at
+    80 columns."""
     rows = [list(r) for r in rows]
     if rows and len(rows) < len(columns) and _least_width(columns, rows) > console.width:
-        columns, rows = [columns[0], *(_fmt(r[0]) for r in rows)], [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i]
+        columns, rows = ([columns[0], *(_fmt(r[0]) for r in rows)],
+                         [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i])
     t = Table(title=Text(shown(title)), title_justify="left", min_width=min(len(title), console.width))
     for i, c in enumerate(columns):
         cells = [r[i] for r in rows if r[i] is not None]
-        numeric = sum(map(_numeric, cells)) > len(cells) / 2        # mostly numbers (a turned table mixes a few words in)
+        numeric = sum(map(_numeric, cells)) > len(cells) / 2      # mostly numbers (a turned table mixes in a few words)
         t.add_column(Text(shown(c)), justify="right" if numeric else "left", overflow="fold",
                      min_width=_least(c, cells, numeric))
     for r in rows:
@@ -107,8 +107,9 @@ def emit_json(obj: Any) -> None:
 
 def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar on stderr (so stdout stays clean for JSON/JSONL); ``disable`` silences it (other ranks)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient, disable=disable)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                    transient=transient, disable=disable)
 
 
 def _fmt(x: Any) -> str:

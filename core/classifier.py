@@ -2,9 +2,10 @@
 preprocessing, encoder backend) is made once in :meth:`Classifier.from_pretrained`; ``classify``, ``explain`` and
 ``add_classes`` then take raw images and return plain results. Every ``avarc`` command goes through it.
 
-    clf = Classifier.from_pretrained("digits")
-    preds = clf.classify(["a.png", "b.png"])          # paths, PIL images or preprocessed 3×R×R tensors
-    print(preds[0].pred_name, preds[0].posterior[:3])
+    clf = Classifier.from_pretrained("digits")         # a registry model is downloaded on first use
+    pred = clf.classify("a.png")                       # one path, PIL image or 3×R×R tensor in [-1, 1] → one result
+    preds = clf.classify(["a.png", "b.png", "dir/"])   # a list (folders expand to their images) → a list
+    print(pred.top[0].name, pred.top[0].p, pred.to_dict())
 
 Smoothing noise is seeded per image from ``seed`` and the image's key (a file's name, an in-memory image's
 position, or an :class:`~core.io.data.Item`'s key), so results do not depend on batching, order or sharding.
@@ -21,18 +22,19 @@ import torch
 from PIL import Image
 
 from .io import distributed
-from .io.data import ClassSpace, Item
+from .io.data import ClassSpace, Item, collect
 from .errors import AvarcError
 from .tasks.explain import Explanation, Target, check_scales, explain_images
 from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .engine.model import Model
-from .engine.runtime import resolve_device, resolve_dtype
-from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil
+from .engine.runtime import resolve_compile, resolve_device, resolve_dtype
+from .io.preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
 from .engine.profile import Profile
 from .io.profiles import default_profile_name, load_profile
-from .io.registry import entry, is_registry_name
-from .io.loading import resolve_model
+from .io.hub import find_local
+from .io.registry import entry, fetch, is_registry_name, with_vaes
+from .io.loading import finish, resolve_model
 from .io.results import model_identity, ok_record, run_info, skipped_record
 from .engine.stages import Prediction
 from .engine.schedule import classify as run_schedule, noise_generator
@@ -42,6 +44,7 @@ from .models.specs import ModelSpec
 from .engine.runtime import set_threads
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+Images = Union[ImageInput, Sequence[ImageInput]]
 IMAGES_PER_STEP = 16
 
 
@@ -57,22 +60,33 @@ class Classifier:
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "digits", *, vae: str | os.PathLike | None = None,
-                        extensions: Sequence[str | os.PathLike | Extension] = (), profile: str | os.PathLike | Profile | None = None,
+    def from_pretrained(cls, model: str | os.PathLike | Model = "digits", *, vae: str | os.PathLike | None = None,
+                        extensions: Sequence[str | os.PathLike | Extension] = (),
+                        profile: str | os.PathLike | Profile | None = None,
                         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", encoder: str = "torch",
                         model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
                         patch_nums: Sequence[int] | None = None, batch_size: int | None = None,
-                        threads: int | None = None) -> Classifier:
+                        threads: int | None = None, compile: bool | None = None,  # noqa: A002 (torch's word)
+                        local_files_only: bool = False) -> Classifier:
         """``model``: a registry name (``digits``, ``d16``, ``d20-cca`` …), a model directory or a VAR checkpoint
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
         shipped name, a YAML file or a Profile (default: the model's own). ``dtype``: ``auto``, ``fp32``, ``bf16``,
-        ``fp16`` or a torch dtype. ``threads``: CPU threads (default: see :func:`core.engine.runtime.set_threads`)."""
+        ``fp16`` or a torch dtype (a :class:`Model` passed built keeps its own). ``threads``: CPU threads (default:
+        see :func:`core.engine.runtime.set_threads`).
+        ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
+        machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
-        m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
-                          tuple(patch_nums) if patch_nums else None)
+        if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
+            m = finish(model, encoder, None, resolve_compile(compile, dev))
+            model = "python"
+        else:
+            if not local_files_only:
+                _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
+            m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
+                              tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
         set_threads(m.spec.var, threads)
         for ext in extensions:
             apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
@@ -83,6 +97,11 @@ class Classifier:
         files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
         files += [Path(e) for e in extensions if not isinstance(e, Extension)]
         return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files)
+
+    def __repr__(self) -> str:
+        return (f"Classifier({self.source!r}: {self.model.num_classes} classes, {self.spec.image_size}px, profile "
+                f"{self.profile.name!r} ({len(self.profile.stages)} stages), {self.device} {str(self.dtype)[6:]}"
+                f"{f', {len(self.extensions)} extensions' if self.extensions else ''})")
 
     # what a user reaches for
     @property
@@ -132,13 +151,48 @@ class Classifier:
         img = image if isinstance(image, Image.Image) else open_image(image)
         return preprocess_pil(img, self.spec.image_size, self.spec.preprocess)
 
-    def _tensors(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images if images.ndim == 4 else images[None]
-        return torch.stack([x if isinstance(x, torch.Tensor) else pixels_to_tensor(self.prepare(x)) for x in images])
+    def preprocess(self, image: str | os.PathLike | Image.Image) -> torch.Tensor:
+        """An image file or PIL image → the float32 3×R×R tensor in [-1, 1] the model takes (the public transform:
+        stack these to pass a batch)."""
+        return pixels_to_tensor(self.prepare(image))
+
+    def _inputs(self, images: Images) -> tuple[list[ImageInput], bool]:
+        """Every form a caller passes → (one input per image, whether one image was passed). A folder stands for
+        its images (recursively, sorted); a 4-D tensor for its rows."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return list(images), False
+        if isinstance(images, (str, os.PathLike, Image.Image, torch.Tensor)):
+            if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+                return self._inputs([images])[0], False
+            return [images], True
+        out: list[ImageInput] = []
+        for x in images:
+            if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+                out += [it.path for it in collect([x], self.space, "none").items]
+            else:
+                out.append(x)
+        return out, False
+
+    def _tensors(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return torch.stack([self._checked(x) if isinstance(x, torch.Tensor) else self.preprocess(x) for x in images])
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """A preprocessed image as given, or one line on what is wrong with it and the form expected."""
+        R = self.spec.image_size
+        form = (f"a float 3×{R}×{R} tensor in [-1, 1] (clf.preprocess(image) makes one; or pass the path or PIL "
+                "image itself)")
+        if not x.is_floating_point():
+            raise AvarcError(f"a {str(x.dtype)[6:]} tensor was passed; this model takes {form}")
+        if tuple(x.shape) != (3, R, R):
+            raise AvarcError(f"a tensor of shape {tuple(x.shape)} was passed; this model takes {form}")
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1.001 or hi > 1.001 or lo >= 0.0:
+            raise AvarcError(f"tensor values lie in [{lo:.3g}, {hi:.3g}]{' (it looks like [0, 1])' if lo >= 0 else ''};"
+                             f" this model takes {form}; a [0, 1] tensor becomes one with x * 2 - 1")
+        return x.float()
 
     @staticmethod
-    def _keys(images, keys: Sequence[str] | None) -> list[str]:
+    def _keys(images: Sequence[ImageInput], keys: Sequence[str] | None) -> list[str]:
         if keys is not None:
             return list(keys)
         return [Path(x).name if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(images)]
@@ -158,22 +212,27 @@ class Classifier:
         score = check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE))
         names = self.class_names
         oods = ood_scores(self.model, latents, preds, self.profile, self.batch_size)
-        return [replace(p, pred_name=names[p.pred], gflops=image_gflops(self.spec, p.stages, scorer.executed(i)), ood=o,
-                        abstained=decide(o, score, rule)) for i, (p, o) in enumerate(zip(preds, oods))]
+        return [replace(p, pred_name=names[p.pred], class_names=names, ood=o, abstained=decide(o, score, rule),
+                        gflops=image_gflops(self.spec, p.stages, scorer.executed(i)))
+                for i, (p, o) in enumerate(zip(preds, oods))]
 
-    def classify(self, images: Sequence[ImageInput] | torch.Tensor, *, labels: Sequence[int | str | None] | None = None,
+    def classify(self, images: Images, *, labels: Sequence[int | str | None] | int | str | None = None,
                  candidates: Sequence[int | str] | None = None, seed: int = 0, temperature: float | None = None,
-                 keys: Sequence[str] | None = None, ood_score: str | None = None) -> list[Prediction]:
-        """Classify paths, PIL images or preprocessed tensors. ``labels`` (true classes) fill ``Prediction.label``;
-        ``candidates`` restricts the classes (default: all); ``ood_score`` picks the OOD score that decides."""
+                 keys: Sequence[str] | None = None, ood_score: str | None = None) -> Prediction | list[Prediction]:
+        """Classify a path, PIL image, 3×R×R tensor in [-1, 1] (one result), or a list of these, a folder or an
+        N×3×R×R tensor (a list of results). ``labels`` (true classes) fill ``Prediction.label``; ``candidates``
+        restricts the classes (default: all); ``ood_score`` picks the OOD score that decides abstention."""
+        inputs, single = self._inputs(images)
         cands = self._candidates(candidates)
-        keys = self._keys(images, keys)
-        ids = [None if y is None else self.class_id(y, "label") for y in labels] if labels is not None else [None] * len(keys)
+        keys = self._keys(inputs, keys)
+        labels = [labels] if single and (labels is None or isinstance(labels, (int, str))) else labels
+        ids = [None if y is None else self.class_id(y, "label") for y in labels] if labels else [None] * len(keys)
         out: list[Prediction] = []
         for i in range(0, len(keys), IMAGES_PER_STEP):
-            x = self._tensors(images[i:i + IMAGES_PER_STEP])
+            x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
             out += self.predict(x, keys[i:i + IMAGES_PER_STEP], cands, seed, temperature, ood_score)
-        return [replace(p, label=y) for p, y in zip(out, ids)]
+        out = [replace(p, label=y) for p, y in zip(out, ids)]
+        return out[0] if single else out
 
     def _candidates(self, candidates: Sequence[int | str] | None) -> list[int]:
         if candidates is None:
@@ -185,7 +244,8 @@ class Classifier:
         extra = {"extensions": [e.sha256 for e in self.extensions]} if self.extensions else None
         return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra, **settings)
 
-    def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0, temperature: float | None = None,
+    def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
+                       temperature: float | None = None,
                        topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
                        per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[dict]]:
         """Items → batches of result records (unreadable images become skipped records), in input order."""
@@ -196,7 +256,8 @@ class Classifier:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
             preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), [it.key for it, _ in good],
                                       candidates, seed, temperature, ood_score) if good else ())
-            return [skipped_record(it, px, names, run) if isinstance(px, str) else ok_record(it, next(preds), names, run, topk)
+            return [skipped_record(it, px, names, run) if isinstance(px, str)
+                    else ok_record(it, next(preds), names, run, topk)
                     for it, px in zip(batch, pixels)]
 
         per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates))
@@ -207,27 +268,36 @@ class Classifier:
         return item.pixels(self.spec.image_size, self.spec.preprocess)
 
     # explain
-    def explain(self, images: Sequence[ImageInput] | torch.Tensor, *, a: int | str | None = None, b: int | str | None = None,
-                labels: Sequence[int | str | None] | None = None, scales: int | None = None, seed: int = 0,
-                keys: Sequence[str] | None = None) -> list[Explanation]:
-        """Token-wise log-likelihood-ratio maps of class ``a`` against ``b`` (``"null"``: the unconditional model).
-        Left open, A is the true label (from ``labels``) or the prediction and B the best other class."""
+    def explain(self, images: Images, *, a: int | str | None = None, b: int | str | None = None,
+                labels: Sequence[int | str | None] | int | str | None = None, scales: int | None = None, seed: int = 0,
+                keys: Sequence[str] | None = None) -> Explanation | list[Explanation]:
+        """Token-wise log-likelihood-ratio maps of class ``a`` against ``b`` (``"null"``: the unconditional model),
+        for the same inputs as :meth:`classify` (one input → one explanation, a list → a list). Left open, A is the
+        true label (from ``labels``) or the prediction and B the best other class. ``.save(path)`` or
+        ``.to_pil()`` draws one."""
+        inputs, single = self._inputs(images)
         target = self.target(a, b)
-        keys = self._keys(images, keys)
-        labels = list(labels) if labels is not None else [None] * len(keys)
+        keys = self._keys(inputs, keys)
+        labels = [labels] if single and (labels is None or isinstance(labels, (int, str))) else labels
+        labels = list(labels) if labels else [None] * len(keys)
         targets = [replace(target, label=None if y is None else self.class_id(y, "label")) for y in labels]
         out: list[Explanation] = []
         for i in range(0, len(keys), IMAGES_PER_STEP):
-            chunk = images[i:i + IMAGES_PER_STEP]
-            pixels = [None if isinstance(x, torch.Tensor) else self.prepare(x) for x in chunk]
-            x = torch.stack([x if px is None else pixels_to_tensor(px) for x, px in zip(chunk, pixels)])
+            x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
             for ex, px in zip(self.explain_tensors(x, targets[i:i + IMAGES_PER_STEP], keys[i:i + IMAGES_PER_STEP],
-                                                   scales, seed), pixels):
+                                                   scales, seed), x):
                 if isinstance(ex, AvarcError):
                     raise ex
-                ex.pixels = px
-                out.append(ex)
-        return out
+                out.append(self._named(ex, tensor_pixels(px)))
+        return out[0] if single else out
+
+    def _named(self, ex: Explanation, pixels: np.ndarray) -> Explanation:
+        """An explanation with its input pixels and the display names its panels are captioned with."""
+        names = [n.replace("_", " ") if self.space.imagenet else n for n in self.class_names] + ["null"]
+        ex.pixels, ex.names = pixels, (names[ex.classes[0]], names[ex.classes[1]])
+        ex.label_name = None if ex.label is None else names[ex.label]
+        ex.pred_name = None if ex.pred is None else names[ex.pred]
+        return ex
 
     def target(self, a: int | str | None = None, b: int | str | None = None, label: int | str | None = None,
                where: tuple[str, str, str] = ("class A", "class B", "label")) -> Target:
@@ -239,20 +309,24 @@ class Classifier:
             raise AvarcError(f"{where[0]} and {where[1]} are the same class ({t.cls}); pick two different classes")
         return t
 
-    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str], scales: int | None = None,
+    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str],
+                        scales: int | None = None,
                         seed: int = 0) -> list[Explanation | AvarcError]:
         """B, 3, R, R preprocessed images → an explanation each (or why its class pair cannot be formed)."""
         gens = [noise_generator(seed, k) for k in keys]
-        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales), self.batch_size)
+        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales),
+                              self.batch_size)
 
-    def explain_items(self, items: Sequence[Item], target: Target, scales: int | None = None, seed: int = 0,
-                      per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:
-        """Items → batches of (item, explanation with its pixels, or the reason it was skipped), in input order."""
+    def explain_items(self, items: Sequence[Item], target: Target | Mapping[str, Target], scales: int | None = None,
+                      seed: int = 0, per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:
+        """Items → batches of (item, explanation with its pixels, or the reason it was skipped), in input order.
+        ``target``: one for every item, or one per item's path."""
         check_scales(self.model, scales)     # before the first batch: a bad value is an error, not a skip per image
 
         def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[tuple[Item, Explanation | str]]:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
-            targets = [target if target.label is not None else replace(target, label=it.label) for it, _ in good]
+            fixed = [target[it.path] if isinstance(target, Mapping) else target for it, _ in good]
+            targets = [t if t.label is not None else replace(t, label=it.label) for t, (it, _) in zip(fixed, good)]
             done = iter(self.explain_tensors(torch.stack([pixels_to_tensor(px) for _, px in good]), targets,
                                              [it.key for it, _ in good], scales, seed) if good else ())
             out = []
@@ -261,7 +335,7 @@ class Classifier:
                 if isinstance(ex, AvarcError):
                     ex = f"{it.path}: {ex}"
                 elif isinstance(ex, Explanation):
-                    ex.pixels = px
+                    ex = self._named(ex, px)
                 out.append((it, ex))
             return out
 
@@ -279,9 +353,17 @@ class Classifier:
             if isinstance(imgs, (str, os.PathLike)):
                 images.update(read_class_folders({name: imgs}, self.spec.image_size, self.spec.preprocess).images)
             else:
-                images[name] = self._tensors(imgs)
+                inputs, _ = self._inputs(imgs)
+                images[name] = self._tensors(inputs)
         base = self.source.lower() if is_registry_name(self.source) else None
         added = add_classes(self.model, images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
                             init=init, seed=seed, holdout=holdout, base_name=base, on_step=on_step)
         return added.extension
 
+
+
+def _download_missing(names: Sequence[str | os.PathLike], model_dir: str | os.PathLike | None) -> None:
+    """Fetch the registry models (and their VQ-VAEs) not on this machine, as ``avarc download`` does."""
+    for e in with_vaes([str(n) for n in names]):
+        if not e.bundled and find_local(e.hub, model_dir) is None:
+            fetch(e, model_dir)

@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 FIX = "{fix}"
+
+
+@dataclass(frozen=True)
+class NeedsDownload:
+    """The remedy "download this registry model" (into ``model_dir``, else the hub cache)."""
+
+    name: str
+    model_dir: str | os.PathLike | None = None
 
 
 class AvarcError(Exception):
@@ -11,18 +20,17 @@ class AvarcError(Exception):
     so a front end can name it in its own terms: the CLI prints ``error: --scales: <message>`` and exits with 2.
 
     ``fix`` is a remedy a front end words its own way, where the message holds ``{fix}``: the name of a parameter
-    to set (``"force"``: here "set force=True", in the CLI "pass --force"), or the download of a registry model
-    (``("download", name, model_dir)``: here ``core.io.registry.fetch(...)``, in the CLI ``avarc download …``)."""
+    to set (``"force"``: here "set force=True", in the CLI "pass --force"), or a :class:`NeedsDownload` (here
+    ``Classifier.from_pretrained(...)`` without ``local_files_only``, in the CLI ``avarc download …``)."""
 
-    def __init__(self, message: str, option: str | None = None, fix: str | tuple | None = None):
+    def __init__(self, message: str, option: str | None = None, fix: str | NeedsDownload | None = None):
         self.template, self.option, self.fix = message, option, fix
         super().__init__(message.replace(FIX, library_fix(fix)) if fix is not None else message)
 
 
-def library_fix(fix: str | tuple) -> str:
+def library_fix(fix: str | NeedsDownload) -> str:
     """A remedy in the library's terms."""
     if isinstance(fix, str):
         return f"set {fix}=True"
-    _, name, model_dir = fix
-    where = "" if model_dir is None else f", model_dir={os.fspath(model_dir)!r}"
-    return f"download it with core.io.registry.fetch(core.io.registry.entry({name!r}){where})"
+    where = "" if fix.model_dir is None else f", model_dir={os.fspath(fix.model_dir)!r}"
+    return f"download it with Classifier.from_pretrained({fix.name!r}{where}) (without local_files_only)"

@@ -20,16 +20,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train_digits                                                # noqa: E402
-from avarc_cli import output                                      # noqa: E402
-import digits                                                     # noqa: E402
-from core import AvarcError  # noqa: E402
-from core.tasks.incremental import add_classes  # noqa: E402
-from core.io.loading import load_model_dir  # noqa: E402
-from core.io.loading import resolve_model  # noqa: E402
+import train_digits
+from avarc_cli import output
+import digits
+from core import AvarcError
+from core.tasks.incremental import add_classes
+from core.io.loading import load_model_dir
+from core.io.loading import resolve_model
 
 TASK1, TASK2 = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 ALL = TASK1 + TASK2

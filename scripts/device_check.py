@@ -25,17 +25,16 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from scripts import digits  # noqa: E402
-from core.runs.bench import compare, matmul_peak, random_model, run as bench_run  # noqa: E402
-from core.io.loading import load_model  # noqa: E402
+import digits
+from core.runs.bench import compare, matmul_peak, random_model, run as bench_run
+from core.io.loading import load_model
 from core.engine.runtime import resolve_device
-from core.io.preprocess import preprocess_image  # noqa: E402
-from core.engine.profile import Profile  # noqa: E402
+from core.io.preprocess import preprocess_image
+from core.engine.profile import Profile
 from core.io.profiles import load_profile
-from core.io.loading import resolve_model  # noqa: E402
-from core.models.var import fused_ops  # noqa: E402
+from core.io.loading import resolve_model
+from core.models.var import fused_ops
 
 CONFORMANCE = ROOT / "tests" / "data" / "conformance"
 T0 = time.perf_counter()

@@ -3,10 +3,18 @@
 Pixels are stored as 8-bit greyscale (value·255/16 rounded) so that a PNG of an image holds exactly what the
 model was trained on. The split is by index and fixed: train = 0…1437, test = 1438…1796 (never trained on).
 scikit-learn is needed only here, for training and tests, so it is imported lazily.
+
+    python scripts/digits.py --split data/digits   # data/digits/tune/<digit>/*.png and data/digits/test/<digit>/*.png
+
+writes labelled class folders for the README's flows: ``tune/`` holds 40 training images per digit (seen in
+training, so tune's accuracies there are optimistic, but enough images per class to choose a schedule) and
+``test/`` the whole test split (359 images never trained on), where classify measures honestly.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,3 +123,41 @@ def evaluate(model: Model, data: Digits, classes: tuple[int, ...] = tuple(range(
         total = total + sum(model.token_logp(near[:, j], ids).sum(-1) for j in range(neighbours))
     smoothed = (total.argmax(1) == y).float().mean().item()
     return Accuracy(by_scales, smoothed, neighbours, sigma, len(y))
+
+
+def write_split(out: Path, tune_per_class: int = 40, seed: int = 0) -> dict[str, int]:
+    """``out/tune/<digit>/<index>.png`` (a seeded sample of the train split per digit) and ``out/test/<digit>/``
+    (the whole test split); refuses to write into folders that already exist. Returns the images per part."""
+    from PIL import Image
+
+    parts = {"tune": out / "tune", "test": out / "test"}
+    taken = [p for p in parts.values() if p.exists()]
+    if taken:
+        raise AvarcError(f"{taken[0]}: already exists; choose another folder (nothing is overwritten)")
+    train, test = load_digits("train"), load_digits("test")
+    rng = np.random.default_rng(seed)
+    pick = np.concatenate([rng.permutation(np.flatnonzero(train.labels == d))[:tune_per_class] for d in range(10)])
+    counts = {}
+    for name, data, idx in (("tune", train, np.sort(pick)), ("test", test, np.arange(len(test)))):
+        for i in idx:
+            path = parts[name] / str(data.labels[i]) / f"{data.indices[i]}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data.images[i]).save(path)
+        counts[name] = len(idx)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the digits as labelled class folders (PNG).")
+    parser.add_argument("--split", type=Path, required=True, metavar="DIR", help="writes DIR/tune and DIR/test")
+    parser.add_argument("--tune-per-class", type=int, default=40, metavar="N", help="training images per digit")
+    args = parser.parse_args()
+    try:
+        counts = write_split(args.split, args.tune_per_class)
+    except AvarcError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {counts['tune']} images to {args.split / 'tune'} and {counts['test']} to {args.split / 'test'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))          # the digits data (scripts/digits.py)
 
-from avarc_cli import output                                      # noqa: E402
-import digits                                                     # noqa: E402
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model  # noqa: E402
-from core.io.loading import save_model_dir  # noqa: E402
-from core.tasks.training import Augment, TrainConfig, token_pool, train_var, train_vqvae  # noqa: E402
+from avarc_cli import output
+import digits
+from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
+from core.io.loading import save_model_dir
+from core.tasks.training import Augment, TrainConfig, token_pool, train_var, train_vqvae
 
 IMAGE_SIZE = 8                       # the digits' own resolution: "resize" preprocessing keeps them pixel-exact
 PATCH_NUMS = (1, 2, 3, 4)            # 30 tokens per image on a 4×4 latent

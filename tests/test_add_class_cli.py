@@ -79,7 +79,7 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     names = {t["name"] for r in recs for t in r["topk"]}
     assert "sevens" in names and "7" in names and "0" in names
 
-    code, out, err = avarc(monkeypatch, capsys, "bench", "--extension", ext, "--classes", 11, "--warmup", 0, "--repeat", 1,
+    code, out, err = avarc(monkeypatch, capsys, "bench", "--extension", ext, "--num-classes", 11, "--warmup", 0, "--repeat", 1,
                            "--json", *FAST)
     assert code == 0, err
     assert json.loads(out)["results"][0]["s_per_image"]["median"] > 0

@@ -12,7 +12,7 @@ PAPER = {"varc": 14105.0, "a-varc-plus": 4649.4, "smooth-top10": 28210.0}
 
 
 def test_flops_only_matches_paper_tables():
-    res = runner.invoke(app, ["bench", "--flops-only", "--depth", "16", "--classes", "100", "--json",
+    res = runner.invoke(app, ["bench", "--flops-only", "--depth", "16", "--num-classes", "100", "--json",
                               *[a for p in PAPER for a in ("-p", p)]])
     assert res.exit_code == 0, res.output
     rows = {r["profile"]: r for r in json.loads(res.stdout)["results"]}
@@ -24,7 +24,7 @@ def test_flops_only_matches_paper_tables():
 
 def test_timed_run_reports_every_field():
     var = CONFORMANCE / "official256" / "var.pth"
-    res = runner.invoke(app, ["bench", "-m", str(var), "-p", "a-varc-plus", "--classes", "4", "--warmup", "0",
+    res = runner.invoke(app, ["bench", "-m", str(var), "-p", "a-varc-plus", "--num-classes", "4", "--warmup", "0",
                               "--repeat", "1", "--dtype", "fp32", "--dtype", "bf16", "--plain", "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["results"]

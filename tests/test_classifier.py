@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,14 +36,18 @@ def readme_library_code() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_library_example_runs_as_written():
+def test_readme_library_example_runs_as_written(tmp_path):
     code = readme_library_code()
     lines = [line for line in code.splitlines() if line.strip()]
-    assert len(lines) == 5, code
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert len(lines) == 7, code
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     printed = r.stdout.split()
     assert printed[0] == "3" and float(printed[1]) > 0.5     # examples/digits/3/1438.png is a 3, and confidently so
+    assert printed[2] == "3" and printed[3].startswith("Classifier('digits'")    # a folder of two and one image
+    assert (tmp_path / "why.png").is_file() and (tmp_path / "why.npz").is_file()
 
 
 def test_attributes(clf):
@@ -81,6 +86,63 @@ def test_inputs_paths_pil_and_tensors_agree(clf):
         assert a.ranking == b.ranking == c.ranking
     only = clf.classify(PATHS[:1], candidates=["3", "8"])[0]
     assert {c for c, _ in only.ranking} == {3, 8}
+
+
+def test_every_input_form_one_or_many(clf):
+    """A path, PIL image or 3-D tensor gives one Prediction; a folder, 4-D tensor or list gives a list, in order."""
+    from PIL import Image
+
+    one = clf.classify(PATHS[0])
+    x = clf.preprocess(PATHS[0])
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert isinstance(one, core.Prediction) and one.pred_name == Path(PATHS[0]).parent.name
+    assert isinstance(clf.classify(Image.open(PATHS[0])), core.Prediction)
+    assert clf.classify(x, keys=[Path(PATHS[0]).name]).ranking == one.ranking        # same noise key, same result
+    folder = clf.classify(str(EXAMPLES / "3"))
+    assert [p.pred_name for p in folder] == ["3", "3"]
+    assert len(clf.classify(x[None].repeat(3, 1, 1, 1))) == 3
+    mixed = clf.classify([str(EXAMPLES / "7"), PATHS[0], Image.open(PATHS[0]), x])
+    assert len(mixed) == 5 and mixed[0].pred_name == "7"
+    assert isinstance(clf.explain(PATHS[0]), core.Explanation) and len(clf.explain([PATHS[0], x])) == 2
+
+
+@pytest.mark.parametrize("bad, says", [
+    (lambda x: (x + 1) / 2, "looks like [0, 1]"),                       # a [0, 1] tensor of a real digit
+    (lambda x: ((x + 1) * 127.5).round().byte(), "a uint8 tensor"),
+    (lambda x: torch.nn.functional.interpolate(x[None], size=16)[0], "shape (3, 16, 16)"),
+    (lambda x: x * 3, "values lie in"),
+])
+def test_wrong_tensors_are_one_clear_error(clf, bad, says):
+    with pytest.raises(AvarcError) as err:
+        clf.classify(bad(clf.preprocess(PATHS[0])))
+    assert says in str(err.value) and "3×8×8 tensor in [-1, 1]" in str(err.value) and "clf.preprocess" in str(err.value)
+
+
+def test_results_name_their_classes_and_print_in_one_line(clf):
+    p = clf.classify(PATHS[0], labels=Path(PATHS[0]).parent.name)
+    assert p.top[0].name == p.pred_name and p.top[0].id == p.pred and 0.5 < p.top[0].p <= 1
+    assert [t.score for t in p.top] == [s for _, s in p.ranking]
+    d = p.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["label_name"] == p.pred_name and len(d["top"]) == 5
+    ext = core.Extension(torch.zeros(1, 4, 96), ["seven"], "ab" * 32, "digits")
+    for obj in (clf, p, clf.explain(PATHS[0]), ext):
+        text = repr(obj)
+        assert "\n" not in text and len(text) < 200, text
+    assert repr(clf).startswith("Classifier('digits': 10 classes")
+
+
+def test_explanation_saves_the_cli_panels(clf, tmp_path):
+    from PIL import Image
+
+    from core.tasks.heatmap import figure_size
+
+    ex = clf.explain(PATHS[0], a="3", b="8")
+    path = ex.save(tmp_path / "e.png")
+    with Image.open(path) as im:
+        assert im.size == figure_size(8) and np.array_equal(np.asarray(im.convert("RGB")), np.asarray(ex.to_pil()))
+    assert np.load(tmp_path / "e.npz")["names"].tolist() == ["3", "8"]
+    shared = np.asarray(ex.to_pil(shared_scale=True))
+    assert not np.array_equal(shared, np.asarray(ex.to_pil()))        # one scale for the three maps draws them otherwise
 
 
 def test_explain_equals_the_cli(clf, tmp_path, monkeypatch, capsys):
@@ -140,7 +202,7 @@ def test_ambiguous_scales_ask_to_be_stated():
         infer_patch_nums(139, 5)
 
 
-LAYERS = ("errors", "models", "engine", "io", "tasks", "classifier", "runs")   # bottom first
+LAYERS = ("errors", "choices", "models", "engine", "io", "tasks", "classifier", "runs")   # bottom first
 
 
 def _core_imports() -> dict[str, set[str]]:

@@ -242,7 +242,7 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     with pytest.raises(AvarcError) as err:
         resolve_model("d16", model_dir=tmp_path)
     assert str(err.value) == (f"model 'd16' is not in {tmp_path}; download it with "
-                              f"core.io.registry.fetch(core.io.registry.entry('d16'), model_dir={str(tmp_path)!r})")
+                              f"Classifier.from_pretrained('d16', model_dir={str(tmp_path)!r}) (without local_files_only)")
     assert message(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
     with pytest.raises(AvarcError) as err:
         resolve_model(tmp_path / "nothing.pth")
@@ -250,7 +250,7 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     show = "import core.io.loading as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
     r = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == ("model 'd20-cca' is not in the Hugging Face cache; "
-                                "download it with core.io.registry.fetch(core.io.registry.entry('d20-cca'))")
+                                "download it with Classifier.from_pretrained('d20-cca') (without local_files_only)")
 
 
 def test_list_shows_sizes_purposes_and_what_is_here(hub, env):
@@ -280,3 +280,35 @@ def conf_golden_256(tmp_path) -> Path:
     path = tmp_path / "golden.pt"
     torch.save({"latent": torch.from_numpy(g["latent"]), "tokens": torch.from_numpy(g["tokens"])}, path)
     return path
+
+
+def test_from_pretrained_downloads_what_is_not_here(hub, env):
+    """The library fetches a registry model (and its VQ-VAE) on first use, as `avarc download` does; with
+    local_files_only it refuses in one line that says how to get it."""
+    code = ("from core import AvarcError, Classifier\n"
+            "try:\n    Classifier.from_pretrained('d16', device='cpu', local_files_only=True)\n"
+            "except AvarcError as e:\n    print('refused:', e)\n"
+            "clf = Classifier.from_pretrained('d16', device='cpu', dtype='fp32')\n"
+            "print(clf.spec.image_size, clf.model.num_classes)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().splitlines()
+    assert first.startswith("refused: model 'd16' is not in the Hugging Face cache; download it with "
+                            "Classifier.from_pretrained('d16')"), first
+    assert second == "256 10"                       # the conformance checkpoint served as d16: 10 classes
+    assert len(hub.gets("var_d16.pth")) == 1 and len(hub.gets("vae_ch160v4096z32.pth")) == 1
+    for name, src in FILES.items():
+        assert snapshot(env, name).read_bytes() == src.read_bytes()
+
+
+def test_unreachable_hub_is_one_line_at_once(env):
+    """A port that refuses connections: one line naming the endpoint and the reason, exit 2, no retry noise."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]          # nothing listens here once the socket is closed
+    r = avarc({**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}, "download", "d16")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Retrying" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: vae: cannot reach http://127.0.0.1:{closed} (Connection refused)")

@@ -79,6 +79,37 @@ def test_demo_explains_the_example_digits(tmp_path, monkeypatch, capsys):
     assert Counter(explained) == Counter(int(p.parent.name) for p in images)
 
 
+def test_from_a_run_explains_its_true_and_predicted_classes(tmp_path, monkeypatch, capsys):
+    """`explain --from run.jsonl` uses the run's model and classes: A = the true digit, B = the run's prediction
+    when wrong, else its runner-up; `--mistakes` only the wrong ones; report then shows those panels."""
+    digits = REPO / "examples" / "digits"
+    run = tmp_path / "run.jsonl"
+    code, _, err = avarc(monkeypatch, capsys, "classify", digits, "--profile", "varc", "--classes", "3,5,8,9",
+                         "--labels", "folders", "--out", run, *CPU)      # four look-alike digits: some mistakes
+    assert code == 0, err
+    records = [json.loads(line) for line in run.read_text().splitlines()]
+    code, _, err = avarc(monkeypatch, capsys, "explain", "--from", run, "-m", "digits", "--out", tmp_path / "all", *CPU)
+    assert code == 0, err
+    for r in records:
+        saved = np.load(tmp_path / "all" / f"{Path(r['path']).stem}.npz")
+        wrong = r["pred"] != r["label"]
+        assert saved["classes"].tolist() == [r["label"], r["pred"] if wrong else r["topk"][1]["class"]]
+    mistakes = {Path(r["path"]).stem for r in records if r["pred"] != r["label"]}
+    code, _, err = avarc(monkeypatch, capsys, "explain", "--from", run, "--mistakes", "-m", "digits", "--out",
+                         tmp_path / "why", *CPU)
+    if not mistakes:
+        assert code == 2 and "no mistakes to explain" in err
+        return
+    assert code == 0, err
+    assert {p.stem for p in (tmp_path / "why").glob("*.png")} == mistakes
+    code, _, err = avarc(monkeypatch, capsys, "report", run, "--explain", tmp_path / "why")
+    assert code == 0, err
+    page = (tmp_path / "run.html").read_text()
+    panel = (tmp_path / "why" / f"{sorted(mistakes)[0]}.png").read_bytes()
+    import base64
+    assert base64.b64encode(panel).decode() in page
+
+
 def test_one_class_model_explains_against_null(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model_dir = save_model_dir(build_model(tiny_spec(1), "cpu"), tmp_path / "one")

@@ -239,6 +239,18 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
                               "--report", page, *FAST)
     assert code == 0, err
     assert len(load_profile(out).stages) == 2 and "Pareto front" in stdout
+    assert len(stdout.splitlines()) <= 40 and max(map(len, stdout.splitlines())) <= 80, stdout     # 80 columns
+    assert re.search(r"warning: only \d images of some class choose the schedule \(fewer than 20\)", err), err
+    chosen = re.search(r"executed GFLOPs/image\s*│\s*([\d.]+) ", stdout).group(1)
+    row = next(line for line in stdout.splitlines() if "◀" in line)
+    assert row.split("│")[4].strip() == chosen, stdout                                       # one figure, both tables
+    assert f"executed GFLOPs/image {chosen}" in out.read_text()                              # and in the profile
+    code, js, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
+                          "--force", "--json", *FAST)
+    assert code == 0, err
+    every = json.loads(js)                                    # the full table: every schedule, not only the front
+    assert f"{every['chosen']['executed_gflops']:.4g}" == chosen
+    assert len(every["schedules"]) > len(every["front"]) >= 1
     images = decoded_images(page.read_text())
     assert len(images) == 1 and images[0].width >= 600
     code, _, err = avarc(monkeypatch, capsys, "tune", small, "--out", out, *FAST)

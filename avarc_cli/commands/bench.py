@@ -4,134 +4,98 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
-import typer
-
-from core import AvarcError
-from core.runs.bench import BenchResult, compare, flops_only, random_model
-from core.io.data import ClassSpace, collect
-from core.tasks.incremental import apply_extensions
-from core.engine.model import Model
-from core.engine.runtime import resolve_compile, resolve_device, resolve_dtype
-from core.io.onnx_encoder import use_encoder
-from core.io.preprocess import preprocess_image
-from core.io.profiles import default_profile_name, load_profile
-from core.io.loading import resolve_model
-from core.models.specs import official_spec
-from core.engine.runtime import set_threads
-
-from .. import output
-from ..options import (BatchSizeOpt, DeviceOpt, EncoderOpt, ExtensionOpt, ModelDirOpt, SeedOpt, ThreadsOpt, TrustPickleOpt,
-                       VaeOpt)
+from ..options import DtypesOpt, JsonOpt, ModelOptions, SeedOpt, model_options, opt
 
 
+@model_options("dtype")
 def bench(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, model directory or VAR file (default: digits, or --random-weights).")] = None,
-    vae: VaeOpt = None,
-    extension: ExtensionOpt = None,
-    random_weights: Annotated[bool, typer.Option("--random-weights", help="Official geometry of --depth with random weights (no download needed).")] = False,
-    depth: Annotated[int, typer.Option("--depth", help="Depth of the official geometry for --random-weights / --flops-only (16, 20, 24, 30, 36).")] = 16,
-    profiles: Annotated[Optional[list[str]], typer.Option("--profile", "-p", help="Profile(s) to measure (repeatable; default: the model's own).")] = None,
-    classes: Annotated[Optional[int], typer.Option("--classes", min=1, help="Number of candidate classes (the first N; default: all, at most 100).")] = None,
-    images: Annotated[int, typer.Option("--images", min=1, help="Images per timed run.")] = 1,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Real images to use (files/folders) instead of seeded random pixels.")] = None,
-    device: DeviceOpt = "auto",
-    dtypes: Annotated[Optional[list[str]], typer.Option("--dtype", help="Dtype(s) to measure (repeatable): auto, fp32, bf16, fp16.")] = None,
-    batch_size: BatchSizeOpt = None,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
-    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs (median, min, max reported).")] = 3,
-    encoder: EncoderOpt = "torch",
-    plain: Annotated[bool, typer.Option("--plain", help="Also time the unoptimised path (no reuse across stages) and report agreement with it.")] = False,
-    flops_only_: Annotated[bool, typer.Option("--flops-only", help="Only count GFLOPs per image (paper convention and executed); runs nothing.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    opts: ModelOptions,
+    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME",
+                                        help="Registry name, folder or VAR file (default: digits).")] = None,
+    random_weights: Annotated[bool, opt("--random-weights", help="Official --depth geometry, random weights.")] = False,
+    depth: Annotated[int, opt("--depth", metavar="N", help="Official depth: 16, 20, 24, 30, 36.",
+                              show_default=True)] = 16,
+    profiles: Annotated[Optional[list[str]], opt("--profile", "-p", metavar="NAME", help="Profile(s) to measure "
+                                                 "(repeatable; default: the model's).")] = None,
+    num_classes: Annotated[Optional[int], opt("--num-classes", min=1, metavar="N",
+                                              help="Candidate classes: the first N (default: all, ≤ 100).")] = None,
+    dtypes: DtypesOpt = None,
+    images: Annotated[int, opt("--images", min=1, metavar="N", help="Images per timed run.", show_default=True)] = 1,
+    data: Annotated[Optional[list[Path]], opt("--data", metavar="PATH",
+                                              help="Real images (files/folders), not random pixels.")] = None,
+    warmup: Annotated[int, opt("--warmup", min=0, metavar="N", help="Untimed runs first.", show_default=True)] = 1,
+    repeat: Annotated[int, opt("--repeat", min=1, metavar="N", help="Timed runs.", show_default=True)] = 3,
+    plain: Annotated[bool, opt("--plain", help="Also time the path without reuse across stages.")] = False,
+    flops_only_: Annotated[bool, opt("--flops-only", help="Only count GFLOPs per image; runs nothing.")] = False,
+    json_: JsonOpt = False,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fuse the engine's elementwise work with torch.compile (default: on CUDA with Triton, off on CPUs; the first run compiles, later ones reuse the cache).")] = None,
-    model_dir: ModelDirOpt = None,
-    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """\b
-    avarc bench --flops-only --classes 100 -p varc -p a-varc-plus
-    avarc bench --random-weights --classes 20 -p a-varc-plus --dtype bf16 --plain
+    avarc bench --flops-only --num-classes 100 -p varc -p a-varc-plus
+    avarc bench --random-weights --num-classes 20 --dtype bf16 --plain
     avarc bench -m digits -p digits --images 16 --dtype fp32 --dtype bf16 --json
 
-    Seconds per image (median/min/max after warm-up, device-synchronised), images/s, time share per stage and for the encoder, GFLOPs per image as the paper counts them and as the engine executes them after reusing earlier stages, achieved TFLOP/s (attention included) and its share of this device's measured matmul peak (large square GEMMs, best of several runs), peak memory; for bf16/fp16: top-1 agreement with fp32, the error of the first stage's class scores against fp32, and how many images the precision guard re-scored in fp32 and at what share of the time.
+    Seconds per image, GFLOPs per image (paper convention and executed), achieved TFLOP/s against this device's
+    measured matmul peak, the process's peak memory, and for bf16/fp16 the agreement with fp32 (README, bench).
     """
-    if extension and (random_weights or model is None and flops_only_):
+    import torch
+
+    from core.engine.runtime import resolve_dtype
+    from core.errors import AvarcError
+    from core.io.profiles import load_profile
+    from core.models.specs import official_spec
+    from core.runs.bench import compare, flops_only, random_model
+
+    from .. import output
+    from ..render import bench_tables
+
+    if opts.extension and (random_weights or model is None and flops_only_):
         raise AvarcError("--extension needs the base model it was trained on; pass it with --model")
     if flops_only_:
         spec, k = official_spec(f"d{depth}"), None
         if model is not None:
-            fm = resolve_model(model, vae, "cpu", model_dir=model_dir, trust_pickle=trust_pickle)
-            apply_extensions(fm, extension)
-            spec, k = fm.spec, fm.num_classes
+            clf = opts.load(model, device="cpu")
+            spec, k = clf.spec, clf.model.num_classes
+        n = num_classes or min(k or spec.var.num_classes, 100)
         names = profiles or ["varc", "a-varc-plus", "smooth-top10"]
-        n = classes or min(k or spec.var.num_classes, 100)
-        _render([flops_only(spec, load_profile(p), n) for p in names], json_, f"{n} classes", flops=True)
+        bench_tables([flops_only(spec, load_profile(p), n) for p in names], json_, f"{n} classes", flops=True)
         return
-
-    dev = resolve_device(device)
     if random_weights:
-        m = random_model(depth, dev, seed)
-        label = f"random-weights d{depth}"
+        from core import Classifier
+        from core.engine.runtime import resolve_device
+        clf = Classifier.from_pretrained(random_model(depth, resolve_device(opts.device), seed), device=opts.device,
+                                         threads=opts.threads, compile=opts.compile, encoder=opts.encoder)
     else:
-        m = resolve_model(model or "digits", vae, dev, model_dir=model_dir, trust_pickle=trust_pickle)
-        apply_extensions(m, extension)
-        label = model or "digits"
-    use_encoder(m, encoder)
-    n_threads = set_threads(m.spec.var, threads)
-    m.compile = resolve_compile(compile_, dev)
-    n = min(classes or min(m.num_classes, 100), m.num_classes)
-    x = _inputs(m, data, images, seed)
-    wanted = [resolve_dtype(d, dev) for d in (dtypes or ["auto"])]
-    title = f"{label}, {n} classes, {x.shape[0]} image(s), {n_threads} threads" + (", compiled" if m.compile else "")
-    results: list[BenchResult] = []
+        clf = opts.load(model or "digits")
+    label = f"random-weights d{depth}" if random_weights else model or "digits"
+    n = min(num_classes or min(clf.model.num_classes, 100), clf.model.num_classes)
+    x = _inputs(clf, data, images, seed)
+    wanted = [resolve_dtype(d, clf.device) for d in (dtypes or ["auto"])]
+    title = (f"{label}, {n} classes, {x.shape[0]} image(s), {torch.get_num_threads()} threads"
+             + (", compiled" if clf.model.compile else ""))
+    results: list = []
+    measured = [load_profile(p) for p in profiles] if profiles else [clf.profile]
     try:
-        compare(m, [load_profile(p) for p in profiles or [default_profile_name(m)]], x, list(range(n)), wanted,
-                warmup, repeat, batch_size, seed, plain, results)
+        with output.err_console.status(f"measuring {len(measured)} profile(s) × {len(wanted)} dtype(s) on {label}…"):
+            compare(clf.model, measured, x, list(range(n)), wanted, warmup, repeat, opts.batch_size, seed, plain,
+                    results)
     except BaseException:
         if results:      # what was measured before the failure or Ctrl-C is kept
-            _render(results, json_, title + " (incomplete: a later run failed)")
+            bench_tables(results, json_, title + " (incomplete: a later run failed)")
         raise
-    _render(results, json_, title)
+    bench_tables(results, json_, title)
 
 
-def _inputs(m: Model, data: Optional[list[Path]], n: int, seed: int) -> torch.Tensor:
+def _inputs(clf, data: Optional[list[Path]], n: int, seed: int):  # noqa: ANN001, ANN202 (a Classifier → a tensor)
     """The first n images of --data (preprocessed for the model), or n seeded random images."""
-    size = m.spec.image_size
+    import torch
+
+    from core.errors import AvarcError
+    from core.io.data import collect
     if data:
-        items = collect(data, ClassSpace(m), labels="none").items[:n]
-        if not items:
+        paths = [it.path for it in collect(data, clf.space, "none").items]
+        if not paths:
             raise AvarcError(f"{data[0]}: no images found; pass image files or folders to --data")
-        return torch.stack([preprocess_image(it.path, size, m.spec.preprocess) for it in items])
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
-
-
-def _render(results: list[BenchResult], as_json: bool, title: str, flops: bool = False) -> None:
-    if as_json:
-        output.emit_json({"results": [r.to_json() for r in results]})
-        return
-    if flops:
-        output.table(f"GFLOPs per image ({title})", ["profile", "paper", "executed", "attention"],
-                     [(r.profile, r.gflops_per_image, r.gflops_executed, r.attention_gflops_per_image) for r in results])
-        return
-    device = results[0].device if results else "-"
-    g3 = lambda x: None if x is None else f"{x:.3g}"  # noqa: E731
-    pct = lambda x: None if x is None else f"{100 * x:.0f}%"  # noqa: E731
-    output.table(f"Speed: {title}, {device}", ["profile", "dtype", "s/image", "img/s", "TFLOP/s", "% peak", "peak MB"],
-                 [(r.profile, r.dtype, g3(r.s_per_image["median"]), g3(r.images_per_s), g3(r.tflops),
-                   f"{r.peak_pct:.0f}", f"{r.peak_mem_mb:.0f}") for r in results])
-    output.table("Work per image: GFLOPs (paper convention, executed after reuse), time share of encoder and stages, "
-                 "launches (aten ops) per forward, host syncs per scoring step",
-                 ["profile", "dtype", "GFLOPs", "executed", "attention", "enc %", "stages %", "launches/fwd",
-                  "syncs/step"],
-                 [(r.profile, r.dtype, g3(r.gflops_per_image), g3(r.gflops_executed), g3(r.attention_gflops_per_image),
-                   f"{100 * (r.encoder_share or 0):.0f}", " ".join(f"{100 * x:.0f}" for x in r.stage_share or []),
-                   g3(r.launches_per_forward), g3(r.host_syncs_per_step)) for r in results])
-    if any(r.agreement_fp32 is not None for r in results):
-        output.table("Precision: top-1 agreement with fp32 (plain: with the optimised path), first-stage score error "
-                     "vs fp32 (nats), precision guard (images re-scored in fp32, time share)",
-                     ["profile", "dtype", "agree", "err RMS", "err max", "guarded", "guard time"],
-                     [(r.profile, r.dtype, pct(r.agreement_fp32), g3(r.score_err_rms), g3(r.score_err_max),
-                       pct(r.guard_images), pct(r.guard_share)) for r in results])
+        return torch.stack([clf.preprocess(p) for p in paths[:n]])
+    size = clf.spec.image_size
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1

@@ -1,58 +1,56 @@
 """``avarc calibrate-ood``: fit abstention ("none of these") thresholds on in-distribution images; writes a profile."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from core import AvarcError, Classifier
-from core.io.data import collect
-from core.io.files import check_output_files
-from core.io.profiles import write_profile
-from core.runs.tune import calibrate_ood as run_calibration
-from core.tasks.ood import DEFAULT_OOD_SCORE, OOD_SCORES, check_score
-
-from .. import output
-from ..options import (ClassesOpt, DeviceOpt, DtypeOpt, EncoderOpt, ExtensionOpt, InputsArg, ModelDirOpt, ModelOpt,
-                       PatchNumsOpt, ProfileOpt, SeedOpt, ThreadsOpt, TrustPickleOpt, VaeOpt)
+from ..options import (ClassesOpt, ForceOpt, InputOptions, InputsArg, ModelOpt, ModelOptions, OodScore, ProfileOpt,
+                       SeedOpt, input_options, model_options, opt)
 
 
+@model_options("batch_size")
+@input_options("border")
 def calibrate_ood(
+    opts: ModelOptions,
+    source: InputOptions,
     inputs: InputsArg = None,
     model: ModelOpt = "digits",
-    vae: VaeOpt = None,
-    patch_nums: PatchNumsOpt = None,
-    extension: ExtensionOpt = None,
     profile: ProfileOpt = None,
     classes: ClassesOpt = None,
-    coverage: Annotated[float, typer.Option("--coverage", min=0.01, max=1.0, help="Share of these in-distribution images each threshold accepts.")] = 0.95,
-    ood_score: Annotated[str, typer.Option("--ood-score", help=f"The score that decides in `avarc classify`: {', '.join(OOD_SCORES)} (every score's threshold is written).")] = DEFAULT_OOD_SCORE,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Profile YAML to write: the profile's schedule plus the `ood` rule (run it with `avarc classify -p FILE`).")] = Path("ood.yaml"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    coverage: Annotated[float, opt("--coverage", min=0.01, max=1.0, metavar="F", show_default=True,
+                                   help="Share of these in-distribution images each threshold accepts.")] = 0.95,
+    ood_score: Annotated[OodScore, opt("--ood-score", show_default=True,
+                                       help="The score that decides in classify (every threshold is written).")]
+    = "likelihood",
+    out: Annotated[Path, opt("--out", "-o", metavar="FILE", show_default=True,
+                             help="Profile YAML: the schedule plus the `ood` rule.")] = Path("ood.yaml"),
+    force: ForceOpt = False,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = None,
-    model_dir: ModelDirOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    encoder: EncoderOpt = "torch",
 ) -> None:
     """\b
     avarc calibrate-ood val/ -m digits --coverage 0.95 -o ood.yaml
     avarc classify new/ -p ood.yaml -o r.jsonl     # pred null, status "abstained" below the threshold
 
-    Classifies the images (in-distribution: images of the model's classes, labels not needed) with the profile, and sets each OOD score's threshold so that --coverage of them score at or above it. `avarc classify` with the written profile answers "none of these" (pred null, status abstained) for an image whose --ood-score is below its threshold.
+    Classifies the images (in-distribution: of the model's classes; labels not needed) with the profile and sets
+    each OOD score's threshold so that --coverage of them score at or above it (README, Out of distribution).
     """
+    from dataclasses import replace
+
+    from core.errors import AvarcError
+    from core.io.data import collect
+    from core.io.files import check_output_files
+    from core.io.profiles import write_profile
+    from core.runs.tune import calibrate_ood as run_calibration
+
+    from .. import output
+
+    inputs = source.inputs(inputs)
     if not inputs:
-        raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood examples/digits`)")
-    check_score(ood_score)
+        raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
+                         "examples/digits`)")
     check_output_files({"out": out}, force)
-    clf = Classifier.from_pretrained(model, vae=vae, extensions=extension or (), profile=profile, device=device,
-                                     dtype=dtype, encoder=encoder, model_dir=model_dir, trust_pickle=trust_pickle,
-                                     patch_nums=patch_nums, threads=threads)
-    found = collect(inputs, clf.space, "none", None, None, classes, exclude=[out])
+    clf = opts.load(model, profile)
+    found = collect(inputs, clf.space, "none", None, None, classes, exclude=[out], data=source.data())
     with output.progress() as bar:
         task = bar.add_task("scoring", total=len(found.items), info="")
         fitted, used = run_calibration(clf, found.items, found.candidates, coverage, ood_score, seed,

@@ -6,31 +6,38 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import AvarcError, Classifier
-from core.io.files import absolute, check_output_file, write_text
-from core.io.results import read_records
-from core.io.registry import entry, is_registry_name
-from core.runs.report import run_report
-from core.models.specs import ModelSpec
-
-from .. import output
+from ..options import ForceOpt, opt
 
 
 def report(
-    results: Annotated[Path, typer.Argument(metavar="RESULTS.jsonl", help="Records written by `avarc classify --out` on labelled folders.", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write (default: RESULTS.html beside the records).", show_default=False)] = None,
-    explain: Annotated[Optional[Path], typer.Option("--explain", help="Folder written by `avarc explain`: its panels are shown for the worst mistakes.", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model the run used, for GFLOPs per image (default: the records' registry name, if any).", show_default=False)] = None,
-    worst: Annotated[int, typer.Option("--worst", min=0, help="How many of the most confident mistakes to show.")] = 12,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    results: Annotated[Path, typer.Argument(metavar="RESULTS.jsonl", show_default=False,
+                                            help="Records of `avarc classify --out` on labelled folders.")],
+    out: Annotated[Optional[Path], opt("--out", "-o", metavar="FILE",
+                                       help="HTML file (default: RESULTS.html beside the records).")] = None,
+    explain: Annotated[Optional[Path], opt("--explain", metavar="DIR",
+                                           help="`avarc explain` folder: panels of the worst mistakes.")] = None,
+    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME",
+                                        help="The run's model, for GFLOPs (default: from the records).")] = None,
+    worst: Annotated[int, opt("--worst", min=0, metavar="N", help="Most confident mistakes shown.",
+                              show_default=True)] = 12,
+    force: ForceOpt = False,
 ) -> None:
     """\b
     avarc classify test/ --out run.jsonl && avarc report run.jsonl   # run.html
     avarc explain wrong/ --out why
     avarc report run.jsonl --explain why --out run.html --force
 
-    Accuracy and top-5, accuracy per class, the confusion matrix, a reliability diagram with the ECE as run and untempered (T = 1, from the last stage's scores: what a tuned profile's temperature changed), how often the true class survives each stage (the pruning diagnostic), compute per image and the most confident mistakes, in one HTML file with its images embedded (opens from disk, no server). Needs `pip install 'avarc\\[report]'`.
+    Accuracy, per-class accuracy, the confusion matrix, a reliability diagram (ECE as run and at T = 1), how
+    often the true class survives each stage, compute and the worst mistakes, in one HTML file that opens from
+    disk. Needs `pip install 'avarc[report]'`.
     """
+    from core.errors import AvarcError
+    from core.io.files import absolute, check_output_file, write_text
+    from core.io.results import read_records
+    from core.runs.report import run_report
+
+    from .. import output
+
     records = read_records(results)
     out = out or results.with_suffix(".html")
     if absolute(out) == absolute(results) or (explain is not None and absolute(out).parent == absolute(explain)
@@ -46,11 +53,15 @@ def report(
     output.say(f"wrote {out}")
 
 
-def _spec(name: str | None, given: bool) -> ModelSpec | None:
-    """The architecture for GFLOPs: a registry entry holds it (no download); a model file or folder the records
-    name (or ``--model``) is loaded; one that cannot be is an error only when given."""
+def _spec(name: str | None, given: bool):  # noqa: ANN202 (a core ModelSpec or None)
+    """The architecture for GFLOPs: a registry entry holds it (no download); another model given is loaded."""
+    from core import Classifier
+    from core.io.registry import entry, is_registry_name
+
     if name is None:
         return None
+    from core.errors import AvarcError
+
     if is_registry_name(name):
         return entry(name).spec
     try:

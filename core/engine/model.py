@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -54,6 +55,19 @@ class Model:
             var = self.var.in_dtype(dtype) if dtype != torch.float32 else copy.deepcopy(self.var)
             self._engines[dtype] = (key, var.compiled() if self.compile else var)
         return self._engines[dtype][1]
+
+    @contextmanager
+    def computing_in(self, dtype: torch.dtype) -> Iterator[Model]:
+        """The likelihood engine in ``dtype`` for a ``with`` block (bench compares dtypes on one model)."""
+        own, self.dtype = self.dtype, dtype
+        try:
+            yield self
+        finally:
+            self.dtype = own
+
+    def set_encoder(self, encoder: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Run ``encode`` with another backend (None: the torch VQ-VAE)."""
+        self.encoder = encoder
 
     @property
     def num_classes(self) -> int:

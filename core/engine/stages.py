@@ -35,6 +35,16 @@ class StageScores:
 
 
 @dataclass
+class ClassScore:
+    """One ranked class of a :class:`Prediction`."""
+
+    id: int
+    name: str
+    score: float        # the last stage's score of the class (log-likelihood in nats, up to a shared constant)
+    p: float            # its posterior probability
+
+
+@dataclass(repr=False)
 class Prediction:
     """The outcome for one image. ``ranking`` is every candidate: the last stage's by score, then classes pruned
     earlier by their last score (later stages first); ``posterior`` is over the last stage's candidates."""
@@ -49,6 +59,28 @@ class Prediction:
     gflops: dict[str, float] | None = None  # this image's compute, {"executed", "paper"} (set by ``Classifier``)
     ood: dict | None = None                # out-of-distribution scores (``core.tasks.ood``; set by ``Classifier``)
     abstained: bool = False                # the profile's OOD rule answered "none of these" (``pred`` is kept)
+    class_names: Sequence[str] | None = field(default=None, repr=False)   # every class's name (set by ``Classifier``)
+
+    @property
+    def top(self) -> list[ClassScore]:
+        """Every candidate, best first, with its name, score (nats) and posterior probability (0 for a class
+        pruned before the last stage)."""
+        post = dict(self.posterior)
+        names = self.class_names
+        return [ClassScore(c, names[c] if names is not None else str(c), s, post.get(c, 0.0)) for c, s in self.ranking]
+
+    def to_dict(self, topk: int = 5) -> dict:
+        """Plain data (JSON-ready): the prediction, the true class if known and the best ``topk`` classes."""
+        names = self.class_names
+        return {"pred": self.pred, "pred_name": self.pred_name,
+                "label": self.label, "label_name": names[self.label] if names is not None and self.label is not None
+                else None, "exited_after": self.exited_after, "top": [vars(t) for t in self.top[:topk]],
+                "abstained": self.abstained, "ood": self.ood, "gflops": self.gflops}
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{t.name!r} p={t.p:.3g}" for t in self.top[:3])
+        true = "" if self.label is None else f", label={self.label}"
+        return f"Prediction({self.pred_name or self.pred!r}; top: {best}{true})"
 
     def label_rank(self, label: int) -> int | None:
         """1-based rank of a class in the ranking (None if it was not a candidate)."""

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from ..choices import LABELS
 from ..errors import AvarcError
 from .files import absolute
 from . import hf_data
@@ -27,7 +28,7 @@ from .objectnet import DEFAULT_BORDER, read_objectnet
 from .preprocess import load_pixels, open_image, preprocess_pil
 
 IMAGENET_CLASSES = 1000
-LABEL_MODES = ("auto", "folders", "none")
+LABEL_MODES = LABELS
 _SYNSET = re.compile(r"n\d{8}")
 
 

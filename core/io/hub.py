@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from ..models.checkpoints import file_sha256
-from ..errors import FIX, AvarcError
+from ..errors import FIX, AvarcError, NeedsDownload
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PROBE_TIMEOUT_S = 3.0
+
+
+class HubUnreachable(AvarcError):
+    """The hub could not be reached at all: every later download would fail the same way, so callers stop."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,13 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
             raise AvarcError(f"{e.name}: {why} but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it")
         return Download(e.name, before, before.stat().st_size, "present")
     before_id = _identity(before)
+    if before is not None and not force and _unreachable_now():
+        return Download(e.name, before, before.stat().st_size, "present")     # here; only the update check is lost
+    _check_reachable(e)
     try:
         path = Path(hf_hub_download(e.repo_id, e.filename, revision=revision, force_download=force,
                                     local_dir=None if model_dir is None else Path(model_dir)))
-    except OSError as err:  # huggingface_hub's errors (HTTP, not found, offline, disk), as one line that says what to do
+    except OSError as err:  # huggingface_hub's errors (HTTP, not found, offline, disk): one line saying what to do
         raise _explain(e, revision, err) from None
     if _identity(path) == before_id:
         return Download(e.name, path, path.stat().st_size, "present")
@@ -82,16 +92,52 @@ def download(e: HubFile, model_dir: str | os.PathLike | None = None, revision: s
     return Download(e.name, path, path.stat().st_size, "downloaded", sha)
 
 
+def _unreachable_now() -> bool:
+    from huggingface_hub import constants
+
+    return not _behind_proxy() and _unreachable(constants.ENDPOINT) is not None
+
+
+def _behind_proxy() -> bool:
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
+
+
+def _check_reachable(e: HubFile) -> None:
+    """One TCP connection to the endpoint before huggingface_hub's retries (which back off for about a minute per
+    file): a refused or timed-out connection is one line at once. Skipped behind a proxy, which we cannot probe."""
+    from huggingface_hub import constants
+
+    why = None if _behind_proxy() else _unreachable(constants.ENDPOINT)
+    if why:
+        raise HubUnreachable(f"{e.name}: cannot reach {constants.ENDPOINT} ({why}) and the file is not here; check "
+                             "the connection (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use cached files only")
+
+
+@lru_cache(maxsize=None)
+def _unreachable(endpoint: str) -> str | None:
+    """Why a connection to the endpoint fails, or None when it connects (asked once per process)."""
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return getattr(err, "strerror", None) or type(err).__name__
+    return None
+
+
 def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.PathLike | None) -> str | None:
     """Compare a freshly fetched file with the hub's SHA-256 for it; remove it (blob and link too) if they differ."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    from ..models.checkpoints import file_sha256
 
     cached = model_dir is None
     try:
         meta = get_hf_file_metadata(hf_hub_url(e.repo_id, e.filename, revision=revision))
     except Exception as err:  # HTTP errors and the HTTP client's own connection errors alike
         _remove(path, cached)
-        raise AvarcError(f"{e.name}: fetched {e.filename} but could not read the hub's checksum for it ({_first_line(err)}); "
+        raise AvarcError(f"{e.name}: fetched {e.filename} but could not read the hub's checksum for it "
+                         f"({_first_line(err)}); "
                          "the file was removed, run the command again") from None
     expected = (meta.etag or "").lower()
     if not _SHA256.fullmatch(expected):
@@ -100,7 +146,8 @@ def _verify(e: HubFile, path: Path, revision: str | None, model_dir: str | os.Pa
     if actual != expected:
         _remove(path, cached)
         raise AvarcError(f"{e.name}: {e.filename} does not match the hub's checksum (sha256 {actual[:12]}…, expected "
-                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again", fix=("download", e.name, model_dir))
+                         f"{expected[:12]}…); the corrupt file was removed, {FIX} again",
+                         fix=NeedsDownload(e.name, model_dir))
     return actual
 
 
@@ -133,7 +180,8 @@ def _explain(e: HubFile, revision: str | None, err: OSError) -> AvarcError:
         return AvarcError(f"{e.name}: repository {e.repo_id} not found or not accessible at {constants.ENDPOINT}; "
                           "for a private or gated repository set HF_TOKEN")
     if isinstance(err, RevisionNotFoundError):
-        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; name an existing branch, tag or commit", option="revision")
+        return AvarcError(f"{e.name}: revision {rev!r} not found in {e.repo_id}; name an existing branch, tag or "
+                          "commit", option="revision")
     if isinstance(err, EntryNotFoundError):
         return AvarcError(f"{e.name}: {e.filename} not found in {e.repo_id} at revision {rev!r}")
     return AvarcError(f"{e.name}: download of {e.filename} failed ({_first_line(err)}); run the command again")

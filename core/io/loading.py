@@ -70,12 +70,14 @@ def save_model_dir(model: Model, path: str | os.PathLike, **meta) -> Path:
     return path
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Model:
     """Load a model directory written by :func:`save_model_dir` (the bundled demo is one)."""
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise AvarcError(f"{path}: not a model directory (no meta.json); give a VAR checkpoint file and its VQ-VAE instead")
+        raise AvarcError(f"{path}: not a model directory (no meta.json); give a VAR checkpoint file and its VQ-VAE "
+                         "instead")
     try:
         meta = json.loads(meta_file.read_text())
         spec = spec_from_dict(meta["spec"])
@@ -93,16 +95,17 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu", 
 def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, model_dir: str | os.PathLike | None = None,
                   trust_pickle: bool = False, encoder: str = "torch",
-                  patch_nums: tuple[int, ...] | None = None) -> Model:
+                  patch_nums: tuple[int, ...] | None = None, compile: bool = False) -> Model:  # noqa: A002
     """A model argument (registry name, model directory or VAR file) → loaded Model, its encoder run by ``encoder``
     (``torch`` or ``onnx``; an ONNX export is made beside the VQ-VAE file on first use). ``patch_nums`` states the
-    scales of a bare VAR file when they cannot be read off it."""
+    scales of a bare VAR file when they cannot be read off it; ``compile`` fuses the engine with torch.compile."""
     check_backend(encoder)
     path = Path(model)
     if is_registry_name(model):
         e = entry(str(model))
         if e.is_vae:
-            raise AvarcError(f"{e.name!r} is a VQ-VAE, not a VAR; give it as the VQ-VAE and a VAR as the model", option="model")
+            raise AvarcError(f"{e.name!r} is a VQ-VAE, not a VAR; give it as the VQ-VAE and a VAR as the model",
+                             option="model")
         path = local_path(e, model_dir)
         vae = vae or e.vae
         patch_nums = patch_nums or e.spec.var.patch_nums
@@ -119,8 +122,15 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         vae_path = _resolve_vae(vae, path, model_dir)
         loaded = load_model(path, vae_path, device=device, dtype=dtype, trust_pickle=trust_pickle,
                             patch_nums=patch_nums)
-    use_encoder(loaded, encoder, vae_path)
-    return loaded
+    return finish(loaded, encoder, vae_path, compile)
+
+
+def finish(model: Model, encoder: str = "torch", vae_file: str | os.PathLike | None = None,
+           compile: bool = False) -> Model:  # noqa: A002
+    """The decisions made once the weights are loaded: the encoder backend and torch.compile of the engine."""
+    use_encoder(model, encoder, vae_file)
+    model.compile = compile
+    return model
 
 
 def _in_model_dir(var_file: Path, vae: str | os.PathLike | None) -> bool:

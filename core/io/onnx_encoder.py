@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..models import checkpoints
+from ..choices import ENCODERS
 from ..errors import AvarcError
 from .files import atomic_write
 from ..engine.model import Model
@@ -33,7 +34,7 @@ from ..models.vqvae import VQVAE
 FORMAT = "avarc-onnx-encoder/1"
 OPSET = 18
 INSTALL_HINT = "pip install 'avarc[onnx]'"
-BACKENDS = ("torch", "onnx")
+BACKENDS = ENCODERS
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -51,10 +52,10 @@ def use_encoder(model: Model, backend: str, vae_file: str | os.PathLike | None =
     """
     check_backend(backend)
     if backend == "torch":
-        model.encoder = None
+        model.set_encoder(None)
         return None
     export = ensure_export(model.vae, vae_file)
-    model.encoder = OnnxEncoder(export.path, model.device)
+    model.set_encoder(OnnxEncoder(export.path, model.device))
     return export
 
 

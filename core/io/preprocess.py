@@ -83,6 +83,11 @@ def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float().div_(255).mul_(2).sub_(1)
 
 
+def tensor_pixels(x: torch.Tensor) -> np.ndarray:
+    """float 3×H×W in [-1, 1] → uint8 H×W×3 (the inverse of :func:`pixels_to_tensor`, rounded)."""
+    return x.detach().float().cpu().add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
 def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, size: int, mode: str = "official") -> torch.Tensor:
     """An image file or PIL image → 3×size×size float32 tensor in [-1, 1]."""
     img = path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil)

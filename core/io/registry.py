@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import imagenet_classes
-from ..errors import FIX, AvarcError
+from ..errors import FIX, AvarcError, NeedsDownload
 from .hub import Download, HubFile, download, find_local
 from ..models.specs import ModelSpec, official_spec, spec_from_dict
 
@@ -107,7 +107,7 @@ def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Pat
     found = find_local(e.hub, model_dir)
     if found is None:
         where = "the Hugging Face cache" if model_dir is None else str(model_dir)
-        raise AvarcError(f"model {e.name!r} is not in {where}; {FIX}", fix=("download", e.name, model_dir))
+        raise AvarcError(f"model {e.name!r} is not in {where}; {FIX}", fix=NeedsDownload(e.name, model_dir))
     return found
 
 

@@ -9,9 +9,10 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import AvarcError
 

@@ -216,32 +216,29 @@ def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candida
     score error) and, with ``plain``, every dtype is also timed without reuse across stages (agreement with the
     optimised path). Rows are appended to ``results`` as they finish, so a caller keeps them when a later run
     fails. The model's dtype is restored afterwards."""
-    own, results = model.dtype, [] if results is None else results
-    try:
-        for prof in profiles:
-            by_dtype: dict[torch.dtype, BenchResult] = {}
-            for dt in dtypes:
-                model.dtype = dt
+    results = [] if results is None else results
+    for prof in profiles:
+        by_dtype: dict[torch.dtype, BenchResult] = {}
+        for dt in dtypes:
+            with model.computing_in(dt):
                 by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed)
-                results.append(by_dtype[dt])
-            if any(dt != torch.float32 for dt in dtypes):
-                if torch.float32 not in by_dtype:
-                    model.dtype = torch.float32
+            results.append(by_dtype[dt])
+        if any(dt != torch.float32 for dt in dtypes):
+            if torch.float32 not in by_dtype:
+                with model.computing_in(torch.float32):
                     by_dtype[torch.float32] = run(model, prof, images, candidates, 0, 1, chunk, seed)
-                ref = by_dtype[torch.float32]
-                for dt in dtypes:
-                    r = by_dtype[dt]
-                    r.agreement_fp32 = _agreement(r.preds, ref.preds)
-                    if dt != torch.float32:
-                        err = torch.tensor(r.scores) - torch.tensor(ref.scores)
-                        r.score_err_rms, r.score_err_max = err.pow(2).mean().sqrt().item(), err.abs().max().item()
-            if plain:
-                for dt in dtypes:
-                    model.dtype = dt
+            ref = by_dtype[torch.float32]
+            for dt in dtypes:
+                r = by_dtype[dt]
+                r.agreement_fp32 = _agreement(r.preds, ref.preds)
+                if dt != torch.float32:
+                    err = torch.tensor(r.scores) - torch.tensor(ref.scores)
+                    r.score_err_rms, r.score_err_max = err.pow(2).mean().sqrt().item(), err.abs().max().item()
+        if plain:
+            for dt in dtypes:
+                with model.computing_in(dt):
                     p = run(model, prof, images, candidates, warmup, repeat, chunk, seed, reuse=False)
-                    p.profile = f"{prof.name} plain"
-                    p.agreement_fp32 = _agreement(p.preds, by_dtype[dt].preds)
-                    results.append(p)
-    finally:
-        model.dtype = own
+                p.profile = f"{prof.name} plain"
+                p.agreement_fp32 = _agreement(p.preds, by_dtype[dt].preds)
+                results.append(p)
     return results

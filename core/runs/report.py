@@ -22,8 +22,8 @@ from ..models.specs import ModelSpec
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em}td,th{padding:3px 9px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:12px}
-.plots img{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
+td:first-child,th:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+.plots img{max-width:100%;height:auto;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #ddd;padding:6px;font-size:.8em;text-align:center;max-width:100%}
 .card img{image-rendering:pixelated;display:block;margin:auto;max-width:100%}.chosen{background:#fff4cc}"""
 
@@ -150,7 +150,8 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     for r in lab:
         cm[idx[r["label"]], idx[r["pred"]]] += 1
     tick = [str(names[c]) for c in labels]
-    per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–") for i, c in enumerate(labels)]
+    per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–")
+           for i, c in enumerate(labels)]
     if any("accepted" in r for r in lab):      # ObjectNet: one row per ObjectNet class, right = any accepted class
         by_class: dict[str, list[int]] = {}
         for r in lab:
@@ -168,7 +169,8 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
         for (i, j), n in np.ndenumerate(cm):
             if n:
                 ax.text(j, i, n, ha="center", va="center", fontsize=7, color="white" if n > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), tick, rotation=90, fontsize=7), ax.set_yticks(range(len(labels)), tick, fontsize=7)
+    ax.set_xticks(range(len(labels)), tick, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), tick, fontsize=7)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix")
     parts.append(f'<h2>Per class</h2><div class="plots">{acc_plot}{_img(fig)}</div>'
                  f"<details><summary>table</summary>{_table(['class', 'images', 'top-1'], per)}</details>")
@@ -179,8 +181,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     has = rel.count > 0
     ax.bar(mids[has], rel.accuracy[has], width=1 / len(mids), edgecolor="k", color="#8fb3de", label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.plot(rel.confidence[has], rel.accuracy[has], "o", color="#c44e52", ms=4, label="mean confidence")
-    ax.set_xlabel("top-1 posterior"), ax.set_ylabel("accuracy"), ax.set_title(f"reliability (ECE {rel.ece:.3f})")
+    ax.plot(mids[has], rel.confidence[has], "o", color="#c44e52", ms=4, label="mean confidence (bin)")
+    for x, y, n in zip(mids[has], np.maximum(rel.accuracy[has], rel.confidence[has]), rel.count[has]):
+        ax.text(x, y + 0.02, str(n), ha="center", fontsize=6)        # images in the bin
+    ax.set_ylim(0, 1.12), ax.set_xlabel("top-1 posterior (numbers: images per bin)"), ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {rel.ece:.3f})")
     ax.legend(fontsize=7, loc="upper left")
     plots = [_img(fig)]
     survived = np.mean([stage_survival(r, num_stages) for r in lab], axis=0)
@@ -204,7 +209,8 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
 
     parts.append(ood_section(records))
     # the worst mistakes: most confident first
-    wrong = sorted((r for r in lab if r["pred"] != r["label"]), key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
+    wrong = sorted((r for r in lab if r["pred"] != r["label"]),
+                   key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
     cards, panels = [], explained_panels(explain_dir) if explain_dir else {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
@@ -290,7 +296,7 @@ def tune_report(result, shipped: list[tuple[str, object]], title: str) -> str:
     summary = [("chosen", c.describe()), ("top-1 fit", f"{c.accuracy:.2%}"),
                ("top-1 held out", f"{held.accuracy:.2%}" if held else "–"),
                ("varc top-1 held out", f"{result.baseline_held.accuracy:.2%}" if result.baseline_held else "–"),
-               ("executed GFLOPs/image (varc)", f"{result.chosen_all.executed_gflops:.4g} "
+               ("executed GFLOPs/image (varc)", f"{result.chosen.executed_gflops:.4g} "
                                                 f"({result.baseline.executed_gflops:.4g})"),
                ("budget", f"{result.budget_gflops:.4g}"), ("temperature", f"{result.temperature:.4g}"),
                ("ECE held out, T=1 → fitted (cross-fitted)", f"{result.ece_before:.4f} → {result.ece_after:.4f}"

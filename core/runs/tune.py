@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from ..tasks.calibration import (TemperatureFit, cross_fitted_temperatures, expected_calibration_error, fit_temperature, nll, posterior)
+from ..tasks.calibration import (TemperatureFit, cross_fitted_temperatures, expected_calibration_error,
+                                 fit_temperature, nll, posterior)
 from ..errors import AvarcError
 from ..engine.flops import encoder_macs, sequence_macs
 from ..engine.profile import OodRule, Profile, Stage
@@ -359,7 +360,8 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
     fit, held = split(table.labels, holdout, seed)
     base_r = rep.replay(baseline_stages(len(table.scale_ends)))
     baseline = point(base_r, table.labels)
-    limit = budget_gflops if budget_gflops is not None else (budget if budget is not None else 1.0) * baseline.executed_gflops
+    share = budget if budget is not None else 1.0
+    limit = budget_gflops if budget_gflops is not None else share * baseline.executed_gflops
     points = search(rep, fit, min_stages, max_stages)
     chosen = choose(points, limit, "budget_gflops" if budget_gflops is not None else "budget")
     r = rep.replay(chosen.stages)
@@ -384,18 +386,23 @@ def model_name(clf: Classifier) -> str:
     return base + "".join(f" +{e.names[0]}…" if len(e.names) > 1 else f" +{e.names[0]}" for e in clf.extensions)
 
 
-def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str, name: str = "tuned") -> tuple[Profile, str]:
+def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str,
+                  name: str = "tuned") -> tuple[Profile, str]:
     """The chosen schedule as a profile (with the fitted temperature), and the comment that says what it was tuned
     on (``where``: the images' folder; ``model``: :func:`model_name`)."""
     r = result
     note = (f"tuned by `avarc tune` on {where} ({table.num_images} images: {len(r.fit_idx)} to choose, "
-            f"{len(r.held_idx)} held out; seed {table.seed}), model {model}, {len(table.candidates)} candidate classes\n"
+            f"{len(r.held_idx)} held out; seed {table.seed}), model {model}, "
+            f"{len(table.candidates)} candidate classes\n"
             f"budget {r.budget_gflops:.4g} executed GFLOPs/image; varc needs {r.baseline.executed_gflops:.4g}\n"
             f"top-1 on the images it was chosen on {r.chosen.accuracy:.2%}"
-            + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})" if r.chosen_held else "")
-            + f"\nexecuted GFLOPs/image {r.chosen_all.executed_gflops:.4g}, paper convention {r.chosen_all.paper_gflops:.4g}\n"
+            + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})"
+               if r.chosen_held else "")
+            + f"\nexecuted GFLOPs/image {r.chosen.executed_gflops:.4g}, paper convention {r.chosen.paper_gflops:.4g} "
+            "(on the images it was chosen on)\n"
             f"posterior temperature, fitted on every tuning image: {r.calibration.describe()}"
-            + (f"\nheld-out ECE {r.ece_before:.4f} → {r.ece_after:.4f} (each image with a temperature fitted without it)"
+            + (f"\nheld-out ECE {r.ece_before:.4f} → {r.ece_after:.4f} "
+               "(each image with a temperature fitted without it)"
                if r.ece_before is not None else ""))
     profile = Profile(name=name, stages=r.chosen.stages, sigma=table.sigma, temperature=r.temperature,
                       description=f"Tuned for {model} by avarc tune (budget {r.budget_gflops:.4g} GFLOPs/image).")

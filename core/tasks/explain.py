@@ -22,11 +22,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
+from ..io.data import Item
+from ..io.files import atomic_write
 from ..engine.model import Model
 from ..engine.profile import Profile
+from .heatmap import render
 
 @dataclass(frozen=True)
 class Target:
@@ -54,12 +58,53 @@ class Explanation:
     pred: int | None = None         # the schedule's prediction, when it ran
     label: int | None = None        # the image's true class, when known
     pixels: np.ndarray | None = None  # R, R, 3 uint8: the input as the model saw it (for drawing the panels)
+    names: tuple[str, str] | None = None     # A's and B's display names (set by ``Classifier``)
+    label_name: str | None = None
+    pred_name: str | None = None
 
     @property
     def ratios(self) -> tuple[float, float, float]:
         """Log-likelihood ratios in nats: A vs null, B vs null, A vs B."""
         a, b, null = self.scores.tolist()
         return a - null, b - null, a - b
+
+    def __repr__(self) -> str:
+        a, b = self.names or self.classes
+        r_a, r_b, r_ab = self.ratios
+        return (f"Explanation({a!r} vs {b!r}: {r_ab:+.2f} nats; vs null {r_a:+.2f}, {r_b:+.2f}; "
+                f"maps {self.maps.shape[-1]}×{self.maps.shape[-1]})")
+
+    def to_pil(self, colormap: str = "turbo", alpha: float = 0.5, shared_scale: bool = False) -> Image.Image:
+        """The four panels ``avarc explain`` writes: the input, A vs null, B vs null and the contrast, each with a
+        colour bar in nats (``shared_scale``: one scale for the three maps)."""
+        if self.pixels is None:
+            raise AvarcError("this explanation has no input pixels to draw on; make it with Classifier.explain")
+        names = self.names or (str(self.classes[0]), str(self.classes[1]))
+        notes = ([f"true: {self.label_name}"] if self.label_name is not None else []) + \
+            ([f"predicted: {self.pred_name}"] if self.pred_name is not None else [])
+        return render(self.pixels, self, names, colormap, alpha, ", ".join(notes), shared_scale)
+
+    def save(self, path: str | os.PathLike, colormap: str = "turbo", alpha: float = 0.5, shared_scale: bool = False,
+             image: str | None = None, exclusive: bool = False) -> Path:
+        """Write the panels to ``path`` (PNG) and the raw maps beside it (same stem, ``.npz``, with ``image``: the
+        input's key, which ``avarc report`` links panels by). The ``.npz`` is kept only once its ``.png`` is written,
+        so a failure (a full disk) leaves neither half; ``exclusive``: refused if either exists by then (another
+        run writing the same names)."""
+        path = Path(path)
+        panel = self.to_pil(colormap, alpha, shared_scale)
+        names = self.names or (str(self.classes[0]), str(self.classes[1]))
+        made = False
+        try:
+            with atomic_write(path.with_suffix(".npz"), exclusive=exclusive, option="out") as f:
+                np.savez(f, **npz_arrays(self, names, image))
+                with atomic_write(path, exclusive=exclusive, option="out") as g:
+                    panel.save(g, format="PNG")
+                made = True
+        except BaseException:
+            if made:
+                path.unlink(missing_ok=True)    # this call's panel: its .npz could not be written
+            raise
+        return path
 
 
 def scale_maps(per_token: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor:
@@ -85,6 +130,20 @@ def explain_logp(logp: torch.Tensor, classes: tuple[int, int], patch_nums: Seque
     diffs = torch.stack([logp[0] - logp[2], logp[1] - logp[2], logp[0] - logp[1]])
     return Explanation(classes=(int(classes[0]), int(classes[1])), scores=logp.double().sum(-1), per_scale=diffs,
                        maps=scale_maps(diffs, patch_nums), patch_nums=tuple(patch_nums), pred=pred, label=label)
+
+
+def record_targets(records: Sequence[dict], mistakes: bool = False) -> list[tuple[Item, Target, int]]:
+    """A classify run's records → its images with the run's classes fixed, and the run's prediction: A = the true
+    class (else the prediction), B = the prediction when it is wrong (else the runner-up), so the panels show why
+    the run decided as it did. ``mistakes``: only labelled images the run got wrong; skipped records are left out."""
+    out = []
+    for r in records:
+        if r["status"] != "ok" or (mistakes and (r["label"] is None or r["pred"] == r["label"])):
+            continue
+        a = r["label"] if r["label"] is not None else r["pred"]
+        b = r["pred"] if r["pred"] != a else (r["topk"][1]["class"] if len(r["topk"]) > 1 else None)
+        out.append((Item(r["path"], Path(r["path"]).name, r["label"]), Target(a, b, r["label"]), r["pred"]))
+    return out
 
 
 def check_scales(model: Model, num_scales: int | None) -> int:
@@ -135,7 +194,8 @@ def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) 
     if a == null_class:
         raise AvarcError("the null class cannot be the explained class (A); name a real class", option="a")
     if a == b:
-        raise AvarcError(f"the explained class and the contrast class are the same class ({a}); pick two different classes", option="b")
+        raise AvarcError(f"the explained class and the contrast class are the same class ({a}); pick two different "
+                         "classes", option="b")
     return a, b
 
 

@@ -27,9 +27,10 @@ from ..engine.profile import Profile
 from ..errors import AvarcError
 from ..io.files import atomic_write
 from ..io.preprocess import pixels_to_tensor
+from ..choices import METRICS_STARTS
 from .explain import Explanation
 
-STARTS = ("blank", "blur")
+STARTS = METRICS_STARTS
 RANDOM_ORDERS = 3      # random rankings averaged per image for the baseline
 MAX_STEPS = 16         # points along a curve beyond the first (a finer grid changes several regions per step)
 

@@ -11,17 +11,16 @@ characters drawn as ``?`` (the NPZ and the terminal keep the exact class names).
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import AvarcError
-from .explain import Explanation, npz_arrays
-from ..io.files import atomic_write
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 MIN_PANEL = 256     # panels are at least this many pixels wide
 GAP = 4             # pixels between panels
@@ -60,8 +59,9 @@ def panel_size(image_size: int) -> int:
 
 
 def caption_height(panel: int) -> int:
+    """Two caption lines, then the colour bar and its scale in nats."""
     size = _font_size(panel)
-    return 2 * _line_height(size) + size
+    return 4 * _line_height(size) + size
 
 
 def figure_size(image_size: int) -> tuple[int, int]:
@@ -70,17 +70,28 @@ def figure_size(image_size: int) -> tuple[int, int]:
     return 4 * p + 3 * GAP, p + caption_height(p)
 
 
-def normalise(m: np.ndarray) -> np.ndarray:
-    """Clip at zero, min–max to [0, 1]; a constant (or non-finite) map becomes all zeros, never NaN."""
-    m = np.nan_to_num(np.clip(np.asarray(m, dtype=np.float64), 0.0, None), nan=0.0, posinf=0.0)
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+def _clipped(m: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(np.clip(np.asarray(m, dtype=np.float64), 0.0, None), nan=0.0, posinf=0.0)
 
 
-def overlay(base: np.ndarray, m: np.ndarray, colormap: str = "turbo", alpha: float = 0.5) -> np.ndarray:
+def value_range(m: np.ndarray) -> tuple[float, float]:
+    """The (lo, hi) in nats that :func:`normalise` maps to 0 and 1 when left to choose: the clipped map's min–max."""
+    m = _clipped(m)
+    return float(m.min()), float(m.max())
+
+
+def normalise(m: np.ndarray, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """Clip at zero, then ``scale`` (lo, hi; default: the map's own min–max) to [0, 1]; a constant (or non-finite)
+    map becomes all zeros, never NaN."""
+    lo, hi = scale or value_range(m)
+    return np.clip((_clipped(m) - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(_clipped(m))
+
+
+def overlay(base: np.ndarray, m: np.ndarray, colormap: str = "turbo", alpha: float = 0.5,
+            scale: tuple[float, float] | None = None) -> np.ndarray:
     """P, P, 3 uint8 panel and a p, p signed map → the map's colours blended over the panel (uint8)."""
     P = base.shape[0]
-    heat = Image.fromarray(normalise(m).astype(np.float32), mode="F").resize((P, P), Image.Resampling.BILINEAR)
+    heat = Image.fromarray(normalise(m, scale).astype(np.float32), mode="F").resize((P, P), Image.Resampling.BILINEAR)
     colour = COLORMAPS[colormap](np.asarray(heat)) * 255.0
     return np.round((1.0 - alpha) * base + alpha * colour).clip(0, 255).astype(np.uint8)
 
@@ -93,30 +104,34 @@ def check_style(colormap: str, alpha: float) -> None:
 
 
 def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colormap: str = "turbo",
-           alpha: float = 0.5, note: str = "") -> Image.Image:
+           alpha: float = 0.5, note: str = "", shared_scale: bool = False) -> Image.Image:
     """R, R, 3 uint8 model input + explanation → the four-panel figure. ``names`` are A's and B's display names;
-    ``note`` is the input panel's second caption line (e.g. the true and predicted class)."""
+    ``note`` is the input panel's second caption line (e.g. the true and predicted class). Each map panel has a
+    colour bar in nats per cell of the map's grid; ``shared_scale`` gives the three maps one scale (0 to the
+    largest value of the three), so a weak map looks weak."""
     check_style(colormap, alpha)
     R = pixels.shape[0]
     P = panel_size(R)
-    base = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).resize((P, P), Image.Resampling.NEAREST))
+    base = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).resize((P, P),
+                                                                                            Image.Resampling.NEAREST))
     a, b = (_ascii(n) for n in names)
     note = _ascii(note)
     r_a, r_b, r_ab = expl.ratios
     maps = expl.maps.numpy()
     win, lose, contrast, r_win = (a, b, maps[2], r_ab) if r_ab >= 0 else (b, a, -maps[2], -r_ab)
-    panels = [
-        (base, ("input", note)),
-        (overlay(base, maps[0], colormap, alpha), ((a, None), f"{r_a:+.2f} nats")),
-        (overlay(base, maps[1], colormap, alpha), ((b, None), f"{r_b:+.2f} nats")),
-        (overlay(base, contrast, colormap, alpha), ((win, lose), f"{r_win:+.2f} nats")),
-    ]
+    drawn = [maps[0], maps[1], contrast]
+    shared = (0.0, max(value_range(m)[1] for m in drawn)) if shared_scale else None
+    scales = [shared or value_range(m) for m in drawn]
+    panels = [(base, ("input", note), None)]
+    panels += [(overlay(base, m, colormap, alpha, sc), cap, sc) for m, sc, cap in zip(
+        drawn, scales, [((a, None), f"{r_a:+.2f} nats"), ((b, None), f"{r_b:+.2f} nats"),
+                        ((win, lose), f"{r_win:+.2f} nats")])]
     W, H = figure_size(R)
     fig = Image.new("RGB", (W, H), BACKGROUND)
     draw = ImageDraw.Draw(fig)
     size = _font_size(P)
     font = ImageFont.load_default(size=size)
-    for i, (img, (first, second)) in enumerate(panels):
+    for i, (img, (first, second), scale) in enumerate(panels):
         x = i * (P + GAP)
         fig.paste(Image.fromarray(img), (x, 0))
         draw.rectangle((x, P, x + P - 1, H - 1), fill=STRIP)
@@ -124,30 +139,22 @@ def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colorm
         for j, line in enumerate((title, second)):
             draw.text((x + size // 2, P + size // 2 + j * _line_height(size)), _fit(line, font, P - size), font=font,
                       fill=TEXT)
+        if scale is not None:
+            _colour_bar(fig, draw, font, (x + size // 2, P + size // 2 + 2 * _line_height(size)), P - size, size,
+                        colormap, scale)
     return fig
 
 
-def save_explanation(expl: Explanation, out: str | os.PathLike, stem: str, names: Sequence[str], colormap: str = "turbo",
-                     alpha: float = 0.5, image: str | None = None, exclusive: bool = False) -> tuple[str, str]:
-    """``OUT/<stem>.npz`` (the raw maps, and ``image``: the input's key) and ``OUT/<stem>.png`` (the panels,
-    captioned with the true and predicted class when known), written together: the ``.npz`` only after its ``.png``,
-    so a failure (a full disk) leaves neither half. ``exclusive``: refused if either exists by then (another run).
-    ``names`` are every class's display name, the null class's last. Returns A's and B's names."""
-    a, b = (names[c] for c in expl.classes)
-    notes = ([f"true: {names[expl.label]}"] if expl.label is not None else []) + \
-        ([f"predicted: {names[expl.pred]}"] if expl.pred is not None else [])
-    png, made = Path(out) / f"{stem}.png", False
-    try:
-        with atomic_write(Path(out) / f"{stem}.npz", exclusive=exclusive, option="out") as f:
-            np.savez(f, **npz_arrays(expl, (a, b), image))
-            with atomic_write(png, exclusive=exclusive, option="out") as g:
-                render(expl.pixels, expl, (a, b), colormap, alpha, ", ".join(notes)).save(g, format="PNG")
-            made = True
-    except BaseException:
-        if made:
-            png.unlink(missing_ok=True)    # this run's panel: its .npz could not be written
-        raise
-    return a, b
+def _colour_bar(fig: Image.Image, draw: ImageDraw.ImageDraw, font, at: tuple[int, int], width: int, size: int,
+                colormap: str, scale: tuple[float, float]) -> None:
+    """A horizontal bar of the colormap at ``at`` and, under it, the values its ends stand for."""
+    x, y = at
+    ramp = COLORMAPS[colormap](np.linspace(0.0, 1.0, width))[None].repeat(max(size // 2, 4), 0)
+    fig.paste(Image.fromarray(np.round(ramp * 255).astype(np.uint8)), (x, y + size // 4))
+    lo, hi = scale
+    right = f"{hi:.3g} nats"
+    draw.text((x, y + _line_height(size)), f"{lo:.3g}", font=font, fill=TEXT)
+    draw.text((x + width - font.getlength(right), y + _line_height(size)), right, font=font, fill=TEXT)
 
 
 def _font_size(panel: int) -> int:

@@ -26,7 +26,10 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoints import file_sha256
+from ..choices import INITS
 from ..errors import AvarcError
+from ..io import hf_data
+from ..io.data import DataOptions
 from ..io.files import atomic_write
 from ..engine.model import Model
 from ..io.preprocess import load_pixels, pixels_to_tensor
@@ -35,7 +38,6 @@ from ..engine.schedule import classify, noise_generator
 from .training import Augment, OnStep, TrainConfig, TrainLog, token_pool, train_var
 
 EXTENSION_FORMAT = "avarc-extension/1"
-INITS = ("null", "mean")
 
 
 def rows_sha256(rows: torch.Tensor) -> str:
@@ -71,6 +73,9 @@ class Extension:
         """Write the extension file (loads with ``weights_only=True``; apply it with ``extensions=[path]``);
         ``exclusive``: refused if the file exists by then (another run wrote it meanwhile)."""
         return save_extension(self, path, exclusive)
+
+    def __repr__(self) -> str:
+        return f"Extension({len(self.names)} classes {self.names[:5]}, on {self.describe_base()}, offset {self.offset})"
 
     def describe_base(self) -> str:
         short = self.base_sha256[:12]
@@ -212,6 +217,15 @@ def read_class_folders(folders: Mapping[str, str | os.PathLike], size: int, prep
             raise AvarcError(f"{folder}: no readable images for class {name!r}; put its images in that folder")
         out.images[name] = torch.stack(xs)
     return out
+
+
+def read_dataset_classes(dataset: str, data: DataOptions, size: int, preprocess: str) -> ClassImages:
+    """A labelled dataset's images grouped by its ClassLabel names (each name a new class), unreadable rows skipped."""
+    pixels, skipped = hf_data.class_pixels(dataset, data.split, data.image_column, data.label_column, size, preprocess)
+    empty = next((n for n, px in pixels.items() if not px), None)
+    if empty is not None:
+        raise AvarcError(f"{dataset}: no readable images for class {empty!r}; every ClassLabel name needs rows")
+    return ClassImages({n: torch.stack([pixels_to_tensor(p) for p in px]) for n, px in pixels.items()}, skipped)
 
 
 def labelled_folders(root: str | os.PathLike) -> dict[str, Path]:

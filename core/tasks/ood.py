@@ -26,8 +26,8 @@ from ..engine.model import Model
 from ..engine.profile import OodRule, Profile
 from ..engine.stages import Prediction
 from ..errors import AvarcError
+from ..choices import OOD_SCORES
 
-OOD_SCORES = ("likelihood", "ratio", "posterior")
 DEFAULT_OOD_SCORE = "likelihood"
 
 
