@@ -57,7 +57,7 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
     """``--from``: a classify run's images, its model (unless -m), seed and true/predicted classes."""
     from core.errors import AvarcError
     from core.io.files import make_output_dir
-    from core.io.results import read_records
+    from core.io.records import read_records
     from core.io.registry import is_registry_name
     from core.tasks.explain import record_targets
     from core.tasks.heatmap import check_style

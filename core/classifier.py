@@ -35,7 +35,7 @@ from .io.profiles import default_profile_name, load_profile
 from .io.hub import find_local
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .io.loading import finish, resolve_model
-from .io.results import model_identity, ok_record, run_info, skipped_record
+from .io.records import model_identity, ok_record, run_info, skipped_record
 from .engine.stages import Prediction
 from .engine.schedule import classify as run_schedule, noise_generator
 from .engine.scoring import Scorer

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from core import AvarcError
-from core.io.results import lock_results, record_line, weights_identity
+from core.io.results import lock_results
+from core.io.records import record_line, weights_identity
 from core.tasks.incremental import load_extension
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def test_damaged_records_are_one_line_in_resume_and_report(digits, results, tmp_
 
 
 def test_non_finite_training_is_refused_and_records_are_strict_json():
-    from core.io.results import parse_line
+    from core.io.records import parse_line
 
     line = record_line({"path": "x.png", "status": "ok", "pred": 1, "stages": [{"scores": [float("nan")]}],
                         "run": {}})

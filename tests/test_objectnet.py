@@ -17,7 +17,8 @@ from core.engine.stages import Prediction, StageScores
 from core.io.data import ClassSpace, DataOptions, collect, imagenet_classes
 from core.io.objectnet import MAPPINGS
 from core.io.preprocess import preprocess_pil
-from core.io.results import Metrics, ok_record
+from core.io.summary import Metrics
+from core.io.records import ok_record
 from tests.conftest import ConformanceSet, avarc
 
 CS = ConformanceSet("official256")

@@ -17,7 +17,7 @@ from core import AvarcError, Classifier
 from core.engine.profile import OodRule, Profile, Stage
 from core.io.data import Item
 from core.io.profiles import load_profile, write_profile
-from core.io.results import ok_record
+from core.io.records import ok_record
 from core.tasks.ood import OOD_SCORES, auroc, fit_thresholds
 from scripts.digits import load_digits
 from scripts.ood_digits import letters, noise

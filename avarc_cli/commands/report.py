@@ -33,7 +33,7 @@ def report(
     """
     from core.errors import AvarcError
     from core.io.files import absolute, check_output_file, write_text
-    from core.io.results import read_records
+    from core.io.records import read_records
     from core.runs.report import run_report
 
     from .. import output

@@ -16,7 +16,8 @@ from ..tasks.calibration import posterior, reliability
 from ..errors import AvarcError
 from ..tasks.explain import explained_panels, safe_stem
 from ..engine.flops import encoder_macs, sequence_macs
-from ..io.results import Record, record_key, stage_survival
+from ..io.records import Record, record_key
+from ..io.summary import stage_survival
 from ..models.specs import ModelSpec
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -29,7 +29,7 @@ from ..io.data import Item
 from ..tasks.ood import DEFAULT_OOD_SCORE, check_score, fit_thresholds
 from ..io.profiles import list_profiles
 from ..io.registry import is_registry_name
-from ..io.results import model_identity
+from ..io.records import model_identity
 from .schedule_table import ScoreTable
 from ..models.specs import ModelSpec
 
