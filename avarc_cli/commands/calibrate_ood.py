@@ -40,7 +40,7 @@ def calibrate_ood(
     from core.io.data import collect
     from core.io.files import check_output_files
     from core.io.profiles import write_profile
-    from core.runs.tune import calibrate_ood as run_calibration
+    from core.runs.ood_calibration import calibrate_ood as run_calibration
 
     from .. import output
 

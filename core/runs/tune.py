@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,9 +24,7 @@ from ..tasks.calibration import (TemperatureFit, cross_fitted_temperatures, expe
                                  fit_temperature, nll, posterior)
 from ..errors import AvarcError
 from ..engine.flops import encoder_macs, sequence_macs
-from ..engine.profile import OodRule, Profile, Stage
-from ..io.data import Item
-from ..tasks.ood import DEFAULT_OOD_SCORE, check_score, fit_thresholds
+from ..engine.profile import Profile, Stage
 from ..io.profiles import list_profiles
 from ..io.registry import is_registry_name
 from ..io.records import model_identity
@@ -421,17 +419,3 @@ def shipped_points(result: TuneResult, table: ScoreTable, spec: ModelSpec) -> li
         if prof.max_samples in table.exact_samples and abs(prof.sigma - table.sigma) < 1e-12:
             out.append((prof.name, point(rep.replay(stages), rep.table.labels)))
     return out
-
-
-def calibrate_ood(clf: Classifier, items: Sequence[Item], candidates: Sequence[int], coverage: float = 0.95,
-                  score: str = DEFAULT_OOD_SCORE, seed: int = 0,
-                  on_step: Callable[[int], None] | None = None) -> tuple[Profile, int]:
-    """Abstention for in-distribution ``items``: classify them with the classifier's profile and fit each OOD score's
-    threshold to accept ``coverage`` of them; the profile with that rule (``score`` decides) and the images used."""
-    oods = []
-    for batch in clf.classify_items(items, candidates, seed, topk=1):
-        oods += [r["ood"] for r in batch if r["ood"] is not None]
-        if on_step is not None:
-            on_step(len(batch))
-    rule = OodRule(check_score(score), coverage, tuple(fit_thresholds(oods, coverage).items()))
-    return replace(clf.profile, ood=rule), len(oods)
