@@ -1,16 +1,30 @@
-"""Shared fixtures: the conformance vectors (tests/data/conformance, computed by the upstream VAR code)."""
+"""Shared fixtures and helpers: the conformance vectors (tests/data/conformance, computed by the upstream VAR code),
+the hub stand-in on 127.0.0.1, the real digits as folders, and a tiny explain setup."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import core
 from avarc_cli.app import main
+from core import Classifier, ModelSpec, VARSpec, VQVAESpec
+from core.engine.schedule import classify as run_schedule
+from core.engine.schedule import noise_generator
+from core.engine.scoring import Scorer
+from core.engine.stages import Prediction
+from core.io import distributed
+from core.io.data import Item
+from core.io.preprocess import pixels_to_tensor
+from scripts.digits import load_digits
 
 DATA = Path(__file__).parent / "data"
 CONFORMANCE = DATA / "conformance"
@@ -76,3 +90,162 @@ def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         code = e.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# The hub stand-in: a real HTTP server on 127.0.0.1 that answers like the Hugging Face hub (test_download,
+# test_datasets, test_classifier's from_pretrained).
+HUB_REPO = "FoundationVision/var"
+HUB_COMMIT = "1f0e2d3c4b5a69788796a5b4c3d2e1f0a9b8c7d6"
+HUB_FILES = {"vae_ch160v4096z32.pth": CONFORMANCE / "official256" / "vae.pth",
+         "var_d16.pth": CONFORMANCE / "official256" / "var.pth"}
+RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+
+
+class FakeHub(ThreadingHTTPServer):
+    """HEAD/GET /{repo}/resolve/{revision}/{filename}, recording every request it sees."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.blobs: dict[str, bytes] = {}
+        self.sha256: dict[str, str] = {}
+        for name, path in HUB_FILES.items():
+            self.serve(name, path.read_bytes())
+        self.requests: list[tuple[str, str, dict[str, str]]] = []   # method, path, headers (lower-case names)
+        self.cut_after: dict[str, int] = {}  # filename → bytes sent on its first GET before the connection is closed
+        self.corrupt: set[str] = set()       # filenames served with flipped bytes (the advertised hash stays right)
+
+    def serve(self, name: str, data: bytes) -> None:
+        self.blobs[name], self.sha256[name] = data, hashlib.sha256(data).hexdigest()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def gets(self, name: str) -> list[dict[str, str]]:
+        return [h for m, p, h in self.requests if m == "GET" and p.endswith("/" + name)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeHub
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        hub = self.server
+        hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        m = RESOLVE.match(self.path)
+        if not m or m["repo"] != HUB_REPO:
+            return self._error(404, "RepoNotFound")
+        if m["rev"] not in ("main", HUB_COMMIT):
+            return self._error(404, "RevisionNotFound")
+        name = m["file"]
+        if name not in hub.blobs:
+            return self._error(404, "EntryNotFound")
+        data = hub.blobs[name]
+        if name in hub.corrupt:
+            data = data[: len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:])
+        start = 0
+        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if body and rng:
+            start = int(rng[1])
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{hashlib.sha1(name.encode()).hexdigest()}"')  # the LFS pointer's git oid
+        self.send_header("X-Linked-Etag", f'"{hub.sha256[name]}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("X-Repo-Commit", HUB_COMMIT)
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if not body:
+            return
+        cut = hub.cut_after.pop(name, None)
+        if cut is not None:
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            self.close_connection = True  # the client sees the body end early
+            return
+        self.wfile.write(data[start:])
+
+    def _error(self, status: int, code: str) -> None:
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Repo-Commit", HUB_COMMIT)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+
+
+
+# The conformance model as CLI arguments, and reading a run's records.
+MODEL = ["--model", str(CONFORMANCE / "official256" / "var.pth"), "--vae", str(CONFORMANCE / "official256" / "vae.pth"),
+         "--device", "cpu", "--dtype", "fp32"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def save_digits(root: Path, start: int, stop: int) -> Path:
+    """Test digits start…stop−1 as label/index.png (8-bit greyscale, exactly the model's training pixels)."""
+    d = load_digits("all")
+    for i in range(start, stop):
+        (root / str(d.labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(d.images[i], mode="L").save(root / str(d.labels[i]) / f"{i}.png")
+    return root
+
+
+# A tiny explain setup (test_explain, test_explain_cli): the image and class pair, the maps by the formula's loops.
+IMAGE, A, B = 1, 3, 7
+
+
+def expected_maps(logp_a: np.ndarray, logp_b: np.ndarray, logp_null: np.ndarray, patch_nums) -> np.ndarray:
+    """The issue's formula with plain loops: per-token differences per scale, nearest-neighbour to p×p,
+    weighted (p_k/p)²."""
+    p = patch_nums[-1]
+    out = np.zeros((3, p, p))
+    for m, diff in enumerate((logp_a - logp_null, logp_b - logp_null, logp_a - logp_b)):
+        start = 0
+        for k in patch_nums:
+            grid = diff[start:start + k * k].reshape(k, k)
+            for y in range(p):
+                for x in range(p):
+                    out[m, y, x] += (k / p) ** 2 * grid[y * k // p, x * k // p]
+            start += k * k
+    return out
+
+
+def tiny_spec(num_classes: int, patch_nums=(1, 2, 3, 4, 8), class_names=()) -> ModelSpec:
+    """A 16-px model small enough to build in milliseconds (random weights)."""
+    vae = VQVAESpec(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8,
+                    using_sa=False, using_mid_sa=False)
+    var = VARSpec(depth=1, embed_dim=32, num_heads=1, num_classes=num_classes, patch_nums=patch_nums, vocab_size=32,
+                  z_channels=8)
+    return ModelSpec(vae, var, 16, preprocess="resize", class_names=class_names)
+
+
+def counted_run(clf: Classifier, items: list[Item], candidates: list[int]) -> tuple[list[Prediction], float]:
+    """The classifier's batch loop with one Scorer for the whole run: predictions and the linear MACs executed."""
+    scorer = Scorer(clf.model, clf.batch_size)
+
+    def step(batch: list[Item], pixels: list) -> list[Prediction]:
+        x = torch.stack([pixels_to_tensor(px) for px in pixels])
+        return run_schedule(clf.model, clf.model.encode(x), candidates, clf.profile,
+                            [noise_generator(0, it.key) for it in batch], scorer)
+
+    per_step = distributed.images_per_step(clf.batch_size, len(candidates))
+    preds = [p for batch in distributed.run(items, clf.load, step, per_step=per_step) for p in batch]
+    return preds, scorer.macs.linear

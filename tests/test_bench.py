@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from avarc_cli.app import app
 
-from .conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE
 
 runner = CliRunner()
 PAPER = {"varc": 14105.0, "a-varc-plus": 4649.4, "smooth-top10": 28210.0}

@@ -8,7 +8,7 @@ import core
 from core import AvarcError
 from core.models.checkpoints import read_state_dict
 
-from .conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE
 
 VAR = CONFORMANCE / "official256" / "var.pth"
 VAE = CONFORMANCE / "official256" / "vae.pth"

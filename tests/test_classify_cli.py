@@ -2,7 +2,6 @@
 kill -9, and one-line errors (tests/data/conformance/official256: tiny official-format checkpoints)."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -13,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ConformanceSet, avarc
+from tests.conftest import MODEL, ConformanceSet, avarc, read_jsonl
 
 CS = ConformanceSet("official256")
-MODEL = ["--model", str(CS.var_path), "--vae", str(CS.vae_path), "--device", "cpu", "--dtype", "fp32"]
 FAST = "stages:\n  - {scales: 3, keep: 2}\n  - {scales: 4, samples: 2}\n"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture

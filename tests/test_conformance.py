@@ -5,7 +5,7 @@ import torch
 from core.io.preprocess import preprocess_image
 from core.engine.tokenizer import neighbour_tokens
 
-from .conftest import LOGP_TOL
+from tests.conftest import LOGP_TOL
 
 
 def test_latent_matches_golden(conf, engine_model):

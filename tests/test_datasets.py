@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import avarc
-from tests.test_download import COMMIT, FakeHub, _Handler
+from tests.conftest import HUB_COMMIT, FakeHub, _Handler
 
 datasets = pytest.importorskip("datasets")
 
@@ -169,8 +169,8 @@ class _DatasetHandler(_Handler):
         hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
         entries = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for f, b in files.items()]
         entries += [{"type": "directory", "path": "data", "oid": "0" * 40, "size": 0}]
-        if path in (api, f"{api}/revision/main", f"{api}/revision/{COMMIT}"):
-            return self._json({"id": DATASET, "sha": COMMIT, "private": False, "gated": False, "disabled": False,
+        if path in (api, f"{api}/revision/main", f"{api}/revision/{HUB_COMMIT}"):
+            return self._json({"id": DATASET, "sha": HUB_COMMIT, "private": False, "gated": False, "disabled": False,
                                "siblings": [{"rfilename": f} for f in files], "tags": [], "cardData": {},
                                "lastModified": "2026-01-01T00:00:00.000Z"})
         if path.startswith(f"{api}/tree/"):
@@ -179,13 +179,13 @@ class _DatasetHandler(_Handler):
         if path.startswith(f"{api}/paths-info/"):
             return self._json([e for e in entries if e["path"] in form.get("paths", [])])
         rev, _, name = path[len(f"/datasets/{DATASET}/resolve/"):].partition("/")
-        if rev not in ("main", COMMIT) or name not in files:
+        if rev not in ("main", HUB_COMMIT) or name not in files:
             return self._error(404, "EntryNotFound")
         data = files[name]
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("X-Repo-Commit", HUB_COMMIT)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body:

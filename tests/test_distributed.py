@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.io.distributed import Dist, images_per_step
 from tests.conftest import ConformanceSet
-from tests.test_classify_cli import MODEL, avarc, read_jsonl
+from tests.conftest import MODEL, avarc, read_jsonl
 
 CS = ConformanceSet("official256")
 REPO = Path(__file__).resolve().parents[1]

@@ -7,13 +7,11 @@ Each `avarc` run is a real subprocess, so HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,100 +22,7 @@ from core.io.loading import resolve_model
 
 from avarc_cli.output import message
 
-from .conftest import CONFORMANCE, ConformanceSet
-
-REPO = "FoundationVision/var"
-COMMIT = "1f0e2d3c4b5a69788796a5b4c3d2e1f0a9b8c7d6"
-FILES = {"vae_ch160v4096z32.pth": CONFORMANCE / "official256" / "vae.pth",
-         "var_d16.pth": CONFORMANCE / "official256" / "var.pth"}
-RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
-
-
-class FakeHub(ThreadingHTTPServer):
-    """HEAD/GET /{repo}/resolve/{revision}/{filename}, recording every request it sees."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.blobs: dict[str, bytes] = {}
-        self.sha256: dict[str, str] = {}
-        for name, path in FILES.items():
-            self.serve(name, path.read_bytes())
-        self.requests: list[tuple[str, str, dict[str, str]]] = []   # method, path, headers (lower-case names)
-        self.cut_after: dict[str, int] = {}  # filename → bytes sent on its first GET before the connection is closed
-        self.corrupt: set[str] = set()       # filenames served with flipped bytes (the advertised hash stays right)
-
-    def serve(self, name: str, data: bytes) -> None:
-        self.blobs[name], self.sha256[name] = data, hashlib.sha256(data).hexdigest()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def gets(self, name: str) -> list[dict[str, str]]:
-        return [h for m, p, h in self.requests if m == "GET" and p.endswith("/" + name)]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: FakeHub
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._serve(body=False)
-
-    def do_GET(self) -> None:
-        self._serve(body=True)
-
-    def _serve(self, body: bool) -> None:
-        hub = self.server
-        hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        m = RESOLVE.match(self.path)
-        if not m or m["repo"] != REPO:
-            return self._error(404, "RepoNotFound")
-        if m["rev"] not in ("main", COMMIT):
-            return self._error(404, "RevisionNotFound")
-        name = m["file"]
-        if name not in hub.blobs:
-            return self._error(404, "EntryNotFound")
-        data = hub.blobs[name]
-        if name in hub.corrupt:
-            data = data[: len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:])
-        start = 0
-        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        if body and rng:
-            start = int(rng[1])
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{hashlib.sha1(name.encode()).hexdigest()}"')  # the LFS pointer's git oid
-        self.send_header("X-Linked-Etag", f'"{hub.sha256[name]}"')
-        self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("Content-Length", str(len(data) - start))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        if not body:
-            return
-        cut = hub.cut_after.pop(name, None)
-        if cut is not None:
-            self.wfile.write(data[:cut])
-            self.wfile.flush()
-            self.close_connection = True  # the client sees the body end early
-            return
-        self.wfile.write(data[start:])
-
-    def _error(self, status: int, code: str) -> None:
-        self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
+from tests.conftest import CONFORMANCE, HUB_COMMIT, HUB_FILES, ConformanceSet, FakeHub
 
 @pytest.fixture
 def hub():
@@ -142,13 +47,13 @@ def avarc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 def snapshot(env: dict[str, str], name: str) -> Path:
-    return Path(env["HF_HOME"]) / "hub" / "models--FoundationVision--var" / "snapshots" / COMMIT / name
+    return Path(env["HF_HOME"]) / "hub" / "models--FoundationVision--var" / "snapshots" / HUB_COMMIT / name
 
 
 def test_download_is_byte_identical_with_token_and_second_run_fetches_nothing(hub, env):
     r = avarc({**env, "HF_TOKEN": "hf_secret"}, "download")
     assert r.returncode == 0, r.stderr
-    for name, src in FILES.items():
+    for name, src in HUB_FILES.items():
         path = snapshot(env, name)
         assert path.read_bytes() == src.read_bytes()
         assert path.resolve().name == hub.sha256[name]  # the blob, named by its SHA-256
@@ -167,7 +72,7 @@ def test_cut_transfer_is_resumed_with_a_range_request(hub, env, tmp_path):
     # huggingface_hub keeps what it has received in 10 MiB steps, so the file must be larger than that to resume
     # mid-way: the conformance VQ-VAE saved in fp32 (~19 MB), cut after 12 MB.
     big = tmp_path / "vae_fp32.pth"
-    torch.save({k: v.float() for k, v in torch.load(FILES["vae_ch160v4096z32.pth"], weights_only=True).items()}, big)
+    torch.save({k: v.float() for k, v in torch.load(HUB_FILES["vae_ch160v4096z32.pth"], weights_only=True).items()}, big)
     data = big.read_bytes()
     hub.serve("vae_ch160v4096z32.pth", data)
     hub.cut_after["vae_ch160v4096z32.pth"] = 12_000_000
@@ -190,12 +95,12 @@ def test_file_that_does_not_match_the_hub_hash_is_rejected_and_not_left_behind(h
     left = sorted(p.name for p in repo.rglob("*") if p.is_file() or p.is_symlink())
     assert left == sorted(["main", "vae_ch160v4096z32.pth", hub.sha256["vae_ch160v4096z32.pth"]])  # ref + the good file
     assert not list(Path(env["HF_HOME"]).rglob("*.incomplete"))
-    assert snapshot(env, "vae_ch160v4096z32.pth").read_bytes() == FILES["vae_ch160v4096z32.pth"].read_bytes()
+    assert snapshot(env, "vae_ch160v4096z32.pth").read_bytes() == HUB_FILES["vae_ch160v4096z32.pth"].read_bytes()
 
     hub.corrupt.clear()  # the hub serves the right bytes again: a plain rerun repairs it
     r = avarc(env, "download", "d16")
     assert r.returncode == 0, r.stderr
-    assert snapshot(env, "var_d16.pth").read_bytes() == FILES["var_d16.pth"].read_bytes()
+    assert snapshot(env, "var_d16.pth").read_bytes() == HUB_FILES["var_d16.pth"].read_bytes()
 
 
 def test_offline_uses_the_cache_without_any_request(hub, env, conf_golden_256):
@@ -219,7 +124,7 @@ def test_dir_places_plain_files_that_resolve_model_finds(hub, env, tmp_path):
     weights = tmp_path / "weights"
     r = avarc(env, "download", "d16", "--dir", str(weights), "--onnx")
     assert r.returncode == 0, r.stderr
-    for name, src in FILES.items():
+    for name, src in HUB_FILES.items():
         assert not (weights / name).is_symlink() and (weights / name).read_bytes() == src.read_bytes()
     onnx = weights / "vae_ch160v4096z32.onnx"
     assert onnx.is_file() and (weights / "vae_ch160v4096z32.onnx.json").is_file()
@@ -297,7 +202,7 @@ def test_from_pretrained_downloads_what_is_not_here(hub, env):
                             "Classifier.from_pretrained('d16')"), first
     assert second == "256 10"                       # the conformance checkpoint served as d16: 10 classes
     assert len(hub.gets("var_d16.pth")) == 1 and len(hub.gets("vae_ch160v4096z32.pth")) == 1
-    for name, src in FILES.items():
+    for name, src in HUB_FILES.items():
         assert snapshot(env, name).read_bytes() == src.read_bytes()
 
 

@@ -16,7 +16,7 @@ from core.engine.scoring import Scorer
 from core.models.specs import official_spec
 from core.engine.runtime import choose_threads, usable_cores
 
-from .conftest import DEVICES
+from tests.conftest import DEVICES
 
 
 def test_tf32_is_off_inside_tokenisation_and_restored(conf, engine_model):

@@ -6,37 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
+from core import AvarcError, build_model
 from core.engine.schedule import noise_generator
 from core.tasks.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
 from core.io.profiles import load_profile
 
-IMAGE, A, B = 1, 3, 7
-
-
-def expected_maps(logp_a: np.ndarray, logp_b: np.ndarray, logp_null: np.ndarray, patch_nums) -> np.ndarray:
-    """The issue's formula with plain loops: per-token differences per scale, nearest-neighbour to p×p,
-    weighted (p_k/p)²."""
-    p = patch_nums[-1]
-    out = np.zeros((3, p, p))
-    for m, diff in enumerate((logp_a - logp_null, logp_b - logp_null, logp_a - logp_b)):
-        start = 0
-        for k in patch_nums:
-            grid = diff[start:start + k * k].reshape(k, k)
-            for y in range(p):
-                for x in range(p):
-                    out[m, y, x] += (k / p) ** 2 * grid[y * k // p, x * k // p]
-            start += k * k
-    return out
-
-
-def tiny_spec(num_classes: int, patch_nums=(1, 2, 3, 4, 8), class_names=()) -> ModelSpec:
-    """A 16-px model small enough to build in milliseconds (random weights)."""
-    vae = VQVAESpec(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8,
-                    using_sa=False, using_mid_sa=False)
-    var = VARSpec(depth=1, embed_dim=32, num_heads=1, num_classes=num_classes, patch_nums=patch_nums, vocab_size=32,
-                  z_channels=8)
-    return ModelSpec(vae, var, 16, preprocess="resize", class_names=class_names)
+from tests.conftest import A, B, IMAGE, expected_maps, tiny_spec
 
 
 def test_maps_and_scores_equal_the_formula_on_golden_logp(conf, conf_model):

@@ -15,7 +15,7 @@ from PIL import Image
 from core import build_model
 from core.tasks.heatmap import GAP, caption_height, figure_size, panel_size
 from core.io.loading import save_model_dir
-from tests.test_explain import A, B, IMAGE, expected_maps, tiny_spec
+from tests.conftest import A, B, IMAGE, expected_maps, tiny_spec
 from tests.conftest import avarc
 
 REPO = Path(__file__).resolve().parents[1]

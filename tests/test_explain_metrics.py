@@ -9,7 +9,7 @@ import pytest
 
 from core.tasks.explain_metrics import auc, curve_images, ranking_metrics, region_ids
 from tests.conftest import avarc
-from tests.test_tune import save_digits
+from tests.conftest import save_digits
 
 
 def test_regions_and_curves():

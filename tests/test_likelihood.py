@@ -3,7 +3,7 @@ import torch
 
 from core.engine.likelihood import pairs_per_chunk
 
-from .conftest import LOGP_TOL
+from tests.conftest import LOGP_TOL
 
 
 def test_extending_a_cached_prefix_equals_full_forward(conf, engine_model):

@@ -18,7 +18,7 @@ from core.models.checkpoints import read_state_dict
 from core.io.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
 from core.io.loading import resolve_model
 
-from .conftest import ConformanceSet
+from tests.conftest import ConformanceSet
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from core.tasks.ood import OOD_SCORES, auroc, fit_thresholds
 from scripts.digits import load_digits
 from scripts.ood_digits import letters, noise
 from tests.conftest import avarc
-from tests.test_tune import save_digits
+from tests.conftest import save_digits
 
 
 @pytest.fixture(scope="module")

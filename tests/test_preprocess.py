@@ -7,7 +7,7 @@ from PIL import Image
 from core import AvarcError, preprocess_image
 from core.io.preprocess import open_image, preprocess_pil
 
-from .conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE
 
 PIXELS = np.load(CONFORMANCE / "pixels.npz")
 STEMS = ("gray", "landscape", "palette", "portrait", "rgba", "tiny")

@@ -3,27 +3,20 @@ the classifier (predictions to the image, scores to 1e-4, executed compute to th
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from core import Classifier
-from core.io import distributed
 from core.runs import tune
 from core.tasks.calibration import cross_fitted_temperatures
-from core.io.data import Item, collect
+from core.io.data import collect
 from core.engine.flops import encoder_macs
-from core.io.preprocess import pixels_to_tensor
 from core.engine.profile import Profile, Stage
 from core.io.profiles import load_profile
-from core.engine.stages import Prediction
-from core.engine.schedule import classify as run_schedule, noise_generator
 from core.runs.schedule_table import build_table, exact_sample_counts
-from core.engine.scoring import Scorer
-from scripts.digits import load_digits
+from tests.conftest import counted_run, save_digits
 
 SCHEDULES = {
     "varc": (Stage(4, 1, 1),),
@@ -31,29 +24,6 @@ SCHEDULES = {
     "pruned+exits": (Stage(2, 1, 5, exit_margin=3.0), Stage(3, 1, 3, exit_margin=6.0), Stage(4, 2, 1)),
     "smoothed-early": (Stage(1, 2, 4), Stage(3, 3, 2), Stage(4, 3, 1)),
 }
-
-
-def save_digits(root: Path, start: int, stop: int) -> Path:
-    """Test digits start…stop−1 as label/index.png (8-bit greyscale, exactly the model's training pixels)."""
-    d = load_digits("all")
-    for i in range(start, stop):
-        (root / str(d.labels[i])).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(d.images[i], mode="L").save(root / str(d.labels[i]) / f"{i}.png")
-    return root
-
-
-def counted_run(clf: Classifier, items: list[Item], candidates: list[int]) -> tuple[list[Prediction], float]:
-    """The classifier's batch loop with one Scorer for the whole run: predictions and the linear MACs executed."""
-    scorer = Scorer(clf.model, clf.batch_size)
-
-    def step(batch: list[Item], pixels: list) -> list[Prediction]:
-        x = torch.stack([pixels_to_tensor(px) for px in pixels])
-        return run_schedule(clf.model, clf.model.encode(x), candidates, clf.profile,
-                            [noise_generator(0, it.key) for it in batch], scorer)
-
-    per_step = distributed.images_per_step(clf.batch_size, len(candidates))
-    preds = [p for batch in distributed.run(items, clf.load, step, per_step=per_step) for p in batch]
-    return preds, scorer.macs.linear
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from core.runs.schedule_table import build_table
 from core.runs.tune import Replayer, baseline_stages, split
 from scripts.digits import load_digits
 from tests.conftest import avarc
-from tests.test_tune import counted_run, save_digits
+from tests.conftest import counted_run, save_digits
 
 FAST = ["--device", "cpu", "--dtype", "fp32"]
 
