@@ -51,8 +51,8 @@ class Profile:
     guard_margin: float | None = None
     """Precision guard: in bf16/fp16, an image whose best two final candidates are closer than this many nats has
     those two re-scored in fp32, so its prediction is fp32's; 0 turns it off. The default, ``GUARD_NATS_PER_TOKEN``
-    × the tokens scored, is 1.5× the largest bf16 − fp32 error of a score difference measured on the conformance
-    models (0.61 nats over 680 tokens, 2.6 over 2240; README, Performance)."""
+    × the tokens scored, sits above the largest bf16 − fp32 error of a score difference measured on the conformance
+    models, with room to spare (README, Reduced precision and the precision guard)."""
     ood: OodRule | None = None         # abstention thresholds (fitted by `avarc calibrate-ood`)
 
     def margin(self, num_tokens: int) -> float:

@@ -47,8 +47,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_compile(flag: bool | None, device: torch.device) -> bool:
     """``None`` (auto) → compile on CUDA when Triton is installed, where the fused kernels pay for their one-time
-    compile; not on CPUs, where fusing the elementwise work gained ≤ 5% on W1 (bf16, AMX Xeon) for ~37 s of cold
-    compile (~4 s with the cache warm)."""
+    compile; not on CPUs, where the gain measured is small against the cold compile (README, Fusion)."""
     if flag is not None:
         return flag
     if device.type != "cuda":
