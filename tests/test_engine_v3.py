@@ -19,6 +19,7 @@ from core.engine.scoring import Scorer
 from core.models.specs import official_spec
 from core.models.var import CompiledBlock
 
+
 def _small(depth: int, seed: int = 0):
     """The d16 geometry (10 scales, 16 heads) narrowed to width 64 and ``depth`` blocks, random weights."""
     spec = official_spec("d16")
@@ -183,3 +184,15 @@ def test_compiler_failure_warns_once_and_oom_is_raised(small, caplog):
     finally:
         var.block_fn = None
         torch._dynamo.reset()
+
+
+def test_bench_reports_the_counters(conf_model):
+    """`avarc bench` rows carry launches per forward and host syncs per step (JSON fields, table columns)."""
+    from core.io.profiles import load_profile
+    from core.runs.bench import run
+    size = conf_model.spec.image_size
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    row = run(conf_model, load_profile("a-varc-plus"), x, [0, 1], warmup=0, repeat=1).to_json()
+    depth = conf_model.spec.var.depth
+    assert depth * 8 <= row["launches_per_forward"] <= depth * 17 + 12
+    assert row["host_syncs_per_step"] <= 1

@@ -130,7 +130,7 @@ class CompiledBlock:
                 fn = self.fns[dtype] = torch.compile(block_step, fullgraph=True, dynamic=True, backend=self.backend)
             try:
                 return fn(*args)
-            except Exception as e:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
+            except Exception as e:  # inductor/triton raise many types; eager is always right
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                     raise
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
