@@ -1,6 +1,6 @@
 """One-shot check of avarc on an accelerator: correctness (tests on the device, tokens equal to the CPU's, bf16
-score error, precision guard) and speed (d16 with 100 classes, the digits demo, measured bf16 matmul peak, MFU,
-peak memory). Writes one JSON report; every section runs on its own, so one failure does not lose the others.
+score error, precision guard) and speed (d16 with 100 and 1000 classes, d30 with 100, the digits demo, measured
+bf16 matmul peak, MFU, peak memory, launches per forward, host syncs per step, the device's busy share). Writes one JSON report; every section runs on its own, so one failure does not lose the others.
 
     python3 scripts/device_check.py [REPORT.json] [--cpu-smoke]
 
@@ -34,7 +34,7 @@ from core.io.preprocess import preprocess_image
 from core.engine.profile import Profile
 from core.io.profiles import load_profile
 from core.io.loading import resolve_model
-from core.models.var import fused_ops
+from core.engine.counters import engine_counters
 
 CONFORMANCE = ROOT / "tests" / "data" / "conformance"
 T0 = time.perf_counter()
@@ -127,7 +127,7 @@ def compiled_conformance(dev: torch.device) -> dict:
     m.compile = True
     lp = m.token_logp(golden["tokens"], range(json.loads((d / "meta.json").read_text())["num_classes"] + 1))
     return {"fp32_logp_max_err": float((lp - golden["logp"]).abs().max()),
-            "compiled_active": all(op.compiled is not None for op in fused_ops())}
+            "compiled_active": not m.engine_var().block_fn.failed}
 
 
 def peak(dev: torch.device, smoke: bool) -> dict:
@@ -148,18 +148,33 @@ def _unguarded(name: str) -> Profile:
 
 
 def bench_d16(dev: torch.device, smoke: bool, compiled: bool = False,
-              profiles: tuple[str, ...] = ("varc", "a-varc-plus")) -> dict:
-    """d16 geometry, random weights, 100 classes, varc and a-varc-plus, bf16 with the guard off (with the fp32
-    agreement run). The smoke run uses the small official256 conformance model instead."""
+              profiles: tuple[str, ...] = ("varc", "a-varc-plus"), depth: int = 16, classes: int = 100,
+              images: int = 32) -> dict:
+    """d16 geometry (or ``depth``), random weights, 100 classes (or ``classes``), varc and a-varc-plus, bf16 with
+    the guard off (with the fp32 agreement run); each row carries launches per forward and host syncs per step.
+    The smoke run uses the small official256 conformance model instead."""
     d = CONFORMANCE / "official256"
-    m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(16, dev)
+    m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(depth, dev)
     m.compile = compiled
-    n_img, n_cls = (1, 2) if smoke else (32, 100)
+    n_img, n_cls = (1, 2) if smoke else (images, classes)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n_img, 3, m.spec.image_size, m.spec.image_size, generator=g) * 2 - 1
     rows = compare(m, [_unguarded(p) for p in profiles], x, list(range(n_cls)), [torch.bfloat16],
                    warmup=0 if smoke else 1, repeat=1 if smoke else 2)
-    return {"images": n_img, "classes": n_cls, "compiled": compiled, "guard": "off", "results": _results(rows)}
+    return {"depth": m.spec.var.depth, "images": n_img, "classes": n_cls, "compiled": compiled, "guard": "off",
+            "results": _results(rows)}
+
+
+def counters(dev: torch.device, smoke: bool) -> dict:
+    """Launches (aten ops that run a kernel) per full-length forward and host syncs per scoring step, fp32 and
+    bf16 (d16; the conformance model in the smoke run)."""
+    d = CONFORMANCE / "official256"
+    m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(16, dev)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        m.dtype = dt
+        out[str(dt).removeprefix("torch.")] = engine_counters(m)
+    return {"depth": m.spec.var.depth, **out}
 
 
 def bench_demo(dev: torch.device, smoke: bool) -> dict:
@@ -209,6 +224,9 @@ def main() -> int:
     section(report, "matmul_peak", lambda: peak(dev, smoke))
     section(report, "tokens_and_scores", lambda: tokens_and_scores(dev, smoke))
     section(report, "bench_d16", lambda: bench_d16(dev, smoke))
+    section(report, "counters", lambda: counters(dev, smoke))
+    section(report, "bench_d16_1000", lambda: bench_d16(dev, smoke, profiles=("a-varc-plus",), classes=1000, images=8))
+    section(report, "bench_d30", lambda: bench_d16(dev, smoke, profiles=("a-varc-plus",), depth=30, images=8))
     section(report, "bench_demo", lambda: bench_demo(dev, smoke))
     section(report, "profile_d16", lambda: profile_d16(dev, smoke))
     section(report, "tests", lambda: tests(smoke))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot accelerator check: tests on the device, tokens = CPU's, bf16 score error and precision guard, d16 with
-# 100 classes and the digits demo benchmarked, measured bf16 matmul peak, MFU, peak memory → one JSON report.
+# 100 and 1000 classes, d30 with 100 and the digits demo benchmarked, measured bf16 matmul peak, MFU, peak memory,
+# launches per forward, host syncs per step, busy share → one JSON report.
 #   scripts/device_check.sh [REPORT.json] [--cpu-smoke]      (from the repository root; default $OUT/device_check.json)
 # Needs no network: it uses the installed torch and the repository itself (PYTHONPATH), nothing is downloaded.
 set -uo pipefail

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scripts import digits
 from core.engine.schedule import noise_generator, run_stages, sample_tokens
@@ -62,15 +63,20 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
     """The head's fp32 matmul may use TF32 on a GPU only when the body runs in bf16; an fp32 engine (and so the
     precision guard's re-scoring) stays true fp32, and the caller's flag comes back either way."""
     tokens, classes = conf.golden["tokens"][:2], torch.tensor([0, 1])
-    seen = {}
+    seen, vocab = {}, engine_model.spec.var.vocab_size
     saved = torch.backends.cuda.matmul.allow_tf32
+
+    class HeadMatmul(TorchDispatchMode):        # the fused head's tiles: addmm with vocab-wide outputs
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "addmm" and args[2].shape[-1] == vocab:
+                seen[dtype] = torch.backends.cuda.matmul.allow_tf32
+            return func(*args, **(kwargs or {}))
+
     try:
         for dtype in (torch.float32, torch.bfloat16):
             engine_model.dtype = dtype
-            head = engine_model.engine_var().head
-            hook = head.register_forward_hook(lambda *_: seen.update({dtype: torch.backends.cuda.matmul.allow_tf32}))
-            engine_model.score_pairs(tokens, classes, num_scales=3)
-            hook.remove()
+            with HeadMatmul():
+                engine_model.score_pairs(tokens, classes, num_scales=3)
             assert torch.backends.cuda.matmul.allow_tf32 is saved
     finally:
         engine_model.dtype = torch.float32

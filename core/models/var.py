@@ -130,7 +130,7 @@ class CompiledBlock:
                 fn = self.fns[dtype] = torch.compile(block_step, fullgraph=True, dynamic=True, backend=self.backend)
             try:
                 return fn(*args)
-            except Exception as e:  # noqa: BLE001 (inductor/triton raise many types; eager is always right)
+            except Exception as e:  # inductor/triton raise many types; eager is always right
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                     raise
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -339,18 +339,36 @@ class KVCache:
 
 
 class ClassTable:
-    """Every AdaLN row of a set of classes (fp32, computed once): per block γ1, γ2, 1 + s1, 1 + s2, b1, b2, then the
-    head's 1 + scale, shift, so a forward gathers its rows' modulation instead of projecting per row and block."""
+    """Every AdaLN row of the classes asked for so far (fp32, computed once per engine): per block γ1, γ2, 1 + s1,
+    1 + s2, b1, b2, then the head's 1 + scale, shift, so a forward gathers its rows' modulation instead of
+    projecting per row and block. Classes are computed in fixed blocks of ids (:data:`TABLE_BLOCK`), so a class's
+    rows are the same bits whichever classes were asked for first."""
 
-    def __init__(self, ids: list[int], rows: torch.Tensor, num_ids: int):
-        self.ids = ids
-        self.rows = rows                                     # n, depth·6 + 2, C
-        slot = torch.zeros(num_ids, dtype=torch.long)
-        slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
-        self.slot = slot.to(rows.device)                     # class id → row of ``rows``
+    def __init__(self, num_ids: int, device: torch.device):
+        self.num_ids, self.blocks = num_ids, []
+        self.rows: torch.Tensor | None = None                               # n, depth·6 + 2, C
+        self.slot = torch.zeros(num_ids, dtype=torch.long, device=device)   # class id → row of ``rows``
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for b in self.blocks for i in range(b * TABLE_BLOCK, min((b + 1) * TABLE_BLOCK, self.num_ids))]
+
+    @torch.no_grad()
+    def add(self, var: VAR, ids: list[int]) -> None:
+        """Compute the blocks of ``ids`` not held yet."""
+        for b in sorted({i // TABLE_BLOCK for i in ids} - set(self.blocks)):
+            block = torch.arange(b * TABLE_BLOCK, min((b + 1) * TABLE_BLOCK, self.num_ids), device=self.slot.device)
+            rows = var.modulations(var.conditions(block))
+            held = 0 if self.rows is None else self.rows.shape[0]
+            self.slot[block] = torch.arange(held, held + len(block), device=self.slot.device)
+            self.rows = rows if self.rows is None else torch.cat((self.rows, rows))
+            self.blocks.append(b)
 
     def lookup(self, class_idx: torch.Tensor) -> torch.Tensor:
         return self.rows[self.slot[class_idx]]
+
+
+TABLE_BLOCK = 64
 
 
 class SharedAdaLin(nn.Linear):
@@ -455,20 +473,13 @@ class VAR(nn.Module):
         return torch.cat(rows + [self.head_nm.modulation(conds[:, -1])], 1)
 
     def class_table(self, ids: list[int]) -> ClassTable:
-        """The AdaLN rows of these classes, computed once per engine and class set: a table already holding them
-        is reused (a later stage's survivors are a subset), else one for the union is made."""
+        """The engine's AdaLN table holding (at least) these classes; made anew only when a weight or the added
+        classes change."""
         key = (id(self.extra_class_emb), tuple(p._version for p in self.parameters()))
-        want = set(ids)
-        if self._table is not None and self._table[0] == key and want <= set(self._table[1].ids):
-            return self._table[1]
-        if self._table is not None and self._table[0] == key:
-            want |= set(self._table[1].ids)
-        self._table = None                                   # free the old table first
-        order = sorted(want)
-        device = self.class_emb.weight.device
-        with torch.no_grad():
-            rows = self.modulations(self.conditions(torch.tensor(order, device=device)))
-        self._table = (key, ClassTable(order, rows, self.num_classes + 1))
+        if self._table is None or self._table[0] != key:
+            self._table = None                                   # free the old table first
+            self._table = (key, ClassTable(self.num_classes + 1, self.class_emb.weight.device))
+        self._table[1].add(self, ids)
         return self._table[1]
 
     def plan(self, start: int, end: int, device: torch.device) -> AttentionPlan:
