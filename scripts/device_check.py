@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import digits
 from core.runs.bench import compare, matmul_peak, random_model, run as bench_run
-from core.io.loading import load_model
+from core.io.loading import finish, load_model
 from core.engine.runtime import resolve_device
 from core.io.preprocess import preprocess_image
 from core.engine.profile import Profile
@@ -108,8 +108,8 @@ def tokens_and_scores(dev: torch.device, smoke: bool) -> dict:
         tokens = m.tokenize(imgs).cpu()
         K = meta["num_classes"] + 1
         fp32 = m.token_logp(golden["tokens"], range(K))
-        m.dtype = torch.bfloat16
-        bf16 = m.token_logp(golden["tokens"], range(K))
+        with m.computing_in(torch.bfloat16):
+            bf16 = m.token_logp(golden["tokens"], range(K))
         err = bf16.sum(-1) - fp32.sum(-1)
         out[name] = {"tokens_equal_cpu": bool(torch.equal(tokens, golden["tokens"])),
                      "tokens_differing": int((tokens != golden["tokens"]).sum()),
@@ -123,8 +123,7 @@ def compiled_conformance(dev: torch.device) -> dict:
     """fp32 log-probs of the compiled engine against the golden (must stay within 1e-4 per token)."""
     d = CONFORMANCE / "official256"
     golden = {k: torch.from_numpy(v) for k, v in np.load(d / "golden.npz").items()}
-    m = load_model(d / "var.pth", d / "vae.pth", device=dev)
-    m.compile = True
+    m = finish(load_model(d / "var.pth", d / "vae.pth", device=dev), compile=True)
     lp = m.token_logp(golden["tokens"], range(json.loads((d / "meta.json").read_text())["num_classes"] + 1))
     return {"fp32_logp_max_err": float((lp - golden["logp"]).abs().max()),
             "compiled_active": not m.engine_var().block_fn.failed}
@@ -154,8 +153,8 @@ def bench_d16(dev: torch.device, smoke: bool, compiled: bool = False,
     the guard off (with the fp32 agreement run); each row carries launches per forward and host syncs per step.
     The smoke run uses the small official256 conformance model instead."""
     d = CONFORMANCE / "official256"
-    m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(depth, dev)
-    m.compile = compiled
+    m = finish(load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(depth, dev),
+               compile=compiled)
     n_img, n_cls = (1, 2) if smoke else (images, classes)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n_img, 3, m.spec.image_size, m.spec.image_size, generator=g) * 2 - 1
@@ -172,8 +171,8 @@ def counters(dev: torch.device, smoke: bool) -> dict:
     m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(16, dev)
     out = {}
     for dt in (torch.float32, torch.bfloat16):
-        m.dtype = dt
-        out[str(dt).removeprefix("torch.")] = engine_counters(m)
+        with m.computing_in(dt):
+            out[str(dt).removeprefix("torch.")] = engine_counters(m)
     return {"depth": m.spec.var.depth, **out}
 
 
@@ -193,16 +192,16 @@ def profile_d16(dev: torch.device, smoke: bool) -> dict:
     time the device was busy at all (idle gaps = host work or syncs inside the scoring loop)."""
     d = CONFORMANCE / "official256"
     m = load_model(d / "var.pth", d / "vae.pth", device=dev) if smoke else random_model(16, dev)
-    m.dtype = torch.bfloat16
     n_img, n_cls = (1, 2) if smoke else (32, 100)
     x = torch.rand(n_img, 3, m.spec.image_size, m.spec.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     prof = _unguarded("a-varc-plus")
-    bench_run(m, prof, x, list(range(n_cls)), warmup=1, repeat=1)     # warm the allocator and kernels
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    t0 = time.perf_counter()
-    with profile(activities=acts) as p:
-        bench_run(m, prof, x, list(range(n_cls)), warmup=0, repeat=1)
-    wall = time.perf_counter() - t0
+    with m.computing_in(torch.bfloat16):
+        bench_run(m, prof, x, list(range(n_cls)), warmup=1, repeat=1)     # warm the allocator and kernels
+        t0 = time.perf_counter()
+        with profile(activities=acts) as p:
+            bench_run(m, prof, x, list(range(n_cls)), warmup=0, repeat=1)
+        wall = time.perf_counter() - t0
     kind = DeviceType.CUDA if dev.type == "cuda" else DeviceType.CPU
     attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     kernels = [e for e in p.key_averages() if e.device_type == kind]      # kernels only: ops would double count
