@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import textwrap
 import typing
-
 from typing import Any
 
 import typer.core

@@ -7,7 +7,6 @@ from typing import Optional
 from .options import ModelOptions
 
 
-
 def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shared_scale: bool,  # noqa: ANN001
           scales: Optional[int], seed: int, force: bool, preds: Optional[dict] = None,
           metrics: Optional[str] = None) -> None:

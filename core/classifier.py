@@ -21,27 +21,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine.flops import image_gflops
+from .engine.model import Model
+from .engine.profile import Profile
+from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, set_threads
+from .engine.schedule import classify as run_schedule
+from .engine.schedule import noise_generator
+from .engine.scoring import Scorer
+from .engine.stages import Prediction
+from .errors import AvarcError
 from .io import distributed
 from .io.data import ClassSpace, Item, collect
-from .errors import AvarcError
-from .tasks.explain import Explanation, Target, check_scales, explain_images
-from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
-from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
-from .engine.model import Model
-from .engine.runtime import resolve_compile, resolve_device, resolve_dtype
-from .io.preprocess import load_pixels, open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
-from .engine.profile import Profile
-from .io.profiles import default_profile_name, load_profile
 from .io.hub import find_local
-from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .io.loading import finish, resolve_model
+from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
+from .io.profiles import default_profile_name, load_profile
 from .io.records import model_identity, ok_record, run_info, skipped_record
-from .engine.stages import Prediction
-from .engine.schedule import classify as run_schedule, noise_generator
-from .engine.scoring import Scorer
-from .engine.flops import image_gflops
+from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
-from .engine.runtime import set_threads
+from .tasks.explain import Explanation, Target, check_scales, explain_images
+from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
+from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 Images = Union[ImageInput, Sequence[ImageInput]]

@@ -18,16 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-
-import train_digits
-from avarc_cli import output
 import digits
+import torch
+import train_digits
+
+from avarc_cli import output
 from core import AvarcError
+from core.io.loading import load_model_dir, resolve_model
 from core.tasks.incremental import add_classes
-from core.io.loading import load_model_dir
-from core.io.loading import resolve_model
 
 TASK1, TASK2 = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 ALL = TASK1 + TASK2

@@ -27,14 +27,15 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parent.parent
 
 import digits
-from core.runs.bench import compare, matmul_peak, random_model, run as bench_run
-from core.io.loading import finish, load_model
-from core.engine.runtime import resolve_device
-from core.io.preprocess import preprocess_image
-from core.engine.profile import Profile
-from core.io.profiles import load_profile
-from core.io.loading import resolve_model
+
 from core.engine.counters import engine_counters
+from core.engine.profile import Profile
+from core.engine.runtime import resolve_device
+from core.io.loading import finish, load_model, resolve_model
+from core.io.preprocess import preprocess_image
+from core.io.profiles import load_profile
+from core.runs.bench import compare, matmul_peak, random_model
+from core.runs.bench import run as bench_run
 
 CONFORMANCE = ROOT / "tests" / "data" / "conformance"
 T0 = time.perf_counter()

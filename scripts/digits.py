@@ -81,7 +81,7 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """N, 8, 8 uint8 → N, 3, size, size float32 in [-1, 1], prepared exactly as ``preprocess='resize'`` does it."""
     from PIL import Image
 
-    from core.io.preprocess import preprocess_pil, pixels_to_tensor
+    from core.io.preprocess import pixels_to_tensor, preprocess_pil
 
     return torch.stack([pixels_to_tensor(preprocess_pil(Image.fromarray(im), size, "resize")) for im in images])
 

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import digits
 import numpy as np
 import torch
 
-
 from avarc_cli import output
-import digits
 from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
 from core.io.loading import save_model_dir
 from core.tasks.training import Augment, TrainConfig, token_pool, train_var, train_vqvae

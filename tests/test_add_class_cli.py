@@ -50,8 +50,8 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     """On the demo: base and null log-probs bit-identical with the extension; classify and bench take --extension."""
     from PIL import Image
 
-    from scripts import digits
     from core.tasks.incremental import apply_extensions
+    from scripts import digits
     test = digits.load_digits("test")
     folder = tmp_path / "sevens"
     folder.mkdir()

@@ -4,7 +4,6 @@ import json
 from typer.testing import CliRunner
 
 from avarc_cli.app import app
-
 from tests.conftest import CONFORMANCE
 
 runner = CliRunner()

@@ -7,7 +7,6 @@ import torch
 import core
 from core import AvarcError
 from core.models.checkpoints import read_state_dict
-
 from tests.conftest import CONFORMANCE
 
 VAR = CONFORMANCE / "official256" / "var.pth"

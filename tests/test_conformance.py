@@ -2,9 +2,8 @@
 available device (tokens exact everywhere; log-probs within LOGP_TOL of the CPU golden)."""
 import torch
 
-from core.io.preprocess import preprocess_image
 from core.engine.tokenizer import neighbour_tokens
-
+from core.io.preprocess import preprocess_image
 from tests.conftest import LOGP_TOL
 
 

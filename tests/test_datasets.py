@@ -18,8 +18,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from PIL import Image
 
-from tests.conftest import avarc
-from tests.conftest import HUB_COMMIT, FakeHub, _Handler
+from tests.conftest import HUB_COMMIT, FakeHub, _Handler, avarc
 
 datasets = pytest.importorskip("datasets")
 
@@ -251,6 +250,7 @@ def test_explain_and_tune_read_datasets(digits, tmp_path, monkeypatch, capsys):
 
 def test_add_class_learns_the_classes_a_dataset_names(digits, tmp_path, monkeypatch, capsys):
     import torch
+
     from scripts.digits import load_digits
 
     test = load_digits("test")

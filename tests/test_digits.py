@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import core
-from scripts import digits
-from core.io.registry import BUNDLED_DIR
 from core.io.loading import resolve_model
+from core.io.registry import BUNDLED_DIR
+from scripts import digits
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
 TEST_START = 1438

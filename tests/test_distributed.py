@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from core.io.distributed import Dist, images_per_step
-from tests.conftest import ConformanceSet
-from tests.conftest import MODEL, avarc, read_jsonl
+from tests.conftest import MODEL, ConformanceSet, avarc, read_jsonl
 
 CS = ConformanceSet("official256")
 REPO = Path(__file__).resolve().parents[1]

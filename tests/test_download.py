@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from avarc_cli.output import message
 from core import AvarcError, preprocess_image
 from core.io.loading import resolve_model
-
-from avarc_cli.output import message
-
 from tests.conftest import CONFORMANCE, HUB_COMMIT, HUB_FILES, ConformanceSet, FakeHub
+
 
 @pytest.fixture
 def hub():

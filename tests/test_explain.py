@@ -8,10 +8,9 @@ import torch
 
 from core import AvarcError, build_model
 from core.engine.schedule import noise_generator
-from core.tasks.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
 from core.io.profiles import load_profile
-
-from tests.conftest import A, B, IMAGE, expected_maps, tiny_spec
+from core.tasks.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
+from tests.conftest import IMAGE, A, B, expected_maps, tiny_spec
 
 
 def test_maps_and_scores_equal_the_formula_on_golden_logp(conf, conf_model):

@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 
 from core import build_model
-from core.tasks.heatmap import GAP, caption_height, figure_size, panel_size
 from core.io.loading import save_model_dir
-from tests.conftest import A, B, IMAGE, expected_maps, tiny_spec
-from tests.conftest import avarc
+from core.tasks.heatmap import GAP, caption_height, figure_size, panel_size
+from tests.conftest import IMAGE, A, B, avarc, expected_maps, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--dtype", "fp32"]

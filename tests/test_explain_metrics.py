@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from core.tasks.explain_metrics import auc, curve_images, ranking_metrics, region_ids
-from tests.conftest import avarc
-from tests.conftest import save_digits
+from tests.conftest import avarc, save_digits
 
 
 def test_regions_and_curves():

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from core import AvarcError
-from core.io.results import lock_results
 from core.io.records import record_line, weights_identity
+from core.io.results import lock_results
 from core.tasks.incremental import load_extension
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import torch
 
 import core
 from core import AvarcError
-from core.tasks import incremental
 from core.io.preprocess import preprocess_image
+from core.tasks import incremental
 from tests.conftest import ConformanceSet
 
 

@@ -2,7 +2,6 @@
 import torch
 
 from core.engine.likelihood import pairs_per_chunk
-
 from tests.conftest import LOGP_TOL
 
 

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from core import VARSpec, build_model
-from core.errors import AvarcError
 from core.engine.stages import Prediction, StageScores
+from core.errors import AvarcError
 from core.io.data import ClassSpace, DataOptions, collect, imagenet_classes
 from core.io.objectnet import MAPPINGS
 from core.io.preprocess import preprocess_pil
-from core.io.summary import Metrics
 from core.io.records import ok_record
+from core.io.summary import Metrics
 from tests.conftest import ConformanceSet, avarc
 
 CS = ConformanceSet("official256")

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from core import AvarcError, preprocess_image
-from core.models.checkpoints import read_state_dict
-from core.io.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
 from core.io.loading import resolve_model
-
+from core.io.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
+from core.models.checkpoints import read_state_dict
 from tests.conftest import ConformanceSet
 
 

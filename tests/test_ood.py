@@ -21,8 +21,7 @@ from core.io.records import ok_record
 from core.tasks.ood import OOD_SCORES, auroc, fit_thresholds
 from scripts.digits import load_digits
 from scripts.ood_digits import letters, noise
-from tests.conftest import avarc
-from tests.conftest import save_digits
+from tests.conftest import avarc, save_digits
 
 
 @pytest.fixture(scope="module")

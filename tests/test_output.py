@@ -64,8 +64,9 @@ def _help(*args: str) -> str:
 def test_help_reads_at_80_columns(command):
     """At most 60 lines of at most 80 characters; every word of every help text and of the description appears
     whole (a word broken across lines would not); no type column (``<bool>``, ``<str>``)."""
-    from avarc_cli.app import app
     import typer.main
+
+    from avarc_cli.app import app
 
     group = typer.main.get_command(app)
     cmd = group if command is None else group.commands[command]

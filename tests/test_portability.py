@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from core.engine import runtime as model_mod
-from core.models import var as var_mod
-from core.io.profiles import load_profile
-from core.io.loading import resolve_model
 from core.engine.schedule import noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
+from core.io.loading import resolve_model
+from core.io.profiles import load_profile
+from core.models import var as var_mod
 from scripts import digits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,6 @@ def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monk
     """A kernel failing mid-bench (injected for bf16): the fp32 row is still printed, the error is one line naming
     the log file with the full trace, exit code 1."""
     from core.runs import bench as bench_mod
-
     from tests.conftest import avarc
 
     real = bench_mod.run

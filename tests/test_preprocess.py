@@ -6,7 +6,6 @@ from PIL import Image
 
 from core import AvarcError, preprocess_image
 from core.io.preprocess import open_image, preprocess_pil
-
 from tests.conftest import CONFORMANCE
 
 PIXELS = np.load(CONFORMANCE / "pixels.npz")

@@ -7,12 +7,12 @@ import json
 import pytest
 
 from core import AvarcError
+from core.engine.profile import Profile, Stage
 from core.engine.stages import Prediction, StageScores
 from core.io.data import Item
-from core.engine.profile import Profile, Stage
-from core.io.summary import Metrics, append_csv_summary, stage_survival
-from core.io.results import ResultsWriter, lock_results, open_results
 from core.io.records import image_key, ok_record, run_info, skipped_record
+from core.io.results import ResultsWriter, lock_results, open_results
+from core.io.summary import Metrics, append_csv_summary, stage_survival
 
 NAMES = [f"c{i}" for i in range(6)]
 PROFILE = Profile("p", (Stage(3, 1, 3), Stage(5, 1, 2), Stage(5, 2, 1)))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from core import AvarcError
-from core.engine.schedule import Scorer, classify, noise_generator, run_stages, sample_tokens
 from core.engine.profile import Profile, Stage
-from core.io.profiles import load_profile
+from core.engine.schedule import Scorer, classify, noise_generator, run_stages, sample_tokens
 from core.engine.tokenizer import draw_noise, neighbour_tokens
+from core.io.profiles import load_profile
 from tests.conftest import ConformanceSet
 
 K = 10

@@ -2,8 +2,8 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core.engine.schedule import run_stages, sample_tokens, noise_generator
 from core.engine.profile import Profile, Stage
+from core.engine.schedule import noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
 from core.models.var import KVCache
 

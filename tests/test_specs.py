@@ -6,7 +6,6 @@ import torch
 
 from core import build_model, infer_vae_spec, infer_var_spec, official_spec
 from core.models.checkpoints import load_into, unwrap
-
 from tests.conftest import CONFORMANCE
 
 MANIFEST = json.loads((CONFORMANCE / "official_manifest.json").read_text())

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import core
-from scripts import digits
 from core.tasks.training import Augment, TrainConfig, lr_at, random_affine, token_pool, train_var, train_vqvae
+from scripts import digits
 
 VAE = core.VQVAESpec(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=0,
                      num_groups=4, using_sa=False, using_mid_sa=False)

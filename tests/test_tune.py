@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from core import Classifier
-from core.runs import tune
-from core.tasks.calibration import cross_fitted_temperatures
-from core.io.data import collect
 from core.engine.flops import encoder_macs
 from core.engine.profile import Profile, Stage
+from core.io.data import collect
 from core.io.profiles import load_profile
+from core.runs import tune
 from core.runs.schedule_table import build_table, exact_sample_counts
+from core.tasks.calibration import cross_fitted_temperatures
 from tests.conftest import counted_run, save_digits
 
 SCHEDULES = {

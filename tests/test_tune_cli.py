@@ -18,16 +18,15 @@ import torch
 from PIL import Image
 
 from core import Classifier
-from core.tasks.calibration import expected_calibration_error, fit_temperature, nll, posterior, reliability
-from core.io.data import collect
 from core.engine.flops import encoder_macs
 from core.engine.profile import Profile
+from core.io.data import collect
 from core.io.profiles import load_profile
 from core.runs.schedule_table import build_table
 from core.runs.tune import Replayer, baseline_stages, split
+from core.tasks.calibration import expected_calibration_error, fit_temperature, nll, posterior, reliability
 from scripts.digits import load_digits
-from tests.conftest import avarc
-from tests.conftest import counted_run, save_digits
+from tests.conftest import avarc, counted_run, save_digits
 
 FAST = ["--device", "cpu", "--dtype", "fp32"]
 

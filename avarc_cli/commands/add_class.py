@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import (ForceOpt, Init, InputOptions, ModelOpt, ModelOptions, input_options, model_options, opt)
+from ..options import ForceOpt, Init, InputOptions, ModelOpt, ModelOptions, input_options, model_options, opt
 
 
 @model_options("batch_size", "compile", "encoder")

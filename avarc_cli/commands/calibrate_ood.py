@@ -4,8 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from ..options import (ClassesOpt, ForceOpt, InputOptions, InputsArg, ModelOpt, ModelOptions, OodScore, ProfileOpt,
-                       SeedOpt, input_options, model_options, opt)
+from ..options import (
+    ClassesOpt,
+    ForceOpt,
+    InputOptions,
+    InputsArg,
+    ModelOpt,
+    ModelOptions,
+    OodScore,
+    ProfileOpt,
+    SeedOpt,
+    input_options,
+    model_options,
+    opt,
+)
 
 
 @model_options("batch_size")

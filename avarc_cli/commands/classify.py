@@ -6,8 +6,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import (ClassesOpt, InputOptions, InputsArg, LabelsOpt, ModelOpt, ModelOptions, ProfileOpt, SeedOpt,
-                       SubsetOpt, input_options, model_options, opt)
+from ..options import (
+    ClassesOpt,
+    InputOptions,
+    InputsArg,
+    LabelsOpt,
+    ModelOpt,
+    ModelOptions,
+    ProfileOpt,
+    SeedOpt,
+    SubsetOpt,
+    input_options,
+    model_options,
+    opt,
+)
 
 
 @model_options()

@@ -5,8 +5,20 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 from .. import panels
-from ..options import (Colormap, ForceOpt, InputOptions, InputsArg, LabelsOpt, MetricsStart, ModelOptions, ProfileOpt,
-                       SeedOpt, input_options, model_options, opt)
+from ..options import (
+    Colormap,
+    ForceOpt,
+    InputOptions,
+    InputsArg,
+    LabelsOpt,
+    MetricsStart,
+    ModelOptions,
+    ProfileOpt,
+    SeedOpt,
+    input_options,
+    model_options,
+    opt,
+)
 
 
 @model_options()

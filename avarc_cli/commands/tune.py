@@ -8,8 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import (ClassesOpt, ForceOpt, InputOptions, JsonOpt, ModelOpt, ModelOptions, SeedOpt, input_options,
-                       model_options, opt)
+from ..options import (
+    ClassesOpt,
+    ForceOpt,
+    InputOptions,
+    JsonOpt,
+    ModelOpt,
+    ModelOptions,
+    SeedOpt,
+    input_options,
+    model_options,
+    opt,
+)
 
 
 @model_options("batch_size")
@@ -56,7 +66,8 @@ def tune(
     from core.io.files import check_output_files, write_text
     from core.io.profiles import write_profile
     from core.runs.schedule_table import build_table
-    from core.runs.tune import model_name, shipped_points, tune as run_tune, tuned_profile
+    from core.runs.tune import model_name, shipped_points, tuned_profile
+    from core.runs.tune import tune as run_tune
 
     from .. import output
     from ..interrupt import interruptible

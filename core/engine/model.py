@@ -10,13 +10,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import tokenizer
 from ..errors import AvarcError
-from .likelihood import PairScores, pair_logp, score_pairs
-from .runtime import resolve_device
 from ..models.specs import ModelSpec
 from ..models.var import VAR, KVCache
 from ..models.vqvae import VQVAE
+from . import tokenizer
+from .likelihood import PairScores, pair_logp, score_pairs
+from .runtime import resolve_device
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from . import tokenizer
 from ..errors import AvarcError
+from . import tokenizer
 from .guard import guard_stages
 from .model import Model
 from .profile import Profile

@@ -17,10 +17,10 @@ from typing import Hashable
 
 import torch
 
+from ..models.var import KVCache
 from .flops import Macs, sequence_macs
 from .likelihood import cache_budget
 from .model import Model
-from ..models.var import KVCache
 
 Key = tuple[Hashable, int]     # (image key, sample index); sample 0 is the clean tokens
 

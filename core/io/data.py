@@ -22,8 +22,8 @@ from PIL import Image
 
 from ..choices import LABELS
 from ..errors import AvarcError
-from .files import absolute
 from . import hf_data
+from .files import absolute
 from .objectnet import DEFAULT_BORDER, read_objectnet
 from .preprocess import load_pixels, open_image, preprocess_pil
 

@@ -15,9 +15,9 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as tdist
 
-from .data import Item
-from ..errors import AvarcError
 from ..engine.runtime import resolve_device
+from ..errors import AvarcError
+from .data import Item
 
 T = TypeVar("T")
 X = TypeVar("X")

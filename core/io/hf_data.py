@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import os
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np

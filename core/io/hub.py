@@ -169,8 +169,12 @@ def _identity(path: Path | None) -> tuple[int, int, int] | None:
 
 def _explain(e: HubFile, revision: str | None, err: OSError) -> AvarcError:
     from huggingface_hub import constants
-    from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     rev = revision or "main"
     if isinstance(err, LocalEntryNotFoundError):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ..models import checkpoints
-from ..errors import AvarcError
 from ..engine.model import Model, build_model
 from ..engine.runtime import resolve_device
+from ..errors import AvarcError
+from ..models import checkpoints
 from ..models.specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
-from .registry import REGISTRY, entry, is_registry_name, local_path
 from .onnx_encoder import check_backend, use_encoder
+from .registry import REGISTRY, entry, is_registry_name, local_path
 
 
 def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | torch.device = "cpu",

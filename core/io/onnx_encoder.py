@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models import checkpoints
 from ..choices import ENCODERS
-from ..errors import AvarcError
-from .files import atomic_write
 from ..engine.model import Model
+from ..errors import AvarcError
+from ..models import checkpoints
 from ..models.specs import infer_vae_spec
 from ..models.vqvae import VQVAE
+from .files import atomic_write
 
 FORMAT = "avarc-onnx-encoder/1"
 OPSET = 18

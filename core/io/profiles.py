@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from ..engine.profile import _ALL, OodRule, Profile, Stage
 from ..errors import AvarcError
 from .files import write_text
-from ..engine.profile import _ALL, OodRule, Profile, Stage
 
 STAGE_FIELDS = ("scales", "samples", "keep", "exit_margin")
 PROFILE_FIELDS = ("name", "description", "sigma", "temperature", "stages", "guard_margin", "ood")

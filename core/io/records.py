@@ -10,15 +10,14 @@ import os
 from pathlib import Path
 from typing import Sequence, TypedDict
 
-
-from .data import Item
-from ..errors import AvarcError
-from .files import absolute
-from .registry import is_registry_name
-from ..models.checkpoints import file_sha256
 from ..engine.model import Model
 from ..engine.profile import Profile
 from ..engine.stages import Prediction
+from ..errors import AvarcError
+from ..models.checkpoints import file_sha256
+from .data import Item
+from .files import absolute
+from .registry import is_registry_name
 
 
 class StageRecord(TypedDict):

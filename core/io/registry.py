@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import imagenet_classes
 from ..errors import FIX, AvarcError, NeedsDownload
-from .hub import Download, HubFile, download, find_local
 from ..models.specs import ModelSpec, official_spec, spec_from_dict
+from .data import imagenet_classes
+from .hub import Download, HubFile, download, find_local
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 VAR_REPO = "FoundationVision/var"

@@ -21,8 +21,8 @@ from typing import Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
-from .distributed import Dist
 from ..errors import FIX, AvarcError
+from .distributed import Dist
 from .files import absolute, disk_error
 from .records import IDENTITY, Record, parse_line, record_key, record_line
 

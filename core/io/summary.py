@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-
-from ..errors import AvarcError
-from .files import atomic_write
 from ..engine.profile import Profile
 from ..engine.stages import rank
+from ..errors import AvarcError
+from .files import atomic_write
 from .records import Record
 from .results import file_lock
 

@@ -15,12 +15,12 @@ from functools import lru_cache
 
 import torch
 
-from ..engine.schedule import noise_generator, run_stages, sample_tokens
 from ..engine.counters import engine_counters
 from ..engine.flops import encoder_macs, schedule_macs
 from ..engine.model import Model, build_model
-from ..engine.runtime import dtype_name
 from ..engine.profile import Profile
+from ..engine.runtime import dtype_name
+from ..engine.schedule import noise_generator, run_stages, sample_tokens
 from ..engine.scoring import Scorer
 from ..models.specs import ModelSpec, official_spec
 

@@ -13,9 +13,9 @@ from typing import Iterator
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
-from ..io.results import ResultsFile, results_file
 from ..io.records import weights_identity
+from ..io.results import ResultsFile, results_file
+from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
 
 
 @dataclass

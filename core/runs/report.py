@@ -12,13 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..tasks.calibration import posterior, reliability
-from ..errors import AvarcError
-from ..tasks.explain import explained_panels, safe_stem
 from ..engine.flops import encoder_macs, sequence_macs
+from ..errors import AvarcError
 from ..io.records import Record, record_key
 from ..io.summary import stage_survival
 from ..models.specs import ModelSpec
+from ..tasks.calibration import posterior, reliability
+from ..tasks.explain import explained_panels, safe_stem
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}

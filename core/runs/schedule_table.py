@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from ..io import distributed
-from ..io.data import Item
-from ..errors import AvarcError
-from ..io.preprocess import pixels_to_tensor
 from ..engine.schedule import noise_generator, sample_tokens
 from ..engine.tokenizer import draw_noise
+from ..errors import AvarcError
+from ..io import distributed
+from ..io.data import Item
+from ..io.preprocess import pixels_to_tensor
 
 if TYPE_CHECKING:
     from ..classifier import Classifier

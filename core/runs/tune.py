@@ -20,16 +20,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..tasks.calibration import (TemperatureFit, cross_fitted_temperatures, expected_calibration_error,
-                                 fit_temperature, nll, posterior)
-from ..errors import AvarcError
 from ..engine.flops import encoder_macs, sequence_macs
 from ..engine.profile import Profile, Stage
+from ..errors import AvarcError
 from ..io.profiles import list_profiles
-from ..io.registry import is_registry_name
 from ..io.records import model_identity
-from .schedule_table import ScoreTable
+from ..io.registry import is_registry_name
 from ..models.specs import ModelSpec
+from ..tasks.calibration import (
+    TemperatureFit,
+    cross_fitted_temperatures,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    posterior,
+)
+from .schedule_table import ScoreTable
 
 if TYPE_CHECKING:
     from ..classifier import Classifier

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..engine.model import Model
+from ..engine.profile import Profile
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
 from ..io.data import Item
 from ..io.files import atomic_write
-from ..engine.model import Model
-from ..engine.profile import Profile
 from .heatmap import render
+
 
 @dataclass(frozen=True)
 class Target:

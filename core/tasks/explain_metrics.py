@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from ..choices import METRICS_STARTS
 from ..engine.model import Model
 from ..engine.profile import Profile
 from ..errors import AvarcError
 from ..io.files import atomic_write
 from ..io.preprocess import pixels_to_tensor
-from ..choices import METRICS_STARTS
 from .explain import Explanation
 
 STARTS = METRICS_STARTS

@@ -25,16 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoints import file_sha256
 from ..choices import INITS
+from ..engine.model import Model
+from ..engine.schedule import classify, noise_generator
 from ..errors import AvarcError
 from ..io import hf_data
 from ..io.data import DataOptions
 from ..io.files import atomic_write
-from ..engine.model import Model
 from ..io.preprocess import load_pixels, pixels_to_tensor
 from ..io.profiles import default_profile_name, load_profile
-from ..engine.schedule import classify, noise_generator
+from ..models.checkpoints import file_sha256
 from .training import Augment, OnStep, TrainConfig, TrainLog, token_pool, train_var
 
 EXTENSION_FORMAT = "avarc-extension/1"

@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..choices import OOD_SCORES
 from ..engine.model import Model
 from ..engine.profile import OodRule, Profile
 from ..engine.stages import Prediction
 from ..errors import AvarcError
-from ..choices import OOD_SCORES
 
 DEFAULT_OOD_SCORE = "likelihood"
 

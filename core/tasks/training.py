@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import AvarcError
 from ..engine.model import Model
 from ..engine.tokenizer import draw_noise, neighbour_tokens
+from ..errors import AvarcError
 from ..models.vqvae import VQVAE
 
 OnStep = Callable[[int, int, float], None]
