@@ -41,8 +41,10 @@ def by_task(model, tests: dict[str, digits.Digits], seen: tuple[int, ...]) -> di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", type=Path, default=Path("runs/digits-0-4"), help="base model directory (trained if missing)")
-    ap.add_argument("--joint", default="digits", help="jointly trained 10-class model (upper bound; default: bundled digits)")
+    ap.add_argument("--base", type=Path, default=Path("runs/digits-0-4"),
+                    help="base model directory (trained if missing)")
+    ap.add_argument("--joint", default="digits",
+                    help="jointly trained 10-class model (upper bound; default: bundled digits)")
     ap.add_argument("--out", type=Path, default=Path("runs/cil-digits.json"), help="JSON file with the numbers")
     ap.add_argument("--steps", type=int, default=600, help="add-class training steps (default 600)")
     ap.add_argument("--lr", type=float, default=0.1, help="add-class learning rate (default 0.1)")
@@ -66,7 +68,8 @@ def run(args) -> int:
         seconds["train_base"] = time.perf_counter() - start
     model = load_model_dir(args.base)
     if tuple(model.meta.get("classes", ())) != TASK1:
-        raise AvarcError(f"{args.base}: not a digits 0-4 base model; train one with scripts/train_digits.py --classes 0-4")
+        raise AvarcError(f"{args.base}: not a digits 0-4 base model; "
+                         "train one with scripts/train_digits.py --classes 0-4")
     test = digits.load_digits("test")
     t1, t2 = test.subset(TASK1), test.subset(TASK2)
 
@@ -79,8 +82,9 @@ def run(args) -> int:
     start = time.perf_counter()
     with output.progress() as bar:
         task = bar.add_task("add 5-9", total=args.steps, info="")
-        added = add_classes(model, images, steps=args.steps, lr=args.lr, batch_size=64, augment_sigma=args.augment_sigma,
-                            seed=args.seed, holdout=0.0, copies=train_digits.POOL_COPIES, affine=train_digits.AUGMENT,
+        added = add_classes(model, images, steps=args.steps, lr=args.lr, batch_size=64,
+                            augment_sigma=args.augment_sigma, seed=args.seed, holdout=0.0,
+                            copies=train_digits.POOL_COPIES, affine=train_digits.AUGMENT,
                             on_step=lambda s, total, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
     seconds["add_classes"] = time.perf_counter() - start
 
@@ -112,7 +116,8 @@ def run(args) -> int:
             ("after step 2 (+5-9, no replay)", pct(step2["task1"]), pct(step2["task2"]), pct(step2["all_seen"]))]
     if joint:
         rows.append(("joint 10-class (upper bound)", pct(joint["task1"]), pct(joint["task2"]), pct(joint["all_seen"])))
-    output.table("class-incremental digits (test split, top-1 %)", ["model", "task 1 %", "task 2 %", "all seen %"], rows)
+    output.table("class-incremental digits (test split, top-1 %)", ["model", "task 1 %", "task 2 %", "all seen %"],
+                 rows)
     output.console.print(f"average incremental accuracy {pct(result['average_incremental_accuracy'])} %, "
                          f"forgetting {pct(result['forgetting_task1'])} points; "
                          + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) + f"; wrote {args.out}")

@@ -1,6 +1,7 @@
 """One-shot check of avarc on an accelerator: correctness (tests on the device, tokens equal to the CPU's, bf16
 score error, precision guard) and speed (d16 with 100 and 1000 classes, d30 with 100, the digits demo, measured
-bf16 matmul peak, MFU, peak memory, launches per forward, host syncs per step, the device's busy share). Writes one JSON report; every section runs on its own, so one failure does not lose the others.
+bf16 matmul peak, MFU, peak memory, launches per forward, host syncs per step, the device's busy share). Writes one
+JSON report; every section runs on its own, so one failure does not lose the others.
 
     python3 scripts/device_check.py [REPORT.json] [--cpu-smoke]
 
@@ -19,14 +20,11 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+import digits
 import numpy as np
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-
-ROOT = Path(__file__).resolve().parent.parent
-
-import digits
 
 from core.engine.counters import engine_counters
 from core.engine.profile import Profile
@@ -37,6 +35,7 @@ from core.io.profiles import load_profile
 from core.runs.bench import compare, matmul_peak, random_model
 from core.runs.bench import run as bench_run
 
+ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "tests" / "data" / "conformance"
 T0 = time.perf_counter()
 
@@ -115,7 +114,8 @@ def tokens_and_scores(dev: torch.device, smoke: bool) -> dict:
         out[name] = {"tokens_equal_cpu": bool(torch.equal(tokens, golden["tokens"])),
                      "tokens_differing": int((tokens != golden["tokens"]).sum()),
                      "fp32_logp_max_err": float((fp32 - golden["logp"]).abs().max()),
-                     "bf16_score_err_rms": float(err.pow(2).mean().sqrt()), "bf16_score_err_max": float(err.abs().max()),
+                     "bf16_score_err_rms": float(err.pow(2).mean().sqrt()),
+                     "bf16_score_err_max": float(err.abs().max()),
                      "bf16_top1_agrees": float((bf16.sum(-1).argmax(1) == fp32.sum(-1).argmax(1)).float().mean())}
     return out
 

@@ -140,7 +140,8 @@ def measure_explanations(count: int, shard: tuple[int, int] = (0, 1)) -> None:
     expls = clf.explain([digits[i] for i in idx], labels=[labels[i] for i in idx])
     results = [image_metrics(clf.model, ex, clf.profile) for ex in expls]
     for i, r in zip(idx, results):
-        print(f"image {FIT[0] + i}: {r.insertion:.6f} {r.deletion:.6f} {r.random_insertion:.6f} {r.random_deletion:.6f}")
+        print(f"image {FIT[0] + i}: {r.insertion:.6f} {r.deletion:.6f} "
+              f"{r.random_insertion:.6f} {r.random_deletion:.6f}")
     print(f"\nexplanation metrics on {len(results)} test digits (mean ± s.e., std):")
     for k, (m, se) in summarise(results).items():
         print(f"  {k}: {m:.4f} ± {se:.4f} (std {np.std([getattr(r, k) for r in results], ddof=1):.4f})")

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches, augmentation (default 0)")
     ap.add_argument("--classes", default="0-9", help="digits to train on, e.g. 0-4 or 1,3,7 (default 0-9)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads (default 1: these tiny ops gain little from more, and lose a lot on a busy machine)")
+                    help="CPU threads (default 1: these tiny ops gain little from more, "
+                         "and lose a lot on a busy machine)")
     args = ap.parse_args(argv)
     if args.out is None and args.examples is None:
         ap.error("give --out DIR (train a model) and/or --examples DIR")

@@ -26,23 +26,24 @@ def test_conformance_extension_and_errors(monkeypatch, capsys, tmp_path):
     shutil.copy(CS.images[0], folder)
     (folder / "broken.png").write_bytes(b"not an image")
     ext = tmp_path / "ext.pt"
-    code, out, err = avarc(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path, "--vae", CS.vae_path,
-                           "--steps", 2, "--holdout", 0, "--out", ext, *FAST)
+    code, out, err = avarc(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path,
+                           "--vae", CS.vae_path, "--steps", 2, "--holdout", 0, "--out", ext, *FAST)
     assert code == 0, err
     assert "skipped" in err and "broken.png" in err and "newcls" in out
     assert torch.load(ext, weights_only=True)["names"] == ["newcls"]
 
-    code, _, err = avarc(monkeypatch, capsys, "classify", CS.images[0], "--model", OTHER.var_path, "--vae", OTHER.vae_path,
-                         "--extension", ext, *FAST)
+    code, _, err = avarc(monkeypatch, capsys, "classify", CS.images[0], "--model", OTHER.var_path,
+                         "--vae", OTHER.vae_path, "--extension", ext, *FAST)
     one_line_error(code, err, "was trained on sha256")
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = avarc(monkeypatch, capsys, "add-class", "x", empty, "--model", CS.var_path, "--vae", CS.vae_path, *FAST)
+    code, _, err = avarc(monkeypatch, capsys, "add-class", "x", empty, "--model", CS.var_path, "--vae", CS.vae_path,
+                         *FAST)
     one_line_error(code, err, "no readable images for class 'x'")
 
-    code, _, err = avarc(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path, "--vae", CS.vae_path,
-                         "--extension", ext, *FAST)
+    code, _, err = avarc(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path,
+                         "--vae", CS.vae_path, "--extension", ext, *FAST)
     one_line_error(code, err, "class 'newcls' already exists")
 
 
@@ -79,8 +80,8 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     names = {t["name"] for r in recs for t in r["topk"]}
     assert "sevens" in names and "7" in names and "0" in names
 
-    code, out, err = avarc(monkeypatch, capsys, "bench", "--extension", ext, "--num-classes", 11, "--warmup", 0, "--repeat", 1,
-                           "--json", *FAST)
+    code, out, err = avarc(monkeypatch, capsys, "bench", "--extension", ext, "--num-classes", 11, "--warmup", 0,
+                           "--repeat", 1, "--json", *FAST)
     assert code == 0, err
     assert json.loads(out)["results"][0]["s_per_image"]["median"] > 0
     code, _, err = avarc(monkeypatch, capsys, "bench", "--random-weights", "--extension", ext, *FAST)

@@ -24,7 +24,8 @@ def test_flops_only_matches_paper_tables():
 def test_timed_run_reports_every_field():
     var = CONFORMANCE / "official256" / "var.pth"
     res = runner.invoke(app, ["bench", "-m", str(var), "-p", "a-varc-plus", "--num-classes", "4", "--warmup", "0",
-                              "--repeat", "1", "--dtype", "fp32", "--dtype", "bf16", "--plain", "--json", "--device", "cpu"])
+                              "--repeat", "1", "--dtype", "fp32", "--dtype", "bf16", "--plain", "--json",
+                              "--device", "cpu"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["results"]
     assert [(r["profile"], r["dtype"]) for r in rows] == [("a-varc-plus", "fp32"), ("a-varc-plus", "bf16"),

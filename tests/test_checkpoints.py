@@ -39,7 +39,8 @@ BF16 = "nested-prefixed-bf16"
     lambda sd: {"model": sd},
     lambda sd: {f"module.{k}": v for k, v in sd.items()},
     lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
-    lambda sd: {"model": {f"module._orig_mod.{k}": v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}},
+    lambda sd: {"model": {f"module._orig_mod.{k}": v.to(torch.bfloat16) if v.is_floating_point() else v
+                          for k, v in sd.items()}},
 ], ids=["trainer", "var_wo_ddp", "state_dict", "model", "module", "orig_mod", BF16])
 def test_wrapped_checkpoints_load(tmp_path, request, var_sd, reference, wrap):
     model = core.load_model(save(tmp_path, wrap(var_sd)), VAE)

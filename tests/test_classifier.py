@@ -81,7 +81,8 @@ def test_inputs_paths_pil_and_tensors_agree(clf):
     pixels = [clf.prepare(p) for p in PATHS[:3]]
     by_path = clf.classify(PATHS[:3])
     by_pil = clf.classify([Image.open(p) for p in PATHS[:3]])
-    by_tensor = clf.classify(torch.stack([torch.from_numpy(px.copy()).permute(2, 0, 1).float() / 127.5 - 1 for px in pixels]))
+    by_tensor = clf.classify(torch.stack([torch.from_numpy(px.copy()).permute(2, 0, 1).float() / 127.5 - 1
+                                          for px in pixels]))
     for a, b, c in zip(by_path, by_pil, by_tensor):
         assert a.ranking == b.ranking == c.ranking
     only = clf.classify(PATHS[:1], candidates=["3", "8"])[0]
@@ -142,7 +143,8 @@ def test_explanation_saves_the_cli_panels(clf, tmp_path):
         assert im.size == figure_size(8) and np.array_equal(np.asarray(im.convert("RGB")), np.asarray(ex.to_pil()))
     assert np.load(tmp_path / "e.npz")["names"].tolist() == ["3", "8"]
     shared = np.asarray(ex.to_pil(shared_scale=True))
-    assert not np.array_equal(shared, np.asarray(ex.to_pil()))        # one scale for the three maps draws them otherwise
+    # one scale for the three maps draws them otherwise
+    assert not np.array_equal(shared, np.asarray(ex.to_pil()))
 
 
 def test_explain_equals_the_cli(clf, tmp_path, monkeypatch, capsys):
@@ -214,7 +216,8 @@ def _core_imports() -> dict[str, set[str]]:
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = mod.split(".") if parts[-1] == "__init__" else mod.split(".")[:-1]
         tree = ast.parse(path.read_text())
-        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        typing_only = {id(n) for node in ast.walk(tree)
+                       if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                        for n in ast.walk(node)}
         deps = set()
         for node in ast.walk(tree):

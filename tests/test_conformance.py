@@ -28,7 +28,8 @@ def test_logp_all_classes_and_null(conf, engine_model):
 
 def test_neighbours_for_given_noise(conf, engine_model):
     g, dev = conf.golden, engine_model.device
-    nb = neighbour_tokens(engine_model.vae, g["latent"].to(dev), g["noise"].to(dev), conf.meta["smoothing"]["sigma"]).cpu()
+    nb = neighbour_tokens(engine_model.vae, g["latent"].to(dev), g["noise"].to(dev),
+                          conf.meta["smoothing"]["sigma"]).cpu()
     assert torch.equal(nb, g["neighbor_tokens"])
     B, N, L = nb.shape
     lp = engine_model.token_logp(nb.reshape(B * N, L), list(range(conf.meta["num_classes"] + 1))).view(B, N, -1, L)

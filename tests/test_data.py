@@ -37,7 +37,8 @@ def test_class_folders_named_by_index_or_model_class_name_label_the_images(tmp_p
     for rel in ("3/a.png", "3/b.png", "7/deep/c.png"):
         touch(tmp_path / rel)
     found = collect([tmp_path], small_space())
-    assert found.labelled and [(it.key, it.label) for it in found.items] == [("3/a.png", 3), ("3/b.png", 3), ("7/deep/c.png", 7)]
+    assert found.labelled and [(it.key, it.label) for it in found.items] == [("3/a.png", 3), ("3/b.png", 3),
+                                                                             ("7/deep/c.png", 7)]
     named = tmp_path / "named"
     touch(named / "seven" / "x.png")
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -1,6 +1,6 @@
-"""Hugging Face ``datasets`` inputs (core/io/hf_data.py): a third of the digits test split as a folder of PNGs, a parquet file, a
-folder of parquet files (the hub's layout) and a ``save_to_disk`` folder give the same predictions and scores;
-resume after kill -9; one-line errors for a missing column, a non-image column and a bad split."""
+"""Hugging Face ``datasets`` inputs (core/io/hf_data.py): a third of the digits test split as a folder of PNGs, a
+parquet file, a folder of parquet files (the hub's layout) and a ``save_to_disk`` folder give the same predictions and
+scores; resume after kill -9; one-line errors for a missing column, a non-image column and a bad split."""
 from __future__ import annotations
 
 import hashlib
@@ -53,7 +53,8 @@ def digits(tmp_path_factory) -> dict[str, Path]:
     for image, label, index in rows:
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
         (folder / str(label) / f"{index}.png").write_bytes(_png(image))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
                                   "index": datasets.Value("int64")})
     ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(im), "path": None} for im, _, _ in rows],
                                      "label": [int(y) for _, y, _ in rows], "index": [int(i) for _, _, i in rows]},
@@ -69,7 +70,8 @@ def digits(tmp_path_factory) -> dict[str, Path]:
     ds.select(range(3)).to_parquet(str(root / "three.parquet"))
     (root / "plain.yaml").write_text(PLAIN)
     return {"root": root, "folder": folder, "parquet": root / "digits.parquet", "hub": root / "hub",
-            "saved": root / "saved", "bad": root / "with-bad-row.parquet", "three": root / "three.parquet", "profile": root / "plain.yaml"}
+            "saved": root / "saved", "bad": root / "with-bad-row.parquet", "three": root / "three.parquet",
+            "profile": root / "plain.yaml"}
 
 
 def _classify(monkeypatch, capsys, digits, source, out: Path, *extra) -> tuple[int, str, str]:
@@ -88,7 +90,8 @@ def test_every_format_gives_the_folder_runs_predictions_and_scores(digits, tmp_p
         assert code == 0, err
         got = read_jsonl(out)
         assert [r["path"] for r in got] == [f"{digits[name]}[{split}]#{i}" for i in range(N)]
-        assert [(r["label"], r["pred"], r["label_rank"]) for r in got] == [(r["label"], r["pred"], r["label_rank"]) for r in want]
+        assert ([(r["label"], r["pred"], r["label_rank"]) for r in got]
+                == [(r["label"], r["pred"], r["label_rank"]) for r in want])
         assert [r["stages"] for r in got] == [r["stages"] for r in want]
         assert [r["gflops"] for r in got] == [r["gflops"] for r in want]
         assert "top-1" in stdout
@@ -166,7 +169,8 @@ class _DatasetHandler(_Handler):
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(length).decode()) if length else {}
         hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        entries = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for f, b in files.items()]
+        entries = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                   for f, b in files.items()]
         entries += [{"type": "directory", "path": "data", "oid": "0" * 40, "size": 0}]
         if path in (api, f"{api}/revision/main", f"{api}/revision/{HUB_COMMIT}"):
             return self._json({"id": DATASET, "sha": HUB_COMMIT, "private": False, "gated": False, "disabled": False,
@@ -196,7 +200,8 @@ def dataset_hub(digits):
     server = FakeHub()
     server.RequestHandlerClass = _DatasetHandler
     server.dataset_files = {"README.md": b"digits test split\n",
-                            "data/test-00000-of-00001.parquet": (digits["hub"] / "data/test-00000-of-00001.parquet").read_bytes()}
+                            "data/test-00000-of-00001.parquet":
+                                (digits["hub"] / "data/test-00000-of-00001.parquet").read_bytes()}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -216,7 +221,8 @@ def test_hub_dataset_through_the_hf_cache_then_offline(digits, dataset_hub, tmp_
         seen = len(dataset_hub.requests)
         done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", f"hf://datasets/{DATASET}", "--device",
                                "cpu", "--profile", str(digits["profile"]), "--out", str(out)],
-                              env={**env, "HF_HUB_OFFLINE": offline}, cwd=REPO, capture_output=True, text=True, timeout=300)
+                              env={**env, "HF_HUB_OFFLINE": offline}, cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode == 0, done.stderr
         got = read_jsonl(out)
         assert [r["path"] for r in got] == [f"hf://datasets/{DATASET}[test]#{i}" for i in range(N)]

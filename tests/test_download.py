@@ -42,7 +42,8 @@ def env(hub, tmp_path) -> dict[str, str]:
 
 
 def avarc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "avarc_cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "avarc_cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def snapshot(env: dict[str, str], name: str) -> Path:
@@ -71,7 +72,8 @@ def test_cut_transfer_is_resumed_with_a_range_request(hub, env, tmp_path):
     # huggingface_hub keeps what it has received in 10 MiB steps, so the file must be larger than that to resume
     # mid-way: the conformance VQ-VAE saved in fp32 (~19 MB), cut after 12 MB.
     big = tmp_path / "vae_fp32.pth"
-    torch.save({k: v.float() for k, v in torch.load(HUB_FILES["vae_ch160v4096z32.pth"], weights_only=True).items()}, big)
+    torch.save({k: v.float() for k, v in torch.load(HUB_FILES["vae_ch160v4096z32.pth"], weights_only=True).items()},
+               big)
     data = big.read_bytes()
     hub.serve("vae_ch160v4096z32.pth", data)
     hub.cut_after["vae_ch160v4096z32.pth"] = 12_000_000
@@ -146,7 +148,8 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     with pytest.raises(AvarcError) as err:
         resolve_model("d16", model_dir=tmp_path)
     assert str(err.value) == (f"model 'd16' is not in {tmp_path}; download it with "
-                              f"Classifier.from_pretrained('d16', model_dir={str(tmp_path)!r}) (without local_files_only)")
+                              f"Classifier.from_pretrained('d16', model_dir={str(tmp_path)!r}) "
+                              "(without local_files_only)")
     assert message(err.value) == f"model 'd16' is not in {tmp_path}; run `avarc download d16 --dir {tmp_path}`"
     with pytest.raises(AvarcError) as err:
         resolve_model(tmp_path / "nothing.pth")

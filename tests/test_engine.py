@@ -48,7 +48,8 @@ def test_bf16_weights_cache_and_fp32_logits(conf, engine_model):
         assert low is engine_model.engine_var()                     # converted once, not per call
         blk = low.blocks[0]
         assert {blk.attn.mat_qkv.weight.dtype, blk.ffn.fc1.weight.dtype} == {torch.bfloat16}
-        assert low.head.weight.dtype == torch.float32 and engine_model.var.blocks[0].ffn.fc1.weight.dtype == torch.float32
+        assert (low.head.weight.dtype == torch.float32
+                and engine_model.var.blocks[0].ffn.fc1.weight.dtype == torch.float32)
         q, k, v = blk.attn.qkv(torch.zeros(1, 4, engine_model.spec.var.embed_dim, device=engine_model.device,
                                            dtype=torch.bfloat16))
         assert {q.dtype, k.dtype, v.dtype} == {torch.bfloat16}
@@ -121,7 +122,8 @@ def test_guard_on_the_359_test_digits(device):
     bf16 = _predict(model, latents, prof, torch.bfloat16, scorer)
     assert len(fp32) == 359 and [r.pred for r in bf16] == [r.pred for r in fp32]
     assert scorer.guarded < 36                           # only close calls pay for fp32
-    off = _predict(model, latents, parse_profile({"stages": [{"scales": "all", "keep": 3}, {"scales": "all", "samples": 3}],
+    off = _predict(model, latents, parse_profile({"stages": [{"scales": "all", "keep": 3},
+                                                             {"scales": "all", "samples": 3}],
                                                   "guard_margin": 0}, "off", "test"), torch.bfloat16)
     assert sum(a.pred == b.pred for a, b in zip(off, fp32)) >= 0.99 * 359
     # pruning and early exits are guarded too: with the schedule `avarc tune` picks at half of varc's compute, a

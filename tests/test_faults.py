@@ -128,7 +128,8 @@ def test_kill_9_ctrl_c_and_sigterm_at_random_points_then_resume_give_the_uninter
             assert "Traceback" not in err
             said = [x for x in err.splitlines() if "interrupted:" in x]
             safe = len(records(out))
-            assert len(said) == 1 and f"interrupted: {safe} records safe in {out}; continue with: avarc classify" in said[0]
+            assert len(said) == 1 and (f"interrupted: {safe} records safe in {out}; "
+                                       "continue with: avarc classify") in said[0]
             resume_line = said[0]
     assert codes == [-9, 130, 143, -9], codes           # every run was really interrupted
     assert lines(out) < IMAGES
@@ -203,7 +204,8 @@ def test_data_loss_cases_leave_every_file_byte_identical(digits, baseline, tmp_p
         (model / name).write_bytes((REPO / "core" / "weights" / "digits" / name).read_bytes())
     base = {p.name: sha(p) for p in model.iterdir()}
     for target in (model / "var.pth", model / "vae.pth", model / "meta.json"):
-        code, err = cli_here("add-class", "eight", few / "8", "--model", model, "--out", target, "--force", "--steps", 1)
+        code, err = cli_here("add-class", "eight", few / "8", "--model", model, "--out", target, "--force",
+                             "--steps", 1)
         assert code == 2 and "is a file the model is loaded from" in err
     ext = tmp_path / "eight.ext.pt"
     ext.write_bytes(b"an extension I want to keep")

@@ -14,7 +14,8 @@ def test_extending_a_cached_prefix_equals_full_forward(conf, engine_model):
     assert first.cache.num_tokens == ends[5] and first.logp.shape == (6, ends[5])
     rest = engine_model.score_pairs(tokens, classes, cache=first.cache, chunk=4)
     assert rest.start == ends[5] and (torch.cat([first.logp, rest.logp], 1) - golden).abs().max() < TOL
-    shorter = engine_model.score_pairs(tokens, classes, num_scales=8, cache=first.cache.truncate(ends[2]).select(torch.arange(6)))
+    shorter = engine_model.score_pairs(tokens, classes, num_scales=8,
+                                       cache=first.cache.truncate(ends[2]).select(torch.arange(6)))
     assert (shorter.logp - golden[:, ends[2]:ends[7]]).abs().max() < TOL
 
 

@@ -58,7 +58,8 @@ def release(tmp_path_factory) -> Path:
     folders = {f"thing_{k}": f"Thing {k}" for k in range(113)} | {"chair_x": "Chair X"}
     (maps / "folder_to_objectnet_label.json").write_text(json.dumps(folders))
     src = CS.dir.parent / "images"
-    for folder, stems in (("thing_0", ["tiny", "landscape"]), ("thing_20", ["portrait"]), ("chair_x", ["gray", "rgba"])):
+    for folder, stems in (("thing_0", ["tiny", "landscape"]), ("thing_20", ["portrait"]),
+                          ("chair_x", ["gray", "rgba"])):
         (root / "images" / folder).mkdir(parents=True)
         for stem in stems:
             _framed(root / "images" / folder / f"{stem}.png", Image.open(next(src.glob(f"{stem}.*"))).convert("RGB"))

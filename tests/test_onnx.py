@@ -59,7 +59,8 @@ def test_stale_export_is_detected_and_made_again(conf, onnx_model):
     model = resolve_model(folder / "var.pth", vae=folder / "vae.pth")
     stamp = (folder / "vae.onnx").stat().st_mtime_ns
     again = use_encoder(model, "onnx", folder / "vae.pth")   # the fixture's export, reused
-    assert not again.exported and again.path == folder / "vae.onnx" and (folder / "vae.onnx").stat().st_mtime_ns == stamp
+    assert (not again.exported and again.path == folder / "vae.onnx"
+            and (folder / "vae.onnx").stat().st_mtime_ns == stamp)
     record = json.loads((folder / "vae.onnx.json").read_text())
     assert record["weights_sha256"] == again.weights_sha256 == weights_sha256(model.vae)
 

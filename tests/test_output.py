@@ -25,8 +25,10 @@ def narrow(monkeypatch):
 
 
 def test_wide_table_is_turned_and_keeps_words_and_numbers_whole(narrow):
-    rows = [("a-varc-plus", "fp32", "63.2 (62.9–64.0)", 0.0158, "3% | 40 / 57", 4645.8, 2523.1, 0.0799, 41.2, 812.5, None),
-            ("a-varc-plus", "bf16", "21.0 (20.8–21.3)", 0.0476, "9% | 38 / 53", 4645.8, 2523.1, 0.2403, 30.1, 640.0, 1.0)]
+    rows = [("a-varc-plus", "fp32", "63.2 (62.9–64.0)", 0.0158, "3% | 40 / 57", 4645.8, 2523.1, 0.0799, 41.2, 812.5,
+             None),
+            ("a-varc-plus", "bf16", "21.0 (20.8–21.3)", 0.0476, "9% | 38 / 53", 4645.8, 2523.1, 0.2403, 30.1, 640.0,
+             1.0)]
     output.table("bench", BENCH_COLUMNS, rows)
     text = narrow.export_text()
     assert max(map(len, text.splitlines())) <= 80

@@ -35,13 +35,16 @@ def test_all_resolves_against_the_models_geometry(tmp_path):
 
 
 @pytest.mark.parametrize("body, expected", [
-    ("stages:\n  - {scales: 6, keep: 10}\n  - {scales: 10, samples: 0}\n", "stage 2: samples: must be an integer ≥ 1, got 0"),
-    ("stages:\n  - {scales: 6, keep: 2}\n  - {scales: 10, keep: 3}\n  - {scales: 10}\n", "stage 2: keep: 3 is more than stage 1 keeps (2)"),
+    ("stages:\n  - {scales: 6, keep: 10}\n  - {scales: 10, samples: 0}\n",
+     "stage 2: samples: must be an integer ≥ 1, got 0"),
+    ("stages:\n  - {scales: 6, keep: 2}\n  - {scales: 10, keep: 3}\n  - {scales: 10}\n",
+     "stage 2: keep: 3 is more than stage 1 keeps (2)"),
     ("stages:\n  - {scales: 6, keep: 3}\n", "stage 1: keep: must be 1 in the last stage"),
     ("stages:\n  - {scales: six}\n", "stage 1: scales: 'six' is not a number"),
     ("stages:\n  - {keep: 1}\n", "stage 1: scales: missing"),
     ("stages:\n  - {scales: 4, sample: 3}\n", "stage 1: sample: unknown field"),
-    ("stages:\n  - {scales: 4, keep: 2, exit_margin: -1}\n  - {scales: 5}\n", "stage 1: exit_margin: must be a positive number"),
+    ("stages:\n  - {scales: 4, keep: 2, exit_margin: -1}\n  - {scales: 5}\n",
+     "stage 1: exit_margin: must be a positive number"),
     ("stages:\n  - {scales: 4, exit_margin: 3}\n", "stage 1: exit_margin: the last stage has nothing left to skip"),
     ("sigma: -0.1\nstages:\n  - {scales: 4}\n", "sigma: must be a number ≥ 0"),
     ("stages: []\n", "stages: must be a non-empty list"),
@@ -67,7 +70,8 @@ def test_default_profile_comes_from_model_meta_or_geometry():
     assert default_profile_name(d16) == "a-varc-plus"
     d16.meta["default_profile"] = "adaptive"
     assert default_profile_name(d16) == "adaptive"
-    small = ModelSpec(VQVAESpec(), VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=10, patch_nums=(1, 2, 4)), 64)
+    small = ModelSpec(VQVAESpec(), VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=10, patch_nums=(1, 2, 4)),
+                      64)
     assert default_profile_name(build_model(small, "meta")) == "varc"
 
 

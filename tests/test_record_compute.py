@@ -13,7 +13,8 @@ from tests.conftest import avarc
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits"
 # no smoothing samples (the bench seeds its noise by image number, classify by file: clean tokens are the same)
-EXITS = "stages:\n  - {scales: 3, keep: 4, exit_margin: 3}\n  - {scales: all, keep: 2, exit_margin: 1}\n  - {scales: all}\n"
+EXITS = ("stages:\n  - {scales: 3, keep: 4, exit_margin: 3}\n  - {scales: all, keep: 2, exit_margin: 1}\n"
+         "  - {scales: all}\n")
 NO_EXIT = "stages:\n  - {scales: 2, keep: 5}\n  - {scales: 3, keep: 2}\n  - {scales: all}\n"
 
 

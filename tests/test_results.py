@@ -79,7 +79,8 @@ def test_resume_matches_images_by_their_resolved_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r.jsonl"
     out.write_text(json.dumps(_rec("d/x.png")) + "\n")
-    assert set(open_results(out, True, RUN).done) == {str(tmp_path / "d" / "x.png")} == {image_key(tmp_path / "d/x.png")}
+    assert (set(open_results(out, True, RUN).done) == {str(tmp_path / "d" / "x.png")}
+            == {image_key(tmp_path / "d/x.png")})
 
 
 @pytest.mark.parametrize("content, says", [
@@ -121,11 +122,14 @@ def test_metrics_top1_top5_stage_recall_and_early_exits():
     m = Metrics(3)
     good = ok_record(Item("a", "a", 3), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
                                                     {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
-    lost_late = ok_record(Item("b", "b", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
+    lost_late = ok_record(Item("b", "b", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0},
+                                                         {1: -3.0, 3: -2.0, 2: -9.0},
                                                          {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
-    lost_early = ok_record(Item("c", "c", 0), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
+    lost_early = ok_record(Item("c", "c", 0), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0},
+                                                          {1: -3.0, 3: -2.0, 2: -9.0},
                                                           {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
-    exited = ok_record(Item("d", "d", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}], exited_after=1), NAMES, RUN, 5)
+    exited = ok_record(Item("d", "d", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}], exited_after=1),
+                       NAMES, RUN, 5)
     for rec in (good, lost_late, lost_early, exited, skipped_record(Item("e", "e", 2), "bad", NAMES, RUN),
                 ok_record(Item("f", "f"), prediction([{0: -1.0, 1: -2.0}]), NAMES, RUN, 5)):
         m.add(rec)

@@ -106,7 +106,8 @@ def test_smoothing_tokens_come_from_each_images_own_generator(c256):
     for i in (0, 4):
         noise = draw_noise(latent[i:i + 1], 2, noise_generator(7, f"img{i}.png"))
         assert torch.equal(toks[i, 1:], neighbour_tokens(model.vae, latent[i:i + 1], noise, 0.1)[0])
-    assert not torch.equal(toks[0, 1:], sample_tokens(model, latent[:1], 3, 0.1, [noise_generator(8, "img0.png")])[0, 1:])
+    assert not torch.equal(toks[0, 1:],
+                           sample_tokens(model, latent[:1], 3, 0.1, [noise_generator(8, "img0.png")])[0, 1:])
 
 
 def test_results_do_not_depend_on_batch_composition(c256):

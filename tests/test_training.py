@@ -1,4 +1,5 @@
-"""core.tasks.training: a tiny VQ-VAE + VAR trained for a few steps on real digits learns, reproducibly, on any classes."""
+"""core.tasks.training: a tiny VQ-VAE + VAR trained for a few steps on real digits learns, reproducibly, on any
+classes."""
 from __future__ import annotations
 
 import math
@@ -37,7 +38,8 @@ def trained(train_set):
     vae_log = train_vqvae(model, images, TrainConfig(steps=60, lr=3e-3, batch_size=32, weight_decay=0.0),
                           augment=Augment(shift=0.5))
     tokens = model.tokenize(images)
-    var_log = train_var(model, tokens, torch.from_numpy(train_set.labels), TrainConfig(steps=60, lr=3e-3, batch_size=32))
+    var_log = train_var(model, tokens, torch.from_numpy(train_set.labels),
+                        TrainConfig(steps=60, lr=3e-3, batch_size=32))
     return model, tokens, vae_log, var_log
 
 
@@ -108,7 +110,8 @@ def test_only_the_given_parameters_change(trained, train_set):
 def test_token_pool_adds_augmented_copies(trained, train_set):
     model, tokens, _, _ = trained
     images = digits.to_tensor(train_set.images[:20], 8)
-    pool, labels = token_pool(model, images, torch.arange(20), 2, Augment(0.5, 10, 0.1), torch.Generator().manual_seed(0))
+    pool, labels = token_pool(model, images, torch.arange(20), 2, Augment(0.5, 10, 0.1),
+                              torch.Generator().manual_seed(0))
     assert pool.shape == (60, tokens.shape[1]) and torch.equal(labels, torch.arange(20).repeat(3))
     assert torch.equal(pool[:20], tokens[:20])          # the clean tokens come first, unchanged
     assert not torch.equal(pool[20:40], pool[:20])

@@ -1,5 +1,5 @@
-"""core.runs.schedule_table + core.runs.tune: a schedule replayed from the one-pass score table is the same schedule run by
-the classifier (predictions to the image, scores to 1e-4, executed compute to the MAC), on real digits."""
+"""core.runs.schedule_table + core.runs.tune: a schedule replayed from the one-pass score table is the same schedule
+run by the classifier (predictions to the image, scores to 1e-4, executed compute to the MAC), on real digits."""
 from __future__ import annotations
 
 from dataclasses import replace

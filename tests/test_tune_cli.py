@@ -97,7 +97,8 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     assert profile.temperature is not None and profile.temperature >= 1
 
     # tune's prediction on its own images = what classify measures, image by image
-    clf = Classifier.from_pretrained("digits", extensions=[Path(e) for e in extension[1::2]], device="cpu", dtype="fp32")
+    clf = Classifier.from_pretrained("digits", extensions=[Path(e) for e in extension[1::2]], device="cpu",
+                                     dtype="fp32")
     ext = clf.extensions
     found = collect([str(tune_dir)], clf.space, "auto", None, None, None)
     table = build_table(clf, found.items, found.candidates, 3, profile.sigma, 0)
@@ -118,7 +119,8 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     # held-out digits 1618–1796: at most two more mistakes than varc at ≤ 60% of its executed GFLOPs, and the
     # temperature's effect on the calibration of images tune never saw
     ours = classify(monkeypatch, capsys, test_dir, tuned, tmp_path / "test.jsonl", *extension)
-    untempered = classify(monkeypatch, capsys, test_dir, tuned, tmp_path / "test_t1.jsonl", *extension, "--temperature", 1)
+    untempered = classify(monkeypatch, capsys, test_dir, tuned, tmp_path / "test_t1.jsonl", *extension,
+                          "--temperature", 1)
     varc = classify(monkeypatch, capsys, test_dir, "varc", tmp_path / "varc.jsonl", *extension)
     mistakes = [sum(r["pred"] != r["label"] for r in recs) for recs in (ours, varc)]
     gflops = [executed_gflops(clf, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
@@ -185,7 +187,8 @@ def test_fitted_temperature_lowers_held_out_ece(folders):
 
 
 def decoded_images(page: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    return [Image.open(io.BytesIO(base64.b64decode(b)))
+            for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
 def test_report_is_one_self_contained_html_with_decodable_plots(monkeypatch, capsys, tmp_path, folders):
@@ -257,4 +260,5 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
     code, _, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "3..1", "--out", tmp_path / "u.yaml", *FAST)
     assert code == 2 and "--stages '3..1'" in err
     code, _, err = avarc(monkeypatch, capsys, "tune", small, "--budget", 0.01, "--out", tmp_path / "u.yaml", *FAST)
-    assert code == 2 and "--budget: no schedule fits" in err and "raise the budget" in err and not (tmp_path / "u.yaml").exists()
+    assert (code == 2 and "--budget: no schedule fits" in err and "raise the budget" in err
+            and not (tmp_path / "u.yaml").exists())

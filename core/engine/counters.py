@@ -17,8 +17,8 @@ ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strid
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it that run a kernel (not views, not bare allocations) by name, and the host syncs among them (a sync op, or a
-    copy between devices)."""
+    """Counts the aten ops dispatched inside it that run a kernel (not views, not bare allocations) by name, and the
+    host syncs among them (a sync op, or a copy between devices)."""
 
     def __init__(self):
         super().__init__()

@@ -86,7 +86,8 @@ def encoder_macs(vae: VQVAESpec, image_size: int, patch_nums: tuple[int, ...]) -
         k = mod.weight.shape
         total += out[0].numel() * k[1] * k[2] * k[3]
 
-    hooks = [m.register_forward_hook(hook) for m in [*model.encoder.modules(), model.quant_conv] if isinstance(m, nn.Conv2d)]
+    hooks = [m.register_forward_hook(hook) for m in [*model.encoder.modules(), model.quant_conv]
+             if isinstance(m, nn.Conv2d)]
     model.encode(torch.empty(1, 3, image_size, image_size, device="meta"))
     for h in hooks:
         h.remove()

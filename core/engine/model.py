@@ -32,9 +32,11 @@ class Model:
     dtype: torch.dtype = torch.float32
     budget_bytes: int | None = None            # activation memory per chunk; None: sized from the device
     meta: dict = field(default_factory=dict)
-    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # replaces the torch encoder (``onnx_encoder.use_encoder``)
+    # replaces the torch encoder (``onnx_encoder.use_encoder``)
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    extensions: list = field(default_factory=list)   # the core.tasks.incremental.Extension objects applied, bottom first
+    # the core.tasks.incremental.Extension objects applied, bottom first
+    extensions: list = field(default_factory=list)
     var_file: Path | None = None                                # the VAR checkpoint it was loaded from (its identity)
     vae_file: Path | None = None                                # the VQ-VAE checkpoint it was loaded from
     compile: bool = False                       # fuse the engine's elementwise work with torch.compile
@@ -48,7 +50,8 @@ class Model:
         dtype = dtype or self.dtype
         if dtype == torch.float32 and not self.compile:
             return self.var
-        key = (self.device, self.compile, id(self.var.extra_class_emb), tuple(p._version for p in self.var.parameters()))
+        key = (self.device, self.compile, id(self.var.extra_class_emb),
+               tuple(p._version for p in self.var.parameters()))
         held = self._engines.get(dtype)
         if held is None or held[0] != key:
             self._engines.pop(dtype, None)           # free the old copy before making the new one
@@ -120,7 +123,8 @@ class Model:
                            self.budget_bytes, cache, keep_cache)
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
-        """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier scales)."""
+        """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier
+        scales)."""
         classes = torch.as_tensor(classes, dtype=torch.long).view(-1)
         if classes.numel() and (classes.min() < 0 or classes.max() > self.null_class):
             raise AvarcError(f"class ids must be in 0..{self.null_class} (null = {self.null_class})")

@@ -71,7 +71,8 @@ def dataset_presets() -> dict[str, DatasetPreset]:
                                     "ImageNet-A: synset folders, candidates restricted to its 200 classes"),
         "imagenet-r": DatasetPreset("imagenet-r", "synset", _preset_candidates("imagenet-r"),
                                     "ImageNet-R: synset folders, candidates restricted to its 200 classes"),
-        "imagenet-sketch": DatasetPreset("imagenet-sketch", "synset", None, "ImageNet-Sketch: synset folders, 1000 classes"),
+        "imagenet-sketch": DatasetPreset("imagenet-sketch", "synset", None,
+                                         "ImageNet-Sketch: synset folders, 1000 classes"),
         "objectnet": DatasetPreset("objectnet", "objectnet", None, "ObjectNet: the objectnet-1.0 release, read "
                                    "through its mappings; the 125 ImageNet classes of its 113 overlapping classes"),
     }
@@ -88,7 +89,8 @@ def read_subset(name_or_path: str | os.PathLike) -> list[str]:
     else:
         path = Path(key)
         if not path.is_file():
-            raise AvarcError(f"{key}: no such subset file; use one of {', '.join(SUBSETS)} or a file of synsets, one a line")
+            raise AvarcError(f"{key}: no such subset file; use one of {', '.join(SUBSETS)} "
+                             "or a file of synsets, one a line")
         text, where = path.read_text(errors="replace"), str(path)
     synsets = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     bad = next((s for s in synsets if not _SYNSET.fullmatch(s)), None)
@@ -133,7 +135,8 @@ class ClassSpace:
             idx = int(token)
             if idx < self.num_classes:
                 return idx
-            raise AvarcError(f"{where}: class index {idx} is out of range; this model has classes 0…{self.num_classes - 1}")
+            raise AvarcError(f"{where}: class index {idx} is out of range; "
+                             f"this model has classes 0…{self.num_classes - 1}")
         hits = self._by_name.get(token.lower().replace(" ", "_"), [])
         if len(hits) == 1:
             return hits[0]
@@ -207,7 +210,8 @@ class Inputs:
     candidates: list[int]
     labelled: bool
     left_out: int = 0      # labelled images whose class is not a candidate
-    notes: tuple[str, ...] = ()    # what the reader skipped, one line each (ObjectNet's folders without ImageNet classes)
+    # what the reader skipped, one line each (ObjectNet's folders without ImageNet classes)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,8 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         left_out = len(items) - len(kept)
         items = kept
         if not items:
-            raise AvarcError("no labelled images belong to the candidate classes; check the subset and class restrictions")
+            raise AvarcError("no labelled images belong to the candidate classes; "
+                             "check the subset and class restrictions")
     return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out, notes=notes)
 
 

@@ -37,7 +37,8 @@ def _writable_folder(folder: Path, path: Path, option: str | None) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise AvarcError(f"{path}: cannot write in {probe} ({e.strerror}); choose a writable folder", option=option) from None
+        raise AvarcError(f"{path}: cannot write in {probe} ({e.strerror}); choose a writable folder",
+                         option=option) from None
 
 
 def check_output_file(path: str | os.PathLike, option: str | None = None, force: bool | None = None) -> Path:
@@ -77,7 +78,8 @@ def make_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AvarcError(f"{path}: cannot create the folder ({e.strerror}); choose another folder", option=option) from None
+        raise AvarcError(f"{path}: cannot create the folder ({e.strerror}); choose another folder",
+                         option=option) from None
     return path
 
 

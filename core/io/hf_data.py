@@ -27,7 +27,8 @@ _NOT_PARQUET_OK = {"README.md", ".gitattributes"}
 
 
 def _parquet_folder(path: Path) -> bool:
-    files = [f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)]
+    files = [f for f in path.rglob("*")
+             if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)]
     parquet = [f for f in files if f.suffix == ".parquet"]
     return bool(parquet) and all(f.suffix == ".parquet" or f.name in _NOT_PARQUET_OK for f in files)
 
@@ -49,7 +50,8 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise AvarcError("reading Hugging Face datasets needs the optional extra: pip install 'avarc[datasets]'") from None
+        raise AvarcError("reading Hugging Face datasets needs the optional extra: "
+                         "pip install 'avarc[datasets]'") from None
     return datasets
 
 
@@ -115,7 +117,8 @@ def _column(name: str, ds, wanted: str | None, kind, what: str, option: str) -> 
         return wanted
     hits = [c for c, f in features.items() if isinstance(f, kind)]
     if len(hits) > 1:
-        raise AvarcError(f"{name}: several columns hold {what} ({', '.join(hits)}); choose one with --{option.replace('_', '-')}",
+        raise AvarcError(f"{name}: several columns hold {what} ({', '.join(hits)}); "
+                         f"choose one with --{option.replace('_', '-')}",
                          option=option)
     return hits[0] if hits else None
 
@@ -199,7 +202,8 @@ def class_names(raw: str | os.PathLike, split: str | None, label_column: str | N
                      "label_column")
     if column is None:
         raise AvarcError(f"{display(raw)}[{split_name}]: no label column (a ClassLabel feature) to name the new "
-                         f"classes; name it with --label-column (columns: {', '.join(ds.features)})", option="label_column")
+                         f"classes; name it with --label-column (columns: {', '.join(ds.features)})",
+                         option="label_column")
     return list(ds.features[column].names)
 
 

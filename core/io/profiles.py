@@ -126,7 +126,8 @@ def _parse_ood(raw, source: str) -> OodRule | None:
 
 
 def profile_yaml(profile: Profile, comment: str = "") -> str:
-    """A profile as the YAML ``load_profile`` reads back to the same schedule; ``comment`` becomes ``#`` lines on top."""
+    """A profile as the YAML ``load_profile`` reads back to the same schedule; ``comment`` becomes ``#`` lines on
+    top."""
     doc = {"name": profile.name, "description": profile.description, "sigma": profile.sigma}
     if profile.temperature is not None:
         doc["temperature"] = profile.temperature

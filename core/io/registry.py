@@ -75,7 +75,8 @@ REGISTRY: dict[str, ModelEntry] = {
                                HubFile(f"d{d}-cca", CCA_REPO, f"CCA_VAR_Guidance_Free/VAR_d{d}_CCA.pth"),
                                official_spec(f"d{d}"), "vae", "a-varc-plus", _VAR_SIZES[d])
        for d in (16, 20, 24, 30)},
-    "digits": _bundled("digits", "bundled demo: tiny VAR trained on scikit-learn's 8x8 handwritten digits (10 classes)"),
+    "digits": _bundled("digits", "bundled demo: tiny VAR trained on scikit-learn's 8x8 handwritten digits "
+                       "(10 classes)"),
 }
 
 
@@ -83,7 +84,8 @@ def entry(name: str) -> ModelEntry:
     try:
         return REGISTRY[name.lower()]
     except KeyError:
-        raise AvarcError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)} (or pass a checkpoint path)") from None
+        raise AvarcError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)} "
+                         "(or pass a checkpoint path)") from None
 
 
 def with_vaes(names: list[str]) -> list[ModelEntry]:

@@ -71,7 +71,8 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
         path.write_bytes(b"")
         return Resumed()
     if not resume:
-        raise AvarcError(f"{path}: already exists; {FIX} to continue it, or choose another file", option="out", fix="resume")
+        raise AvarcError(f"{path}: already exists; {FIX} to continue it, or choose another file", option="out",
+                         fix="resume")
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data) and parse_line(data[end:]) is not None:     # a whole last record, only its newline missing
@@ -88,7 +89,8 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
                              "left it untouched; choose another file", option="out")
         if rec["run"].get("fingerprint") != run["fingerprint"]:
             raise AvarcError(f"{path}: holds records of another run ({_differs(rec['run'], run)}); left it "
-                             "untouched; resume with the same settings, or choose another file for this run", option="out")
+                             "untouched; resume with the same settings, or choose another file for this run",
+                             option="out")
         state.done.setdefault(record_key(rec), rec)
     if state.torn:
         if not data[end:].startswith(b'{"'):

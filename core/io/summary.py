@@ -98,7 +98,8 @@ def check_csv(path: str | os.PathLike, columns: Sequence[str]) -> None:
     if header is not None and header != list(columns):
         stages = sum(c.startswith("recall_stage") for c in columns)
         raise AvarcError(f"{path}: its columns differ from this run's ({len(header)} vs {len(columns)}: a profile "
-                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another file", option="csv")
+                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another file",
+                         option="csv")
 
 
 def append_csv_summary(path: str | os.PathLike, row: dict) -> None:

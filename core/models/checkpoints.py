@@ -22,7 +22,8 @@ from ..errors import AvarcError
 
 # Values the official files carry that are recomputed from the architecture.
 DERIVED_BUFFERS = ("attn_bias_for_masking", "lvl_1L", "zero_k_bias", "ema_vocab_hit_SV")
-_NESTING = {"var": ("var_wo_ddp", "var", "state_dict", "model"), "vae": ("vae_wo_ddp", "vae_local", "vae", "state_dict", "model")}
+_NESTING = {"var": ("var_wo_ddp", "var", "state_dict", "model"),
+            "vae": ("vae_wo_ddp", "vae_local", "vae", "state_dict", "model")}
 _PREFIXES = ("module.", "_orig_mod.")
 # How torch's weights-only unpickler words "this pickle names a global it will not import" (2.1 … 2.13).
 _NEEDS_CODE = re.compile(r"unsupported (global|class)", re.IGNORECASE)
@@ -119,7 +120,8 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
         raise AvarcError(f"{path}: not a {what} checkpoint for this architecture ({'; '.join(parts)})")
     for k, v in sd.items():
         if tuple(own[k].shape) != tuple(v.shape):
-            raise AvarcError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+            raise AvarcError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
+                             f"model {tuple(own[k].shape)}")
     module.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in module.parameters()))
 
 

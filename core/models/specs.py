@@ -103,8 +103,8 @@ class ModelSpec:
 
 def _official_var(depth: int) -> VARSpec:
     big = depth == 36
-    return VARSpec(depth=depth, embed_dim=64 * depth, num_heads=depth, patch_nums=PATCH_NUMS_512 if big else PATCH_NUMS_256,
-                   shared_aln=big)
+    return VARSpec(depth=depth, embed_dim=64 * depth, num_heads=depth,
+                   patch_nums=PATCH_NUMS_512 if big else PATCH_NUMS_256, shared_aln=big)
 
 
 OFFICIAL_VAE = VQVAESpec()
@@ -119,7 +119,8 @@ def official_spec(name: str) -> ModelSpec:
         key = "d16"
     m = re.fullmatch(r"d(\d+)", key)
     if not m or int(m.group(1)) not in OFFICIAL_DEPTHS:
-        raise AvarcError(f"unknown official model {name!r}; choose one of vae, " + ", ".join(f"d{d}" for d in OFFICIAL_DEPTHS))
+        raise AvarcError(f"unknown official model {name!r}; choose one of vae, "
+                         + ", ".join(f"d{d}" for d in OFFICIAL_DEPTHS))
     depth = int(m.group(1))
     return ModelSpec(vae=OFFICIAL_VAE, var=_official_var(depth), image_size=512 if depth == 36 else 256)
 
@@ -171,7 +172,8 @@ def infer_var_spec(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] |
         raise AvarcError(f"not a VAR state dict (missing {e})") from None
     patch_nums = tuple(patch_nums) if patch_nums else infer_patch_nums(L, num_scales, first)
     if sum(p * p for p in patch_nums) != L:
-        raise AvarcError(f"patch_nums {patch_nums} give {sum(p * p for p in patch_nums)} tokens but the checkpoint has {L}")
+        raise AvarcError(f"patch_nums {patch_nums} give {sum(p * p for p in patch_nums)} tokens "
+                         f"but the checkpoint has {L}")
     return VARSpec(
         depth=depth, embed_dim=C, num_heads=heads, num_classes=num_classes, patch_nums=patch_nums,
         shared_aln="shared_ada_lin.1.weight" in sd, attn_l2_norm="blocks.0.attn.scale_mul_1H11" in sd,

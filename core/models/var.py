@@ -390,7 +390,8 @@ class VAR(nn.Module):
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if spec.shared_aln else nn.Identity()
         hidden = round(C * spec.mlp_ratio)
         self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(C, spec.num_heads, hidden, spec.shared_aln, spec.attn_l2_norm, spec.norm_eps) for _ in range(spec.depth)
+            AdaLNSelfAttn(C, spec.num_heads, hidden, spec.shared_aln, spec.attn_l2_norm, spec.norm_eps)
+            for _ in range(spec.depth)
         )
         self.head_nm = AdaLNBeforeHead(C, spec.norm_eps)
         self.head = nn.Linear(C, spec.vocab_size)

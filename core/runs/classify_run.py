@@ -119,7 +119,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     with results_file(out, resume, run_key, dist) as results:
         todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,
-                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score), keep_records,
-                          safe=len(results.done))
+                          dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score),
+                          keep_records, safe=len(results.done))
         run.count(results.resumed.done.values() if results.resumed else ())
         yield run

@@ -100,7 +100,8 @@ def build_table(clf: Classifier, items: Sequence[Item], candidates: Sequence[int
             latents = model.encode(torch.stack([pixels_to_tensor(px) for _, px in good]))
             if not exact:
                 exact.append(exact_sample_counts(latents[:1].cpu(), M))
-            tokens = sample_tokens(model, latents, M, sigma, [noise_generator(seed, it.key) for it, _ in good])  # B, M, L
+            # B, M, L
+            tokens = sample_tokens(model, latents, M, sigma, [noise_generator(seed, it.key) for it, _ in good])
             B = tokens.shape[0]
             seq = tokens.repeat_interleave(K, 1).flatten(0, 1)                             # B·M·K, L (class fastest)
             lp = model.pair_logp(seq, classes.repeat(B * M)).double()                      # B·M·K, L

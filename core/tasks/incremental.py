@@ -162,7 +162,8 @@ def apply_extension(model: Model, ext: Extension, where: str = "extension") -> N
     sha = base_sha256(model)
     if ext.base_sha256 != sha:
         hint = f"model {ext.base_name}" if ext.base_name else "VAR checkpoint it was trained on"
-        raise AvarcError(f"{where}: was trained on {ext.describe_base()} but the model is sha256 {sha[:12]}…; use the {hint}",
+        raise AvarcError(f"{where}: was trained on {ext.describe_base()} but the model is sha256 {sha[:12]}…; "
+                         f"use the {hint}",
                          option="model")
     below = applied(model)
     if [p["sha256"] for p in ext.parents] != [p["sha256"] for p in below] or ext.offset != model.num_classes:
@@ -205,7 +206,8 @@ def read_class_folders(folders: Mapping[str, str | os.PathLike], size: int, prep
         folder = Path(folder)
         if not folder.is_dir():
             raise AvarcError(f"{folder}: no such folder; pass a folder of {name!r} images")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+        files = sorted(p for p in folder.rglob("*")
+                       if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
         xs = []
         for f in files:
             px = load_pixels(f, size, preprocess)
@@ -232,10 +234,12 @@ def labelled_folders(root: str | os.PathLike) -> dict[str, Path]:
     """A folder of labelled sub-folders → {sub-folder name: sub-folder}."""
     root = Path(root)
     if not root.is_dir():
-        raise AvarcError(f"{root}: no such folder; pass NAME IMAGES_DIR, NAME=DIR pairs, or a folder of class sub-folders")
+        raise AvarcError(f"{root}: no such folder; pass NAME IMAGES_DIR, NAME=DIR pairs, "
+                         "or a folder of class sub-folders")
     subs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
     if not subs:
-        raise AvarcError(f"{root}: no class sub-folders; pass NAME IMAGES_DIR, or a folder with one sub-folder per class")
+        raise AvarcError(f"{root}: no class sub-folders; pass NAME IMAGES_DIR, "
+                         "or a folder with one sub-folder per class")
     return subs
 
 
@@ -316,7 +320,8 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     keep[-len(names):] = 1
     var.extra_class_emb.requires_grad_(True)
     hook = var.extra_class_emb.register_hook(lambda g: g * keep)   # earlier extensions' rows get no gradient
-    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=min(20, steps // 10), weight_decay=0.0, seed=seed)
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=min(20, steps // 10), weight_decay=0.0,
+                      seed=seed)
     try:
         log = train_var(model, torch.cat(tokens), torch.cat(labels), cfg, [("extra_class_emb", var.extra_class_emb)],
                         label_drop=0.0, on_step=on_step)
@@ -338,7 +343,8 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     model.extensions.append(ext)
     held = _held_out(model, images, splits, offset, seed)
     ext.training = {"steps": steps, "lr": lr, "batch_size": batch_size, "init": init, "augment_sigma": augment_sigma,
-                "augment_copies": copies, "affine": {"shift": affine.shift, "rotate": affine.rotate, "scale": affine.scale},
+                "augment_copies": copies,
+                "affine": {"shift": affine.shift, "rotate": affine.rotate, "scale": affine.scale},
                 "seed": seed, "holdout": holdout, "final_loss": round(log.mean(last=min(20, steps)), 4),
                 "images": {h.name: {"train": h.train_images, "held_out": h.total} for h in held},
                 "held_out_accuracy": {h.name: h.accuracy for h in held}}

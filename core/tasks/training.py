@@ -193,7 +193,8 @@ def train_var(model: Model, tokens: torch.Tensor, labels: torch.Tensor, cfg: Tra
     the VQ-VAE stays frozen."""
     var, quantizer = model.var, model.vae.quantize
     if tokens.shape[1] != var.L:
-        raise AvarcError(f"tokens have {tokens.shape[1]} positions but the VAR models {var.L}; tokenise with its VQ-VAE")
+        raise AvarcError(f"tokens have {tokens.shape[1]} positions but the VAR models {var.L}; "
+                         "tokenise with its VQ-VAE")
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
         raise AvarcError(f"labels must be class indices in 0..{model.num_classes - 1}")
     named = list(var.named_parameters()) if params is None else list(params)
