@@ -74,7 +74,8 @@ def _unit_qk(y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     does (the norm clamped at 1e-12), with one fp32 factor per row cast once; written into y in place when
     running eagerly (no new buffer), functionally under the compiler."""
     qk = y[:, :, :2]
-    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
+    # out of place: add-class trains through the blocks, and autograd keeps the norm
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
     r = torch.div(factor, norm).to(y.dtype)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return torch.cat((qk * r, y[:, :, 2:]), 2)
