@@ -16,8 +16,8 @@ from core.engine.model import build_model
 from core.engine.profile import Profile, Stage
 from core.engine.schedule import noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
+from core.models.block_ops import CompiledBlock
 from core.models.specs import official_spec
-from core.models.var import CompiledBlock
 
 
 def _small(depth: int, seed: int = 0):

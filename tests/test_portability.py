@@ -17,7 +17,7 @@ from core.engine.schedule import noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
 from core.io.loading import resolve_model
 from core.io.profiles import load_profile
-from core.models import var as var_mod
+from core.models import block_ops as var_mod
 from scripts import digits
 
 REPO = Path(__file__).resolve().parents[1]

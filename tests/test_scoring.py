@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from core.engine.profile import Profile, Stage
 from core.engine.schedule import noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
-from core.models.var import KVCache
+from core.models.var_state import KVCache
 
 PROFILE = Profile("test", (Stage(3, 1, 6), Stage(10, 1, 3), Stage(10, 3, 1)), sigma=0.1)
 

@@ -16,7 +16,8 @@ import torch
 
 from ..models.quantizer import MultiScaleQuantizer
 from ..models.specs import VARSpec
-from ..models.var import VAR, KVCache
+from ..models.var import VAR
+from ..models.var_state import KVCache
 
 CPU_BUDGET_BYTES = 2 << 30          # activations of one chunk on a CPU (larger chunks buy nothing there)
 CPU_CACHE_BYTES = 4 << 30           # keys/values kept for later stages on a CPU

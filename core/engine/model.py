@@ -12,7 +12,8 @@ import torch
 
 from ..errors import AvarcError
 from ..models.specs import ModelSpec
-from ..models.var import VAR, KVCache
+from ..models.var import VAR
+from ..models.var_state import KVCache
 from ..models.vqvae import VQVAE
 from . import tokenizer
 from .likelihood import PairScores, pair_logp, score_pairs

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import AvarcError
+from ..models.block_ops import onednn_bf16
 from ..models.specs import VARSpec
-from ..models.var import onednn_bf16
 from .flops import token_macs
 
 
@@ -66,7 +66,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16) that oneDNN can use, where bf16
     matmuls run several times faster than fp32; elsewhere (e.g. AVX2-only) bf16 is emulated, slower than fp32.
-    ``AVARC_CPU_BF16=emulated`` makes any host answer as one without (see :func:`core.models.var.onednn_bf16`)."""
+    ``AVARC_CPU_BF16=emulated`` makes any host answer as one without (see :func:`core.models.block_ops.onednn_bf16`)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -17,7 +17,7 @@ from typing import Hashable
 
 import torch
 
-from ..models.var import KVCache
+from ..models.var_state import KVCache
 from .flops import Macs, sequence_macs
 from .likelihood import cache_budget
 from .model import Model

@@ -1,0 +1,174 @@
+"""A VAR block's work as module-free functions: the linear layers (bias and GELU in the matmul's epilogue where the
+backend has one), q/k normalisation, AdaLN modulation, residual adds and the whole block step. Module-free, so one
+compiled graph serves every block, batch and length (:class:`CompiledBlock`), and the attention mask of a forward
+is built once (:class:`AttentionPlan`). Shapes: B batch, L tokens, C width, H heads."""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .specs import VARSpec
+
+log = logging.getLogger("avarc")
+MOD_ROWS = 6    # a block's AdaLN rows in a class table: γ1, γ2, 1 + s1, 1 + s2, b1, b2
+
+
+def _norm_modulate(x: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """A branch's input: LN(x)·(1 + scale) + shift, in the branch's dtype (``scale1`` holds 1 + scale)."""
+    return _modulate(F.layer_norm(x, x.shape[-1:], eps=eps), scale1, shift, dtype)
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """x + γ·branch in x's dtype. A low-precision branch is cast first: on a CPU an addcmul of mixed dtypes runs ~4×
+    slower than the cast and a same-dtype addcmul together."""
+    return torch.addcmul(x, branch.to(x.dtype), gamma)
+
+
+ONEDNN_DTYPES = (torch.bfloat16,)   # in fp32 ATen's MKL GEMM is faster than oneDNN's, which cancels the fusion
+EMULATED_ENV = "AVARC_CPU_BF16"      # "emulated": take the plain path as on a CPU without native bf16 (tests, A/B)
+
+
+@lru_cache(maxsize=1)
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 linears on this CPU. ``mkldnn.is_available()`` only says the library is built in;
+    on an AVX2-only CPU oneDNN has no bf16 kernel and ``_linear_pointwise`` raises, while ATen's ``F.linear`` still
+    runs bf16 (emulated). So: the capability check, then one tiny call, decided once per process."""
+    if os.environ.get(EMULATED_ENV) == "emulated" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        x, w = torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "gelu", [], "tanh")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16, where oneDNN can run it (:func:`onednn_bf16`),
+    it is one oneDNN call (the kernel torch's own compiler emits for a frozen linear) with the bias and the GELU in
+    the matmul's epilogue: ATen would copy the broadcast bias into the output before the GEMM and run GELU as a
+    separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh) in cuBLASLt's epilogue (on a CPU that
+    call computes the erf GELU, so not there). The official tanh approximation either way."""
+    if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and onednn_bf16()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "tanh" if gelu else "")
+    if gelu and bias is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    y = F.linear(x, weight, bias)
+    return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y   # in place: one buffer fewer to fault in
+
+
+def _modulate(n_BLC: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """shift + n·scale1 computed in fp32 and written once, straight in ``dtype`` (one pass: no fp32 intermediate
+    and no separate cast). With autograd on (add-class trains class rows) ``out=`` is not allowed, so the same
+    values come from a cast."""
+    if dtype == n_BLC.dtype or torch.is_grad_enabled():
+        return torch.addcmul(shift, n_BLC, scale1).to(dtype)
+    return torch.addcmul(shift, n_BLC, scale1, out=n_BLC.new_empty(n_BLC.shape, dtype=dtype))
+
+
+def _unit_qk(y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """y (B, L, 3, H, c) with q and k normalised over c and multiplied by ``factor`` (2, H, 1), as F.normalize
+    does (the norm clamped at 1e-12), with one fp32 factor per row cast once; written into y in place when
+    running eagerly (no new buffer), functionally under the compiler."""
+    qk = y[:, :, :2]
+    # out of place: add-class trains through the blocks, and autograd keeps the norm
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+    r = torch.div(factor, norm).to(y.dtype)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return torch.cat((qk * r, y[:, :, 2:]), 2)
+    torch.mul(qk, r, out=qk)
+    return y
+
+
+def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor,
+               factor: torch.Tensor | None, w_proj: torch.Tensor, b_proj: torch.Tensor, w1: torch.Tensor,
+               b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, mask: torch.Tensor | None,
+               kv: torch.Tensor | None, start: int, eps: float, heads: int, scale: float) -> torch.Tensor:
+    """One block, module-free (so one compiled graph serves every block, batch and length): x (B, L, C) fp32
+    residual stream of tokens start … start+L−1, ``mod`` its B, 6, C AdaLN rows (γ1, γ2, 1 + s1, 1 + s2, b1,
+    b2). ``kv`` (B, ≥ start+L, 2, H, c), if given, holds the earlier tokens' keys/values and receives the new
+    ones; else the keys are the new tokens' own. One attention call whatever the number of scales (``mask``).
+    Only the linear layers run in their weights' dtype: the norm, the AdaLN modulation and the residual adds stay
+    fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a 512-pixel model's class scores by several
+    nats)."""
+    B, L, C = x.shape
+    dtype = w_qkv.dtype
+    g1, g2, s1, s2, sh1, sh2 = (mod[:, i:i + 1] for i in range(MOD_ROWS))
+    y = linear(_norm_modulate(x, s1, sh1, eps, dtype), w_qkv, b_qkv).view(B, L, 3, heads, C // heads)
+    if factor is not None:
+        y = _unit_qk(y, factor)
+    if kv is not None:
+        kv[:, start:start + L].copy_(y[:, :, 1:])
+        keys = kv[:, :start + L]
+    else:
+        keys = y[:, :, 1:]
+    a = F.scaled_dot_product_attention(y[:, :, 0].transpose(1, 2), keys[:, :, 0].transpose(1, 2),
+                                       keys[:, :, 1].transpose(1, 2), attn_mask=mask, scale=scale)
+    x = _residual(x, linear(a.transpose(1, 2).reshape(B, L, C), w_proj, b_proj), g1)
+    h = linear(_norm_modulate(x, s2, sh2, eps, dtype), w1, b1, gelu=True)
+    return _residual(x, linear(h, w2, b2), g2)
+
+
+class CompiledBlock:
+    """:func:`block_step` compiled once per dtype with ``fullgraph=True`` (a graph break is an error, not a silent
+    split), dynamic in batch and length. If compiling or running the compiled code fails (no compiler, unsupported
+    backend) one warning says so and the blocks run eagerly from then on; running out of memory is raised, never
+    taken for a compiler failure."""
+
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend
+        self.fns: dict[torch.dtype, Callable] = {}
+        self.failed = False
+
+    def __call__(self, args: tuple) -> torch.Tensor:
+        if not self.failed:
+            dtype = args[2].dtype
+            fn = self.fns.get(dtype)
+            if fn is None:
+                fn = self.fns[dtype] = torch.compile(block_step, fullgraph=True, dynamic=True, backend=self.backend)
+            try:
+                return fn(*args)
+            except Exception as e:  # inductor/triton raise many types; eager is always right
+                if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                log.warning(f"compiling the blocks failed, running them uncompiled: {type(e).__name__}: {first}")
+                self.failed = True
+        return block_step(*args)
+
+
+class AttentionPlan:
+    """Block-causal attention of tokens start … end−1 over keys 0 … end−1 as one call: an additive mask (0 where a
+    query's scale is at least the key's, −inf elsewhere), built once per (start, end, dtype, device) and shared by
+    every block; None where the new tokens are a single scale (they see every key)."""
+
+    def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device):
+        self.start, self.end, self.device = start, end, device
+        self.spans = spec.attention_spans(end, start)
+        self._masks: dict[torch.dtype, torch.Tensor | None] = {}
+        self._bool = None
+        if len(self.spans) > 1:
+            keep = torch.zeros(end - start, end, dtype=torch.bool)
+            for lo, hi, keys in self.spans:
+                keep[lo:hi, :keys] = True
+            self._bool = keep.to(device)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self._bool is None:
+            return None
+        m = self._masks.get(dtype)
+        if m is None:
+            m = torch.zeros(self._bool.shape, dtype=dtype, device=self.device).masked_fill_(~self._bool, float("-inf"))
+            self._masks[dtype] = m
+        return m
