@@ -17,4 +17,5 @@ demo: $(VENV)/.installed
 	$(BIN)/avarc classify examples/digits
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
