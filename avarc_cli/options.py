@@ -57,16 +57,16 @@ def opt(*names: str, help: str, **kw: Any) -> typer.models.OptionInfo:  # noqa: 
 
 
 ModelOpt = Annotated[str, opt("--model", "-m", metavar="NAME", show_default=True,
-                              help="Registry name (digits, d16, d20-cca, …), model folder or VAR file.")]
+                              help="Registry name, folder or VAR file.")]
 ProfileOpt = Annotated[Optional[str], opt("--profile", "-p", metavar="NAME",
-                                          help="Schedule: a shipped name or a YAML file (default: the model's).")]
+                                          help="Shipped schedule name or YAML file.")]
 SeedOpt = Annotated[int, opt("--seed", help="Seed of the likelihood-smoothing noise.", show_default=True)]
 ClassesOpt = Annotated[Optional[str], opt("--classes", metavar="A,B,…",
                                           help="Candidate classes only: indices, synsets or names.")]
 LabelsOpt = Annotated[Labels, opt("--labels", show_default=True,
-                                  help="True labels from class sub-folders (auto: when every name is a class).")]
+                                  help="Labels from class sub-folders (auto: if all are).")]
 SubsetOpt = Annotated[Optional[str], opt("--subset", metavar="LIST",
-                                         help="Synset list: imagenet100, imageneta100, imagenetr100 or a file.")]
+                                         help="Synsets: imagenet100, imageneta100, … or a file.")]
 InputsArg = Annotated[Optional[list[Path]], typer.Argument(metavar="INPUTS...", show_default=False,
                                                            help="Image files and/or folders (searched recursively).")]
 DtypesOpt = Annotated[Optional[list[str]], opt("--dtype", metavar="|".join(DTYPES), callback=_dtypes,
@@ -84,17 +84,17 @@ class ModelOptions:
                                                    help="Class extension from `avarc add-class` (repeatable).")]
     device: Annotated[str, opt("--device", metavar="DEV", callback=_device, show_default=True,
                                help="auto, cpu, cuda, cuda:N or mps.")]
-    dtype: Annotated[Dtype, opt("--dtype", show_default=True, help="VAR compute dtype (auto: bf16 where fast).")]
+    dtype: Annotated[Dtype, opt("--dtype", show_default=True, help="Compute dtype (auto: bf16 where fast).")]
     batch_size: Annotated[Optional[int], opt("--batch-size", "-b", min=1, metavar="N",
-                                             help="(image, class) pairs per forward (default: fits memory).")]
+                                             help="Pairs per forward (default: fits memory).")]
     threads: Annotated[Optional[int], opt("--threads", min=1, metavar="N",
-                                          help="CPU threads (default: the idle cores; README, Threads).")]
+                                          help="CPU threads (default: the idle cores).")]
     compile: Annotated[Optional[bool], opt("--compile/--no-compile",
-                                           help="torch.compile the engine (default: on CUDA with Triton).")]
+                                           help="torch.compile the engine (default: on CUDA).")]
     encoder: Annotated[Encoder, opt("--encoder", show_default=True,
-                                    help="VQ-VAE encoder (onnx: pip install 'avarc[onnx]').")]
+                                    help="Encoder backend (onnx: avarc[onnx]).")]
     model_dir: Annotated[Optional[Path], opt("--model-dir", metavar="DIR",
-                                             help="Plain files from `avarc download --dir`, not the hub cache.")]
+                                             help="Files from `avarc download --dir`, not the cache.")]
     patch_nums: Annotated[Optional[str], opt("--patch-nums", metavar="1,2,…", callback=_patch_nums,
                                              help="Scales of a bare VAR file, if not readable off it.")]
     trust_pickle: Annotated[bool, opt("--trust-pickle", help="Let checkpoints run code to unpickle (trusted only).")]
@@ -127,11 +127,11 @@ class InputOptions:
                                              help="Also read image paths from this file, one a line.")]
     split: Annotated[Optional[str], opt("--split", help="Split of a dataset input (default: its only split).")]
     image_column: Annotated[Optional[str], opt("--image-column", metavar="NAME",
-                                               help="Dataset column of the images (default: its Image feature).")]
+                                               help="Dataset column of the images (default: Image).")]
     label_column: Annotated[Optional[str], opt("--label-column", metavar="NAME",
-                                               help="Dataset column of the labels (default: its ClassLabel).")]
+                                               help="Dataset column of labels (default: ClassLabel).")]
     border: Annotated[int, opt("--border", min=0, metavar="PX", show_default=True,
-                               help="--dataset objectnet: pixels cropped off each side first.")]
+                               help="ObjectNet: pixels cropped off each side.")]
 
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"border": 2}
 

@@ -41,7 +41,7 @@ def calibrate_ood(
 ) -> None:
     """\b
     avarc calibrate-ood val/ -m digits --coverage 0.95 -o ood.yaml
-    avarc classify new/ -p ood.yaml -o r.jsonl     # pred null, status "abstained" below the threshold
+    avarc classify new/ -p ood.yaml -o r.jsonl   # below it: "none of these"
 
     Classifies the images (in-distribution: of the model's classes; labels not needed) with the profile and sets
     each OOD score's threshold so that --coverage of them score at or above it (README, Out of distribution).

@@ -30,22 +30,20 @@ def classify(
     inputs: InputsArg = None,
     model: ModelOpt = "digits",
     profile: ProfileOpt = None,
-    dataset: Annotated[Optional[str], opt("--dataset", metavar="NAME", help="Labelled preset for the folder: "
-                                          "imagenet, imagenet-a, imagenet-r, objectnet, …")] = None,
+    dataset: Annotated[Optional[str], opt("--dataset", metavar="NAME", help="Labelled preset: imagenet, imagenet-a, objectnet, …")] = None,
     subset: SubsetOpt = None,
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], opt("--out", "-o", metavar="FILE",
                                        help="Write a JSON record per image (.jsonl).")] = None,
     csv: Annotated[Optional[Path], opt("--csv", metavar="FILE", help="Append the run's summary as a CSV row.")] = None,
-    resume: Annotated[bool, opt("--resume", help="Continue --out (the same run only; a mismatch is named).")] = False,
+    resume: Annotated[bool, opt("--resume", help="Continue --out (the same run only).")] = False,
     seed: SeedOpt = 0,
     temperature: Annotated[Optional[float], opt("--temperature", min=1e-6, metavar="T",
-                                                help="Posterior temperature (default: the profile's, else 1).")] = None,
+                                                help="Posterior temperature (default: the profile's).")] = None,
     topk: Annotated[int, opt("--topk", min=1, metavar="K", help="Ranked classes kept per record.",
                              show_default=True)] = 5,
-    ood_score: Annotated[Optional[str], opt("--ood-score", metavar="NAME", help="Abstention score: likelihood, "
-                                            "ratio or posterior (default: the profile's).")] = None,
+    ood_score: Annotated[Optional[str], opt("--ood-score", metavar="NAME", help="likelihood, ratio or posterior (default: profile's).")] = None,
     list_profiles_: Annotated[bool, opt("--list-profiles", help="List the shipped profiles and exit.")] = False,
 ) -> None:
     """\b
@@ -55,7 +53,7 @@ def classify(
     avarc classify a/ -m d20-cca --dataset imagenet-a -o a.jsonl --resume
     torchrun --nproc_per_node 8 -m avarc_cli classify val/ -m d30 -o val.jsonl
     avarc classify objectnet-1.0/ -m d16 --dataset objectnet -o on.jsonl
-    avarc classify val.parquet -m d16 --split validation -o v.jsonl   # or hf://datasets/…
+    avarc classify val.parquet -m d16 --split validation   # or hf://datasets/…
 
     Each stage of the profile scores the surviving classes by the exact log-likelihood of the image's VAR tokens
     on the first scales and keeps the best. Unreadable images are recorded as skipped.

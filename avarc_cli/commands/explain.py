@@ -31,7 +31,7 @@ def explain(
                                         "(default: digits, or the run's).")] = None,
     profile: ProfileOpt = None,
     run: Annotated[Optional[Path], opt("--from", metavar="RUN.jsonl",
-                                       help="Explain a classify run's images with its model and classes.")] = None,
+                                       help="A classify run's images, model and classes.")] = None,
     mistakes: Annotated[bool, opt("--mistakes", help="With --from: only the run's mistakes.")] = False,
     cls: Annotated[Optional[str], opt("--class", metavar="A",
                                       help="Class to explain (default: true, else predicted).")] = None,
@@ -46,8 +46,7 @@ def explain(
                                 show_default=True)] = 0.5,
     shared_scale: Annotated[bool, opt("--shared-scale", help="One colour scale (nats) for all three maps.")] = False,
     scales: Annotated[Optional[int], opt("--scales", metavar="S", help="Use the first S scales only.")] = None,
-    metrics: Annotated[bool, opt("--metrics", help="Also insertion/deletion AUC of each map vs random rankings "
-                                 "(OUT/metrics.json, .png).")] = False,
+    metrics: Annotated[bool, opt("--metrics", help="Insertion/deletion AUC vs random (metrics.json).")] = False,
     metrics_start: Annotated[MetricsStart, opt("--metrics-start", show_default=True,
                                                help="Insertion's start, deletion's fill: blank or blur.")] = "blank",
     seed: SeedOpt = 0,
