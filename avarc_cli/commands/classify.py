@@ -30,7 +30,8 @@ def classify(
     inputs: InputsArg = None,
     model: ModelOpt = "digits",
     profile: ProfileOpt = None,
-    dataset: Annotated[Optional[str], opt("--dataset", metavar="NAME", help="Labelled preset: imagenet, imagenet-a, objectnet, …")] = None,
+    dataset: Annotated[Optional[str], opt("--dataset", metavar="NAME",
+                                          help="Labelled preset: imagenet, imagenet-a, objectnet, …")] = None,
     subset: SubsetOpt = None,
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
@@ -43,7 +44,8 @@ def classify(
                                                 help="Posterior temperature (default: the profile's).")] = None,
     topk: Annotated[int, opt("--topk", min=1, metavar="K", help="Ranked classes kept per record.",
                              show_default=True)] = 5,
-    ood_score: Annotated[Optional[str], opt("--ood-score", metavar="NAME", help="likelihood, ratio or posterior (default: profile's).")] = None,
+    ood_score: Annotated[Optional[str], opt("--ood-score", metavar="NAME",
+                                            help="likelihood, ratio or posterior (default: profile's).")] = None,
     list_profiles_: Annotated[bool, opt("--list-profiles", help="List the shipped profiles and exit.")] = False,
 ) -> None:
     """\b
