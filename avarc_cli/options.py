@@ -35,6 +35,19 @@ def _device(value: str) -> str:
     return value
 
 
+def stage_range(value: str | tuple[int, int]) -> tuple[int, int]:
+    """``--stages N`` or ``A..B`` → the stage counts (lo, hi) to search."""
+    if isinstance(value, tuple):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*(?:\.\.\s*(\d+)\s*)?", value)
+    if not m:
+        raise typer.BadParameter(f"--stages {value!r}: give a count like 2 or a range like 1..3")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 1 <= lo <= hi:
+        raise typer.BadParameter(f"--stages {value!r}: counts must be ≥ 1 and the range increasing")
+    return lo, hi
+
+
 def _patch_nums(value: Optional[str]) -> Optional[tuple[int, ...]]:
     if value is None:
         return None

@@ -6,6 +6,15 @@ from typing import Any
 from . import output
 
 
+def profiles_table() -> None:
+    """``classify --list-profiles``: the shipped schedules, stage by stage."""
+    from core.io.profiles import list_profiles
+
+    output.table("profiles (`--profile NAME` or a YAML file)", ["name", "stages", "sigma", "description"],
+                 [(p.name, "\n".join(f"{i}. {s.describe()}" for i, s in enumerate(p.stages, 1)), p.sigma,
+                   p.description) for p in list_profiles()])
+
+
 def classify_summary(run: Any, topk: int, world: int) -> None:
     """A ``ClassifyRun``'s predictions (unlabelled inputs) and metrics."""
     m, profile = run.metrics, run.clf.profile

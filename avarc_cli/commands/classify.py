@@ -13,6 +13,7 @@ from ..options import (
     LabelsOpt,
     ModelOpt,
     ModelOptions,
+    OodScore,
     ProfileOpt,
     SeedOpt,
     SubsetOpt,
@@ -44,8 +45,7 @@ def classify(
                                                 help="Posterior temperature (default: the profile's).")] = None,
     topk: Annotated[int, opt("--topk", min=1, metavar="K", help="Ranked classes kept per record.",
                              show_default=True)] = 5,
-    ood_score: Annotated[Optional[str], opt("--ood-score", metavar="NAME",
-                                            help="likelihood, ratio or posterior (default: profile's).")] = None,
+    ood_score: Annotated[Optional[OodScore], opt("--ood-score", help="Abstention score (default: profile's).")] = None,
     list_profiles_: Annotated[bool, opt("--list-profiles", help="List the shipped profiles and exit.")] = False,
 ) -> None:
     """\b
@@ -64,27 +64,20 @@ def classify(
     from core.io import distributed
     from core.io.data import collect
     from core.io.files import check_output_files
-    from core.io.profiles import list_profiles
     from core.runs.classify_run import classify_run
-    from core.tasks.ood import check_score
 
     from .. import output
     from ..interrupt import interruptible, results_safe
-    from ..render import classify_summary
+    from ..render import classify_summary, profiles_table
 
     if list_profiles_:
-        output.table("profiles (`--profile NAME` or a YAML file)", ["name", "stages", "sigma", "description"],
-                     [(p.name, "\n".join(f"{i}. {s.describe()}" for i, s in enumerate(p.stages, 1)), p.sigma,
-                       p.description) for p in list_profiles()])
-        return
+        return profiles_table()
     inputs = source.inputs(inputs)
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc classify examples/digits`)")
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
     check_output_files({"out": out, "csv": csv})
-    if ood_score is not None:
-        check_score(ood_score)
     dist, run = distributed.init(opts.device), None
     try:
         with interruptible(lambda: results_safe(out, None if run is None else run.safe) if dist.is_main else None):

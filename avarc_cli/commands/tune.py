@@ -1,7 +1,6 @@
 """``avarc tune``: the best schedule for a model and a compute budget, from one scoring pass over labelled images."""
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,6 +18,7 @@ from ..options import (
     input_options,
     model_options,
     opt,
+    stage_range,
 )
 
 
@@ -34,7 +34,7 @@ def tune(
                                  help="Budget as a share of `varc`'s executed GFLOPs per image.")] = 0.5,
     budget_gflops: Annotated[Optional[float], opt("--budget-gflops", min=0.0, metavar="G", help="Budget in "
                                                   "executed GFLOPs per image (wins over --budget).")] = None,
-    stages: Annotated[str, opt("--stages", metavar="N|A..B", help="Stage counts to search.",
+    stages: Annotated[str, opt("--stages", metavar="N|A..B", help="Stage counts to search.", callback=stage_range,
                                show_default=True)] = "1..3",
     max_samples: Annotated[int, opt("--max-samples", min=1, metavar="N", show_default=True,
                                     help="Most samples (clean + noisy neighbours) per stage.")] = 3,
@@ -73,7 +73,7 @@ def tune(
     from ..interrupt import interruptible
     from ..render import tune_summary
 
-    lo, hi = _stage_range(stages)
+    lo, hi = stages
     check_output_files({"out": out, "report": report}, force)
     written: list[Path] = []
     with interruptible(lambda: "interrupted: " + (f"wrote {', '.join(map(str, written))}" if written else
@@ -106,15 +106,3 @@ def tune(
             write_text(report, page, "report", force)
             written.append(report)
     tune_summary(res, table.labels, out, report, (scored_s, time.perf_counter() - start), json_)
-
-
-def _stage_range(text: str) -> tuple[int, int]:
-    from core.errors import AvarcError
-
-    m = re.fullmatch(r"\s*(\d+)\s*(?:\.\.\s*(\d+)\s*)?", text)
-    if not m:
-        raise AvarcError(f"--stages {text!r}: give a count like 2 or a range like 1..3")
-    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-    if not 1 <= lo <= hi:
-        raise AvarcError(f"--stages {text!r}: counts must be ≥ 1 and the range increasing")
-    return lo, hi
