@@ -48,7 +48,7 @@ def test_records_sum_to_what_bench_measures_exits_included(tmp_path, monkeypatch
 
 def test_without_exits_every_record_costs_the_flops_only_figure(tmp_path, monkeypatch, capsys):
     recs, profile = _run(monkeypatch, capsys, tmp_path, "noexit", NO_EXIT)
-    counted = _bench(monkeypatch, capsys, profile, "--flops-only", "--classes", "10")
+    counted = _bench(monkeypatch, capsys, profile, "--flops-only", "--num-classes", "10")
     for r in recs:
         assert r["gflops"]["executed"] == pytest.approx(counted["gflops_executed"], rel=1e-9)
         assert r["gflops"]["paper"] == pytest.approx(counted["gflops_per_image"], rel=1e-9)
