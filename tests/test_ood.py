@@ -132,4 +132,4 @@ def test_cli_calibrate_then_classify_abstains_on_noise(tmp_path, monkeypatch, ca
     row = next(csv.DictReader(open(tmp_path / "s.csv")))
     assert row["abstained"] == "6" and row["skipped"] == "0"
     code, out, err = avarc(monkeypatch, capsys, "classify", digits, "--ood-score", "nonsense")
-    assert code == 2 and "unknown OOD score 'nonsense'" in err and "Traceback" not in err
+    assert code == 2 and "--ood-score" in err and "'nonsense' is not one of" in err and "Traceback" not in err
