@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from ..errors import AvarcError
 
 GUARD_NATS_PER_TOKEN = 1.5e-3   # default guard margin per scored token; see Profile.guard_margin
+GUARD_NATS_PER_ROOT_TOKEN = 0.035   # … and per √token: rounding errors of a few tokens do not cancel
 _ALL = re.compile(r"all(?:\s*-\s*(\d+))?")
 
 
@@ -56,8 +57,12 @@ class Profile:
     ood: OodRule | None = None         # abstention thresholds (fitted by `avarc calibrate-ood`)
 
     def margin(self, num_tokens: int) -> float:
-        """The guard margin in nats for scores summed over ``num_tokens`` tokens."""
-        return GUARD_NATS_PER_TOKEN * num_tokens if self.guard_margin is None else self.guard_margin
+        """The guard margin in nats for scores summed over ``num_tokens`` tokens: linear in the tokens (the error of
+        long sums is systematic), but never under a √n term that covers short prefixes, where a handful of tokens'
+        rounding does not average out (a first stage of two scales scores five tokens of the digits model)."""
+        if self.guard_margin is not None:
+            return self.guard_margin
+        return max(GUARD_NATS_PER_TOKEN * num_tokens, GUARD_NATS_PER_ROOT_TOKEN * num_tokens ** 0.5)
 
     @property
     def max_samples(self) -> int:
