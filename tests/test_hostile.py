@@ -352,7 +352,7 @@ def test_tune_says_what_is_safe_on_sigterm(digits, tmp_path):
 
 def test_two_processes_appending_summary_rows_lose_none(tmp_path):
     csv, start = tmp_path / "s.csv", time.time() + 8           # both start appending at once, after their imports
-    code = ("import sys, time\nfrom core.io.results import append_csv_summary\n"
+    code = ("import sys, time\nfrom core.io.summary import append_csv_summary\n"
             f"time.sleep(max(0, {start} - time.time()))\n"
             f"for i in range(100): append_csv_summary({str(csv)!r}, {{'run': sys.argv[1], 'i': i}})")
     procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)

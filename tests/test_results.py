@@ -1,4 +1,4 @@
-"""core.io.results: records, the resumable results file and the metrics of the final table."""
+"""core.io.records, results and summary: records, the resumable results file and the metrics of the final table."""
 from __future__ import annotations
 
 import csv
