@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.engine import likelihood
 from core.engine.counters import SYNC_OPS, OpCounter, engine_counters
@@ -18,6 +19,7 @@ from core.engine.schedule import noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
 from core.models.block_ops import CompiledBlock
 from core.models.specs import official_spec
+from tests.conftest import ConformanceSet
 
 
 def _small(depth: int, seed: int = 0):
@@ -49,13 +51,33 @@ def _forward_ops(model, num_scales: int = 10, keep_cache: bool = False) -> OpCou
 
 @pytest.mark.parametrize("keep_cache", [False, True])
 def test_aten_ops_per_block(small, keep_cache):
-    """fp32 on a CPU: LN, modulate, qkv, q/k norm (norm, clamp, factor, scale), [K/V into the cache], attention,
-    proj, residual, LN, modulate, fc1, GELU, fc2, residual: 16 (17 keeping the cache) where the engine ran ~51.
-    On CUDA fc1's GELU is in the GEMM's epilogue (one fewer)."""
+    """fp32 on a CPU: LN, modulate, qkv, q/k norm (norm, factor, scale), attention, proj, residual, LN, modulate,
+    fc1, GELU, fc2, residual: 15 where the engine ran ~51, and one more, the K/V write, when the forward keeps its
+    cache. On CUDA fc1's GELU is in the GEMM's epilogue (one fewer)."""
     a, b = _forward_ops(small[2], keep_cache=keep_cache), _forward_ops(small[4], keep_cache=keep_cache)
     per_block = (sum(b.ops.values()) - sum(a.ops.values())) / 2
-    assert per_block <= 16 + keep_cache, (b.ops - a.ops)
+    assert per_block <= 15 + keep_cache, (b.ops - a.ops)
     assert (b.ops - a.ops)["_scaled_dot_product_flash_attention_for_cpu"] == 2      # one per block
+
+
+def test_dead_head_keeps_f_normalize_zero_vectors():
+    """A head whose k weights are all zero gives zero keys for every input: the norm's floor is switched on for that
+    model (and only there), so its keys stay zero as under F.normalize (attention spreads evenly) instead of 0/0."""
+    live, dead = _small(2, seed=1), _small(2, seed=1)
+    C, c = dead.spec.var.embed_dim, dead.spec.var.embed_dim // dead.spec.var.num_heads
+    with torch.no_grad():
+        dead.var.blocks[1].attn.mat_qkv.weight[C:C + c] = 0          # block 1, head 0: k ≡ 0
+    assert [b.attn.constants()[2] for b in dead.var.blocks] == [False, True]
+    assert not any(b.attn.constants()[2] for b in live.var.blocks)
+    spec = dead.spec.var
+    tokens, classes = torch.randint(0, spec.vocab_size, (2, spec.seq_len)), torch.tensor([1, 2])
+    got = dead.pair_logp(tokens, classes, 5)
+    assert torch.isfinite(got).all()
+    x = torch.randn(1, 3, C)
+    with torch.no_grad():
+        q, k, v = dead.var.blocks[1].attn.qkv(x)
+        ref = F.normalize(F.linear(x, dead.var.blocks[1].attn.mat_qkv.weight[C:2 * C]).view(1, 3, -1, c), dim=-1)
+    assert torch.equal(k[0, 0], torch.zeros_like(k[0, 0])) and torch.allclose(k.transpose(1, 2), ref, atol=1e-6)
 
 
 def test_attention_calls_do_not_grow_with_scales(small):
@@ -196,3 +218,19 @@ def test_bench_reports_the_counters(conf_model):
     depth = conf_model.spec.var.depth
     assert depth * 8 <= row["launches_per_forward"] <= depth * 17 + 12
     assert row["host_syncs_per_step"] <= 1
+
+
+def test_bf16_score_error_not_larger_than_before():
+    """bf16 − fp32 summed class scores of the 256 px conformance images (every class and the null class) stay within
+    what the engine gave before v3 on this CPU path (0.145 / 0.334 nats RMS / max, emulated bf16 on an AVX2 host;
+    0.14 / 0.41 on an H200): the single masked attention call and the in-place q/k scaling add no error beyond
+    rounding noise."""
+    conf = ConformanceSet("official256")
+    model = conf.load()
+    classes = range(conf.meta["num_classes"] + 1)
+    fp32 = model.token_logp(conf.golden["tokens"], classes)
+    with model.computing_in(torch.bfloat16):
+        bf16 = model.token_logp(conf.golden["tokens"], classes)
+    err = bf16.sum(-1) - fp32.sum(-1)
+    assert err.pow(2).mean().sqrt() < 0.15 and err.abs().max() < 0.41
+    assert torch.equal(bf16.sum(-1).argmax(1), fp32.sum(-1).argmax(1))

@@ -40,29 +40,36 @@ class SelfAttention(nn.Module):
         if l2_norm:
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(C, C)
-        self._constants: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+        self._constants: tuple[tuple, torch.Tensor, torch.Tensor | None, bool] | None = None
 
-    def constants(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The qkv bias (q, 0, v) in the weights' dtype and the q/k factor (2, H, 1: exp(scale_mul) for q, 1 for k),
-        made once per weights rather than in every forward; remade when a parameter changes (or under autograd)."""
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """The qkv bias (q, 0, v) in the weights' dtype, the q/k factor (2, H, 1: exp(scale_mul) for q, 1 for k) and
+        whether a head's q or k is zero for every input (all-zero weight rows and bias: the norm then needs
+        F.normalize's floor), made once per weights rather than in every forward; remade when a parameter changes
+        (or under autograd)."""
         params = [self.q_bias, self.v_bias, self.mat_qkv.weight] + ([self.scale_mul_1H11] if self.l2_norm else [])
         key = tuple((p._version, p.dtype, p.device) for p in params)
         if self._constants is None or self._constants[0] != key or torch.is_grad_enabled():
             w = self.mat_qkv.weight
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
-            factor = None
+            factor, dead = None, False
             if self.l2_norm:
                 scale_H = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().view(self.heads, 1)
                 factor = torch.stack((scale_H, torch.ones_like(scale_H)))
-            self._constants = (key, bias, factor)
-        return self._constants[1], self._constants[2]
+                C = w.shape[1]
+                zero_w = (w[:2 * C] == 0).view(2, self.heads, -1).all(-1)
+                zero_b = (bias[:2 * C] == 0).view(2, self.heads, -1).all(-1)
+                dead = bool((zero_w & zero_b).any())
+            self._constants = (key, bias, factor, dead)
+        return self._constants[1:]
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, L, C) → q, k, v each B, H, L, c in the weights' dtype, q and k normalised and scaled."""
+        """x (B, L, C) → q, k, v each B, H, L, c in the weights' dtype, q and k normalised (zero vectors stay zero,
+        as F.normalize keeps them) and scaled."""
         B, L, _ = x.shape
-        bias, factor = self.constants()
+        bias, factor, _ = self.constants()
         y = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
-        q, k, v = (_unit_qk(y, factor) if factor is not None else y).permute(2, 0, 3, 1, 4)
+        q, k, v = (_unit_qk(y, factor, True) if factor is not None else y).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def scale(self) -> float:
@@ -110,8 +117,8 @@ class AdaLNSelfAttn(nn.Module):
     def step_args(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan, kv: torch.Tensor | None) -> tuple:
         """The arguments of :func:`block_step` for this block."""
         at, f = self.attn, self.ffn
-        bias, factor = at.constants()
-        return (x, mod, at.mat_qkv.weight, bias, factor, at.proj.weight, at.proj.bias, f.fc1.weight, f.fc1.bias,
+        bias, factor, dead = at.constants()
+        return (x, mod, at.mat_qkv.weight, bias, factor, dead, at.proj.weight, at.proj.bias, f.fc1.weight, f.fc1.bias,
                 f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype), kv, plan.start, self.ln_wo_grad.eps,
                 at.heads, at.scale())
 
