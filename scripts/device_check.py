@@ -1,7 +1,8 @@
-"""One-shot check of avarc on an accelerator: correctness (tests on the device, tokens equal to the CPU's, bf16
-score error, precision guard) and speed (d16 with 100 and 1000 classes, d30 with 100, the digits demo, measured
-bf16 matmul peak, MFU, peak memory, launches per forward, host syncs per step, the device's busy share). Writes one
-JSON report; every section runs on its own, so one failure does not lose the others.
+"""One-shot check of avarc on an accelerator: correctness (tests on the device, tokens equal to the CPU's, bf16 score
+error, precision guard, which encoder layouts keep the tokens) and speed (d16 with 100 and 1000 classes, d30 with
+100, the digits demo, measured bf16 matmul peak, MFU, peak memory, launches per forward, host syncs per step, the
+device's busy share). Writes one JSON report; every section runs on its own, so one failure does not lose the
+others.
 
     python3 scripts/device_check.py [REPORT.json] [--cpu-smoke]
 
@@ -120,6 +121,39 @@ def tokens_and_scores(dev: torch.device, smoke: bool) -> dict:
     return out
 
 
+def encoder_layouts(dev: torch.device, smoke: bool) -> dict:
+    """The encoder in NCHW and channels_last, with and without cudnn.benchmark: tokens equal to the official ones,
+    largest latent change, seconds per call. A faster layout may become the default on a device only where every
+    token stays the official one (on a 2-core EPYC CPU channels_last moved latents by up to 2.6e-2 and changed
+    tokens, so the CPU keeps NCHW)."""
+    out, saved = {}, torch.backends.cudnn.benchmark
+    for name in ("official256",) if smoke else ("official256", "shared512"):
+        d = CONFORMANCE / name
+        meta = json.loads((d / "meta.json").read_text())
+        golden = torch.from_numpy(np.load(d / "golden.npz")["tokens"])
+        m = load_model(d / "var.pth", d / "vae.pth", device=dev)
+        imgs = torch.stack([preprocess_image(next((CONFORMANCE / "images").glob(f"{s}.*")), meta["image_size"])
+                            for s in meta["images"]]).to(dev)
+        ref = m.encode(imgs)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for bench in (False, True):
+                torch.backends.cudnn.benchmark = bench
+                m.vae.to(memory_format=layout)
+                x = imgs.contiguous(memory_format=layout)
+                m.encode(x)                                   # warm-up (benchmark picks its algorithms here)
+                t = time.perf_counter()
+                lat = m.encode(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                key = f"{name}/{'channels_last' if layout == torch.channels_last else 'nchw'}/benchmark={bench}"
+                out[key] = {"tokens_equal": bool(torch.equal(m.tokenize_latent(lat).cpu(), golden)),
+                            "latent_max_change": float((lat - ref).abs().max()),
+                            "seconds": round(time.perf_counter() - t, 4)}
+        m.vae.to(memory_format=torch.contiguous_format)
+    torch.backends.cudnn.benchmark = saved
+    return out
+
+
 def compiled_conformance(dev: torch.device) -> dict:
     """fp32 log-probs of the compiled engine against the golden (must stay within 1e-4 per token)."""
     d = CONFORMANCE / "official256"
@@ -223,6 +257,7 @@ def main() -> int:
     section(report, "environment", lambda: environment(dev))
     section(report, "matmul_peak", lambda: peak(dev, smoke))
     section(report, "tokens_and_scores", lambda: tokens_and_scores(dev, smoke))
+    section(report, "encoder_layouts", lambda: encoder_layouts(dev, smoke))
     section(report, "bench_d16", lambda: bench_d16(dev, smoke))
     section(report, "counters", lambda: counters(dev, smoke))
     section(report, "bench_d16_1000", lambda: bench_d16(dev, smoke, profiles=("a-varc-plus",), classes=1000, images=8))
