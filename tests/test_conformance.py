@@ -1,5 +1,6 @@
 """Our models against the upstream VAR code: tests/data/conformance/{official256,shared512}/golden.npz, on every
 available device (tokens exact everywhere; log-probs within LOGP_TOL of the CPU golden)."""
+import pytest
 import torch
 
 from core.engine.tokenizer import neighbour_tokens
@@ -19,9 +20,15 @@ def test_tokens_match_golden_exactly(conf, engine_model):
     assert torch.equal(engine_model.tokenize_latent(conf.golden["latent"]).cpu(), conf.golden["tokens"])
 
 
-def test_logp_all_classes_and_null(conf, engine_model):
+@pytest.mark.parametrize("one_call", [None, True])
+def test_logp_all_classes_and_null(conf, engine_model, one_call):
+    """The device's own attention plan, and the one-call plan a GPU runs (on a CPU too, to hold it to the goldens)."""
     K = conf.meta["num_classes"] + 1
-    lp = engine_model.token_logp(conf.golden["tokens"], list(range(K)))
+    engine_model.var.one_attention_call = one_call
+    try:
+        lp = engine_model.token_logp(conf.golden["tokens"], list(range(K)))
+    finally:
+        engine_model.var.one_attention_call = None
     assert lp.shape == conf.golden["logp"].shape and lp.dtype == torch.float32
     assert (lp - conf.golden["logp"]).abs().max() < LOGP_TOL[engine_model.device.type]
 

@@ -99,14 +99,15 @@ def _unit_qk(y: torch.Tensor, factor: torch.Tensor, floor: bool) -> torch.Tensor
 def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor,
                factor: torch.Tensor | None, floor: bool, w_proj: torch.Tensor, b_proj: torch.Tensor, w1: torch.Tensor,
                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, mask: torch.Tensor | None,
-               kv: torch.Tensor | None, start: int, eps: float, heads: int, scale: float) -> torch.Tensor:
+               spans: tuple[tuple[int, int, int], ...] | None, kv: torch.Tensor | None, start: int, eps: float,
+               heads: int, scale: float) -> torch.Tensor:
     """One block, module-free (so one compiled graph serves every block, batch and length): x (B, L, C) fp32
-    residual stream of tokens start … start+L−1, ``mod`` its B, 6, C AdaLN rows (γ1, γ2, 1 + s1, 1 + s2, b1,
-    b2). ``kv`` (B, ≥ start+L, 2, H, c), if given, holds the earlier tokens' keys/values and receives the new
-    ones; else the keys are the new tokens' own. One attention call whatever the number of scales (``mask``).
-    Only the linear layers run in their weights' dtype: the norm, the AdaLN modulation and the residual adds stay
-    fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a 512-pixel model's class scores by several
-    nats)."""
+    residual stream of tokens start … start+L−1, ``mod`` its B, 6, C AdaLN rows (γ1, γ2, 1 + s1, 1 + s2, b1, b2).
+    ``kv`` (B, ≥ start+L, 2, H, c), if given, holds the earlier tokens' keys/values and receives the new ones; else
+    the keys are the new tokens' own. One attention call whatever the number of scales (``mask``), or with ``spans``
+    one per scale (see :class:`AttentionPlan`). Only the linear layers run in their weights' dtype: the norm, the
+    AdaLN modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
+    512-pixel model's class scores by several nats)."""
     B, L, C = x.shape
     dtype = w_qkv.dtype
     g1, g2, s1, s2, sh1, sh2 = (mod[:, i:i + 1] for i in range(MOD_ROWS))
@@ -118,9 +119,13 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
         keys = kv[:, :start + L]
     else:
         keys = y[:, :, 1:]
-    a = F.scaled_dot_product_attention(y[:, :, 0].transpose(1, 2), keys[:, :, 0].transpose(1, 2),
-                                       keys[:, :, 1].transpose(1, 2), attn_mask=mask, scale=scale)
-    x = _residual(x, linear(a.transpose(1, 2).reshape(B, L, C), w_proj, b_proj), g1)
+    q, k, v = y[:, :, 0].transpose(1, 2), keys[:, :, 0].transpose(1, 2), keys[:, :, 1].transpose(1, 2)
+    if spans is None:
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+    else:
+        a = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :n], v[:, :, :n], scale=scale)
+                       .transpose(1, 2) for lo, hi, n in spans], 1)
+    x = _residual(x, linear(a.reshape(B, L, C), w_proj, b_proj), g1)
     h = linear(_norm_modulate(x, s2, sh2, eps, dtype), w1, b1, gelu=True)
     return _residual(x, linear(h, w2, b2), g2)
 
@@ -154,16 +159,19 @@ class CompiledBlock:
 
 
 class AttentionPlan:
-    """Block-causal attention of tokens start … end−1 over keys 0 … end−1 as one call: an additive mask (0 where a
-    query's scale is at least the key's, −inf elsewhere), built once per (start, end, dtype, device) and shared by
-    every block; None where the new tokens are a single scale (they see every key)."""
+    """Block-causal attention of tokens start … end−1 over keys 0 … end−1, shared by every block. ``one_call``: one
+    attention call whatever the number of scales, with an additive mask (0 where a query's scale is at least the
+    key's, −inf elsewhere) built once per (start, end, dtype, device); None where the new tokens are one scale (they
+    see every key). Else one call per scale (``split``): where nothing is launched (an eager CPU) the masked call
+    only adds work, since it computes the masked-out part too (1.5–1.7× the per-scale calls' time on d16)."""
 
-    def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device):
+    def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device, one_call: bool = True):
         self.start, self.end, self.device = start, end, device
         self.spans = spec.attention_spans(end, start)
+        self.split = tuple(self.spans) if not one_call and len(self.spans) > 1 else None
         self._masks: dict[torch.dtype, torch.Tensor | None] = {}
         self._bool = None
-        if len(self.spans) > 1:
+        if len(self.spans) > 1 and self.split is None:
             keep = torch.zeros(end - start, end, dtype=torch.bool)
             for lo, hi, keys in self.spans:
                 keep[lo:hi, :keys] = True

@@ -119,7 +119,8 @@ class AdaLNSelfAttn(nn.Module):
         at, f = self.attn, self.ffn
         bias, factor, dead = at.constants()
         return (x, mod, at.mat_qkv.weight, bias, factor, dead, at.proj.weight, at.proj.bias, f.fc1.weight, f.fc1.bias,
-                f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype), kv, plan.start, self.ln_wo_grad.eps,
+                f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype), plan.split, kv, plan.start,
+                self.ln_wo_grad.eps,
                 at.heads, at.scale())
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan,
@@ -174,6 +175,9 @@ class VAR(nn.Module):
         self._plans: dict[tuple, AttentionPlan] = {}
         self._table: tuple[tuple, ClassTable] | None = None
         self.block_fn: Callable | None = None               # the compiled block (see :meth:`compiled`)
+        # One attention call per forward (True), one per scale (False), or None: one call on a GPU or compiled,
+        # one per scale on an eager CPU (see AttentionPlan).
+        self.one_attention_call: bool | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -257,11 +261,11 @@ class VAR(nn.Module):
         self._table[1].add(self, ids)
         return self._table[1]
 
-    def plan(self, start: int, end: int, device: torch.device) -> AttentionPlan:
+    def plan(self, start: int, end: int, device: torch.device, one_call: bool = True) -> AttentionPlan:
         """The attention plan of tokens start … end−1 (kept per device: masks are built once)."""
-        key = (start, end, device)
+        key = (start, end, device, one_call)
         if key not in self._plans:
-            self._plans[key] = AttentionPlan(self.spec, start, end, device)
+            self._plans[key] = AttentionPlan(self.spec, start, end, device, one_call)
         return self._plans[key]
 
     def hidden(self, class_idx: torch.Tensor, x_in: torch.Tensor, cache: KVCache | None = None,
@@ -277,10 +281,13 @@ class VAR(nn.Module):
         start = cache.num_tokens if cache is not None else 0
         x = x[:, start:].contiguous()     # one layout for every call: compiled blocks need no recompiles
         mods = self.modulations(conds) if mods is None else mods
-        plan = self.plan(start, end, x.device)
+        block_fn = self.block_fn if self.block_fn is not None and not torch.is_grad_enabled() else None
+        one_call = self.one_attention_call
+        if one_call is None:      # launches cost on a GPU; a compiled graph wants one shape of work
+            one_call = x.device.type != "cpu" or block_fn is not None
+        plan = self.plan(start, end, x.device, one_call)
         if cache_out is None and (keep_cache or cache is not None):
             cache_out = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device)
-        block_fn = self.block_fn if self.block_fn is not None and not torch.is_grad_enabled() else None
         for i, block in enumerate(self.blocks):
             kv = None
             if cache_out is not None:
