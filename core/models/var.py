@@ -49,17 +49,21 @@ class SelfAttention(nn.Module):
         (or under autograd)."""
         params = [self.q_bias, self.v_bias, self.mat_qkv.weight] + ([self.scale_mul_1H11] if self.l2_norm else [])
         key = tuple((p._version, p.dtype, p.device) for p in params)
-        if self._constants is None or self._constants[0] != key or torch.is_grad_enabled():
+        same_weights = self._constants is not None and self._constants[0] == key
+        if not same_weights or torch.is_grad_enabled():
             w = self.mat_qkv.weight
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
             factor, dead = None, False
             if self.l2_norm:
                 scale_H = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().view(self.heads, 1)
                 factor = torch.stack((scale_H, torch.ones_like(scale_H)))
-                C = w.shape[1]
-                zero_w = (w[:2 * C] == 0).view(2, self.heads, -1).all(-1)
-                zero_b = (bias[:2 * C] == 0).view(2, self.heads, -1).all(-1)
-                dead = bool((zero_w & zero_b).any())
+                if same_weights:         # under autograd only the tensors are remade; the check waits for the device
+                    dead = self._constants[3]
+                else:
+                    C = w.shape[1]
+                    zero_w = (w[:2 * C] == 0).view(2, self.heads, -1).all(-1)
+                    zero_b = (bias[:2 * C] == 0).view(2, self.heads, -1).all(-1)
+                    dead = bool((zero_w & zero_b).any())
             self._constants = (key, bias, factor, dead)
         return self._constants[1:]
 
@@ -120,8 +124,7 @@ class AdaLNSelfAttn(nn.Module):
         bias, factor, dead = at.constants()
         return (x, mod, at.mat_qkv.weight, bias, factor, dead, at.proj.weight, at.proj.bias, f.fc1.weight, f.fc1.bias,
                 f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype), plan.split, kv, plan.start,
-                self.ln_wo_grad.eps,
-                at.heads, at.scale())
+                self.ln_wo_grad.eps, at.heads, at.scale())
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan,
                 kv: torch.Tensor | None = None) -> torch.Tensor:
