@@ -77,7 +77,11 @@ class ClassTable:
         """Compute the blocks of ``ids`` not held yet."""
         for b in sorted({i // TABLE_BLOCK for i in ids} - set(self.blocks)):
             block = torch.arange(b * TABLE_BLOCK, min((b + 1) * TABLE_BLOCK, self.num_ids), device=self.slot.device)
-            rows = var.modulations(var.conditions(block))
+            # Always TABLE_BLOCK rows (the tail padded with the last id): a GEMM's bits can depend on its row count
+            # under several threads, and adding a class must not move an old class's rows.
+            full = torch.arange(b * TABLE_BLOCK, (b + 1) * TABLE_BLOCK, device=self.slot.device).clamp_max(
+                self.num_ids - 1)
+            rows = var.modulations(var.conditions(full))[:len(block)]
             held = 0 if self.rows is None else self.rows.shape[0]
             self.slot[block] = torch.arange(held, held + len(block), device=self.slot.device)
             self.rows = rows if self.rows is None else torch.cat((self.rows, rows))
