@@ -128,11 +128,11 @@ def test_kept_keys_values_fit_the_budget(small):
     assert res.cache.nbytes == exact and len(res.cache.bufs) == spec.depth
     budget = exact + 1
     scorer = Scorer(m, cache_bytes=budget)
-    scorer.score(tokens, torch.arange(rows), 6, [(i, 0) for i in range(rows)], keep_for_later=True)
+    scorer.score(tokens, torch.arange(rows), 6, [(i, 0) for i in range(rows)], keep_tokens=n_tok)
     held = sum(b.cache.nbytes for b in scorer.batches.values() if b.cache is not None)
     assert 0 < held <= budget
     small_scorer = Scorer(m, cache_bytes=exact - 1)          # does not fit: nothing kept
-    small_scorer.score(tokens, torch.arange(rows), 6, [(i, 0) for i in range(rows)], keep_for_later=True)
+    small_scorer.score(tokens, torch.arange(rows), 6, [(i, 0) for i in range(rows)], keep_tokens=n_tok)
     assert all(b.cache is None for b in small_scorer.batches.values())
 
 

@@ -3,7 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.engine.profile import Profile, Stage
-from core.engine.schedule import noise_generator, run_stages, sample_tokens
+from core.engine.schedule import _reusable_tokens, noise_generator, run_stages, sample_tokens
 from core.engine.scoring import Scorer
 from core.models.var_state import KVCache
 
@@ -28,6 +28,42 @@ def test_reuse_matches_plain_path_with_less_work(conf, engine_model):
     assert plain.tokens_run - reuse.tokens_run >= saved
 
 
+class _HeldScorer(Scorer):
+    """Records the keys/values bytes held after each stage."""
+
+    def score(self, *a, **kw):
+        out = super().score(*a, **kw)
+        self.held = getattr(self, "held", []) + [sum(b.cache.nbytes for b in self.batches.values() if b.cache)]
+        return out
+
+
+def test_stages_keep_only_the_keys_values_a_later_stage_uses(conf, engine_model):
+    """A later stage with more scales continues the whole sequence; one that only adds neighbours continues the
+    clean sequence's shared whole scales; nothing continues the last stage. So A-VARC+'s second stage holds the
+    neighbours' shared prefix, not every token, and the predictions equal the plain path's."""
+    spec, ends = engine_model.spec.var, engine_model.spec.var.scale_ends()
+    st1, st2, st3 = PROFILE.stages
+    tokens = torch.randint(0, spec.vocab_size, (2, 3, ends[-1]))
+    tokens[:, 1:] = tokens[:, :1]
+    tokens[0, 1:, ends[2]:] += 1                    # image 0's neighbours share 3 scales
+    tokens[1, 2, ends[4] + 3:] += 1                 # image 1's second neighbour shares 5 scales and 3 tokens
+    tokens[1, 1, ends[1]:] += 1
+    assert _reusable_tokens(tokens, st1, (st2, st3), ends) == ends[2]
+    assert _reusable_tokens(tokens, st2, (st3,), ends) == ends[4]
+    assert _reusable_tokens(tokens[:1], st2, (st3,), ends) == ends[2]
+    assert _reusable_tokens(tokens, st3, (), ends) == 0
+    assert _reusable_tokens(tokens, st2, (Stage(10, 1, 1),), ends) == 0     # a repeat is free
+    latents = conf.golden["latent"][:2]
+    sampled = sample_tokens(engine_model, latents, 3, 0.1, [noise_generator(0, f"img{i}") for i in range(2)])
+    held, plain = _HeldScorer(engine_model), Scorer(engine_model, reuse=False)
+    got, want = run_stages(engine_model, sampled, range(10), PROFILE, held), run_stages(
+        engine_model, sampled, range(10), PROFILE, plain)
+    assert [p.pred for p in got] == [p.pred for p in want]
+    shared = _reusable_tokens(sampled, st2, (st3,), ends)
+    rows = 2 * st1.keep                                  # stage 2 scores the first stage's survivors
+    assert 0 < shared < ends[9] and held.held[1] == rows * spec.depth * 2 * shared * spec.embed_dim * 4
+
+
 def test_neighbour_starts_from_clean_prefix(conf, engine_model):
     """A neighbour equal to the clean tokens on its first scales reuses the clean sequence's keys/values."""
     g, ends = conf.golden, engine_model.spec.var.scale_ends()
@@ -36,7 +72,7 @@ def test_neighbour_starts_from_clean_prefix(conf, engine_model):
     neighbour[0, ends[4]:] = g["tokens"][1, ends[4]:]          # differs from scale 5 on
     scorer = Scorer(engine_model)
     cls = torch.tensor([2])
-    scorer.score(clean, cls, 10, [(0, 0)], keep_for_later=True)
+    scorer.score(clean, cls, 10, [(0, 0)], keep_tokens=ends[9])
     before = scorer.tokens_run
     got = scorer.score(neighbour, cls, 10, [(0, 1)])
     assert scorer.tokens_run - before == ends[9] - ends[4]
@@ -55,8 +91,8 @@ def test_reuse_is_the_engines_own_continuation(conf, conf_model):
     assert all((nb[i, e3:e4] != clean[i, e3:e4]).any() for i in range(2))
     scorer, chunk = Scorer(m, chunk=3), 3
     c0, c1 = torch.tensor([1, 2, 3]), torch.tensor([4, 5])
-    scorer.score(clean[[0, 0, 0]], c0, 4, [("a", 0)] * 3, keep_for_later=True)
-    scorer.score(clean[[1, 1]], c1, 4, [("b", 0)] * 2, keep_for_later=True)
+    scorer.score(clean[[0, 0, 0]], c0, 4, [("a", 0)] * 3, keep_tokens=ends[3])
+    scorer.score(clean[[1, 1]], c1, 4, [("b", 0)] * 2, keep_tokens=ends[3])
     pa = m.score_pairs(clean[[0, 0, 0]], c0, 4, chunk, keep_cache=True)
     pb = m.score_pairs(clean[[1, 1]], c1, 4, chunk, keep_cache=True)
 

@@ -116,9 +116,10 @@ def _is_oom(e: BaseException) -> bool:
 @torch.no_grad()
 def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
                 num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None,
-                cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
+                cache: KVCache | None = None, keep_cache: bool = False, keep_tokens: int | None = None) -> PairScores:
     """tokens N, L (≥ the first s scales) and class ids N → log-probs of the first s scales' tokens, skipping the
-    ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs). A chunk that
+    ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs); with
+    ``keep_cache`` also the keys/values of the first ``keep_tokens`` tokens (all of them if None). A chunk that
     runs out of device memory is halved and retried (one log line says so). Nothing in the loop waits for the
     device: the inputs go over once (pinned, non-blocking), the AdaLN rows come from the engine's class table, the
     kept keys/values are written into one preallocated cache, and the log-probs come back in one transfer."""
@@ -137,7 +138,8 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
     tokens_NL = _to_device(tokens[:, :n_tok], device)
     class_N = _to_device(class_idx, device)
     logp = torch.empty(N, n_tok - start, device=device)
-    kept = KVCache.empty(spec, N, n_tok, var.compute_dtype, device) if keep_cache and N else None
+    n_keep = n_tok if keep_tokens is None else min(keep_tokens, n_tok)
+    kept = KVCache.empty(spec, N, n_keep, var.compute_dtype, device) if keep_cache and N and n_keep else None
     i = 0
     while i < N:
         t = tokens_NL[i:i + chunk]
@@ -146,7 +148,7 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
         try:
             mods = table.lookup(c) if table is not None else None
             out = kept.rows(i, i + t.shape[0]) if kept is not None else None
-            h, _ = var.hidden(c, quantizer.var_input(t), part, keep_cache, mods, out)
+            h, _ = var.hidden(c, quantizer.var_input(t), part, out is not None, mods, out)
             logp[i:i + t.shape[0]] = target_logp(var, h, t[:, start:])
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if chunk == 1 or not _is_oom(e):

@@ -118,10 +118,12 @@ class Model:
                          self.budget_bytes)
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
-                    chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False) -> PairScores:
-        """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward."""
+                    chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False,
+                    keep_tokens: int | None = None) -> PairScores:
+        """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward, and to keep
+        those of the first ``keep_tokens`` tokens (all if None) for a later one."""
         return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                           self.budget_bytes, cache, keep_cache)
+                           self.budget_bytes, cache, keep_cache, keep_tokens)
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
         """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier

@@ -17,7 +17,7 @@ from ..errors import AvarcError
 from . import tokenizer
 from .guard import guard_stages
 from .model import Model
-from .profile import Profile
+from .profile import Profile, Stage
 from .scoring import Scorer
 from .stages import Prediction, StageScores
 
@@ -93,8 +93,8 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
                 keys += [(i, j)] * len(c)
             spans.append(len(c))
         later = profile.stages[s_idx:]
-        useful = any(st.scales > stage.scales or st.samples > 1 for st in later)
-        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_for_later=useful)
+        reusable = _reusable_tokens(tokens[active], stage, later, ends)
+        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_tokens=reusable)
         pos, now = 0, {}
         for i, n in zip(active, spans):
             block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)
@@ -113,6 +113,22 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     scorer.guarded += len(guarded | rescored)
     scorer.guard_flips += len(flipped | changed)
     return [_prediction(history[i], exited.get(i), temperature) for i in range(B)]
+
+
+def _reusable_tokens(tokens: torch.Tensor, stage: Stage, later: Sequence[Stage], ends: list[int]) -> int:
+    """How many leading tokens' keys/values of this stage a later one can start from (B, S, L sample tokens of
+    the active images): all of them if a later stage runs more scales; else, if it adds samples, the longest
+    whole-scale prefix such a neighbour shares with the clean tokens (it continues from the clean sequence's
+    keys/values); else none (a repeat of these pairs is free). A-VARC+'s second stage thus keeps the few tokens its
+    neighbours share, not all 680."""
+    n_tok = ends[stage.scales - 1]
+    if any(st.scales > stage.scales for st in later):
+        return n_tok
+    more = max((st.samples for st in later), default=0)
+    if more <= stage.samples:
+        return 0
+    same = (tokens[:, stage.samples:more, :n_tok] == tokens[:, :1, :n_tok]).cumprod(-1).sum(-1).max().item()
+    return max((e for e in [0] + ends if e <= same), default=0)
 
 
 def _prediction(stages: list[StageScores], exited_after: int | None, temperature: float) -> Prediction:

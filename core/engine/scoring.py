@@ -50,8 +50,9 @@ class _Batch:
 class Scorer:
     """Summed token log-likelihoods of (sequence, class) pairs on the first s scales: the one place a schedule asks
     for scores. With ``keys`` (each row's (image, sample)) and ``reuse`` it remembers per (image, sample, class) what
-    was scored; keys/values are kept only when the caller says a later stage can use them and they fit
-    ``cache_bytes``. ``reuse=False`` is the plain path (every pair from the first token), kept for verification."""
+    was scored; keys/values are kept only for the leading tokens the caller says a later stage can use
+    (``keep_tokens``), and only if they fit ``cache_bytes``. ``reuse=False`` is the plain path (every pair from the
+    first token), kept for verification."""
 
     def __init__(self, model: Model, chunk: int | None = None, reuse: bool = True, cache_bytes: int | None = None):
         self.model, self.chunk, self.reuse = model, chunk, reuse
@@ -74,7 +75,7 @@ class Scorer:
         self.row_M = torch.zeros(0, dtype=torch.long)
 
     def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int,
-              keys: list[Key] | None = None, keep_for_later: bool = False) -> torch.Tensor:
+              keys: list[Key] | None = None, keep_tokens: int = 0) -> torch.Tensor:
         """N, L tokens and N class ids → N fp32 sums of log p(token | class, earlier scales) over the first scales."""
         if tokens.shape[0] == 0:
             return torch.zeros(0)
@@ -113,12 +114,13 @@ class Scorer:
                 better = usable > start[pos]
                 pos = pos[better]
                 start[pos], src_batch[pos], src_row[pos] = usable[better], b, row[better]
-        keep = keep_for_later and self._fits(len(tokens), n_tok)
+        keep = min(keep_tokens, n_tok)
+        keep = keep if self._fits(len(tokens), keep) else 0
         todo = ~free
         for s in torch.unique(start[todo]).tolist():
             idx = (todo & (start == s)).nonzero().squeeze(1)
             cache, prefix = self._gather(src_batch[idx], src_row[idx], s) if s else (None, None)
-            res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep)
+            res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep > 0, keep)
             self._count(len(idx), n_tok, s, code_N[idx])
             sums = res.logp.sum(-1)
             out[idx] = sums + prefix.sum(-1) if s else sums

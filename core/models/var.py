@@ -276,9 +276,10 @@ class VAR(nn.Module):
                cache_out: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         """Run the blocks over the first L' = x_in.shape[1] + first_l tokens → final normalised states (before the
         head) of the tokens not already in ``cache`` (B, L'−cache.num_tokens, C), and with ``keep_cache`` the
-        keys/values of all L' tokens (written into ``cache_out`` if given, a preallocated share of a larger cache).
-        ``mods``: the rows' AdaLN rows from a :class:`ClassTable` (else projected here). Block-causal attention
-        makes the cached prefix exact, not an approximation."""
+        keys/values of the first ``cache_out.num_tokens`` tokens (all L' if no ``cache_out`` is given; else written
+        into it, e.g. a preallocated share of a larger cache). ``mods``: the rows' AdaLN rows from a
+        :class:`ClassTable` (else projected here). Block-causal attention makes the cached prefix exact, not an
+        approximation."""
         x, conds = self.embed(class_idx, x_in)
         B, end = x.shape[0], x.shape[1]
         start = cache.num_tokens if cache is not None else 0
@@ -289,17 +290,24 @@ class VAR(nn.Module):
         if one_call is None:      # launches cost on a GPU; a compiled graph wants one shape of work
             one_call = x.device.type != "cpu" or block_fn is not None
         plan = self.plan(start, end, x.device, one_call)
-        if cache_out is None and (keep_cache or cache is not None):
+        if keep_cache and cache_out is None:
             cache_out = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device)
+        kept = cache_out if keep_cache else None
+        # Attention reads every block's keys from one L'-token buffer. Kept whole, each block writes straight into
+        # the kept cache; else one scratch buffer serves all blocks (not one fresh buffer per block), and only the
+        # kept prefix is copied out.
+        scratch = None
+        if (cache is not None or kept is not None) and (kept is None or kept.num_tokens != end):
+            scratch = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device, blocks=1).bufs[0]
         for i, block in enumerate(self.blocks):
-            kv = None
-            if cache_out is not None:
-                kv = cache_out.bufs[i]
-                if cache is not None:
-                    kv[:, :start].copy_(cache.bufs[i][:, :start])
+            kv = scratch if scratch is not None else kept.bufs[i] if kept is not None else None
+            if cache is not None:
+                kv[:, :start].copy_(cache.bufs[i][:, :start])
             mod = mods[:, MOD_ROWS * i:MOD_ROWS * (i + 1)]
             x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv))
-        return self.head_nm(x, mods[:, -2:]), (cache_out if keep_cache else None)
+            if scratch is not None and kept is not None:
+                kept.bufs[i].copy_(scratch[:, :kept.num_tokens])
+        return self.head_nm(x, mods[:, -2:]), kept
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""

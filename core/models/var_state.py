@@ -21,11 +21,13 @@ class KVCache:
     bufs: list[torch.Tensor]
 
     @classmethod
-    def empty(cls, spec: VARSpec, rows: int, num_tokens: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        """Preallocated buffers that forwards fill in place (chunk by chunk, prefix and new tokens)."""
+    def empty(cls, spec: VARSpec, rows: int, num_tokens: int, dtype: torch.dtype, device: torch.device,
+              blocks: int | None = None) -> KVCache:
+        """Preallocated buffers (one per block, or ``blocks`` of them) that forwards fill in place (chunk by chunk,
+        prefix and new tokens)."""
         H = spec.num_heads
         return cls([torch.empty(rows, num_tokens, 2, H, spec.embed_dim // H, dtype=dtype, device=device)
-                    for _ in range(spec.depth)])
+                    for _ in range(spec.depth if blocks is None else blocks)])
 
     @property
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
