@@ -121,3 +121,39 @@ def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monk
     assert len(lines) == 1 and "unexpected RuntimeError: could not create a primitive" in lines[0]
     logs = list((tmp_path / "avarc" / "logs").glob("crash-*.log"))
     assert len(logs) == 1 and str(logs[0]) in lines[0] and "Traceback" in logs[0].read_text()
+
+
+HUGE_PAGES = '''
+import os, avarc_cli, torch
+t = torch.empty(16 << 20, dtype=torch.uint8).fill_(1)
+p, huge, inside = t.data_ptr(), 0, False
+for line in open("/proc/self/smaps"):
+    f = line.split()
+    if f[0].count("-") == 1 and all(c in "0123456789abcdef-" for c in f[0]):
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        inside = lo <= p < hi
+    elif inside and f[0] == "AnonHugePages:":
+        huge = int(f[1])
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), p % 4096, huge)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only: torch's THP switch and smaps")
+@pytest.mark.parametrize("user", [None, "0"])
+def test_cli_puts_large_tensors_on_huge_pages_unless_the_user_says_no(user):
+    """Importing the CLI turns on torch's transparent-huge-page allocation (page-aligned, madvised) before torch is
+    imported; where the kernel allows THP the tensor's memory is on huge pages. A user's own setting wins."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES], capture_output=True, text=True, env=env, cwd=REPO,
+                         check=True)
+    setting, offset, huge = out.stdout.split()
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = mode.read_text() if mode.exists() else "[never]"
+    if user is None:
+        assert setting == "1" and offset == "0"
+        assert int(huge) > 0 or "[never]" in mode
+    else:
+        assert setting == "0"
+        assert int(huge) == 0 or "[always]" in mode      # under "always" the kernel uses huge pages anyway
