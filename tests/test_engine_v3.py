@@ -116,6 +116,30 @@ def test_scoring_step_has_at_most_one_host_transfer(small):
     assert not any(name in mode.ops for name in SYNC_OPS)
 
 
+def test_continuation_shares_one_key_value_buffer_and_still_trains(small):
+    """A forward that continues a cache without keeping all its keys/values runs every block on one scratch buffer;
+    under autograd (add-class trains through the blocks) each block gets its own, so backward still works. Both
+    give the log-probs of the forward that keeps everything."""
+    m = small[4]
+    var, spec = m.var, m.spec.var
+    ends = spec.scale_ends()
+    tokens, classes = torch.randint(0, spec.vocab_size, (2, spec.seq_len)), torch.tensor([1, 2])
+    x_in = m.vae.quantize.var_input(tokens)
+    with torch.no_grad():
+        _, prefix = var.hidden(classes, x_in[:, :ends[2] - 1], keep_cache=True)
+        whole, _ = var.hidden(classes, x_in, prefix, keep_cache=True)
+        short = prefix.truncate(ends[1])
+        part, kept = var.hidden(classes, x_in, prefix, keep_cache=True, cache_out=dataclasses.replace(
+            short, bufs=[torch.empty_like(b) for b in short.bufs]))
+    assert torch.equal(part, whole) and all(torch.equal(k, p) for k, p in zip(kept.bufs, short.bufs))
+    with torch.enable_grad():
+        x_grad = x_in.clone().requires_grad_(True)
+        trained, _ = var.hidden(classes, x_grad, prefix)
+        trained.square().sum().backward()
+    assert torch.allclose(trained.detach(), whole, atol=1e-5)
+    assert x_grad.grad[:, ends[2] - 1:].abs().sum() > 0 and x_grad.grad.isfinite().all()
+
+
 def test_kept_keys_values_fit_the_budget(small):
     """The cache holds only K and V (2·C per token and block, not the 3·C qkv buffer it used to view), in one
     preallocated buffer per block, and a scorer keeps no more than its budget."""

@@ -294,19 +294,20 @@ class VAR(nn.Module):
             cache_out = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device)
         kept = cache_out if keep_cache else None
         # Attention reads every block's keys from one L'-token buffer. Kept whole, each block writes straight into
-        # the kept cache; else one scratch buffer serves all blocks (not one fresh buffer per block), and only the
-        # kept prefix is copied out.
-        scratch = None
+        # the kept cache; else one scratch buffer serves all blocks (not one fresh buffer per block; under autograd,
+        # which saves each block's keys for its backward pass, one per block), and only the kept prefix is copied.
+        work = None
         if (cache is not None or kept is not None) and (kept is None or kept.num_tokens != end):
-            scratch = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device, blocks=1).bufs[0]
+            work = KVCache.empty(self.spec, B, end, self.compute_dtype, x.device,
+                                 blocks=None if torch.is_grad_enabled() else 1).bufs
         for i, block in enumerate(self.blocks):
-            kv = scratch if scratch is not None else kept.bufs[i] if kept is not None else None
+            kv = work[i % len(work)] if work is not None else kept.bufs[i] if kept is not None else None
             if cache is not None:
                 kv[:, :start].copy_(cache.bufs[i][:, :start])
             mod = mods[:, MOD_ROWS * i:MOD_ROWS * (i + 1)]
             x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv))
-            if scratch is not None and kept is not None:
-                kept.bufs[i].copy_(scratch[:, :kept.num_tokens])
+            if work is not None and kept is not None:
+                kept.bufs[i].copy_(kv[:, :kept.num_tokens])
         return self.head_nm(x, mods[:, -2:]), kept
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
