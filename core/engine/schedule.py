@@ -18,7 +18,7 @@ from . import tokenizer
 from .guard import guard_stages
 from .model import Model
 from .profile import Profile, Stage
-from .scoring import Scorer
+from .scoring import Scorer, shared_scales
 from .stages import Prediction, StageScores
 
 
@@ -127,8 +127,7 @@ def _reusable_tokens(tokens: torch.Tensor, stage: Stage, later: Sequence[Stage],
     more = max((st.samples for st in later), default=0)
     if more <= stage.samples:
         return 0
-    same = (tokens[:, stage.samples:more, :n_tok] == tokens[:, :1, :n_tok]).cumprod(-1).sum(-1).max().item()
-    return max((e for e in [0] + ends if e <= same), default=0)
+    return int(shared_scales(tokens[:, stage.samples:more, :n_tok], tokens[:, :1, :n_tok], ends).max())
 
 
 def _prediction(stages: list[StageScores], exited_after: int | None, temperature: float) -> Prediction:

@@ -34,6 +34,14 @@ def _clean(code: torch.Tensor) -> torch.Tensor:
     return code & ~_SAMPLE_BITS
 
 
+def shared_scales(a: torch.Tensor, b: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    """Per row, the longest prefix of whole scales (0 or an entry of ``ends``) on which token rows ``a`` and ``b``
+    (broadcast) agree: how far one sequence may continue from the other's keys/values."""
+    same = (a == b).cumprod(-1).sum(-1)
+    whole = torch.tensor([0, *ends])
+    return whole[torch.searchsorted(whole, same, right=True) - 1]
+
+
 def _select(cache: KVCache, rows: torch.Tensor) -> KVCache:
     """Rows of a cache, the index moved to its device once (not once per block: each move waits for the device)."""
     return cache.select(rows.to(cache.bufs[0].device))
@@ -102,15 +110,13 @@ class Scorer:
         # The longest usable cached prefix of each other pair: its own sample first, then the clean one.
         start = torch.zeros(len(code_N), dtype=torch.long)
         src_batch, src_row = torch.full_like(start, -1), torch.zeros_like(start)
-        whole = torch.tensor([0] + ends[:num_scales - 1])     # ends of scales a prefix may stop at
         for cand in (code_N, _clean(code_N)):
             for b, pos, row in self._by_batch(cand, ~free):
                 batch = self.batches[b]
                 if batch.cache is None:
                     continue
                 limit = min(batch.cache.num_tokens, n_tok)
-                same = (batch.tokens_NL[row, :limit] == tokens_NL[pos, :limit]).cumprod(1).sum(1)
-                usable = whole[torch.searchsorted(whole, same, right=True) - 1]
+                usable = shared_scales(batch.tokens_NL[row, :limit], tokens_NL[pos, :limit], ends[:num_scales - 1])
                 better = usable > start[pos]
                 pos = pos[better]
                 start[pos], src_batch[pos], src_row[pos] = usable[better], b, row[better]
