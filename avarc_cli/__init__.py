@@ -1,4 +1,4 @@
-"""The ``avarc`` command line: thin Typer commands over ``core``."""
+"""The ``avarc`` command line: thin Typer commands over the library (``avarc``)."""
 from __future__ import annotations
 
 import os

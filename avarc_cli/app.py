@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import __version__
-from core.errors import AvarcError
+from avarc import __version__
+from avarc.errors import AvarcError
 
 from . import output
 from .commands import add_class, bench, calibrate_ood, classify, download, explain, report, tune

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
-from core.choices import COLORMAPS, DTYPES, ENCODERS, INITS, LABELS, METRICS_STARTS, OOD_SCORES
+from avarc.choices import COLORMAPS, DTYPES, ENCODERS, INITS, LABELS, METRICS_STARTS, OOD_SCORES
 
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 Labels = Literal[LABELS]  # type: ignore[valid-type]
@@ -115,9 +115,9 @@ class ModelOptions:
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"device": "auto", "dtype": "auto", "encoder": "torch",
                                                  "trust_pickle": False}
 
-    def load(self, model: str, profile: str | None = None, **override: Any):  # noqa: ANN201 (a core.Classifier)
+    def load(self, model: str, profile: str | None = None, **override: Any):  # noqa: ANN201 (a avarc.Classifier)
         """The one ``Classifier.from_pretrained`` call of every command (``override``: a command's own choice)."""
-        from core import Classifier
+        from avarc import Classifier
 
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extension"}
         kw.update(override)
@@ -150,12 +150,12 @@ class InputOptions:
 
     def inputs(self, given: list[Path] | None) -> list:
         """The command's inputs with ``--from-list``'s paths after them."""
-        from core.io.data import read_list
+        from avarc.io.data import read_list
 
         return [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
 
-    def data(self):  # noqa: ANN201 (a core.io.data.DataOptions)
-        from core.io.data import DataOptions
+    def data(self):  # noqa: ANN201 (a avarc.io.data.DataOptions)
+        from avarc.io.data import DataOptions
 
         return DataOptions(self.split, self.image_column, self.label_column, self.border)
 

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from core.errors import FIX, AvarcError, NeedsDownload
+from avarc.errors import FIX, AvarcError, NeedsDownload
 
 console = Console()
 err_console = Console(stderr=True)

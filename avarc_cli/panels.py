@@ -12,9 +12,9 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
           metrics: Optional[str] = None) -> None:
     """Explain ``items`` into ``out`` (``preds``: a run's prediction per path, for the captions; ``metrics``: also
     measure each map's insertion/deletion AUC from this start)."""
-    from core.errors import AvarcError
-    from core.tasks.explain import unique_stems
-    from core.tasks.explain_metrics import image_metrics
+    from avarc.errors import AvarcError
+    from avarc.tasks.explain import unique_stems
+    from avarc.tasks.explain_metrics import image_metrics
 
     from . import output
     from .interrupt import interruptible
@@ -54,12 +54,12 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
 def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[str], profile: Optional[str],
                 out: Path, colormap: str, alpha: float, shared_scale: bool, scales: Optional[int], force: bool) -> None:
     """``--from``: a classify run's images, its model (unless -m), seed and true/predicted classes."""
-    from core.errors import AvarcError
-    from core.io.files import make_output_dir
-    from core.io.records import read_records
-    from core.io.registry import is_registry_name
-    from core.tasks.explain import record_targets
-    from core.tasks.heatmap import check_style
+    from avarc.errors import AvarcError
+    from avarc.io.files import make_output_dir
+    from avarc.io.records import read_records
+    from avarc.io.registry import is_registry_name
+    from avarc.tasks.explain import record_targets
+    from avarc.tasks.heatmap import check_style
 
 
     check_style(colormap, alpha)
@@ -80,7 +80,7 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
 
 def metrics_table(measured: list, out: Path, start: str) -> None:
     """Write the explanation metrics (``OUT/metrics.json``, ``.png``) and print their means."""
-    from core.tasks.explain_metrics import summarise, write_metrics
+    from avarc.tasks.explain_metrics import summarise, write_metrics
 
     from . import output
 

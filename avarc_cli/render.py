@@ -8,7 +8,7 @@ from . import output
 
 def profiles_table() -> None:
     """``classify --list-profiles``: the shipped schedules, stage by stage."""
-    from core.io.profiles import list_profiles
+    from avarc.io.profiles import list_profiles
 
     output.table("profiles (`--profile NAME` or a YAML file)", ["name", "stages", "sigma", "description"],
                  [(p.name, "\n".join(f"{i}. {s.describe()}" for i, s in enumerate(p.stages, 1)), p.sigma,

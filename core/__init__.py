@@ -1,10 +1,10 @@
-"""avarc core: VAR image models as generative classifiers.
+"""avarc: VAR image models as generative classifiers.
 
 The door: ``Classifier.from_pretrained(name)`` then ``.classify`` / ``.explain`` / ``.add_classes``. Beneath it the
 data path: image → ``preprocess_image`` → ``Model.encode`` (latent) → ``Model.tokenize_latent`` (multi-scale
 tokens) → ``Model.token_logp`` (per-token log-likelihoods per class) → schedule → result records.
 
-The names below are imported on first use (PEP 562), so ``import core.errors`` or the CLI's argument parsing does
+The names below are imported on first use (PEP 562), so ``import avarc.errors`` or the CLI's argument parsing does
 not pay for importing torch.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = list(_WHERE)
 
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
-        raise AttributeError(f"module 'core' has no attribute {name!r}")
+        raise AttributeError(f"module 'avarc' has no attribute {name!r}")
     value = getattr(import_module(_WHERE[name], __name__), name)
     globals()[name] = value
     return value

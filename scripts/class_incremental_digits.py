@@ -5,7 +5,7 @@
 
 Task 1 = digits 0–4, task 2 = digits 5–9. Step 1 trains a demo model on the task-1 train split (the bundled
 model's recipe, ``scripts/train_digits.py --classes 0-4``). Step 2 learns 5–9 as new class rows from the task-2
-train split only (``core.tasks.incremental.add_classes``; no replay, every base weight frozen). Both steps are tested
+train split only (``avarc.tasks.incremental.add_classes``; no replay, every base weight frozen). Both steps are tested
 on the test split among all classes seen so far (PyCIL conventions): accuracy per task after each step, average
 incremental accuracy (mean over steps of the accuracy on all seen classes) and forgetting (task-1 accuracy after
 step 1 minus after step 2). The jointly trained 10-class model (bundled ``digits``) is the upper bound.
@@ -22,10 +22,10 @@ import digits
 import torch
 import train_digits
 
-from avarc_cli import output
-from core import AvarcError
-from core.io.loading import load_model_dir, resolve_model
-from core.tasks.incremental import add_classes
+from avarc import AvarcError
+from avarc.cli import output
+from avarc.io.loading import load_model_dir, resolve_model
+from avarc.tasks.incremental import add_classes
 
 TASK1, TASK2 = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 ALL = TASK1 + TASK2

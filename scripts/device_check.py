@@ -27,14 +27,14 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from core.engine.counters import engine_counters
-from core.engine.profile import Profile
-from core.engine.runtime import resolve_device
-from core.io.loading import finish, load_model, resolve_model
-from core.io.preprocess import preprocess_image
-from core.io.profiles import load_profile
-from core.runs.bench import compare, matmul_peak, random_model
-from core.runs.bench import run as bench_run
+from avarc.engine.counters import engine_counters
+from avarc.engine.profile import Profile
+from avarc.engine.runtime import resolve_device
+from avarc.io.loading import finish, load_model, resolve_model
+from avarc.io.preprocess import preprocess_image
+from avarc.io.profiles import load_profile
+from avarc.runs.bench import compare, matmul_peak, random_model
+from avarc.runs.bench import run as bench_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "tests" / "data" / "conformance"

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import AvarcError
-from core.engine.model import Model
-from core.engine.tokenizer import draw_noise, neighbour_tokens
+from avarc import AvarcError
+from avarc.engine.model import Model
+from avarc.engine.tokenizer import draw_noise, neighbour_tokens
 
 NUM_IMAGES = 1797
 TRAIN_END = 1438   # train = [0, TRAIN_END), test = [TRAIN_END, NUM_IMAGES)
@@ -81,7 +81,7 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """N, 8, 8 uint8 → N, 3, size, size float32 in [-1, 1], prepared exactly as ``preprocess='resize'`` does it."""
     from PIL import Image
 
-    from core.io.preprocess import pixels_to_tensor, preprocess_pil
+    from avarc.io.preprocess import pixels_to_tensor, preprocess_pil
 
     return torch.stack([pixels_to_tensor(preprocess_pil(Image.fromarray(im), size, "resize")) for im in images])
 

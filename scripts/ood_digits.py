@@ -95,9 +95,9 @@ def save(root: Path) -> None:
 
 def measure_ood() -> None:
     """The README's AUROC and abstention tables, on the bundled model with its default profile (fp32, CPU)."""
-    from core import Classifier
-    from core.engine.profile import OodRule
-    from core.tasks.ood import DEFAULT_OOD_SCORE, OOD_SCORES, auroc, fit_thresholds
+    from avarc import Classifier
+    from avarc.engine.profile import OodRule
+    from avarc.tasks.ood import DEFAULT_OOD_SCORE, OOD_SCORES, auroc, fit_thresholds
 
     clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
     sets = ood_sets()
@@ -131,8 +131,8 @@ def measure_ood() -> None:
 def measure_explanations(count: int, shard: tuple[int, int] = (0, 1)) -> None:
     """Insertion/deletion AUC of the explanations of ``count`` test digits (evenly spread), true class vs null; with
     ``shard`` (k, n) only every n-th of them from the k-th, each image's AUCs printed (images are independent)."""
-    from core import Classifier
-    from core.tasks.explain_metrics import image_metrics, summarise
+    from avarc import Classifier
+    from avarc.tasks.explain_metrics import image_metrics, summarise
 
     clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
     digits, labels = digit_images(FIT[0], HELD[1])

@@ -20,10 +20,10 @@ import digits
 import numpy as np
 import torch
 
-from avarc_cli import output
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
-from core.io.loading import save_model_dir
-from core.tasks.training import Augment, TrainConfig, token_pool, train_var, train_vqvae
+from avarc import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model
+from avarc.cli import output
+from avarc.io.loading import save_model_dir
+from avarc.tasks.training import Augment, TrainConfig, token_pool, train_var, train_vqvae
 
 IMAGE_SIZE = 8                       # the digits' own resolution: "resize" preprocessing keeps them pixel-exact
 PATCH_NUMS = (1, 2, 3, 4)            # 30 tokens per image on a 4×4 latent

@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-import core
-from avarc_cli.app import main
-from core import Classifier, ModelSpec, VARSpec, VQVAESpec
-from core.engine.schedule import classify as run_schedule
-from core.engine.schedule import noise_generator
-from core.engine.scoring import Scorer
-from core.engine.stages import Prediction
-from core.io import distributed
-from core.io.data import Item
-from core.io.preprocess import pixels_to_tensor
+import avarc
+from avarc import Classifier, ModelSpec, VARSpec, VQVAESpec
+from avarc.cli.app import main
+from avarc.engine.schedule import classify as run_schedule
+from avarc.engine.schedule import noise_generator
+from avarc.engine.scoring import Scorer
+from avarc.engine.stages import Prediction
+from avarc.io import distributed
+from avarc.io.data import Item
+from avarc.io.preprocess import pixels_to_tensor
 from scripts.digits import load_digits
 
 DATA = Path(__file__).parent / "data"
@@ -47,12 +47,12 @@ class ConformanceSet:
         self.var_path, self.vae_path = self.dir / "var.pth", self.dir / "vae.pth"
         self.images = [conformance_image(s) for s in self.meta["images"]]
 
-    def load(self, **kw) -> core.Model:
-        return core.load_model(self.var_path, self.vae_path, **kw)
+    def load(self, **kw) -> avarc.Model:
+        return avarc.load_model(self.var_path, self.vae_path, **kw)
 
 
 _SETS: dict[str, ConformanceSet] = {}
-_MODELS: dict[str, core.Model] = {}
+_MODELS: dict[str, avarc.Model] = {}
 
 
 @pytest.fixture(scope="session", params=CONFORMANCE_SETS)
@@ -61,17 +61,17 @@ def conf(request) -> ConformanceSet:
 
 
 @pytest.fixture(scope="session")
-def conf_model(conf) -> core.Model:
+def conf_model(conf) -> avarc.Model:
     if conf.name not in _MODELS:
         _MODELS[conf.name] = conf.load()
     return _MODELS[conf.name]
 
 
-_ENGINE_MODELS: dict[tuple[str, str], core.Model] = {}
+_ENGINE_MODELS: dict[tuple[str, str], avarc.Model] = {}
 
 
 @pytest.fixture(scope="session", params=DEVICES)
-def engine_model(conf, request) -> core.Model:
+def engine_model(conf, request) -> avarc.Model:
     """The conformance model on every available device: the engine's tests run on each."""
     key = (conf.name, request.param)
     if key not in _ENGINE_MODELS:
@@ -80,7 +80,7 @@ def engine_model(conf, request) -> core.Model:
     return _ENGINE_MODELS[key]
 
 
-def avarc(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
     try:

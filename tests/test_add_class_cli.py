@@ -6,8 +6,8 @@ import shutil
 
 import torch
 
-from core.io import loading
-from tests.conftest import ConformanceSet, avarc
+from avarc.io import loading
+from tests.conftest import ConformanceSet, run_cli
 
 CS = ConformanceSet("official256")
 OTHER = ConformanceSet("shared512")
@@ -26,23 +26,23 @@ def test_conformance_extension_and_errors(monkeypatch, capsys, tmp_path):
     shutil.copy(CS.images[0], folder)
     (folder / "broken.png").write_bytes(b"not an image")
     ext = tmp_path / "ext.pt"
-    code, out, err = avarc(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path,
+    code, out, err = run_cli(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path,
                            "--vae", CS.vae_path, "--steps", 2, "--holdout", 0, "--out", ext, *FAST)
     assert code == 0, err
     assert "skipped" in err and "broken.png" in err and "newcls" in out
     assert torch.load(ext, weights_only=True)["names"] == ["newcls"]
 
-    code, _, err = avarc(monkeypatch, capsys, "classify", CS.images[0], "--model", OTHER.var_path,
+    code, _, err = run_cli(monkeypatch, capsys, "classify", CS.images[0], "--model", OTHER.var_path,
                          "--vae", OTHER.vae_path, "--extension", ext, *FAST)
     one_line_error(code, err, "was trained on sha256")
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = avarc(monkeypatch, capsys, "add-class", "x", empty, "--model", CS.var_path, "--vae", CS.vae_path,
+    code, _, err = run_cli(monkeypatch, capsys, "add-class", "x", empty, "--model", CS.var_path, "--vae", CS.vae_path,
                          *FAST)
     one_line_error(code, err, "no readable images for class 'x'")
 
-    code, _, err = avarc(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path,
+    code, _, err = run_cli(monkeypatch, capsys, "add-class", "newcls", folder, "--model", CS.var_path,
                          "--vae", CS.vae_path, "--extension", ext, *FAST)
     one_line_error(code, err, "class 'newcls' already exists")
 
@@ -51,7 +51,7 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     """On the demo: base and null log-probs bit-identical with the extension; classify and bench take --extension."""
     from PIL import Image
 
-    from core.tasks.incremental import apply_extensions
+    from avarc.tasks.incremental import apply_extensions
     from scripts import digits
     test = digits.load_digits("test")
     folder = tmp_path / "sevens"
@@ -59,7 +59,7 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     for i in range(6):
         Image.fromarray(test.images[test.labels == 7][i]).save(folder / f"{i}.png")
     ext = tmp_path / "sevens.pt"
-    code, out, err = avarc(monkeypatch, capsys, "add-class", "sevens", folder, "--steps", 30, "--holdout", 0.34,
+    code, out, err = run_cli(monkeypatch, capsys, "add-class", "sevens", folder, "--steps", 30, "--holdout", 0.34,
                            "--out", ext, *FAST)
     assert code == 0, err
 
@@ -73,16 +73,17 @@ def test_digits_extension_keeps_old_scores_and_runs_everywhere(monkeypatch, caps
     assert torch.equal(extended.token_logp(tokens, [*range(K), extended.null_class]), before)
 
     results = tmp_path / "r.jsonl"
-    code, out, err = avarc(monkeypatch, capsys, "classify", folder, "--extension", ext, "--out", results, "--topk", 11,
+    code, out, err = run_cli(monkeypatch, capsys, "classify", folder, "--extension", ext, "--out", results,
+                             "--topk", 11,
                            *FAST)
     assert code == 0, err
     recs = [json.loads(line) for line in results.read_text().splitlines()]
     names = {t["name"] for r in recs for t in r["topk"]}
     assert "sevens" in names and "7" in names and "0" in names
 
-    code, out, err = avarc(monkeypatch, capsys, "bench", "--extension", ext, "--num-classes", 11, "--warmup", 0,
+    code, out, err = run_cli(monkeypatch, capsys, "bench", "--extension", ext, "--num-classes", 11, "--warmup", 0,
                            "--repeat", 1, "--json", *FAST)
     assert code == 0, err
     assert json.loads(out)["results"][0]["s_per_image"]["median"] > 0
-    code, _, err = avarc(monkeypatch, capsys, "bench", "--random-weights", "--extension", ext, *FAST)
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--random-weights", "--extension", ext, *FAST)
     one_line_error(code, err, "--extension needs the base model")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.io.preprocess import load_pixels
-from tests.conftest import avarc
+from avarc.io.preprocess import load_pixels
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits"
@@ -45,7 +45,7 @@ def junk(tmp_path) -> dict[str, Path]:
 
 
 def one_line_exit_2(monkeypatch, capsys, *args) -> str:
-    code, _, err = avarc(monkeypatch, capsys, *args)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
     lines = [x for x in err.splitlines() if x.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     return lines[0]
@@ -101,7 +101,7 @@ def test_options_that_cannot_work_are_one_line(monkeypatch, capsys, junk, few, a
 
 
 def test_usage_errors_exit_2_without_a_traceback(monkeypatch, capsys, tmp_path, few):
-    code, _, err = avarc(monkeypatch, capsys, "classify", few, "--topk", "0")
+    code, _, err = run_cli(monkeypatch, capsys, "classify", few, "--topk", "0")
     assert code == 2 and "--topk" in err
     (tmp_path / "empty").mkdir()
     assert "no files in this folder" in one_line_exit_2(monkeypatch, capsys, "classify", tmp_path / "empty")
@@ -119,7 +119,7 @@ def test_links_loops_fifos_and_broken_files_are_skipped_records(monkeypatch, cap
     (few / "sub" / "up").symlink_to(few)                                        # a folder loop: walked once
     (few / "notes.png").write_text("not an image")
     out = tmp_path / "r.jsonl"
-    code, _, err = avarc(monkeypatch, capsys, "classify", few, "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", few, "--out", out)
     assert code == 0, err
     why = {Path(r["path"]).name: r["error"] for r in map(json.loads, out.read_text().splitlines())}
     assert len(why) == 7 and sum(e is None for e in why.values()) == 2
@@ -131,12 +131,12 @@ def test_links_loops_fifos_and_broken_files_are_skipped_records(monkeypatch, cap
 def test_a_run_whose_every_input_is_unreadable_exits_1(monkeypatch, capsys, tmp_path):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
-    code, _, err = avarc(monkeypatch, capsys, "classify", tmp_path / "a", tmp_path / "b")
+    code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "a", tmp_path / "b")
     assert code == 1 and "none of the 2 images could be read" in err
 
 
 def test_keep_larger_than_the_candidates_warns_once(monkeypatch, capsys, few):
-    code, _, err = avarc(monkeypatch, capsys, "classify", few, "--classes", "3,8")
+    code, _, err = run_cli(monkeypatch, capsys, "classify", few, "--classes", "3,8")
     assert code == 0 and err.count("warning:") == 1
     assert "keeps more classes (stage 1: 3) than there are candidates (2)" in err.replace("\n", " ")
 
@@ -156,7 +156,7 @@ def test_decompression_bomb_is_a_skipped_record_without_stray_warnings(tmp_path,
     """A real process: PIL's warning would go straight to stderr."""
     Image.new("L", (12000, 12000)).save(few / "bomb.png")
     out = tmp_path / "r.jsonl"
-    done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", few, "--out", out], cwd=REPO, env=ENV,
+    done = subprocess.run([sys.executable, "-m", "avarc", "classify", few, "--out", out], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "Warning" not in done.stderr and "warn" not in done.stderr.lower()
@@ -165,7 +165,7 @@ def test_decompression_bomb_is_a_skipped_record_without_stray_warnings(tmp_path,
 
 
 def test_garbage_checkpoint_with_trust_pickle_in_a_real_process(junk, few):
-    done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", few, "-m", junk["random"], "--vae",
+    done = subprocess.run([sys.executable, "-m", "avarc", "classify", few, "-m", junk["random"], "--vae",
                            WEIGHTS / "vae.pth", "--trust-pickle"], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -3,7 +3,7 @@ import json
 
 from typer.testing import CliRunner
 
-from avarc_cli.app import app
+from avarc.cli.app import app
 from tests.conftest import CONFORMANCE
 
 runner = CliRunner()

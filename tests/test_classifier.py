@@ -1,4 +1,4 @@
-"""core.Classifier, the one door: the README's example runs as written, and the library gives exactly what the
+"""avarc.Classifier, the one door: the README's example runs as written, and the library gives exactly what the
 commands give (``avarc classify`` records, ``avarc explain`` NPZ maps, ``avarc add-class`` extension rows), on
 the bundled ``digits`` model and its example images (examples/digits)."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import core
-from core import AvarcError, Classifier
-from tests.conftest import avarc
+import avarc
+from avarc import AvarcError, Classifier
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "digits"
@@ -61,7 +61,7 @@ def test_attributes(clf):
 def test_classify_equals_the_cli(clf, tmp_path, monkeypatch, capsys):
     preds = clf.classify(PATHS)
     out = tmp_path / "run.jsonl"
-    code, _, err = avarc(monkeypatch, capsys, "classify", *PATHS, "--profile", "varc", "--out", out, *FP32)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", *PATHS, "--profile", "varc", "--out", out, *FP32)
     assert code == 0, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in records] == PATHS
@@ -96,15 +96,15 @@ def test_every_input_form_one_or_many(clf):
     one = clf.classify(PATHS[0])
     x = clf.preprocess(PATHS[0])
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
-    assert isinstance(one, core.Prediction) and one.pred_name == Path(PATHS[0]).parent.name
-    assert isinstance(clf.classify(Image.open(PATHS[0])), core.Prediction)
+    assert isinstance(one, avarc.Prediction) and one.pred_name == Path(PATHS[0]).parent.name
+    assert isinstance(clf.classify(Image.open(PATHS[0])), avarc.Prediction)
     assert clf.classify(x, keys=[Path(PATHS[0]).name]).ranking == one.ranking        # same noise key, same result
     folder = clf.classify(str(EXAMPLES / "3"))
     assert [p.pred_name for p in folder] == ["3", "3"]
     assert len(clf.classify(x[None].repeat(3, 1, 1, 1))) == 3
     mixed = clf.classify([str(EXAMPLES / "7"), PATHS[0], Image.open(PATHS[0]), x])
     assert len(mixed) == 5 and mixed[0].pred_name == "7"
-    assert isinstance(clf.explain(PATHS[0]), core.Explanation) and len(clf.explain([PATHS[0], x])) == 2
+    assert isinstance(clf.explain(PATHS[0]), avarc.Explanation) and len(clf.explain([PATHS[0], x])) == 2
 
 
 @pytest.mark.parametrize("bad, says", [
@@ -125,7 +125,7 @@ def test_results_name_their_classes_and_print_in_one_line(clf):
     assert [t.score for t in p.top] == [s for _, s in p.ranking]
     d = p.to_dict()
     assert json.loads(json.dumps(d)) == d and d["label_name"] == p.pred_name and len(d["top"]) == 5
-    ext = core.Extension(torch.zeros(1, 4, 96), ["seven"], "ab" * 32, "digits")
+    ext = avarc.Extension(torch.zeros(1, 4, 96), ["seven"], "ab" * 32, "digits")
     for obj in (clf, p, clf.explain(PATHS[0]), ext):
         text = repr(obj)
         assert "\n" not in text and len(text) < 200, text
@@ -135,7 +135,7 @@ def test_results_name_their_classes_and_print_in_one_line(clf):
 def test_explanation_saves_the_cli_panels(clf, tmp_path):
     from PIL import Image
 
-    from core.tasks.heatmap import figure_size
+    from avarc.tasks.heatmap import figure_size
 
     ex = clf.explain(PATHS[0], a="3", b="8")
     path = ex.save(tmp_path / "e.png")
@@ -150,7 +150,7 @@ def test_explanation_saves_the_cli_panels(clf, tmp_path):
 def test_explain_equals_the_cli(clf, tmp_path, monkeypatch, capsys):
     chosen = PATHS[:4]
     exps = clf.explain(chosen, labels=[Path(p).parent.name for p in chosen])
-    code, _, err = avarc(monkeypatch, capsys, "explain", *chosen, "--profile", "varc", "--out", tmp_path, *FP32)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", *chosen, "--profile", "varc", "--out", tmp_path, *FP32)
     assert code == 0, err
     for path, ex in zip(chosen, exps):
         saved = np.load(tmp_path / f"{Path(path).stem}.npz")
@@ -170,7 +170,7 @@ def test_add_classes_equals_the_cli(tmp_path, monkeypatch, capsys):
     assert lib.class_names[-1] == "three" and lib.model.num_classes == 11
     saved = ext.save(tmp_path / "lib.ext.pt")
     cli = tmp_path / "cli.ext.pt"
-    code, _, err = avarc(monkeypatch, capsys, "add-class", "three", EXAMPLES / "3", "--steps", 3, "--holdout", 0.5,
+    code, _, err = run_cli(monkeypatch, capsys, "add-class", "three", EXAMPLES / "3", "--steps", 3, "--holdout", 0.5,
                          "--seed", 4, "--out", cli, *FP32)
     assert code == 0, err
     a, b = (torch.load(p, weights_only=True) for p in (saved, cli))
@@ -197,7 +197,7 @@ def test_bare_var_file_of_any_geometry_loads_with_its_vae(tmp_path):
 
 
 def test_ambiguous_scales_ask_to_be_stated():
-    from core.models.specs import infer_patch_nums
+    from avarc.models.specs import infer_patch_nums
 
     assert infer_patch_nums(30, 4) == (1, 2, 3, 4) and infer_patch_nums(680, 10)[-1] == 16
     with pytest.raises(AvarcError, match="ambiguous .* state them as patch_nums"):
@@ -212,7 +212,7 @@ def _core_imports() -> dict[str, set[str]]:
     under ``if TYPE_CHECKING:`` only name types); a name imported from a package counts as its module when it is one."""
     graph: dict[str, set[str]] = {}
     for path in sorted((REPO / "core").rglob("*.py")):
-        parts = path.relative_to(REPO).with_suffix("").parts
+        parts = ("avarc", *path.relative_to(REPO / "core").with_suffix("").parts)   # core/ installs as avarc
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = mod.split(".") if parts[-1] == "__init__" else mod.split(".")[:-1]
         tree = ast.parse(path.read_text())
@@ -230,9 +230,10 @@ def _core_imports() -> dict[str, set[str]]:
                 deps.update(f"{base}.{a.name}" for a in node.names)
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
-        assert not any(d == "avarc_cli" or d.startswith("avarc_cli.") for d in deps), (mod, deps)
-        graph[mod] = {d for d in deps if d.startswith("core.") and d != mod and (
-            (REPO / (d.replace(".", "/") + ".py")).is_file() or (REPO / d.replace(".", "/") / "__init__.py").is_file())}
+        assert not any(d == "avarc.cli" or d.startswith("avarc.cli.") for d in deps), (mod, deps)
+        graph[mod] = {d for d in deps if d.startswith("avarc.") and d != mod and (
+            (REPO / ("core" + d[5:].replace(".", "/") + ".py")).is_file()
+            or (REPO / ("core" + d[5:].replace(".", "/")) / "__init__.py").is_file())}
     return graph
 
 
@@ -240,7 +241,7 @@ def test_core_imports_point_down_no_cli_no_cycle():
     """core is layered bottom up: errors, models (the networks), engine (tokens → likelihoods → schedule), io
     (files, data, registry, loading, results), tasks (explain, add classes, calibration), the Classifier door, and
     runs (whole jobs over a dataset: classify, tune, report, bench). Every import points to its own layer or
-    below, nothing reaches avarc_cli, and there is no import cycle."""
+    below, nothing reaches the CLI (avarc.cli), and there is no import cycle."""
     graph = _core_imports()
     assert len(graph) > 35
 
@@ -248,9 +249,9 @@ def test_core_imports_point_down_no_cli_no_cycle():
         return LAYERS.index(m.split(".")[1])
 
     for m, deps in graph.items():
-        if m == "core":
+        if m == "avarc":
             continue
-        up = [d for d in deps if d != "core" and layer(d) > layer(m)]
+        up = [d for d in deps if d != "avarc" and layer(d) > layer(m)]
         assert not up, f"{m} imports {up}, a layer above it ({' < '.join(LAYERS)})"
     state: dict[str, int] = {}
 
@@ -263,5 +264,5 @@ def test_core_imports_point_down_no_cli_no_cycle():
         state[m] = 2
 
     for m in graph:
-        if m not in state and m != "core":
+        if m not in state and m != "avarc":
             visit(m, [])

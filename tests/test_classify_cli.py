@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, ConformanceSet, avarc, read_jsonl
+from tests.conftest import MODEL, ConformanceSet, read_jsonl, run_cli
 
 CS = ConformanceSet("official256")
 FAST = "stages:\n  - {scales: 3, keep: 2}\n  - {scales: 4, samples: 2}\n"
@@ -40,7 +40,7 @@ def fast_profile(tmp_path) -> Path:
 
 def test_varc_scores_through_the_cli_equal_the_golden_loglikelihood_sums(tmp_path, monkeypatch, capsys):
     out = tmp_path / "varc.jsonl"
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", CS.dir.parent / "images", *MODEL, "--profile", "varc",
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", CS.dir.parent / "images", *MODEL, "--profile", "varc",
                             "--out", out, "--topk", 10)
     assert code == 0 and "profile varc" in stdout
     records = read_jsonl(out)
@@ -65,7 +65,7 @@ def test_labelled_class_folders_give_accuracy_recall_and_a_csv_row(tmp_path, mon
         (data / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(src, data / label / src.name)
     out, table = tmp_path / "r.jsonl", tmp_path / "summary.csv"
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", data, *MODEL, "--profile", fast_profile, "--out", out,
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", data, *MODEL, "--profile", fast_profile, "--out", out,
                             "--csv", table)
     assert code == 0
     records = read_jsonl(out)
@@ -89,7 +89,7 @@ def test_bad_images_are_skipped_with_their_reason_and_the_run_goes_on(tmp_path, 
     (folder / "d_notes.txt").write_text("not an image\n")
     shutil.copy(good, folder / "e_good.png")
     out = tmp_path / "r.jsonl"
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", folder, *MODEL, "--profile", fast_profile, "--out", out)
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", folder, *MODEL, "--profile", fast_profile, "--out", out)
     assert code == 0
     recs = {Path(r["path"]).name: r for r in read_jsonl(out)}
     assert [recs[n]["status"] for n in sorted(recs)] == ["ok", "skipped", "skipped", "skipped", "ok"]
@@ -113,16 +113,16 @@ def test_user_errors_exit_2_with_one_line_that_says_what_to_do(tmp_path, monkeyp
         "invalid-yaml": ([images, *MODEL, "--profile", bad_yaml], f"{bad_yaml}: invalid YAML at line"),
         "resume-no-out": ([images, *MODEL, "--resume"], "--resume continues an --out file; pass --out"),
     }[case]
-    code, stdout, stderr = avarc(monkeypatch, capsys, "classify", *args)
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "classify", *args)
     assert code == 2 and stdout == ""
     assert stderr.startswith("error: ") and expected in stderr and stderr.count("\n") == 1
 
 
 def test_unlabelled_images_print_their_predictions_and_profiles_are_listed(tmp_path, monkeypatch, capsys, fast_profile):
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", CS.dir.parent / "images" / "tiny.png", *MODEL,
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", CS.dir.parent / "images" / "tiny.png", *MODEL,
                             "--profile", fast_profile, "--classes", "2,5")
     assert code == 0 and "predictions" in stdout and "tiny.png" in stdout
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", "--list-profiles")
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", "--list-profiles")
     assert code == 0 and all(name in stdout for name in ("a-varc-plus", "smooth-top10", "adaptive", "digits", "varc"))
 
 
@@ -133,7 +133,7 @@ def test_resume_after_kill_9_gives_exactly_one_record_per_image(tmp_path):
     for i in range(16):
         shutil.copy(images[i % len(images)], folder / f"{i:02d}{images[i % len(images)].suffix}")
     out = tmp_path / "r.jsonl"
-    cmd = [sys.executable, "-m", "avarc_cli", "classify", str(folder), *map(str, MODEL), "--profile", "varc",
+    cmd = [sys.executable, "-m", "avarc", "classify", str(folder), *map(str, MODEL), "--profile", "varc",
            "--classes", "0,1,2", "--batch-size", "3", "--out", str(out)]         # 3 pairs a forward: 1 image a step
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -163,8 +163,8 @@ def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypa
 
     import torch
 
-    from core import VARSpec, build_model
-    from core.io.data import dataset_presets, imagenet_classes
+    from avarc import VARSpec, build_model
+    from avarc.io.data import dataset_presets, imagenet_classes
 
     spec = dataclasses.replace(CS.load().spec, var=VARSpec(depth=1, embed_dim=64, num_heads=1, num_classes=1000))
     var = build_model(spec, "cpu").var                                     # random weights, ImageNet-1k classes
@@ -179,7 +179,7 @@ def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypa
     profile = tmp_path / "p.yaml"
     profile.write_text("stages:\n  - {scales: 2, keep: 3}\n  - {scales: 3}\n")
     out = tmp_path / "a.jsonl"
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", data, "--model", tmp_path / "var1000.pth", "--vae",
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", data, "--model", tmp_path / "var1000.pth", "--vae",
                             CS.vae_path, "--device", "cpu", "--dataset", "imagenet-a", "--profile", profile,
                             "--out", out)
     assert code == 0 and "top-1" in stdout
@@ -202,7 +202,7 @@ def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_pat
         (root / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, mode="L").save(root / str(label) / f"{index}.png")
     out = tmp_path / "digits.jsonl"
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", root, "--out", out, "--device", "cpu")  # defaults
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", root, "--out", out, "--device", "cpu")  # defaults
     assert code == 0 and re.search(r"profile\s+digits", stdout)          # the demo model's own profile
     records = read_jsonl(out)
     assert len(records) == 359 and all(r["status"] == "ok" for r in records)
@@ -213,7 +213,7 @@ def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_pat
 
 
 def test_readme_first_command_prints_the_accuracy_table(monkeypatch, capsys, one_thread):
-    code, stdout, _ = avarc(monkeypatch, capsys, "classify", REPO / "examples" / "digits", "--device", "cpu")
+    code, stdout, _ = run_cli(monkeypatch, capsys, "classify", REPO / "examples" / "digits", "--device", "cpu")
     assert code == 0
     for row in ("images", "top-1", "top-5", "stage 1 recall", "stage 2 recall", "images/s"):
         assert row in stdout

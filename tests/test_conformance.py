@@ -3,8 +3,8 @@ available device (tokens exact everywhere; log-probs within LOGP_TOL of the CPU 
 import pytest
 import torch
 
-from core.engine.tokenizer import neighbour_tokens
-from core.io.preprocess import preprocess_image
+from avarc.engine.tokenizer import neighbour_tokens
+from avarc.io.preprocess import preprocess_image
 from tests.conftest import LOGP_TOL
 
 

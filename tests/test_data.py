@@ -1,10 +1,10 @@
-"""core.io.data: which files are inputs, in which order, with which labels and candidate classes."""
+"""avarc.io.data: which files are inputs, in which order, with which labels and candidate classes."""
 from __future__ import annotations
 
 import pytest
 
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model, official_spec
-from core.io.data import ClassSpace, collect, dataset_presets, imagenet_classes, parse_classes, read_subset
+from avarc import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model, official_spec
+from avarc.io.data import ClassSpace, collect, dataset_presets, imagenet_classes, parse_classes, read_subset
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from PIL import Image
 
-from tests.conftest import HUB_COMMIT, FakeHub, _Handler, avarc
+from tests.conftest import HUB_COMMIT, FakeHub, _Handler, run_cli
 
 datasets = pytest.importorskip("datasets")
 
@@ -75,7 +75,7 @@ def digits(tmp_path_factory) -> dict[str, Path]:
 
 
 def _classify(monkeypatch, capsys, digits, source, out: Path, *extra) -> tuple[int, str, str]:
-    return avarc(monkeypatch, capsys, "classify", source, "--device", "cpu", "--profile", digits["profile"],
+    return run_cli(monkeypatch, capsys, "classify", source, "--device", "cpu", "--profile", digits["profile"],
                  "--out", out, *extra)
 
 
@@ -100,7 +100,7 @@ def test_every_format_gives_the_folder_runs_predictions_and_scores(digits, tmp_p
 def test_resume_after_kill_9_leaves_one_record_per_row_and_a_bad_row_is_skipped(digits, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bad.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "avarc_cli", "classify", str(digits["bad"]), "--device", "cpu", "--profile",
+    cmd = [sys.executable, "-m", "avarc", "classify", str(digits["bad"]), "--device", "cpu", "--profile",
            str(digits["profile"]), "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -126,7 +126,7 @@ def test_resume_after_kill_9_leaves_one_record_per_row_and_a_bad_row_is_skipped(
     (["--split", "validation"], "no split 'validation'; its splits: test"),
 ])
 def test_dataset_mistakes_are_one_line(digits, monkeypatch, capsys, args, says):
-    code, _, err = avarc(monkeypatch, capsys, "classify", digits["saved"], "--device", "cpu", *args)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", digits["saved"], "--device", "cpu", *args)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -135,10 +135,10 @@ def test_from_list_reads_paths_relative_to_the_list(digits, tmp_path, monkeypatc
     listing = tmp_path / "mine.txt"               # relative paths from the list's folder (not the shared folder)
     listing.write_text("# three threes\n" + "".join(f"{os.path.relpath(f, tmp_path)}\n" for f in files) + "\n")
     out = tmp_path / "list.jsonl"
-    code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", listing, "--device", "cpu", "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", "--from-list", listing, "--device", "cpu", "--out", out)
     assert code == 0, err
     assert [os.path.realpath(r["path"]) for r in read_jsonl(out)] == [os.path.realpath(f) for f in files]
-    code, _, err = avarc(monkeypatch, capsys, "classify", "--from-list", tmp_path / "none.txt")
+    code, _, err = run_cli(monkeypatch, capsys, "classify", "--from-list", tmp_path / "none.txt")
     assert code == 2 and "none.txt: no such list file" in err
 
 
@@ -219,7 +219,7 @@ def test_hub_dataset_through_the_hf_cache_then_offline(digits, dataset_hub, tmp_
     for offline in ("0", "1"):
         out = tmp_path / f"hub{offline}.jsonl"
         seen = len(dataset_hub.requests)
-        done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", f"hf://datasets/{DATASET}", "--device",
+        done = subprocess.run([sys.executable, "-m", "avarc", "classify", f"hf://datasets/{DATASET}", "--device",
                                "cpu", "--profile", str(digits["profile"]), "--out", str(out)],
                               env={**env, "HF_HUB_OFFLINE": offline}, cwd=REPO, capture_output=True, text=True,
                               timeout=300)
@@ -228,7 +228,7 @@ def test_hub_dataset_through_the_hf_cache_then_offline(digits, dataset_hub, tmp_
         assert [r["path"] for r in got] == [f"hf://datasets/{DATASET}[test]#{i}" for i in range(N)]
         assert [(r["pred"], r["stages"]) for r in got] == [(r["pred"], r["stages"]) for r in want]
         assert (len(dataset_hub.requests) > seen) == (offline == "0")      # offline: the cache, not one request
-    done = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", "hf://datasets/avarc-tests/nothing-cached"],
+    done = subprocess.run([sys.executable, "-m", "avarc", "classify", "hf://datasets/avarc-tests/nothing-cached"],
                           env={**env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "hf://datasets/avarc-tests/nothing-cached: not in the HF cache and HF_HUB_OFFLINE is set" in done.stderr
@@ -241,14 +241,15 @@ def test_explain_and_tune_read_datasets(digits, tmp_path, monkeypatch, capsys):
     listing = tmp_path / "three.txt"
     listing.write_text("".join(f"{f}\n" for f in files))
     for name, source in (("files", ["--from-list", listing]), ("rows", [digits["three"]])):
-        code, _, err = avarc(monkeypatch, capsys, "explain", *source, "--device", "cpu", "--profile", digits["profile"],
+        code, _, err = run_cli(monkeypatch, capsys, "explain", *source, "--device", "cpu", "--profile",
+                               digits["profile"],
                              "--labels", "none", "--out", tmp_path / name)
         assert code == 0, err
     rows = [tmp_path / "rows" / f"three{n}.npz" for n in ("", "-2", "-3")]       # row 0, 1, 2 of three.parquet
     for f, r in zip(files, rows):
         a, b = np.load(tmp_path / "files" / f"{f.stem}.npz"), np.load(r)
         assert np.array_equal(a["classes"], b["classes"]) and np.allclose(a["maps"], b["maps"])
-    code, stdout, err = avarc(monkeypatch, capsys, "tune", digits["saved"], "--device", "cpu", "--split", "test",
+    code, stdout, err = run_cli(monkeypatch, capsys, "tune", digits["saved"], "--device", "cpu", "--split", "test",
                               "--out", tmp_path / "tuned.yaml", "--stages", "1..2")
     assert code == 0, err
     assert (tmp_path / "tuned.yaml").is_file() and "120" in stdout + err
@@ -266,7 +267,7 @@ def test_add_class_learns_the_classes_a_dataset_names(digits, tmp_path, monkeypa
                                      "label": [0] * 7}, features=features)
     ds.save_to_disk(str(tmp_path / "new"))
     ext = tmp_path / "sevens.pt"
-    code, out, err = avarc(monkeypatch, capsys, "add-class", tmp_path / "new", "--steps", "2", "--holdout", "0",
+    code, out, err = run_cli(monkeypatch, capsys, "add-class", tmp_path / "new", "--steps", "2", "--holdout", "0",
                            "--device", "cpu", "--out", ext)
     assert code == 0, err
     assert "new[train]#6: not a readable image" in err.replace("\n", "") and "sevens" in out

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import core
-from core.io.loading import resolve_model
-from core.io.registry import BUNDLED_DIR
+import avarc
+from avarc.io.loading import resolve_model
+from avarc.io.registry import BUNDLED_DIR
 from scripts import digits
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
@@ -42,7 +42,7 @@ def model():
 def test_scores(model, sk_test):
     """359 × 10 summed token log-likelihoods, images prepared by the model's own preprocessing."""
     images, _, _ = sk_test
-    x = torch.stack([core.preprocess_image(Image.fromarray(im), model.spec.image_size, model.spec.preprocess)
+    x = torch.stack([avarc.preprocess_image(Image.fromarray(im), model.spec.image_size, model.spec.preprocess)
                      for im in images])
     return model.token_logp(model.tokenize(x), range(10)).sum(-1)
 
@@ -137,7 +137,7 @@ def test_examples_are_test_split_pixels(sk_test):
 def test_bf16_agrees_with_fp32(model, test_scores, sk_test):
     """bf16 autocast (what `--dtype auto` picks on AMX CPUs and GPUs) keeps ≥ 99% of fp32's top-1 on the test split."""
     images, _, _ = sk_test
-    x = torch.stack([core.preprocess_image(Image.fromarray(im), model.spec.image_size, model.spec.preprocess)
+    x = torch.stack([avarc.preprocess_image(Image.fromarray(im), model.spec.image_size, model.spec.preprocess)
                      for im in images])
     model.dtype = torch.bfloat16
     try:

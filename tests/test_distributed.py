@@ -1,4 +1,4 @@
-"""core.io.distributed under a real torchrun (2 CPU processes, gloo): the merged output equals a one-process run."""
+"""avarc.io.distributed under a real torchrun (2 CPU processes, gloo): the merged output equals a one-process run."""
 from __future__ import annotations
 
 import re
@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.io.distributed import Dist, images_per_step
-from tests.conftest import MODEL, ConformanceSet, avarc, read_jsonl
+from avarc.io.distributed import Dist, images_per_step
+from tests.conftest import MODEL, ConformanceSet, read_jsonl, run_cli
 
 CS = ConformanceSet("official256")
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +32,11 @@ def test_torchrun_with_two_gloo_processes_writes_the_same_records_as_one_process
     common = ["classify", str(data), *map(str, MODEL), "--profile", str(profile), "--seed", "3", "--batch-size", "12"]
 
     one = tmp_path / "one.jsonl"
-    code, _, _ = avarc(monkeypatch, capsys, *common, "--out", one)
+    code, _, _ = run_cli(monkeypatch, capsys, *common, "--out", one)
     assert code == 0
     two = tmp_path / "two.jsonl"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "avarc_cli", *common, "--out", str(two)], cwd=REPO, capture_output=True, text=True,
+                          "-m", "avarc", *common, "--out", str(two)], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("images/s") == 1 and re.search(r"processes\s*│\s*2\s*│", run.stdout)   # rank 0 only

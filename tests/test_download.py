@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from avarc_cli.output import message
-from core import AvarcError, preprocess_image
-from core.io.loading import resolve_model
+from avarc import AvarcError, preprocess_image
+from avarc.cli.output import message
+from avarc.io.loading import resolve_model
 from tests.conftest import CONFORMANCE, HUB_COMMIT, HUB_FILES, ConformanceSet, FakeHub
 
 
@@ -41,8 +41,8 @@ def env(hub, tmp_path) -> dict[str, str]:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "COLUMNS": "400"}
 
 
-def avarc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "avarc_cli", *args], env=env, capture_output=True, text=True,
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "avarc", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -51,7 +51,7 @@ def snapshot(env: dict[str, str], name: str) -> Path:
 
 
 def test_download_is_byte_identical_with_token_and_second_run_fetches_nothing(hub, env):
-    r = avarc({**env, "HF_TOKEN": "hf_secret"}, "download")
+    r = cli({**env, "HF_TOKEN": "hf_secret"}, "download")
     assert r.returncode == 0, r.stderr
     for name, src in HUB_FILES.items():
         path = snapshot(env, name)
@@ -62,7 +62,7 @@ def test_download_is_byte_identical_with_token_and_second_run_fetches_nothing(hu
     assert "downloaded" in r.stdout and hub.sha256["var_d16.pth"][:12] in r.stdout
 
     hub.requests.clear()
-    r = avarc(env, "download", "vae", "d16")
+    r = cli(env, "download", "vae", "d16")
     assert r.returncode == 0, r.stderr
     assert [m for m, _, _ in hub.requests] == ["HEAD", "HEAD"]
     assert r.stdout.count("present") == 2 and "downloaded" not in r.stdout
@@ -77,7 +77,7 @@ def test_cut_transfer_is_resumed_with_a_range_request(hub, env, tmp_path):
     data = big.read_bytes()
     hub.serve("vae_ch160v4096z32.pth", data)
     hub.cut_after["vae_ch160v4096z32.pth"] = 12_000_000
-    r = avarc(env, "download", "vae")
+    r = cli(env, "download", "vae")
     assert r.returncode == 0, r.stderr
     first, second = hub.gets("vae_ch160v4096z32.pth")
     start = int(re.fullmatch(r"bytes=(\d+)-", second["range"])[1])
@@ -87,7 +87,7 @@ def test_cut_transfer_is_resumed_with_a_range_request(hub, env, tmp_path):
 
 def test_file_that_does_not_match_the_hub_hash_is_rejected_and_not_left_behind(hub, env):
     hub.corrupt.add("var_d16.pth")
-    r = avarc(env, "download", "vae", "d16")
+    r = cli(env, "download", "vae", "d16")
     assert r.returncode == 2
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("error: d16: var_d16.pth does not match the hub's checksum")
@@ -99,23 +99,23 @@ def test_file_that_does_not_match_the_hub_hash_is_rejected_and_not_left_behind(h
     assert snapshot(env, "vae_ch160v4096z32.pth").read_bytes() == HUB_FILES["vae_ch160v4096z32.pth"].read_bytes()
 
     hub.corrupt.clear()  # the hub serves the right bytes again: a plain rerun repairs it
-    r = avarc(env, "download", "d16")
+    r = cli(env, "download", "d16")
     assert r.returncode == 0, r.stderr
     assert snapshot(env, "var_d16.pth").read_bytes() == HUB_FILES["var_d16.pth"].read_bytes()
 
 
 def test_offline_uses_the_cache_without_any_request(hub, env, conf_golden_256):
-    assert avarc(env, "download").returncode == 0
+    assert cli(env, "download").returncode == 0
     hub.requests.clear()
     offline = {**env, "HF_HUB_OFFLINE": "1"}
-    r = avarc(offline, "download")
+    r = cli(offline, "download")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("present") == 2
-    load = ("import torch, core.io.loading as r; m = r.resolve_model('d16'); g = torch.load(%r, weights_only=True); "
+    load = ("import torch, avarc.io.loading as r; m = r.resolve_model('d16'); g = torch.load(%r, weights_only=True); "
             "print(torch.equal(m.tokenize_latent(g['latent']), g['tokens']))" % str(conf_golden_256))
     r = subprocess.run([sys.executable, "-c", load], env=offline, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "True", r.stderr
-    r = avarc(offline, "download", "d20")
+    r = cli(offline, "download", "d20")
     assert r.returncode == 2 and "HF_HUB_OFFLINE is set" in r.stderr
     assert hub.requests == []
 
@@ -123,7 +123,7 @@ def test_offline_uses_the_cache_without_any_request(hub, env, conf_golden_256):
 def test_dir_places_plain_files_that_resolve_model_finds(hub, env, tmp_path):
     conf = ConformanceSet("official256")
     weights = tmp_path / "weights"
-    r = avarc(env, "download", "d16", "--dir", str(weights), "--onnx")
+    r = cli(env, "download", "d16", "--dir", str(weights), "--onnx")
     assert r.returncode == 0, r.stderr
     for name, src in HUB_FILES.items():
         assert not (weights / name).is_symlink() and (weights / name).read_bytes() == src.read_bytes()
@@ -140,7 +140,7 @@ def test_dir_places_plain_files_that_resolve_model_finds(hub, env, tmp_path):
     assert (model.encode(image) - conf.golden["latent"][1:2]).abs().max() < 1e-4
 
     hub.requests.clear()
-    r = avarc(env, "download", "d16", "--dir", str(weights))
+    r = cli(env, "download", "d16", "--dir", str(weights))
     assert r.returncode == 0 and not hub.gets("var_d16.pth") and not hub.gets("vae_ch160v4096z32.pth")
 
 
@@ -154,15 +154,15 @@ def test_missing_model_says_which_download_to_run(tmp_path, env):
     with pytest.raises(AvarcError) as err:
         resolve_model(tmp_path / "nothing.pth")
     assert "no such model file" in str(err.value)
-    show = "import core.io.loading as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
+    show = "import avarc.io.loading as r\ntry: r.resolve_model('d20-cca', vae='vae')\nexcept Exception as e: print(e)"
     r = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == ("model 'd20-cca' is not in the Hugging Face cache; "
                                 "download it with Classifier.from_pretrained('d20-cca') (without local_files_only)")
 
 
 def test_list_shows_sizes_purposes_and_what_is_here(hub, env):
-    assert avarc(env, "download", "vae").returncode == 0
-    r = avarc(env, "download", "--list")
+    assert cli(env, "download", "vae").returncode == 0
+    r = cli(env, "download", "--list")
     assert r.returncode == 0, r.stderr
     rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") > 3}
     assert str(snapshot(env, "vae_ch160v4096z32.pth")) in rows["vae"] and "437.0 MB" in rows["vae"]
@@ -172,9 +172,9 @@ def test_list_shows_sizes_purposes_and_what_is_here(hub, env):
 
 
 def test_unknown_names_and_revisions_are_one_line_errors(hub, env):
-    r = avarc(env, "download", "d99")
+    r = cli(env, "download", "d99")
     assert r.returncode == 2 and r.stderr.startswith("error: unknown model 'd99'") and r.stderr.count("\n") == 1
-    r = avarc(env, "download", "vae", "--revision", "v9")
+    r = cli(env, "download", "vae", "--revision", "v9")
     assert r.returncode == 2 and "revision 'v9' not found in FoundationVision/var" in r.stderr
 
 
@@ -192,7 +192,7 @@ def conf_golden_256(tmp_path) -> Path:
 def test_from_pretrained_downloads_what_is_not_here(hub, env):
     """The library fetches a registry model (and its VQ-VAE) on first use, as `avarc download` does; with
     local_files_only it refuses in one line that says how to get it."""
-    code = ("from core import AvarcError, Classifier\n"
+    code = ("from avarc import AvarcError, Classifier\n"
             "try:\n    Classifier.from_pretrained('d16', device='cpu', local_files_only=True)\n"
             "except AvarcError as e:\n    print('refused:', e)\n"
             "clf = Classifier.from_pretrained('d16', device='cpu', dtype='fp32')\n"
@@ -215,7 +215,7 @@ def test_unreachable_hub_is_one_line_at_once(env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]          # nothing listens here once the socket is closed
-    r = avarc({**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}, "download", "d16")
+    r = cli({**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}, "download", "d16")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Retrying" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"error: vae: cannot reach http://127.0.0.1:{closed} (Connection refused)")

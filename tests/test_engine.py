@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core.engine.profile import GUARD_NATS_PER_TOKEN
-from core.engine.runtime import choose_threads, usable_cores
-from core.engine.schedule import noise_generator, run_stages, sample_tokens
-from core.engine.scoring import Scorer
-from core.io.loading import resolve_model
-from core.io.profiles import load_profile, parse_profile
-from core.models.specs import official_spec
+from avarc.engine.profile import GUARD_NATS_PER_TOKEN
+from avarc.engine.runtime import choose_threads, usable_cores
+from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
+from avarc.engine.scoring import Scorer
+from avarc.io.loading import resolve_model
+from avarc.io.profiles import load_profile, parse_profile
+from avarc.models.specs import official_spec
 from scripts import digits
 from tests.conftest import DEVICES
 

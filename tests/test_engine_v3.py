@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.engine import likelihood
-from core.engine.counters import SYNC_OPS, OpCounter, engine_counters
-from core.engine.model import build_model
-from core.engine.profile import Profile, Stage
-from core.engine.schedule import noise_generator, run_stages, sample_tokens
-from core.engine.scoring import Scorer
-from core.models.block_ops import CompiledBlock
-from core.models.specs import official_spec
+from avarc.engine import likelihood
+from avarc.engine.counters import SYNC_OPS, OpCounter, engine_counters
+from avarc.engine.model import build_model
+from avarc.engine.profile import Profile, Stage
+from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
+from avarc.engine.scoring import Scorer
+from avarc.models.block_ops import CompiledBlock
+from avarc.models.specs import official_spec
 from tests.conftest import ConformanceSet
 
 
@@ -250,8 +250,8 @@ def test_compiler_failure_warns_once_and_oom_is_raised(small, caplog):
 
 def test_bench_reports_the_counters(conf_model):
     """`avarc bench` rows carry launches per forward and host syncs per step (JSON fields, table columns)."""
-    from core.io.profiles import load_profile
-    from core.runs.bench import run
+    from avarc.io.profiles import load_profile
+    from avarc.runs.bench import run
     size = conf_model.spec.image_size
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     row = run(conf_model, load_profile("a-varc-plus"), x, [0, 1], warmup=0, repeat=1).to_json()

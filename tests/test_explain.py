@@ -1,4 +1,4 @@
-"""core.tasks.explain: maps and scores against the formula applied to the conformance golden ``logp``
+"""avarc.tasks.explain: maps and scores against the formula applied to the conformance golden ``logp``
 (tests/data/conformance/<set>/golden.npz), pair choice, one-class models and safe output names."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from core import AvarcError, build_model
-from core.engine.schedule import noise_generator
-from core.io.profiles import load_profile
-from core.tasks.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
+from avarc import AvarcError, build_model
+from avarc.engine.schedule import noise_generator
+from avarc.io.profiles import load_profile
+from avarc.tasks.explain import Target, choose_pair, explain_images, explain_tokens, scale_maps, unique_stems
 from tests.conftest import IMAGE, A, B, expected_maps, tiny_spec
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core import build_model
-from core.io.loading import save_model_dir
-from core.tasks.heatmap import GAP, caption_height, figure_size, panel_size
-from tests.conftest import IMAGE, A, B, avarc, expected_maps, tiny_spec
+from avarc import build_model
+from avarc.io.loading import save_model_dir
+from avarc.tasks.heatmap import GAP, caption_height, figure_size, panel_size
+from tests.conftest import IMAGE, A, B, expected_maps, run_cli, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--dtype", "fp32"]
@@ -41,7 +41,7 @@ def named_model(tmp_path_factory) -> Path:
 
 
 def test_saved_maps_equal_the_formula_on_golden_logp(conf, tmp_path, monkeypatch, capsys):
-    code, out, _ = avarc(monkeypatch, capsys, "explain", conf.images[IMAGE], "--model", conf.var_path, "--vae",
+    code, out, _ = run_cli(monkeypatch, capsys, "explain", conf.images[IMAGE], "--model", conf.var_path, "--vae",
                          conf.vae_path, "--class", A, "--vs", B, "--out", tmp_path, *CPU)
     assert code == 0 and "1 written" in out
     stem = conf.images[IMAGE].stem
@@ -59,7 +59,7 @@ def test_saved_maps_equal_the_formula_on_golden_logp(conf, tmp_path, monkeypatch
 
 def test_demo_explains_the_example_digits(tmp_path, monkeypatch, capsys):
     digits = REPO / "examples" / "digits"
-    code, out, err = avarc(monkeypatch, capsys, "explain", digits, "--out", tmp_path, *CPU)
+    code, out, err = run_cli(monkeypatch, capsys, "explain", digits, "--out", tmp_path, *CPU)
     assert code == 0, err
     images = [p for p in digits.rglob("*.png")]
     pngs, npzs = sorted(tmp_path.glob("*.png")), sorted(tmp_path.glob("*.npz"))
@@ -83,25 +83,26 @@ def test_from_a_run_explains_its_true_and_predicted_classes(tmp_path, monkeypatc
     when wrong, else its runner-up; `--mistakes` only the wrong ones; report then shows those panels."""
     digits = REPO / "examples" / "digits"
     run = tmp_path / "run.jsonl"
-    code, _, err = avarc(monkeypatch, capsys, "classify", digits, "--profile", "varc", "--classes", "3,5,8,9",
+    code, _, err = run_cli(monkeypatch, capsys, "classify", digits, "--profile", "varc", "--classes", "3,5,8,9",
                          "--labels", "folders", "--out", run, *CPU)      # four look-alike digits: some mistakes
     assert code == 0, err
     records = [json.loads(line) for line in run.read_text().splitlines()]
-    code, _, err = avarc(monkeypatch, capsys, "explain", "--from", run, "-m", "digits", "--out", tmp_path / "all", *CPU)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", run, "-m", "digits", "--out",
+                           tmp_path / "all", *CPU)
     assert code == 0, err
     for r in records:
         saved = np.load(tmp_path / "all" / f"{Path(r['path']).stem}.npz")
         wrong = r["pred"] != r["label"]
         assert saved["classes"].tolist() == [r["label"], r["pred"] if wrong else r["topk"][1]["class"]]
     mistakes = {Path(r["path"]).stem for r in records if r["pred"] != r["label"]}
-    code, _, err = avarc(monkeypatch, capsys, "explain", "--from", run, "--mistakes", "-m", "digits", "--out",
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", run, "--mistakes", "-m", "digits", "--out",
                          tmp_path / "why", *CPU)
     if not mistakes:
         assert code == 2 and "no mistakes to explain" in err
         return
     assert code == 0, err
     assert {p.stem for p in (tmp_path / "why").glob("*.png")} == mistakes
-    code, _, err = avarc(monkeypatch, capsys, "report", run, "--explain", tmp_path / "why")
+    code, _, err = run_cli(monkeypatch, capsys, "report", run, "--explain", tmp_path / "why")
     assert code == 0, err
     page = (tmp_path / "run.html").read_text()
     panel = (tmp_path / "why" / f"{sorted(mistakes)[0]}.png").read_bytes()
@@ -113,7 +114,7 @@ def test_one_class_model_explains_against_null(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model_dir = save_model_dir(build_model(tiny_spec(1), "cpu"), tmp_path / "one")
     write_images(tmp_path / "in", ["a.png", "b.png"])
-    code, out, err = avarc(monkeypatch, capsys, "explain", tmp_path / "in", "--model", model_dir, "--out",
+    code, out, err = run_cli(monkeypatch, capsys, "explain", tmp_path / "in", "--model", model_dir, "--out",
                            tmp_path / "out", *CPU)
     assert code == 0, err
     for stem in ("a", "b"):
@@ -128,7 +129,7 @@ def test_one_class_model_explains_against_null(tmp_path, monkeypatch, capsys):
 def test_awkward_class_and_file_names(named_model, tmp_path, monkeypatch, capsys):
     write_images(tmp_path / "in", ["x/my cat.png", "y/my cat.png", "y/猫.png"])
     (tmp_path / "in" / "y" / "broken.png").write_bytes(b"not an image")
-    code, out, err = avarc(monkeypatch, capsys, "explain", tmp_path / "in", "--model", named_model, "--class",
+    code, out, err = run_cli(monkeypatch, capsys, "explain", tmp_path / "in", "--model", named_model, "--class",
                            "big bird", "--vs", "cat/dog", "--out", tmp_path / "out", "--scales", 3, *CPU)
     assert code == 0, err
     assert "skipped:" in err and "broken.png" in err and "Traceback" not in err
@@ -141,13 +142,13 @@ def test_awkward_class_and_file_names(named_model, tmp_path, monkeypatch, capsys
 
 def test_labelled_folder_explains_true_class_vs_best_wrong(named_model, tmp_path, monkeypatch, capsys):
     write_images(tmp_path / "in", ["ünï/1.png", "big bird/2.png"])
-    code, _, err = avarc(monkeypatch, capsys, "explain", tmp_path / "in", "--model", named_model, "--out",
+    code, _, err = run_cli(monkeypatch, capsys, "explain", tmp_path / "in", "--model", named_model, "--out",
                          tmp_path / "out", *CPU)
     assert code == 0, err
     for stem, label in (("1", 2), ("2", 1)):
         a, b = np.load(tmp_path / "out" / f"{stem}.npz")["classes"].tolist()
         assert a == label and b not in (label, 3)
-    code, _, err = avarc(monkeypatch, capsys, "explain", tmp_path / "in", "--model", named_model, "--out",
+    code, _, err = run_cli(monkeypatch, capsys, "explain", tmp_path / "in", "--model", named_model, "--out",
                          tmp_path / "out2", "--label", "0", "--vs", "null", *CPU)
     assert code == 0, err
     assert np.load(tmp_path / "out2" / "1.npz")["classes"].tolist() == [0, 3]
@@ -161,5 +162,5 @@ def test_labelled_folder_explains_true_class_vs_best_wrong(named_model, tmp_path
 ])
 def test_user_errors_are_one_line(named_model, tmp_path, monkeypatch, capsys, args, message):
     write_images(tmp_path, ["a.png"])
-    code, _, err = avarc(monkeypatch, capsys, "explain", tmp_path / "a.png", "--model", named_model, *args, *CPU)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", tmp_path / "a.png", "--model", named_model, *args, *CPU)
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

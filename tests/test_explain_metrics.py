@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from core.tasks.explain_metrics import auc, curve_images, ranking_metrics, region_ids
-from tests.conftest import avarc, save_digits
+from avarc.tasks.explain_metrics import auc, curve_images, ranking_metrics, region_ids
+from tests.conftest import run_cli, save_digits
 
 
 def test_regions_and_curves():
@@ -38,7 +38,7 @@ def test_toy_case_with_known_auc():
 
 def test_cli_explain_metrics_on_digits(tmp_path, monkeypatch, capsys):
     digits = save_digits(tmp_path / "digits", 1438, 1458)
-    code, out, err = avarc(monkeypatch, capsys, "explain", digits, "-o", tmp_path / "ex", "--metrics",
+    code, out, err = run_cli(monkeypatch, capsys, "explain", digits, "-o", tmp_path / "ex", "--metrics",
                            "--device", "cpu")
     assert code == 0, err
     doc = json.loads((tmp_path / "ex" / "metrics.json").read_text())
@@ -48,5 +48,5 @@ def test_cli_explain_metrics_on_digits(tmp_path, monkeypatch, capsys):
     assert s["deletion"]["mean"] < s["random_deletion"]["mean"]
     assert all(len(r["curves"]["insertion"]) == 17 and r["curves"]["deletion"][0] > 0.5 for r in doc["per_image"])
     assert (tmp_path / "ex" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
-    code, out, err = avarc(monkeypatch, capsys, "explain", digits, "-o", tmp_path / "ex", "--metrics")
+    code, out, err = run_cli(monkeypatch, capsys, "explain", digits, "-o", tmp_path / "ex", "--metrics")
     assert code == 2 and "--force" in err

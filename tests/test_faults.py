@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import avarc
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -23,7 +23,7 @@ IMAGES = 300
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "avarc_cli", *map(str, args)]
+    return [sys.executable, "-m", "avarc", *map(str, args)]
 
 
 def run(*args, cwd=REPO) -> subprocess.CompletedProcess:
@@ -160,7 +160,7 @@ def test_ctrl_c_in_explain_says_what_was_written_and_exits_130(digits, tmp_path)
 def test_data_loss_cases_leave_every_file_byte_identical(digits, baseline, tmp_path, monkeypatch, capsys):
     """The refusals run the real CLI entry point in this process (same code path, no 3 s start-up per case)."""
     def cli_here(*args) -> tuple[int, str]:
-        code, _, err = avarc(monkeypatch, capsys, *args)
+        code, _, err = run_cli(monkeypatch, capsys, *args)
         return code, err.replace("\n", "")
 
     few = tmp_path / "few"

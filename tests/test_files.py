@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from core import AvarcError
-from core.io.files import _umask, absolute, atomic_write, check_output_file, make_output_dir
+from avarc import AvarcError
+from avarc.io.files import _umask, absolute, atomic_write, check_output_file, make_output_dir
 
 
 def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from core import official_spec
-from core.engine.flops import encoder_macs, schedule_macs, sequence_macs
+from avarc import official_spec
+from avarc.engine.flops import encoder_macs, schedule_macs, sequence_macs
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""core.tasks.heatmap: colormaps, normalisation (constant maps never NaN), panel geometry and the rendered PNG."""
+"""avarc.tasks.heatmap: colormaps, normalisation (constant maps never NaN), panel geometry and the rendered PNG."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import AvarcError
-from core.tasks.explain import explain_logp
-from core.tasks.heatmap import GAP, caption_height, figure_size, jet, normalise, overlay, panel_size, render, turbo
+from avarc import AvarcError
+from avarc.tasks.explain import explain_logp
+from avarc.tasks.heatmap import GAP, caption_height, figure_size, jet, normalise, overlay, panel_size, render, turbo
 
 PATCH_NUMS = (1, 2, 4)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import AvarcError
-from core.io.records import record_line, weights_identity
-from core.io.results import lock_results
-from core.tasks.incremental import load_extension
+from avarc import AvarcError
+from avarc.io.records import record_line, weights_identity
+from avarc.io.results import lock_results
+from avarc.tasks.incremental import load_extension
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
@@ -26,7 +26,7 @@ LATIN1 = os.fsdecode(b"caf\xe9")          # a file name that is not UTF-8: its b
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "avarc_cli", *map(str, args)]
+    return [sys.executable, "-m", "avarc", *map(str, args)]
 
 
 def run(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
@@ -309,7 +309,7 @@ def test_damaged_records_are_one_line_in_resume_and_report(digits, results, tmp_
 
 
 def test_non_finite_training_is_refused_and_records_are_strict_json():
-    from core.io.records import parse_line
+    from avarc.io.records import parse_line
 
     line = record_line({"path": "x.png", "status": "ok", "pred": 1, "stages": [{"scores": [float("nan")]}],
                         "run": {}})
@@ -352,7 +352,7 @@ def test_tune_says_what_is_safe_on_sigterm(digits, tmp_path):
 
 def test_two_processes_appending_summary_rows_lose_none(tmp_path):
     csv, start = tmp_path / "s.csv", time.time() + 8           # both start appending at once, after their imports
-    code = ("import sys, time\nfrom core.io.summary import append_csv_summary\n"
+    code = ("import sys, time\nfrom avarc.io.summary import append_csv_summary\n"
             f"time.sleep(max(0, {start} - time.time()))\n"
             f"for i in range(100): append_csv_summary({str(csv)!r}, {{'run': sys.argv[1], 'i': i}})")
     procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)

@@ -1,13 +1,13 @@
-"""core.tasks.incremental: new classes as trained class-embedding rows; old classes' scores untouched to the bit."""
+"""avarc.tasks.incremental: new classes as trained class-embedding rows; old classes' scores untouched to the bit."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import core
-from core import AvarcError
-from core.io.preprocess import preprocess_image
-from core.tasks import incremental
+import avarc
+from avarc import AvarcError
+from avarc.io.preprocess import preprocess_image
+from avarc.tasks import incremental
 from tests.conftest import ConformanceSet
 
 
@@ -85,7 +85,7 @@ def test_stacking_requires_parent_in_order(added, conf, tmp_path):
 def test_mismatched_base_refused(added, conf):
     *_, ext1 = added
     other = "shared512"
-    model = core.load_model(conf.dir.parent / other / "var.pth", conf.dir.parent / other / "vae.pth")
+    model = avarc.load_model(conf.dir.parent / other / "var.pth", conf.dir.parent / other / "vae.pth")
     with pytest.raises(AvarcError) as e:
         incremental.apply_extensions(model, [ext1])
     msg = str(e.value)

@@ -1,7 +1,7 @@
 """The likelihood engine's shortcuts give the same numbers as a plain forward (tests/data/conformance golden logp)."""
 import torch
 
-from core.engine.likelihood import pairs_per_chunk
+from avarc.engine.likelihood import pairs_per_chunk
 from tests.conftest import LOGP_TOL
 
 

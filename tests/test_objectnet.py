@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from core import VARSpec, build_model
-from core.engine.stages import Prediction, StageScores
-from core.errors import AvarcError
-from core.io.data import ClassSpace, DataOptions, collect, imagenet_classes
-from core.io.objectnet import MAPPINGS
-from core.io.preprocess import preprocess_pil
-from core.io.records import ok_record
-from core.io.summary import Metrics
-from tests.conftest import ConformanceSet, avarc
+from avarc import VARSpec, build_model
+from avarc.engine.stages import Prediction, StageScores
+from avarc.errors import AvarcError
+from avarc.io.data import ClassSpace, DataOptions, collect, imagenet_classes
+from avarc.io.objectnet import MAPPINGS
+from avarc.io.preprocess import preprocess_pil
+from avarc.io.records import ok_record
+from avarc.io.summary import Metrics
+from tests.conftest import ConformanceSet, run_cli
 
 CS = ConformanceSet("official256")
 OVERLAP = json.loads((Path(__file__).resolve().parents[1] / "core/data/imagenet_variant_classes.json").read_text())
@@ -79,7 +79,7 @@ def var1000(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def space() -> ClassSpace:
-    from core.models.specs import official_spec
+    from avarc.models.specs import official_spec
     return ClassSpace(build_model(official_spec("d16"), "meta"))
 
 
@@ -123,7 +123,7 @@ def test_end_to_end_accuracy_names_objectnet_classes(release, var1000, tmp_path,
     out = tmp_path / "on.jsonl"
     profile = tmp_path / "p.yaml"
     profile.write_text("stages:\n  - {scales: 2, keep: 2}\n  - {scales: 3}\n")
-    code, stdout, stderr = avarc(monkeypatch, capsys, "classify", release, "--model", var1000, "--vae", CS.vae_path,
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "classify", release, "--model", var1000, "--vae", CS.vae_path,
                                  "--device", "cpu", "--dataset", "objectnet", "--profile", profile, "--out", out,
                                  "--classes", f"{a},{b}")     # only Thing 0's two classes: every prediction is right
     assert code == 0, stderr
@@ -152,7 +152,7 @@ def test_a_missing_or_malformed_mapping_file_is_one_line_naming_it(release, spac
 
 
 def test_cli_error_is_one_line(release, var1000, tmp_path, monkeypatch, capsys):
-    code, stdout, stderr = avarc(monkeypatch, capsys, "classify", tmp_path, "--model", var1000, "--vae", CS.vae_path,
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "classify", tmp_path, "--model", var1000, "--vae", CS.vae_path,
                                  "--device", "cpu", "--dataset", "objectnet")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "not an ObjectNet release" in stderr
 
@@ -161,11 +161,12 @@ def test_report_tables_name_objectnet_classes(release, var1000, tmp_path, monkey
     pytest.importorskip("matplotlib")
     a, b = OVERLAP[:2]
     out = tmp_path / "on.jsonl"
-    code, _, err = avarc(monkeypatch, capsys, "classify", release, "--model", var1000, "--vae", CS.vae_path, "--device",
+    code, _, err = run_cli(monkeypatch, capsys, "classify", release, "--model", var1000, "--vae", CS.vae_path,
+                           "--device",
                          "cpu", "--dataset", "objectnet", "--out", out, "--classes", f"{a},{b},{OVERLAP[32]}",
                          "--profile", "varc")
     assert code == 0, err
-    code, _, err = avarc(monkeypatch, capsys, "report", out, "--out", tmp_path / "r.html")
+    code, _, err = run_cli(monkeypatch, capsys, "report", out, "--out", tmp_path / "r.html")
     assert code == 0, err
     page = (tmp_path / "r.html").read_text()
     assert "<td>Thing 0</td><td>2</td>" in page and "<td>Thing 20</td><td>1</td>" in page   # not its two ImageNet ids

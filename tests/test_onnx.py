@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from core import AvarcError, preprocess_image
-from core.io.loading import resolve_model
-from core.io.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
-from core.models.checkpoints import read_state_dict
+from avarc import AvarcError, preprocess_image
+from avarc.io.loading import resolve_model
+from avarc.io.onnx_encoder import PACKAGE_DIR, OnnxEncoder, cache_dir, export_path, use_encoder, weights_sha256
+from avarc.models.checkpoints import read_state_dict
 from tests.conftest import ConformanceSet
 
 
@@ -92,7 +92,7 @@ def test_without_onnxruntime_the_error_says_how_to_install():
     conf = ConformanceSet("official256")
     script = (
         "import sys; sys.modules['onnxruntime'] = None\n"
-        "from core import AvarcError; from core.io.loading import resolve_model\n"
+        "from avarc import AvarcError; from avarc.io.loading import resolve_model\n"
         f"try: resolve_model({str(conf.var_path)!r}, vae={str(conf.vae_path)!r}, encoder='onnx')\n"
         "except AvarcError as e: print(e)\n"
     )

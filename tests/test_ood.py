@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from core import AvarcError, Classifier
-from core.engine.profile import OodRule, Profile, Stage
-from core.io.data import Item
-from core.io.profiles import load_profile, write_profile
-from core.io.records import ok_record
-from core.tasks.ood import OOD_SCORES, auroc, fit_thresholds
+from avarc import AvarcError, Classifier
+from avarc.engine.profile import OodRule, Profile, Stage
+from avarc.io.data import Item
+from avarc.io.profiles import load_profile, write_profile
+from avarc.io.records import ok_record
+from avarc.tasks.ood import OOD_SCORES, auroc, fit_thresholds
 from scripts.digits import load_digits
 from scripts.ood_digits import letters, noise
-from tests.conftest import avarc, save_digits
+from tests.conftest import run_cli, save_digits
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +119,12 @@ def test_cli_calibrate_then_classify_abstains_on_noise(tmp_path, monkeypatch, ca
     for i, im in enumerate(noise(6)):
         im.save(tmp_path / "noise" / f"n{i}.png")
     prof = tmp_path / "ood.yaml"
-    code, out, err = avarc(monkeypatch, capsys, "calibrate-ood", digits, "--coverage", "0.95", "-o", prof,
+    code, out, err = run_cli(monkeypatch, capsys, "calibrate-ood", digits, "--coverage", "0.95", "-o", prof,
                            "--device", "cpu")
     assert code == 0, err
     assert load_profile(prof).ood.score == "likelihood"
-    code, out, err = avarc(monkeypatch, capsys, "classify", tmp_path / "noise", "-p", prof, "-o", tmp_path / "r.jsonl",
+    code, out, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "noise", "-p", prof, "-o",
+                             tmp_path / "r.jsonl",
                            "--csv", tmp_path / "s.csv", "--device", "cpu")
     assert code == 0, err
     recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
@@ -131,5 +132,5 @@ def test_cli_calibrate_then_classify_abstains_on_noise(tmp_path, monkeypatch, ca
     assert all(r["ood"]["likelihood"] < r["ood"]["threshold"] for r in recs)
     row = next(csv.DictReader(open(tmp_path / "s.csv")))
     assert row["abstained"] == "6" and row["skipped"] == "0"
-    code, out, err = avarc(monkeypatch, capsys, "classify", digits, "--ood-score", "nonsense")
+    code, out, err = run_cli(monkeypatch, capsys, "classify", digits, "--ood-score", "nonsense")
     assert code == 2 and "--ood-score" in err and "'nonsense' is not one of" in err and "Traceback" not in err

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from avarc_cli import output
-from core import AvarcError
+from avarc import AvarcError
+from avarc.cli import output
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_COLUMNS = ["profile", "dtype", "s/image (min–max)", "images/s", "time % enc | stages", "GFLOPs paper",
@@ -56,7 +56,7 @@ COMMANDS = ["classify", "explain", "add-class", "download", "bench", "tune", "ca
 
 def _help(*args: str) -> str:
     env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
-    r = subprocess.run([sys.executable, "-m", "avarc_cli", *args, "--help"], cwd=REPO, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "avarc", *args, "--help"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -68,7 +68,7 @@ def test_help_reads_at_80_columns(command):
     whole (a word broken across lines would not); no type column (``<bool>``, ``<str>``)."""
     import typer.main
 
-    from avarc_cli.app import app
+    from avarc.cli.app import app
 
     group = typer.main.get_command(app)
     cmd = group if command is None else group.commands[command]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.engine import runtime as model_mod
-from core.engine.schedule import noise_generator, run_stages, sample_tokens
-from core.engine.scoring import Scorer
-from core.io.loading import resolve_model
-from core.io.profiles import load_profile
-from core.models import block_ops as var_mod
+from avarc.engine import runtime as model_mod
+from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
+from avarc.engine.scoring import Scorer
+from avarc.io.loading import resolve_model
+from avarc.io.profiles import load_profile
+from avarc.models import block_ops as var_mod
 from scripts import digits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,14 +83,14 @@ def test_cli_bf16_on_an_emulating_cpu(tmp_path):
     runs = {}
     for dt in ("fp32", "bf16"):
         out = tmp_path / f"{dt}.jsonl"
-        r = subprocess.run([sys.executable, "-m", "avarc_cli", "classify", str(REPO / "examples" / "digits"), "--dtype",
+        r = subprocess.run([sys.executable, "-m", "avarc", "classify", str(REPO / "examples" / "digits"), "--dtype",
                             dt, "--device", "cpu", "--out", str(out)], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
         assert ("emulated" in r.stderr) == (dt == "bf16")
         runs[dt] = [json.loads(line)["pred"] for line in out.read_text().splitlines()]
     assert runs["bf16"] == runs["fp32"] and len(runs["fp32"]) == 20
-    r = subprocess.run([sys.executable, "-m", "avarc_cli", "bench", "-m", "digits", "-p", "digits", "--images", "2",
+    r = subprocess.run([sys.executable, "-m", "avarc", "bench", "-m", "digits", "-p", "digits", "--images", "2",
                         "--warmup", "0", "--repeat", "1", "--device", "cpu", "--dtype", "fp32", "--dtype", "bf16",
                         "--json"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -100,8 +100,8 @@ def test_cli_bf16_on_an_emulating_cpu(tmp_path):
 def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monkeypatch, capsys, tmp_path):
     """A kernel failing mid-bench (injected for bf16): the fp32 row is still printed, the error is one line naming
     the log file with the full trace, exit code 1."""
-    from core.runs import bench as bench_mod
-    from tests.conftest import avarc
+    from avarc.runs import bench as bench_mod
+    from tests.conftest import run_cli
 
     real = bench_mod.run
 
@@ -113,7 +113,7 @@ def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monk
     monkeypatch.setattr(bench_mod, "run", fails_in_bf16)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     torch.set_num_threads(1)
-    code, out, err = avarc(monkeypatch, capsys, "bench", "-m", "digits", "-p", "digits", "--images", "1", "--warmup",
+    code, out, err = run_cli(monkeypatch, capsys, "bench", "-m", "digits", "-p", "digits", "--images", "1", "--warmup",
                            "0", "--repeat", "1", "--device", "cpu", "--dtype", "fp32", "--dtype", "bf16", "--json")
     assert code == 1
     assert [r["dtype"] for r in json.loads(out)["results"]] == ["fp32"]

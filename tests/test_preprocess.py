@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core import AvarcError, preprocess_image
-from core.io.preprocess import open_image, preprocess_pil
+from avarc import AvarcError, preprocess_image
+from avarc.io.preprocess import open_image, preprocess_pil
 from tests.conftest import CONFORMANCE
 
 PIXELS = np.load(CONFORMANCE / "pixels.npz")

@@ -1,12 +1,12 @@
-"""core.io.profiles: the shipped schedules say what the paper says, and a bad YAML fails in one line that names the
+"""avarc.io.profiles: the shipped schedules say what the paper says, and a bad YAML fails in one line that names the
 file, the stage and the field."""
 from __future__ import annotations
 
 import pytest
 
-from core import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model, official_spec
-from core.engine.profile import Stage
-from core.io.profiles import default_profile_name, list_profiles, load_profile, shipped_names
+from avarc import AvarcError, ModelSpec, VARSpec, VQVAESpec, build_model, official_spec
+from avarc.engine.profile import Stage
+from avarc.io.profiles import default_profile_name, list_profiles, load_profile, shipped_names
 
 
 def test_shipped_profiles_are_the_papers_schedules():
@@ -78,7 +78,7 @@ def test_default_profile_comes_from_model_meta_or_geometry():
 def test_a_written_profile_reads_back_with_its_temperature_and_is_not_overwritten(tmp_path):
     from dataclasses import replace
 
-    from core.io.profiles import write_profile
+    from avarc.io.profiles import write_profile
 
     p = replace(load_profile("adaptive"), name="mine", temperature=2.5)
     f = write_profile(p, tmp_path / "mine.yaml", comment="tuned on x\nbudget y")

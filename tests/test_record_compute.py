@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import avarc
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits"
@@ -22,7 +22,7 @@ def _run(monkeypatch, capsys, tmp_path: Path, name: str, profile: str) -> tuple[
     path = tmp_path / f"{name}.yaml"
     path.write_text(profile)
     out = tmp_path / f"{name}.jsonl"
-    code, stdout, err = avarc(monkeypatch, capsys, "classify", DIGITS, "--device", "cpu", "--dtype", "fp32",
+    code, stdout, err = run_cli(monkeypatch, capsys, "classify", DIGITS, "--device", "cpu", "--dtype", "fp32",
                               "--profile", path, "--out", out)
     assert code == 0, err
     assert "GFLOPs/image executed (mean)" in stdout
@@ -30,7 +30,7 @@ def _run(monkeypatch, capsys, tmp_path: Path, name: str, profile: str) -> tuple[
 
 
 def _bench(monkeypatch, capsys, profile: Path, *extra) -> dict:
-    code, stdout, err = avarc(monkeypatch, capsys, "bench", "-m", "digits", "-p", profile, "--json", *extra)
+    code, stdout, err = run_cli(monkeypatch, capsys, "bench", "-m", "digits", "-p", profile, "--json", *extra)
     assert code == 0, err
     return json.loads(stdout)["results"][0]
 
@@ -59,7 +59,7 @@ def test_report_shows_the_per_image_compute_distribution(tmp_path, monkeypatch, 
     pytest.importorskip("matplotlib")
     recs, _ = _run(monkeypatch, capsys, tmp_path, "exits", EXITS)
     page = tmp_path / "r.html"
-    code, _, err = avarc(monkeypatch, capsys, "report", tmp_path / "exits.jsonl", "--out", page)
+    code, _, err = run_cli(monkeypatch, capsys, "report", tmp_path / "exits.jsonl", "--out", page)
     assert code == 0, err
     text = page.read_text()
     gf = sorted(r["gflops"]["executed"] for r in recs)

@@ -1,4 +1,4 @@
-"""core.io.records, results and summary: records, the resumable results file and the metrics of the final table."""
+"""avarc.io.records, results and summary: records, the resumable results file and the metrics of the final table."""
 from __future__ import annotations
 
 import csv
@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from core import AvarcError
-from core.engine.profile import Profile, Stage
-from core.engine.stages import Prediction, StageScores
-from core.io.data import Item
-from core.io.records import image_key, ok_record, run_info, skipped_record
-from core.io.results import ResultsWriter, lock_results, open_results
-from core.io.summary import Metrics, append_csv_summary, stage_survival
+from avarc import AvarcError
+from avarc.engine.profile import Profile, Stage
+from avarc.engine.stages import Prediction, StageScores
+from avarc.io.data import Item
+from avarc.io.records import image_key, ok_record, run_info, skipped_record
+from avarc.io.results import ResultsWriter, lock_results, open_results
+from avarc.io.summary import Metrics, append_csv_summary, stage_survival
 
 NAMES = [f"c{i}" for i in range(6)]
 PROFILE = Profile("p", (Stage(3, 1, 3), Stage(5, 1, 2), Stage(5, 2, 1)))
@@ -20,8 +20,8 @@ RUN = run_info("m", PROFILE, 0, range(6))
 
 
 def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_after=None) -> Prediction:
-    """A Prediction built the way the schedule builds it (see core.engine.schedule._prediction)."""
-    from core.engine.schedule import _prediction
+    """A Prediction built the way the schedule builds it (see avarc.engine.schedule._prediction)."""
+    from avarc.engine.schedule import _prediction
 
     stages = [StageScores(5, 1, k, list(s), list(s.values())) for s, k in zip(stage_scores, keeps)]
     return _prediction(stages, exited_after, 1.0)

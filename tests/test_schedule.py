@@ -1,15 +1,15 @@
-"""core.engine.schedule: the staged schedule against the conformance vectors (tests/data/conformance/official256/
+"""avarc.engine.schedule: the staged schedule against the conformance vectors (tests/data/conformance/official256/
 golden.npz: ``logp`` and ``neighbor_logp`` of all tokens for all classes, computed by the upstream VAR code)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from core import AvarcError
-from core.engine.profile import Profile, Stage
-from core.engine.schedule import Scorer, classify, noise_generator, run_stages, sample_tokens
-from core.engine.tokenizer import draw_noise, neighbour_tokens
-from core.io.profiles import load_profile
+from avarc import AvarcError
+from avarc.engine.profile import Profile, Stage
+from avarc.engine.schedule import Scorer, classify, noise_generator, run_stages, sample_tokens
+from avarc.engine.tokenizer import draw_noise, neighbour_tokens
+from avarc.io.profiles import load_profile
 from tests.conftest import ConformanceSet
 
 K = 10

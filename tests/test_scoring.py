@@ -2,10 +2,10 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core.engine.profile import Profile, Stage
-from core.engine.schedule import _reusable_tokens, noise_generator, run_stages, sample_tokens
-from core.engine.scoring import Scorer
-from core.models.var_state import KVCache
+from avarc.engine.profile import Profile, Stage
+from avarc.engine.schedule import _reusable_tokens, noise_generator, run_stages, sample_tokens
+from avarc.engine.scoring import Scorer
+from avarc.models.var_state import KVCache
 
 PROFILE = Profile("test", (Stage(3, 1, 6), Stage(10, 1, 3), Stage(10, 3, 1)), sigma=0.1)
 

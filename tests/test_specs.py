@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from core import build_model, infer_vae_spec, infer_var_spec, official_spec
-from core.models.checkpoints import load_into, unwrap
+from avarc import build_model, infer_vae_spec, infer_var_spec, official_spec
+from avarc.models.checkpoints import load_into, unwrap
 from tests.conftest import CONFORMANCE
 
 MANIFEST = json.loads((CONFORMANCE / "official_manifest.json").read_text())

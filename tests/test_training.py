@@ -1,4 +1,4 @@
-"""core.tasks.training: a tiny VQ-VAE + VAR trained for a few steps on real digits learns, reproducibly, on any
+"""avarc.tasks.training: a tiny VQ-VAE + VAR trained for a few steps on real digits learns, reproducibly, on any
 classes."""
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ import math
 import pytest
 import torch
 
-import core
-from core.tasks.training import Augment, TrainConfig, lr_at, random_affine, token_pool, train_var, train_vqvae
+import avarc
+from avarc.tasks.training import Augment, TrainConfig, lr_at, random_affine, token_pool, train_var, train_vqvae
 from scripts import digits
 
-VAE = core.VQVAESpec(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=0,
+VAE = avarc.VQVAESpec(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=0,
                      num_groups=4, using_sa=False, using_mid_sa=False)
 
 
-def tiny_model(num_classes: int, seed: int = 0) -> core.Model:
-    var = core.VARSpec(depth=1, embed_dim=32, num_heads=1, num_classes=num_classes, patch_nums=(1, 2, 4),
+def tiny_model(num_classes: int, seed: int = 0) -> avarc.Model:
+    var = avarc.VARSpec(depth=1, embed_dim=32, num_heads=1, num_classes=num_classes, patch_nums=(1, 2, 4),
                        vocab_size=16, z_channels=4)
     torch.manual_seed(seed)
-    model = core.build_model(core.ModelSpec(vae=VAE, var=var, image_size=8, preprocess="resize"))
+    model = avarc.build_model(avarc.ModelSpec(vae=VAE, var=var, image_size=8, preprocess="resize"))
     model.var.init_weights()
     return model
 
@@ -83,9 +83,9 @@ def test_subset_of_classes(train_set):
     tokens = model.tokenize(digits.to_tensor(base.images, 8))
     log = train_var(model, tokens, labels, TrainConfig(steps=30, lr=3e-3, batch_size=32))
     assert log.mean(last=5) < log.mean(first=5)
-    with pytest.raises(core.AvarcError, match="class indices"):
+    with pytest.raises(avarc.AvarcError, match="class indices"):
         train_var(model, tokens, labels + 5, TrainConfig(steps=1, lr=1e-3))
-    with pytest.raises(core.AvarcError, match="not among classes"):
+    with pytest.raises(avarc.AvarcError, match="not among classes"):
         digits.class_index(train_set.labels, classes)
 
 

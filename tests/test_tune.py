@@ -1,4 +1,4 @@
-"""core.runs.schedule_table + core.runs.tune: a schedule replayed from the one-pass score table is the same schedule
+"""avarc.runs.schedule_table + avarc.runs.tune: a schedule replayed from the one-pass score table is the same schedule
 run by the classifier (predictions to the image, scores to 1e-4, executed compute to the MAC), on real digits."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from core import Classifier
-from core.engine.flops import encoder_macs
-from core.engine.profile import Profile, Stage
-from core.io.data import collect
-from core.io.profiles import load_profile
-from core.runs import tune
-from core.runs.schedule_table import build_table, exact_sample_counts
-from core.tasks.calibration import cross_fitted_temperatures
+from avarc import Classifier
+from avarc.engine.flops import encoder_macs
+from avarc.engine.profile import Profile, Stage
+from avarc.io.data import collect
+from avarc.io.profiles import load_profile
+from avarc.runs import tune
+from avarc.runs.schedule_table import build_table, exact_sample_counts
+from avarc.tasks.calibration import cross_fitted_temperatures
 from tests.conftest import counted_run, save_digits
 
 SCHEDULES = {
@@ -68,7 +68,7 @@ def test_neighbour_prefix_is_what_classify_draws_for_fewer_samples():
 def test_paper_compute_matches_flops_schedule_macs(digits_case):
     clf, _, table = digits_case
     model = clf.model
-    from core.engine.flops import schedule_macs
+    from avarc.engine.flops import schedule_macs
     for stages in SCHEDULES.values():
         if any(s.exit_margin is not None for s in stages):
             continue

@@ -17,16 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from core import Classifier
-from core.engine.flops import encoder_macs
-from core.engine.profile import Profile
-from core.io.data import collect
-from core.io.profiles import load_profile
-from core.runs.schedule_table import build_table
-from core.runs.tune import Replayer, baseline_stages, split
-from core.tasks.calibration import expected_calibration_error, fit_temperature, nll, posterior, reliability
+from avarc import Classifier
+from avarc.engine.flops import encoder_macs
+from avarc.engine.profile import Profile
+from avarc.io.data import collect
+from avarc.io.profiles import load_profile
+from avarc.runs.schedule_table import build_table
+from avarc.runs.tune import Replayer, baseline_stages, split
+from avarc.tasks.calibration import expected_calibration_error, fit_temperature, nll, posterior, reliability
 from scripts.digits import load_digits
-from tests.conftest import avarc, counted_run, save_digits
+from tests.conftest import counted_run, run_cli, save_digits
 
 FAST = ["--device", "cpu", "--dtype", "fp32"]
 
@@ -50,7 +50,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def classify(monkeypatch, capsys, folder: Path, profile: str | Path, out: Path, *extra) -> list[dict]:
-    code, _, err = avarc(monkeypatch, capsys, "classify", folder, "-p", profile, "--out", out, *FAST, *extra)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", folder, "-p", profile, "--out", out, *FAST, *extra)
     assert code == 0, err
     return read_jsonl(out)
 
@@ -85,7 +85,7 @@ def top1_ece(records: list[dict]) -> float:
 def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str]) -> Tuned:
     tune_dir, test_dir = folders
     tuned = tmp_path / "tuned.yaml"
-    code, out, err = avarc(monkeypatch, capsys, "tune", tune_dir, "--budget", 0.5, "--out", tuned, *FAST, *extension)
+    code, out, err = run_cli(monkeypatch, capsys, "tune", tune_dir, "--budget", 0.5, "--out", tuned, *FAST, *extension)
     assert code == 0, err
     print(out)
     predicted = re.search(r"top-1, all tuning images\s*│\s*(\d+)/(\d+)", out)
@@ -125,7 +125,7 @@ def tune_and_check(monkeypatch, capsys, tmp_path, folders, extension: list[str])
     mistakes = [sum(r["pred"] != r["label"] for r in recs) for recs in (ours, varc)]
     gflops = [executed_gflops(clf, test_dir, p) for p in (profile.resolve(4), load_profile("varc").resolve(4))]
     test_ece = (top1_ece(untempered), top1_ece(ours))
-    code, _, err = avarc(monkeypatch, capsys, "report", tmp_path / "test.jsonl")      # shows both
+    code, _, err = run_cli(monkeypatch, capsys, "report", tmp_path / "test.jsonl")      # shows both
     assert code == 0, err
     page = (tmp_path / "test.html").read_text()
     shown = [float(re.search(rf"<td>{label}</td><td>([\d.]+)", page).group(1))
@@ -161,7 +161,7 @@ def test_tuned_profile_with_an_added_class(monkeypatch, capsys, tmp_path, folder
     for i, im in enumerate(train.images[train.labels == 7][:20]):
         Image.fromarray(im).save(sevens / f"{i}.png")
     ext = tmp_path / "sevens.ext.pt"
-    code, _, err = avarc(monkeypatch, capsys, "add-class", "sevens", sevens, "--steps", 40, "--holdout", 0,
+    code, _, err = run_cli(monkeypatch, capsys, "add-class", "sevens", sevens, "--steps", 40, "--holdout", 0,
                          "--out", ext, *FAST)
     assert code == 0, err
     t = tune_and_check(monkeypatch, capsys, tmp_path, folders, ["--extension", str(ext)])
@@ -195,7 +195,7 @@ def test_report_is_one_self_contained_html_with_decodable_plots(monkeypatch, cap
     _, test_dir = folders
     records = tmp_path / "run.jsonl"
     classify(monkeypatch, capsys, test_dir, "digits", records)
-    code, out, err = avarc(monkeypatch, capsys, "report", records, "--model", "digits")
+    code, out, err = run_cli(monkeypatch, capsys, "report", records, "--model", "digits")
     assert code == 0, err
     page = (tmp_path / "run.html").read_text()
     assert "<script" not in page and not re.search(r'src="(?!data:)', page)      # nothing to fetch
@@ -209,7 +209,7 @@ def test_report_is_one_self_contained_html_with_decodable_plots(monkeypatch, cap
     assert all(h in page for h in ("<h2>Per class", "<h2>Calibration, pruning and compute", "<h2>Worst mistakes"))
     assert re.search(r"<td>top-1</td><td>" + re.escape(f"{top1:.2%}"), page)
 
-    code, _, err = avarc(monkeypatch, capsys, "report", records, "--model", "digits")
+    code, _, err = run_cli(monkeypatch, capsys, "report", records, "--model", "digits")
     assert code == 2 and "already exists; pass --force" in err
 
     wrong_dir = tmp_path / "wrong"                 # the mistakes' `avarc explain` panels replace their thumbnails
@@ -217,16 +217,16 @@ def test_report_is_one_self_contained_html_with_decodable_plots(monkeypatch, cap
     for r in read_jsonl(records):
         if r["pred"] != r["label"]:
             (wrong_dir / Path(r["path"]).name).write_bytes(Path(r["path"]).read_bytes())
-    code, _, err = avarc(monkeypatch, capsys, "explain", wrong_dir, "--out", tmp_path / "why", *FAST)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", wrong_dir, "--out", tmp_path / "why", *FAST)
     assert code == 0, err
-    code, _, err = avarc(monkeypatch, capsys, "report", records, "--explain", tmp_path / "why", "--force")
+    code, _, err = run_cli(monkeypatch, capsys, "report", records, "--explain", tmp_path / "why", "--force")
     assert code == 0, err
     panel = Image.open(next((tmp_path / "why").glob("*.png"))).size
     shown = [im.size for im in decoded_images((tmp_path / "run.html").read_text())]
     assert shown.count(panel) == min(wrong, 12)
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # the optional extra is not installed
-    code, _, err = avarc(monkeypatch, capsys, "report", records, "--out", tmp_path / "x.html")
+    code, _, err = run_cli(monkeypatch, capsys, "report", records, "--out", tmp_path / "x.html")
     assert code == 2 and err.strip() == "error: reports need matplotlib; pip install 'avarc[report]'"
 
 
@@ -237,7 +237,7 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
         (small / f.parent.name).mkdir(parents=True, exist_ok=True)
         (small / f.parent.name / f.name).write_bytes(f.read_bytes())
     out, page = tmp_path / "t.yaml", tmp_path / "t.html"
-    code, stdout, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
+    code, stdout, err = run_cli(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
                               "--report", page, *FAST)
     assert code == 0, err
     assert len(load_profile(out).stages) == 2 and "Pareto front" in stdout
@@ -247,7 +247,7 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
     row = next(line for line in stdout.splitlines() if "◀" in line)
     assert row.split("│")[4].strip() == chosen, stdout                                       # one figure, both tables
     assert f"executed GFLOPs/image {chosen}" in out.read_text()                              # and in the profile
-    code, js, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
+    code, js, err = run_cli(monkeypatch, capsys, "tune", small, "--stages", "2", "--max-samples", 2, "--out", out,
                           "--force", "--json", *FAST)
     assert code == 0, err
     every = json.loads(js)                                    # the full table: every schedule, not only the front
@@ -255,10 +255,10 @@ def test_tune_report_and_user_errors(monkeypatch, capsys, tmp_path, folders):
     assert len(every["schedules"]) > len(every["front"]) >= 1
     images = decoded_images(page.read_text())
     assert len(images) == 1 and images[0].width >= 600
-    code, _, err = avarc(monkeypatch, capsys, "tune", small, "--out", out, *FAST)
+    code, _, err = run_cli(monkeypatch, capsys, "tune", small, "--out", out, *FAST)
     assert code == 2 and "already exists; pass --force" in err
-    code, _, err = avarc(monkeypatch, capsys, "tune", small, "--stages", "3..1", "--out", tmp_path / "u.yaml", *FAST)
+    code, _, err = run_cli(monkeypatch, capsys, "tune", small, "--stages", "3..1", "--out", tmp_path / "u.yaml", *FAST)
     assert code == 2 and "--stages '3..1'" in err
-    code, _, err = avarc(monkeypatch, capsys, "tune", small, "--budget", 0.01, "--out", tmp_path / "u.yaml", *FAST)
+    code, _, err = run_cli(monkeypatch, capsys, "tune", small, "--budget", 0.01, "--out", tmp_path / "u.yaml", *FAST)
     assert (code == 2 and "--budget: no schedule fits" in err and "raise the budget" in err
             and not (tmp_path / "u.yaml").exists())

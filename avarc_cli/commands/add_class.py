@@ -44,10 +44,10 @@ def add_class(
     Only the new classes' embedding rows train, on the likelihood of their images; every other weight, and so
     every old class's score, stays exactly as it was. The base checkpoint is never modified.
     """
-    from core.errors import AvarcError
-    from core.io import hf_data
-    from core.io.files import absolute, check_output_file
-    from core.tasks.incremental import check_names, read_class_folders, read_dataset_classes
+    from avarc.errors import AvarcError
+    from avarc.io import hf_data
+    from avarc.io.files import absolute, check_output_file
+    from avarc.tasks.incremental import check_names, read_class_folders, read_dataset_classes
 
     from .. import output
     from ..interrupt import interruptible
@@ -84,8 +84,8 @@ def add_class(
 
 def _parse_classes(args: list[str]) -> dict[str, Path]:
     """NAME DIR | NAME=DIR … | ROOT (one sub-folder per class) → {name: folder}."""
-    from core.errors import AvarcError
-    from core.tasks.incremental import labelled_folders
+    from avarc.errors import AvarcError
+    from avarc.tasks.incremental import labelled_folders
 
     if all("=" in a for a in args):
         pairs = [a.split("=", 1) for a in args]

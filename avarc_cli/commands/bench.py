@@ -40,11 +40,11 @@ def bench(
     """
     import torch
 
-    from core.engine.runtime import resolve_dtype
-    from core.errors import AvarcError
-    from core.io.profiles import load_profile
-    from core.models.specs import official_spec
-    from core.runs.bench import compare, flops_only, random_model
+    from avarc.engine.runtime import resolve_dtype
+    from avarc.errors import AvarcError
+    from avarc.io.profiles import load_profile
+    from avarc.models.specs import official_spec
+    from avarc.runs.bench import compare, flops_only, random_model
 
     from .. import output
     from ..render import bench_tables
@@ -61,8 +61,8 @@ def bench(
         bench_tables([flops_only(spec, load_profile(p), n) for p in names], json_, f"{n} classes", flops=True)
         return
     if random_weights:
-        from core import Classifier
-        from core.engine.runtime import resolve_device
+        from avarc import Classifier
+        from avarc.engine.runtime import resolve_device
         clf = Classifier.from_pretrained(random_model(depth, resolve_device(opts.device), seed), device=opts.device,
                                          threads=opts.threads, compile=opts.compile, encoder=opts.encoder)
     else:
@@ -90,8 +90,8 @@ def _inputs(clf, data: Optional[list[Path]], n: int, seed: int):  # noqa: ANN001
     """The first n images of --data (preprocessed for the model), or n seeded random images."""
     import torch
 
-    from core.errors import AvarcError
-    from core.io.data import collect
+    from avarc.errors import AvarcError
+    from avarc.io.data import collect
     if data:
         paths = [it.path for it in collect(data, clf.space, "none").items]
         if not paths:

@@ -48,11 +48,11 @@ def calibrate_ood(
     """
     from dataclasses import replace
 
-    from core.errors import AvarcError
-    from core.io.data import collect
-    from core.io.files import check_output_files
-    from core.io.profiles import write_profile
-    from core.runs.ood_calibration import calibrate_ood as run_calibration
+    from avarc.errors import AvarcError
+    from avarc.io.data import collect
+    from avarc.io.files import check_output_files
+    from avarc.io.profiles import write_profile
+    from avarc.runs.ood_calibration import calibrate_ood as run_calibration
 
     from .. import output
 

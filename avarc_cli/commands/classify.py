@@ -53,18 +53,18 @@ def classify(
     avarc classify photo.jpg -m d16 --topk 3
     avarc classify val/ -m d16 --dataset imagenet --subset imagenet100 -o v.jsonl
     avarc classify a/ -m d20-cca --dataset imagenet-a -o a.jsonl --resume
-    torchrun --nproc_per_node 8 -m avarc_cli classify val/ -m d30 -o val.jsonl
+    torchrun --nproc_per_node 8 -m avarc classify val/ -m d30 -o val.jsonl
     avarc classify objectnet-1.0/ -m d16 --dataset objectnet -o on.jsonl
     avarc classify val.parquet -m d16 --split validation   # or hf://datasets/…
 
     Each stage of the profile scores the surviving classes by the exact log-likelihood of the image's VAR tokens
     on the first scales and keeps the best. Unreadable images are recorded as skipped.
     """
-    from core.errors import AvarcError
-    from core.io import distributed
-    from core.io.data import collect
-    from core.io.files import check_output_files
-    from core.runs.classify_run import classify_run
+    from avarc.errors import AvarcError
+    from avarc.io import distributed
+    from avarc.io.data import collect
+    from avarc.io.files import check_output_files
+    from avarc.runs.classify_run import classify_run
 
     from .. import output
     from ..interrupt import interruptible, results_safe

@@ -34,9 +34,9 @@ def download(
     """
     from rich.filesize import decimal
 
-    from core.errors import AvarcError
-    from core.io.hub import Download, HubUnreachable
-    from core.io.registry import fetch, with_vaes
+    from avarc.errors import AvarcError
+    from avarc.io.hub import Download, HubUnreachable
+    from avarc.io.registry import fetch, with_vaes
 
     from .. import output
 
@@ -64,9 +64,9 @@ def download(
 
 
 def _export_encoders(results: list, failures: list[str]) -> None:
-    from core.errors import AvarcError
-    from core.io.onnx_encoder import export_file
-    from core.io.registry import REGISTRY
+    from avarc.errors import AvarcError
+    from avarc.io.onnx_encoder import export_file
+    from avarc.io.registry import REGISTRY
 
     from .. import output
 
@@ -90,7 +90,7 @@ def _export_encoders(results: list, failures: list[str]) -> None:
 def _list(model_dir: Path | None) -> None:
     from rich.filesize import decimal
 
-    from core.io.registry import availability
+    from avarc.io.registry import availability
 
     from .. import output
 

@@ -63,10 +63,10 @@ def explain(
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores (README, Explain).
     --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).
     """
-    from core.errors import AvarcError
-    from core.io.data import collect
-    from core.io.files import make_output_dir
-    from core.tasks.heatmap import check_style
+    from avarc.errors import AvarcError
+    from avarc.io.data import collect
+    from avarc.io.files import make_output_dir
+    from avarc.tasks.heatmap import check_style
 
     if run is not None:
         return panels.explain_run(opts, run, mistakes, model, profile, out, colormap, alpha, shared_scale, scales,

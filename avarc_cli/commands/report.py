@@ -31,10 +31,10 @@ def report(
     often the true class survives each stage, compute and the worst mistakes, in one HTML file that opens from
     disk. Needs `pip install 'avarc[report]'`.
     """
-    from core.errors import AvarcError
-    from core.io.files import absolute, check_output_file, write_text
-    from core.io.records import read_records
-    from core.runs.report import run_report
+    from avarc.errors import AvarcError
+    from avarc.io.files import absolute, check_output_file, write_text
+    from avarc.io.records import read_records
+    from avarc.runs.report import run_report
 
     from .. import output
 
@@ -55,12 +55,12 @@ def report(
 
 def _spec(name: str | None, given: bool):  # noqa: ANN202 (a core ModelSpec or None)
     """The architecture for GFLOPs: a registry entry holds it (no download); another model given is loaded."""
-    from core import Classifier
-    from core.io.registry import entry, is_registry_name
+    from avarc import Classifier
+    from avarc.io.registry import entry, is_registry_name
 
     if name is None:
         return None
-    from core.errors import AvarcError
+    from avarc.errors import AvarcError
 
     if is_registry_name(name):
         return entry(name).spec

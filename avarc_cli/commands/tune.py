@@ -62,12 +62,12 @@ def tune(
     schedule is then replayed from those scores. The most accurate one within the budget on the fit part is
     chosen, judged on the held-out part and written as a profile with a fitted temperature (README, tune).
     """
-    from core.io.data import collect
-    from core.io.files import check_output_files, write_text
-    from core.io.profiles import write_profile
-    from core.runs.schedule_table import build_table
-    from core.runs.tune import model_name, shipped_points, tuned_profile
-    from core.runs.tune import tune as run_tune
+    from avarc.io.data import collect
+    from avarc.io.files import check_output_files, write_text
+    from avarc.io.profiles import write_profile
+    from avarc.runs.schedule_table import build_table
+    from avarc.runs.tune import model_name, shipped_points, tuned_profile
+    from avarc.runs.tune import tune as run_tune
 
     from .. import output
     from ..interrupt import interruptible
@@ -100,7 +100,7 @@ def tune(
         write_profile(profile, out, note, force=force)
         written.append(out)
         if report is not None:
-            from core.runs.report import tune_report
+            from avarc.runs.report import tune_report
 
             page = tune_report(res, shipped_points(res, table, clf.spec), title=f"avarc tune · {ident} · {folder.name}")
             write_text(report, page, "report", force)

@@ -153,7 +153,7 @@ def write_profile(profile: Profile, path: str | os.PathLike, comment: str = "", 
 
 
 def _shipped_dir():
-    return resources.files("profiles")
+    return resources.files("avarc.profiles")
 
 
 def shipped_names() -> list[str]:
