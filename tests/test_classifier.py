@@ -212,6 +212,8 @@ def _core_imports() -> dict[str, set[str]]:
     under ``if TYPE_CHECKING:`` only name types); a name imported from a package counts as its module when it is one."""
     graph: dict[str, set[str]] = {}
     for path in sorted((REPO / "core").rglob("*.py")):
+        if path.name == "__main__.py":   # `python -m avarc` is the CLI's entry point, not a library layer
+            continue
         parts = ("avarc", *path.relative_to(REPO / "core").with_suffix("").parts)   # core/ installs as avarc
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = mod.split(".") if parts[-1] == "__init__" else mod.split(".")[:-1]
