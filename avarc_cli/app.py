@@ -5,6 +5,7 @@ arguments), so ``--help`` and ``--version`` answer at once."""
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from typing import Annotated, Optional
 
 import typer
@@ -48,12 +49,23 @@ for name, fn, short in [
 UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
 
 
+def _torch_kept() -> AbstractContextManager[None]:
+    """A command run in a process that already uses torch (a test, a notebook) leaves torch's settings as it found
+    them; a fresh process has none to keep (torch is imported by the command)."""
+    if "torch" not in sys.modules:
+        return nullcontext()
+    from avarc.engine.torch_state import torch_settings
+
+    return torch_settings()
+
+
 def main() -> None:
     """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2. Anything
     else that escapes a command (a bug, a library failing on this host) is one line too, naming the log file that
     holds the full trace, and exit code 1: a command never ends in a traceback."""
     try:
-        code = app(standalone_mode=False)
+        with _torch_kept():
+            code = app(standalone_mode=False)
     except AvarcError as e:
         typer.secho(f"error: {output.message(e)}", err=True, fg="red")
         sys.exit(2)

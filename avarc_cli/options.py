@@ -101,7 +101,7 @@ class ModelOptions:
     batch_size: Annotated[Optional[int], opt("--batch-size", "-b", min=1, metavar="N",
                                              help="Pairs per forward (default: fits memory).")]
     threads: Annotated[Optional[int], opt("--threads", min=1, metavar="N",
-                                          help="CPU threads (default: the idle cores).")]
+                                          help="CPU threads (default: the usable cores).")]
     compile: Annotated[Optional[bool], opt("--compile/--no-compile",
                                            help="torch.compile the engine (default: on CUDA).")]
     encoder: Annotated[Encoder, opt("--encoder", show_default=True,

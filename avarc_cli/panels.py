@@ -39,7 +39,8 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
                         image=it.file, exclusive=not force)
                 rows.append((it.path, ex.names[0], ex.names[1], *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
                 if metrics:
-                    measured.append((it.path, image_metrics(clf.model, ex, clf.profile, metrics, seed)))
+                    with clf.settings():
+                        measured.append((it.path, image_metrics(clf.model, ex, clf.profile, metrics, seed)))
             bar.update(task, advance=len(batch), info=f"{len(rows)} written")
     for reason in skipped:
         output.say(f"skipped: {reason}", err=True)

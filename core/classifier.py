@@ -12,7 +12,9 @@ position, or an :class:`~core.io.data.Item`'s key), so results do not depend on 
 """
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
@@ -24,11 +26,12 @@ from PIL import Image
 from .engine.flops import image_gflops
 from .engine.model import Model
 from .engine.profile import Profile
-from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, set_threads
+from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, resolve_threads
 from .engine.schedule import classify as run_schedule
 from .engine.schedule import noise_generator
 from .engine.scoring import Scorer
 from .engine.stages import Prediction
+from .engine.torch_state import torch_settings
 from .errors import AvarcError
 from .io import distributed
 from .io.data import ClassSpace, Item, collect
@@ -48,6 +51,15 @@ Images = Union[ImageInput, Sequence[ImageInput]]
 IMAGES_PER_STEP = 16
 
 
+def _in_settings(method):  # noqa: ANN001, ANN202
+    """A public method run in :meth:`Classifier.settings`: on the classifier's threads, torch's state put back."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        with self.settings():
+            return method(self, *args, **kwargs)
+    return run
+
+
 @dataclass
 class Classifier:
     """A loaded model with its extensions applied and its schedule resolved. Build it with :meth:`from_pretrained`."""
@@ -57,6 +69,7 @@ class Classifier:
     source: str = ""                        # the model argument it was built from (registry name, folder or file)
     batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
     files: list[Path] = field(default_factory=list)     # the files it was loaded from (weights, metadata, extensions)
+    threads: int = 1                        # CPU threads each call runs on (torch's count is put back after it)
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -72,31 +85,39 @@ class Classifier:
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
         shipped name, a YAML file or a Profile (default: the model's own). ``dtype``: ``auto``, ``fp32``, ``bf16``,
-        ``fp16`` or a torch dtype (a :class:`Model` passed built keeps its own). ``threads``: CPU threads (default:
-        see :func:`core.engine.runtime.set_threads`).
+        ``fp16`` or a torch dtype (a :class:`Model` passed built keeps its own). ``threads``: CPU threads of every call
+        (default: the usable cores, one for a tiny model; see :func:`core.engine.runtime.resolve_threads`); the
+        process's own torch settings are put back after each call.
         ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
-        chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
-        dev = resolve_device(device)
-        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
-        if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
-            m = finish(model, encoder, None, resolve_compile(compile, dev))
-            model = "python"
-        else:
-            if not local_files_only:
-                _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
-            m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
-                              tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
-        set_threads(m.spec.var, threads)
-        for ext in extensions:
-            apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
-                            "extension" if isinstance(ext, Extension) else str(ext))
-        if chosen is None:
-            default = entry(str(model)).default_profile if is_registry_name(model) else None
-            chosen = load_profile(default or default_profile_name(m))
-        files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
-        files += [Path(e) for e in extensions if not isinstance(e, Extension)]
-        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files)
+        with torch_settings():     # loading may set torch's state (a compile, a oneDNN probe): put it back
+            chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
+            dev = resolve_device(device)
+            dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
+            if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
+                m = finish(model, encoder, None, resolve_compile(compile, dev))
+                model = "python"
+            else:
+                if not local_files_only:
+                    _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
+                m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
+                                  tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
+            for ext in extensions:
+                apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
+                                "extension" if isinstance(ext, Extension) else str(ext))
+            if chosen is None:
+                default = entry(str(model)).default_profile if is_registry_name(model) else None
+                chosen = load_profile(default or default_profile_name(m))
+            files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json"))
+                     if f is not None]
+            files += [Path(e) for e in extensions if not isinstance(e, Extension)]
+            return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files,
+                       resolve_threads(m.spec.var, threads))
+
+    def settings(self) -> AbstractContextManager[None]:
+        """A block that runs on this classifier's threads and leaves torch's settings as it found them (every
+        public call runs in one; so can a caller driving :attr:`model` directly, as ``bench`` does)."""
+        return torch_settings(self.threads)
 
     def __repr__(self) -> str:
         return (f"Classifier({self.source!r}: {self.model.num_classes} classes, {self.spec.image_size}px, profile "
@@ -198,6 +219,7 @@ class Classifier:
         return [Path(x).name if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(images)]
 
     # classify
+    @_in_settings
     def predict(self, x: torch.Tensor, keys: Sequence[str], candidates: Sequence[int], seed: int = 0,
                 temperature: float | None = None, ood_score: str | None = None) -> list[Prediction]:
         """B, 3, R, R preprocessed images → predictions (one noise generator per image, from seed and key), each
@@ -216,6 +238,7 @@ class Classifier:
                         gflops=image_gflops(self.spec, p.stages, scorer.executed(i)))
                 for i, (p, o) in enumerate(zip(preds, oods))]
 
+    @_in_settings
     def classify(self, images: Images, *, labels: Sequence[int | str | None] | int | str | None = None,
                  candidates: Sequence[int | str] | None = None, seed: int = 0, temperature: float | None = None,
                  keys: Sequence[str] | None = None, ood_score: str | None = None) -> Prediction | list[Prediction]:
@@ -268,6 +291,7 @@ class Classifier:
         return item.pixels(self.spec.image_size, self.spec.preprocess)
 
     # explain
+    @_in_settings
     def explain(self, images: Images, *, a: int | str | None = None, b: int | str | None = None,
                 labels: Sequence[int | str | None] | int | str | None = None, scales: int | None = None, seed: int = 0,
                 keys: Sequence[str] | None = None) -> Explanation | list[Explanation]:
@@ -309,6 +333,7 @@ class Classifier:
             raise AvarcError(f"{where[0]} and {where[1]} are the same class ({t.cls}); pick two different classes")
         return t
 
+    @_in_settings
     def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str],
                         scales: int | None = None,
                         seed: int = 0) -> list[Explanation | AvarcError]:
@@ -342,6 +367,7 @@ class Classifier:
         return distributed.run(items, self.load, step, per_step=per_step)
 
     # add classes
+    @_in_settings
     def add_classes(self, classes: Mapping[str, str | os.PathLike | Sequence[ImageInput] | torch.Tensor], *,
                     steps: int = 600, lr: float = 0.1, batch_size: int = 32, augment_sigma: float = 0.0,
                     init: str = "null", seed: int = 0, holdout: float = 0.2, on_step=None) -> Extension:

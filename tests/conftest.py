@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,16 +18,30 @@ from PIL import Image
 import avarc
 from avarc import Classifier, ModelSpec, VARSpec, VQVAESpec
 from avarc.cli.app import main
+from avarc.engine.runtime import usable_cores
 from avarc.engine.schedule import classify as run_schedule
 from avarc.engine.schedule import noise_generator
 from avarc.engine.scoring import Scorer
 from avarc.engine.stages import Prediction
+from avarc.engine.torch_state import torch_settings
 from avarc.io import distributed
 from avarc.io.data import Item
 from avarc.io.preprocess import pixels_to_tensor
 from scripts.digits import load_digits
 
 DATA = Path(__file__).parent / "data"
+# The suite's own torch threads: the usable cores shared among pytest-xdist's workers (the library sets its own per
+# call and puts them back). Every test starts from the same torch settings, so its speed and its random numbers do
+# not depend on the tests that ran before it.
+SUITE_THREADS = max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+@pytest.fixture(autouse=True)
+def pinned_torch_settings():
+    with torch_settings(SUITE_THREADS):
+        yield
+
+
 CONFORMANCE = DATA / "conformance"
 CONFORMANCE_SETS = ("official256", "shared512")
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)

@@ -35,6 +35,7 @@ def test_timed_run_reports_every_field():
         s = r["s_per_image"]
         assert 0 < s["min"] <= s["median"] <= s["max"] and r["images_per_s"] > 0 and r["tflops"] > 0
         assert r["peak_pct"] > 0 and r["peak_mem_mb"] > 0 and r["device"] == "cpu"
+        assert r["threads"] == 1             # a tiny model runs on one thread
     assert fp32["agreement_fp32"] == 1.0 and bf16["agreement_fp32"] in (0.0, 1.0)
     assert plain["agreement_fp32"] == 1.0            # the unoptimised path predicts the same
     assert fp32["gflops_executed"] < plain["gflops_executed"] == plain["gflops_per_image"]

@@ -77,6 +77,7 @@ def test_labelled_class_folders_give_accuracy_recall_and_a_csv_row(tmp_path, mon
     assert f"{100 * top1:.2f}%" in stdout and "stage 1 recall" in stdout and f"{100 * recall1:.2f}%" in stdout
     row = table.read_text().splitlines()
     assert row[0].startswith("model,profile,seed,dataset") and float(row[1].split(",")[7]) == top1
+    assert row[0].endswith(",threads") and row[1].endswith(",1") and records[0]["run"]["threads"] == 1
 
 
 def test_bad_images_are_skipped_with_their_reason_and_the_run_goes_on(tmp_path, monkeypatch, capsys, fast_profile):

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from avarc.engine.profile import GUARD_NATS_PER_TOKEN
-from avarc.engine.runtime import choose_threads, usable_cores
+from avarc.engine.runtime import resolve_threads, usable_cores
 from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.io.loading import resolve_model
@@ -168,8 +168,15 @@ def test_guard_margin_default_and_validation():
         parse_profile({"stages": [{"scales": 2}], "guard_margin": -1}, "x", "t")
 
 
-def test_threads_follow_the_work():
-    """A tiny model runs on one thread (a busy core would stall a second one); a large one on the free cores."""
+def test_threads_follow_the_work_and_a_request_beyond_the_cores_is_cut_with_one_warning(caplog):
+    """A tiny model runs on one thread (a busy core would stall a second one); a large one on every usable core,
+    whatever the load average says; a request is kept up to the usable cores."""
     tiny = resolve_model("digits").spec.var
-    assert choose_threads(tiny) == 1 and choose_threads(tiny, 3) == 3
-    assert 1 <= choose_threads(official_spec("d16").var) <= usable_cores()
+    cores = usable_cores()
+    assert resolve_threads(tiny) == 1 and resolve_threads(tiny, cores) == cores
+    assert resolve_threads(official_spec("d16").var) == cores
+    with caplog.at_level("WARNING", logger="avarc"):
+        assert resolve_threads(tiny, 999) == cores
+    assert [r.message for r in caplog.records] == [f"warning: 999 threads asked for, but this process may use {cores} "
+                                                   f"core(s); using {cores} (more threads than cores wait for each "
+                                                   "other)"]

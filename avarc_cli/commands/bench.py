@@ -38,7 +38,6 @@ def bench(
     Seconds per image, GFLOPs per image (paper convention and executed), achieved TFLOP/s against this device's
     measured matmul peak, the process's peak memory, and for bf16/fp16 the agreement with fp32 (README, bench).
     """
-    import torch
 
     from avarc.engine.runtime import resolve_dtype
     from avarc.errors import AvarcError
@@ -71,12 +70,13 @@ def bench(
     n = min(num_classes or min(clf.model.num_classes, 100), clf.model.num_classes)
     x = _inputs(clf, data, images, seed)
     wanted = [resolve_dtype(d, clf.device) for d in (dtypes or ["auto"])]
-    title = (f"{label}, {n} classes, {x.shape[0]} image(s), {torch.get_num_threads()} threads"
+    title = (f"{label}, {n} classes, {x.shape[0]} image(s), {clf.threads} threads"
              + (", compiled" if clf.model.compile else ""))
     results: list = []
     measured = [load_profile(p) for p in profiles] if profiles else [clf.profile]
     try:
-        with output.err_console.status(f"measuring {len(measured)} profile(s) × {len(wanted)} dtype(s) on {label}…"):
+        with output.err_console.status(f"measuring {len(measured)} profile(s) × {len(wanted)} dtype(s) on {label}…"), \
+                clf.settings():
             compare(clf.model, measured, x, list(range(n)), wanted, warmup, repeat, opts.batch_size, seed, plain,
                     results)
     except BaseException:

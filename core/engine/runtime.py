@@ -1,10 +1,10 @@
 """Where and how the engine runs: the device, the compute dtype (by what the host can do natively), compilation and
 the CPU threads. Every such choice is made here, once, from the request and the hardware.
 
-Threads: OpenMP threads wait for each other at the end of every operation, so one thread sharing its core with
-another process stalls all of them (README, Threads). So a model whose layers are too small to split (per-token
-work under ``SMALL_TOKEN_MACS``) runs on one thread, and a larger one on the cores this process may use (its CPU
-affinity) minus the ones other processes keep busy (the 1-minute load average, rounded), never fewer than one.
+Threads: a model whose layers are too small to split (per-token work under ``SMALL_TOKEN_MACS``) runs on one thread,
+a larger one on every core this process may use (its CPU affinity); ``threads`` overrides, at most the usable cores
+(more threads than cores wait for each other at the end of every operation). The count is applied per call and put
+back afterwards (:func:`core.engine.torch_state.torch_settings`), never left set in the caller's process.
 """
 from __future__ import annotations
 
@@ -109,25 +109,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores() -> int:
-    """Cores other processes keep busy: the 1-minute load average, rounded (0 where there is none)."""
-    try:
-        return int(os.getloadavg()[0] + 0.5)
-    except (AttributeError, OSError):
-        return 0
-
-
-def choose_threads(spec: VARSpec, requested: int | None = None) -> int:
-    """``requested`` if given, else 1 for a tiny model, else the usable cores not busy elsewhere (at least 1)."""
+def resolve_threads(spec: VARSpec, requested: int | None = None) -> int:
+    """``requested`` if given (more than the usable cores is cut to them, with one warning), else 1 for a tiny model,
+    else the usable cores. Not the idle ones: a guess from the load average gave a run started just after another
+    one half the cores, with nothing saying so."""
+    cores = usable_cores()
     if requested is not None:
-        return max(1, requested)
-    if token_macs(spec) < SMALL_TOKEN_MACS:
-        return 1
-    return max(1, usable_cores() - busy_cores())
-
-
-def set_threads(spec: VARSpec, requested: int | None = None) -> int:
-    """Apply :func:`choose_threads` to torch's intra-op pool; returns the count used."""
-    n = choose_threads(spec, requested)
-    torch.set_num_threads(n)
-    return n
+        if requested > cores:
+            logging.getLogger("avarc").warning(
+                f"warning: {requested} threads asked for, but this process may use {cores} core(s); using {cores} "
+                "(more threads than cores wait for each other)")
+        return max(1, min(requested, cores))
+    return 1 if token_macs(spec) < SMALL_TOKEN_MACS else cores

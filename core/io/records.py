@@ -47,7 +47,7 @@ class Record(TypedDict):
     posterior: list[dict]
     status: str             # "ok" or "skipped"
     error: str | None
-    run: dict               # the run's identity: see run_info
+    run: dict               # the run's identity (see run_info) and the CPU threads it ran on (``threads``)
 
 
 def model_identity(model: Model, arg: str) -> str:

@@ -131,5 +131,6 @@ def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, su
            "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
     row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
     row.update({"abstained": m.abstained} if profile.ood is not None else {})
-    row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})
+    row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else "",
+                "threads": run.get("threads", "")})
     return row

@@ -22,6 +22,7 @@ from ..engine.profile import Profile
 from ..engine.runtime import dtype_name
 from ..engine.schedule import noise_generator, run_stages, sample_tokens
 from ..engine.scoring import Scorer
+from ..engine.torch_state import torch_settings
 from ..models.specs import ModelSpec, official_spec
 
 
@@ -48,6 +49,7 @@ class BenchResult:
     guard_flips: float | None = None           # share of images whose decisions the guard changed
     launches_per_forward: float | None = None  # non-view aten ops of one full-length forward (≈ kernel launches)
     host_syncs_per_step: float | None = None   # ops in one scoring step that wait for the device
+    threads: int | None = None                 # CPU threads it ran on
     preds: list[int] = field(default_factory=list, repr=False)
     scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
 
@@ -59,10 +61,12 @@ class BenchResult:
 
 
 def random_model(depth: int, device: str | torch.device = "cpu", seed: int = 0) -> Model:
-    """The official geometry of VAR-d{depth} (+ its VQ-VAE) with random weights: any depth measurable offline."""
-    torch.manual_seed(seed)
-    model = build_model(official_spec(f"d{depth}"), device)
-    model.var.init_weights()
+    """The official geometry of VAR-d{depth} (+ its VQ-VAE) with random weights: any depth measurable offline (torch's
+    global generator, seeded for them, is put back)."""
+    with torch_settings():
+        torch.manual_seed(seed)
+        model = build_model(official_spec(f"d{depth}"), device)
+        model.var.init_weights()
     return model
 
 
@@ -200,7 +204,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         peak_mem_mb=_peak_mem_mb(device), agreement_fp32=None, stage_share=shares,
         encoder_share=statistics.median(enc_times) / total,
         guard_images=guarded / n if low else None, guard_share=statistics.median(guard_times) / total if low else None,
-        guard_flips=flips / n if low else None, **counted,
+        guard_flips=flips / n if low else None, **counted, threads=torch.get_num_threads(),
         preds=[p.pred for p in out], scores=[p.stages[0].scores for p in out],
     )
 

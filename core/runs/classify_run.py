@@ -113,6 +113,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     run_key = clf.run_key(seed, found.candidates, weights=weights_identity(clf.model),
                           dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk,
                           labels=labels)
+    run_key["threads"] = clf.threads      # what the run ran on, kept beside its identity (not in the fingerprint)
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))

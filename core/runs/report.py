@@ -130,6 +130,7 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     rel = reliability(conf, correct)
     plain = reliability([untempered_confidence(r) for r in lab], correct)
     summary = [("model", run.get("model", "?")), ("profile", run.get("profile", "?")), ("seed", run.get("seed", "?")),
+               ("threads", run.get("threads", "?")),
                ("images", len(records)), ("skipped", len(records) - len(ok)), ("labelled", len(lab)),
                ("top-1", f"{correct.mean():.2%}"), ("top-5", f"{top5:.2%}"), ("mistakes", int((~correct).sum())),
                ("early exits", sum(r["exited_after"] is not None for r in lab)),

@@ -113,7 +113,9 @@ def build_table(clf: Classifier, items: Sequence[Item], candidates: Sequence[int
         return out
 
     per_step = distributed.images_per_step(clf.batch_size, K)
-    done = list(zip(items, (r for batch in distributed.run(items, clf.load, step, per_step=per_step) for r in batch)))
+    with clf.settings():
+        done = list(zip(items, (r for batch in distributed.run(items, clf.load, step, per_step=per_step)
+                                for r in batch)))
     rows = [(it, r) for it, r in done if not isinstance(r, str)]
     if not rows:
         raise AvarcError("no readable images to tune on; check the folder")

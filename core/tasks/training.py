@@ -80,20 +80,21 @@ def _run(module: nn.Module, params: list[tuple[str, nn.Parameter]], cfg: TrainCo
     log = TrainLog()
     module.train()
     try:
-        for step in range(cfg.steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            if before_step is not None:
-                before_step(step, gen)
-            loss = loss_of_batch(gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-            opt.step()
-            log.losses.append(loss.item())
-            if on_step is not None:
-                on_step(step + 1, cfg.steps, log.losses[-1])
+        with torch.enable_grad():       # training needs autograd, whatever the caller's grad mode
+            for step in range(cfg.steps):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                if before_step is not None:
+                    before_step(step, gen)
+                loss = loss_of_batch(gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+                opt.step()
+                log.losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step + 1, cfg.steps, log.losses[-1])
     finally:
         module.eval().requires_grad_(False)
     return log
