@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 INSTALL ?= -e
+# Two test workers, each test file on one of them (its module fixtures built once); PYTEST_ARGS adds options (CI:
+# --durations=30).
+PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
 .PHONY: demo test
@@ -18,4 +21,4 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)

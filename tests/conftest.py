@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,6 +32,22 @@ from avarc.io.preprocess import pixels_to_tensor
 from scripts.digits import load_digits
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_configure(config) -> None:
+    """Every cache the suite writes (ONNX exports, compiled kernels, crash logs, the hub's and datasets' caches,
+    matplotlib's fonts) in a folder of this process's own, chosen before any test module is imported: pytest-xdist's
+    workers never share one, and a user's ~/.cache is never touched. Subprocesses inherit it."""
+    config.avarc_caches = Path(tempfile.mkdtemp(prefix="avarc-tests-"))
+    os.environ["XDG_CACHE_HOME"] = str(config.avarc_caches / "xdg")
+    os.environ["HF_HOME"] = str(config.avarc_caches / "hf")
+    os.environ["MPLCONFIGDIR"] = str(config.avarc_caches / "matplotlib")
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(config.avarc_caches, ignore_errors=True)
+
+
 # The suite's own torch threads: the usable cores shared among pytest-xdist's workers (the library sets its own per
 # call and puts them back). Every test starts from the same torch settings, so its speed and its random numbers do
 # not depend on the tests that ran before it.
