@@ -74,10 +74,15 @@ def sequence_macs(spec: VARSpec, end: int, start: int = 0) -> Macs:
 
 @lru_cache(maxsize=8)
 def encoder_macs(vae: VQVAESpec, image_size: int, patch_nums: tuple[int, ...]) -> int:
-    """Convolution MACs of encoder + quant_conv for one image (counted on the meta device: no memory, no time)."""
+    """Convolution MACs of encoder + quant_conv for one image, counted on a real forward of the smallest image (one
+    latent cell: ``downsample`` pixels a side; weights allocated, never initialised) and scaled by the area, since
+    every convolution's output area is proportional to the image's. Not on the meta device: its group norm imports
+    torch._dynamo, a second of every command's start-up."""
+    from ..models.checkpoints import unfilled
     from ..models.vqvae import VQVAE
 
-    with torch.device("meta"):
+    side = vae.downsample
+    with unfilled():
         model = VQVAE(vae, patch_nums)
     total = 0
 
@@ -88,10 +93,11 @@ def encoder_macs(vae: VQVAESpec, image_size: int, patch_nums: tuple[int, ...]) -
 
     hooks = [m.register_forward_hook(hook) for m in [*model.encoder.modules(), model.quant_conv]
              if isinstance(m, nn.Conv2d)]
-    model.encode(torch.empty(1, 3, image_size, image_size, device="meta"))
+    with torch.no_grad():
+        model.encode(torch.zeros(1, 3, side, side))
     for h in hooks:
         h.remove()
-    return total
+    return round(total * image_size * image_size / (side * side))
 
 
 def schedule_macs(spec: ModelSpec, stages: Sequence[StageLike], num_classes: int, reuse: bool = False) -> Macs:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from ..errors import AvarcError
 from ..models.specs import ModelSpec
@@ -137,22 +136,11 @@ class Model:
         return lp.view(B, K, -1)
 
 
-class _NoInit(TorchFunctionMode):
-    """``torch.nn.init`` calls do nothing: on the meta device there are no values to initialise, and torch's meta
-    ``normal_`` (nn.Embedding's init) imports torch._dynamo, a second of every command's start-up."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs.get("tensor")
-        return func(*args, **kwargs)
-
-
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Model:
-    """Build VAE + VAR for a spec (randomly initialised; ``device='meta'`` allocates nothing and initialises
-    nothing: the weights are loaded next)."""
+    """Build VAE + VAR for a spec (randomly initialised; ``device='meta'`` allocates nothing; under
+    :func:`core.models.checkpoints.unfilled` nothing is initialised, for weights loaded next)."""
     dev = torch.device(device) if str(device) == "meta" else resolve_device(device)
-    with torch.device(dev), _NoInit() if dev.type == "meta" else nullcontext():
+    with torch.device(dev):
         vae = VQVAE(spec.vae, spec.var.patch_nums)
         var = VAR(spec.var)
     return Model(spec=spec, vae=vae.eval().requires_grad_(False), var=var.eval().requires_grad_(False), device=dev)

@@ -41,7 +41,8 @@ def load_model(var: str | os.PathLike, vae: str | os.PathLike, device: str | tor
                          f"in {var} ({var_spec.vocab_size}x{var_spec.z_channels}); pass the VQ-VAE it was trained with")
     size = image_size or var_spec.patch_nums[-1] * vae_spec.downsample
     spec = ModelSpec(vae=vae_spec, var=var_spec, image_size=size, preprocess=preprocess, class_names=tuple(class_names))
-    model = build_model(spec, "meta")
+    with checkpoints.unfilled():
+        model = build_model(spec)
     checkpoints.load_into(model.var, var_sd, var, "VAR")
     checkpoints.load_into(model.vae, vae_sd, vae, "VQ-VAE")
     model.var_file, model.vae_file = Path(var), Path(vae)
@@ -83,7 +84,8 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
         spec = spec_from_dict(meta["spec"])
     except (ValueError, KeyError, TypeError) as e:
         raise AvarcError(f"{meta_file}: invalid model metadata ({e})") from None
-    model = build_model(spec, "meta")
+    with checkpoints.unfilled():
+        model = build_model(spec)
     for module, name, what in ((model.var, "var.pth", "VAR"), (model.vae, "vae.pth", "VQ-VAE")):
         kind = "var" if what == "VAR" else "vae"
         checkpoints.load_into(module, checkpoints.read_state_dict(path / name, kind), path / name, what)

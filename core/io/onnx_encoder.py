@@ -89,7 +89,7 @@ def export_file(vae_file: str | os.PathLike) -> OnnxExport:
         spec = infer_vae_spec(sd)
     except AvarcError as e:
         raise AvarcError(f"{vae_file}: {e}") from None
-    with torch.device("meta"):
+    with checkpoints.unfilled():
         vae = VQVAE(spec, (1,))
     checkpoints.load_into(vae, sd, vae_file, "VQ-VAE")
     return ensure_export(vae.eval(), vae_file)

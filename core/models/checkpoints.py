@@ -12,11 +12,13 @@ import os
 import pickle
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import AvarcError
 
@@ -106,6 +108,25 @@ def _examples(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
+class _NoInit(TorchFunctionMode):
+    """``torch.nn.init`` calls return their tensor untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def unfilled() -> Iterator[None]:
+    """Build modules whose weights a checkpoint replaces next (:func:`load_into` assigns its tensors): on the CPU,
+    parameters allocated but never initialised or written, so their pages are never touched. Not on the meta device:
+    torch runs meta ops through Python references that import torch._dynamo, a second of every command's start-up."""
+    with torch.device("cpu"), _NoInit():
+        yield
+
+
 def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
     """``module.load_state_dict(sd, strict=True)``, with key and shape problems explained in one line."""
     own = module.state_dict()
@@ -122,7 +143,7 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
         if tuple(own[k].shape) != tuple(v.shape):
             raise AvarcError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
                              f"model {tuple(own[k].shape)}")
-    module.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in module.parameters()))
+    module.load_state_dict(sd, strict=True, assign=True)   # the checkpoint's tensors, no copy into the built ones
 
 
 def file_sha256(path: str | os.PathLike) -> str:
