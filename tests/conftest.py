@@ -88,6 +88,11 @@ _SETS: dict[str, ConformanceSet] = {}
 _MODELS: dict[str, avarc.Model] = {}
 
 
+# A property that does not depend on the geometry (the guard, reuse of keys/values, the ONNX export) is proved once,
+# on the cheaper 256-px set; the 512-px set proves conformance proper (test_conformance).
+AT_256 = pytest.mark.parametrize("conf", ["official256"], indirect=True)
+
+
 @pytest.fixture(scope="session", params=CONFORMANCE_SETS)
 def conf(request) -> ConformanceSet:
     return _SETS.setdefault(request.param, ConformanceSet(request.param))

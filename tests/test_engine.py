@@ -16,7 +16,7 @@ from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile, parse_profile
 from avarc.models.specs import official_spec
 from scripts import digits
-from tests.conftest import DEVICES
+from tests.conftest import AT_256, DEVICES
 
 
 def test_tf32_is_off_inside_tokenisation_and_restored(conf, engine_model):
@@ -93,6 +93,7 @@ def _predict(model, latents, profile, dtype, scorer=None):
         model.dtype = torch.float32
 
 
+@AT_256
 def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
     """With every image's top two closer than the margin, the guard re-scores all of them: predictions and final
     top-two scores are fp32's."""
