@@ -2,11 +2,14 @@
 the hub stand-in on 127.0.0.1, the real digits as folders, and a tiny explain setup."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,14 +123,28 @@ def engine_model(conf, request) -> avarc.Model:
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run the real CLI entry point in this process → (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["avarc", *map(str, args)])
+    ran = cli_run(*args)
+    return ran.returncode, ran.stdout, ran.stderr
+
+
+def cli_run(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real CLI entry point in this process, as a finished process looks (for module fixtures, where capsys is
+    not available): what it printed, its exit code; ``cwd`` the folder it runs in. Processes only where the process
+    is the subject (signals, two processes at once, what a fresh interpreter imports)."""
+    argv, here, out, err = sys.argv, os.getcwd(), io.StringIO(), io.StringIO()
+    sys.argv = ["avarc", *map(str, args)]
     try:
-        main()
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
         code = 0
     except SystemExit as e:
         code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(["avarc", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 # The hub stand-in: a real HTTP server on 127.0.0.1 that answers like the Hugging Face hub (test_download,

@@ -19,6 +19,7 @@ from avarc import AvarcError
 from avarc.io.records import record_line, weights_identity
 from avarc.io.results import lock_results
 from avarc.tasks.incremental import load_extension
+from tests.conftest import cli_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
@@ -29,8 +30,16 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "avarc", *map(str, args)]
 
 
-def run(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cli(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
+def run(*args) -> subprocess.CompletedProcess:
+    """The command in this process (tests.conftest.cli_run)."""
+    proc = cli_run(*args)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def spawn(*args, timeout=300) -> subprocess.CompletedProcess:
+    """The command as its own process: where another process holds the lock, or a hang must end at a timeout."""
+    proc = subprocess.run(cli(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout,
                           errors="surrogateescape")
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
@@ -112,7 +121,7 @@ def test_a_symlink_to_the_results_file_takes_the_same_lock(digits, results, tmp_
     (tmp_path / "link.jsonl").symlink_to(out)
     lock = lock_results(out)                                # this process is the first writer
     try:
-        one_line(run("classify", digits, "--out", tmp_path / "link.jsonl", "--resume"), "another avarc run")
+        one_line(spawn("classify", digits, "--out", tmp_path / "link.jsonl", "--resume"), "another avarc run")
     finally:
         lock.release()
 
@@ -328,7 +337,7 @@ def test_a_fifo_where_a_mistake_was_does_not_block_report(results, tmp_path):
     recs[0] = {**recs[0], "path": str(fifo), "file": str(fifo), "label": 1, "label_name": "1", "label_rank": 2}
     out = tmp_path / "r.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    proc = run("report", out, timeout=120)
+    proc = spawn("report", out, timeout=120)
     assert proc.returncode == 0 and "image not found" in out.with_suffix(".html").read_text()
 
 
