@@ -19,6 +19,7 @@ from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile
 from avarc.models import block_ops as var_mod
 from scripts import digits
+from tests.conftest import cli_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,23 +77,23 @@ def test_emulated_bf16_guard_gives_fp32_predictions_on_the_test_digits(emulated)
     assert len(preds[torch.float32]) == 359 and preds[torch.bfloat16] == preds[torch.float32]
 
 
-def test_cli_bf16_on_an_emulating_cpu(tmp_path):
+def test_cli_bf16_on_an_emulating_cpu(emulated, tmp_path, caplog):
     """`classify --dtype bf16` on the demo where bf16 is emulated: fp32's predictions, one warning line, no
     traceback; `bench --dtype fp32 --dtype bf16` keeps both rows."""
-    env = {**os.environ, var_mod.EMULATED_ENV: "emulated", "OMP_NUM_THREADS": "1"}
     runs = {}
     for dt in ("fp32", "bf16"):
         out = tmp_path / f"{dt}.jsonl"
-        r = subprocess.run([sys.executable, "-m", "avarc", "classify", str(REPO / "examples" / "digits"), "--dtype",
-                            dt, "--device", "cpu", "--out", str(out)], env=env, capture_output=True, text=True)
+        model_mod._warn_emulated.cache_clear()              # once per process: this run is a process of its own
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="avarc"):
+            r = cli_run("classify", REPO / "examples" / "digits", "--dtype", dt, "--device", "cpu", "--out", out)
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
-        assert ("emulated" in r.stderr) == (dt == "bf16")
+        assert (sum("emulated" in rec.getMessage() for rec in caplog.records) == 1) == (dt == "bf16")
         runs[dt] = [json.loads(line)["pred"] for line in out.read_text().splitlines()]
     assert runs["bf16"] == runs["fp32"] and len(runs["fp32"]) == 20
-    r = subprocess.run([sys.executable, "-m", "avarc", "bench", "-m", "digits", "-p", "digits", "--images", "2",
-                        "--warmup", "0", "--repeat", "1", "--device", "cpu", "--dtype", "fp32", "--dtype", "bf16",
-                        "--json"], env=env, capture_output=True, text=True)
+    r = cli_run("bench", "-m", "digits", "-p", "digits", "--images", "2", "--warmup", "0", "--repeat", "1", "--device",
+                "cpu", "--dtype", "fp32", "--dtype", "bf16", "--json")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert [row["dtype"] for row in json.loads(r.stdout)["results"]] == ["fp32", "bf16"]
 
