@@ -20,18 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def one_thread():
-    """The demo model is tiny: a second intra-op thread gains nothing, and on cores shared with other jobs OpenMP
-    spinning makes its small convolutions many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def fast_profile(tmp_path) -> Path:
     f = tmp_path / "fast.yaml"
     f.write_text(FAST)
@@ -192,7 +180,7 @@ def test_imagenet_a_preset_end_to_end_with_a_1000_class_model(tmp_path, monkeypa
         assert r["pred_name"] == names[r["pred"]] and r["label_name"] == names[r["label"]]
 
 
-def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_path, monkeypatch, capsys, one_thread):
+def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     from scripts.digits import load_digits
@@ -213,7 +201,7 @@ def test_demo_model_classifies_the_359_test_digits_from_labelled_folders(tmp_pat
     assert re.search(rf"top-1\s*│\s*{100 * top1:.2f}%", stdout)
 
 
-def test_readme_first_command_prints_the_accuracy_table(monkeypatch, capsys, one_thread):
+def test_readme_first_command_prints_the_accuracy_table(monkeypatch, capsys):
     code, stdout, _ = run_cli(monkeypatch, capsys, "classify", REPO / "examples" / "digits", "--device", "cpu")
     assert code == 0
     for row in ("images", "top-1", "top-5", "stage 1 recall", "stage 2 recall", "images/s"):

@@ -113,7 +113,6 @@ def test_an_unexpected_failure_is_one_line_and_bench_keeps_what_it_measured(monk
 
     monkeypatch.setattr(bench_mod, "run", fails_in_bf16)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    torch.set_num_threads(1)
     code, out, err = run_cli(monkeypatch, capsys, "bench", "-m", "digits", "-p", "digits", "--images", "1", "--warmup",
                            "0", "--repeat", "1", "--device", "cpu", "--dtype", "fp32", "--dtype", "bf16", "--json")
     assert code == 1

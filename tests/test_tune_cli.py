@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from avarc import Classifier
@@ -35,14 +34,6 @@ FAST = ["--device", "cpu", "--dtype", "fp32"]
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     return save_digits(root / "tune", 1438, 1618), save_digits(root / "test", 1618, 1797)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_jsonl(path: Path) -> list[dict]:
