@@ -83,11 +83,15 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
     assert seen == {torch.float32: False, torch.bfloat16: True}
 
 
-def _predict(model, latents, profile, dtype, scorer=None):
+def _tokens(model, latents, profile):
+    """The profile's token samples, drawn once per test and profile (tokenisation is fp32 whatever the dtype)."""
+    gens = [noise_generator(0, f"img{i}") for i in range(latents.shape[0])]
+    return sample_tokens(model, latents, profile.max_samples, profile.sigma, gens)
+
+
+def _predict(model, tokens, profile, dtype, scorer=None):
     model.dtype = dtype
     try:
-        gens = [noise_generator(0, f"img{i}") for i in range(latents.shape[0])]
-        tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, gens)
         return run_stages(model, tokens, range(model.num_classes), profile, scorer)
     finally:
         model.dtype = torch.float32
@@ -102,9 +106,9 @@ def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
                           "guard_margin": 1e9}, "wide", "test")
     latents = conf.golden["latent"]
     for p in (prof, wide):
-        scorer = Scorer(engine_model)
-        fp32 = _predict(engine_model, latents, p, torch.float32)
-        bf16 = _predict(engine_model, latents, p, torch.bfloat16, scorer)
+        scorer, tokens = Scorer(engine_model), _tokens(engine_model, latents, p)
+        fp32 = _predict(engine_model, tokens, p, torch.float32)
+        bf16 = _predict(engine_model, tokens, p, torch.bfloat16, scorer)
         assert [r.pred for r in bf16] == [r.pred for r in fp32]
     assert scorer.guarded == latents.shape[0]
     for a, b in zip(bf16, fp32):
@@ -118,22 +122,22 @@ def test_guard_on_the_359_test_digits(device):
     data = digits.load_digits("test")
     latents = model.encode(digits.to_tensor(data.images, model.spec.image_size))
     prof = load_profile(model.meta.get("default_profile", "digits"))
-    scorer = Scorer(model)
-    fp32 = _predict(model, latents, prof, torch.float32)
-    bf16 = _predict(model, latents, prof, torch.bfloat16, scorer)
+    scorer, tokens = Scorer(model), _tokens(model, latents, prof)
+    fp32 = _predict(model, tokens, prof, torch.float32)
+    bf16 = _predict(model, tokens, prof, torch.bfloat16, scorer)
     assert len(fp32) == 359 and [r.pred for r in bf16] == [r.pred for r in fp32]
     assert scorer.guarded < 36                           # only close calls pay for fp32
-    off = _predict(model, latents, parse_profile({"stages": [{"scales": "all", "keep": 3},
-                                                             {"scales": "all", "samples": 3}],
-                                                  "guard_margin": 0}, "off", "test"), torch.bfloat16)
+    off_profile = parse_profile({"stages": [{"scales": "all", "keep": 3}, {"scales": "all", "samples": 3}],
+                                 "guard_margin": 0}, "off", "test")
+    off = _predict(model, _tokens(model, latents, off_profile), off_profile, torch.bfloat16)
     assert sum(a.pred == b.pred for a, b in zip(off, fp32)) >= 0.99 * 359
     # pruning and early exits are guarded too: with the schedule `avarc tune` picks at half of varc's compute, a
     # first-stage pruning tie of 0.003 nats (digit 1632) dropped the true class in bf16 when only the last stage was
     staged = parse_profile({"stages": [{"scales": 2, "keep": 5, "exit_margin": 3.6}, {"scales": 4, "keep": 1}]},
                            "staged", "test")
-    scorer = Scorer(model)
-    fp32 = _predict(model, latents, staged, torch.float32)
-    bf16 = _predict(model, latents, staged, torch.bfloat16, scorer)
+    scorer, tokens = Scorer(model), _tokens(model, latents, staged)
+    fp32 = _predict(model, tokens, staged, torch.float32)
+    bf16 = _predict(model, tokens, staged, torch.bfloat16, scorer)
     assert [r.pred for r in bf16] == [r.pred for r in fp32]
     assert [set(r.stages[0].decisions(None)[1]) for r in bf16] == [set(r.stages[0].decisions(None)[1]) for r in fp32]
     assert [r.exited_after for r in bf16] == [r.exited_after for r in fp32]
