@@ -73,6 +73,7 @@ class Classifier:
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
+    @torch_settings()       # loading may set torch's state (a compile, a oneDNN probe, random weights): put it back
     def from_pretrained(cls, model: str | os.PathLike | Model = "digits", *, vae: str | os.PathLike | None = None,
                         extensions: Sequence[str | os.PathLike | Extension] = (),
                         profile: str | os.PathLike | Profile | None = None,
@@ -90,29 +91,27 @@ class Classifier:
         process's own torch settings are put back after each call.
         ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
-        with torch_settings():     # loading may set torch's state (a compile, a oneDNN probe): put it back
-            chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
-            dev = resolve_device(device)
-            dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
-            if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
-                m = finish(model, encoder, None, resolve_compile(compile, dev))
-                model = "python"
-            else:
-                if not local_files_only:
-                    _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
-                m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
-                                  tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
-            for ext in extensions:
-                apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
-                                "extension" if isinstance(ext, Extension) else str(ext))
-            if chosen is None:
-                default = entry(str(model)).default_profile if is_registry_name(model) else None
-                chosen = load_profile(default or default_profile_name(m))
-            files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json"))
-                     if f is not None]
-            files += [Path(e) for e in extensions if not isinstance(e, Extension)]
-            return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files,
-                       resolve_threads(m.spec.var, threads))
+        chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
+        dev = resolve_device(device)
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
+        if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
+            m = finish(model, encoder, None, resolve_compile(compile, dev))
+            model = "python"
+        else:
+            if not local_files_only:
+                _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
+            m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
+                              tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
+        for ext in extensions:
+            apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
+                            "extension" if isinstance(ext, Extension) else str(ext))
+        if chosen is None:
+            default = entry(str(model)).default_profile if is_registry_name(model) else None
+            chosen = load_profile(default or default_profile_name(m))
+        files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
+        files += [Path(e) for e in extensions if not isinstance(e, Extension)]
+        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files,
+                   resolve_threads(m.spec.var, threads))
 
     def settings(self) -> AbstractContextManager[None]:
         """A block that runs on this classifier's threads and leaves torch's settings as it found them (every

@@ -66,6 +66,7 @@ def _optimizer(named: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> t
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
+@torch.enable_grad()        # training needs autograd, whatever the caller's grad mode
 def _run(module: nn.Module, params: list[tuple[str, nn.Parameter]], cfg: TrainConfig,
          loss_of_batch: Callable[[torch.Generator], torch.Tensor], on_step: OnStep | None,
          before_step: Callable[[int, torch.Generator], None] | None = None) -> TrainLog:
@@ -80,21 +81,20 @@ def _run(module: nn.Module, params: list[tuple[str, nn.Parameter]], cfg: TrainCo
     log = TrainLog()
     module.train()
     try:
-        with torch.enable_grad():       # training needs autograd, whatever the caller's grad mode
-            for step in range(cfg.steps):
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg)
-                if before_step is not None:
-                    before_step(step, gen)
-                loss = loss_of_batch(gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-                opt.step()
-                log.losses.append(loss.item())
-                if on_step is not None:
-                    on_step(step + 1, cfg.steps, log.losses[-1])
+        for step in range(cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            if before_step is not None:
+                before_step(step, gen)
+            loss = loss_of_batch(gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+            opt.step()
+            log.losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, cfg.steps, log.losses[-1])
     finally:
         module.eval().requires_grad_(False)
     return log
