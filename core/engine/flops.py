@@ -74,14 +74,14 @@ def sequence_macs(spec: VARSpec, end: int, start: int = 0) -> Macs:
 
 @lru_cache(maxsize=8)
 def encoder_macs(vae: VQVAESpec, image_size: int, patch_nums: tuple[int, ...]) -> int:
-    """Convolution MACs of encoder + quant_conv for one image, counted on a real forward of the smallest image (one
-    latent cell: ``downsample`` pixels a side; weights allocated, never initialised) and scaled by the area, since
-    every convolution's output area is proportional to the image's. Not on the meta device: its group norm imports
-    torch._dynamo, a second of every command's start-up."""
+    """Convolution MACs of encoder + quant_conv for one image, counted on a real forward of a small image (2×2
+    latent cells, the fewest a group norm of one channel per group takes; weights allocated, never initialised) and
+    scaled by the area, since every convolution's output area is proportional to the image's. Not on the meta
+    device: its group norm imports torch._dynamo, a second of every command's start-up."""
     from ..models.checkpoints import unfilled
     from ..models.vqvae import VQVAE
 
-    side = vae.downsample
+    side = 2 * vae.downsample
     with unfilled():
         model = VQVAE(vae, patch_nums)
     total = 0
