@@ -150,9 +150,10 @@ def test_weights_identity_is_the_content_not_the_size(tmp_path):
 def test_records_name_the_model_and_report_shows_gflops_without_m(results, tmp_path):
     run_key = strict_records(results)[0]["run"]
     assert run_key["model"] == "digits" and run_key["weights"].startswith("sha256:")
-    assert {"dtype", "temperature", "topk", "labels"} <= run_key.keys()
+    assert {"dtype", "temperature", "topk", "labels"} <= run_key.keys() and run_key["threads"] == 1
     proc = run("report", results, "--out", tmp_path / "r.html")
-    assert proc.returncode == 0 and "GFLOPs/image" in (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text()
+    assert proc.returncode == 0 and "GFLOPs/image" in page and '<tr class=""><td>threads</td><td>1</td></tr>' in page
 
 
 def test_report_refuses_to_write_over_its_input_even_with_force(results, tmp_path):
