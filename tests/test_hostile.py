@@ -31,8 +31,14 @@ def cli(*args) -> list[str]:
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    """The command in this process (tests.conftest.cli_run)."""
-    proc = cli_run(*args)
+    """The command in this process (tests.conftest.cli_run), printing 200 columns wide as the subprocesses did
+    (COLUMNS=200): a table cell never wraps a name a test looks for."""
+    from avarc.cli import output
+
+    with pytest.MonkeyPatch.context() as wide:
+        for console in (output.console, output.err_console):
+            wide.setattr(console, "width", 200)
+        proc = cli_run(*args)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
