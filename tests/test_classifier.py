@@ -208,8 +208,9 @@ LAYERS = ("errors", "choices", "models", "engine", "io", "tasks", "classifier", 
 
 
 def _core_imports() -> dict[str, set[str]]:
-    """Every core module → the core modules it imports when it runs (the source, not a running interpreter; imports
-    under ``if TYPE_CHECKING:`` only name types); a name imported from a package counts as its module when it is one."""
+    """Every core module → the core modules it imports (the source, not a running interpreter), imports under
+    ``if TYPE_CHECKING:`` included: a lower layer must not even name a higher one's types; a name imported from a
+    package counts as its module when it is one."""
     graph: dict[str, set[str]] = {}
     for path in sorted((REPO / "core").rglob("*.py")):
         if path.name == "__main__.py":   # `python -m avarc` is the CLI's entry point, not a library layer
@@ -217,14 +218,8 @@ def _core_imports() -> dict[str, set[str]]:
         parts = ("avarc", *path.relative_to(REPO / "core").with_suffix("").parts)   # core/ installs as avarc
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = mod.split(".") if parts[-1] == "__init__" else mod.split(".")[:-1]
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for node in ast.walk(tree)
-                       if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                       for n in ast.walk(node)}
         deps = set()
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
                     if node.level else node.module or ""
