@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 INSTALL ?= -e
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test typecheck
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,4 +18,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/typecheck.py
 	$(BIN)/python -m pytest -q
+
+typecheck: $(VENV)/.installed
+	$(BIN)/python scripts/typecheck.py
