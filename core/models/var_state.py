@@ -71,7 +71,8 @@ class ClassTable:
     rows are the same bits whichever classes were asked for first."""
 
     def __init__(self, num_ids: int, device: torch.device):
-        self.num_ids, self.blocks = num_ids, []
+        self.num_ids = num_ids
+        self.blocks: list[int] = []                                         # blocks of TABLE_BLOCK ids held
         self.rows: torch.Tensor | None = None                               # n, depth·6 + 2, C
         self.slot = torch.zeros(num_ids, dtype=torch.long, device=device)   # class id → row of ``rows``
 
@@ -95,6 +96,7 @@ class ClassTable:
             self.blocks.append(b)
 
     def lookup(self, class_idx: torch.Tensor) -> torch.Tensor:
+        assert self.rows is not None, "add the classes before looking them up"
         return self.rows[self.slot[class_idx]]
 
 
