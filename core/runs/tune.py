@@ -160,7 +160,7 @@ class Replayer:
     def replay(self, stages: tuple[Stage, ...]) -> Replay:
         st = self.start()
         for t, stage in enumerate(stages):     # keys/values are kept when a later stage can use them, as classify does
-            later = any(nxt.scales > stage.scales or nxt.samples > 1 for nxt in stages[t + 1:])
+            later = any(int(nxt.scales) > int(stage.scales) or nxt.samples > 1 for nxt in stages[t + 1:])
             st = self.step(st, stage, later=later)
         return st.result(self.table)
 

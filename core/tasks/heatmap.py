@@ -132,6 +132,8 @@ def render(pixels: np.ndarray, expl: Drawable, names: tuple[str, str], colormap:
     drawn = [maps[0], maps[1], contrast]
     shared = (0.0, max(value_range(m)[1] for m in drawn)) if shared_scale else None
     scales = [shared or value_range(m) for m in drawn]
+    # image, (title or the two names of a ratio, second line), colour-bar scale
+    panels: list[tuple[np.ndarray, tuple[str | tuple[str, str | None], str], tuple[float, float] | None]]
     panels = [(base, ("input", note), None)]
     panels += [(overlay(base, m, colormap, alpha, sc), cap, sc) for m, sc, cap in zip(
         drawn, scales, [((a, None), f"{r_a:+.2f} nats"), ((b, None), f"{r_b:+.2f} nats"),
