@@ -247,7 +247,7 @@ class Classifier:
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
                        temperature: float | None = None,
                        topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
-                       per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[dict]]:
+                       per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[Record]]:
         """Items → batches of result records (unreadable images become skipped records), in input order."""
         names = self.class_names
         run = run_key or self.run_key(seed, candidates)

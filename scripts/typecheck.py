@@ -2,8 +2,8 @@
 
 mypy names a file after its folder (core/io/records.py → core.io.records) and cannot follow the editable
 install's import hook, so `from avarc.io.records import ...` would not resolve. This runs mypy with the
-[tool.mypy] settings of pyproject.toml (extra arguments pass through), each source renamed by pyproject's
-package-dir mapping; errors still name the file in the repository.
+[tool.mypy] settings of pyproject.toml over all its ``files`` (extra mypy flags pass through), each source renamed
+by pyproject's package-dir mapping; errors still name the file in the repository.
 """
 
 import sys
