@@ -75,6 +75,15 @@ def test_classify_equals_the_cli(clf, tmp_path, monkeypatch, capsys):
     assert [p.label for p in clf.classify(PATHS[:2], labels=labels[:2])] == [int(y) for y in labels[:2]]
 
 
+def test_one_label_for_many_images_is_refused(clf):
+    """A lone label is a single image's; given for several, it is one error naming ``labels`` (a string's letters
+    were once read as one label per image)."""
+    with pytest.raises(AvarcError, match="labels: one label 'cat' for 3 images; give one label per image"):
+        clf.classify(PATHS[:3], labels="cat")
+    with pytest.raises(AvarcError, match="labels: one label 3 for 2 images"):
+        clf.explain(PATHS[:2], labels=3)
+
+
 def test_inputs_paths_pil_and_tensors_agree(clf):
     from PIL import Image
 
