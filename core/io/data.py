@@ -33,7 +33,7 @@ _SYNSET = re.compile(r"n\d{8}")
 
 
 def _data_file(name: str) -> str:
-    return resources.files("core").joinpath("data", name).read_text()
+    return resources.files("avarc").joinpath("data").joinpath(name).read_text()   # one name a call: Python 3.10
 
 
 @lru_cache(maxsize=1)

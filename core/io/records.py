@@ -20,7 +20,7 @@ from .files import absolute
 from .registry import is_registry_name
 
 if TYPE_CHECKING:
-    from typing import NotRequired  # Python 3.11; annotations only (the package supports 3.10)
+    from typing_extensions import NotRequired  # in typing from Python 3.11 (the package supports 3.10)
 
 
 class StageRecord(TypedDict):
