@@ -8,7 +8,7 @@ INSTALL ?= -e
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test typecheck
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,4 +21,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/typecheck.py
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+typecheck: $(VENV)/.installed
+	$(BIN)/python scripts/typecheck.py

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import AbstractContextManager, nullcontext
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
@@ -34,7 +34,7 @@ def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     """avarc: VAR image models as efficient, explainable generative classifiers (A-VARC / A-VARC+)."""
 
 
-for name, fn, short in [
+COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("download", download.download, "Download official weights (checked)."),
     ("classify", classify.classify, "Classify images and labelled folders."),
     ("explain", explain.explain, "Why: per-token log-likelihood-ratio heatmaps."),
@@ -43,10 +43,14 @@ for name, fn, short in [
     ("tune", tune.tune, "The best schedule for a compute budget."),
     ("calibrate-ood", calibrate_ood.calibrate_ood, "Fit \"none of these\" thresholds; writes a profile."),
     ("report", report.report, "An HTML page for a labelled classify run."),
-]:
+]
+for name, fn, short in COMMANDS:
     app.command(name, short_help=short, cls=Command)(fn)
 
-UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
+if TYPE_CHECKING:
+    from typer._click.exceptions import UsageError  # typer vendors click (the installed typer is checked)
+else:
+    UsageError = typer.BadParameter.__mro__[1]   # click's UsageError, whether typer vendors click or not
 
 
 def _torch_kept() -> AbstractContextManager[None]:

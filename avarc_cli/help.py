@@ -7,6 +7,7 @@ import textwrap
 import typing
 from typing import Any
 
+import click
 import typer.core
 
 COLUMN = 26          # where option help starts; longer option names put their help on the next line
@@ -59,7 +60,7 @@ def _choices(param: Any) -> list[str]:
     return [str(v) for v in getattr(getattr(param, "type", None), "choices", ())]
 
 
-def _is_option(param: Any) -> bool:
+def _is_option(param: Any) -> typing.TypeGuard[click.Option]:
     return param.param_type_name == "option"
 
 
@@ -85,8 +86,8 @@ class Command(typer.core.TyperCommand):
         args = " ".join(p.metavar or p.name.upper() for p in self.params if p.param_type_name == "argument")
         lines = _wrap(f"Usage: {ctx.command_path} [OPTIONS]{' ' + args if args else ''}", width, "", "  ") + [""]
         lines += _docstring(self.help or "", width)
-        arguments = [(p.metavar or p.name.upper(), p.help or "") for p in self.params
-                     if p.param_type_name == "argument" and getattr(p, "help", None)]
+        arguments = [(p.metavar or p.name.upper(), p.help) for p in self.params
+                     if isinstance(p, typer.core.TyperArgument) and p.help]
         lines += ["Arguments:", *_entries(arguments, width), ""] if arguments else []
         lines.append("Options:")
         rows = [_option(p, ctx) for p in self.get_params(ctx) if _is_option(p) and not p.hidden]

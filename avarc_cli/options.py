@@ -160,7 +160,15 @@ class InputOptions:
         return DataOptions(self.split, self.image_column, self.label_column, self.border)
 
 
-def _shared(group: type, name: str, skip: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+class OptionGroup(typing.Protocol):
+    """A dataclass of options several commands share, with its fields' defaults."""
+
+    __dataclass_fields__: typing.ClassVar[dict[str, Any]]
+    DEFAULTS: typing.ClassVar[dict[str, Any]]
+
+
+def _shared(group: type[OptionGroup], name: str,
+            skip: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the fields of ``group`` (a dataclass of options, less ``skip``) as options, handed to the
     command as one ``name`` argument."""
     fields = [f for f in dataclasses.fields(group) if f.name not in skip]

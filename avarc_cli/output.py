@@ -92,7 +92,7 @@ def _least(header: str, cells: list, numeric: bool) -> int:
     return max(words, *(len(_fmt(x)) for x in cells)) if numeric and cells else words
 
 
-def _least_width(columns: Sequence[str], rows: list[list]) -> int:
+def _least_width(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
     widths = []
     for i, c in enumerate(columns):
         cells = [r[i] for r in rows if r[i] is not None]

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .options import ModelOptions
+
+if TYPE_CHECKING:
+    from avarc.tasks.explain_metrics import ImageMetrics
 
 
 def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shared_scale: bool,  # noqa: ANN001
@@ -25,7 +28,10 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
     if clash and not force:
         raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
                          "overwrite them, or choose another --out")
-    rows, skipped, measured, batches = [], [], [], clf.explain_items(items, target, scales, seed)
+    rows: list[tuple[str, ...]] = []
+    skipped: list[str] = []
+    measured: list[tuple[str, ImageMetrics]] = []
+    batches = clf.explain_items(items, target, scales, seed)
     with interruptible(lambda: f"interrupted: {len(rows)} explanations written to {out}"), output.progress() as bar:
         task = bar.add_task("explain", total=len(items), info="")
         for batch in batches:
@@ -48,7 +54,7 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
         output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
                      f"{scales or len(clf.spec.var.patch_nums)} scales",
                      ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
-    if measured:
+    if measured and metrics:   # measured only with metrics
         metrics_table(measured, out, metrics)
 
 

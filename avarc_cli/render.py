@@ -1,9 +1,12 @@
 """How each command's results read in the terminal (tables), apart from the commands that compute them."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import output
+
+if TYPE_CHECKING:
+    from avarc.io.records import Record
 
 
 def profiles_table() -> None:
@@ -41,8 +44,8 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
     output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)
 
 
-def _ood_note(record: dict) -> str:
-    ood = record["ood"]
+def _ood_note(record: Record) -> str:
+    ood = record.get("ood") or {}   # an abstained record has its scores
     return f"{ood['score']} {ood[ood['score']]:.3g} < {ood['threshold']:.3g}; best guess {record['topk'][0]['name']}"
 
 

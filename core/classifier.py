@@ -39,7 +39,7 @@ from .io.hub import find_local
 from .io.loading import finish, resolve_model
 from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
 from .io.profiles import default_profile_name, load_profile
-from .io.records import model_identity, ok_record, run_info, skipped_record
+from .io.records import Record, model_identity, ok_record, run_info, skipped_record
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
 from .tasks.explain import Explanation, Target, check_scales, explain_images
@@ -159,6 +159,7 @@ class Classifier:
                 raise AvarcError(f"{where}: class index {name} is out of range; this model has classes "
                                  f"0…{self.model.num_classes - 1}")
             return name
+        name = str(name)    # not an index: a name (a bool is no index either)
         if allow_null and name.strip().lower() == "null":
             try:
                 return self.space.parse(name, where)     # a model may have a class named "null"
@@ -166,7 +167,7 @@ class Classifier:
                 return self.model.null_class
         return self.space.parse(name, where)
 
-    def prepare(self, image: ImageInput) -> np.ndarray:
+    def prepare(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """An image file or PIL image → the uint8 R×R×3 pixels the model sees."""
         img = image if isinstance(image, Image.Image) else open_image(image)
         return preprocess_pil(img, self.spec.image_size, self.spec.preprocess)
@@ -247,8 +248,7 @@ class Classifier:
         inputs, single = self._inputs(images)
         cands = self._candidates(candidates)
         keys = self._keys(inputs, keys)
-        labels = [labels] if single and (labels is None or isinstance(labels, (int, str))) else labels
-        ids = [None if y is None else self.class_id(y, "label") for y in labels] if labels else [None] * len(keys)
+        ids = [None if y is None else self.class_id(y, "label") for y in _per_image(labels, single, len(keys))]
         out: list[Prediction] = []
         for i in range(0, len(keys), IMAGES_PER_STEP):
             x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
@@ -269,12 +269,12 @@ class Classifier:
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
                        temperature: float | None = None,
                        topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
-                       per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[dict]]:
+                       per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[Record]]:
         """Items → batches of result records (unreadable images become skipped records), in input order."""
         names = self.class_names
         run = run_key or self.run_key(seed, candidates)
 
-        def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[dict]:
+        def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[Record]:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
             preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), [it.key for it, _ in good],
                                       candidates, seed, temperature, ood_score) if good else ())
@@ -301,9 +301,8 @@ class Classifier:
         inputs, single = self._inputs(images)
         target = self.target(a, b)
         keys = self._keys(inputs, keys)
-        labels = [labels] if single and (labels is None or isinstance(labels, (int, str))) else labels
-        labels = list(labels) if labels else [None] * len(keys)
-        targets = [replace(target, label=None if y is None else self.class_id(y, "label")) for y in labels]
+        targets = [replace(target, label=None if y is None else self.class_id(y, "label"))
+                   for y in _per_image(labels, single, len(keys))]
         out: list[Explanation] = []
         for i in range(0, len(keys), IMAGES_PER_STEP):
             x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
@@ -353,14 +352,13 @@ class Classifier:
             targets = [t if t.label is not None else replace(t, label=it.label) for t, (it, _) in zip(fixed, good)]
             done = iter(self.explain_tensors(torch.stack([pixels_to_tensor(px) for _, px in good]), targets,
                                              [it.key for it, _ in good], scales, seed) if good else ())
-            out = []
+            out: list[tuple[Item, Explanation | str]] = []
             for it, px in zip(batch, pixels):
-                ex = px if isinstance(px, str) else next(done)
-                if isinstance(ex, AvarcError):
-                    ex = f"{it.path}: {ex}"
-                elif isinstance(ex, Explanation):
-                    ex = self._named(ex, px)
-                out.append((it, ex))
+                if isinstance(px, str):
+                    out.append((it, px))
+                    continue
+                ex = next(done)
+                out.append((it, f"{it.path}: {ex}" if isinstance(ex, AvarcError) else self._named(ex, px)))
             return out
 
         return distributed.run(items, self.load, step, per_step=per_step)
@@ -387,8 +385,17 @@ class Classifier:
 
 
 
+def _per_image(labels: Sequence[int | str | None] | int | str | None, single: bool, n: int) -> list[int | str | None]:
+    """``labels`` as one label (or None) for each of the n inputs; a lone label is for a single image only."""
+    if isinstance(labels, (int, str)):
+        if not single:
+            raise AvarcError(f"labels: one label {labels!r} for {n} images; give one label per image", option="labels")
+        return [labels]
+    return list(labels) if labels else [None] * n
+
+
 def _download_missing(names: Sequence[str | os.PathLike], model_dir: str | os.PathLike | None) -> None:
     """Fetch the registry models (and their VQ-VAEs) not on this machine, as ``avarc download`` does."""
     for e in with_vaes([str(n) for n in names]):
-        if not e.bundled and find_local(e.hub, model_dir) is None:
+        if e.hub is not None and find_local(e.hub, model_dir) is None:   # not bundled, not here
             fetch(e, model_dir)

@@ -75,6 +75,15 @@ def test_classify_equals_the_cli(clf, tmp_path, monkeypatch, capsys):
     assert [p.label for p in clf.classify(PATHS[:2], labels=labels[:2])] == [int(y) for y in labels[:2]]
 
 
+def test_one_label_for_many_images_is_refused(clf):
+    """A lone label is a single image's; given for several, it is one error naming ``labels`` (a string's letters
+    were once read as one label per image)."""
+    with pytest.raises(AvarcError, match="labels: one label 'cat' for 3 images; give one label per image"):
+        clf.classify(PATHS[:3], labels="cat")
+    with pytest.raises(AvarcError, match="labels: one label 3 for 2 images"):
+        clf.explain(PATHS[:2], labels=3)
+
+
 def test_inputs_paths_pil_and_tensors_agree(clf):
     from PIL import Image
 
@@ -208,8 +217,9 @@ LAYERS = ("errors", "choices", "models", "engine", "io", "tasks", "classifier", 
 
 
 def _core_imports() -> dict[str, set[str]]:
-    """Every core module → the core modules it imports when it runs (the source, not a running interpreter; imports
-    under ``if TYPE_CHECKING:`` only name types); a name imported from a package counts as its module when it is one."""
+    """Every core module → the core modules it imports (the source, not a running interpreter), imports under
+    ``if TYPE_CHECKING:`` included: a lower layer must not even name a higher one's types; a name imported from a
+    package counts as its module when it is one."""
     graph: dict[str, set[str]] = {}
     for path in sorted((REPO / "core").rglob("*.py")):
         if path.name == "__main__.py":   # `python -m avarc` is the CLI's entry point, not a library layer
@@ -217,14 +227,8 @@ def _core_imports() -> dict[str, set[str]]:
         parts = ("avarc", *path.relative_to(REPO / "core").with_suffix("").parts)   # core/ installs as avarc
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = mod.split(".") if parts[-1] == "__init__" else mod.split(".")[:-1]
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for node in ast.walk(tree)
-                       if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                       for n in ast.walk(node)}
         deps = set()
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
                     if node.level else node.module or ""

@@ -35,9 +35,12 @@ def test_wheel_installs_one_avarc_package_that_a_users_core_does_not_shadow(tmp_
                          text=True)
     assert out.returncode == 0 and "Usage" in out.stdout, out.stderr
     probe = ("import core, profiles, avarc; from avarc.io.profiles import list_profiles; "
-             "print(core.MINE, profiles.MINE, avarc.__file__, avarc.Classifier.__name__, len(list_profiles()))")
+             "from avarc.io.data import imagenet_classes; "
+             "print(core.MINE, profiles.MINE, avarc.__file__, avarc.Classifier.__name__, len(list_profiles()), "
+             "imagenet_classes()[0][1])")
     done = subprocess.run([sys.executable, "-c", probe], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    mine, also_mine, origin, door, count = done.stdout.split()
+    mine, also_mine, origin, door, count, first_class = done.stdout.split()
     assert mine == also_mine == "True" and origin.startswith(str(tmp_path / "site")) and door == "Classifier"
     assert int(count) == sum(f.endswith(".yaml") for f in tracked) > 0
+    assert first_class == "tench"       # the package's own data/, not the user's core/

@@ -53,14 +53,14 @@ def add_class(
     from ..interrupt import interruptible
 
     dataset = classes[0] if len(classes) == 1 and hf_data.is_dataset(classes[0]) else None
-    folders = dict.fromkeys(hf_data.class_names(dataset, source.split, source.label_column)) if dataset \
-        else _parse_classes(classes)
-    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
+    folders = {} if dataset else _parse_classes(classes)
+    names = hf_data.class_names(dataset, source.split, source.label_column) if dataset else list(folders)
+    out = check_output_file(out or Path("+".join(names) + ".ext.pt"), "out", force)
     clf = opts.load(model)
     if absolute(out) in {absolute(p) for p in clf.files}:
         raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
                          "choose another --out")
-    check_names(clf.model, list(folders), "add-class")      # before reading any image
+    check_names(clf.model, names, "add-class")      # before reading any image
     read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
         else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
     for path, reason in read.skipped:

@@ -71,6 +71,7 @@ def calibrate_ood(
     where = ", ".join(str(p) for p in inputs)
     write_profile(fitted, out, f"profile {clf.profile.name} with abstention fitted by `avarc calibrate-ood` on {used} "
                                f"images of {where} at {coverage:.0%} coverage (seed {seed})", force=force)
+    assert fitted.ood is not None   # the rule just fitted
     rows = [(name, f"{value:.6g}", "◀ decides" if name == ood_score else "") for name, value in fitted.ood.thresholds]
     output.table(f"avarc calibrate-ood · {used} images · accept score ≥ threshold · written to {out}",
                  ["score", "threshold", ""], rows)

@@ -73,7 +73,7 @@ def tune(
     from ..interrupt import interruptible
     from ..render import tune_summary
 
-    lo, hi = stages
+    lo, hi = stage_range(stages)   # typer has run this callback already: a tuple, typed as the str it parsed
     check_output_files({"out": out, "report": report}, force)
     written: list[Path] = []
     with interruptible(lambda: "interrupted: " + (f"wrote {', '.join(map(str, written))}" if written else

@@ -18,16 +18,25 @@ from ..models.specs import ModelSpec, VARSpec, VQVAESpec
 
 
 class StageLike(Protocol):
-    scales: int
-    samples: int
-    keep: int
+    """A profile's stage (``Stage``, frozen), its ``scales`` numeric once the profile is resolved."""
+
+    @property
+    def scales(self) -> int | str: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def keep(self) -> int: ...
 
 
 class RanStage(Protocol):
     """A stage as one image ran it (``StageScores``, or a record's stage): the candidates it scored."""
-    scales: int
-    samples: int
-    candidates: Sequence[int]
+
+    @property
+    def scales(self) -> int: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def candidates(self) -> Sequence[int]: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ def schedule_macs(spec: ModelSpec, stages: Sequence[StageLike], num_classes: int
     total = Macs(encoder=encoder_macs(spec.vae, spec.image_size, var.patch_nums))
     candidates = num_classes
     for st in stages:
-        end = ends[min(st.scales, len(ends)) - 1]
+        end = ends[min(int(st.scales), len(ends)) - 1]
         for j in range(st.samples):
             start = scored.get(j, 0) if reuse else 0
             if start < end:

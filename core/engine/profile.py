@@ -87,6 +87,7 @@ def _resolve_scales(scales: int | str, num_scales: int) -> int:
     if isinstance(scales, int):
         return scales
     m = _ALL.fullmatch(scales)
+    assert m is not None, f"scales: {scales!r} passed the profile's check"
     return num_scales - int(m.group(1) or 0)
 
 

@@ -78,12 +78,14 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     history: list[list[StageScores]] = [[] for _ in range(B)]
     exited: dict[int, int] = {}
     ends = model.spec.var.scale_ends()
-    guarded, flipped = set(), set()          # images the precision guard re-scored, and those it changed
+    guarded: set[int] = set()                # images the precision guard re-scored
+    flipped: set[int] = set()                # … and those it changed
     for s_idx, stage in enumerate(profile.stages, 1):
         active = [i for i in range(B) if i not in exited]
         if not active:
             break
-        n_tok = ends[stage.scales - 1]
+        scales = int(stage.scales)   # resolved above
+        n_tok = ends[scales - 1]
         seq, cls, keys, spans = [], [], [], []
         for i in active:
             c = torch.tensor(alive[i])
@@ -94,12 +96,12 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
             spans.append(len(c))
         later = profile.stages[s_idx:]
         reusable = _reusable_tokens(tokens[active], stage, later, ends)
-        sums = scorer.score(torch.cat(seq), torch.cat(cls), stage.scales, keys, keep_tokens=reusable)
+        sums = scorer.score(torch.cat(seq), torch.cat(cls), scales, keys, keep_tokens=reusable)
         pos, now = 0, {}
         for i, n in zip(active, spans):
             block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)
             pos += n * stage.samples
-            now[i] = StageScores(stage.scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
+            now[i] = StageScores(scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
             history[i].append(now[i])
         if later:
             rescored, changed = guard_stages(model, scorer, tokens, now, profile, False, stage.exit_margin)
@@ -121,8 +123,8 @@ def _reusable_tokens(tokens: torch.Tensor, stage: Stage, later: Sequence[Stage],
     whole-scale prefix such a neighbour shares with the clean tokens (it continues from the clean sequence's
     keys/values); else none (a repeat of these pairs is free). A-VARC+'s second stage thus keeps the few tokens its
     neighbours share, not all 680."""
-    n_tok = ends[stage.scales - 1]
-    if any(st.scales > stage.scales for st in later):
+    n_tok = ends[int(stage.scales) - 1]   # a resolved profile's stages
+    if any(int(st.scales) > int(stage.scales) for st in later):
         return n_tok
     more = max((st.samples for st in later), default=0)
     if more <= stage.samples:

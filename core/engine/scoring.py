@@ -13,7 +13,7 @@ whatever its number of rows (at 1000 classes × 32 images, per-row ops would cos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import torch
 
@@ -83,7 +83,7 @@ class Scorer:
         self.row_M = torch.zeros(0, dtype=torch.long)
 
     def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int,
-              keys: list[Key] | None = None, keep_tokens: int = 0) -> torch.Tensor:
+              keys: Sequence[Key] | None = None, keep_tokens: int = 0) -> torch.Tensor:
         """N, L tokens and N class ids → N fp32 sums of log p(token | class, earlier scales) over the first scales."""
         if tokens.shape[0] == 0:
             return torch.zeros(0)
@@ -129,8 +129,8 @@ class Scorer:
             res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep > 0, keep)
             self._count(len(idx), n_tok, s, code_N[idx])
             sums = res.logp.sum(-1)
-            out[idx] = sums + prefix.sum(-1) if s else sums
-            logp_NL = torch.cat((prefix, res.logp), 1) if s else res.logp
+            out[idx] = sums + prefix.sum(-1) if prefix is not None else sums
+            logp_NL = torch.cat((prefix, res.logp), 1) if prefix is not None else res.logp
             self._add(code_N[idx], _Batch(tokens_NL[idx], logp_NL, res.cache))
         self._drop_unused()
         return out
@@ -156,7 +156,7 @@ class Scorer:
         spec = self.model.spec.var
         return rows * spec.depth * 2 * n_tok * spec.embed_dim * self.model.dtype.itemsize <= self.cache_bytes
 
-    def _codes(self, keys: list[Key], classes: torch.Tensor) -> torch.Tensor:
+    def _codes(self, keys: Sequence[Key], classes: torch.Tensor) -> torch.Tensor:
         """Each row's code (image, sample, class); the one pass over rows in Python, a dict look-up each."""
         images = self.images
         image_N = torch.tensor([images.setdefault(img, len(images)) for img, _ in keys], dtype=torch.long)
@@ -183,6 +183,7 @@ class Scorer:
         for b in torch.unique(batch_N).tolist():
             pos = (batch_N == b).nonzero().squeeze(1)
             batch = self.batches[b]
+            assert batch.cache is not None   # a prefix is only taken from a batch that kept its keys/values
             caches.append(_select(batch.cache.truncate(num_tokens), row_N[pos]))
             prefixes.append(batch.logp_NL[row_N[pos], :num_tokens])
             order.append(pos)

@@ -33,7 +33,7 @@ _SYNSET = re.compile(r"n\d{8}")
 
 
 def _data_file(name: str) -> str:
-    return resources.files("core").joinpath("data", name).read_text()
+    return resources.files("avarc").joinpath("data").joinpath(name).read_text()   # one name a call: Python 3.10
 
 
 @lru_cache(maxsize=1)
@@ -176,7 +176,7 @@ class Item:
 
     def open(self) -> Image.Image:
         """The decoded RGB image, its border cropped; AvarcError (one line naming it) when it cannot be read."""
-        img = self.source.image(self.row) if self.source is not None else open_image(self.path)
+        img = self.source.image(self.row) if self.source is not None and self.row is not None else open_image(self.path)
         b = self.border
         if b:
             if min(img.size) <= 2 * b:
@@ -245,7 +245,8 @@ def _walk(folder: Path) -> list[Path]:
     """Every non-hidden file below ``folder``, sorted by path components (stable across machines). Folder symlinks
     are followed once (a link back up the tree is not walked again); a file symlink loop stays an input and becomes
     a skipped record."""
-    found, seen = [], set()
+    found: list[Path] = []
+    seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
@@ -411,6 +412,7 @@ def _looks_labelled(groups: list[tuple[Path | None, list[Path]]], space: ClassSp
     if not groups or any(root is None for root, _ in groups):
         return False
     for root, files in groups:
+        assert root is not None   # checked above
         for name in {_class_folder(f, root) for f in files}:
             if name is None:
                 return False

@@ -113,7 +113,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", exclusive: bool = Fa
     fd, tmp = tempfile.mkstemp(prefix=".avarc-", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())   # not mkstemp's 0600
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+        text = "b" not in mode
+        with os.fdopen(fd, mode, encoding="utf-8" if text else None, newline="" if text else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -105,7 +105,7 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
     path = Path(model)
     if is_registry_name(model):
         e = entry(str(model))
-        if e.is_vae:
+        if e.spec is None:   # a VQ-VAE
             raise AvarcError(f"{e.name!r} is a VQ-VAE, not a VAR; give it as the VQ-VAE and a VAR as the model",
                              option="model")
         path = local_path(e, model_dir)

@@ -10,6 +10,7 @@ is any of its class's ImageNet classes. Public evaluations crop a 2-pixel border
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def find_root(root: Path) -> Path:
                      "and mappings/)", option="dataset")
 
 
-def read_objectnet(root: str | Path) -> ObjectNet:
+def read_objectnet(root: str | os.PathLike[str]) -> ObjectNet:
     """The release's folders and their ImageNet classes; a missing or malformed mapping file is one error naming it."""
     base = find_root(Path(root))
     maps = base / "mappings"

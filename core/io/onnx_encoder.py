@@ -101,7 +101,8 @@ def weights_sha256(vae: VQVAE) -> str:
     for prefix, module in (("encoder.", vae.encoder), ("quant_conv.", vae.quant_conv)):
         for name, t in module.state_dict().items():
             h.update(f"{prefix}{name}:{tuple(t.shape)};".encode())
-            h.update(np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy()))
+            # numpy's stubs give ndarray the buffer protocol (__buffer__) only from Python 3.12
+            h.update(np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy()))  # type: ignore[arg-type]
     return h.hexdigest()
 
 

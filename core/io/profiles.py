@@ -20,6 +20,7 @@ import math
 import os
 from importlib import resources
 from pathlib import Path
+from typing import TypeGuard
 
 import yaml
 
@@ -105,7 +106,7 @@ def parse_profile(doc, name: str, source: str) -> Profile:
                    guard_margin=None if guard is None else float(guard), ood=_parse_ood(doc.get("ood"), source))
 
 
-def _number(v) -> bool:
+def _number(v: object) -> TypeGuard[float]:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -143,7 +144,7 @@ def profile_yaml(profile: Profile, comment: str = "") -> str:
 
 
 def _stage_fields(st: Stage) -> list[tuple[str, object]]:
-    fields = [("scales", st.scales), ("samples", st.samples), ("keep", st.keep)]
+    fields: list[tuple[str, object]] = [("scales", st.scales), ("samples", st.samples), ("keep", st.keep)]
     return fields + ([("exit_margin", repr(st.exit_margin))] if st.exit_margin is not None else [])
 
 

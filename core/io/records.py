@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence, TypedDict
+from typing import TYPE_CHECKING, Sequence, TypedDict
 
 from ..engine.model import Model
 from ..engine.profile import Profile
@@ -18,6 +18,9 @@ from ..models.checkpoints import file_sha256
 from .data import Item
 from .files import absolute
 from .registry import is_registry_name
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired  # in typing from Python 3.11 (the package supports 3.10)
 
 
 class StageRecord(TypedDict):
@@ -45,9 +48,16 @@ class Record(TypedDict):
     stages: list[StageRecord]
     exited_after: int | None
     posterior: list[dict]
-    status: str             # "ok" or "skipped"
+    status: str             # "ok", "abstained" or "skipped"
     error: str | None
     run: dict               # the run's identity (see run_info) and the CPU threads it ran on (``threads``)
+    gflops: NotRequired[dict | None]    # this image's compute (executed, paper convention); absent in older files
+    ood: NotRequired[dict | None]       # OOD scores by name; absent in older files
+    accepted: NotRequired[list[int]]    # ObjectNet: every ImageNet class that counts as right
+
+
+class _Accepted(TypedDict, total=False):
+    accepted: list[int]     # see Record
 
 
 def model_identity(model: Model, arg: str) -> str:
@@ -104,13 +114,14 @@ def record_key(record: Record) -> str:
 
 def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: int) -> Record:
     label = item.record_label(p.label_rank)
+    accepted: _Accepted = {"accepted": list(item.accepted)} if item.accepted else {}
     """An abstained image keeps its ranking, posterior and ``ood`` scores; only ``pred`` and ``pred_name`` are null."""
     return {
         "path": item.path,
         "file": item.file,
         "label": label,
         "label_name": item.label_name or (names[label] if label is not None else None),
-        **({"accepted": list(item.accepted)} if item.accepted else {}),
+        **accepted,
         "pred": None if p.abstained else p.pred,
         "pred_name": None if p.abstained else names[p.pred],
         "label_rank": p.label_rank(label) if label is not None else None,

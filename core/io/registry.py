@@ -101,7 +101,7 @@ def with_vaes(names: list[str]) -> list[ModelEntry]:
 
 def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Path:
     """Where a registry model is on this machine, or an error that says which download to run."""
-    if e.bundled:
+    if e.hub is None:   # bundled (tested on the field, so the type checker knows hub is set below)
         path = BUNDLED_DIR / e.name
         if not (path / "meta.json").is_file():
             raise AvarcError(f"bundled model {e.name!r} is missing from this installation ({path}); reinstall avarc")
@@ -116,7 +116,7 @@ def local_path(e: ModelEntry, model_dir: str | os.PathLike | None = None) -> Pat
 def fetch(e: ModelEntry, model_dir: str | os.PathLike | None = None, revision: str | None = None,
           force: bool = False) -> Download:
     """Make a registry model available here: a bundled one already is; a hub file is downloaded and verified."""
-    if e.bundled:
+    if e.hub is None:   # bundled
         path = local_path(e)
         return Download(e.name, path, disk_size(path), "bundled")
     return download(e.hub, model_dir, revision, force)

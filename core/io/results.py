@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -153,7 +153,7 @@ class ResultsFile:
     resumed: Resumed | None = None
     writer: ResultsWriter | None = None
 
-    def write(self, records: list[dict]) -> None:
+    def write(self, records: Sequence[Record]) -> None:
         if self.writer is not None:
             self.writer.write(records)
 

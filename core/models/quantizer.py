@@ -66,15 +66,13 @@ class MultiScaleQuantizer(nn.Module):
         self.vocab_size, self.Cvae = spec.vocab_size, spec.z_channels
         self.embedding = nn.Embedding(spec.vocab_size, spec.z_channels)
         S, n = len(self.patch_nums), spec.share_quant_resi
+        phis = [Phi(self.Cvae, spec.quant_resi) for _ in range(S if n == 0 else n)]
         if n == 0:
-            self.quant_resi = nn.ModuleList(Phi(self.Cvae, spec.quant_resi) for _ in range(S))
-            phis = list(self.quant_resi)
+            self.quant_resi: nn.Module = nn.ModuleList(phis)
         elif n == 1:
-            self.quant_resi = PhiShared(Phi(self.Cvae, spec.quant_resi))
-            phis = [self.quant_resi.qresi]
+            self.quant_resi = PhiShared(phis[0])
         else:
-            self.quant_resi = PhiPartiallyShared([Phi(self.Cvae, spec.quant_resi) for _ in range(n)])
-            phis = list(self.quant_resi.qresi_ls)
+            self.quant_resi = PhiPartiallyShared(phis)
         ticks = _phi_ticks(len(phis))
         at = [k / (S - 1) if S > 1 else 0.0 for k in range(S)]
         self._phi_of_scale = [int(np.argmin(np.abs(ticks - a))) for a in at]

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn as nn
@@ -49,23 +49,23 @@ class SelfAttention(nn.Module):
         (or under autograd)."""
         params = [self.q_bias, self.v_bias, self.mat_qkv.weight] + ([self.scale_mul_1H11] if self.l2_norm else [])
         key = tuple((p._version, p.dtype, p.device) for p in params)
-        same_weights = self._constants is not None and self._constants[0] == key
-        if not same_weights or torch.is_grad_enabled():
+        cached = self._constants if self._constants is not None and self._constants[0] == key else None
+        if cached is None or torch.is_grad_enabled():
             w = self.mat_qkv.weight
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(w.dtype)
             factor, dead = None, False
             if self.l2_norm:
                 scale_H = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().view(self.heads, 1)
                 factor = torch.stack((scale_H, torch.ones_like(scale_H)))
-                if same_weights:         # under autograd only the tensors are remade; the check waits for the device
-                    dead = self._constants[3]
+                if cached is not None:   # under autograd only the tensors are remade; the check waits for the device
+                    dead = cached[3]
                 else:
                     C = w.shape[1]
                     zero_w = (w[:2 * C] == 0).view(2, self.heads, -1).all(-1)
                     zero_b = (bias[:2 * C] == 0).view(2, self.heads, -1).all(-1)
                     dead = bool((zero_w & zero_b).any())
-            self._constants = (key, bias, factor, dead)
-        return self._constants[1:]
+            cached = self._constants = (key, bias, factor, dead)
+        return cached[1:]
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, L, C) → q, k, v each B, H, L, c in the weights' dtype, q and k normalised (zero vectors stay zero,
@@ -167,7 +167,8 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embedding(len(pn), C)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if spec.shared_aln else nn.Identity()
         hidden = round(C * spec.mlp_ratio)
-        self.blocks = nn.ModuleList(
+        # torch's ModuleList does not say its items' type: declared here, so self.blocks[i].attn is typed
+        self.blocks: list[AdaLNSelfAttn] = nn.ModuleList(  # type: ignore[assignment]
             AdaLNSelfAttn(C, spec.num_heads, hidden, spec.shared_aln, spec.attn_l2_norm, spec.norm_eps)
             for _ in range(spec.depth)
         )
@@ -219,7 +220,7 @@ class VAR(nn.Module):
         n = self.num_extra_classes
         base_idx = torch.where(class_idx >= K + n, class_idx - n, class_idx) if n else class_idx
         base = F.embedding(base_idx.clamp_max(K), self.class_emb.weight).unsqueeze(1).expand(B, self.num_slots, -1)
-        if not n:
+        if not n or self.extra_class_emb is None:
             return base
         added = (class_idx >= K) & (class_idx < K + n)
         extra = self.extra_class_emb[(class_idx - K).clamp(0, n - 1)]
@@ -303,10 +304,11 @@ class VAR(nn.Module):
         for i, block in enumerate(self.blocks):
             kv = work[i % len(work)] if work is not None else kept.bufs[i] if kept is not None else None
             if cache is not None:
+                assert kv is not None   # extending a cache always has a buffer: the scratch one or the kept cache
                 kv[:, :start].copy_(cache.bufs[i][:, :start])
             mod = mods[:, MOD_ROWS * i:MOD_ROWS * (i + 1)]
             x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv))
-            if work is not None and kept is not None:
+            if work is not None and kept is not None and kv is not None:   # kv is work's buffer here
                 kept.bufs[i].copy_(kv[:, :kept.num_tokens])
         return self.head_nm(x, mods[:, -2:]), kept
 
@@ -344,12 +346,12 @@ class VAR(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
+                if isinstance(m, nn.Linear) and m.bias is not None:
                     m.bias.zero_()
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=std)
         self.head.weight.mul_(init_head)
-        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        cast(nn.Linear, self.head_nm.ada_lin[-1]).weight.mul_(init_adaln)   # a Sequential's item is a Module
         C, depth = self.spec.embed_dim, self.spec.depth
         for b in self.blocks:
             b.attn.proj.weight.div_(math.sqrt(2 * depth))
@@ -358,5 +360,6 @@ class VAR(nn.Module):
                 b.ada_gss[:, :, 2:].mul_(init_adaln)
                 b.ada_gss[:, :, :2].mul_(init_adaln_gamma)
             else:
-                b.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
-                b.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
+                w = cast(nn.Linear, b.ada_lin[-1]).weight
+                w[2 * C:].mul_(init_adaln)
+                w[:2 * C].mul_(init_adaln_gamma)

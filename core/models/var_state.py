@@ -3,14 +3,19 @@ preallocated buffers) and the per-class AdaLN rows (computed once per class bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .specs import VARSpec
 
-if TYPE_CHECKING:
-    from .var import VAR
+
+class Conditioned(Protocol):
+    """What a :class:`ClassTable` needs of its model (:class:`avarc.models.var.VAR`, which imports this module)."""
+
+    def conditions(self, class_idx: torch.Tensor) -> torch.Tensor: ...
+
+    def modulations(self, conds: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -66,7 +71,8 @@ class ClassTable:
     rows are the same bits whichever classes were asked for first."""
 
     def __init__(self, num_ids: int, device: torch.device):
-        self.num_ids, self.blocks = num_ids, []
+        self.num_ids = num_ids
+        self.blocks: list[int] = []                                         # blocks of TABLE_BLOCK ids held
         self.rows: torch.Tensor | None = None                               # n, depth·6 + 2, C
         self.slot = torch.zeros(num_ids, dtype=torch.long, device=device)   # class id → row of ``rows``
 
@@ -75,7 +81,7 @@ class ClassTable:
         return [i for b in self.blocks for i in range(b * TABLE_BLOCK, min((b + 1) * TABLE_BLOCK, self.num_ids))]
 
     @torch.no_grad()
-    def add(self, var: VAR, ids: list[int]) -> None:
+    def add(self, var: Conditioned, ids: list[int]) -> None:
         """Compute the blocks of ``ids`` not held yet."""
         for b in sorted({i // TABLE_BLOCK for i in ids} - set(self.blocks)):
             block = torch.arange(b * TABLE_BLOCK, min((b + 1) * TABLE_BLOCK, self.num_ids), device=self.slot.device)
@@ -90,6 +96,7 @@ class ClassTable:
             self.blocks.append(b)
 
     def lookup(self, class_idx: torch.Tensor) -> torch.Tensor:
+        assert self.rows is not None, "add the classes before looking them up"
         return self.rows[self.slot[class_idx]]
 
 

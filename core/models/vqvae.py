@@ -69,10 +69,14 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution: ``block`` res-blocks, ``attn`` at the lowest resolution, then a resampler."""
 
-    def __init__(self):
+    downsample: Downsample   # set on every level of the encoder but the last (torch registers it as a submodule)
+    upsample: Upsample       # set on every level of the decoder but the first
+
+    def __init__(self) -> None:
         super().__init__()
-        self.block = nn.ModuleList()
-        self.attn = nn.ModuleList()
+        # torch's ModuleList does not say its items' type: declared here, so level.block[i](h) is typed
+        self.block: list[ResnetBlock] = nn.ModuleList()  # type: ignore[assignment]
+        self.attn: list[AttnBlock] = nn.ModuleList()  # type: ignore[assignment]
 
 
 class _Mid(nn.Module):
@@ -93,7 +97,7 @@ class Encoder(nn.Module):
         super().__init__()
         g, n = s.num_groups, len(s.ch_mult)
         self.conv_in = nn.Conv2d(in_channels, s.ch, 3, 1, 1)
-        self.down = nn.ModuleList()
+        self.down: list[_Level] = nn.ModuleList()  # type: ignore[assignment]  # (see _Level)
         ch_in = s.ch
         for i, mult in enumerate(s.ch_mult):
             level, ch_out = _Level(), s.ch * mult
@@ -130,7 +134,7 @@ class Decoder(nn.Module):
         ch_in = s.ch * s.ch_mult[-1]
         self.conv_in = nn.Conv2d(s.z_channels, ch_in, 3, 1, 1)
         self.mid = _Mid(ch_in, g, s.using_mid_sa)
-        levels = []
+        levels: list[_Level] = []
         for i in reversed(range(n)):
             level, ch_out = _Level(), s.ch * s.ch_mult[i]
             for _ in range(s.num_res_blocks + 1):
@@ -141,7 +145,7 @@ class Decoder(nn.Module):
             if i != 0:
                 level.upsample = Upsample(ch_in)
             levels.insert(0, level)
-        self.up = nn.ModuleList(levels)
+        self.up: list[_Level] = nn.ModuleList(levels)  # type: ignore[assignment]  # (see _Level)
         self.norm_out = _norm(ch_in, g)
         self.conv_out = nn.Conv2d(ch_in, out_channels, 3, 1, 1)
 

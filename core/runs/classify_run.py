@@ -13,7 +13,7 @@ from typing import Iterator
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.records import weights_identity
+from ..io.records import Record, weights_identity
 from ..io.results import ResultsFile, results_file
 from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
 
@@ -30,7 +30,7 @@ class ClassifyRun:
     metrics: Metrics
     options: dict                    # seed, temperature, topk, dist: what classify_items takes
     keep_records: bool = False       # keep this run's records in ``records`` (for a front end to show)
-    records: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     new: int = 0                     # records this run made
     unreadable: int = 0              # of them, skipped records
     safe: int = 0                    # records in the results file
@@ -49,7 +49,7 @@ class ClassifyRun:
         """Mean executed GFLOPs per classified image, read from the records (exits and reuse included)."""
         return sum(self.gflops) / len(self.gflops) if self.gflops else None
 
-    def __iter__(self) -> Iterator[list[dict]]:
+    def __iter__(self) -> Iterator[list[Record]]:
         for batch in self.clf.classify_items(self.todo, self.found.candidates, run_key=self.run_key, **self.options):
             self.results.write(batch)
             self.count(batch)

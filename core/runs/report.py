@@ -8,7 +8,7 @@ import html
 import io
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from ..io.summary import stage_survival
 from ..models.specs import ModelSpec
 from ..tasks.calibration import posterior, reliability
 from ..tasks.explain import explained_panels, safe_stem
+
+if TYPE_CHECKING:
+    from .tune import Point, TuneResult
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -65,10 +68,10 @@ def _image_thumb(path: str, size: int = 96) -> str:
     if not Path(path).is_file():
         return "<i>image not found</i>"
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as f:
+            im = f.convert("RGB")
             scale = max(1, size // max(im.size))
-            im = im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) if scale > 1 else im
             im.thumbnail((size * 2, size * 2))
             buf = io.BytesIO()
             im.save(buf, format="PNG")
@@ -89,25 +92,26 @@ def _page(title: str, body: str) -> str:
             f"<style>{CSS}</style></head><body><h1>{_text(title)}</h1>{body}</body></html>\n")
 
 
-def record_gflops(record: dict, spec: ModelSpec) -> float:
+def record_gflops(record: Record, spec: ModelSpec) -> float:
     """Paper-convention GFLOPs (1e9 MACs) the record's stages scored: candidates × samples × the scales' tokens,
     plus the encoder (what it cost, early exits included)."""
     ends = spec.var.scale_ends()
-    macs = encoder_macs(spec.vae, spec.image_size, spec.var.patch_nums)
+    macs: float = encoder_macs(spec.vae, spec.image_size, spec.var.patch_nums)
     for st in record["stages"]:
         macs += len(st["candidates"]) * st["samples"] * sequence_macs(spec.var, ends[st["scales"] - 1]).paper
     return macs / 1e9
 
 
-def record_compute(records: list[dict], spec: ModelSpec | None) -> tuple[list[float], list[float] | None]:
+def record_compute(records: Sequence[Record], spec: ModelSpec | None) -> tuple[list[float], list[float] | None]:
     """Each record's own compute (``gflops``: executed, paper convention); records written before it carried
     compute have no executed figure, and their paper figure is counted from their stages when ``spec`` is known."""
-    if records and all(isinstance(r.get("gflops"), dict) for r in records):
-        return [r["gflops"]["executed"] for r in records], [r["gflops"]["paper"] for r in records]
+    carried = [g for r in records if isinstance(g := r.get("gflops"), dict)]
+    if records and len(carried) == len(records):
+        return [g["executed"] for g in carried], [g["paper"] for g in carried]
     return [], [record_gflops(r, spec) for r in records] if spec is not None else None
 
 
-def untempered_confidence(record: dict) -> float:
+def untempered_confidence(record: Record) -> float:
     """The top-1 probability at temperature 1: softmax over the last stage's scores (what the posterior tempers), so
     a report shows what a profile's fitted temperature did to the calibration of the images it was run on."""
     return float(posterior(np.asarray([record["stages"][-1]["scores"]], dtype=np.float64), 1.0).max())
@@ -128,7 +132,7 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     top5 = np.mean([r["label_rank"] is not None and r["label_rank"] <= 5 for r in lab])
     conf = np.asarray([r["posterior"][0]["p"] if r["posterior"] else 1.0 for r in lab])
     rel = reliability(conf, correct)
-    plain = reliability([untempered_confidence(r) for r in lab], correct)
+    plain = reliability(np.asarray([untempered_confidence(r) for r in lab]), correct)
     summary = [("model", run.get("model", "?")), ("profile", run.get("profile", "?")), ("seed", run.get("seed", "?")),
                ("threads", run.get("threads", "?")),
                ("images", len(records)), ("skipped", len(records) - len(ok)), ("labelled", len(lab)),
@@ -146,18 +150,20 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     parts = [f"<h2>Summary</h2>{_table(['', 'value'], summary)}"]
 
     # per-class accuracy and confusion matrix
-    labels = sorted({r["label"] for r in lab} | {r["pred"] for r in lab})
+    truth = [(r["label"], r["pred"]) for r in lab]
+    truth_pred = [(a, b) for a, b in truth if a is not None and b is not None]   # all of lab: labelled and classified
+    labels = sorted({c for pair in truth_pred for c in pair})
     idx = {c: i for i, c in enumerate(labels)}
     cm = np.zeros((len(labels), len(labels)), int)
-    for r in lab:
-        cm[idx[r["label"]], idx[r["pred"]]] += 1
+    for a, b in truth_pred:
+        cm[idx[a], idx[b]] += 1
     tick = [str(names[c]) for c in labels]
     per = [(names[c], int(cm[i].sum()), f"{cm[i, i] / cm[i].sum():.1%}" if cm[i].sum() else "–")
            for i, c in enumerate(labels)]
     if any("accepted" in r for r in lab):      # ObjectNet: one row per ObjectNet class, right = any accepted class
         by_class: dict[str, list[int]] = {}
         for r in lab:
-            by_class.setdefault(r["label_name"], []).append(r["pred"] == r["label"])
+            by_class.setdefault(str(r["label_name"]), []).append(r["pred"] == r["label"])
         per = [(name, len(ok), f"{np.mean(ok):.1%}") for name, ok in sorted(by_class.items())]
     fig, ax = plt.subplots(figsize=(max(4, 0.32 * len(labels) + 2), 3))
     rows_with = cm.sum(1) > 0
@@ -230,21 +236,25 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     return _page(title, "".join(parts))
 
 
-def ood_section(records: list[dict]) -> str:
+def ood_section(records: Sequence[Record]) -> str:
     """Abstention: the deciding OOD score of accepted vs abstained images, and top-1 against coverage when the
     images are accepted best score first (empty when the records carry no OOD scores)."""
     scored = [r for r in records if r["status"] in ("ok", "abstained") and r.get("ood")]
     if not scored:
         return ""
+
+    def ood(r: Record) -> dict:
+        return r.get("ood") or {}
+
     plt = _plt()
-    name = scored[0]["ood"]["score"]
-    values = np.asarray([r["ood"][name] for r in scored])
+    name = ood(scored[0])["score"]
+    values = np.asarray([ood(r)[name] for r in scored])
     abstained = np.asarray([r["status"] == "abstained" for r in scored])
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     bins = np.histogram_bin_edges(values, bins=30)
     ax.hist(values[~abstained], bins=bins, color="#55a868", alpha=0.8, label=f"accepted ({(~abstained).sum()})")
     ax.hist(values[abstained], bins=bins, color="#c44e52", alpha=0.8, label=f"abstained ({abstained.sum()})")
-    threshold = scored[0]["ood"].get("threshold")
+    threshold = ood(scored[0]).get("threshold")
     if threshold is not None:
         ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
     ax.set_xlabel(f"OOD score: {name}"), ax.set_ylabel("images"), ax.set_title("accepted vs abstained")
@@ -252,7 +262,7 @@ def ood_section(records: list[dict]) -> str:
     plots = [_img(fig)]
     lab = [r for r in scored if r["label"] is not None]
     if lab:
-        order = np.argsort([-r["ood"][name] for r in lab], kind="stable")
+        order = np.argsort([-ood(r)[name] for r in lab], kind="stable")
         right = np.asarray([lab[i]["label_rank"] == 1 for i in order], float)
         n = np.arange(1, len(lab) + 1)
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
@@ -266,7 +276,7 @@ def ood_section(records: list[dict]) -> str:
             f'<div class="plots">{"".join(plots)}</div>')
 
 
-def tune_report(result, shipped: list[tuple[str, object]], title: str) -> str:
+def tune_report(result: TuneResult, shipped: Sequence[tuple[str, Point]], title: str) -> str:
     """The page for a tune run: every schedule's fit accuracy against executed GFLOPs, the Pareto front, the
     shipped profiles and the choice, then the front as a table."""
     plt = _plt()

@@ -160,7 +160,7 @@ class Replayer:
     def replay(self, stages: tuple[Stage, ...]) -> Replay:
         st = self.start()
         for t, stage in enumerate(stages):     # keys/values are kept when a later stage can use them, as classify does
-            later = any(nxt.scales > stage.scales or nxt.samples > 1 for nxt in stages[t + 1:])
+            later = any(int(nxt.scales) > int(stage.scales) or nxt.samples > 1 for nxt in stages[t + 1:])
             st = self.step(st, stage, later=later)
         return st.result(self.table)
 
@@ -280,7 +280,7 @@ def _with_margins(sub: Replayer, base: list[Point], labels: np.ndarray) -> list[
 
 def pareto(points: list[Point]) -> list[Point]:
     """Schedules no other beats on both accuracy and executed compute, cheapest first."""
-    best = []
+    best: list[Point] = []
     for p in sorted(points, key=lambda p: (p.executed_gflops, -p.correct)):
         if not best or p.correct > best[-1].correct:
             best.append(p)
@@ -372,16 +372,20 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
     col = {c: k for k, c in enumerate(table.candidates)}
     y = np.asarray([col[c] for c in table.labels])
     calibration = fit_temperature(r.final_scores, y)
-    ece, nlls, nll_images = [None, None], [None, None], 0
+    ece: list[float | None] = [None, None]
+    nlls: list[float | None] = [None, None]
+    nll_images = 0
     if len(held):
-        for i, t in enumerate((1.0, cross_fitted_temperatures(r.final_scores, y, held, seed=seed))):
+        temperatures: tuple[float | np.ndarray, ...] = (1.0, cross_fitted_temperatures(r.final_scores, y, held,
+                                                                                         seed=seed))
+        for i, t in enumerate(temperatures):
             ece[i] = expected_calibration_error(posterior(r.final_scores[held], t), y[held])
             nlls[i], nll_images = nll(r.final_scores[held], y[held], t)
     front = pareto(points)
     front_held = [point(rep.replay(p.stages), table.labels, held) if len(held) else None for p in front]
     return TuneResult(points, front, chosen, point(r, table.labels, held) if len(held) else None,
                       point(r, table.labels), baseline, point(base_r, table.labels, held) if len(held) else None,
-                      limit, calibration, *ece, *nlls, nll_images, fit, held, r, front_held)
+                      limit, calibration, ece[0], ece[1], nlls[0], nlls[1], nll_images, fit, held, r, front_held)
 
 
 def model_name(clf: Classifier) -> str:
@@ -401,7 +405,7 @@ def tuned_profile(result: TuneResult, table: ScoreTable, where: str, model: str,
             f"budget {r.budget_gflops:.4g} executed GFLOPs/image; varc needs {r.baseline.executed_gflops:.4g}\n"
             f"top-1 on the images it was chosen on {r.chosen.accuracy:.2%}"
             + (f", held out {r.chosen_held.accuracy:.2%} (varc {r.baseline_held.accuracy:.2%})"
-               if r.chosen_held else "")
+               if r.chosen_held and r.baseline_held else "")
             + f"\nexecuted GFLOPs/image {r.chosen.executed_gflops:.4g}, paper convention {r.chosen.paper_gflops:.4g} "
             "(on the images it was chosen on)\n"
             f"posterior temperature, fitted on every tuning image: {r.calibration.describe()}"

@@ -30,6 +30,7 @@ from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
 from ..io.data import Item
 from ..io.files import atomic_write
+from ..io.records import Record
 from .heatmap import render
 
 
@@ -97,7 +98,8 @@ class Explanation:
         made = False
         try:
             with atomic_write(path.with_suffix(".npz"), exclusive=exclusive, option="out") as f:
-                np.savez(f, **npz_arrays(self, names, image))
+                # numpy's stub cannot tell these names from savez's allow_pickle keyword
+                np.savez(f, **npz_arrays(self, names, image))  # type: ignore[arg-type]
                 with atomic_write(path, exclusive=exclusive, option="out") as g:
                     panel.save(g, format="PNG")
                 made = True
@@ -133,13 +135,13 @@ def explain_logp(logp: torch.Tensor, classes: tuple[int, int], patch_nums: Seque
                        maps=scale_maps(diffs, patch_nums), patch_nums=tuple(patch_nums), pred=pred, label=label)
 
 
-def record_targets(records: Sequence[dict], mistakes: bool = False) -> list[tuple[Item, Target, int]]:
+def record_targets(records: Sequence[Record], mistakes: bool = False) -> list[tuple[Item, Target, int]]:
     """A classify run's records → its images with the run's classes fixed, and the run's prediction: A = the true
     class (else the prediction), B = the prediction when it is wrong (else the runner-up), so the panels show why
     the run decided as it did. ``mistakes``: only labelled images the run got wrong; skipped records are left out."""
     out = []
     for r in records:
-        if r["status"] != "ok" or (mistakes and (r["label"] is None or r["pred"] == r["label"])):
+        if r["status"] != "ok" or r["pred"] is None or (mistakes and (r["label"] is None or r["pred"] == r["label"])):
             continue
         a = r["label"] if r["label"] is not None else r["pred"]
         b = r["pred"] if r["pred"] != a else (r["topk"][1]["class"] if len(r["topk"]) > 1 else None)
@@ -246,7 +248,7 @@ def explained_panels(folder: str | os.PathLike) -> dict[str, Path]:
     """The panels an ``avarc explain --out FOLDER`` wrote, by input image key (the ``image`` its ``.npz`` holds):
     how a report links a record to its explanation whatever stem explain gave it (``x-2.png`` for a second
     ``x.png``). Unreadable or older files (no ``image``) are passed over."""
-    found = {}
+    found: dict[str, Path] = {}
     for npz in sorted(Path(folder).glob("*.npz")):
         png = npz.with_suffix(".png")
         try:

@@ -51,7 +51,7 @@ def start_image(pixels: np.ndarray, start: str) -> np.ndarray:
     raise AvarcError(f"unknown start image {start!r}; use one of {', '.join(STARTS)}", option="metrics-start")
 
 
-def curve_images(pixels: np.ndarray, start: np.ndarray, order: Sequence[int], regions: np.ndarray,
+def curve_images(pixels: np.ndarray, start: np.ndarray, order: Sequence[int] | np.ndarray, regions: np.ndarray,
                  mode: str, max_steps: int = MAX_STEPS) -> np.ndarray:
     """The images along a curve (at most ``max_steps`` + 1, evenly spaced in regions): insertion puts the image's
     regions into ``start`` in ``order``; deletion puts ``start``'s regions into the image."""
@@ -106,8 +106,8 @@ def ranking_metrics(pixels: np.ndarray, heat: np.ndarray, posterior: Callable[[n
         curves[mode] = posterior(curve_images(pixels, base, order, regions, mode)).tolist()
         runs = [posterior(curve_images(pixels, base, o, regions, mode)) for o in randoms]
         curves[f"random_{mode}"] = np.mean(runs, 0).tolist()
-    keys = ("insertion", "deletion", "random_insertion", "random_deletion")
-    return ImageMetrics(cls, *(auc(curves[k]) for k in keys), curves=curves)
+    return ImageMetrics(cls, auc(curves["insertion"]), auc(curves["deletion"]), auc(curves["random_insertion"]),
+                        auc(curves["random_deletion"]), curves=curves)
 
 
 def image_metrics(model: Model, expl: Explanation, profile: Profile, start: str = "blank",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -20,7 +20,17 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import AvarcError
 
 if TYPE_CHECKING:
-    from .explain import Explanation
+    import torch
+
+
+class Drawable(Protocol):
+    """What :func:`render` draws of an explanation (:class:`avarc.tasks.explain.Explanation`, a layer above)."""
+
+    @property
+    def ratios(self) -> tuple[float, float, float]: ...   # nats: A vs null, B vs null, A vs B
+
+    @property
+    def maps(self) -> torch.Tensor: ...                    # 3, p, p: A vs null, B vs null, A − B
 
 MIN_PANEL = 256     # panels are at least this many pixels wide
 GAP = 4             # pixels between panels
@@ -103,7 +113,7 @@ def check_style(colormap: str, alpha: float) -> None:
         raise AvarcError(f"opacity {alpha} is not between 0 (input only) and 1 (heatmap only)", option="alpha")
 
 
-def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colormap: str = "turbo",
+def render(pixels: np.ndarray, expl: Drawable, names: tuple[str, str], colormap: str = "turbo",
            alpha: float = 0.5, note: str = "", shared_scale: bool = False) -> Image.Image:
     """R, R, 3 uint8 model input + explanation → the four-panel figure. ``names`` are A's and B's display names;
     ``note`` is the input panel's second caption line (e.g. the true and predicted class). Each map panel has a
@@ -122,6 +132,8 @@ def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colorm
     drawn = [maps[0], maps[1], contrast]
     shared = (0.0, max(value_range(m)[1] for m in drawn)) if shared_scale else None
     scales = [shared or value_range(m) for m in drawn]
+    # image, (title or the two names of a ratio, second line), colour-bar scale
+    panels: list[tuple[np.ndarray, tuple[str | tuple[str, str | None], str], tuple[float, float] | None]]
     panels = [(base, ("input", note), None)]
     panels += [(overlay(base, m, colormap, alpha, sc), cap, sc) for m, sc, cap in zip(
         drawn, scales, [((a, None), f"{r_a:+.2f} nats"), ((b, None), f"{r_b:+.2f} nats"),

@@ -318,19 +318,21 @@ def add_classes(model: Model, images: Mapping[str, torch.Tensor], steps: int = 6
     var.add_classes(_init_rows(model, len(names), init))
     keep = torch.zeros(var.num_extra_classes, 1, 1, device=model.device)
     keep[-len(names):] = 1
-    var.extra_class_emb.requires_grad_(True)
-    hook = var.extra_class_emb.register_hook(lambda g: g * keep)   # earlier extensions' rows get no gradient
+    trained = var.extra_class_emb
+    assert trained is not None   # add_classes set it
+    trained.requires_grad_(True)
+    hook = trained.register_hook(lambda g: g * keep)   # earlier extensions' rows get no gradient
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=min(20, steps // 10), weight_decay=0.0,
                       seed=seed)
     try:
-        log = train_var(model, torch.cat(tokens), torch.cat(labels), cfg, [("extra_class_emb", var.extra_class_emb)],
+        log = train_var(model, torch.cat(tokens), torch.cat(labels), cfg, [("extra_class_emb", trained)],
                         label_drop=0.0, on_step=on_step)
     except BaseException:
         var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
         raise     # the model goes back to the classes it had
     finally:
         hook.remove()
-    rows = var.extra_class_emb.detach()[-len(names):].clone()
+    rows = trained.detach()[-len(names):].clone()
     if not torch.isfinite(rows).all():
         var.extra_class_emb = None if old_extra is None else torch.nn.Parameter(old_extra, requires_grad=False)
         raise AvarcError(f"add-class: training diverged (the new rows are not finite, final loss {log.mean(last=1)}); "

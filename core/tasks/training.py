@@ -58,7 +58,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _optimizer(named: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW that decays matrices only (not biases, norms, positions, scale gains)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named:
         keep = p.ndim < 2 or name.startswith(("pos_", "lvl_embed")) or "scale_mul" in name
         (no_decay if keep else decay).append(p)
