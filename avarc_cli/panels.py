@@ -64,8 +64,8 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
 
     check_style(colormap, alpha)
     records = read_records(run)
-    info = next((r["run"] for r in records if r.get("run")), {})
-    used = info.get("model")
+    info = records[0]["run"]
+    used = info.model
     model = model or (used if used and (is_registry_name(used) or Path(used).exists()) else None)
     if model is None:
         raise AvarcError(f"{run}: the run's model {used!r} is not a registry name or a path here; pass it with -m")
@@ -75,7 +75,7 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
     make_output_dir(out, "out")
     clf = opts.load(model, profile)
     write(clf, [it for it, _, _ in chosen], {it.path: t for it, t, _ in chosen}, out, colormap, alpha, shared_scale,
-          scales, info.get("seed", 0), force, {it.path: p for it, _, p in chosen})
+          scales, info.seed, force, {it.path: p for it, _, p in chosen})
 
 
 def metrics_table(measured: list, out: Path, start: str) -> None:

@@ -34,3 +34,12 @@ def library_fix(fix: str | NeedsDownload) -> str:
         return f"set {fix}=True"
     where = "" if fix.model_dir is None else f", model_dir={os.fspath(fix.model_dir)!r}"
     return f"download it with Classifier.from_pretrained({fix.name!r}{where}) (without local_files_only)"
+
+
+def schema_problem(error, tags: tuple[str, ...] = ()) -> str:  # noqa: ANN001 (a pydantic ValidationError)
+    """A schema library's validation error as one line: the first problem's place (``stages.0.scores.1``) and what is
+    wrong (``tags``: a discriminated union's branch names, left out of the place)."""
+    first = error.errors(include_url=False)[0]
+    loc = [str(x) for x in first["loc"] if not (tags and x in tags)]
+    msg = str(first["msg"]).replace("\n", " ")
+    return f"{'.'.join(loc)}: {msg}" if loc else msg

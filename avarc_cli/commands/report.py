@@ -47,7 +47,7 @@ def report(
     out = check_output_file(out, "out", force)
     if explain is not None and not explain.is_dir():
         raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
-    name = model or next((r["run"].get("model") for r in records if isinstance(r["run"].get("model"), str)), None)
+    name = model or records[0]["run"].model
     page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
     write_text(out, page, "out", force)
     output.say(f"wrote {out}")

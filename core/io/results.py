@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from ..errors import FIX, AvarcError
 from .distributed import Dist
 from .files import absolute, disk_error
-from .records import IDENTITY, Record, parse_line, record_key, record_line
+from .records import IDENTITY, NotARecord, Record, RunIdentity, parse_line, parse_record, record_key, record_line
 
 
 @dataclass
@@ -57,12 +57,13 @@ def lock_results(path: str | os.PathLike) -> FileLock:
     return lock
 
 
-def _differs(theirs: dict, ours: dict) -> str:
-    diff = [f"{k} {theirs.get(k)!r} vs {ours.get(k)!r} now" for k in IDENTITY if theirs.get(k) != ours.get(k)]
-    return ", ".join(diff) or "other candidate classes, schedule or extensions"
+def _differs(theirs: RunIdentity, ours: RunIdentity) -> str:
+    diff = [f"{k} {getattr(theirs, k)!r} vs {getattr(ours, k)!r} now" for k in IDENTITY
+            if getattr(theirs, k) != getattr(ours, k)]
+    return ", ".join(diff) or "other candidate classes or schedule"
 
 
-def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
+def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Resumed:
     """Prepare the results file: new (an existing file needs ``resume``), or resumed. Resuming never removes a
     record: a file that is not a results file, or holds records of another run, is refused unchanged; only a torn
     last line (one that does not parse) is cut off, and a whole last record without its newline gets one."""
@@ -83,11 +84,13 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
-        rec = parse_line(line)
-        if rec is None:
-            raise AvarcError(f"{path}: line {number} is not an avarc result record, so this is not a results file; "
-                             "left it untouched; choose another file", option="out")
-        if rec["run"].get("fingerprint") != run["fingerprint"]:
+        try:
+            rec = parse_record(line)
+        except NotARecord as e:
+            raise AvarcError(f"{path}: line {number} is not an avarc result record ({e}), so this is not a results "
+                             "file; left it untouched; fix or remove that line, or choose another file",
+                             option="out") from None
+        if rec["run"].fingerprint != run.fingerprint:
             raise AvarcError(f"{path}: holds records of another run ({_differs(rec['run'], run)}); left it "
                              "untouched; resume with the same settings, or choose another file for this run",
                              option="out")
@@ -159,7 +162,8 @@ class ResultsFile:
 
 
 @contextmanager
-def results_file(path: str | os.PathLike | None, resume: bool, run: dict, dist: Dist = Dist()) -> Iterator[ResultsFile]:
+def results_file(path: str | os.PathLike | None, resume: bool, run: RunIdentity,
+                 dist: Dist = Dist()) -> Iterator[ResultsFile]:
     """The results file of one run, locked by rank 0 for the whole block and opened new or resumed there (its errors
     reach every rank); without a path, nothing is written."""
     if path is None:

@@ -13,7 +13,7 @@ from ..engine.profile import Profile
 from ..engine.stages import rank
 from ..errors import AvarcError
 from .files import atomic_write
-from .records import Record
+from .records import Record, RunIdentity
 from .results import file_lock
 
 
@@ -123,10 +123,10 @@ def _append_csv(path: Path, row: dict) -> None:
                 + text.getvalue().encode("utf-8", "surrogateescape"))
 
 
-def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, subset: str | None, new: int,
+def summary_row(m: Metrics, profile: Profile, run: RunIdentity, dataset: str | None, subset: str | None, new: int,
                 seconds: float) -> dict:
     """One run's row for :func:`append_csv_summary`; ``new`` images were classified in ``seconds`` by this run."""
-    row = {"model": run["model"], "profile": profile.name, "seed": run["seed"], "dataset": dataset or "",
+    row = {"model": run.model, "profile": profile.name, "seed": run.seed, "dataset": dataset or "",
            "subset": subset or "", "images": m.images, "skipped": m.skipped,
            "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
     row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})

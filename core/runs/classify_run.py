@@ -13,9 +13,10 @@ from typing import Iterator
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.records import weights_identity
+from ..io.records import RunIdentity
 from ..io.results import ResultsFile, results_file
 from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
+from ..tasks.ood import DEFAULT_OOD_SCORE, check_score
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ClassifyRun:
 
     clf: Classifier
     found: Inputs
-    run_key: dict
+    run_key: RunIdentity
     results: ResultsFile
     todo: list[Item]
     metrics: Metrics
@@ -110,9 +111,9 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     changes a record: the model and its weights' SHA-256, the schedule, seed, dtype, temperature, top-k and labels
     mode, so ``resume`` refuses a file of any other run and names the difference."""
     temp = temperature if temperature is not None else clf.profile.temperature or 1.0
-    run_key = clf.run_key(seed, found.candidates, weights=weights_identity(clf.model),
-                          dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk,
-                          labels=labels)
+    rule = clf.profile.ood
+    run_key = clf.run_key(seed, found.candidates, temperature=float(temp), topk=topk, labels=labels,
+                          ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)))
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))

@@ -1,0 +1,86 @@
+"""The file contract: every reader of a results file (``--resume``, ``report``, ``explain --from``) reads what every
+writer variant writes, and counts it right; records and profiles avarc writes validate against the published JSON
+Schemas (schemas/)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from avarc.io.records import parse_record
+from scripts.ood_digits import noise
+from tests.conftest import run_cli, save_digits
+
+CPU = ("--device", "cpu")
+
+
+def records_of(path: Path) -> list[dict]:
+    return [parse_record(line) for line in path.read_bytes().splitlines()]
+
+
+def clean(err: str) -> bool:
+    return "Traceback" not in err and "unexpected" not in err
+
+
+def read_back(monkeypatch, capsys, tmp_path: Path, out: Path, *classify: str) -> list[dict]:
+    """Feed a run's results to every reader: ``--resume`` (nothing to do, nothing added), ``report`` and ``explain
+    --from`` all accept it; returns its records."""
+    before = out.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "classify", *classify, "-o", out, "--resume", *CPU)
+    assert code == 0 and clean(err), err
+    assert out.read_bytes() == before
+    records = records_of(out)
+    html = tmp_path / f"{out.stem}.html"
+    code, _, err = run_cli(monkeypatch, capsys, "report", out, "-o", html)
+    assert code == 0 and clean(err) and html.is_file(), err
+    page = html.read_text()
+    abstained = sum(r["status"] == "abstained" for r in records)
+    skipped = sum(r["status"] == "skipped" for r in records)
+    assert f"<td>abstained</td><td>{abstained}</td>" in page and f"<td>skipped</td><td>{skipped}</td>" in page
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", out, "--out", tmp_path / f"{out.stem}-why",
+                           *CPU)
+    assert code == 0 and clean(err), err
+    ok = sum(r["status"] == "ok" for r in records)
+    assert len(list((tmp_path / f"{out.stem}-why").glob("*.png"))) == ok
+    return records
+
+
+def test_ood_flow_calibrate_classify_then_every_reader(tmp_path, monkeypatch, capsys):
+    """The README's OOD flow: calibrate-ood → classify -p ood.yaml -o → report, --resume, explain --from; abstentions
+    are counted as such in the report and the summary CSV."""
+    tune = save_digits(tmp_path / "tune", 1438, 1478)
+    test = save_digits(tmp_path / "test", 1300, 1306)
+    for i, im in enumerate(noise(3)):
+        (test / "0").mkdir(exist_ok=True)
+        im.save(test / "0" / f"noise{i}.png")
+    prof = tmp_path / "ood.yaml"
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate-ood", tune, "-o", prof, *CPU)
+    assert code == 0, err
+    out, table = tmp_path / "r.jsonl", tmp_path / "s.csv"
+    code, _, err = run_cli(monkeypatch, capsys, "classify", test, "-p", prof, "-o", out, "--csv", table, *CPU)
+    assert code == 0, err
+    records = read_back(monkeypatch, capsys, tmp_path, out, test, "-p", prof)
+    statuses = {Path(r["path"]).name: r["status"] for r in records}
+    assert [statuses[f"noise{i}.png"] for i in range(3)] == ["abstained"] * 3
+    assert sum(s == "ok" for s in statuses.values()) >= 5
+    row = next(csv.DictReader(table.open()))
+    assert row["abstained"] == str(sum(s == "abstained" for s in statuses.values())) and row["images"] == "9"
+
+
+def test_a_record_with_an_unknown_status_or_a_bad_field_is_one_line(tmp_path, monkeypatch, capsys):
+    test = save_digits(tmp_path / "test", 1300, 1303)
+    out = tmp_path / "r.jsonl"
+    assert run_cli(monkeypatch, capsys, "classify", test, "-o", out, *CPU)[0] == 0
+    good = out.read_text().splitlines()
+    for field, value, says in (("status", 17, "does not match any of the expected tags"),
+                               ("gflops", {"executed": "x"}, "gflops.executed"),
+                               ("ood", {"score": "likelihood"}, "ood.likelihood"),
+                               ("stages", [], "stages")):
+        rec = json.loads(good[1])
+        rec[field] = value
+        out.write_text("\n".join([good[0], json.dumps(rec), good[2]]) + "\n")
+        for args in (("report", out, "-o", tmp_path / "r.html"), ("explain", "--from", out, "--out", tmp_path / "w"),
+                     ("classify", test, "-o", out, "--resume")):
+            code, _, err = run_cli(monkeypatch, capsys, *args, *(CPU if args[0] != "report" else ()))
+            assert code == 2 and clean(err) and len(err.strip().splitlines()) == 1, err
+            assert "line 2" in err and says in err, err
