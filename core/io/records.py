@@ -286,7 +286,7 @@ def parse_record(line: bytes | str) -> Record:
     except RecursionError:
         raise NotARecord("nested too deeply") from None
     except ValidationError as e:
-        raise NotARecord(schema_problem(e, tags=RECORD_STATUSES)) from None
+        raise NotARecord(_problem(e)) from None
     except ValueError:
         raise NotARecord("not JSON") from None
 
@@ -297,6 +297,11 @@ def parse_line(line: bytes) -> Record | None:
         return parse_record(line)
     except NotARecord:
         return None
+
+
+def _problem(error: ValidationError) -> str:
+    loc, msg = schema_problem(error, tags=RECORD_STATUSES)
+    return f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
 
 
 def _no_constant(name: str) -> None:
@@ -340,7 +345,7 @@ def record_line(record: Record) -> bytes:
         doc = RECORD.dump_python(RECORD.validate_python(record), mode="json", by_alias=True)
     except ValidationError as e:
         if record.get("status") == "skipped":
-            raise ValueError(f"not a valid record: {schema_problem(e, tags=RECORD_STATUSES)}") from None
+            raise ValueError(f"not a valid record: {_problem(e)}") from None
         return record_line({**record, "pred": None, "pred_name": None, "label_rank": None, "topk": [], "stages": [],
                             "exited_after": None, "posterior": [], "ood": None, "gflops": None, "status": "skipped",
                             "error": "the model gave non-finite scores (damaged weights or extension?)"})
