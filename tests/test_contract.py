@@ -5,17 +5,35 @@ from __future__ import annotations
 
 import csv
 import json
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
+import yaml
+
+from avarc.io.json_schemas import json_schemas, schema_text
+from avarc.io.profiles import shipped_names
 from avarc.io.records import parse_record
 from scripts.ood_digits import noise
 from tests.conftest import run_cli, save_digits
 
 CPU = ("--device", "cpu")
+SCHEMAS = Path(__file__).parents[1] / "schemas"
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
 
 
 def records_of(path: Path) -> list[dict]:
-    return [parse_record(line) for line in path.read_bytes().splitlines()]
+    """A results file's records, each valid by the published record schema and by avarc's own reader."""
+    check = validator("record")
+    lines = path.read_bytes().splitlines()
+    for line in lines:
+        check.validate(json.loads(line))
+    return [parse_record(line) for line in lines]
 
 
 def clean(err: str) -> bool:
@@ -56,6 +74,7 @@ def test_ood_flow_calibrate_classify_then_every_reader(tmp_path, monkeypatch, ca
     prof = tmp_path / "ood.yaml"
     code, _, err = run_cli(monkeypatch, capsys, "calibrate-ood", tune, "-o", prof, *CPU)
     assert code == 0, err
+    validator("profile").validate(yaml.safe_load(prof.read_text()))
     out, table = tmp_path / "r.jsonl", tmp_path / "s.csv"
     code, _, err = run_cli(monkeypatch, capsys, "classify", test, "-p", prof, "-o", out, "--csv", table, *CPU)
     assert code == 0, err
@@ -84,3 +103,17 @@ def test_a_record_with_an_unknown_status_or_a_bad_field_is_one_line(tmp_path, mo
             code, _, err = run_cli(monkeypatch, capsys, *args, *(CPU if args[0] != "report" else ()))
             assert code == 2 and clean(err) and len(err.strip().splitlines()) == 1, err
             assert "line 2" in err and says in err, err
+
+
+def test_published_schemas_are_current_and_refuse_an_unknown_status():
+    for name, schema in json_schemas().items():
+        assert (SCHEMAS / name).read_text() == schema_text(schema), "regenerate: python -m avarc.io.json_schemas"
+    profile = validator("profile")
+    for name in shipped_names():
+        profile.validate(yaml.safe_load(resources.files("avarc.profiles").joinpath(f"{name}.yaml").read_text()))
+    assert not profile.is_valid({"stages": [{"scales": "six"}]})
+    record = validator("record")
+    skipped = {"path": "a.png", "label": None, "label_name": None, "status": "skipped", "error": "unreadable",
+               "run": {"model": "digits", "profile": "digits", "seed": 0, "fingerprint": "0" * 16}}
+    assert record.is_valid(skipped) and not record.is_valid({**skipped, "status": 17})
+    assert not record.is_valid({**skipped, "status": "ok"})      # an ok record needs its prediction

@@ -22,13 +22,23 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, PositiveInt, ValidationError,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PositiveInt,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from ..choices import OOD_SCORES
 from ..engine.profile import _ALL, OodRule, Profile, Stage
 from ..errors import AvarcError, schema_problem
 from .files import write_text
+
 
 def _fail(where: str, problem: str) -> AvarcError:
     return AvarcError(f"{where}: {problem}")
@@ -50,7 +60,8 @@ class StageFile(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    scales: Annotated[int | str, AfterValidator(_scales)]
+    scales: Annotated[int | str, AfterValidator(_scales), WithJsonSchema({"anyOf": [
+        {"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*all(\s*-\s*\d+)?\s*$"}]})]
     samples: PositiveInt = 1
     keep: PositiveInt = 1
     exit_margin: Annotated[FiniteFloat, Field(gt=0)] | None = None
