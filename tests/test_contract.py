@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+import avarc
+from avarc.engine.profile import OodRule, Profile, Stage
 from avarc.io.json_schemas import json_schemas, schema_text
-from avarc.io.profiles import shipped_names
+from avarc.io.profiles import load_profile, shipped_names, write_profile
 from avarc.io.records import parse_record
+from avarc.io.summary import SUMMARY_COLUMNS
 from scripts.ood_digits import noise
 from tests.conftest import run_cli, save_digits
 
@@ -117,3 +122,31 @@ def test_published_schemas_are_current_and_refuse_an_unknown_status():
                "run": {"model": "digits", "profile": "digits", "seed": 0, "fingerprint": "0" * 16}}
     assert record.is_valid(skipped) and not record.is_valid({**skipped, "status": 17})
     assert not record.is_valid({**skipped, "status": "ok"})      # an ok record needs its prediction
+
+
+def test_runs_of_different_profiles_ood_rules_and_dtypes_append_to_one_csv(tmp_path, monkeypatch, capsys):
+    test = save_digits(tmp_path / "test", 1300, 1304)
+    rule = OodRule("likelihood", 0.95, (("likelihood", -1e9), ("ratio", 0.0)))
+    ood = write_profile(replace(load_profile("digits"), name="digits-ood", ood=rule), tmp_path / "ood.yaml")
+    one = write_profile(Profile("one-stage", (Stage("all"),)), tmp_path / "one.yaml")
+    table = tmp_path / "runs.csv"
+    fp32 = ("--dtype", "fp32")
+    for args in (fp32, ("-p", ood, "--dtype", "bf16"), ("-p", one, "--ood-score", "ratio", *fp32)):
+        code, _, err = run_cli(monkeypatch, capsys, "classify", test, "--csv", table, *args, *CPU)
+        assert code == 0 and clean(err), err
+    lines = table.read_text().splitlines()
+    rows = list(csv.DictReader(lines))
+    assert lines[0].split(",") == SUMMARY_COLUMNS and len(rows) == 3
+    assert [(r["profile"], r["dtype"], r["ood_rule"]) for r in rows] == [
+        ("digits", "float32", ""), ("digits-ood", "bfloat16", "likelihood>=-1000000000.0"),
+        ("one-stage", "float32", "")]
+    assert all(r["weights"].startswith("sha256:") and r["vae_weights"].startswith("sha256:") for r in rows)
+    assert all(r["avarc_version"] == avarc.__version__ and datetime.fromisoformat(r["started"]) for r in rows)
+    assert all(r["images"] == "4" and r["abstained"] == "0" and float(r["top1"]) >= 0.75 for r in rows)
+    assert all(float(r["gflops_paper"]) > 0 and float(r["gflops_executed"]) > 0 for r in rows)
+    assert rows[0]["inputs"] == str(test) and rows[2]["stages"] == "4x1->1"
+    old = tmp_path / "old.csv"
+    old.write_text("model,profile,seed,dataset,subset,images,skipped,top1,top5,recall_stage1,early_exits,"
+                   "images_per_s\ndigits,digits,0,,,4,0,1.0,1.0,1.0,0,3.0\n")
+    code, _, err = run_cli(monkeypatch, capsys, "classify", test, "--csv", old, *CPU)
+    assert code == 2 and "a summary CSV of an older avarc" in err and len(err.strip().splitlines()) == 1

@@ -99,7 +99,7 @@ def classify(
     if not dist.is_main:
         return
     classify_summary(run, topk, dist.world)
-    if csv is not None and not run.append_summary(csv, dataset, subset):
+    if csv is not None and not run.append_summary(csv, dataset, subset, inputs):
         output.say(f"note: nothing new was classified; no row added to {csv}", err=True)
     if run.all_unreadable:
         output.say(f"error: none of the {run.new} images could be read (see the skipped records); check the inputs",

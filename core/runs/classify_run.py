@@ -7,8 +7,11 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import torch
 
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
@@ -36,14 +39,17 @@ class ClassifyRun:
     unreadable: int = 0              # of them, skipped records
     safe: int = 0                    # records in the results file
     start: float = field(default_factory=time.perf_counter)
-    gflops: list[float] = field(default_factory=list)    # executed GFLOPs of each ok record in the file
+    gflops: list[float] = field(default_factory=list)    # executed GFLOPs of each classified record in the file
+    paper_gflops: list[float] = field(default_factory=list)   # … in the paper's convention
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def count(self, records) -> None:
         """Add records (new or resumed) to the metrics and the compute total."""
         for rec in records:
             self.metrics.add(rec)
-            if rec["status"] == "ok" and isinstance(rec.get("gflops"), dict):
+            if rec["status"] != "skipped" and rec.get("gflops"):
                 self.gflops.append(rec["gflops"]["executed"])
+                self.paper_gflops.append(rec["gflops"]["paper"])
 
     @property
     def gflops_per_image(self) -> float | None:
@@ -93,11 +99,15 @@ class ClassifyRun:
                        + (" (cut off a torn last line)" if resumed.torn else ""))
         return out
 
-    def append_summary(self, csv: str | os.PathLike, dataset: str | None = None, subset: str | None = None) -> bool:
-        """Add this run's summary row to ``csv``; False (nothing added) when it classified nothing new."""
+    def append_summary(self, csv: str | os.PathLike, dataset: str | None = None, subset: str | None = None,
+                       inputs: Sequence[str] = ()) -> bool:
+        """Add this run's summary row to ``csv`` (``inputs``: as given); False (nothing added) when it classified
+        nothing new."""
         if self.new:
-            append_csv_summary(csv, summary_row(self.metrics, self.clf.profile, self.run_key, dataset, subset,
-                                                self.new, self.seconds))
+            append_csv_summary(csv, summary_row(
+                self.metrics, self.clf.profile, self.run_key, started=self.started, threads=torch.get_num_threads(),
+                inputs=[str(i) for i in inputs], dataset=dataset, subset=subset,
+                gflops=(self.gflops, self.paper_gflops), new=self.new, seconds=self.seconds))
         return bool(self.new)
 
 
@@ -116,7 +126,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
                           ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)))
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
-        check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
+        check_csv(Path(csv))
     with results_file(out, resume, run_key, dist) as results:
         todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,
