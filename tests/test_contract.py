@@ -226,3 +226,18 @@ def test_every_reader_reads_what_every_writer_writes(writer, tmp_path, monkeypat
     if writer is _skipped:
         assert sorted(Path(r["path"]).name for r in records if r["status"] == "skipped") == ["broken.png",
                                                                                              "empty.png"]
+
+
+def test_a_dataset_resumes_by_its_resolved_path_and_a_rewritten_one_is_another_run(tmp_path, monkeypatch, capsys):
+    test = save_digits(tmp_path / "test", 1300, 1306)
+    rows = _rows(test)
+    rows.to_parquet(str(tmp_path / "d.parquet"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert run_cli(monkeypatch, capsys, "classify", "d.parquet", "-o", out, *CPU)[0] == 0
+    before = out.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "d.parquet", "-o", out, "--resume", *CPU)
+    assert code == 0 and out.read_bytes() == before, err                 # $PWD/d.parquet: the same rows, none redone
+    rows.select(range(len(rows) - 1, -1, -1)).to_parquet(str(tmp_path / "d.parquet"))     # rows reversed
+    code, _, err = run_cli(monkeypatch, capsys, "classify", "d.parquet", "-o", out, "--resume", *CPU)
+    assert code == 2 and "holds records of another run (inputs" in err and out.read_bytes() == before, err

@@ -3,6 +3,7 @@ into the metrics), the images still to do, and the running counts a front end sh
 end. Every batch is on disk before it is counted, so ``safe`` is always what an interrupt leaves in the file."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -111,6 +112,13 @@ class ClassifyRun:
         return bool(self.new)
 
 
+def inputs_fingerprint(found: Inputs) -> str | None:
+    """The datasets' own fingerprints (their content, as ``datasets`` hashes it), so a dataset rewritten under the same
+    name is another run; None for image files (each keyed by its path)."""
+    prints = sorted({it.source.fingerprint for it in found.items if it.source is not None})
+    return hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16] if prints else None
+
+
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
@@ -123,7 +131,8 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     temp = temperature if temperature is not None else clf.profile.temperature or 1.0
     rule = clf.profile.ood
     run_key = clf.run_key(seed, found.candidates, temperature=float(temp), topk=topk, labels=labels,
-                          ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)))
+                          ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)),
+                          inputs=inputs_fingerprint(found))
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
         check_csv(Path(csv))
