@@ -56,14 +56,14 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
     """``--from``: a classify run's images, its model (unless -m), seed and true/predicted classes."""
     from avarc.errors import AvarcError
     from avarc.io.files import make_output_dir
-    from avarc.io.records import read_records
+    from avarc.io.records import read_records, unique_records
     from avarc.io.registry import is_registry_name
     from avarc.tasks.explain import record_targets
     from avarc.tasks.heatmap import check_style
 
 
     check_style(colormap, alpha)
-    records = read_records(run)
+    records, _ = unique_records(read_records(run))
     info = records[0]["run"]
     used = info.model
     model = model or (used if used and (is_registry_name(used) or Path(used).exists()) else None)

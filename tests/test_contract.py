@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import avarc
+from avarc import AvarcError
 from avarc.engine.profile import OodRule, Profile, Stage
 from avarc.io.json_schemas import json_schemas, schema_text
 from avarc.io.profiles import load_profile, shipped_names, write_profile
@@ -241,3 +242,42 @@ def test_a_dataset_resumes_by_its_resolved_path_and_a_rewritten_one_is_another_r
     rows.select(range(len(rows) - 1, -1, -1)).to_parquet(str(tmp_path / "d.parquet"))     # rows reversed
     code, _, err = run_cli(monkeypatch, capsys, "classify", "d.parquet", "-o", out, "--resume", *CPU)
     assert code == 2 and "holds records of another run (inputs" in err and out.read_bytes() == before, err
+
+
+def test_resume_tries_skipped_images_again_and_readers_count_each_image_once(tmp_path, monkeypatch, capsys):
+    test = save_digits(tmp_path / "test", 1300, 1304)
+    half = test / "3" / "half.png"
+    half.write_bytes((test / "3").joinpath(next(p.name for p in (test / "3").iterdir())).read_bytes()[:20])
+    out = tmp_path / "r.jsonl"
+    assert run_cli(monkeypatch, capsys, "classify", test, "-o", out, *CPU)[0] == 0
+    assert [r["status"] for r in records_of(out) if r["path"] == str(half)] == ["skipped"]
+    save_digits(tmp_path / "more", 1305, 1306)
+    next((tmp_path / "more").rglob("*.png")).replace(half)                  # the copy finished
+    code, _, err = run_cli(monkeypatch, capsys, "classify", test, "-o", out, "--resume", *CPU)
+    assert code == 0 and "4 images already done, 1 to go (1 skipped before, tried again)" in err, err
+    assert [r["status"] for r in records_of(out) if r["path"] == str(half)] == ["skipped", "ok"]
+    code, _, err = run_cli(monkeypatch, capsys, "report", out, "-o", tmp_path / "r.html")
+    assert code == 0 and "note: 1 records repeat an image" in err, err
+    page = (tmp_path / "r.html").read_text()
+    assert "<td>images</td><td>5</td>" in page and "<td>skipped</td><td>0</td>" in page
+
+
+def test_a_results_file_replaced_during_a_run_stops_the_run_in_one_line(tmp_path):
+    from avarc.io.results import ResultsWriter
+    from tests.test_results import _rec
+
+    out = tmp_path / "r.jsonl"
+    writer = ResultsWriter(out)
+    writer.write([_rec("a"), _rec("b")])
+    edited = tmp_path / "sed-tmp"
+    edited.write_bytes(out.read_bytes().splitlines(keepends=True)[0])
+    edited.replace(out)                                                      # what `sed -i '2d'` does
+    with pytest.raises(AvarcError, match=r"r.jsonl: changed under this run .* 2 records were in it; check the file"):
+        writer.write([_rec("c")])
+    writer.close()
+    writer = ResultsWriter(out)
+    with out.open("ab") as f:
+        f.write(b"\n")                                                       # another program appends
+    with pytest.raises(AvarcError, match="changed under this run"):
+        writer.write([_rec("d")])
+    writer.close()

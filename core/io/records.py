@@ -337,6 +337,13 @@ def read_records(path: str | os.PathLike, option: str | None = None) -> list[Rec
     return records
 
 
+def unique_records(records: Sequence[Record]) -> tuple[list[Record], int]:
+    """One record per image, the last (a skipped image retried by ``--resume``, or a line copied twice, leaves
+    several), in the order of first appearance; and how many records were left out."""
+    last = {record_key(r): r for r in records}
+    return list(last.values()), len(records) - len(last)
+
+
 def record_line(record: Record) -> bytes:
     """A record as one line of strict JSON, checked by the schema it is read back with (so whatever is written reads
     back), in UTF-8; a path holding a surrogate-escaped byte is written with ``\\u`` escapes, so the line stays valid

@@ -34,6 +34,7 @@ class Resumed:
 
     done: dict[str, Record] = field(default_factory=dict)
     torn: bool = False
+    retried: int = 0          # images whose records are all skipped: classified again (their skip may have passed)
 
 
 def file_lock(path: str | os.PathLike) -> FileLock:
@@ -66,7 +67,9 @@ def _differs(theirs: RunIdentity, ours: RunIdentity) -> str:
 def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Resumed:
     """Prepare the results file: new (an existing file needs ``resume``), or resumed. Resuming never removes a
     record: a file that is not a results file, or holds records of another run, is refused unchanged; only a torn
-    last line (one that does not parse) is cut off, and a whole last record without its newline gets one."""
+    last line (one that does not parse) is cut off, and a whole last record without its newline gets one. Images
+    whose records are all skipped are not done: they are tried again (their new record follows the old one, and
+    readers take the last record of an image)."""
     path = Path(path)
     if not path.exists():
         path.write_bytes(b"")
@@ -80,7 +83,7 @@ def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Res
         with open(path, "ab") as f:
             f.write(b"\n")
         data, end = data + b"\n", len(data) + 1
-    state = Resumed(torn=end < len(data))
+    state, skipped = Resumed(torn=end < len(data)), set()
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
@@ -94,7 +97,11 @@ def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Res
             raise AvarcError(f"{path}: holds records of another run ({_differs(rec['run'], run)}); left it "
                              "untouched; resume with the same settings, or choose another file for this run",
                              option="out")
-        state.done.setdefault(record_key(rec), rec)
+        if rec["status"] == "skipped":
+            skipped.add(record_key(rec))
+        else:
+            state.done.setdefault(record_key(rec), rec)
+    state.retried = len(skipped - state.done.keys())
     if state.torn:
         if not data[end:].startswith(b'{"'):
             raise AvarcError(f"{path}: its last line is not an avarc result record, so this is not a results file; "
@@ -111,10 +118,25 @@ class ResultsWriter:
     def __init__(self, path: str | os.PathLike, safe: int = 0):
         self.path, self.safe = Path(path), safe
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._end = os.fstat(self._fd).st_size
+
+    def _check_unchanged(self) -> None:
+        """The file is still the one this run writes, as long as it left it: another program that replaced it (``sed
+        -i``), truncated or appended to it would make the run's counts wrong and its next records land elsewhere."""
+        ours = os.fstat(self._fd)
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino) or ours.st_size != self._end:
+            raise AvarcError(f"{self.path}: changed under this run (replaced, truncated or written by another "
+                             f"program); stopped writing, {self.safe} records were in it; check the file, then "
+                             "continue with --resume", option="out")
 
     def write(self, records: Iterable[Record]) -> None:
         records = list(records)
         data = b"".join(map(record_line, records))
+        self._check_unchanged()
         held = _hold_signals()
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
@@ -127,6 +149,7 @@ class ResultsWriter:
         finally:
             _release_signals(held)
         self.safe += len(records)
+        self._end = start + len(data)
 
     def close(self) -> None:
         os.close(self._fd)

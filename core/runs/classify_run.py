@@ -95,8 +95,9 @@ class ClassifyRun:
             out.append(f"warning: profile {self.clf.profile.name} keeps more classes (stage {big[0]}: "
                        f"{stages[big[0] - 1].keep}) than there are candidates ({n}); those stages keep every candidate")
         resumed = self.results.resumed
-        if resumed is not None and (self.results.done or resumed.torn):
+        if resumed is not None and (self.results.done or resumed.torn or resumed.retried):
             out.append(f"resume: {len(self.results.done)} images already done, {len(self.todo)} to go"
+                       + (f" ({resumed.retried} skipped before, tried again)" if resumed.retried else "")
                        + (" (cut off a torn last line)" if resumed.torn else ""))
         return out
 
