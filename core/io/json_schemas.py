@@ -1,6 +1,7 @@
 """The published JSON Schemas (draft 2020-12) of the files avarc writes, generated from the declarations its readers
 and writers use: ``python -m avarc.io.json_schemas DIR`` writes ``record.schema.json`` and ``profile.schema.json``
-(the repository keeps them in ``schemas/``; a test checks they are current)."""
+(the repository keeps them in ``schemas/``; a test checks they are current). The JSON that ``bench --json`` and
+``tune --json`` print is declared in ``avarc.runs.bench`` and ``avarc.runs.tune``."""
 from __future__ import annotations
 
 import json
