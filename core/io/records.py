@@ -132,37 +132,35 @@ class _Common(_Strict):
     run: RunIdentity
 
 
-class OkRecord(_Common):
-    """A classified image."""
+class _Scored(_Common):
+    """What a scored image's record holds, prediction or not."""
 
-    status: Literal["ok"]
-    pred: ClassId
-    pred_name: str
     label_rank: Annotated[int, Field(ge=1)] | None
     topk: list[RankedClass]
     stages: Annotated[list[Stage], Field(min_length=1)]
     exited_after: Annotated[int, Field(ge=1)] | None
     posterior: list[PosteriorClass]
     gflops: NotRequired[Gflops | None]
-    ood: NotRequired[OodRecord | None]
     error: None
 
 
-class AbstainedRecord(_Common):
+class OkRecord(_Scored):
+    """A classified image."""
+
+    status: Literal["ok"]
+    pred: ClassId
+    pred_name: str
+    ood: NotRequired[OodRecord | None]
+
+
+class AbstainedRecord(_Scored):
     """An image the profile's OOD rule answered "none of these" for: its ranking and scores are kept, ``pred`` is
     null."""
 
     status: Literal["abstained"]
     pred: None
     pred_name: None
-    label_rank: Annotated[int, Field(ge=1)] | None
-    topk: list[RankedClass]
-    stages: Annotated[list[Stage], Field(min_length=1)]
-    exited_after: Annotated[int, Field(ge=1)] | None
-    posterior: list[PosteriorClass]
-    gflops: NotRequired[Gflops | None]
     ood: OodRecord
-    error: None
 
 
 class SkippedRecord(_Common):
