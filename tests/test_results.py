@@ -51,7 +51,17 @@ def test_run_fingerprint_changes_with_anything_that_changes_scores():
 
 
 def _rec(path: str, run=RUN) -> dict:
-    return skipped_record(Item(path, path), "x", NAMES, run)
+    """A classified image's record (a skipped one is not done: ``--resume`` tries it again)."""
+    return ok_record(Item(path, path), prediction([{0: -1.0, 1: -2.0, 2: -3.0}, {0: -5.0, 1: -6.0}, {0: -9.0}]),
+                     NAMES, run, 3)
+
+
+def test_resume_tries_skipped_images_again(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(b"".join(record_line(skipped_record(Item(p, p), "x", NAMES, RUN)) for p in ("a", "b"))
+                    + record_line(_rec("b")))
+    state = open_results(out, True, RUN)
+    assert list(state.done) == [str(image_key("b"))] and state.retried == 1
 
 
 def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
