@@ -281,3 +281,18 @@ def test_a_results_file_replaced_during_a_run_stops_the_run_in_one_line(tmp_path
     with pytest.raises(AvarcError, match="changed under this run"):
         writer.write([_rec("d")])
     writer.close()
+
+
+def test_resume_refuses_another_ood_score_or_dtype_in_one_line(tmp_path, monkeypatch, capsys):
+    test = save_digits(tmp_path / "test", 1300, 1302)
+    out = tmp_path / "r.jsonl"
+    assert run_cli(monkeypatch, capsys, "classify", test, "-o", out, "--dtype", "fp32", *CPU)[0] == 0
+    before = out.read_bytes()
+    run = records_of(out)[0]["run"]
+    assert (run.dtype, run.compile, run.ood_score) == ("float32", False, "likelihood")
+    assert run.weights.startswith("sha256:") and run.vae_weights.startswith("sha256:")
+    for args, says in ((("--ood-score", "ratio"), "ood_score 'likelihood' vs 'ratio' now"),
+                       (("--dtype", "bf16"), "dtype 'float32' vs 'bfloat16' now")):
+        code, _, err = run_cli(monkeypatch, capsys, "classify", test, "-o", out, "--resume", "--dtype", "fp32", *args,
+                               *CPU)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1 and out.read_bytes() == before, err
