@@ -1,7 +1,9 @@
 """The JSONL record, one per image: the public output of ``avarc classify`` and the input of ``--resume``,
-``report`` and ``tune``. Its schema (a ``TypedDict``), the run identity every record carries, the one writer
-(:func:`record_line`: strict JSON) and the one reader (:func:`parse_line` / :func:`read_records`: every field
-checked, so a damaged file is one line, never a traceback)."""
+``report`` and ``explain --from``. Its schema (:data:`RECORD`: one strict pydantic ``TypedDict`` per ``status``;
+published as ``schemas/record.schema.json``), the run identity every record carries (:class:`RunIdentity`), the one
+writer (:func:`record_line`: checked by the schema, strict JSON) and the one reader (:func:`parse_record` /
+:func:`read_records`: checked by the same schema, so a damaged file is one line naming the field, never a
+traceback)."""
 from __future__ import annotations
 
 import hashlib

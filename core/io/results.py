@@ -1,12 +1,13 @@
 """Result records (one JSON line per image), the results file with ``--resume``, and the run's metrics.
 
-Every record (a :class:`Record`) carries a ``run`` key, the run's identity (model, weights' SHA-256, profile, seed,
-dtype, temperature, top-k, labels mode and a fingerprint of everything that changes a record), and ``file``, the
-image's resolved absolute path, which is the key resuming matches on. Resuming never removes a record: a file of
+Every record (a :class:`Record`) carries a ``run`` key, the run's identity (a :class:`RunIdentity`: every input of
+the computation and a fingerprint of them), and ``file``, the image's resolved absolute path (a dataset row: its
+split's resolved path and row), which is the key resuming matches on. Resuming never removes a record: a file of
 another run, or not a results file, is refused untouched. A kill -9 can leave a torn last line; resuming cuts it
 off, so no record is duplicated and none that was complete is lost. One run at a time holds the file's lock. Records
-are written by :func:`record_line` (strict JSON, bytes-safe paths) and read back only through :func:`parse_line`,
-which checks every field a reader uses, so a damaged line is one error naming it.
+are written by :func:`record_line` (strict JSON, bytes-safe paths) and read back only through :func:`parse_record`,
+which checks every field by the schema, so a damaged line is one error naming it. The file is this run's while it
+writes: replaced or changed by another program, the run stops.
 """
 from __future__ import annotations
 
