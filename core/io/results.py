@@ -35,7 +35,16 @@ class Resumed:
 
     done: dict[str, Record] = field(default_factory=dict)
     torn: bool = False
-    retried: int = 0          # images whose records are all skipped: classified again (their skip may have passed)
+    skipped: dict[str, str] = field(default_factory=dict)   # images whose records are all skipped → the last reason
+
+    @property
+    def retried(self) -> int:
+        """Images classified again: all their records are skipped (the reason may have passed)."""
+        return len(self.skipped)
+
+    def repeats(self, record: Record) -> bool:
+        """A retried image skipped again for the same reason: nothing new to write."""
+        return record["status"] == "skipped" and self.skipped.get(record_key(record)) == record["error"]
 
 
 def file_lock(path: str | os.PathLike) -> FileLock:
@@ -69,8 +78,8 @@ def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Res
     """Prepare the results file: new (an existing file needs ``resume``), or resumed. Resuming never removes a
     record: a file that is not a results file, or holds records of another run, is refused unchanged; only a torn
     last line (one that does not parse) is cut off, and a whole last record without its newline gets one. Images
-    whose records are all skipped are not done: they are tried again (their new record follows the old one, and
-    readers take the last record of an image)."""
+    whose records are all skipped are not done: they are tried again (a new record follows the old one unless the
+    image is skipped again for the same reason; readers take the last record of an image)."""
     path = Path(path)
     if not path.exists():
         path.write_bytes(b"")
@@ -84,7 +93,7 @@ def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Res
         with open(path, "ab") as f:
             f.write(b"\n")
         data, end = data + b"\n", len(data) + 1
-    state, skipped = Resumed(torn=end < len(data)), set()
+    state, skipped = Resumed(torn=end < len(data)), {}
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
@@ -99,10 +108,10 @@ def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Res
                              "untouched; resume with the same settings, or choose another file for this run",
                              option="out")
         if rec["status"] == "skipped":
-            skipped.add(record_key(rec))
+            skipped[record_key(rec)] = rec["error"]
         else:
             state.done.setdefault(record_key(rec), rec)
-    state.retried = len(skipped - state.done.keys())
+    state.skipped = {k: e for k, e in skipped.items() if k not in state.done}
     if state.torn:
         if not data[end:].startswith(b'{"'):
             raise AvarcError(f"{path}: its last line is not an avarc result record, so this is not a results file; "

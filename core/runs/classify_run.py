@@ -59,9 +59,11 @@ class ClassifyRun:
 
     def __iter__(self) -> Iterator[list[dict]]:
         for batch in self.clf.classify_items(self.todo, self.found.candidates, run_key=self.run_key, **self.options):
-            self.results.write(batch)
+            resumed = self.results.resumed
+            fresh = [r for r in batch if resumed is None or not resumed.repeats(r)]    # a skip again: known
+            self.results.write(fresh)
             self.count(batch)
-            self.new, self.safe = self.new + len(batch), self.safe + len(batch)
+            self.new, self.safe = self.new + len(batch), self.safe + len(fresh)
             self.unreadable += sum(r["status"] == "skipped" for r in batch)
             self.records += batch if self.keep_records else []
             yield batch
@@ -81,8 +83,8 @@ class ClassifyRun:
 
     @property
     def all_unreadable(self) -> bool:
-        """This run classified images and could read none of them."""
-        return bool(self.new) and self.unreadable == self.new
+        """This run classified images and could read none of them (nor had a resumed file any it could)."""
+        return bool(self.new) and self.unreadable == self.new and not self.results.done
 
     def notes(self) -> list[str]:
         """What a person should know before the run starts: left-out images, stages that keep every candidate, what
