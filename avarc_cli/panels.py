@@ -63,16 +63,16 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
     """``--from``: a classify run's images, its model (unless -m), seed and true/predicted classes."""
     from avarc.errors import AvarcError
     from avarc.io.files import make_output_dir
-    from avarc.io.records import read_records
+    from avarc.io.records import read_records, unique_records
     from avarc.io.registry import is_registry_name
     from avarc.tasks.explain import record_targets
     from avarc.tasks.heatmap import check_style
 
 
     check_style(colormap, alpha)
-    records = read_records(run)
-    info = next((r["run"] for r in records if r.get("run")), {})
-    used = info.get("model")
+    records, _ = unique_records(read_records(run))
+    info = records[0]["run"]
+    used = info.model
     model = model or (used if used and (is_registry_name(used) or Path(used).exists()) else None)
     if model is None:
         raise AvarcError(f"{run}: the run's model {used!r} is not a registry name or a path here; pass it with -m")
@@ -82,7 +82,7 @@ def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[s
     make_output_dir(out, "out")
     clf = opts.load(model, profile)
     write(clf, [it for it, _, _ in chosen], {it.path: t for it, t, _ in chosen}, out, colormap, alpha, shared_scale,
-          scales, info.get("seed", 0), force, {it.path: p for it, _, p in chosen})
+          scales, info.seed, force, {it.path: p for it, _, p in chosen})
 
 
 def metrics_table(measured: list, out: Path, start: str) -> None:

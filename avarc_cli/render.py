@@ -65,12 +65,9 @@ def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[fl
                                  f"{MIN_PER_CLASS}): the choice is mostly noise; tune on more labelled images "
                                  "(README, Choosing a schedule)", markup=False, highlight=False)
     if as_json:
-        output.emit_json({"chosen": _point(c), "chosen_held_out": _point(res.chosen_held), "varc": _point(base),
-                          "budget_gflops": res.budget_gflops, "temperature": res.temperature,
-                          "ece_held_out": [res.ece_before, res.ece_after],
-                          "nll_held_out": [res.nll_before, res.nll_after],
-                          "front": [_point(p) for p in res.front], "schedules": [_point(p) for p in res.points],
-                          "profile": str(out), "report": None if report is None else str(report)})
+        from avarc.runs.tune import tune_json
+
+        output.emit_json(tune_json(res, str(out), None if report is None else str(report)))
         return
     front = sorted({p.stages: p for p in [*res.front, c]}.values(), key=lambda p: p.executed_gflops)
     at = next(i for i, p in enumerate(front) if p.stages == c.stages)
@@ -94,15 +91,12 @@ def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[fl
         ("wrote", str(out) if report is None else f"{out}, {report}")])
 
 
-def _point(p: Any) -> dict | None:
-    return None if p is None else {"schedule": p.describe(), "top1": p.accuracy, "images": p.images,
-                                   "executed_gflops": p.executed_gflops, "paper_gflops": p.paper_gflops}
-
-
 def bench_tables(results: list, as_json: bool, title: str, flops: bool = False) -> None:
     """``avarc bench`` rows: one number per cell, each column with its unit."""
     if as_json:
-        output.emit_json({"results": [r.to_json() for r in results]})
+        from avarc.runs.bench import bench_json
+
+        output.emit_json(bench_json(results))
         return
     if flops:
         output.table(f"GFLOPs per image ({title})", ["profile", "paper", "executed", "attention"],

@@ -39,7 +39,7 @@ from .io.hub import find_local
 from .io.loading import finish, resolve_model
 from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
 from .io.profiles import default_profile_name, load_profile
-from .io.records import Record, model_identity, ok_record, run_info, skipped_record
+from .io.records import Record, RunIdentity, model_identity, ok_record, run_identity, skipped_record, weights_identity
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
 from .tasks.explain import Explanation, Target, check_scales, explain_images
@@ -261,14 +261,19 @@ class Classifier:
             return list(range(self.model.num_classes))
         return [self.class_id(c, "candidate") for c in candidates]
 
-    def run_key(self, seed: int, candidates: Sequence[int], **settings) -> dict:
-        """The ``run`` key of this classifier's records (what decides every score; ``settings`` as ``run_info``)."""
-        extra = {"extensions": [e.sha256 for e in self.extensions]} if self.extensions else None
-        return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra, **settings)
+    def run_key(self, seed: int, candidates: Sequence[int], **settings) -> RunIdentity:
+        """The ``run`` key of this classifier's records: what decides every score. The model's part (both weight
+        files by content, dtype, compile, extensions) is filled in here; ``settings`` add the run's (temperature,
+        top-k, labels mode, OOD score, inputs; see :class:`~core.io.records.RunIdentity`)."""
+        m = self.model
+        return run_identity(model_identity(m, self.source), self.profile, seed, candidates,
+                            weights=weights_identity(m.var_file), vae_weights=weights_identity(m.vae_file),
+                            dtype=str(self.dtype).removeprefix("torch."), compile=m.compile,
+                            extensions=[e.sha256 for e in self.extensions], **settings)
 
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
                        temperature: float | None = None,
-                       topk: int = 5, run_key: dict | None = None, dist: distributed.Dist = distributed.Dist(),
+                       topk: int = 5, run_key: RunIdentity | None = None, dist: distributed.Dist = distributed.Dist(),
                        per_step: int | None = None, ood_score: str | None = None) -> Iterator[list[Record]]:
         """Items → batches of result records (unreadable images become skipped records), in input order."""
         names = self.class_names

@@ -34,3 +34,24 @@ def library_fix(fix: str | NeedsDownload) -> str:
         return f"set {fix}=True"
     where = "" if fix.model_dir is None else f", model_dir={os.fspath(fix.model_dir)!r}"
     return f"download it with Classifier.from_pretrained({fix.name!r}{where}) (without local_files_only)"
+
+
+def schema_problem(error, tags: tuple[str, ...] = ()) -> tuple[list[str | int], str]:  # noqa: ANN001 (pydantic's)
+    """A schema library's validation error as its first problem: the place (``["stages", 0, "scores", 1]``; ``tags``:
+    a discriminated union's branch names and the union's type names are left out) and what is wrong, in one line
+    (naming the value found)."""
+    first = error.errors(include_url=False)[0]
+    kind = first["type"]
+    loc = [x for x in first["loc"] if not (isinstance(x, str) and (x in tags or x in _TYPE_TAGS or "[" in x))]
+    if kind == "missing":
+        return loc, "missing"
+    if kind == "extra_forbidden":
+        return loc, "unknown field"
+    msg = str(first["msg"]).replace("\n", " ").removeprefix("Value error, ")
+    msg = msg[:1].lower() + msg[1:]
+    if kind != "value_error" and not isinstance(first.get("input"), (dict, list)):
+        msg += f", got {first.get('input')!r}"
+    return loc, msg
+
+
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict", "none", "constrained-str"}

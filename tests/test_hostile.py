@@ -144,12 +144,10 @@ def test_resume_refuses_another_run_naming_the_difference(digits, results, tmp_p
 
 
 def test_weights_identity_is_the_content_not_the_size(tmp_path):
-    from types import SimpleNamespace
-
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     a.write_bytes(b"\0" * 64)
     b.write_bytes(b"\0" * 63 + b"\1")
-    ids = {weights_identity(SimpleNamespace(var_file=p)) for p in (a, b)}
+    ids = {weights_identity(p) for p in (a, b)}
     assert len(ids) == 2 and all(i.startswith("sha256:") for i in ids)
 
 
@@ -327,8 +325,11 @@ def test_damaged_records_are_one_line_in_resume_and_report(digits, results, tmp_
 def test_non_finite_training_is_refused_and_records_are_strict_json():
     from avarc.io.records import parse_line
 
-    line = record_line({"path": "x.png", "status": "ok", "pred": 1, "stages": [{"scores": [float("nan")]}],
-                        "run": {}})
+    stage = {"scales": 1, "samples": 1, "keep": 1, "candidates": [1], "scores": [float("nan")]}
+    line = record_line({"path": "x.png", "label": None, "label_name": None, "status": "ok", "pred": 1,
+                        "pred_name": "1", "label_rank": None, "topk": [], "stages": [stage], "exited_after": None,
+                        "posterior": [], "error": None,
+                        "run": {"model": "m", "profile": "p", "seed": 0, "fingerprint": "f"}})
     rec = json.loads(line, parse_constant=lambda c: pytest.fail(c))
     assert rec["status"] == "skipped" and "non-finite" in rec["error"] and parse_line(line) is not None
 

@@ -36,18 +36,20 @@ def test_all_resolves_against_the_models_geometry(tmp_path):
 
 @pytest.mark.parametrize("body, expected", [
     ("stages:\n  - {scales: 6, keep: 10}\n  - {scales: 10, samples: 0}\n",
-     "stage 2: samples: must be an integer ≥ 1, got 0"),
+     "stage 2: samples: input should be greater than 0, got 0; fix the profile"),
     ("stages:\n  - {scales: 6, keep: 2}\n  - {scales: 10, keep: 3}\n  - {scales: 10}\n",
      "stage 2: keep: 3 is more than stage 1 keeps (2)"),
     ("stages:\n  - {scales: 6, keep: 3}\n", "stage 1: keep: must be 1 in the last stage"),
     ("stages:\n  - {scales: six}\n", "stage 1: scales: 'six' is not a number"),
     ("stages:\n  - {keep: 1}\n", "stage 1: scales: missing"),
-    ("stages:\n  - {scales: 4, sample: 3}\n", "stage 1: sample: unknown field"),
+    ("stages:\n  - {scales: 4, sample: 3}\n", "stage 1: sample: unknown field; use scales, samples, keep, exit_margin"),
+    ("sigma: .nan\nstages:\n  - {scales: 4}\n", "sigma: input should be a finite number"),
+    ("stages:\n  - {scales: true}\n", "stage 1: scales: input should be a valid integer, got True"),
     ("stages:\n  - {scales: 4, keep: 2, exit_margin: -1}\n  - {scales: 5}\n",
-     "stage 1: exit_margin: must be a positive number"),
+     "stage 1: exit_margin: input should be greater than 0, got -1"),
     ("stages:\n  - {scales: 4, exit_margin: 3}\n", "stage 1: exit_margin: the last stage has nothing left to skip"),
-    ("sigma: -0.1\nstages:\n  - {scales: 4}\n", "sigma: must be a number ≥ 0"),
-    ("stages: []\n", "stages: must be a non-empty list"),
+    ("sigma: -0.1\nstages:\n  - {scales: 4}\n", "sigma: input should be greater than or equal to 0, got -0.1"),
+    ("stages: []\n", "stages: list should have at least 1 item"),
     ("- 1\n- 2\n", "a profile must be a mapping"),
     ("stages:\n  - {scales: 4\n", "invalid YAML at line"),
 ])
@@ -88,5 +90,5 @@ def test_a_written_profile_reads_back_with_its_temperature_and_is_not_overwritte
     with pytest.raises(AvarcError, match="already exists; set force=True"):
         write_profile(p, f)
     f.write_text("temperature: 0\nstages:\n  - {scales: 4}\n")
-    with pytest.raises(AvarcError, match="temperature: must be a positive number"):
+    with pytest.raises(AvarcError, match="temperature: input should be greater than 0, got 0"):
         load_profile(f)

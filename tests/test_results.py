@@ -10,13 +10,13 @@ from avarc import AvarcError
 from avarc.engine.profile import Profile, Stage
 from avarc.engine.stages import Prediction, StageScores
 from avarc.io.data import Item
-from avarc.io.records import image_key, ok_record, run_info, skipped_record
+from avarc.io.records import RECORD, image_key, ok_record, parse_record, record_line, run_identity, skipped_record
 from avarc.io.results import ResultsWriter, lock_results, open_results
 from avarc.io.summary import Metrics, append_csv_summary, stage_survival
 
 NAMES = [f"c{i}" for i in range(6)]
 PROFILE = Profile("p", (Stage(3, 1, 3), Stage(5, 1, 2), Stage(5, 2, 1)))
-RUN = run_info("m", PROFILE, 0, range(6))
+RUN = run_identity("m", PROFILE, 0, range(6))
 
 
 def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_after=None) -> Prediction:
@@ -36,22 +36,32 @@ def test_records_hold_ranking_stages_posterior_and_run():
     assert [s["candidates"] for s in rec["stages"]] == [[0, 1, 2, 3, 4, 5], [1, 3, 2], [3, 1]]
     assert [q["class"] for q in rec["posterior"]] == [3, 1] and abs(sum(q["p"] for q in rec["posterior"]) - 1) < 1e-5
     assert stage_survival(rec, 3) == [True, True, False]
-    json.dumps(rec)
+    assert parse_record(record_line(rec)) == parse_record(json.dumps(RECORD.dump_python(rec, by_alias=True)))
     skipped = skipped_record(Item("bad.png", "bad.png"), "bad.png: not a readable image (empty file)", NAMES, RUN)
     assert skipped["status"] == "skipped" and skipped["pred"] is None and "empty file" in skipped["error"]
 
 
 def test_run_fingerprint_changes_with_anything_that_changes_scores():
-    base = run_info("m", PROFILE, 0, range(6))
-    assert base == run_info("m", PROFILE, 0, [5, 4, 3, 2, 1, 0])
+    base = run_identity("m", PROFILE, 0, range(6))
+    assert base == run_identity("m", PROFILE, 0, [5, 4, 3, 2, 1, 0])
     other_sigma = Profile("p", PROFILE.stages, sigma=0.2)
-    for other in (run_info("m2", PROFILE, 0, range(6)), run_info("m", PROFILE, 1, range(6)),
-                  run_info("m", other_sigma, 0, range(6)), run_info("m", PROFILE, 0, range(5))):
-        assert other["fingerprint"] != base["fingerprint"]
+    for other in (run_identity("m2", PROFILE, 0, range(6)), run_identity("m", PROFILE, 1, range(6)),
+                  run_identity("m", other_sigma, 0, range(6)), run_identity("m", PROFILE, 0, range(5))):
+        assert other.fingerprint != base.fingerprint
 
 
-def _rec(path: str, run: dict = RUN) -> dict:
-    return skipped_record(Item(path, path), "x", NAMES, run)
+def _rec(path: str, run=RUN) -> dict:
+    """A classified image's record (a skipped one is not done: ``--resume`` tries it again)."""
+    return ok_record(Item(path, path), prediction([{0: -1.0, 1: -2.0, 2: -3.0}, {0: -5.0, 1: -6.0}, {0: -9.0}]),
+                     NAMES, run, 3)
+
+
+def test_resume_tries_skipped_images_again(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(b"".join(record_line(skipped_record(Item(p, p), "x", NAMES, RUN)) for p in ("a", "b"))
+                    + record_line(_rec("b")))
+    state = open_results(out, True, RUN)
+    assert list(state.done) == [str(image_key("b"))] and state.retried == 1
 
 
 def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
@@ -64,7 +74,7 @@ def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
         open_results(out, False, RUN)
     full = out.read_bytes()
     with open(out, "ab") as f:
-        f.write(json.dumps(_rec("c")).encode()[:40])                # kill -9 in the middle of a write
+        f.write(record_line(_rec("c"))[:40])                # kill -9 in the middle of a write
     state = open_results(out, True, RUN)
     assert state.torn and sorted(state.done) == sorted(image_key(p) for p in ("a", "b"))
     assert out.read_bytes() == full
@@ -78,7 +88,7 @@ def test_resume_cuts_a_torn_line_and_keeps_every_complete_record(tmp_path):
 def test_resume_matches_images_by_their_resolved_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r.jsonl"
-    out.write_text(json.dumps(_rec("d/x.png")) + "\n")
+    out.write_bytes(record_line(_rec("d/x.png")))
     assert (set(open_results(out, True, RUN).done) == {str(tmp_path / "d" / "x.png")}
             == {image_key(tmp_path / "d/x.png")})
 
@@ -99,8 +109,8 @@ def test_resume_refuses_a_file_that_is_not_a_results_file_and_leaves_it_untouche
 
 def test_resume_refuses_records_of_another_run_and_names_what_differs(tmp_path):
     out = tmp_path / "r.jsonl"
-    other = run_info("m", PROFILE, 1, range(6))
-    out.write_text("".join(json.dumps(r) + "\n" for r in (_rec("a"), _rec("b", other))))
+    other = run_identity("m", PROFILE, 1, range(6))
+    out.write_text("".join(record_line(r).decode() for r in (_rec("a"), _rec("b", other))))
     before = out.read_bytes()
     with pytest.raises(AvarcError, match=r"r.jsonl: holds records of another run \(seed 1 vs 0 now\).*another file"):
         open_results(out, True, RUN)
@@ -145,7 +155,7 @@ def test_csv_summary_rows_accumulate_under_one_header(tmp_path):
     rows = list(csv.DictReader(f.open()))
     assert rows == [{"model": "a", "top1": "0.5"}, {"model": "b", "top1": "0.75"}]
     before = f.read_bytes()
-    with pytest.raises(AvarcError, match="its columns differ from this run.s.*choose another file"):
+    with pytest.raises(AvarcError, match="s.csv: its header lacks recall_stage1; left it untouched; choose another"):
         append_csv_summary(f, {"model": "c", "top1": 0.5, "recall_stage1": 1.0})
     left = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]   # the hidden lock stays, as for --out
     assert f.read_bytes() == before and left == ["s.csv"]    # no temporary left

@@ -37,8 +37,12 @@ def classify(
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], opt("--out", "-o", metavar="FILE",
-                                       help="Write a JSON record per image (.jsonl).")] = None,
-    csv: Annotated[Optional[Path], opt("--csv", metavar="FILE", help="Append the run's summary as a CSV row.")] = None,
+                                       help="Write a JSON record per image (.jsonl): prediction, "
+                                            "ranking, stages, status ok/abstained/skipped, run "
+                                            "identity (schemas/record.schema.json).")] = None,
+    csv: Annotated[Optional[Path], opt("--csv", metavar="FILE", help="Append the run's row to a CSV experiment log "
+                                       "(model SHA, dtype, profile, OOD rule, top-1, abstained, GFLOPs, "
+                                       "seconds; README).")] = None,
     resume: Annotated[bool, opt("--resume", help="Continue --out (the same run only).")] = False,
     seed: SeedOpt = 0,
     temperature: Annotated[Optional[float], opt("--temperature", min=1e-6, metavar="T",
@@ -99,7 +103,7 @@ def classify(
     if not dist.is_main:
         return
     classify_summary(run, topk, dist.world)
-    if csv is not None and not run.append_summary(csv, dataset, subset):
+    if csv is not None and not run.append_summary(csv, dataset, subset, inputs):
         output.say(f"note: nothing new was classified; no row added to {csv}", err=True)
     if run.all_unreadable:
         output.say(f"error: none of the {run.new} images could be read (see the skipped records); check the inputs",

@@ -33,12 +33,15 @@ def report(
     """
     from avarc.errors import AvarcError
     from avarc.io.files import absolute, check_output_file, write_text
-    from avarc.io.records import read_records
+    from avarc.io.records import read_records, unique_records
     from avarc.runs.report import run_report
 
     from .. import output
 
-    records = read_records(results)
+    records, repeated = unique_records(read_records(results))
+    if repeated:
+        output.say(f"note: {repeated} records repeat an image already in {results} (a skipped image tried again by "
+                   "--resume, or a copied line); each image is counted once, by its last record", err=True)
     out = out or results.with_suffix(".html")
     if absolute(out) == absolute(results) or (explain is not None and absolute(out).parent == absolute(explain)
                                               and out.suffix.lower() in (".png", ".npz")):
@@ -47,7 +50,7 @@ def report(
     out = check_output_file(out, "out", force)
     if explain is not None and not explain.is_dir():
         raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
-    name = model or next((r["run"].get("model") for r in records if isinstance(r["run"].get("model"), str)), None)
+    name = model or records[0]["run"].model
     page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
     write_text(out, page, "out", force)
     output.say(f"wrote {out}")

@@ -40,8 +40,14 @@ class ClassScore:
 
     id: int
     name: str
-    score: float        # the last stage's score of the class (log-likelihood in nats, up to a shared constant)
-    p: float            # its posterior probability
+    score: float        # the class's score in the last stage that scored it (log-likelihood in nats, up to a constant)
+    p: float            # its posterior probability (0 for a class pruned before the last stage)
+    stage: int          # the 1-based stage that gave ``score``: scores of different stages do not compare
+
+    def to_dict(self) -> dict:
+        """The shape of a record's ``topk`` entry and of ``Prediction.to_dict()``'s ``top``."""
+        return {"class": self.id, "name": self.name, "score": round(self.score, 4), "stage": self.stage,
+                "p": round(self.p, 6)}
 
 
 @dataclass(repr=False)
@@ -67,14 +73,17 @@ class Prediction:
         pruned before the last stage)."""
         post = dict(self.posterior)
         names = self.class_names
-        return [ClassScore(c, names[c] if names is not None else str(c), s, post.get(c, 0.0)) for c, s in self.ranking]
+        stage = {c: i for i, st in enumerate(self.stages, 1) for c in st.candidates}     # the last that scored c
+        return [ClassScore(c, names[c] if names is not None else str(c), s, post.get(c, 0.0), stage.get(c, 1))
+                for c, s in self.ranking]
 
     def to_dict(self, topk: int = 5) -> dict:
-        """Plain data (JSON-ready): the prediction, the true class if known and the best ``topk`` classes."""
+        """Plain data (JSON-ready): the prediction, the true class if known and the best ``topk`` classes (each as a
+        record's ``topk`` entry: ``class``, ``name``, ``score``, ``stage``, ``p``)."""
         names = self.class_names
         return {"pred": self.pred, "pred_name": self.pred_name,
                 "label": self.label, "label_name": names[self.label] if names is not None and self.label is not None
-                else None, "exited_after": self.exited_after, "top": [vars(t) for t in self.top[:topk]],
+                else None, "exited_after": self.exited_after, "top": [t.to_dict() for t in self.top[:topk]],
                 "abstained": self.abstained, "ood": self.ood, "gflops": self.gflops}
 
     def __repr__(self) -> str:

@@ -148,7 +148,11 @@ class ClassSpace:
 
 
 class RowSource(Protocol):
-    """A table of images (a Hugging Face dataset split): row → decoded image, or AvarcError naming the row."""
+    """A table of images (a Hugging Face dataset split): row → decoded image, or AvarcError naming the row; ``key``
+    names the split with its path resolved, ``fingerprint`` is its content's."""
+
+    key: str
+    fingerprint: str
 
     def image(self, row: int) -> Image.Image: ...
 
@@ -171,8 +175,9 @@ class Item:
 
     @property
     def file(self) -> str:
-        """What ``--resume`` matches on: a file's absolute path (symlinks resolved), a row's ``path``."""
-        return self.path if self.source is not None else str(absolute(self.path))
+        """What ``--resume`` matches on: a file's absolute path (symlinks resolved), a row's split (its path resolved
+        the same way) and row number."""
+        return f"{self.source.key}#{self.row}" if self.source is not None else str(absolute(self.path))
 
     def open(self) -> Image.Image:
         """The decoded RGB image, its border cropped; AvarcError (one line naming it) when it cannot be read."""

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AvarcError
+from .files import absolute
 from .preprocess import open_image, preprocess_pil, to_rgb
 
 _HUB = re.compile(r"hf:/+datasets/(?P<repo>.*)")     # a shell Path folds hf:// to hf:/
@@ -124,10 +125,13 @@ def _column(name: str, ds, wanted: str | None, kind, what: str, option: str) -> 
 
 
 class SplitImages:
-    """One split's image column, decoded on demand (arrow reads are safe from the loader's threads)."""
+    """One split's image column, decoded on demand (arrow reads are safe from the loader's threads). ``key`` names the
+    split whatever the spelling of its path (``--resume`` matches rows on it); ``fingerprint`` is the dataset's own
+    (its content, as ``datasets`` hashes it), part of the run's identity."""
 
-    def __init__(self, where: str, ds, column: str):
-        self.where, self.column = where, column
+    def __init__(self, where: str, ds, column: str, key: str | None = None):
+        self.where, self.column, self.key = where, column, key or where
+        self.fingerprint = str(getattr(ds, "_fingerprint", "") or "")
         self.table = ds.select_columns([column]).cast_column(column, _datasets().Image(decode=False))
 
     def image(self, row: int) -> Image.Image:
@@ -164,20 +168,22 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
             raise AvarcError(f"{raw}: pass datasets alone, or files and folders alone, in one run")
         split_name, ds = load_split(str(raw), split)
         where = f"{display(raw)}[{split_name}]"
+        local = display(raw) == str(raw) and Path(raw).exists()
+        resolved = f"{absolute(raw) if local else display(raw)}[{split_name}]"
         image_col = _column(display(raw), ds, image_column, ds_lib.Image, "images", "image_column")
         if image_col is None:
             raise AvarcError(f"{display(raw)}: no column holds images (an Image feature); name it with --image-column "
                              f"(columns: {', '.join(ds.features)})", option="image_column")
         label_col = _column(display(raw), ds, label_column, ds_lib.ClassLabel, "class labels (a ClassLabel feature)",
                             "label_column")
-        splits.append((where, ds, image_col, label_col))
+        splits.append((where, ds, image_col, label_col, resolved))
     if labels == "folders" and any(lc is None for *_, lc in splits):
-        where = next(w for w, *_, lc in splits if lc is None)
+        where = next(w for w, _, _, lc, _ in splits if lc is None)
         raise AvarcError(f"{where}: no label column (a ClassLabel feature); name it with --label-column, or classify "
                          "without labels", option="labels")
     labelled = labels != "none" and all(lc is not None for *_, lc in splits)
     out = []
-    for where, ds, image_col, label_col in splits:
+    for where, ds, image_col, label_col, resolved in splits:
         ids: list[int | None] = [None] * len(ds)
         if labelled:
             names = ds.features[label_col].names
@@ -190,7 +196,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
             ids = [by_index[v] if v is not None and 0 <= v < len(names) else None for v in ds[label_col]]
         if not len(ds):
             raise AvarcError(f"{where}: no rows; pass a split with images", option="split")
-        out.append(Rows(where, SplitImages(where, ds, image_col), ids))
+        out.append(Rows(where, SplitImages(where, ds, image_col, resolved), ids))
     return out, labelled
 
 

@@ -16,67 +16,110 @@ An optional ``temperature`` (written by ``avarc tune``) calibrates the posterior
 """
 from __future__ import annotations
 
-import math
 import os
 from importlib import resources
 from pathlib import Path
-from typing import TypeGuard
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PositiveInt,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
+from ..choices import OOD_SCORES
 from ..engine.profile import _ALL, OodRule, Profile, Stage
-from ..errors import AvarcError
+from ..errors import AvarcError, schema_problem
 from .files import write_text
-
-STAGE_FIELDS = ("scales", "samples", "keep", "exit_margin")
-PROFILE_FIELDS = ("name", "description", "sigma", "temperature", "stages", "guard_margin", "ood")
 
 
 def _fail(where: str, problem: str) -> AvarcError:
     return AvarcError(f"{where}: {problem}")
 
 
-def _int_field(value, where: str, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(where, f"{name}: must be an integer ≥ {minimum}, got {value!r}; fix the profile")
+def _scales(value: int | str) -> int | str:
+    if isinstance(value, str):
+        if not _ALL.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not a number, `all` or `all-N`; fix the profile")
+        return value.strip()
+    if value < 1:
+        raise ValueError(f"must be a number ≥ 1, `all` or `all-N`, got {value!r}; fix the profile")
     return value
 
 
-def _parse_stage(raw, where: str) -> Stage:
-    if not isinstance(raw, dict):
-        raise _fail(where, f"must be a mapping like {{scales: 6, keep: 10}}, got {raw!r}; fix the profile")
-    unknown = [k for k in raw if k not in STAGE_FIELDS]
-    if unknown:
-        raise _fail(where, f"{unknown[0]}: unknown field; use {', '.join(STAGE_FIELDS)}")
-    if "scales" not in raw:
-        raise _fail(where, "scales: missing; give a number of scales, `all` or `all-N`")
-    scales = raw["scales"]
-    if isinstance(scales, str):
-        if not _ALL.fullmatch(scales.strip()):
-            raise _fail(where, f"scales: {scales!r} is not a number, `all` or `all-N`; fix the profile")
-        scales = scales.strip()
-    else:
-        scales = _int_field(scales, where, "scales")
-    margin = raw.get("exit_margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                               or not math.isfinite(margin) or margin <= 0):
-        raise _fail(where, f"exit_margin: must be a positive number of nats or null, got {margin!r}; fix the profile")
-    return Stage(scales=scales, samples=_int_field(raw.get("samples", 1), where, "samples"),
-                 keep=_int_field(raw.get("keep", 1), where, "keep"),
-                 exit_margin=float(margin) if margin is not None else None)
+class StageFile(BaseModel):
+    """One stage of a profile file: ``scales`` (a count, ``all`` or ``all-N``), ``samples``, ``keep`` and an
+    optional ``exit_margin`` in nats."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    scales: Annotated[int | str, AfterValidator(_scales), WithJsonSchema({"anyOf": [
+        {"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*all(\s*-\s*\d+)?\s*$"}]})]
+    samples: PositiveInt = 1
+    keep: PositiveInt = 1
+    exit_margin: Annotated[FiniteFloat, Field(gt=0)] | None = None
+
+
+class OodFile(BaseModel):
+    """``ood:`` of a profile file (written by ``avarc calibrate-ood``): the deciding score, the coverage the
+    thresholds were fitted for and one threshold per score."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    score: Literal[OOD_SCORES]                # type: ignore[valid-type]
+    coverage: Annotated[FiniteFloat, Field(gt=0, le=1)]
+    thresholds: Annotated[dict[Literal[OOD_SCORES], FiniteFloat], Field(min_length=1)]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> OodFile:
+        if self.score not in self.thresholds:
+            raise ValueError(f"score: {self.score!r} has no threshold; fit the rule with `avarc calibrate-ood`")
+        return self
+
+
+class ProfileFile(BaseModel):
+    """A profile YAML file, the one declaration its reader (:func:`parse_profile`) and writer (:func:`profile_yaml`)
+    use, published as ``schemas/profile.schema.json``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str | None = None
+    description: str = ""
+    sigma: Annotated[FiniteFloat, Field(ge=0)] = 0.1
+    temperature: Annotated[FiniteFloat, Field(gt=0)] | None = None
+    guard_margin: Annotated[FiniteFloat, Field(ge=0)] | None = None
+    stages: Annotated[list[StageFile], Field(min_length=1)]
+    ood: OodFile | None = None
+
+
+def _where(loc: list[str | int]) -> str:
+    """A problem's place in a profile: ``stage 2: samples``, ``sigma``, ``ood: score``."""
+    if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        loc = [f"stage {loc[1] + 1}", *loc[2:]]
+    return ": ".join(map(str, loc))
 
 
 def parse_profile(doc, name: str, source: str) -> Profile:
     """A YAML document (already loaded) → validated Profile; every error names ``source``, the stage and the field."""
     if not isinstance(doc, dict):
         raise _fail(source, "a profile must be a mapping with a `stages:` list; see the shipped profiles")
-    unknown = [k for k in doc if k not in PROFILE_FIELDS]
-    if unknown:
-        raise _fail(source, f"{unknown[0]}: unknown field; use {', '.join(PROFILE_FIELDS)}")
-    raw_stages = doc.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
-        raise _fail(source, "stages: must be a non-empty list of {scales, samples, keep, exit_margin}")
-    stages = tuple(_parse_stage(raw, f"{source}: stage {i}") for i, raw in enumerate(raw_stages, 1))
+    try:
+        f = ProfileFile.model_validate(doc)
+    except ValidationError as e:
+        loc, problem = schema_problem(e)
+        fix = "" if "fix" in problem or "avarc" in problem else "; fix the profile"
+        if problem == "unknown field":
+            known = StageFile if loc[:1] == ["stages"] else OodFile if loc[:1] == ["ood"] else ProfileFile
+            fix = f"; use {', '.join(known.model_fields)}"
+        raise _fail(source, f"{_where(loc)}: {problem}{fix}" if loc else f"{problem}{fix}") from None
+    stages = tuple(Stage(st.scales, st.samples, st.keep, st.exit_margin) for st in f.stages)
     for i, (a, b) in enumerate(zip(stages, stages[1:]), 2):
         if b.keep > a.keep:
             raise _fail(f"{source}: stage {i}", f"keep: {b.keep} is more than stage {i - 1} keeps ({a.keep}); "
@@ -86,57 +129,22 @@ def parse_profile(doc, name: str, source: str) -> Profile:
                                                       f"the prediction), got {stages[-1].keep}")
     if stages[-1].exit_margin is not None:
         raise _fail(f"{source}: stage {len(stages)}", "exit_margin: the last stage has nothing left to skip; remove it")
-    sigma = doc.get("sigma", 0.1)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise _fail(source, f"sigma: must be a number ≥ 0, got {sigma!r}; fix the profile")
-    guard = doc.get("guard_margin")
-    if guard is not None and (isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard)
-                              or guard < 0):
-        raise _fail(source, f"guard_margin: must be a number of nats ≥ 0 (0: no guard) or null (the default), "
-                            f"got {guard!r}; fix the profile")
-    description = doc.get("description", "")
-    if not isinstance(description, str):
-        raise _fail(source, "description: must be a string")
-    temperature = doc.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not math.isfinite(temperature) or temperature <= 0):
-        raise _fail(source, f"temperature: must be a positive number or null, got {temperature!r}; fix the profile")
-    return Profile(name=str(doc.get("name", name)), stages=stages, sigma=float(sigma), description=description.strip(),
-                   source=source, temperature=float(temperature) if temperature is not None else None,
-                   guard_margin=None if guard is None else float(guard), ood=_parse_ood(doc.get("ood"), source))
-
-
-def _number(v: object) -> TypeGuard[float]:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _parse_ood(raw, source: str) -> OodRule | None:
-    """``ood: {score: NAME, coverage: 0.95, thresholds: {NAME: value, …}}`` (written by ``avarc calibrate-ood``)."""
-    if raw is None:
-        return None
-    example = "{score: ratio, coverage: 0.95, thresholds: {ratio: 1.2}}"
-    if not isinstance(raw, dict) or not isinstance(raw.get("thresholds"), dict) or not raw["thresholds"]:
-        raise _fail(source, f"ood: must be a mapping like {example}; fix the profile or fit it with "
-                            "`avarc calibrate-ood`")
-    bad = [k for k, v in raw["thresholds"].items() if not isinstance(k, str) or not _number(v)]
-    coverage = raw.get("coverage")
-    if bad or not _number(coverage) or not 0 < coverage <= 1 or raw.get("score") not in raw["thresholds"]:
-        raise _fail(source, f"ood: needs a score that has a numeric threshold and a coverage in (0, 1], like "
-                            f"{example}; fix the profile")
-    return OodRule(str(raw["score"]), float(coverage), tuple((k, float(v)) for k, v in raw["thresholds"].items()))
+    ood = f.ood and OodRule(f.ood.score, f.ood.coverage, tuple(f.ood.thresholds.items()))
+    return Profile(name=f.name if f.name is not None else name, stages=stages, sigma=f.sigma,
+                   description=f.description.strip(), source=source, temperature=f.temperature,
+                   guard_margin=f.guard_margin, ood=ood)
 
 
 def profile_yaml(profile: Profile, comment: str = "") -> str:
-    """A profile as the YAML ``load_profile`` reads back to the same schedule; ``comment`` becomes ``#`` lines on
-    top."""
-    doc = {"name": profile.name, "description": profile.description, "sigma": profile.sigma}
-    if profile.temperature is not None:
-        doc["temperature"] = profile.temperature
-    if profile.guard_margin is not None:
-        doc["guard_margin"] = profile.guard_margin
-    if profile.ood is not None:
-        doc["ood"] = {"score": profile.ood.score, "coverage": profile.ood.coverage,
-                      "thresholds": dict(profile.ood.thresholds)}
+    """A profile as the YAML ``load_profile`` reads back to the same schedule (built through :class:`ProfileFile`, so
+    a profile that would not read back is never written); ``comment`` becomes ``#`` lines on top."""
+    ood = profile.ood and OodFile(score=profile.ood.score, coverage=profile.ood.coverage,
+                                  thresholds=dict(profile.ood.thresholds))
+    f = ProfileFile(name=profile.name, description=profile.description, sigma=profile.sigma,
+                    temperature=profile.temperature, guard_margin=profile.guard_margin, ood=ood,
+                    stages=[StageFile(scales=st.scales, samples=st.samples, keep=st.keep, exit_margin=st.exit_margin)
+                            for st in profile.stages])
+    doc = f.model_dump(exclude_none=True, exclude={"stages"})
     head = "".join(f"# {line}\n".replace("# \n", "#\n") for line in comment.splitlines())
     body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
     stages = "".join("  - {" + ", ".join(f"{k}: {v}" for k, v in _stage_fields(st)) + "}\n" for st in profile.stages)

@@ -1,12 +1,13 @@
 """Result records (one JSON line per image), the results file with ``--resume``, and the run's metrics.
 
-Every record (a :class:`Record`) carries a ``run`` key, the run's identity (model, weights' SHA-256, profile, seed,
-dtype, temperature, top-k, labels mode and a fingerprint of everything that changes a record), and ``file``, the
-image's resolved absolute path, which is the key resuming matches on. Resuming never removes a record: a file of
+Every record (a :class:`Record`) carries a ``run`` key, the run's identity (a :class:`RunIdentity`: every input of
+the computation and a fingerprint of them), and ``file``, the image's resolved absolute path (a dataset row: its
+split's resolved path and row), which is the key resuming matches on. Resuming never removes a record: a file of
 another run, or not a results file, is refused untouched. A kill -9 can leave a torn last line; resuming cuts it
 off, so no record is duplicated and none that was complete is lost. One run at a time holds the file's lock. Records
-are written by :func:`record_line` (strict JSON, bytes-safe paths) and read back only through :func:`parse_line`,
-which checks every field a reader uses, so a damaged line is one error naming it.
+are written by :func:`record_line` (strict JSON, bytes-safe paths) and read back only through :func:`parse_record`,
+which checks every field by the schema, so a damaged line is one error naming it. The file is this run's while it
+writes: replaced or changed by another program, the run stops.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from filelock import FileLock, Timeout
 from ..errors import FIX, AvarcError
 from .distributed import Dist
 from .files import absolute, disk_error
-from .records import IDENTITY, Record, parse_line, record_key, record_line
+from .records import IDENTITY, NotARecord, Record, RunIdentity, parse_line, parse_record, record_key, record_line
 
 
 @dataclass
@@ -34,6 +35,16 @@ class Resumed:
 
     done: dict[str, Record] = field(default_factory=dict)
     torn: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)   # images whose records are all skipped → the last reason
+
+    @property
+    def retried(self) -> int:
+        """Images classified again: all their records are skipped (the reason may have passed)."""
+        return len(self.skipped)
+
+    def repeats(self, record: Record) -> bool:
+        """A retried image skipped again for the same reason: nothing new to write."""
+        return record["status"] == "skipped" and self.skipped.get(record_key(record)) == record["error"]
 
 
 def file_lock(path: str | os.PathLike) -> FileLock:
@@ -57,15 +68,18 @@ def lock_results(path: str | os.PathLike) -> FileLock:
     return lock
 
 
-def _differs(theirs: dict, ours: dict) -> str:
-    diff = [f"{k} {theirs.get(k)!r} vs {ours.get(k)!r} now" for k in IDENTITY if theirs.get(k) != ours.get(k)]
-    return ", ".join(diff) or "other candidate classes, schedule or extensions"
+def _differs(theirs: RunIdentity, ours: RunIdentity) -> str:
+    diff = [f"{k} {getattr(theirs, k)!r} vs {getattr(ours, k)!r} now" for k in IDENTITY
+            if getattr(theirs, k) != getattr(ours, k)]
+    return ", ".join(diff) or "other candidate classes or schedule"
 
 
-def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
+def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Resumed:
     """Prepare the results file: new (an existing file needs ``resume``), or resumed. Resuming never removes a
     record: a file that is not a results file, or holds records of another run, is refused unchanged; only a torn
-    last line (one that does not parse) is cut off, and a whole last record without its newline gets one."""
+    last line (one that does not parse) is cut off, and a whole last record without its newline gets one. Images
+    whose records are all skipped are not done: they are tried again (a new record follows the old one unless the
+    image is skipped again for the same reason; readers take the last record of an image)."""
     path = Path(path)
     if not path.exists():
         path.write_bytes(b"")
@@ -79,19 +93,25 @@ def open_results(path: str | os.PathLike, resume: bool, run: dict) -> Resumed:
         with open(path, "ab") as f:
             f.write(b"\n")
         data, end = data + b"\n", len(data) + 1
-    state = Resumed(torn=end < len(data))
+    state, skipped = Resumed(torn=end < len(data)), {}
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
-        rec = parse_line(line)
-        if rec is None:
-            raise AvarcError(f"{path}: line {number} is not an avarc result record, so this is not a results file; "
-                             "left it untouched; choose another file", option="out")
-        if rec["run"].get("fingerprint") != run["fingerprint"]:
+        try:
+            rec = parse_record(line)
+        except NotARecord as e:
+            raise AvarcError(f"{path}: line {number} is not an avarc result record ({e}), so this is not a results "
+                             "file; left it untouched; fix or remove that line, or choose another file",
+                             option="out") from None
+        if rec["run"].fingerprint != run.fingerprint:
             raise AvarcError(f"{path}: holds records of another run ({_differs(rec['run'], run)}); left it "
                              "untouched; resume with the same settings, or choose another file for this run",
                              option="out")
-        state.done.setdefault(record_key(rec), rec)
+        if rec["status"] == "skipped":
+            skipped[record_key(rec)] = rec["error"]
+        else:
+            state.done.setdefault(record_key(rec), rec)
+    state.skipped = {k: e for k, e in skipped.items() if k not in state.done}
     if state.torn:
         if not data[end:].startswith(b'{"'):
             raise AvarcError(f"{path}: its last line is not an avarc result record, so this is not a results file; "
@@ -108,10 +128,25 @@ class ResultsWriter:
     def __init__(self, path: str | os.PathLike, safe: int = 0):
         self.path, self.safe = Path(path), safe
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._end = os.fstat(self._fd).st_size
+
+    def _check_unchanged(self) -> None:
+        """The file is still the one this run writes, as long as it left it: another program that replaced it (``sed
+        -i``), truncated or appended to it would make the run's counts wrong and its next records land elsewhere."""
+        ours = os.fstat(self._fd)
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino) or ours.st_size != self._end:
+            raise AvarcError(f"{self.path}: changed under this run (replaced, truncated or written by another "
+                             f"program); stopped writing, {self.safe} records were in it; check the file, then "
+                             "continue with --resume", option="out")
 
     def write(self, records: Iterable[Record]) -> None:
         records = list(records)
         data = b"".join(map(record_line, records))
+        self._check_unchanged()
         held = _hold_signals()
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
@@ -124,6 +159,7 @@ class ResultsWriter:
         finally:
             _release_signals(held)
         self.safe += len(records)
+        self._end = start + len(data)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -159,7 +195,8 @@ class ResultsFile:
 
 
 @contextmanager
-def results_file(path: str | os.PathLike | None, resume: bool, run: dict, dist: Dist = Dist()) -> Iterator[ResultsFile]:
+def results_file(path: str | os.PathLike | None, resume: bool, run: RunIdentity,
+                 dist: Dist = Dist()) -> Iterator[ResultsFile]:
     """The results file of one run, locked by rank 0 for the whole block and opened new or resumed there (its errors
     reach every rank); without a path, nothing is written."""
     if path is None:

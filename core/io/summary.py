@@ -7,14 +7,19 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+
+from .. import __version__
 from ..engine.profile import Profile
 from ..engine.stages import rank
 from ..errors import AvarcError
 from .files import atomic_write
-from .records import Record
+from .records import Record, RunIdentity
 from .results import file_lock
+
+SUMMARY_SCHEMA = 2
 
 
 def stage_survival(record: Record, num_stages: int) -> list[bool]:
@@ -79,6 +84,46 @@ class Metrics:
         return [n / self.labelled if self.labelled else None for n in self.survived]
 
 
+class SummaryRow(BaseModel):
+    """One run's row of the summary CSV (``classify --csv``): an experiment log, one fixed header whatever the profile,
+    OOD rule or dtype, so every run appends to one file. Empty cells: not applicable (no labels, no rule)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    schema_: int = Field(SUMMARY_SCHEMA, alias="schema")   # 2: this header; 1: recall_stageN columns, no identity
+    started: str                        # the run's start, UTC, ISO 8601
+    avarc_version: str
+    model: str
+    weights: str                        # the VAR weights' SHA-256 (sha256: + 16 hex digits)
+    vae_weights: str
+    extensions: str                     # each extension's rows' SHA-256 (16 hex digits), ``;``-separated
+    dtype: str
+    compile: bool
+    threads: int
+    profile: str
+    stages: str                         # the schedule: scales×samples→keep per stage, ``;``-separated
+    temperature: FiniteFloat
+    ood_rule: str                       # SCORE≥THRESHOLD the run abstained by (empty: none)
+    seed: int
+    inputs: str                         # the inputs as given, ``;``-separated
+    dataset: str
+    subset: str
+    images: int
+    skipped: int
+    abstained: int
+    top1: FiniteFloat | Literal[""]
+    top5: FiniteFloat | Literal[""]
+    recall_per_stage: str               # the true class still in the running after each stage, ``;``-separated
+    early_exits: int
+    gflops_executed: FiniteFloat | Literal[""]   # per image, mean (reuse and early exits counted)
+    gflops_paper: FiniteFloat | Literal[""]      # per image, mean, the paper's convention
+    seconds: FiniteFloat
+    images_per_s: FiniteFloat | Literal[""]
+
+
+SUMMARY_COLUMNS = [f.alias or name for name, f in SummaryRow.model_fields.items()]
+
+
 def _csv_header(path: Path) -> list[str] | None:
     """The header row of an existing, non-empty CSV file (None when there is none yet; [] when the file is not a
     UTF-8 CSV anywhere in it, since the summary row is appended to the whole file)."""
@@ -90,16 +135,25 @@ def _csv_header(path: Path) -> list[str] | None:
         return []
 
 
-def check_csv(path: str | os.PathLike, columns: Sequence[str]) -> None:
-    """A summary row with ``columns`` can be appended under the file's header; checked before a run starts so a
-    long run never ends on a CSV it cannot add to."""
+def check_csv(path: str | os.PathLike, columns: Sequence[str] = SUMMARY_COLUMNS) -> None:
+    """A row of ``columns`` can be appended under the file's header; checked before a run starts so a long run never
+    ends on a CSV it cannot add to. Every run has the same columns (:class:`SummaryRow`); a file with others is
+    refused naming the real difference."""
     path = Path(path)
     header = _csv_header(path)
-    if header is not None and header != list(columns):
-        stages = sum(c.startswith("recall_stage") for c in columns)
-        raise AvarcError(f"{path}: its columns differ from this run's ({len(header)} vs {len(columns)}: a profile "
-                         f"with {stages} stages, or not a summary CSV); left it untouched; choose another file",
-                         option="csv")
+    if header is None or header == list(columns):
+        return
+    missing, extra = [c for c in columns if c not in header], [c for c in header if c not in columns]
+    if header[:3] == ["model", "profile", "seed"]:
+        why = "a summary CSV of an older avarc (per-stage recall columns; no weights' SHA, dtype or start time)"
+    elif not header:
+        why = "not a UTF-8 CSV"
+    elif missing or extra:
+        why = "its header " + "; ".join([*([f"lacks {', '.join(missing[:3])}"] if missing else []),
+                                         *([f"has {', '.join(extra[:3])} too"] if extra else [])])
+    else:
+        why = "its columns are in another order"
+    raise AvarcError(f"{path}: {why}; left it untouched; choose another file", option="csv")
 
 
 def append_csv_summary(path: str | os.PathLike, row: dict) -> None:
@@ -123,14 +177,28 @@ def _append_csv(path: Path, row: dict) -> None:
                 + text.getvalue().encode("utf-8", "surrogateescape"))
 
 
-def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, subset: str | None, new: int,
-                seconds: float) -> dict:
-    """One run's row for :func:`append_csv_summary`; ``new`` images were classified in ``seconds`` by this run."""
-    row = {"model": run["model"], "profile": profile.name, "seed": run["seed"], "dataset": dataset or "",
-           "subset": subset or "", "images": m.images, "skipped": m.skipped,
-           "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
-    row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
-    row.update({"abstained": m.abstained} if profile.ood is not None else {})
-    row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else "",
-                "threads": run.get("threads", "")})
-    return row
+def summary_row(m: Metrics, profile: Profile, run: RunIdentity, *, started: str, threads: int,
+                inputs: Sequence[str], dataset: str | None, subset: str | None, gflops: tuple[list[float], list[float]],
+                new: int, seconds: float) -> dict:
+    """One run's row for :func:`append_csv_summary`; ``new`` images were classified in ``seconds`` by this run;
+    ``gflops``: the executed and paper GFLOPs of each classified record."""
+    rule = profile.ood
+    executed, paper = gflops
+
+    def mean(xs: list[float]) -> float | str:
+        return round(sum(xs) / len(xs), 6) if xs else ""
+
+    row = SummaryRow(
+        started=started, avarc_version=__version__, model=run.model, weights=run.weights or "",
+        vae_weights=run.vae_weights or "", extensions=";".join(e[:16] for e in run.extensions), dtype=run.dtype or "",
+        compile=bool(run.compile), threads=threads, profile=profile.name,
+        stages=";".join(f"{s.scales}x{s.samples}->{s.keep}" for s in profile.stages),
+        temperature=run.temperature if run.temperature is not None else 1.0,
+        ood_rule=f"{run.ood_score}>={rule.threshold(run.ood_score or rule.score)}" if rule is not None else "",
+        seed=run.seed, inputs=";".join(inputs), dataset=dataset or "", subset=subset or "", images=m.images,
+        skipped=m.skipped, abstained=m.abstained, top1=m.top1 if m.top1 is not None else "",
+        top5=m.top5 if m.top5 is not None else "",
+        recall_per_stage=";".join(f"{r:.6g}" for r in m.recall if r is not None), early_exits=m.early_exits,
+        gflops_executed=mean(executed), gflops_paper=mean(paper), seconds=round(seconds, 3),
+        images_per_s=round(new / seconds, 3) if new and seconds > 0 else "")
+    return row.model_dump(by_alias=True)

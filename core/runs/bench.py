@@ -10,10 +10,13 @@ import math
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Annotated, Sequence
 
 import torch
+from pydantic import Field, TypeAdapter
+from typing_extensions import TypedDict
 
 from ..engine.counters import engine_counters
 from ..engine.flops import encoder_macs, schedule_macs
@@ -50,14 +53,28 @@ class BenchResult:
     launches_per_forward: float | None = None  # non-view aten ops of one full-length forward (≈ kernel launches)
     host_syncs_per_step: float | None = None   # ops in one scoring step that wait for the device
     threads: int | None = None                 # CPU threads it ran on
-    preds: list[int] = field(default_factory=list, repr=False)
-    scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
+    preds: Annotated[list[int], Field(exclude=True)] = field(default_factory=list, repr=False)
+    scores: Annotated[list[list[float]], Field(exclude=True)] = field(default_factory=list, repr=False)  # 1st stage
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("preds")
-        d.pop("scores")
-        return d
+        """One row of ``bench --json`` (:data:`BENCH_JSON`), every number finite or null."""
+        return BENCH_ROW.dump_python(self, mode="json")
+
+
+class BenchJson(TypedDict):
+    """What ``avarc bench --json`` prints: one row per (profile, dtype) measured."""
+
+    schema: int
+    results: list[BenchResult]
+
+
+BENCH_ROW = TypeAdapter(BenchResult)
+BENCH_JSON = TypeAdapter(BenchJson)
+BENCH_SCHEMA = 1
+
+
+def bench_json(results: Sequence[BenchResult]) -> dict:
+    return BENCH_JSON.dump_python({"schema": BENCH_SCHEMA, "results": list(results)}, mode="json")
 
 
 def random_model(depth: int, device: str | torch.device = "cpu", seed: int = 0) -> Model:

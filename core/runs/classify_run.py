@@ -3,19 +3,24 @@ into the metrics), the images still to do, and the running counts a front end sh
 end. Every batch is on disk before it is counted, so ``safe`` is always what an interrupt leaves in the file."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import torch
 
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.records import Record, weights_identity
+from ..io.records import RunIdentity
 from ..io.results import ResultsFile, results_file
 from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
+from ..tasks.ood import DEFAULT_OOD_SCORE, check_score
 
 
 @dataclass
@@ -24,7 +29,7 @@ class ClassifyRun:
 
     clf: Classifier
     found: Inputs
-    run_key: dict
+    run_key: RunIdentity
     results: ResultsFile
     todo: list[Item]
     metrics: Metrics
@@ -35,14 +40,17 @@ class ClassifyRun:
     unreadable: int = 0              # of them, skipped records
     safe: int = 0                    # records in the results file
     start: float = field(default_factory=time.perf_counter)
-    gflops: list[float] = field(default_factory=list)    # executed GFLOPs of each ok record in the file
+    gflops: list[float] = field(default_factory=list)    # executed GFLOPs of each classified record in the file
+    paper_gflops: list[float] = field(default_factory=list)   # … in the paper's convention
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def count(self, records) -> None:
         """Add records (new or resumed) to the metrics and the compute total."""
         for rec in records:
             self.metrics.add(rec)
-            if rec["status"] == "ok" and isinstance(rec.get("gflops"), dict):
+            if rec["status"] != "skipped" and rec.get("gflops"):
                 self.gflops.append(rec["gflops"]["executed"])
+                self.paper_gflops.append(rec["gflops"]["paper"])
 
     @property
     def gflops_per_image(self) -> float | None:
@@ -51,9 +59,11 @@ class ClassifyRun:
 
     def __iter__(self) -> Iterator[list[Record]]:
         for batch in self.clf.classify_items(self.todo, self.found.candidates, run_key=self.run_key, **self.options):
-            self.results.write(batch)
+            resumed = self.results.resumed
+            fresh = [r for r in batch if resumed is None or not resumed.repeats(r)]    # a skip again: known
+            self.results.write(fresh)
             self.count(batch)
-            self.new, self.safe = self.new + len(batch), self.safe + len(batch)
+            self.new, self.safe = self.new + len(batch), self.safe + len(fresh)
             self.unreadable += sum(r["status"] == "skipped" for r in batch)
             self.records += batch if self.keep_records else []
             yield batch
@@ -73,8 +83,8 @@ class ClassifyRun:
 
     @property
     def all_unreadable(self) -> bool:
-        """This run classified images and could read none of them."""
-        return bool(self.new) and self.unreadable == self.new
+        """This run classified images and could read none of them (nor had a resumed file any it could)."""
+        return bool(self.new) and self.unreadable == self.new and not self.results.done
 
     def notes(self) -> list[str]:
         """What a person should know before the run starts: left-out images, stages that keep every candidate, what
@@ -87,17 +97,29 @@ class ClassifyRun:
             out.append(f"warning: profile {self.clf.profile.name} keeps more classes (stage {big[0]}: "
                        f"{stages[big[0] - 1].keep}) than there are candidates ({n}); those stages keep every candidate")
         resumed = self.results.resumed
-        if resumed is not None and (self.results.done or resumed.torn):
+        if resumed is not None and (self.results.done or resumed.torn or resumed.retried):
             out.append(f"resume: {len(self.results.done)} images already done, {len(self.todo)} to go"
+                       + (f" ({resumed.retried} skipped before, tried again)" if resumed.retried else "")
                        + (" (cut off a torn last line)" if resumed.torn else ""))
         return out
 
-    def append_summary(self, csv: str | os.PathLike, dataset: str | None = None, subset: str | None = None) -> bool:
-        """Add this run's summary row to ``csv``; False (nothing added) when it classified nothing new."""
+    def append_summary(self, csv: str | os.PathLike, dataset: str | None = None, subset: str | None = None,
+                       inputs: Sequence[str] = ()) -> bool:
+        """Add this run's summary row to ``csv`` (``inputs``: as given); False (nothing added) when it classified
+        nothing new."""
         if self.new:
-            append_csv_summary(csv, summary_row(self.metrics, self.clf.profile, self.run_key, dataset, subset,
-                                                self.new, self.seconds))
+            append_csv_summary(csv, summary_row(
+                self.metrics, self.clf.profile, self.run_key, started=self.started, threads=torch.get_num_threads(),
+                inputs=[str(i) for i in inputs], dataset=dataset, subset=subset,
+                gflops=(self.gflops, self.paper_gflops), new=self.new, seconds=self.seconds))
         return bool(self.new)
+
+
+def inputs_fingerprint(found: Inputs) -> str | None:
+    """The datasets' own fingerprints (their content, as ``datasets`` hashes it), so a dataset rewritten under the same
+    name is another run; None for image files (each keyed by its path)."""
+    prints = sorted({it.source.fingerprint for it in found.items if it.source is not None})
+    return hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16] if prints else None
 
 
 @contextmanager
@@ -110,13 +132,15 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     changes a record: the model and its weights' SHA-256, the schedule, seed, dtype, temperature, top-k and labels
     mode, so ``resume`` refuses a file of any other run and names the difference."""
     temp = temperature if temperature is not None else clf.profile.temperature or 1.0
-    run_key = clf.run_key(seed, found.candidates, weights=weights_identity(clf.model),
-                          dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk,
-                          labels=labels)
-    run_key["threads"] = clf.threads      # what the run ran on, kept beside its identity (not in the fingerprint)
+    rule = clf.profile.ood
+    run_key = clf.run_key(seed, found.candidates, temperature=float(temp), topk=topk, labels=labels,
+                          ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)),
+                          inputs=inputs_fingerprint(found))
+    # what the run ran on, kept beside its identity (not in the fingerprint)
+    run_key = run_key.model_copy(update={"threads": clf.threads})
     metrics = Metrics(len(clf.profile.stages))
     if csv is not None and dist.is_main:
-        check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
+        check_csv(Path(csv))
     with results_file(out, resume, run_key, dist) as results:
         todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,

@@ -125,17 +125,18 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     lab = [r for r in ok if r["label"] is not None]
     if not lab:
         raise AvarcError("the results hold no labelled, classified images; run classify on class folders")
-    run = lab[0].get("run") or {}
+    run = lab[0]["run"]
     num_stages = max(len(r["stages"]) for r in lab)
     names = {r["label"]: r["label_name"] for r in lab} | {r["pred"]: r["pred_name"] for r in lab}
     correct = np.asarray([r["pred"] == r["label"] for r in lab])
     top5 = np.mean([r["label_rank"] is not None and r["label_rank"] <= 5 for r in lab])
     conf = np.asarray([r["posterior"][0]["p"] if r["posterior"] else 1.0 for r in lab])
     rel = reliability(conf, correct)
-    plain = reliability(np.asarray([untempered_confidence(r) for r in lab]), correct)
-    summary = [("model", run.get("model", "?")), ("profile", run.get("profile", "?")), ("seed", run.get("seed", "?")),
-               ("threads", run.get("threads", "?")),
-               ("images", len(records)), ("skipped", len(records) - len(ok)), ("labelled", len(lab)),
+    plain = reliability([untempered_confidence(r) for r in lab], correct)
+    skipped = sum(r["status"] == "skipped" for r in records)
+    summary = [("model", run.model), ("profile", run.profile), ("seed", run.seed), ("threads", run.threads or "?"),
+               ("images", len(records)), ("skipped", skipped), ("abstained", len(records) - skipped - len(ok)),
+               ("labelled", len(lab)),
                ("top-1", f"{correct.mean():.2%}"), ("top-5", f"{top5:.2%}"), ("mistakes", int((~correct).sum())),
                ("early exits", sum(r["exited_after"] is not None for r in lab)),
                ("ECE (top-1, 15 bins)", f"{rel.ece:.4f}"),
@@ -231,7 +232,7 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
                      f"(p {p:.3f}); true class rank {rank}</div>")
     parts.append(f"<h2>Worst mistakes ({len(wrong)} in all, most confident first)</h2>"
                  f'<div class="gallery">{"".join(cards) or "<p>none</p>"}</div>')
-    if Counter(r["run"].get("fingerprint") for r in lab).most_common(2)[1:]:
+    if Counter(r["run"].fingerprint for r in lab).most_common(2)[1:]:
         parts.insert(0, "<p><b>note:</b> these results mix several runs (different run fingerprints).</p>")
     return _page(title, "".join(parts))
 

@@ -19,6 +19,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import TypeAdapter
+from typing_extensions import TypedDict
 
 from ..engine.flops import encoder_macs, sequence_macs
 from ..engine.profile import Profile, Stage
@@ -429,3 +431,50 @@ def shipped_points(result: TuneResult, table: ScoreTable, spec: ModelSpec) -> li
         if prof.max_samples in table.exact_samples and abs(prof.sigma - table.sigma) < 1e-12:
             out.append((prof.name, point(rep.replay(stages), rep.table.labels)))
     return out
+
+
+class TunePoint(TypedDict):
+    """A schedule's row in ``tune --json``: its description, top-1 and compute per image on the images it ran on."""
+
+    schedule: str
+    top1: float
+    images: int
+    executed_gflops: float
+    paper_gflops: float
+
+
+class TuneJson(TypedDict):
+    """What ``avarc tune --json`` prints: the choice, the baseline, the held-out calibration, the Pareto front and
+    every schedule evaluated, and the files written."""
+
+    schema: int
+    chosen: TunePoint
+    chosen_held_out: TunePoint | None
+    varc: TunePoint
+    budget_gflops: float
+    temperature: float
+    ece_held_out: list[float | None]
+    nll_held_out: list[float | None]
+    front: list[TunePoint]
+    schedules: list[TunePoint]
+    profile: str
+    report: str | None
+
+
+TUNE_JSON = TypeAdapter(TuneJson)
+TUNE_SCHEMA = 1
+
+
+def _point(p: Point | None) -> TunePoint | None:
+    return None if p is None else {"schedule": p.describe(), "top1": p.accuracy, "images": p.images,
+                                   "executed_gflops": p.executed_gflops, "paper_gflops": p.paper_gflops}
+
+
+def tune_json(res: TuneResult, profile: str, report: str | None) -> dict:
+    """``tune --json``'s document, checked by its declaration (:data:`TUNE_JSON`)."""
+    doc = {"schema": TUNE_SCHEMA, "chosen": _point(res.chosen), "chosen_held_out": _point(res.chosen_held),
+           "varc": _point(res.baseline), "budget_gflops": res.budget_gflops, "temperature": res.temperature,
+           "ece_held_out": [res.ece_before, res.ece_after], "nll_held_out": [res.nll_before, res.nll_after],
+           "front": [_point(p) for p in res.front], "schedules": [_point(p) for p in res.points],
+           "profile": profile, "report": report}
+    return TUNE_JSON.dump_python(TUNE_JSON.validate_python(doc), mode="json")

@@ -22,13 +22,15 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from ..choices import INITS
 from ..engine.model import Model
 from ..engine.schedule import classify, noise_generator
-from ..errors import AvarcError
+from ..errors import AvarcError, schema_problem
 from ..io import hf_data
 from ..io.data import DataOptions
 from ..io.files import atomic_write
@@ -82,14 +84,53 @@ class Extension:
         return f"{self.base_name} (sha256 {short}…)" if self.base_name else f"sha256 {short}…"
 
 
+def _rows(rows: torch.Tensor) -> torch.Tensor:
+    if rows.ndim != 3 or not rows.is_floating_point():
+        raise ValueError("not a 3-d float tensor")
+    if not torch.isfinite(rows).all():
+        raise ValueError("not finite")
+    return rows
+
+
+class ParentFile(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    sha256: str
+    names: list[str]
+
+
+class ExtensionFile(BaseModel):
+    """An extension file's fields (a weights-only torch file), the one declaration its writer
+    (:func:`save_extension`) and reader (:func:`load_extension`) use: every field is checked before any is used, so a
+    hand-damaged file is one line, never a traceback."""
+
+    model_config = ConfigDict(strict=True, extra="allow", arbitrary_types_allowed=True)
+
+    format: Literal[EXTENSION_FORMAT]                       # type: ignore[valid-type]
+    rows: Annotated[torch.Tensor, AfterValidator(_rows)]   # n, slots, C
+    names: list[Annotated[str, Field(min_length=1)]]
+    base_sha256: str
+    base_name: str = ""
+    offset: NonNegativeInt = 0
+    parents: list[ParentFile] = []
+    training: dict = {}
+
+    @model_validator(mode="after")
+    def _one_name_per_row(self) -> ExtensionFile:
+        if len(self.names) != self.rows.shape[0]:
+            raise ValueError(f"names: {len(self.names)} names for {self.rows.shape[0]} rows")
+        return self
+
+
 def save_extension(ext: Extension, path: str | os.PathLike, exclusive: bool = False) -> Path:
     """Written atomically (temporary file + rename): a kill mid-write never leaves half an extension."""
     path = Path(path)
+    doc = ExtensionFile(format=EXTENSION_FORMAT, rows=ext.rows.detach().float().cpu().contiguous(),
+                        names=list(ext.names), base_sha256=ext.base_sha256, base_name=ext.base_name or "",
+                        offset=int(ext.offset), parents=[ParentFile(**p) for p in ext.parents],
+                        training=dict(ext.training))
     with atomic_write(path, exclusive=exclusive, option="out") as f:
-        torch.save({"format": EXTENSION_FORMAT, "rows": ext.rows.detach().float().cpu().contiguous(),
-                    "names": list(ext.names), "base_sha256": ext.base_sha256, "base_name": ext.base_name or "",
-                    "offset": int(ext.offset), "parents": [dict(p) for p in ext.parents],
-                    "training": dict(ext.training)}, f)
+        torch.save(doc.model_dump(), f)
     return path
 
 
@@ -106,37 +147,15 @@ def load_extension(path: str | os.PathLike) -> Extension:
     if not isinstance(doc, Mapping) or doc.get("format") != EXTENSION_FORMAT:
         raise AvarcError(f"{path}: not an extension file (no format {EXTENSION_FORMAT!r}); "
                          "pass a file written by `avarc add-class`, not a model checkpoint")
-    problem = _schema_problem(doc)
-    if problem:
-        raise AvarcError(f"{path}: damaged extension file ({problem}); write it again with `avarc add-class`")
-    return Extension(rows=doc["rows"], names=list(doc["names"]), base_sha256=doc["base_sha256"],
-                     base_name=doc.get("base_name") or None, offset=doc.get("offset", 0),
-                     parents=list(doc.get("parents", [])), training=dict(doc.get("training", {})))
-
-
-def _schema_problem(doc: Mapping) -> str | None:
-    """What is wrong with an extension file's fields (a missing one, a wrong type, rows that are not finite), or
-    None: every field is checked before any is used, so a hand-damaged file is one line, never a traceback."""
-    rows, names = doc.get("rows"), doc.get("names")
-    if not isinstance(rows, torch.Tensor) or rows.ndim != 3 or not rows.is_floating_point():
-        return "rows: not a 3-d float tensor"
-    if not isinstance(names, list) or len(names) != rows.shape[0] or not all(isinstance(n, str) and n for n in names):
-        return "names: not one non-empty name per row"
-    if not torch.isfinite(rows).all():
-        return "rows: not finite"
-    if not isinstance(doc.get("base_sha256"), str) or not isinstance(doc.get("base_name", ""), str):
-        return "base_sha256 or base_name: not text"
-    offset = doc.get("offset", 0)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        return "offset: not a class count"
-    parents = doc.get("parents", [])
-    if not isinstance(parents, list) or not all(
-            isinstance(p, Mapping) and isinstance(p.get("sha256"), str) and isinstance(p.get("names"), list)
-            for p in parents):
-        return "parents: not a list of {sha256, names}"
-    if not isinstance(doc.get("training", {}), Mapping):
-        return "training: not a mapping"
-    return None
+    try:
+        f = ExtensionFile.model_validate(dict(doc))
+    except ValidationError as e:
+        loc, problem = schema_problem(e)
+        where = ".".join(map(str, loc))
+        raise AvarcError(f"{path}: damaged extension file ({where + ': ' if where else ''}{problem}); write it again "
+                         "with `avarc add-class`") from None
+    return Extension(rows=f.rows, names=list(f.names), base_sha256=f.base_sha256, base_name=f.base_name or None,
+                     offset=f.offset, parents=[p.model_dump() for p in f.parents], training=dict(f.training))
 
 
 def applied(model: Model) -> list[dict]:
