@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from avarc.engine.profile import GUARD_NATS_PER_TOKEN
 from avarc.engine.runtime import choose_threads, usable_cores
-from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
+from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile, parse_profile
@@ -86,8 +86,7 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
 def _predict(model, latents, profile, dtype, scorer=None):
     model.dtype = dtype
     try:
-        gens = [noise_generator(0, f"img{i}") for i in range(latents.shape[0])]
-        tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, gens)
+        tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, 0)
         return run_stages(model, tokens, range(model.num_classes), profile, scorer)
     finally:
         model.dtype = torch.float32

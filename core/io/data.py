@@ -156,8 +156,8 @@ class RowSource(Protocol):
 @dataclass(frozen=True)
 class Item:
     """One input image: ``path`` as the user can open it (a dataset row: ``DATASET[split]#ROW``), ``key`` (its
-    path below the input folder, or ``path`` for a row) seeds its noise, and its ``label`` (a class index) in
-    labelled mode. ObjectNet's items name their own class (``label_name``), accept any of several ImageNet classes
+    path below the input folder, or ``path`` for a row) and its ``label`` (a class index) in labelled mode.
+    ObjectNet's items name their own class (``label_name``), accept any of several ImageNet classes
     (``accepted``, ``label`` the first) and lose a ``border`` of pixels on each side before preprocessing."""
 
     path: str

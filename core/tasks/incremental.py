@@ -27,7 +27,7 @@ import torch
 
 from ..choices import INITS
 from ..engine.model import Model
-from ..engine.schedule import classify, noise_generator
+from ..engine.schedule import classify
 from ..errors import AvarcError
 from ..io import hf_data
 from ..io.data import DataOptions
@@ -360,8 +360,7 @@ def _held_out(model: Model, images: Mapping[str, torch.Tensor], splits: dict, of
         train_idx, held_idx = splits[name]
         correct = 0
         for i in held_idx.tolist():
-            gens = [noise_generator(seed, f"{name}/{i}")]
-            pred = classify(model, model.encode(x[i:i + 1]), candidates, profile, gens)[0]
+            pred = classify(model, model.encode(x[i:i + 1]), candidates, profile, seed)[0]
             correct += int(pred.pred == offset + j)
         out.append(HeldOut(name, correct, len(held_idx), len(train_idx)))
     return out
