@@ -38,7 +38,7 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
         rows.append(("GFLOPs/image executed (mean)", f"{run.gflops_per_image:.4g}"))
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
-    output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)
+    output.table(f"avarc classify · model {run.clf.source} · profile {profile.name}", ["metric", "value"], rows)
 
 
 def _ood_note(record: dict) -> str:
@@ -50,7 +50,8 @@ MIN_PER_CLASS = 20      # fewer fit images per class than this cannot tell sched
 NEAR = 2                # Pareto rows shown on each side of the chosen schedule
 
 
-def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[float, float], as_json: bool) -> None:
+def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[float, float], as_json: bool,
+                 model: str) -> None:
     """A short summary and the Pareto rows nearest the budget (every schedule: ``--report`` or ``--json``). The
     chosen schedule's compute is one figure everywhere: on the images it was chosen on, as in its Pareto row."""
     import numpy as np
@@ -77,7 +78,7 @@ def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[fl
              "◀" if p.stages == c.stages else "") for p in front[max(at - NEAR, 0):at + NEAR + 1]]
     output.table(f"Pareto front near the budget ({len(front)} schedules on it, {len(res.points)} evaluated)",
                  ["schedule (scales×samples→keep)", "fit", "held", "GFLOPs", "varc", ""], rows)
-    output.table("avarc tune", ["", "value"], [
+    output.table(f"avarc tune · model {model}", ["", "value"], [
         ("chosen", c.describe()),
         ("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
         ("top-1 chosen on / held out", f"{c.accuracy:.2%} / "

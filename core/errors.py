@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from difflib import get_close_matches
+from typing import Iterable
 
 FIX = "{fix}"
 
@@ -34,3 +36,9 @@ def library_fix(fix: str | NeedsDownload) -> str:
         return f"set {fix}=True"
     where = "" if fix.model_dir is None else f", model_dir={os.fspath(fix.model_dir)!r}"
     return f"download it with Classifier.from_pretrained({fix.name!r}{where}) (without local_files_only)"
+
+
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a mistyped one (difflib), else nothing."""
+    close = get_close_matches(given.lower(), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..choices import LABELS
-from ..errors import AvarcError
+from ..errors import AvarcError, did_you_mean
 from . import hf_data
 from .files import absolute
 from .objectnet import DEFAULT_BORDER, read_objectnet
@@ -33,7 +33,7 @@ _SYNSET = re.compile(r"n\d{8}")
 
 
 def _data_file(name: str) -> str:
-    return resources.files("core").joinpath("data", name).read_text()
+    return resources.files("avarc").joinpath("data", name).read_text()
 
 
 @lru_cache(maxsize=1)
@@ -294,7 +294,8 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     if dataset is not None:
         presets = dataset_presets()
         if dataset not in presets:
-            raise AvarcError(f"unknown dataset {dataset!r}; use one of {', '.join(presets)}")
+            raise AvarcError(f"unknown dataset {dataset!r}{did_you_mean(dataset, presets)}; use one of "
+                             f"{', '.join(presets)}", option="dataset")
         preset = presets[dataset]
         if not space.imagenet:
             raise AvarcError(f"{dataset} needs an ImageNet-1k model (1000 classes); this one has {space.num_classes}",
@@ -342,6 +343,15 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out, notes=notes)
 
 
+def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
+    """Every input exists (a file, folder or link) or is a hub address: checked before a model loads, so a mistyped
+    path fails at once, not after seconds of loading."""
+    for raw in inputs:
+        path = Path(raw)
+        if not (path.exists() or path.is_symlink() or hf_data.is_hub(raw)):
+            raise AvarcError(f"{raw}: no such file or folder")
+
+
 def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, folder_kind: str | None,
            exclude: Iterable[str | os.PathLike]) -> tuple[list[Item], bool]:
     skip = {absolute(p) for p in exclude}
@@ -353,10 +363,9 @@ def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, 
             if not files:
                 raise AvarcError(f"{path}: no files in this folder; point at a folder of images")
             groups.append((path, files))
-        elif path.exists() or path.is_symlink():   # a FIFO, a broken link or a link loop becomes a skipped record
+        else:          # a FIFO, a broken link or a link loop becomes a skipped record
+            check_inputs([path])
             groups.append((None, [path]))
-        else:
-            raise AvarcError(f"{path}: no such file or folder")
 
     labelled = labels == "folders" or (labels == "auto" and _looks_labelled(groups, space))
     cache: dict[str, int] = {}

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import AvarcError
 from . import hf_data
-from .data import ClassSpace, Item, collect
+from .data import ClassSpace, Item, check_inputs, collect
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
 Images = Union[ImageInput, Sequence[ImageInput]]
@@ -85,10 +85,9 @@ def _one(x: object, space: ClassSpace, size: int) -> tuple[list[Entry], bool]:
     """One element of a call → its entries, and whether it stands for one image (not a folder, dataset or stack)."""
     if isinstance(x, (str, os.PathLike)):
         path = Path(x)
+        check_inputs([x])
         if path.is_dir() or hf_data.is_dataset(x):
             return [Entry(item=it) for it in collect([x], space, "auto").items], False
-        if not (path.exists() or path.is_symlink()):
-            raise AvarcError(f"{x}: no such file or folder")
         return [Entry(item=Item(path=str(x), key=path.name))], True
     if isinstance(x, Image.Image):
         return [Entry(image=x)], True

@@ -10,7 +10,6 @@ which checks every field a reader uses, so a damaged line is one error naming it
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -19,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from ..errors import FIX, AvarcError
 from .distributed import Dist
-from .files import absolute, disk_error
+from .file_lock import OutputLock, file_lock
+from .files import disk_error
 from .records import IDENTITY, Record, parse_line, record_key, record_line
 
 
@@ -36,14 +36,7 @@ class Resumed:
     torn: bool = False
 
 
-def file_lock(path: str | os.PathLike) -> FileLock:
-    """The one lock of a file, keyed by its resolved path (a symlink or another spelling of it takes the same lock);
-    a hidden ``.avarc-HASH.lock`` beside the real file, short whatever the file's name."""
-    real = absolute(path)
-    return FileLock(real.with_name(f".avarc-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}.lock"))
-
-
-def lock_results(path: str | os.PathLike) -> FileLock:
+def lock_results(path: str | os.PathLike) -> OutputLock:
     """Hold an exclusive lock on the results file for the whole run, so two processes can never append to one file; a
     second one is refused at once. The lock (a hidden file beside the real file) is keyed by the resolved path, so a
     symlink or another spelling of the same file takes the same lock, and its name is short (a 250-byte name works)."""

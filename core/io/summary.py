@@ -12,9 +12,9 @@ from typing import Sequence
 from ..engine.profile import Profile
 from ..engine.stages import rank
 from ..errors import AvarcError
+from .file_lock import file_lock
 from .files import atomic_write
 from .records import Record
-from .results import file_lock
 
 
 def stage_survival(record: Record, num_stages: int) -> list[bool]:
