@@ -127,8 +127,8 @@ class ModelOptions:
         if model == DEMO_MODEL and "model" not in self.given:
             from . import output
 
-            output.say(f"model: the bundled demo model {DEMO_MODEL} (8×8 handwritten digits, 10 classes); choose "
-                       "another with -m NAME (`avarc download --list` names them)", err=True)
+            output.at_the_end(f"model: the bundled demo model {DEMO_MODEL} (8×8 handwritten digits, 10 classes); "
+                              "choose another with -m NAME (`avarc download --list` names them)")
         with _loading(model):
             return Classifier.from_pretrained(model, extensions=self.extension or (), profile=profile, **kw)
 

@@ -15,8 +15,12 @@ def profiles_table() -> None:
                    p.description) for p in list_profiles()])
 
 
-def classify_summary(run: Any, topk: int, world: int) -> None:
-    """A ``ClassifyRun``'s predictions (unlabelled inputs) and metrics."""
+SHOWN = 20      # predictions of an unlabelled run shown in the terminal (the rest: "… N more")
+
+
+def classify_summary(run: Any, topk: int, world: int, out: Any = None) -> None:
+    """A ``ClassifyRun``'s predictions (unlabelled inputs; the first :data:`SHOWN`), metrics and where the records
+    went."""
     m, profile = run.metrics, run.clf.profile
     if run.records:
         output.table("predictions", ["image", "prediction", "posterior", "runners-up"],
@@ -24,6 +28,8 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
                       (r["path"], "none of these (abstained)", None, _ood_note(r)) if r["status"] == "abstained" else
                       (r["path"], r["pred_name"], f"{r['posterior'][0]['p']:.3f}",
                        ", ".join(t["name"] for t in r["topk"][1:topk])) for r in run.records])
+        if run.new > len(run.records):
+            output.say(f"… {run.new - len(run.records)} more" + (f" (all in {out})" if out is not None else ""))
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     rows = [("images", m.images), ("classified", m.images - m.skipped), ("skipped", m.skipped)]
     if m.labelled:
@@ -39,6 +45,8 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
     output.table(f"avarc classify · model {run.clf.source} · profile {profile.name}", ["metric", "value"], rows)
+    if out is not None:
+        output.say(f"wrote {run.new} records to {out}" + (f" ({run.safe} in all)" if run.safe > run.new else ""))
 
 
 def _ood_note(record: dict) -> str:

@@ -28,7 +28,7 @@ from .engine.runtime import DTYPES, resolve_compile, resolve_device, resolve_dty
 from .engine.schedule import classify as run_schedule
 from .engine.scoring import Scorer
 from .engine.stages import Prediction, Skipped
-from .errors import AvarcError
+from .errors import FIX, AvarcError, NeedsDownload
 from .io import distributed
 from .io.data import ClassSpace, Item
 from .io.hub import find_local
@@ -366,7 +366,13 @@ def _check_arguments(extensions: object, batch_size: object, dtype: object) -> l
 
 
 def _download_missing(names: Sequence[str | os.PathLike], model_dir: str | os.PathLike | None) -> None:
-    """Fetch the registry models (and their VQ-VAEs) not on this machine, as ``avarc download`` does."""
-    for e in with_vaes([str(n) for n in names]):
-        if not e.bundled and find_local(e.hub, model_dir) is None:
-            fetch(e, model_dir)
+    """Fetch the registry models (and their VQ-VAEs) not on this machine, as ``avarc download`` does; a failure
+    names the model asked for (not only its VQ-VAE) and the download that makes it available."""
+    for name in map(str, names):
+        for e in with_vaes([name]):
+            if not e.bundled and find_local(e.hub, model_dir) is None:
+                try:
+                    fetch(e, model_dir)
+                except AvarcError as err:
+                    raise AvarcError(f"model {name!r} is not on this machine ({err}); {FIX}",
+                                     fix=NeedsDownload(name, model_dir)) from None

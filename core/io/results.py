@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .distributed import Dist
 from .file_lock import OutputLock, file_lock
 from .files import disk_error
 from .records import IDENTITY, Record, parse_line, record_key, record_line
+
+STDOUT = "-"          # ``--out -``: the records as JSON lines on stdout
 
 
 @dataclass
@@ -100,11 +103,16 @@ class ResultsWriter:
 
     def __init__(self, path: str | os.PathLike, safe: int = 0):
         self.path, self.safe = Path(path), safe
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if str(path) != STDOUT else None
 
     def write(self, records: Iterable[Record]) -> None:
         records = list(records)
         data = b"".join(map(record_line, records))
+        if self._fd is None:                # ``-``: JSON lines on stdout, as they come
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+            self.safe += len(records)
+            return
         held = _hold_signals()
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
@@ -119,7 +127,8 @@ class ResultsWriter:
         self.safe += len(records)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 _HELD = {signal.SIGINT, signal.SIGTERM}
@@ -157,6 +166,11 @@ def results_file(path: str | os.PathLike | None, resume: bool, run: dict, dist: 
     reach every rank); without a path, nothing is written."""
     if path is None:
         yield ResultsFile(set())
+        return
+    if str(path) == STDOUT:
+        if resume:
+            raise AvarcError("cannot continue stdout (-); resume a results file", option="resume")
+        yield ResultsFile(set(), writer=ResultsWriter(path) if dist.is_main else None)
         return
     held: dict = {}
 

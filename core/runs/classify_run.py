@@ -29,7 +29,7 @@ class ClassifyRun:
     todo: list[Item]
     metrics: Metrics
     options: dict                    # seed, temperature, topk, dist: what classify_items takes
-    keep_records: bool = False       # keep this run's records in ``records`` (for a front end to show)
+    keep_records: int = 0            # keep this run's first records in ``records`` (for a front end to show)
     records: list[dict] = field(default_factory=list)
     new: int = 0                     # records this run made
     unreadable: int = 0              # of them, skipped records
@@ -55,7 +55,7 @@ class ClassifyRun:
             self.count(batch)
             self.new, self.safe = self.new + len(batch), self.safe + len(batch)
             self.unreadable += sum(r["status"] == "skipped" for r in batch)
-            self.records += batch if self.keep_records else []
+            self.records += batch[:max(self.keep_records - len(self.records), 0)]
             yield batch
 
     @property
@@ -103,7 +103,7 @@ class ClassifyRun:
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
-                 dist: Dist = Dist(), keep_records: bool = False, labels: str = "auto",
+                 dist: Dist = Dist(), keep_records: int = 0, labels: str = "auto",
                  ood_score: str | None = None) -> Iterator[ClassifyRun]:
     """Open the run's results file ``out`` (locked for the block; ``resume`` continues it) after checking that a
     summary row can be added to ``csv``, and hand back the run. Its identity (every record's ``run``) covers all that

@@ -5,7 +5,7 @@ grow the class table by one entry per new class and train only those entries (ev
 maximise the teacher-forced likelihood of the new images. The old classes' likelihoods cannot change, not by a bit.
 A new class's entry is one embedding row per place the class enters the network (start token, each block's AdaLN,
 the head's AdaLN) rather than one shared row: a frozen network fits a class it never saw far better with a row per
-slot (README, Add classes without forgetting, has the digits protocol's numbers).
+slot (the digits protocol's numbers: README, Add classes without forgetting).
 
 An *extension file* holds the new rows, their names, how they were trained, the identity of the base checkpoint
 (SHA-256 of the VAR file) and of the extensions it was stacked on, so it is refused on any other model. It is a
