@@ -153,6 +153,8 @@ class InputOptions:
                                                help="Dataset column of labels (default: ClassLabel).")]
     border: Annotated[int, opt("--border", min=0, metavar="PX", show_default=True,
                                help="ObjectNet: pixels cropped off each side.")]
+    per_class: Annotated[Optional[int], opt("--per-class", metavar="N", min=1,
+                                            help="Only the first N images of each class (fixed order).")]
 
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"border": 2}
 
@@ -168,7 +170,7 @@ class InputOptions:
     def data(self):  # noqa: ANN201 (a avarc.io.data.DataOptions)
         from avarc.io.data import DataOptions
 
-        return DataOptions(self.split, self.image_column, self.label_column, self.border)
+        return DataOptions(self.split, self.image_column, self.label_column, self.border, self.per_class)
 
 
 def _shared(group: type, name: str, skip: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -33,7 +33,7 @@ def classify_summary(run: Any, topk: int, world: int, out: Any = None) -> None:
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     rows = [("images", m.images), ("classified", m.images - m.skipped), ("skipped", m.skipped)]
     if m.labelled:
-        rows += [("top-1", pct(m.top1)), ("top-5", pct(m.top5))]
+        rows += [(f"top-{k}", pct(m.topk(k))) for k in m.ks]
         rows += [(f"stage {i} recall ({st.scales} scales, {st.samples}× → keep {st.keep})", pct(r))
                  for i, (st, r) in enumerate(zip(profile.stages, m.recall), 1)]
     if profile.ood is not None:

@@ -11,7 +11,7 @@ from ..options import ForceOpt, Init, InputOptions, ModelOpt, ModelOptions, inpu
 
 
 @model_options("batch_size", "compile", "encoder")
-@input_options("from_list", "border")
+@input_options("from_list", "border", "per_class")
 def add_class(
     opts: ModelOptions,
     source: InputOptions,

@@ -64,7 +64,8 @@ def calibrate_ood(
                          "examples/digits`)")
     check_output_files({"out": out}, force)
     clf = opts.load(model, profile)
-    found = collect(inputs, clf.space, "none", None, None, classes, exclude=[out], data=source.data())
+    found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
+                    exclude=[out], data=source.data())
     with output.progress() as bar:
         task = bar.add_task("scoring", total=len(found.items), info="")
         fitted, used = run_calibration(clf, found.items, found.candidates, coverage, ood_score, seed,

@@ -216,12 +216,14 @@ class Inputs:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """How to read inputs that are not plain image folders: a dataset's split and columns, ObjectNet's border."""
+    """How to read inputs that are not plain image folders (a dataset's split and columns, ObjectNet's border), and
+    how many images of each class to take."""
 
     split: str | None = None
     image_column: str | None = None
     label_column: str | None = None
     border: int = DEFAULT_BORDER
+    per_class: int | None = None      # only the first N images of each class
 
 
 def read_list(path: str | os.PathLike) -> list[str]:
@@ -340,7 +342,26 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         if not items:
             raise AvarcError("no labelled images belong to the candidate classes; "
                              "check the subset and class restrictions")
+    if data.per_class is not None:
+        items = _per_class(items, labelled, data.per_class)
     return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out, notes=notes)
+
+
+def _per_class(items: list[Item], labelled: bool, n: int) -> list[Item]:
+    """The first ``n`` images of each class in the inputs' fixed order (folders sorted, rows by number), so a
+    resumed or sharded run takes the same ones: a balanced subset, as A-VARC's eval.py takes for quick checks."""
+    if n < 1:
+        raise AvarcError(f"must be at least 1, got {n}", option="per_class")
+    if not labelled:
+        raise AvarcError("takes the first images of each class, so it needs labelled inputs (class folders or a "
+                         "dataset's label column)", option="per_class")
+    seen: dict[int | None, int] = {}
+    out = []
+    for it in items:
+        seen[it.label] = seen.get(it.label, 0) + 1
+        if seen[it.label] <= n:
+            out.append(it)
+    return out
 
 
 def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:

@@ -1,5 +1,5 @@
-"""What a run adds up to: accuracy, top-5, per-stage recall and early exits over its records, and the summary row
-``--csv`` appends (refused up front when the file's columns differ, appended under the file's lock)."""
+"""What a run adds up to: top-k accuracy (k of :data:`TOPK`), per-stage recall and early exits over its records,
+and the summary row ``--csv`` appends (refused up front when the file's columns differ, appended under its lock)."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +15,13 @@ from ..errors import AvarcError
 from .file_lock import file_lock
 from .files import atomic_write
 from .records import Record
+
+TOPK = (1, 3, 5, 10, 20, 25, 50, 100)      # the top-k accuracies A-VARC's eval.py reports
+
+
+def shown_ks(candidates: int | None) -> list[int]:
+    """The k of :data:`TOPK` that say something with this many candidates (k ≥ candidates is always 100%)."""
+    return [k for k in TOPK if k == 1 or candidates is None or k < candidates]
 
 
 def stage_survival(record: Record, num_stages: int) -> list[bool]:
@@ -33,14 +40,15 @@ def stage_survival(record: Record, num_stages: int) -> list[bool]:
 
 @dataclass
 class Metrics:
-    """Running totals over records; ``top1``/``top5``/``recall`` are over labelled records that were classified."""
+    """Running totals over records; ``topk``/``recall`` are over labelled records that were classified (a record's
+    ``label_rank`` is its true class's rank in the whole ranking, so every k is counted from it)."""
 
     num_stages: int
+    candidates: int | None = None  # how many classes competed (which top-k are worth showing)
     images: int = 0
     skipped: int = 0
     labelled: int = 0
-    correct1: int = 0
-    correct5: int = 0
+    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(TOPK, 0))    # k → labels ranked ≤ k
     early_exits: int = 0
     abstained: int = 0             # answered "none of these" (not counted in top1/top5/recall)
     survived: list[int] = field(default_factory=list)
@@ -61,18 +69,33 @@ class Metrics:
             return
         self.labelled += 1
         rank = record["label_rank"]
-        self.correct1 += rank == 1
-        self.correct5 += rank is not None and rank <= 5
+        for k in TOPK:
+            self.hits[k] += rank is not None and rank <= k
         for s, ok in enumerate(stage_survival(record, self.num_stages)):
             self.survived[s] += ok
 
     @property
+    def correct1(self) -> int:
+        return self.hits[1]
+
+    @property
+    def correct5(self) -> int:
+        return self.hits[5]
+
+    def topk(self, k: int) -> float | None:
+        return self.hits[k] / self.labelled if self.labelled else None
+
+    @property
     def top1(self) -> float | None:
-        return self.correct1 / self.labelled if self.labelled else None
+        return self.topk(1)
 
     @property
     def top5(self) -> float | None:
-        return self.correct5 / self.labelled if self.labelled else None
+        return self.topk(5)
+
+    @property
+    def ks(self) -> list[int]:
+        return shown_ks(self.candidates)
 
     @property
     def recall(self) -> list[float | None]:
@@ -127,8 +150,8 @@ def summary_row(m: Metrics, profile: Profile, run: dict, dataset: str | None, su
                 seconds: float) -> dict:
     """One run's row for :func:`append_csv_summary`; ``new`` images were classified in ``seconds`` by this run."""
     row = {"model": run["model"], "profile": profile.name, "seed": run["seed"], "dataset": dataset or "",
-           "subset": subset or "", "images": m.images, "skipped": m.skipped,
-           "top1": m.top1 if m.top1 is not None else "", "top5": m.top5 if m.top5 is not None else ""}
+           "subset": subset or "", "images": m.images, "skipped": m.skipped}
+    row.update({f"top{k}": m.topk(k) if k in m.ks and m.labelled else "" for k in TOPK})
     row.update({f"recall_stage{i}": r if r is not None else "" for i, r in enumerate(m.recall, 1)})
     row.update({"abstained": m.abstained} if profile.ood is not None else {})
     row.update({"early_exits": m.early_exits, "images_per_s": round(new / seconds, 3) if new and seconds > 0 else ""})

@@ -113,7 +113,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     run_key = clf.run_key(seed, found.candidates, weights=weights_identity(clf.model),
                           dtype=str(clf.dtype).removeprefix("torch."), temperature=float(temp), topk=topk,
                           labels=labels)
-    metrics = Metrics(len(clf.profile.stages))
+    metrics = Metrics(len(clf.profile.stages), len(found.candidates))
     if csv is not None and dist.is_main:
         check_csv(Path(csv), list(summary_row(metrics, clf.profile, run_key, None, None, 0, 0.0)))
     with results_file(out, resume, run_key, dist) as results:
