@@ -85,6 +85,7 @@ def test_numpy_arrays_are_taken(clf):
     ([[str(IMAGE)]], "nested list"),
     ([], "no images"),
     (3.5, "cannot classify a float"),
+    (Image.new("RGB", (0, 0)), "empty (0×0) PIL image"),
 ])
 def test_what_is_not_an_image_is_refused_at_the_door(clf, images, says):
     one_line_error(lambda: clf.classify(images), says)

@@ -1,7 +1,7 @@
 """The library's images, checked at the door: every form a Python caller passes (a path, folder, dataset, PIL
 image, tensor, numpy array, or a list of these) → one :class:`Entry` per image, or one AvarcError line naming what
 is wrong and the form expected, before any model work. Files, folders and datasets are read as the CLI reads them
-(:func:`~core.io.data.collect`), so each entry keeps its path (or dataset row) and its class folder's label.
+(:func:`~avarc.io.data.collect`), so each entry keeps its path (or dataset row) and its class folder's label.
 """
 from __future__ import annotations
 
@@ -90,6 +90,8 @@ def _one(x: object, space: ClassSpace, size: int) -> tuple[list[Entry], bool]:
             return [Entry(item=it) for it in collect([x], space, "auto").items], False
         return [Entry(item=Item(path=str(x), key=path.name))], True
     if isinstance(x, Image.Image):
+        if min(x.size) == 0:
+            raise AvarcError(f"an empty ({x.size[0]}×{x.size[1]}) PIL image was passed; pass {FORMS}")
         return [Entry(image=x)], True
     if isinstance(x, torch.Tensor):
         if x.ndim == 4:
