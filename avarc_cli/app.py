@@ -67,6 +67,7 @@ def main() -> None:
     """Run the app; a user error (ours or a usage error typer found) is one line on stderr and exit code 2. Anything
     else that escapes a command (a bug, a library failing on this host) is one line too, naming the log file that
     holds the full trace, and exit code 1: a command never ends in a traceback."""
+    code = 1
     try:
         with _torch_kept():
             code = app(standalone_mode=False)
@@ -84,6 +85,8 @@ def main() -> None:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         typer.secho(f"error: unexpected {type(e).__name__}: {first} ({where}; please report it)", err=True, fg="red")
         sys.exit(1)
+    finally:
+        output.finish(not code)
     sys.exit(code or 0)
 
 

@@ -26,6 +26,8 @@ Init = Literal[INITS]  # type: ignore[valid-type]
 Colormap = Literal[COLORMAPS]  # type: ignore[valid-type]
 MetricsStart = Literal[METRICS_STARTS]  # type: ignore[valid-type]
 OodScore = Literal[OOD_SCORES]  # type: ignore[valid-type]
+DEMO_MODEL = "digits"          # what every command runs without --model
+CONTEXT = "_ctx"               # the click context a shared option group reads (which options were given)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -70,7 +72,7 @@ def opt(*names: str, help: str, **kw: Any) -> typer.models.OptionInfo:  # noqa: 
 
 
 ModelOpt = Annotated[str, opt("--model", "-m", metavar="NAME", show_default=True,
-                              help="Registry name, folder or VAR file.")]
+                              help="Registry name, folder or VAR file (digits: the bundled demo).")]
 ProfileOpt = Annotated[Optional[str], opt("--profile", "-p", metavar="NAME",
                                           help="Shipped schedule name or YAML file.")]
 SeedOpt = Annotated[int, opt("--seed", help="Seed of the likelihood-smoothing noise.", show_default=True)]
@@ -114,6 +116,7 @@ class ModelOptions:
 
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"device": "auto", "dtype": "auto", "encoder": "torch",
                                                  "trust_pickle": False}
+    given: typing.ClassVar[frozenset[str]] = frozenset()    # the command's parameters given on its command line
 
     def load(self, model: str, profile: str | None = None, **override: Any):  # noqa: ANN201 (a avarc.Classifier)
         """The one ``Classifier.from_pretrained`` call of every command (``override``: a command's own choice)."""
@@ -121,6 +124,11 @@ class ModelOptions:
 
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extension"}
         kw.update(override)
+        if model == DEMO_MODEL and "model" not in self.given:
+            from . import output
+
+            output.at_the_end(f"model: the bundled demo model {DEMO_MODEL} (8×8 handwritten digits, 10 classes); "
+                              "choose another with -m NAME (`avarc download --list` names them)")
         with _loading(model):
             return Classifier.from_pretrained(model, extensions=self.extension or (), profile=profile, **kw)
 
@@ -145,19 +153,24 @@ class InputOptions:
                                                help="Dataset column of labels (default: ClassLabel).")]
     border: Annotated[int, opt("--border", min=0, metavar="PX", show_default=True,
                                help="ObjectNet: pixels cropped off each side.")]
+    per_class: Annotated[Optional[int], opt("--per-class", metavar="N", min=1,
+                                            help="Only the first N images of each class (fixed order).")]
 
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"border": 2}
 
     def inputs(self, given: list[Path] | None) -> list:
-        """The command's inputs with ``--from-list``'s paths after them."""
-        from avarc.io.data import read_list
+        """The command's inputs with ``--from-list``'s paths after them, each checked to exist (before a model
+        loads)."""
+        from avarc.io.data import check_inputs, read_list
 
-        return [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
+        inputs = [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
+        check_inputs(inputs)
+        return inputs
 
     def data(self):  # noqa: ANN201 (a avarc.io.data.DataOptions)
         from avarc.io.data import DataOptions
 
-        return DataOptions(self.split, self.image_column, self.label_column, self.border)
+        return DataOptions(self.split, self.image_column, self.label_column, self.border, self.per_class)
 
 
 class OptionGroup(typing.Protocol):
@@ -179,12 +192,19 @@ def _shared(group: type[OptionGroup], name: str,
         params = [p for p in own.parameters.values() if p.name != name]
         params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
                                      default=group.DEFAULTS.get(f.name)) for f in fields]
+        inner = CONTEXT in own.parameters        # another group wrapped the command first and reads it too
+        if not inner:
+            params.append(inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
         @functools.wraps(command)
         def run(**kw: Any) -> Any:
             values = {f.name: group.DEFAULTS.get(f.name) for f in dataclasses.fields(group)}
             values.update({f.name: kw.pop(f.name) for f in fields})
-            return command(**{name: group(**values)}, **kw)
+            options = group(**values)
+            ctx = kw.get(CONTEXT) if inner else kw.pop(CONTEXT, None)
+            if ctx is not None:        # which parameters the user typed (a default is not a choice)
+                options.given = frozenset(p for p in ctx.params if ctx.get_parameter_source(p).name != "DEFAULT")
+            return command(**{name: options}, **kw)
 
         del run.__wrapped__          # typer reads the signature below, not the command's own
         run.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]

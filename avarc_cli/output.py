@@ -83,7 +83,31 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
                      min_width=_least(c, cells, numeric))
     for r in rows:
         t.add_row(*(Text(shown(_fmt(x))) for x in r))
+    _fit(t)
     console.print(t)
+
+
+def _fit(t: Table) -> None:
+    """Narrow a table that would overflow the terminal by folding the columns with most room to spare, never below a
+    column's least width. (rich's own collapse narrows the widest columns first, then widens those below their least
+    width again, which can overflow by a few characters.)"""
+    widths = [_natural(c) for c in t.columns]
+    excess = sum(widths) + 3 * len(widths) + 1 - console.width
+    if excess <= 0:
+        return
+    for _ in range(excess):
+        slack = [w - (c.min_width or 1) for w, c in zip(widths, t.columns)]
+        i = max(range(len(widths)), key=slack.__getitem__)
+        if slack[i] <= 0:
+            return              # it cannot fit: rich crops it (a turned table is chosen earlier where one fits)
+        widths[i] -= 1
+    for c, w in zip(t.columns, widths):
+        c.width = w
+
+
+def _natural(col) -> int:  # noqa: ANN001 (a rich Column)
+    """A column's width with nothing folded: its widest header or cell line."""
+    return max(len(line) for cell in (col.header, *col.cells) for line in str(cell).splitlines() or [""])
 
 
 def _least(header: str, cells: list, numeric: bool) -> int:
@@ -98,6 +122,36 @@ def _least_width(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
         cells = [r[i] for r in rows if r[i] is not None]
         widths.append(3 + _least(c, cells, sum(map(_numeric, cells)) > len(cells) / 2))
     return 1 + sum(widths)
+
+
+_AT_THE_END: list[str] = []
+
+
+def at_the_end(line: str) -> None:
+    """A line for stderr once the command has succeeded (after its results, where it is read; not before an
+    error, which stays one line)."""
+    if line not in _AT_THE_END:
+        _AT_THE_END.append(line)
+
+
+_DATA_ON_STDOUT: list[Console] = []        # the console stdout had, while a command writes its data there
+
+
+def finish(succeeded: bool) -> None:
+    """The end of a command: its lines for the end (if it succeeded), and stdout given back to tables."""
+    global console
+    for line in _AT_THE_END if succeeded else ():
+        say(line, err=True)
+    _AT_THE_END.clear()
+    if _DATA_ON_STDOUT:
+        console = _DATA_ON_STDOUT.pop()
+
+
+def keep_stdout_for_data() -> None:
+    """Send tables and lines to stderr until the command ends: stdout carries its data (``--out -``)."""
+    global console
+    _DATA_ON_STDOUT.append(console)
+    console = err_console
 
 
 def emit_json(obj: Any) -> None:

@@ -51,8 +51,8 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
     for reason in skipped:
         output.say(f"skipped: {reason}", err=True)
     if rows:
-        output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
-                     f"{scales or len(clf.spec.var.patch_nums)} scales",
+        output.table(f"avarc explain · model {clf.source} · {len(rows)} written to {out} · log-likelihood ratios in "
+                     f"nats on {scales or len(clf.spec.var.patch_nums)} scales",
                      ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
     if measured and metrics:   # measured only with metrics
         metrics_table(measured, out, metrics)

@@ -18,8 +18,12 @@ def profiles_table() -> None:
                    p.description) for p in list_profiles()])
 
 
-def classify_summary(run: Any, topk: int, world: int) -> None:
-    """A ``ClassifyRun``'s predictions (unlabelled inputs) and metrics."""
+SHOWN = 20      # predictions of an unlabelled run shown in the terminal (the rest: "… N more")
+
+
+def classify_summary(run: Any, topk: int, world: int, out: Any = None) -> None:
+    """A ``ClassifyRun``'s predictions (unlabelled inputs; the first :data:`SHOWN`), metrics and where the records
+    went."""
     m, profile = run.metrics, run.clf.profile
     if run.records:
         output.table("predictions", ["image", "prediction", "posterior", "runners-up"],
@@ -27,10 +31,12 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
                       (r["path"], "none of these (abstained)", None, _ood_note(r)) if r["status"] == "abstained" else
                       (r["path"], r["pred_name"], f"{r['posterior'][0]['p']:.3f}",
                        ", ".join(t["name"] for t in r["topk"][1:topk])) for r in run.records])
+        if run.new > len(run.records):
+            output.say(f"… {run.new - len(run.records)} more" + (f" (all in {out})" if out is not None else ""))
     pct = lambda x: "–" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     rows = [("images", m.images), ("classified", m.images - m.skipped), ("skipped", m.skipped)]
     if m.labelled:
-        rows += [("top-1", pct(m.top1)), ("top-5", pct(m.top5))]
+        rows += [(f"top-{k}", pct(m.topk(k))) for k in m.ks]
         rows += [(f"stage {i} recall ({st.scales} scales, {st.samples}× → keep {st.keep})", pct(r))
                  for i, (st, r) in enumerate(zip(profile.stages, m.recall), 1)]
     if profile.ood is not None:
@@ -41,7 +47,9 @@ def classify_summary(run: Any, topk: int, world: int) -> None:
         rows.append(("GFLOPs/image executed (mean)", f"{run.gflops_per_image:.4g}"))
     rows.append(("images/s", f"{run.rate:.2f}" if run.rate else "–"))
     rows += [("processes", world)] if world > 1 else []
-    output.table(f"avarc classify · profile {profile.name}", ["metric", "value"], rows)
+    output.table(f"avarc classify · model {run.clf.source} · profile {profile.name}", ["metric", "value"], rows)
+    if out is not None:
+        output.say(f"wrote {run.new} records to {out}" + (f" ({run.safe} in all)" if run.safe > run.new else ""))
 
 
 def _ood_note(record: Record) -> str:
@@ -53,7 +61,8 @@ MIN_PER_CLASS = 20      # fewer fit images per class than this cannot tell sched
 NEAR = 2                # Pareto rows shown on each side of the chosen schedule
 
 
-def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[float, float], as_json: bool) -> None:
+def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[float, float], as_json: bool,
+                 model: str) -> None:
     """A short summary and the Pareto rows nearest the budget (every schedule: ``--report`` or ``--json``). The
     chosen schedule's compute is one figure everywhere: on the images it was chosen on, as in its Pareto row."""
     import numpy as np
@@ -77,7 +86,7 @@ def tune_summary(res: Any, labels: Any, out: Any, report: Any, seconds: tuple[fl
              "◀" if p.stages == c.stages else "") for p in front[max(at - NEAR, 0):at + NEAR + 1]]
     output.table(f"Pareto front near the budget ({len(front)} schedules on it, {len(res.points)} evaluated)",
                  ["schedule (scales×samples→keep)", "fit", "held", "GFLOPs", "varc", ""], rows)
-    output.table("avarc tune", ["", "value"], [
+    output.table(f"avarc tune · model {model}", ["", "value"], [
         ("chosen", c.describe()),
         ("images (chosen on / held out)", f"{len(res.fit_idx)} / {len(res.held_idx)}"),
         ("top-1 chosen on / held out", f"{c.accuracy:.2%} / "

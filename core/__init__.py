@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "AvarcError": ".errors", "Classifier": ".classifier", "Explanation": ".tasks.explain",
-    "Extension": ".tasks.incremental", "Prediction": ".engine.stages", "classify": ".engine.schedule",
+    "Extension": ".tasks.incremental", "Prediction": ".engine.stages", "Skipped": ".engine.stages",
+    "classify": ".engine.schedule",
     "Scorer": ".engine.scoring", "Profile": ".engine.profile", "Stage": ".engine.profile",
     "list_profiles": ".io.profiles", "load_profile": ".io.profiles", "Model": ".engine.model",
     "build_model": ".engine.model", "load_model": ".io.loading", "resolve_device": ".engine.runtime",

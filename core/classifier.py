@@ -3,12 +3,12 @@ preprocessing, encoder backend) is made once in :meth:`Classifier.from_pretraine
 ``add_classes`` then take raw images and return plain results. Every ``avarc`` command goes through it.
 
     clf = Classifier.from_pretrained("digits")         # a registry model is downloaded on first use
-    pred = clf.classify("a.png")                       # one path, PIL image or 3×R×R tensor in [-1, 1] → one result
-    preds = clf.classify(["a.png", "b.png", "dir/"])   # a list (folders expand to their images) → a list
-    print(pred.top[0].name, pred.top[0].p, pred.to_dict())
+    pred = clf.classify("a.png")                       # one path, PIL image, numpy array or tensor → one result
+    preds = clf.classify(["a.png", "b.png", "dir/"])   # a list (folders, datasets expand to their images) → a list
+    print(pred.top[0].name, pred.top[0].p, pred.path, pred.to_dict())
 
-Smoothing noise is seeded per image from ``seed`` and the image's key (a file's name, an in-memory image's
-position, or an :class:`~core.io.data.Item`'s key), so results do not depend on batching, order or sharding.
+Smoothing noise is seeded per image from ``seed`` and the image's own content (its clean tokens), so the same
+pixels get the same result however they are passed, and whatever batch, order or shard they are in.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,16 +26,16 @@ from PIL import Image
 from .engine.flops import image_gflops
 from .engine.model import Model
 from .engine.profile import Profile
-from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, resolve_threads
+from .engine.runtime import DTYPES, resolve_compile, resolve_device, resolve_dtype, resolve_threads
 from .engine.schedule import classify as run_schedule
-from .engine.schedule import noise_generator
 from .engine.scoring import Scorer
-from .engine.stages import Prediction
+from .engine.stages import Prediction, Skipped
 from .engine.torch_state import torch_settings
-from .errors import AvarcError
+from .errors import FIX, AvarcError, NeedsDownload
 from .io import distributed
-from .io.data import ClassSpace, Item, collect
+from .io.data import ClassSpace, Item
 from .io.hub import find_local
+from .io.image_inputs import Entry, ImageInput, Images, Label, gather, labels_for
 from .io.loading import finish, resolve_model
 from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
 from .io.profiles import default_profile_name, load_profile
@@ -46,8 +46,6 @@ from .tasks.explain import Explanation, Target, check_scales, explain_images
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
 
-ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
-Images = Union[ImageInput, Sequence[ImageInput]]
 IMAGES_PER_STEP = 16
 
 
@@ -91,6 +89,7 @@ class Classifier:
         process's own torch settings are put back after each call.
         ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
+        extensions = _check_arguments(extensions, batch_size, dtype)
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
@@ -177,59 +176,48 @@ class Classifier:
         stack these to pass a batch)."""
         return pixels_to_tensor(self.prepare(image))
 
-    def _inputs(self, images: Images) -> tuple[list[ImageInput], bool]:
-        """Every form a caller passes → (one input per image, whether one image was passed). A folder stands for
-        its images (recursively, sorted); a 4-D tensor for its rows."""
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            return list(images), False
-        if isinstance(images, (str, os.PathLike, Image.Image, torch.Tensor)):
-            if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-                return self._inputs([images])[0], False
-            return [images], True
-        out: list[ImageInput] = []
-        for x in images:
-            if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
-                out += [it.path for it in collect([x], self.space, "none").items]
-            else:
-                out.append(x)
-        return out, False
+    def _entries(self, images: Images) -> tuple[list[Entry], bool]:
+        """Every form a caller passes → (one checked entry per image, whether one image was passed); folders and
+        datasets expand to their images (with their paths and class-folder labels), a 4-D tensor or array to its
+        rows."""
+        return gather(images, self.space, self.spec.image_size)
 
-    def _tensors(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return torch.stack([self._checked(x) if isinstance(x, torch.Tensor) else self.preprocess(x) for x in images])
+    def _pixels(self, e: Entry) -> torch.Tensor | str:
+        """An entry's model input (3×R×R in [-1, 1]), or why its file or row cannot be read."""
+        if isinstance(e.image, torch.Tensor):
+            return e.image
+        px = self.load(e.item) if e.item is not None else preprocess_pil(e.image, self.spec.image_size,
+                                                                          self.spec.preprocess)
+        return px if isinstance(px, str) else pixels_to_tensor(px)
 
-    def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        """A preprocessed image as given, or one line on what is wrong with it and the form expected."""
-        R = self.spec.image_size
-        form = (f"a float 3×{R}×{R} tensor in [-1, 1] (clf.preprocess(image) makes one; or pass the path or PIL "
-                "image itself)")
-        if not x.is_floating_point():
-            raise AvarcError(f"a {str(x.dtype)[6:]} tensor was passed; this model takes {form}")
-        if tuple(x.shape) != (3, R, R):
-            raise AvarcError(f"a tensor of shape {tuple(x.shape)} was passed; this model takes {form}")
-        lo, hi = x.min().item(), x.max().item()
-        if lo < -1.001 or hi > 1.001 or lo >= 0.0:
-            raise AvarcError(f"tensor values lie in [{lo:.3g}, {hi:.3g}]{' (it looks like [0, 1])' if lo >= 0 else ''};"
-                             f" this model takes {form}; a [0, 1] tensor becomes one with x * 2 - 1")
-        return x.float()
-
-    @staticmethod
-    def _keys(images: Sequence[ImageInput], keys: Sequence[str] | None) -> list[str]:
-        if keys is not None:
-            return list(keys)
-        return [Path(x).name if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(images)]
+    def _steps(self, entries: Sequence[Entry], single: bool,
+               out: list) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Entries in steps of IMAGES_PER_STEP → (indices of the readable ones, their stacked pixels); the others
+        are set in ``out`` as :class:`Skipped` results. One image passed alone that cannot be read is its one-line
+        error instead."""
+        for i in range(0, len(entries), IMAGES_PER_STEP):
+            read = {j: self._pixels(entries[j]) for j in range(i, min(i + IMAGES_PER_STEP, len(entries)))}
+            for j, px in read.items():
+                if isinstance(px, str):
+                    if single:
+                        raise AvarcError(px)
+                    out[j] = Skipped(entries[j].path or f"#{j}", px, entries[j].label)
+            good = [j for j, px in read.items() if not isinstance(px, str)]
+            if good:
+                yield good, torch.stack([read[j] for j in good])
 
     # classify
     @_in_settings
-    def predict(self, x: torch.Tensor, keys: Sequence[str], candidates: Sequence[int], seed: int = 0,
+    def predict(self, x: torch.Tensor, candidates: Sequence[int], seed: int = 0,
                 temperature: float | None = None, ood_score: str | None = None) -> list[Prediction]:
-        """B, 3, R, R preprocessed images → predictions (one noise generator per image, from seed and key), each
-        with its OOD scores and abstained where the profile's OOD rule says so. ``temperature`` None: the
-        profile's (fitted by ``avarc tune``), else 1. ``ood_score``: the score that decides (default: the rule's)."""
-        gens = [noise_generator(seed, k) for k in keys]
+        """B, 3, R, R preprocessed images → predictions (smoothing noise seeded by ``seed`` and each image's
+        content), each with its OOD scores and abstained where the profile's OOD rule says so. ``temperature`` None:
+        the profile's (fitted by ``avarc tune``), else 1. ``ood_score``: the score that decides (default: the
+        rule's)."""
         temperature = temperature if temperature is not None else self.profile.temperature or 1.0
         latents = self.model.encode(x)
         scorer = Scorer(self.model, self.batch_size)
-        preds = run_schedule(self.model, latents, candidates, self.profile, gens, scorer, temperature)
+        preds = run_schedule(self.model, latents, candidates, self.profile, seed, scorer, temperature)
         rule = self.profile.ood
         score = check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE))
         names = self.class_names
@@ -239,21 +227,21 @@ class Classifier:
                 for i, (p, o) in enumerate(zip(preds, oods))]
 
     @_in_settings
-    def classify(self, images: Images, *, labels: Sequence[int | str | None] | int | str | None = None,
+    def classify(self, images: Images, *, labels: Sequence[Label] | Label = None,
                  candidates: Sequence[int | str] | None = None, seed: int = 0, temperature: float | None = None,
-                 keys: Sequence[str] | None = None, ood_score: str | None = None) -> Prediction | list[Prediction]:
-        """Classify a path, PIL image, 3×R×R tensor in [-1, 1] (one result), or a list of these, a folder or an
-        N×3×R×R tensor (a list of results). ``labels`` (true classes) fill ``Prediction.label``; ``candidates``
-        restricts the classes (default: all); ``ood_score`` picks the OOD score that decides abstention."""
-        inputs, single = self._inputs(images)
+                 ood_score: str | None = None) -> Prediction | list[Prediction | Skipped]:
+        """Classify a path, PIL image, numpy array (H×W×3 uint8 or 3×R×R float) or 3×R×R tensor in [-1, 1] (one
+        result), or a list of these, a folder, a dataset or an N×3×R×R tensor (a list of results, each with its
+        ``path`` and its class folder's ``label``; an unreadable file is a :class:`Skipped` result). ``labels``
+        (true classes, one per image) fill ``Prediction.label``; ``candidates`` restricts the classes (default:
+        all); ``ood_score`` picks the OOD score that decides abstention."""
+        entries, single = self._entries(images)
         cands = self._candidates(candidates)
-        keys = self._keys(inputs, keys)
-        ids = [None if y is None else self.class_id(y, "label") for y in _per_image(labels, single, len(keys))]
-        out: list[Prediction] = []
-        for i in range(0, len(keys), IMAGES_PER_STEP):
-            x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
-            out += self.predict(x, keys[i:i + IMAGES_PER_STEP], cands, seed, temperature, ood_score)
-        out = [replace(p, label=y) for p, y in zip(out, ids)]
+        ids = labels_for(labels, entries, single, lambda y: self.class_id(y, "label"))
+        out: list = [None] * len(entries)
+        for good, x in self._steps(entries, single, out):
+            for j, p in zip(good, self.predict(x, cands, seed, temperature, ood_score)):
+                out[j] = replace(p, label=ids[j], path=entries[j].path)
         return out[0] if single else out
 
     def _candidates(self, candidates: Sequence[int | str] | None) -> list[int]:
@@ -281,8 +269,8 @@ class Classifier:
 
         def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[Record]:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
-            preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), [it.key for it, _ in good],
-                                      candidates, seed, temperature, ood_score) if good else ())
+            preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), candidates, seed,
+                                      temperature, ood_score) if good else ())
             return [skipped_record(it, px, names, run) if isinstance(px, str)
                     else ok_record(it, next(preds), names, run, topk)
                     for it, px in zip(batch, pixels)]
@@ -297,25 +285,24 @@ class Classifier:
     # explain
     @_in_settings
     def explain(self, images: Images, *, a: int | str | None = None, b: int | str | None = None,
-                labels: Sequence[int | str | None] | int | str | None = None, scales: int | None = None, seed: int = 0,
-                keys: Sequence[str] | None = None) -> Explanation | list[Explanation]:
+                labels: Sequence[Label] | Label = None, scales: int | None = None,
+                seed: int = 0) -> Explanation | list[Explanation | Skipped]:
         """Token-wise log-likelihood-ratio maps of class ``a`` against ``b`` (``"null"``: the unconditional model),
-        for the same inputs as :meth:`classify` (one input → one explanation, a list → a list). Left open, A is the
-        true label (from ``labels``) or the prediction and B the best other class. ``.save(path)`` or
-        ``.to_pil()`` draws one."""
-        inputs, single = self._inputs(images)
+        for the same inputs as :meth:`classify` (one input → one explanation, a list → a list, each with its
+        ``path``; an unreadable file is a :class:`Skipped` result). Left open, A is the true label (from ``labels``
+        or its class folder) or the prediction and B the best other class. ``.save(path)`` or ``.to_pil()`` draws
+        one."""
+        entries, single = self._entries(images)
         target = self.target(a, b)
-        keys = self._keys(inputs, keys)
-        targets = [replace(target, label=None if y is None else self.class_id(y, "label"))
-                   for y in _per_image(labels, single, len(keys))]
-        out: list[Explanation] = []
-        for i in range(0, len(keys), IMAGES_PER_STEP):
-            x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
-            for ex, px in zip(self.explain_tensors(x, targets[i:i + IMAGES_PER_STEP], keys[i:i + IMAGES_PER_STEP],
-                                                   scales, seed), x):
+        ids = labels_for(labels, entries, single, lambda y: self.class_id(y, "label"))
+        out: list = [None] * len(entries)
+        for good, x in self._steps(entries, single, out):
+            for j, ex, px in zip(good, self.explain_tensors(x, [replace(target, label=ids[j]) for j in good], scales,
+                                                            seed), x):
                 if isinstance(ex, AvarcError):
                     raise ex
-                out.append(self._named(ex, tensor_pixels(px)))
+                out[j] = self._named(ex, tensor_pixels(px))
+                out[j].path = entries[j].path
         return out[0] if single else out
 
     def _named(self, ex: Explanation, pixels: np.ndarray) -> Explanation:
@@ -337,12 +324,10 @@ class Classifier:
         return t
 
     @_in_settings
-    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], keys: Sequence[str],
-                        scales: int | None = None,
+    def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], scales: int | None = None,
                         seed: int = 0) -> list[Explanation | AvarcError]:
         """B, 3, R, R preprocessed images → an explanation each (or why its class pair cannot be formed)."""
-        gens = [noise_generator(seed, k) for k in keys]
-        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales),
+        return explain_images(self.model, x, targets, self.profile, seed, check_scales(self.model, scales),
                               self.batch_size)
 
     def explain_items(self, items: Sequence[Item], target: Target | Mapping[str, Target], scales: int | None = None,
@@ -355,8 +340,8 @@ class Classifier:
             good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
             fixed = [target[it.path] if isinstance(target, Mapping) else target for it, _ in good]
             targets = [t if t.label is not None else replace(t, label=it.label) for t, (it, _) in zip(fixed, good)]
-            done = iter(self.explain_tensors(torch.stack([pixels_to_tensor(px) for _, px in good]), targets,
-                                             [it.key for it, _ in good], scales, seed) if good else ())
+            done = iter(self.explain_tensors(torch.stack([pixels_to_tensor(px) for _, px in good]), targets, scales,
+                                             seed) if good else ())
             out: list[tuple[Item, Explanation | str]] = []
             for it, px in zip(batch, pixels):
                 if isinstance(px, str):
@@ -381,8 +366,12 @@ class Classifier:
             if isinstance(imgs, (str, os.PathLike)):
                 images.update(read_class_folders({name: imgs}, self.spec.image_size, self.spec.preprocess).images)
             else:
-                inputs, _ = self._inputs(imgs)
-                images[name] = self._tensors(inputs)
+                entries, _ = self._entries(imgs)
+                read = [self._pixels(e) for e in entries]
+                bad = next((r for r in read if isinstance(r, str)), None)
+                if bad is not None:
+                    raise AvarcError(f"class {name!r}: {bad}")
+                images[name] = torch.stack(read)
         base = self.source.lower() if is_registry_name(self.source) else None
         added = add_classes(self.model, images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
                             init=init, seed=seed, holdout=holdout, base_name=base, on_step=on_step)
@@ -390,17 +379,30 @@ class Classifier:
 
 
 
-def _per_image(labels: Sequence[int | str | None] | int | str | None, single: bool, n: int) -> list[int | str | None]:
-    """``labels`` as one label (or None) for each of the n inputs; a lone label is for a single image only."""
-    if isinstance(labels, (int, str)):
-        if not single:
-            raise AvarcError(f"labels: one label {labels!r} for {n} images; give one label per image", option="labels")
-        return [labels]
-    return list(labels) if labels else [None] * n
+def _check_arguments(extensions: object, batch_size: object, dtype: object) -> list:
+    """``from_pretrained``'s arguments that would otherwise fail deep inside, refused in one line each; the
+    extensions as a list."""
+    if isinstance(extensions, (str, os.PathLike, Extension)):
+        raise AvarcError(f"extensions takes a list; pass extensions=[{os.fspath(extensions)!r}]"
+                         if not isinstance(extensions, Extension) else "extensions takes a list; pass [extension]",
+                         option="extensions")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise AvarcError(f"must be a positive whole number (or None: sized to memory), got {batch_size!r}",
+                         option="batch_size")
+    if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
+        raise AvarcError(f"{str(dtype).removeprefix('torch.')} is not a dtype the model runs in; use auto, "
+                         f"{', '.join(DTYPES)}", option="dtype")
+    return list(extensions)
 
 
 def _download_missing(names: Sequence[str | os.PathLike], model_dir: str | os.PathLike | None) -> None:
-    """Fetch the registry models (and their VQ-VAEs) not on this machine, as ``avarc download`` does."""
-    for e in with_vaes([str(n) for n in names]):
-        if e.hub is not None and find_local(e.hub, model_dir) is None:   # not bundled, not here
-            fetch(e, model_dir)
+    """Fetch the registry models (and their VQ-VAEs) not on this machine, as ``avarc download`` does; a failure
+    names the model asked for (not only its VQ-VAE) and the download that makes it available."""
+    for name in map(str, names):
+        for e in with_vaes([name]):
+            if not e.bundled and find_local(e.hub, model_dir) is None:
+                try:
+                    fetch(e, model_dir)
+                except AvarcError as err:
+                    raise AvarcError(f"model {name!r} is not on this machine ({err}); {FIX}",
+                                     fix=NeedsDownload(name, model_dir)) from None

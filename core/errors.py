@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from difflib import get_close_matches
+from typing import Iterable
 
 FIX = "{fix}"
 
@@ -55,3 +57,7 @@ def schema_problem(error, tags: tuple[str, ...] = ()) -> tuple[list[str | int], 
 
 
 _TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict", "none", "constrained-str"}
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a mistyped one (difflib), else nothing."""
+    close = get_close_matches(given.lower(), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

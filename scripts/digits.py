@@ -4,11 +4,14 @@ Pixels are stored as 8-bit greyscale (value·255/16 rounded) so that a PNG of an
 model was trained on. The split is by index and fixed: train = 0…1437, test = 1438…1796 (never trained on).
 scikit-learn is needed only here, for training and tests, so it is imported lazily.
 
-    python scripts/digits.py --split data/digits   # data/digits/tune/<digit>/*.png and data/digits/test/<digit>/*.png
+    python scripts/digits.py --split data/digits   # data/digits/{tune,test,calibrate,check}/<digit>/*.png
 
 writes labelled class folders for the README's flows: ``tune/`` holds 40 training images per digit (seen in
 training, so tune's accuracies there are optimistic, but enough images per class to choose a schedule) and
-``test/`` the whole test split (359 images never trained on), where classify measures honestly.
+``test/`` the whole test split (359 images never trained on), where classify measures honestly. For
+out-of-distribution thresholds the test split is also halved: ``calibrate/`` (digits 1438–1617), where
+``calibrate-ood`` sets thresholds on images the model never trained on, and ``check/`` (1618–1796), where they
+are applied to images the calibration never saw.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ NUM_IMAGES = 1797
 TRAIN_END = 1438   # train = [0, TRAIN_END), test = [TRAIN_END, NUM_IMAGES)
 SPLITS = {"train": range(0, TRAIN_END), "test": range(TRAIN_END, NUM_IMAGES)}
 CLASS_NAMES = tuple(str(d) for d in range(10))
+CALIBRATE_END = 1618   # calibrate = [TRAIN_END, CALIBRATE_END), check = [CALIBRATE_END, NUM_IMAGES): the test split
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,22 @@ def evaluate(model: Model, data: Digits, classes: tuple[int, ...] = tuple(range(
 
 
 def write_split(out: Path, tune_per_class: int = 40, seed: int = 0) -> dict[str, int]:
-    """``out/tune/<digit>/<index>.png`` (a seeded sample of the train split per digit) and ``out/test/<digit>/``
-    (the whole test split); refuses to write into folders that already exist. Returns the images per part."""
+    """``out/tune/<digit>/<index>.png`` (a seeded sample of the train split per digit), ``out/test/<digit>/`` (the
+    whole test split) and its two halves ``out/calibrate/`` and ``out/check/``; refuses to write into folders that
+    already exist. Returns the images per part."""
     from PIL import Image
 
-    parts = {"tune": out / "tune", "test": out / "test"}
+    parts = {name: out / name for name in ("tune", "test", "calibrate", "check")}
     taken = [p for p in parts.values() if p.exists()]
     if taken:
         raise AvarcError(f"{taken[0]}: already exists; choose another folder (nothing is overwritten)")
     train, test = load_digits("train"), load_digits("test")
     rng = np.random.default_rng(seed)
     pick = np.concatenate([rng.permutation(np.flatnonzero(train.labels == d))[:tune_per_class] for d in range(10)])
+    half = np.flatnonzero(test.indices < CALIBRATE_END)
     counts = {}
-    for name, data, idx in (("tune", train, np.sort(pick)), ("test", test, np.arange(len(test)))):
+    for name, data, idx in (("tune", train, np.sort(pick)), ("test", test, np.arange(len(test))),
+                            ("calibrate", test, half), ("check", test, np.flatnonzero(test.indices >= CALIBRATE_END))):
         for i in idx:
             path = parts[name] / str(data.labels[i]) / f"{data.indices[i]}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,14 +156,16 @@ def write_split(out: Path, tune_per_class: int = 40, seed: int = 0) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write the digits as labelled class folders (PNG).")
-    parser.add_argument("--split", type=Path, required=True, metavar="DIR", help="writes DIR/tune and DIR/test")
+    parser.add_argument("--split", type=Path, required=True, metavar="DIR",
+                        help="writes DIR/tune, DIR/test and its halves DIR/calibrate, DIR/check")
     parser.add_argument("--tune-per-class", type=int, default=40, metavar="N", help="training images per digit")
     args = parser.parse_args()
     try:
         counts = write_split(args.split, args.tune_per_class)
     except AvarcError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {counts['tune']} images to {args.split / 'tune'} and {counts['test']} to {args.split / 'test'}")
+    print(", ".join(f"wrote {n} images to {args.split / name}" if i == 0 else f"{n} to {args.split / name}"
+                    for i, (name, n) in enumerate(counts.items())))
 
 
 if __name__ == "__main__":

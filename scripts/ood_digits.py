@@ -102,9 +102,9 @@ def measure_ood() -> None:
     clf = Classifier.from_pretrained("digits", device="cpu", dtype="fp32", threads=1)
     sets = ood_sets()
     digits, labels = digit_images(FIT[0], HELD[1])
-    scored = {"digits": clf.classify(digits, labels=labels, keys=[f"d{i}" for i in range(len(digits))])}
+    scored = {"digits": clf.classify(digits, labels=labels)}
     for name, images in sets.items():
-        scored[name] = clf.classify(images, keys=[f"{name}{i}" for i in range(len(images))])
+        scored[name] = clf.classify(images)
     print("| score | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
     for s in OOD_SCORES:
         inside = [p.ood[s] for p in scored["digits"]]

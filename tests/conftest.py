@@ -25,7 +25,6 @@ from avarc import Classifier, ModelSpec, VARSpec, VQVAESpec
 from avarc.cli.app import main
 from avarc.engine.runtime import usable_cores
 from avarc.engine.schedule import classify as run_schedule
-from avarc.engine.schedule import noise_generator
 from avarc.engine.scoring import Scorer
 from avarc.engine.stages import Prediction
 from avarc.engine.torch_state import torch_settings
@@ -298,8 +297,7 @@ def counted_run(clf: Classifier, items: list[Item], candidates: list[int]) -> tu
 
     def step(batch: list[Item], pixels: list) -> list[Prediction]:
         x = torch.stack([pixels_to_tensor(px) for px in pixels])
-        return run_schedule(clf.model, clf.model.encode(x), candidates, clf.profile,
-                            [noise_generator(0, it.key) for it in batch], scorer)
+        return run_schedule(clf.model, clf.model.encode(x), candidates, clf.profile, 0, scorer)
 
     per_step = distributed.images_per_step(clf.batch_size, len(candidates))
     preds = [p for batch in distributed.run(items, clf.load, step, per_step=per_step) for p in batch]

@@ -58,14 +58,20 @@ def test_split_matches_scripts_digits(sk_test):
 
 
 def test_split_writes_the_readme_folders(tmp_path, monkeypatch):
-    """`python scripts/digits.py --split DIR`, run as the README says: tune/ (40 training digits per class) and
-    test/ (the test split), each a folder of class folders of the exact pixels; a second run overwrites nothing."""
+    """`python scripts/digits.py --split DIR`, run as the README says: tune/ (40 training digits per class), test/
+    (the test split) and its halves calibrate/ and check/, each a folder of class folders of the exact pixels; a
+    second run overwrites nothing."""
     from PIL import Image
 
     monkeypatch.setattr(sys, "argv", ["digits.py", "--split", str(tmp_path / "d")])
     digits.main()
     tune, test = sorted((tmp_path / "d" / "tune").glob("*/*.png")), sorted((tmp_path / "d" / "test").glob("*/*.png"))
     assert len(tune) == 400 and len(test) == 359
+    calibrate = sorted((tmp_path / "d" / "calibrate").glob("*/*.png"))
+    check = sorted((tmp_path / "d" / "check").glob("*/*.png"))
+    assert len(calibrate) == 180 and len(check) == 179                 # the test split's halves, never trained on
+    assert max(int(p.stem) for p in calibrate) == 1617 and min(int(p.stem) for p in check) == 1618
+    assert sorted(p.name for p in calibrate + check) == sorted(p.name for p in test)
     assert {p.parent.name for p in tune} == {str(d) for d in range(10)}
     train = digits.load_digits("train")
     for p in tune[:5] + test[:5]:

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from avarc.engine.profile import GUARD_NATS_PER_TOKEN
 from avarc.engine.runtime import resolve_threads, usable_cores
-from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
+from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile, parse_profile
@@ -85,8 +85,7 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
 
 def _tokens(model, latents, profile):
     """The profile's token samples, drawn once per test and profile (tokenisation is fp32 whatever the dtype)."""
-    gens = [noise_generator(0, f"img{i}") for i in range(latents.shape[0])]
-    return sample_tokens(model, latents, profile.max_samples, profile.sigma, gens)
+    return sample_tokens(model, latents, profile.max_samples, profile.sigma, 0)
 
 
 def _predict(model, tokens, profile, dtype, scorer=None):

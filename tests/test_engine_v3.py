@@ -15,7 +15,7 @@ from avarc.engine import likelihood
 from avarc.engine.counters import SYNC_OPS, OpCounter, engine_counters
 from avarc.engine.model import build_model
 from avarc.engine.profile import Profile, Stage
-from avarc.engine.schedule import noise_generator, run_stages, sample_tokens
+from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.models.block_ops import CompiledBlock
 from avarc.models.specs import official_spec
@@ -189,9 +189,8 @@ def test_fused_head_equals_log_softmax(small, monkeypatch):
 
 def _schedule(model):
     latents = torch.randn(2, model.spec.vae.z_channels, 16, 16)
-    gens = [noise_generator(0, f"i{k}") for k in range(2)]
     profile = Profile("c", (Stage(2, 1, 3), Stage(3, 2, 2), Stage(3, 1, 1)), sigma=0.1)
-    tokens = sample_tokens(model, latents, 2, 0.1, gens)
+    tokens = sample_tokens(model, latents, 2, 0.1, 0)
     return lambda: (run_stages(model, tokens, range(6), profile, Scorer(model)),
                     model.pair_logp(tokens[:1, 0], torch.tensor([1]), 3))
 

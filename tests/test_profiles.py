@@ -63,7 +63,8 @@ def test_invalid_profiles_fail_in_one_line_naming_file_stage_and_field(tmp_path,
 
 
 def test_unknown_profile_names_the_shipped_ones():
-    with pytest.raises(AvarcError, match="unknown profile 'a-varc-pls'; use one of a-varc-plus, adaptive"):
+    with pytest.raises(AvarcError, match=r"unknown profile 'a-varc-pls' \(did you mean 'a-varc-plus'\?\); use one of "
+                                         "a-varc-plus, adaptive"):
         load_profile("a-varc-pls")
 
 

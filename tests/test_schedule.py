@@ -96,29 +96,28 @@ def test_early_exit_stops_images_whose_lead_reaches_the_margin(c256):
             assert p.pred == row.argmax().item()
 
 
-def test_smoothing_tokens_come_from_each_images_own_generator(c256):
+def test_smoothing_tokens_are_seeded_by_the_seed_and_the_images_own_tokens(c256):
     cs, model = c256
     latent = cs.golden["latent"]
-    gens = [noise_generator(7, f"img{i}.png") for i in range(6)]
-    toks = sample_tokens(model, latent, 3, 0.1, gens)
+    toks = sample_tokens(model, latent, 3, 0.1, 7)
     assert toks.shape == (6, 3, cs.golden["tokens"].shape[1])
     assert torch.equal(toks[:, 0], cs.golden["tokens"])
     for i in (0, 4):
-        noise = draw_noise(latent[i:i + 1], 2, noise_generator(7, f"img{i}.png"))
+        noise = draw_noise(latent[i:i + 1], 2, noise_generator(7, cs.golden["tokens"][i]))
         assert torch.equal(toks[i, 1:], neighbour_tokens(model.vae, latent[i:i + 1], noise, 0.1)[0])
-    assert not torch.equal(toks[0, 1:],
-                           sample_tokens(model, latent[:1], 3, 0.1, [noise_generator(8, "img0.png")])[0, 1:])
+    assert not torch.equal(toks[0, 1:], sample_tokens(model, latent[:1], 3, 0.1, 8)[0, 1:])
+    # the same image anywhere in a batch (here twice, reversed order) draws the same neighbours
+    again = sample_tokens(model, torch.cat([latent[4:5], latent.flip(0)]), 3, 0.1, 7)
+    assert torch.equal(again[0], toks[4]) and torch.equal(again[1:], toks.flip(0))
 
 
 def test_results_do_not_depend_on_batch_composition(c256):
     cs, model = c256
     latent = cs.golden["latent"]
     profile = Profile("p", (Stage(3, 1, 3), Stage(5, 2, 1)), sigma=0.3)
-    keys = [f"k{i}" for i in range(6)]
-    together = classify(model, latent, [1, 3, 5, 7, 9], profile, [noise_generator(0, k) for k in keys],
-                        Scorer(model, chunk=4))
+    together = classify(model, latent, [1, 3, 5, 7, 9], profile, 0, Scorer(model, chunk=4))
     for i in (1, 5):
-        alone = classify(model, latent[i:i + 1], [1, 3, 5, 7, 9], profile, [noise_generator(0, keys[i])])[0]
+        alone = classify(model, latent[i:i + 1], [1, 3, 5, 7, 9], profile, 0)[0]
         assert alone.pred == together[i].pred and [c for c, _ in alone.ranking] == [c for c, _ in together[i].ranking]
         assert max(abs(a - b) for (_, a), (_, b) in zip(alone.ranking, together[i].ranking)) < 1e-3
 

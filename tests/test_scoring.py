@@ -3,7 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from avarc.engine.profile import Profile, Stage
-from avarc.engine.schedule import _reusable_tokens, noise_generator, run_stages, sample_tokens
+from avarc.engine.schedule import _reusable_tokens, run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.models.var_state import KVCache
 
@@ -12,8 +12,7 @@ PROFILE = Profile("test", (Stage(3, 1, 6), Stage(10, 1, 3), Stage(10, 3, 1)), si
 
 def test_reuse_matches_plain_path_with_less_work(conf, engine_model):
     latents = conf.golden["latent"][:3]
-    gens = [noise_generator(0, f"img{i}") for i in range(3)]
-    tokens = sample_tokens(engine_model, latents, 3, 0.1, gens)
+    tokens = sample_tokens(engine_model, latents, 3, 0.1, 0)
     plain, reuse = Scorer(engine_model, reuse=False), Scorer(engine_model)
     a = run_stages(engine_model, tokens, range(10), PROFILE, plain)
     b = run_stages(engine_model, tokens, range(10), PROFILE, reuse)
@@ -54,7 +53,7 @@ def test_stages_keep_only_the_keys_values_a_later_stage_uses(conf, engine_model)
     assert _reusable_tokens(tokens, st3, (), ends) == 0
     assert _reusable_tokens(tokens, st2, (Stage(10, 1, 1),), ends) == 0     # a repeat is free
     latents = conf.golden["latent"][:2]
-    sampled = sample_tokens(engine_model, latents, 3, 0.1, [noise_generator(0, f"img{i}") for i in range(2)])
+    sampled = sample_tokens(engine_model, latents, 3, 0.1, 0)
     held, plain = _HeldScorer(engine_model), Scorer(engine_model, reuse=False)
     got, want = run_stages(engine_model, sampled, range(10), PROFILE, held), run_stages(
         engine_model, sampled, range(10), PROFILE, plain)
@@ -135,7 +134,7 @@ def test_bookkeeping_does_not_grow_with_rows(conf, conf_model):
     a staged run over 10 candidates dispatches about as many aten ops as one over 3 (per-row bookkeeping added
     ~18 per row, ~2000 here), and reuse still does its work."""
     latents = conf.golden["latent"][:4]
-    tokens = sample_tokens(conf_model, latents, 3, 0.1, [noise_generator(0, f"img{i}") for i in range(4)])
+    tokens = sample_tokens(conf_model, latents, 3, 0.1, 0)
     profile = Profile("rows", (Stage(2, 1, 10), Stage(4, 3, 2), Stage(4, 1, 1)), sigma=0.1)
 
     def ops(candidates) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from ..options import ForceOpt, Init, InputOptions, ModelOpt, ModelOptions, inpu
 
 
 @model_options("batch_size", "compile", "encoder")
-@input_options("from_list", "border")
+@input_options("from_list", "border", "per_class")
 def add_class(
     opts: ModelOptions,
     source: InputOptions,
@@ -77,7 +77,8 @@ def add_class(
     rows = [(name, n - len(names) + i, count["train"], count["held_out"],
              None if acc[name] is None else f"{100 * acc[name]:.1f}")
             for i, (name, count) in enumerate(ext.training["images"].items())]
-    output.table(f"avarc add-class · {len(names)} new of {n} classes · {time.perf_counter() - start:.1f} s",
+    output.table(f"avarc add-class · model {clf.source} · {len(names)} new of {n} classes · "
+                 f"{time.perf_counter() - start:.1f} s",
                  ["class", "id", "train images", "held out", "held-out top-1 %"], rows)
     output.say(f"wrote {out}; use it with --extension {out}")
 

@@ -36,7 +36,7 @@ def bench(
     avarc bench -m digits -p digits --images 16 --dtype fp32 --dtype bf16 --json
 
     Seconds per image, GFLOPs per image (paper convention and executed), achieved TFLOP/s against this device's
-    measured matmul peak, the process's peak memory, and for bf16/fp16 the agreement with fp32 (README, bench).
+    measured matmul peak, the process's peak memory, and for bf16/fp16 the agreement with fp32 (README, Performance).
     """
 
     from avarc.engine.runtime import resolve_dtype

@@ -44,7 +44,9 @@ def calibrate_ood(
     avarc classify new/ -p ood.yaml -o r.jsonl   # below it: "none of these"
 
     Classifies the images (in-distribution: of the model's classes; labels not needed) with the profile and sets
-    each OOD score's threshold so that --coverage of them score at or above it (README, Out of distribution).
+    each OOD score's threshold so that --coverage of them score at or above it (README, Say "none of these").
+    The images must be ones the model never trained on (a held-out split): training images score higher, so
+    thresholds set on them abstain on far more new images than 1 − coverage.
     """
     from dataclasses import replace
 
@@ -62,7 +64,8 @@ def calibrate_ood(
                          "examples/digits`)")
     check_output_files({"out": out}, force)
     clf = opts.load(model, profile)
-    found = collect(inputs, clf.space, "none", None, None, classes, exclude=[out], data=source.data())
+    found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
+                    exclude=[out], data=source.data())
     with output.progress() as bar:
         task = bar.add_task("scoring", total=len(found.items), info="")
         fitted, used = run_calibration(clf, found.items, found.candidates, coverage, ood_score, seed,
@@ -73,5 +76,6 @@ def calibrate_ood(
                                f"images of {where} at {coverage:.0%} coverage (seed {seed})", force=force)
     assert fitted.ood is not None   # the rule just fitted
     rows = [(name, f"{value:.6g}", "◀ decides" if name == ood_score else "") for name, value in fitted.ood.thresholds]
-    output.table(f"avarc calibrate-ood · {used} images · accept score ≥ threshold · written to {out}",
+    output.table(f"avarc calibrate-ood · model {clf.source} · {used} images · accept score ≥ threshold · "
+                 f"written to {out}",
                  ["score", "threshold", ""], rows)

@@ -37,7 +37,7 @@ def classify(
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], opt("--out", "-o", metavar="FILE",
-                                       help="Write a JSON record per image (.jsonl): prediction, "
+                                       help="Write a JSON record per image (.jsonl; -: stdout): prediction, "
                                             "ranking, stages, status ok/abstained/skipped, run "
                                             "identity (schemas/record.schema.json).")] = None,
     csv: Annotated[Optional[Path], opt("--csv", metavar="FILE", help="Append the run's row to a CSV experiment log "
@@ -68,11 +68,12 @@ def classify(
     from avarc.io import distributed
     from avarc.io.data import collect
     from avarc.io.files import check_output_files
+    from avarc.io.results import STDOUT
     from avarc.runs.classify_run import classify_run
 
     from .. import output
     from ..interrupt import interruptible, results_safe
-    from ..render import classify_summary, profiles_table
+    from ..render import SHOWN, classify_summary, profiles_table
 
     if list_profiles_:
         return profiles_table()
@@ -81,7 +82,10 @@ def classify(
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc classify examples/digits`)")
     if resume and out is None:
         raise AvarcError("--resume continues an --out file; pass --out FILE.jsonl")
-    check_output_files({"out": out, "csv": csv})
+    to_stdout = out is not None and str(out) == STDOUT
+    if to_stdout:
+        output.keep_stdout_for_data()
+    check_output_files({"out": None if to_stdout else out, "csv": csv})
     dist, run = distributed.init(opts.device), None
     try:
         with interruptible(lambda: results_safe(out, None if run is None else run.safe) if dist.is_main else None):
@@ -89,7 +93,7 @@ def classify(
             found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p],
                             data=source.data())
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk,
-                              dist=dist, labels=labels, keep_records=out is None and not found.labelled,
+                              dist=dist, labels=labels, keep_records=0 if found.labelled else SHOWN,
                               ood_score=ood_score) as run:
                 for note in run.notes() if dist.is_main else ():
                     output.say(note, err=True)
@@ -102,7 +106,7 @@ def classify(
         distributed.close(dist)
     if not dist.is_main:
         return
-    classify_summary(run, topk, dist.world)
+    classify_summary(run, topk, dist.world, None if out is None else "stdout" if to_stdout else out)
     if csv is not None and not run.append_summary(csv, dataset, subset, inputs):
         output.say(f"note: nothing new was classified; no row added to {csv}", err=True)
     if run.all_unreadable:

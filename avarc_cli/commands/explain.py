@@ -60,7 +60,8 @@ def explain(
     avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
 
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
-    over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores (README, Explain).
+    over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores
+    (README, Explain a prediction).
     --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).
     """
     from avarc.errors import AvarcError

@@ -60,9 +60,10 @@ def tune(
 
     One pass scores every class on every scale of every image (clean and noisy, as classify draws them); every
     schedule is then replayed from those scores. The most accurate one within the budget on the fit part is
-    chosen, judged on the held-out part and written as a profile with a fitted temperature (README, tune).
+    chosen, judged on the held-out part and written as a profile with a fitted temperature
+    (README, Choosing a schedule).
     """
-    from avarc.io.data import collect
+    from avarc.io.data import check_inputs, collect
     from avarc.io.files import check_output_files, write_text
     from avarc.io.profiles import write_profile
     from avarc.runs.schedule_table import build_table
@@ -74,6 +75,7 @@ def tune(
     from ..render import tune_summary
 
     lo, hi = stage_range(stages)   # typer has run this callback already: a tuple, typed as the str it parsed
+    check_inputs([folder])
     check_output_files({"out": out, "report": report}, force)
     written: list[Path] = []
     with interruptible(lambda: "interrupted: " + (f"wrote {', '.join(map(str, written))}" if written else
@@ -105,4 +107,4 @@ def tune(
             page = tune_report(res, shipped_points(res, table, clf.spec), title=f"avarc tune · {ident} · {folder.name}")
             write_text(report, page, "report", force)
             written.append(report)
-    tune_summary(res, table.labels, out, report, (scored_s, time.perf_counter() - start), json_)
+    tune_summary(res, table.labels, out, report, (scored_s, time.perf_counter() - start), json_, clf.source)

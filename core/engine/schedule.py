@@ -3,8 +3,9 @@ more carefully, and predict the best of the last stage.
 
 Stage scores are mean-over-samples summed token log-likelihoods of the first ``scales`` scales; sample 0 is the
 image's own tokens, samples 1… are tokens of ``latent + σ·noise`` re-quantised (likelihood smoothing). An image's
-tokens and neighbour tokens are computed once, from its own noise generator, so a result never depends on which
-other images share its batch.
+noise is drawn from a generator seeded by the run seed and the image's own clean tokens (:func:`noise_generator`), so
+the same pixels get the same neighbours however they were passed (file, PIL image, tensor, dataset row) and whatever
+else shares the batch, its order or its shard.
 """
 from __future__ import annotations
 
@@ -22,19 +23,24 @@ from .scoring import Scorer, shared_scales
 from .stages import Prediction, StageScores
 
 
-def noise_generator(seed: int, key: str) -> torch.Generator:
-    """A generator seeded from the run seed and an image's path, so its noise is the same in every batch/shard."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8", "surrogateescape")).digest()
+def noise_generator(seed: int, tokens_L: torch.Tensor) -> torch.Generator:
+    """The generator of one image's smoothing noise, seeded by the run seed and a SHA-256 of its clean tokens (L).
+    Keyed by content, not by name: the tokens are what the model sees of the pixels, discrete (a float tensor and
+    the file it came from give the same ones even where their floats differ by rounding), and where they differ the
+    scores differ anyway. Identical images therefore share their neighbours."""
+    body = tokens_L.to(torch.int64).numpy().astype("<i8").tobytes()
+    digest = hashlib.sha256(f"{seed}:".encode() + body).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def sample_tokens(model: Model, latents: torch.Tensor, num_samples: int, sigma: float,
-                  generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """B, Cvae, h, w latents → B, S, L tokens: the clean tokens, then S−1 neighbours from each image's generator."""
+def sample_tokens(model: Model, latents: torch.Tensor, num_samples: int, sigma: float, seed: int) -> torch.Tensor:
+    """B, Cvae, h, w latents → B, S, L tokens: the clean tokens, then S−1 neighbours, each image's from its own
+    :func:`noise_generator`."""
     clean = model.tokenize_latent(latents).cpu().unsqueeze(1)                   # B, 1, L
     if num_samples == 1:
         return clean
-    noise = torch.cat([tokenizer.draw_noise(latents[i:i + 1], num_samples - 1, g) for i, g in enumerate(generators)], 1)
+    noise = torch.cat([tokenizer.draw_noise(latents[i:i + 1], num_samples - 1, noise_generator(seed, clean[i, 0]))
+                       for i in range(latents.shape[0])], 1)
     neighbours = tokenizer.neighbour_tokens(model.vae, latents.to(model.device), noise.to(model.device), sigma)
     return torch.cat([clean, neighbours.cpu()], 1)
 
@@ -51,13 +57,11 @@ def _check_candidates(model: Model, candidates: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def classify(model: Model, latents: torch.Tensor, candidates: Sequence[int], profile: Profile,
-             generators: Sequence[torch.Generator], scorer: Scorer | None = None,
-             temperature: float = 1.0) -> list[Prediction]:
-    """Run a profile's stages on a batch of encoder latents (B, Cvae, h, w), one noise generator per image."""
+             seed: int = 0, scorer: Scorer | None = None, temperature: float = 1.0) -> list[Prediction]:
+    """Run a profile's stages on a batch of encoder latents (B, Cvae, h, w); ``seed`` and each image's content seed
+    its smoothing noise."""
     profile = profile.resolve(len(model.spec.var.patch_nums))
-    if len(generators) != latents.shape[0]:
-        raise ValueError(f"{latents.shape[0]} latents but {len(generators)} generators")
-    tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, generators)
+    tokens = sample_tokens(model, latents, profile.max_samples, profile.sigma, seed)
     return run_stages(model, tokens, candidates, profile, scorer, temperature)
 
 

@@ -66,6 +66,7 @@ class Prediction:
     ood: dict | None = None                # out-of-distribution scores (``core.tasks.ood``; set by ``Classifier``)
     abstained: bool = False                # the profile's OOD rule answered "none of these" (``pred`` is kept)
     class_names: Sequence[str] | None = field(default=None, repr=False)   # every class's name (set by ``Classifier``)
+    path: str | None = None                # the file (or ``DATASET[split]#ROW``) it came from; None: given in memory
 
     @property
     def top(self) -> list[ClassScore]:
@@ -81,7 +82,7 @@ class Prediction:
         """Plain data (JSON-ready): the prediction, the true class if known and the best ``topk`` classes (each as a
         record's ``topk`` entry: ``class``, ``name``, ``score``, ``stage``, ``p``)."""
         names = self.class_names
-        return {"pred": self.pred, "pred_name": self.pred_name,
+        return {"path": self.path, "pred": self.pred, "pred_name": self.pred_name,
                 "label": self.label, "label_name": names[self.label] if names is not None and self.label is not None
                 else None, "exited_after": self.exited_after, "top": [t.to_dict() for t in self.top[:topk]],
                 "abstained": self.abstained, "ood": self.ood, "gflops": self.gflops}
@@ -89,10 +90,22 @@ class Prediction:
     def __repr__(self) -> str:
         best = ", ".join(f"{t.name!r} p={t.p:.3g}" for t in self.top[:3])
         true = "" if self.label is None else f", label={self.label}"
-        return f"Prediction({self.pred_name or self.pred!r}; top: {best}{true})"
+        where = "" if self.path is None else f", path={self.path!r}"
+        return f"Prediction({self.pred_name or self.pred!r}; top: {best}{true}{where})"
 
     def label_rank(self, label: int) -> int | None:
         """1-based rank of a class in the ranking (None if it was not a candidate)."""
         return next((i for i, (c, _) in enumerate(self.ranking, 1) if c == label), None)
 
 
+@dataclass
+class Skipped:
+    """An image of a list, folder or dataset that could not be read: where it is, why, and its label if known (the
+    library's counterpart of a skipped record; the other images still get their results)."""
+
+    path: str
+    reason: str
+    label: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "skipped": self.reason, "label": self.label}

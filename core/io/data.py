@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..choices import LABELS
-from ..errors import AvarcError
+from ..errors import AvarcError, did_you_mean
 from . import hf_data
 from .files import absolute
 from .objectnet import DEFAULT_BORDER, read_objectnet
@@ -160,8 +160,8 @@ class RowSource(Protocol):
 @dataclass(frozen=True)
 class Item:
     """One input image: ``path`` as the user can open it (a dataset row: ``DATASET[split]#ROW``), ``key`` (its
-    path below the input folder, or ``path`` for a row) seeds its noise, and its ``label`` (a class index) in
-    labelled mode. ObjectNet's items name their own class (``label_name``), accept any of several ImageNet classes
+    path below the input folder, or ``path`` for a row) and its ``label`` (a class index) in labelled mode.
+    ObjectNet's items name their own class (``label_name``), accept any of several ImageNet classes
     (``accepted``, ``label`` the first) and lose a ``border`` of pixels on each side before preprocessing."""
 
     path: str
@@ -221,12 +221,14 @@ class Inputs:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """How to read inputs that are not plain image folders: a dataset's split and columns, ObjectNet's border."""
+    """How to read inputs that are not plain image folders (a dataset's split and columns, ObjectNet's border), and
+    how many images of each class to take."""
 
     split: str | None = None
     image_column: str | None = None
     label_column: str | None = None
     border: int = DEFAULT_BORDER
+    per_class: int | None = None      # only the first N images of each class
 
 
 def read_list(path: str | os.PathLike) -> list[str]:
@@ -300,7 +302,8 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     if dataset is not None:
         presets = dataset_presets()
         if dataset not in presets:
-            raise AvarcError(f"unknown dataset {dataset!r}; use one of {', '.join(presets)}")
+            raise AvarcError(f"unknown dataset {dataset!r}{did_you_mean(dataset, presets)}; use one of "
+                             f"{', '.join(presets)}", option="dataset")
         preset = presets[dataset]
         if not space.imagenet:
             raise AvarcError(f"{dataset} needs an ImageNet-1k model (1000 classes); this one has {space.num_classes}",
@@ -345,7 +348,35 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
         if not items:
             raise AvarcError("no labelled images belong to the candidate classes; "
                              "check the subset and class restrictions")
+    if data.per_class is not None:
+        items = _per_class(items, labelled, data.per_class)
     return Inputs(items=items, candidates=candidates, labelled=labelled, left_out=left_out, notes=notes)
+
+
+def _per_class(items: list[Item], labelled: bool, n: int) -> list[Item]:
+    """The first ``n`` images of each class in the inputs' fixed order (folders sorted, rows by number), so a
+    resumed or sharded run takes the same ones: a balanced subset, as A-VARC's eval.py takes for quick checks."""
+    if n < 1:
+        raise AvarcError(f"must be at least 1, got {n}", option="per_class")
+    if not labelled:
+        raise AvarcError("takes the first images of each class, so it needs labelled inputs (class folders or a "
+                         "dataset's label column)", option="per_class")
+    seen: dict[int | None, int] = {}
+    out = []
+    for it in items:
+        seen[it.label] = seen.get(it.label, 0) + 1
+        if seen[it.label] <= n:
+            out.append(it)
+    return out
+
+
+def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
+    """Every input exists (a file, folder or link) or is a hub address: checked before a model loads, so a mistyped
+    path fails at once, not after seconds of loading."""
+    for raw in inputs:
+        path = Path(raw)
+        if not (path.exists() or path.is_symlink() or hf_data.is_hub(raw)):
+            raise AvarcError(f"{raw}: no such file or folder")
 
 
 def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, folder_kind: str | None,
@@ -359,10 +390,9 @@ def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, 
             if not files:
                 raise AvarcError(f"{path}: no files in this folder; point at a folder of images")
             groups.append((path, files))
-        elif path.exists() or path.is_symlink():   # a FIFO, a broken link or a link loop becomes a skipped record
+        else:          # a FIFO, a broken link or a link loop becomes a skipped record
+            check_inputs([path])
             groups.append((None, [path]))
-        else:
-            raise AvarcError(f"{path}: no such file or folder")
 
     labelled = labels == "folders" or (labels == "auto" and _looks_labelled(groups, space))
     cache: dict[str, int] = {}

@@ -34,10 +34,15 @@ def _parquet_folder(path: Path) -> bool:
     return bool(parquet) and all(f.suffix == ".parquet" or f.name in _NOT_PARQUET_OK for f in files)
 
 
+def is_hub(raw: str | os.PathLike) -> bool:
+    """An ``hf://datasets/…`` address."""
+    return bool(_HUB.fullmatch(str(raw)))
+
+
 def is_dataset(raw: str | os.PathLike) -> bool:
     """A hub address, a parquet file, a ``save_to_disk`` folder or a folder of parquet files."""
-    text, path = str(raw), Path(raw)
-    if _HUB.fullmatch(text):
+    path = Path(raw)
+    if is_hub(raw):
         return True
     if path.is_file():
         return path.suffix == ".parquet"

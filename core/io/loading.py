@@ -14,7 +14,7 @@ import torch
 
 from ..engine.model import Model, build_model
 from ..engine.runtime import resolve_device
-from ..errors import AvarcError
+from ..errors import AvarcError, did_you_mean
 from ..models import checkpoints
 from ..models.specs import ModelSpec, infer_vae_spec, infer_var_spec, spec_from_dict, spec_to_dict
 from .onnx_encoder import check_backend, use_encoder
@@ -112,7 +112,8 @@ def resolve_model(model: str | os.PathLike, vae: str | os.PathLike | None = None
         vae = vae or e.vae
         patch_nums = patch_nums or e.spec.var.patch_nums
     elif not path.exists():
-        raise AvarcError(f"{model}: no such model file or directory; known names: {', '.join(REGISTRY)}")
+        raise AvarcError(f"{model}: no such model file or directory{did_you_mean(str(model), REGISTRY)}; known names: "
+                         f"{', '.join(REGISTRY)}", option="model")
     if path.is_dir() and vae is not None:
         raise AvarcError(f"{vae}: the model {model} is a directory with its own VQ-VAE (vae.pth); drop this VQ-VAE, "
                          "or give the directory's var.pth to pair it with another", option="vae")

@@ -36,7 +36,7 @@ from pydantic import (
 
 from ..choices import OOD_SCORES
 from ..engine.profile import _ALL, OodRule, Profile, Stage
-from ..errors import AvarcError, schema_problem
+from ..errors import AvarcError, did_you_mean, schema_problem
 from .files import write_text
 
 
@@ -213,7 +213,9 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     if path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1:
         raise AvarcError(f"{key}: no such profile file; check the path, or use a shipped profile: "
                          f"{', '.join(shipped_names())}")
-    raise AvarcError(f"unknown profile {key!r}; use one of {', '.join(shipped_names())} or a YAML file path",
+    beside = [f"{key}{ext}" for ext in (".yaml", ".yml") if Path(f"{key}{ext}").is_file()]
+    hint = f" (did you mean the file {beside[0]!r}?)" if beside else did_you_mean(key, shipped_names())
+    raise AvarcError(f"unknown profile {key!r}{hint}; use one of {', '.join(shipped_names())} or a YAML file path",
                      option="profile")
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FIX, AvarcError, NeedsDownload
+from ..errors import FIX, AvarcError, NeedsDownload, did_you_mean
 from ..models.specs import ModelSpec, official_spec, spec_from_dict
 from .data import imagenet_classes
 from .hub import Download, HubFile, download, find_local
@@ -84,7 +84,7 @@ def entry(name: str) -> ModelEntry:
     try:
         return REGISTRY[name.lower()]
     except KeyError:
-        raise AvarcError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)} "
+        raise AvarcError(f"unknown model {name!r}{did_you_mean(name, REGISTRY)}; known models: {', '.join(REGISTRY)} "
                          "(or pass a checkpoint path)") from None
 
 

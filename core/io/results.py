@@ -11,21 +11,24 @@ writes: replaced or changed by another program, the run stops.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from ..errors import FIX, AvarcError
 from .distributed import Dist
-from .files import absolute, disk_error
+from .file_lock import OutputLock, file_lock
+from .files import disk_error
 from .records import IDENTITY, NotARecord, Record, RunIdentity, parse_line, parse_record, record_key, record_line
+
+STDOUT = "-"          # ``--out -``: the records as JSON lines on stdout
 
 
 @dataclass
@@ -47,14 +50,7 @@ class Resumed:
         return record["status"] == "skipped" and self.skipped.get(record_key(record)) == record["error"]
 
 
-def file_lock(path: str | os.PathLike) -> FileLock:
-    """The one lock of a file, keyed by its resolved path (a symlink or another spelling of it takes the same lock);
-    a hidden ``.avarc-HASH.lock`` beside the real file, short whatever the file's name."""
-    real = absolute(path)
-    return FileLock(real.with_name(f".avarc-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}.lock"))
-
-
-def lock_results(path: str | os.PathLike) -> FileLock:
+def lock_results(path: str | os.PathLike) -> OutputLock:
     """Hold an exclusive lock on the results file for the whole run, so two processes can never append to one file; a
     second one is refused at once. The lock (a hidden file beside the real file) is keyed by the resolved path, so a
     symlink or another spelling of the same file takes the same lock, and its name is short (a 250-byte name works)."""
@@ -127,8 +123,8 @@ class ResultsWriter:
 
     def __init__(self, path: str | os.PathLike, safe: int = 0):
         self.path, self.safe = Path(path), safe
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._end = os.fstat(self._fd).st_size
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if str(path) != STDOUT else None
+        self._end = os.fstat(self._fd).st_size if self._fd is not None else 0
 
     def _check_unchanged(self) -> None:
         """The file is still the one this run writes, as long as it left it: another program that replaced it (``sed
@@ -146,6 +142,11 @@ class ResultsWriter:
     def write(self, records: Iterable[Record]) -> None:
         records = list(records)
         data = b"".join(map(record_line, records))
+        if self._fd is None:                # ``-``: JSON lines on stdout, as they come
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+            self.safe += len(records)
+            return
         self._check_unchanged()
         held = _hold_signals()
         start = os.lseek(self._fd, 0, os.SEEK_END)
@@ -162,7 +163,8 @@ class ResultsWriter:
         self._end = start + len(data)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 _HELD = {signal.SIGINT, signal.SIGTERM}
@@ -201,6 +203,11 @@ def results_file(path: str | os.PathLike | None, resume: bool, run: RunIdentity,
     reach every rank); without a path, nothing is written."""
     if path is None:
         yield ResultsFile(set())
+        return
+    if str(path) == STDOUT:
+        if resume:
+            raise AvarcError("cannot continue stdout (-); resume a results file", option="resume")
+        yield ResultsFile(set(), writer=ResultsWriter(path) if dist.is_main else None)
         return
     held: dict = {}
 

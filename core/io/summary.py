@@ -1,5 +1,5 @@
-"""What a run adds up to: accuracy, top-5, per-stage recall and early exits over its records, and the summary row
-``--csv`` appends (refused up front when the file's columns differ, appended under the file's lock)."""
+"""What a run adds up to: top-k accuracy (k of :data:`TOPK`), per-stage recall and early exits over its records,
+and the summary row ``--csv`` appends (refused up front when the file's columns differ, appended under its lock)."""
 from __future__ import annotations
 
 import csv
@@ -15,9 +15,16 @@ from .. import __version__
 from ..engine.profile import Profile
 from ..engine.stages import rank
 from ..errors import AvarcError
+from .file_lock import file_lock
 from .files import atomic_write
 from .records import Record, RunIdentity
-from .results import file_lock
+
+TOPK = (1, 3, 5, 10, 20, 25, 50, 100)      # the top-k accuracies A-VARC's eval.py reports
+
+
+def shown_ks(candidates: int | None) -> list[int]:
+    """The k of :data:`TOPK` that say something with this many candidates (k ≥ candidates is always 100%)."""
+    return [k for k in TOPK if k == 1 or candidates is None or k < candidates]
 
 SUMMARY_SCHEMA = 2
 
@@ -38,14 +45,15 @@ def stage_survival(record: Record, num_stages: int) -> list[bool]:
 
 @dataclass
 class Metrics:
-    """Running totals over records; ``top1``/``top5``/``recall`` are over labelled records that were classified."""
+    """Running totals over records; ``topk``/``recall`` are over labelled records that were classified (a record's
+    ``label_rank`` is its true class's rank in the whole ranking, so every k is counted from it)."""
 
     num_stages: int
+    candidates: int | None = None  # how many classes competed (which top-k are worth showing)
     images: int = 0
     skipped: int = 0
     labelled: int = 0
-    correct1: int = 0
-    correct5: int = 0
+    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(TOPK, 0))    # k → labels ranked ≤ k
     early_exits: int = 0
     abstained: int = 0             # answered "none of these" (not counted in top1/top5/recall)
     survived: list[int] = field(default_factory=list)
@@ -66,18 +74,33 @@ class Metrics:
             return
         self.labelled += 1
         rank = record["label_rank"]
-        self.correct1 += rank == 1
-        self.correct5 += rank is not None and rank <= 5
+        for k in TOPK:
+            self.hits[k] += rank is not None and rank <= k
         for s, ok in enumerate(stage_survival(record, self.num_stages)):
             self.survived[s] += ok
 
     @property
+    def correct1(self) -> int:
+        return self.hits[1]
+
+    @property
+    def correct5(self) -> int:
+        return self.hits[5]
+
+    def topk(self, k: int) -> float | None:
+        return self.hits[k] / self.labelled if self.labelled else None
+
+    @property
     def top1(self) -> float | None:
-        return self.correct1 / self.labelled if self.labelled else None
+        return self.topk(1)
 
     @property
     def top5(self) -> float | None:
-        return self.correct5 / self.labelled if self.labelled else None
+        return self.topk(5)
+
+    @property
+    def ks(self) -> list[int]:
+        return shown_ks(self.candidates)
 
     @property
     def recall(self) -> list[float | None]:
@@ -111,8 +134,14 @@ class SummaryRow(BaseModel):
     images: int
     skipped: int
     abstained: int
-    top1: FiniteFloat | Literal[""]
+    top1: FiniteFloat | Literal[""]     # top-k accuracy for A-VARC eval.py's k (empty: k ≥ the candidates, no labels)
+    top3: FiniteFloat | Literal[""]
     top5: FiniteFloat | Literal[""]
+    top10: FiniteFloat | Literal[""]
+    top20: FiniteFloat | Literal[""]
+    top25: FiniteFloat | Literal[""]
+    top50: FiniteFloat | Literal[""]
+    top100: FiniteFloat | Literal[""]
     recall_per_stage: str               # the true class still in the running after each stage, ``;``-separated
     early_exits: int
     gflops_executed: FiniteFloat | Literal[""]   # per image, mean (reuse and early exits counted)
@@ -196,8 +225,8 @@ def summary_row(m: Metrics, profile: Profile, run: RunIdentity, *, started: str,
         temperature=run.temperature if run.temperature is not None else 1.0,
         ood_rule=f"{run.ood_score}>={rule.threshold(run.ood_score or rule.score)}" if rule is not None else "",
         seed=run.seed, inputs=";".join(inputs), dataset=dataset or "", subset=subset or "", images=m.images,
-        skipped=m.skipped, abstained=m.abstained, top1=m.top1 if m.top1 is not None else "",
-        top5=m.top5 if m.top5 is not None else "",
+        skipped=m.skipped, abstained=m.abstained,
+        **{f"top{k}": m.topk(k) if k in m.ks and m.labelled else "" for k in TOPK},
         recall_per_stage=";".join(f"{r:.6g}" for r in m.recall if r is not None), early_exits=m.early_exits,
         gflops_executed=mean(executed), gflops_paper=mean(paper), seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 3) if new and seconds > 0 else "")

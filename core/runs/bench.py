@@ -23,7 +23,7 @@ from ..engine.flops import encoder_macs, schedule_macs
 from ..engine.model import Model, build_model
 from ..engine.profile import Profile
 from ..engine.runtime import dtype_name
-from ..engine.schedule import noise_generator, run_stages, sample_tokens
+from ..engine.schedule import run_stages, sample_tokens
 from ..engine.scoring import Scorer
 from ..engine.torch_state import torch_settings
 from ..models.specs import ModelSpec, official_spec
@@ -178,7 +178,6 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     """Time the whole path (encoder + schedule + precision guard) on ``images`` (B, 3, R, R) at the model's dtype."""
     device = model.device
     prof = profile.resolve(len(model.spec.var.patch_nums))
-    gens_for = lambda: [noise_generator(seed, f"bench{i}") for i in range(images.shape[0])]  # noqa: E731
     scorer = _TimedScorer(model, chunk, reuse=reuse)
     times, enc_times, stage_times, guard_times = [], [], [], []
     if device.type == "cuda":
@@ -189,7 +188,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         latents = model.encode(images)
         _sync(device)
         t_enc = time.perf_counter() - t0
-        tokens = sample_tokens(model, latents, prof.max_samples, prof.sigma, gens_for())
+        tokens = sample_tokens(model, latents, prof.max_samples, prof.sigma, seed)
         macs_before, guarded_before, flips_before = scorer.macs, scorer.guarded, scorer.guard_flips
         out = run_stages(model, tokens, candidates, prof, scorer)
         _sync(device)

@@ -17,7 +17,7 @@ import torch
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
-from ..io.records import RunIdentity
+from ..io.records import Record, RunIdentity
 from ..io.results import ResultsFile, results_file
 from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
 from ..tasks.ood import DEFAULT_OOD_SCORE, check_score
@@ -34,7 +34,7 @@ class ClassifyRun:
     todo: list[Item]
     metrics: Metrics
     options: dict                    # seed, temperature, topk, dist: what classify_items takes
-    keep_records: bool = False       # keep this run's records in ``records`` (for a front end to show)
+    keep_records: int = 0            # keep this run's first records in ``records`` (for a front end to show)
     records: list[Record] = field(default_factory=list)
     new: int = 0                     # records this run made
     unreadable: int = 0              # of them, skipped records
@@ -65,7 +65,7 @@ class ClassifyRun:
             self.count(batch)
             self.new, self.safe = self.new + len(batch), self.safe + len(fresh)
             self.unreadable += sum(r["status"] == "skipped" for r in batch)
-            self.records += batch if self.keep_records else []
+            self.records += batch[:max(self.keep_records - len(self.records), 0)]
             yield batch
 
     @property
@@ -125,7 +125,7 @@ def inputs_fingerprint(found: Inputs) -> str | None:
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
-                 dist: Dist = Dist(), keep_records: bool = False, labels: str = "auto",
+                 dist: Dist = Dist(), keep_records: int = 0, labels: str = "auto",
                  ood_score: str | None = None) -> Iterator[ClassifyRun]:
     """Open the run's results file ``out`` (locked for the block; ``resume`` continues it) after checking that a
     summary row can be added to ``csv``, and hand back the run. Its identity (every record's ``run``) covers all that
@@ -138,7 +138,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
                           inputs=inputs_fingerprint(found))
     # what the run ran on, kept beside its identity (not in the fingerprint)
     run_key = run_key.model_copy(update={"threads": clf.threads})
-    metrics = Metrics(len(clf.profile.stages))
+    metrics = Metrics(len(clf.profile.stages), len(found.candidates))
     if csv is not None and dist.is_main:
         check_csv(Path(csv))
     with results_file(out, resume, run_key, dist) as results:

@@ -15,7 +15,7 @@ import numpy as np
 from ..engine.flops import encoder_macs, sequence_macs
 from ..errors import AvarcError
 from ..io.records import Record, record_key
-from ..io.summary import stage_survival
+from ..io.summary import shown_ks, stage_survival
 from ..models.specs import ModelSpec
 from ..tasks.calibration import posterior, reliability
 from ..tasks.explain import explained_panels, safe_stem
@@ -129,7 +129,8 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     num_stages = max(len(r["stages"]) for r in lab)
     names = {r["label"]: r["label_name"] for r in lab} | {r["pred"]: r["pred_name"] for r in lab}
     correct = np.asarray([r["pred"] == r["label"] for r in lab])
-    top5 = np.mean([r["label_rank"] is not None and r["label_rank"] <= 5 for r in lab])
+    topk = [(f"top-{k}", f"{np.mean([r['label_rank'] is not None and r['label_rank'] <= k for r in lab]):.2%}")
+            for k in shown_ks(len(lab[0]["stages"][0]["candidates"])) if k > 1]
     conf = np.asarray([r["posterior"][0]["p"] if r["posterior"] else 1.0 for r in lab])
     rel = reliability(conf, correct)
     plain = reliability([untempered_confidence(r) for r in lab], correct)
@@ -137,7 +138,7 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     summary = [("model", run.model), ("profile", run.profile), ("seed", run.seed), ("threads", run.threads or "?"),
                ("images", len(records)), ("skipped", skipped), ("abstained", len(records) - skipped - len(ok)),
                ("labelled", len(lab)),
-               ("top-1", f"{correct.mean():.2%}"), ("top-5", f"{top5:.2%}"), ("mistakes", int((~correct).sum())),
+               ("top-1", f"{correct.mean():.2%}"), *topk, ("mistakes", int((~correct).sum())),
                ("early exits", sum(r["exited_after"] is not None for r in lab)),
                ("ECE (top-1, 15 bins)", f"{rel.ece:.4f}"),
                ("ECE untempered (T = 1)", f"{plain.ece:.4f}")]

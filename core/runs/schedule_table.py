@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from ..engine.schedule import noise_generator, sample_tokens
+from ..engine.schedule import sample_tokens
 from ..engine.tokenizer import draw_noise
 from ..errors import AvarcError
 from ..io import distributed
@@ -101,7 +101,7 @@ def build_table(clf: Classifier, items: Sequence[Item], candidates: Sequence[int
             if not exact:
                 exact.append(exact_sample_counts(latents[:1].cpu(), M))
             # B, M, L
-            tokens = sample_tokens(model, latents, M, sigma, [noise_generator(seed, it.key) for it, _ in good])
+            tokens = sample_tokens(model, latents, M, sigma, seed)
             B = tokens.shape[0]
             seq = tokens.repeat_interleave(K, 1).flatten(0, 1)                             # B·M·K, L (class fastest)
             lp = model.pair_logp(seq, classes.repeat(B * M)).double()                      # B·M·K, L

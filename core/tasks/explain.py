@@ -29,7 +29,7 @@ from ..engine.profile import Profile
 from ..engine.schedule import Scorer, classify
 from ..errors import AvarcError
 from ..io.data import Item
-from ..io.files import atomic_write
+from ..io.files import atomic_write, check_output_file
 from ..io.records import Record
 from .heatmap import render
 
@@ -63,6 +63,7 @@ class Explanation:
     names: tuple[str, str] | None = None     # A's and B's display names (set by ``Classifier``)
     label_name: str | None = None
     pred_name: str | None = None
+    path: str | None = None         # the file (or ``DATASET[split]#ROW``) it came from; None: given in memory
 
     @property
     def ratios(self) -> tuple[float, float, float]:
@@ -93,6 +94,8 @@ class Explanation:
         so a failure (a full disk) leaves neither half; ``exclusive``: refused if either exists by then (another
         run writing the same names)."""
         path = Path(path)
+        for target in (path, path.with_suffix(".npz")):     # an unwritable place: one line naming it, before work
+            check_output_file(target, force=None)
         panel = self.to_pil(colormap, alpha, shared_scale)
         names = self.names or (str(self.classes[0]), str(self.classes[1]))
         made = False
@@ -204,20 +207,21 @@ def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) 
 
 @torch.no_grad()
 def explain_images(model: Model, images: torch.Tensor, targets: Sequence[Target], profile: Profile,
-                   generators: Sequence[torch.Generator], num_scales: int | None = None,
+                   seed: int = 0, num_scales: int | None = None,
                    chunk: int | None = None) -> list[Explanation | AvarcError]:
     """B, 3, R, R preprocessed images → one explanation each. Classes the user left open are chosen with the
-    profile's schedule over every class (one noise generator per image, as in classification). An image whose
+    profile's schedule over every class (smoothing noise seeded by ``seed`` and each image's content, as in
+    classification). An image whose
     pair cannot be formed (e.g. its label is the ``vs`` class) gets the error instead, so it never stops a batch."""
-    if not (len(targets) == len(generators) == images.shape[0]):
-        raise ValueError(f"{images.shape[0]} images, {len(targets)} targets, {len(generators)} generators")
+    if len(targets) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
     latents = model.encode(images)
     tokens = model.tokenize_latent(latents).cpu()
     ranked = [i for i, t in enumerate(targets) if t.needs_ranking]
     rankings: dict[int, list[int]] = {}
     preds: list[int | None] = [None] * len(targets)
     if ranked:
-        results = classify(model, latents[ranked], range(model.num_classes), profile, [generators[i] for i in ranked],
+        results = classify(model, latents[ranked], range(model.num_classes), profile, seed,
                            Scorer(model, chunk))
         for i, p in zip(ranked, results):
             rankings[i], preds[i] = [c for c, _ in p.ranking], p.pred

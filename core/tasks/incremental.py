@@ -5,7 +5,7 @@ grow the class table by one entry per new class and train only those entries (ev
 maximise the teacher-forced likelihood of the new images. The old classes' likelihoods cannot change, not by a bit.
 A new class's entry is one embedding row per place the class enters the network (start token, each block's AdaLN,
 the head's AdaLN) rather than one shared row: a frozen network fits a class it never saw far better with a row per
-slot (README, Add classes without forgetting, has the digits protocol's numbers).
+slot (the digits protocol's numbers: README, Add classes without forgetting).
 
 An *extension file* holds the new rows, their names, how they were trained, the identity of the base checkpoint
 (SHA-256 of the VAR file) and of the extensions it was stacked on, so it is refused on any other model. It is a
@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeIn
 
 from ..choices import INITS
 from ..engine.model import Model
-from ..engine.schedule import classify, noise_generator
+from ..engine.schedule import classify
 from ..errors import AvarcError, schema_problem
 from ..io import hf_data
 from ..io.data import DataOptions
@@ -381,8 +381,7 @@ def _held_out(model: Model, images: Mapping[str, torch.Tensor], splits: dict, of
         train_idx, held_idx = splits[name]
         correct = 0
         for i in held_idx.tolist():
-            gens = [noise_generator(seed, f"{name}/{i}")]
-            pred = classify(model, model.encode(x[i:i + 1]), candidates, profile, gens)[0]
+            pred = classify(model, model.encode(x[i:i + 1]), candidates, profile, seed)[0]
             correct += int(pred.pred == offset + j)
         out.append(HeldOut(name, correct, len(held_idx), len(train_idx)))
     return out
