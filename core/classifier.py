@@ -32,11 +32,12 @@ from .engine.stages import Prediction
 from .errors import AvarcError
 from .io import distributed
 from .io.data import ClassSpace, Item, collect
+from .io.files import absolute
 from .io.hub import find_local
 from .io.loading import finish, resolve_model
 from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
 from .io.profiles import default_profile_name, load_profile
-from .io.records import model_identity, ok_record, run_info, skipped_record
+from .io.records import model_identity, ok_record, run_info, skipped_record, text
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
 from .tasks.explain import Explanation, Target, check_scales, explain_images
@@ -57,6 +58,7 @@ class Classifier:
     source: str = ""                        # the model argument it was built from (registry name, folder or file)
     batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
     files: list[Path] = field(default_factory=list)     # the files it was loaded from (weights, metadata, extensions)
+    build: dict = field(default_factory=dict)   # the VQ-VAE and extension files as given, resolved (records keep it)
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -96,7 +98,9 @@ class Classifier:
             chosen = load_profile(default or default_profile_name(m))
         files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
         files += [Path(e) for e in extensions if not isinstance(e, Extension)]
-        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files)
+        build = {"vae": None if vae is None else str(vae) if is_registry_name(vae) else text(absolute(vae)),
+                 "extensions": [text(absolute(e)) for e in extensions if not isinstance(e, Extension)]}
+        return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files, build)
 
     def __repr__(self) -> str:
         return (f"Classifier({self.source!r}: {self.model.num_classes} classes, {self.spec.image_size}px, profile "
@@ -242,7 +246,8 @@ class Classifier:
     def run_key(self, seed: int, candidates: Sequence[int], **settings) -> dict:
         """The ``run`` key of this classifier's records (what decides every score; ``settings`` as ``run_info``)."""
         extra = {"extensions": [e.sha256 for e in self.extensions]} if self.extensions else None
-        return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra, **settings)
+        return run_info(model_identity(self.model, self.source), self.profile, seed, candidates, extra, self.build,
+                        **settings)
 
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
                        temperature: float | None = None,
@@ -314,8 +319,8 @@ class Classifier:
                         seed: int = 0) -> list[Explanation | AvarcError]:
         """B, 3, R, R preprocessed images → an explanation each (or why its class pair cannot be formed)."""
         gens = [noise_generator(seed, k) for k in keys]
-        return explain_images(self.model, x, targets, self.profile, gens, check_scales(self.model, scales),
-                              self.batch_size)
+        check_scales(self.model, scales)
+        return explain_images(self.model, x, targets, self.profile, gens, scales, self.batch_size)
 
     def explain_items(self, items: Sequence[Item], target: Target | Mapping[str, Target], scales: int | None = None,
                       seed: int = 0, per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:

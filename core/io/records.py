@@ -36,6 +36,7 @@ class Record(TypedDict):
 
     path: str
     file: str
+    key: str                # what seeded the image's smoothing noise (its path below the input folder, a row's path)
     label: int | None
     label_name: str | None
     pred: int | None
@@ -72,16 +73,18 @@ IDENTITY = ("model", "weights", "profile", "seed", "dtype", "temperature", "topk
 
 
 def run_info(model_id: str, profile: Profile, seed: int, candidates: Sequence[int], extra: dict | None = None,
-             **settings) -> dict:
+             build: dict | None = None, **settings) -> dict:
     """The ``run`` key of every record: the run's identity. ``fingerprint`` covers the model, its weights, the resolved
     schedule, σ, the seed, the candidate classes and every setting that changes a record (``settings``: weights,
     dtype, temperature, top-k, labels mode) and the abstention rule; each setting is also a field, so a mismatch can
-    be named."""
+    be named. ``schedule`` (σ and the resolved stages) and ``build`` (``vae``, ``extensions``: the files given) say
+    how to rebuild the computation (``explain --from``); their content is in the fingerprint already."""
     schedule = [[s.scales, s.samples, s.keep, s.exit_margin] for s in profile.stages]
     abstain = [[profile.ood.score, sorted(profile.ood.thresholds)]] if profile.ood is not None else []
     blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, settings, *abstain],
                       sort_keys=True)
-    return {"model": model_id, "profile": profile.name, "seed": seed, **settings,
+    return {"model": model_id, "profile": profile.name, "seed": seed, **settings, **(build or {}),
+            "schedule": {"sigma": profile.sigma, "stages": schedule},
             "fingerprint": hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
 
 
@@ -108,6 +111,7 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: 
     return {
         "path": item.path,
         "file": item.file,
+        "key": item.key,
         "label": label,
         "label_name": item.label_name or (names[label] if label is not None else None),
         **({"accepted": list(item.accepted)} if item.accepted else {}),
@@ -128,7 +132,7 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: dict, topk: 
 
 
 def skipped_record(item: Item, reason: str, names: Sequence[str], run: dict) -> Record:
-    return {"path": item.path, "file": item.file, "label": item.label,
+    return {"path": item.path, "file": item.file, "key": item.key, "label": item.label,
             "label_name": item.label_name or (names[item.label] if item.label is not None else None),
             "pred": None, "pred_name": None, "label_rank": None, "topk": [], "stages": [], "exited_after": None,
             "posterior": [], "ood": None, "status": "skipped", "error": reason, "run": run}

@@ -106,7 +106,8 @@ def check_style(colormap: str, alpha: float) -> None:
 def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colormap: str = "turbo",
            alpha: float = 0.5, note: str = "", shared_scale: bool = False) -> Image.Image:
     """R, R, 3 uint8 model input + explanation → the four-panel figure. ``names`` are A's and B's display names;
-    ``note`` is the input panel's second caption line (e.g. the true and predicted class). Each map panel has a
+    ``note`` is the input panel's second caption line (e.g. the true and predicted class); its first says on how
+    many scales the run decided, for an explanation of a run's stage. Each map panel has a
     colour bar in nats per cell of the map's grid; ``shared_scale`` gives the three maps one scale (0 to the
     largest value of the three), so a weak map looks weak."""
     check_style(colormap, alpha)
@@ -122,10 +123,12 @@ def render(pixels: np.ndarray, expl: Explanation, names: tuple[str, str], colorm
     drawn = [maps[0], maps[1], contrast]
     shared = (0.0, max(value_range(m)[1] for m in drawn)) if shared_scale else None
     scales = [shared or value_range(m) for m in drawn]
-    panels = [(base, ("input", note), None)]
+    title = "input" if expl.stage is None else f"decided on {len(expl.patch_nums)} scales"
+    mean = f" (mean of {expl.samples} samples)" if expl.samples > 1 else ""
+    panels = [(base, (title, note), None)]
     panels += [(overlay(base, m, colormap, alpha, sc), cap, sc) for m, sc, cap in zip(
-        drawn, scales, [((a, None), f"{r_a:+.2f} nats"), ((b, None), f"{r_b:+.2f} nats"),
-                        ((win, lose), f"{r_win:+.2f} nats")])]
+        drawn, scales, [((a, None), f"{r_a:+.2f} nats{mean}"), ((b, None), f"{r_b:+.2f} nats{mean}"),
+                        ((win, lose), f"{r_win:+.2f} nats{mean}")])]
     W, H = figure_size(R)
     fig = Image.new("RGB", (W, H), BACKGROUND)
     draw = ImageDraw.Draw(fig)
