@@ -212,12 +212,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]),
                    key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
-    cards, panels = [], explained_panels(explain_dir) if explain_dir else {}
+    cards, panel_of = [], mistake_panels(records, explain_dir) if explain_dir else {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
-        panel = panels.get(record_key(r)) or (explain_dir / f"{safe_stem(Path(r['path']).stem)}.png" if explain_dir
-                                              else None)         # a panel of a copy of the image: by its name
-        pic = _png_file(panel) if panel is not None and panel.is_file() else _image_thumb(r["path"])
+        panel = panel_of.get(record_key(r))
+        pic = _png_file(panel) if panel is not None else _image_thumb(record_key(r))
         rank = r["label_rank"] if r["label_rank"] is not None else "pruned"
         cards.append(f'<div class="card">{pic}<br>{_text(Path(r["path"]).name)}<br>true <b>'
                      f'{_text(r["label_name"])}</b>, predicted <b>{_text(r["pred_name"])}</b> '
@@ -227,6 +226,23 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     if Counter(r["run"].get("fingerprint") for r in lab).most_common(2)[1:]:
         parts.insert(0, "<p><b>note:</b> these results mix several runs (different run fingerprints).</p>")
     return _page(title, "".join(parts))
+
+
+def mistake_panels(records: list[Record], folder: Path) -> dict[str, Path]:
+    """Each record's panel in an ``avarc explain`` folder, by the record's identity (the image key its ``.npz``
+    holds); a panel of a copy of the image (explained from elsewhere) by its file name, only where no other image of
+    the run has that name or claims that panel."""
+    by_key = explained_panels(folder)
+    keys = {record_key(r) for r in records}
+    claimed = {png: key for key, png in by_key.items() if key in keys}
+    stems = Counter(safe_stem(Path(r["path"]).stem).lower() for r in records)
+    out = {}
+    for r in records:
+        key, stem = record_key(r), safe_stem(Path(r["path"]).stem)
+        png = by_key.get(key) or folder / f"{stem}.png"
+        if png.is_file() and claimed.get(png, key) == key and (key in by_key or stems[stem.lower()] == 1):
+            out[key] = png
+    return out
 
 
 def ood_section(records: list[dict]) -> str:
