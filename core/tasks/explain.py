@@ -34,8 +34,9 @@ from .heatmap import render
 
 @dataclass(frozen=True)
 class Target:
-    """What the user fixed for one image: the class to explain (``cls``), the class to contrast it with (``vs``)
-    and the image's true ``label``; whatever is None is chosen by the classifier."""
+    """What is fixed for one image: the class to explain (``cls``), the class to contrast it with (``vs``), the
+    image's true ``label`` (whatever is None is chosen by the classifier), and the stage to explain on: a run's
+    deciding stage for ``explain --from``, else every scale and the clean tokens."""
 
     cls: int | None = None
     vs: int | None = None
