@@ -89,8 +89,13 @@ def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Pat
     if seed is not None and seed != ran:
         raise AvarcError(f"{run} was run with seed {ran}, whose noise decided its images; leave --seed out",
                          option="seed")
-    recorded = run_profile(info, str(run))
     given = load_profile(profile) if profile is not None else None
+    try:
+        recorded = run_profile(info, str(run))
+    except AvarcError:
+        if given is None:
+            raise
+        recorded = None                     # a damaged schedule, and the run's profile given
     schedule = recorded or given or (load_profile(info["profile"]) if info.get("profile") in shipped_names() else None)
     opts, model = run_build(opts, info, model, run)
     clf = opts.load(model, schedule)
@@ -126,10 +131,13 @@ def run_build(opts: ModelOptions, info: dict, model: Optional[str], run: Path) -
     model = model or (used if isinstance(used, str) and (is_registry_name(used) or Path(used).exists()) else None)
     if model is None:
         raise AvarcError(f"{run}: the run's model {used!r} is not a registry name or a path here; pass it with -m")
-    vae = opts.vae or info.get("vae")
-    if opts.vae is None and isinstance(vae, str) and not (is_registry_name(vae) or Path(vae).exists()):
+    vae, listed = opts.vae or info.get("vae"), info.get("extensions") or []
+    if not isinstance(vae, (str, type(None))) or not (isinstance(listed, list) and all(isinstance(e, str)
+                                                                                       for e in listed)):
+        raise AvarcError(f"{run}: the run's vae or extensions field is damaged; pass the run's --vae and -e")
+    if opts.vae is None and vae is not None and not (is_registry_name(vae) or Path(vae).exists()):
         raise AvarcError(f"{run}: the run's VQ-VAE {vae} is not here; pass it with --vae")
-    extensions = opts.extension or [Path(e) for e in info.get("extensions") or []]
+    extensions = opts.extension or [Path(e) for e in listed]
     lost = [e for e in extensions if not opts.extension and not e.is_file()]
     if lost:
         raise AvarcError(f"{run}: the run's extension {lost[0]} is not here; pass the run's extensions with -e")

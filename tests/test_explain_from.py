@@ -173,6 +173,19 @@ def test_missing_images_are_named_and_counted(run, tmp_path, monkeypatch, capsys
     assert code == 1 and "error: 3 of 3 images could not be explained" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("schedule", "x", "the run's schedule is damaged (TypeError); pass the run's profile with -p"),
+    ("schedule", {"sigma": 0.1, "stages": [[9, 1, 1, None]]}, "9 does not fit a model with 4 scales"),
+    ("extensions", "abc", "the run's vae or extensions field is damaged; pass the run's --vae and -e"),
+    ("vae", 5, "the run's vae or extensions field is damaged"),
+    ("model", "/nowhere/var.pth", "is not a registry name or a path here; pass it with -m")])
+def test_damaged_run_fields_are_one_line(run, tmp_path, monkeypatch, capsys, field, value, says):
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text("".join(json.dumps({**r, "run": {**r["run"], field: value}}) + "\n" for r in run.records[:2]))
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", damaged, "--out", tmp_path / "why", *CPU)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_report_shows_each_mistakes_own_panel_when_names_repeat(run, tmp_path, monkeypatch, capsys):
     """Two mistakes of different true classes copied to the same file name (stage 1 decides them on clean tokens,
     so the copies are the same mistakes): each report card embeds the panel of its own image."""
