@@ -216,6 +216,13 @@ def test_report_shows_each_mistakes_own_panel_when_names_repeat(run, tmp_path, m
     assert sorted(panels.values()) == sorted(picked)
     assert all(panels[png] == int(label) for png, label in cards)
 
+    monkeypatch.chdir(tmp_path / "why")      # the run's relative paths do not open here; its `file`s do
+    code, _, err = run_cli(monkeypatch, capsys, "report", run.results, "--out", tmp_path / "elsewhere.html")
+    assert code == 0, err
+    page = (tmp_path / "elsewhere.html").read_text()
+    assert page.count('<div class="card"><img src="data:image/png') == min(len(run.mistakes), 12)
+    assert "image not found" not in page
+
 
 def test_a_run_with_an_added_class_is_rebuilt_with_its_extension(run, tmp_path, monkeypatch, capsys):
     from scripts.digits import load_digits
