@@ -98,8 +98,8 @@ class Classifier:
             chosen = load_profile(default or default_profile_name(m))
         files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
         files += [Path(e) for e in extensions if not isinstance(e, Extension)]
-        build = {"vae": None if vae is None else str(vae) if is_registry_name(vae) else text(absolute(vae)),
-                 "extensions": [text(absolute(e)) for e in extensions if not isinstance(e, Extension)]}
+        build = {"vae_file": None if vae is None else str(vae) if is_registry_name(vae) else text(absolute(vae)),
+                 "extension_files": [text(absolute(e)) for e in extensions if not isinstance(e, Extension)]}
         return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files, build)
 
     def __repr__(self) -> str:

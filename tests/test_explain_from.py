@@ -176,8 +176,8 @@ def test_missing_images_are_named_and_counted(run, tmp_path, monkeypatch, capsys
 @pytest.mark.parametrize("field, value, says", [
     ("schedule", "x", "the run's schedule is damaged (TypeError); pass the run's profile with -p"),
     ("schedule", {"sigma": 0.1, "stages": [[9, 1, 1, None]]}, "9 does not fit a model with 4 scales"),
-    ("extensions", "abc", "the run's vae or extensions field is damaged; pass the run's --vae and -e"),
-    ("vae", 5, "the run's vae or extensions field is damaged"),
+    ("extension_files", "abc", "the run's vae or extensions field is damaged; pass the run's --vae and -e"),
+    ("vae_file", 5, "the run's vae or extensions field is damaged"),
     ("model", "/nowhere/var.pth", "is not a registry name or a path here; pass it with -m")])
 def test_damaged_run_fields_are_one_line(run, tmp_path, monkeypatch, capsys, field, value, says):
     damaged = tmp_path / "damaged.jsonl"
@@ -243,7 +243,7 @@ def test_a_run_with_an_added_class_is_rebuilt_with_its_extension(run, tmp_path, 
                            *CPU, "--dtype", "fp32")
     assert code == 0, err
     records = read_jsonl(results)
-    assert records[0]["run"]["extensions"] == [str(ext.resolve())]
+    assert records[0]["run"]["extension_files"] == [str(ext.resolve())]
     added = [r for r in records if r["pred"] == 10]
     assert added, "the added class won no image"
     code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", results, "--out", tmp_path / "why", *CPU)

@@ -77,8 +77,8 @@ def run_info(model_id: str, profile: Profile, seed: int, candidates: Sequence[in
     """The ``run`` key of every record: the run's identity. ``fingerprint`` covers the model, its weights, the resolved
     schedule, σ, the seed, the candidate classes and every setting that changes a record (``settings``: weights,
     dtype, temperature, top-k, labels mode) and the abstention rule; each setting is also a field, so a mismatch can
-    be named. ``schedule`` (σ and the resolved stages) and ``build`` (``vae``, ``extensions``: the files given) say
-    how to rebuild the computation (``explain --from``); their content is in the fingerprint already."""
+    be named. ``schedule`` (σ and the resolved stages) and ``build`` (``vae_file``, ``extension_files``: the files
+    given) say how to rebuild the computation (``explain --from``); their content is in the fingerprint already."""
     schedule = [[s.scales, s.samples, s.keep, s.exit_margin] for s in profile.stages]
     abstain = [[profile.ood.score, sorted(profile.ood.thresholds)]] if profile.ood is not None else []
     blob = json.dumps([model_id, schedule, profile.sigma, seed, sorted(candidates), extra or {}, settings, *abstain],

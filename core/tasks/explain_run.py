@@ -110,17 +110,23 @@ def record_item(record: Record, data: DataOptions, rows: dict[tuple[str, str], h
     return Item(path=file, key=key, label=record["label"], border=data.border if "accepted" in record else 0)
 
 
-def run_profile(run: dict, where: str = "run") -> Profile | None:
+def run_field(run, name: str, default=None):  # noqa: ANN001, ANN201 — the record's ``run``, any JSON value
+    """A field of a record's ``run`` (a mapping, or a typed identity with its extra fields), else ``default``."""
+    value = run.get(name) if isinstance(run, dict) else getattr(run, name, None)
+    return default if value is None else value
+
+
+def run_profile(run, where: str = "run") -> Profile | None:  # noqa: ANN001 — the record's ``run``
     """The run's schedule as a profile (σ and the resolved stages its records hold; None for records written before
     they held it)."""
-    schedule = run.get("schedule")
+    schedule = run_field(run, "schedule")
     if schedule is None:
         return None
     try:
         stages = tuple(Stage(int(sc), int(n), int(keep), None if m is None else float(m))
                        for sc, n, keep, m in schedule["stages"])
-        return Profile(name=str(run.get("profile", "run")), stages=stages, sigma=float(schedule["sigma"]),
-                       temperature=run.get("temperature"))
+        return Profile(name=str(run_field(run, "profile", "run")), stages=stages, sigma=float(schedule["sigma"]),
+                       temperature=run_field(run, "temperature"))
     except (TypeError, ValueError, KeyError) as e:
         raise AvarcError(f"{where}: the run's schedule is damaged ({type(e).__name__}); pass the run's profile with "
                          "-p") from None
