@@ -104,11 +104,15 @@ def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Pat
     if mine is not None and recorded is not None and (mine.stages, mine.sigma) != (recorded.stages, recorded.sigma):
         raise AvarcError(f"{run} was run with another schedule than profile {given.name}; leave -p out: --from "
                          "explains on the run's own", option="profile")
-    keys = None
+    data, keys = source.data(), None
+    unused = [f for f, v in (("split", data.split), ("label_column", data.label_column)) if v is not None]
+    if unused and not inputs:
+        raise AvarcError(f"picks rows of a dataset input; --from reads each row's split and class from {run} (name "
+                         "dataset inputs to pick rows of the run)", option=unused[0])
     if inputs:
-        keys = {it.file for it in collect(inputs, clf.space, "none", data=source.data()).items}
+        keys = {it.file for it in collect(inputs, clf.space, "none", data=data).items}
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
-    chosen = run_decisions(records, clf.model.num_classes, source.data(), mistakes, target.cls, target.vs,
+    chosen = run_decisions(records, clf.model.num_classes, data, mistakes, target.cls, target.vs,
                            target.label, labels, keys, str(run))
     if keys is not None and len(chosen) < len(keys):
         raise AvarcError(f"{len(keys) - len(chosen)} of the inputs are not explainable images of {run}; pass images "

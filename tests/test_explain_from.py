@@ -135,6 +135,14 @@ def test_each_option_applies_to_a_runs_images(run, tmp_path, monkeypatch, capsys
     assert explain("same-profile", "-p", run.profile)["scores"].tolist() == plain["scores"].tolist()
     scales = explain("scales", "--scales", 3)
     assert len(scales["patch_nums"]) == 3 and int(scales["samples"]) == 3
+    styled = explain("styled", "--colormap", "jet", "--alpha", 1, "--shared-scale", "--labels", "folders")
+    assert styled["scores"].tolist() == plain["scores"].tolist()
+    bf16 = explain("bf16", "--dtype", "bf16")          # a dtype given overrides the run's: other scores
+    assert bf16["classes"].tolist() == plain["classes"].tolist() and bf16["scores"].tolist() != plain["scores"].tolist()
+    (tmp_path / "list.txt").write_text(f"{image}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", run.results, "--from-list", tmp_path / "list.txt",
+                           "--out", tmp_path / "listed", *CPU)
+    assert code == 0 and [p.stem for p in (tmp_path / "listed").glob("*.png")] == [stem], err
 
     code, out, err = run_cli(monkeypatch, capsys, "explain", "--from", run.results, image, "--metrics", "--out",
                              tmp_path / "metrics", *CPU)
@@ -145,7 +153,8 @@ def test_each_option_applies_to_a_runs_images(run, tmp_path, monkeypatch, capsys
     stray = tmp_path / "stray.png"
     shutil.copy(image, stray)
     for args, says in [(["--seed", 1], "--seed: "), (["-p", "varc"], "--profile: "), ([stray], "not explainable "
-                       "images of"), (["--class", "3", "--vs", "3"], "same class")]:
+                       "images of"), (["--class", "3", "--vs", "3"], "same class"),
+                       (["--split", "test"], "--split: picks rows of a dataset input")]:
         code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", run.results, *args, "--out",
                                tmp_path / "refused", *CPU)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
