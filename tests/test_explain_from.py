@@ -290,3 +290,7 @@ def test_a_dataset_runs_rows_are_read_as_rows(run, tmp_path, monkeypatch, capsys
                                                                                 for i in range(3)]
     for s, r in zip(saved, records):
         assert s["classes"].tolist() == [r["label"], r["pred"]] and s["scores"][0] < s["scores"][1]
+    code, _, err = run_cli(monkeypatch, capsys, "report", "rows.jsonl")       # its mistakes' rows as thumbnails
+    assert code == 0, err
+    page = (tmp_path / "rows.html").read_text()
+    assert page.count('<div class="card"><img src="data:image/png') == 3 and "image not" not in page

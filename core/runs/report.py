@@ -14,11 +14,13 @@ import numpy as np
 
 from ..engine.flops import encoder_macs, sequence_macs
 from ..errors import AvarcError
+from ..io.data import DataOptions, Item
 from ..io.records import Record, record_key
 from ..io.summary import stage_survival
 from ..models.specs import ModelSpec
 from ..tasks.calibration import posterior, reliability
 from ..tasks.explain import explained_panels, safe_stem
+from ..tasks.explain_run import record_item
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -57,15 +59,16 @@ def _png_file(path: Path, width: int | None = None) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"{style}>'
 
 
-def _image_thumb(path: str, size: int = 96) -> str:
-    """An input image as an embedded PNG thumbnail (nearest-neighbour, so tiny images stay sharp); only a regular
-    file is opened (a FIFO or a device where an image was would block or never end)."""
+def _image_thumb(item: Item, size: int = 96) -> str:
+    """An input image (a file, or a dataset row) as an embedded PNG thumbnail (nearest-neighbour, so tiny images
+    stay sharp); of files only a regular one is opened (a FIFO or a device where an image was would block or never
+    end)."""
     from PIL import Image
 
-    if not Path(path).is_file():
+    if item.source is None and not Path(item.path).is_file():
         return "<i>image not found</i>"
     try:
-        with Image.open(path) as im:
+        with item.open() as im:
             im = im.convert("RGB")
             scale = max(1, size // max(im.size))
             im = im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
@@ -75,6 +78,14 @@ def _image_thumb(path: str, size: int = 96) -> str:
     except Exception:  # noqa: BLE001 — a moved or broken image must not stop the report
         return "<i>image not readable</i>"
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _mistake_thumb(record: Record, rows: dict) -> str:
+    """The record's image by its identity (its absolute file, or its dataset row), as a thumbnail."""
+    try:
+        return _image_thumb(record_item(record, DataOptions(border=0), rows))
+    except AvarcError:                  # its dataset cannot be read here
+        return "<i>image not found</i>"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence], classes: Sequence[str] = ()) -> str:
@@ -212,11 +223,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]),
                    key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
-    cards, panel_of = [], mistake_panels(records, explain_dir) if explain_dir else {}
+    cards, panel_of, rows = [], mistake_panels(records, explain_dir) if explain_dir else {}, {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
         panel = panel_of.get(record_key(r))
-        pic = _png_file(panel) if panel is not None else _image_thumb(record_key(r))
+        pic = _png_file(panel) if panel is not None else _mistake_thumb(r, rows)
         rank = r["label_rank"] if r["label_rank"] is not None else "pruned"
         cards.append(f'<div class="card">{pic}<br>{_text(Path(r["path"]).name)}<br>true <b>'
                      f'{_text(r["label_name"])}</b>, predicted <b>{_text(r["pred_name"])}</b> '
