@@ -1,20 +1,24 @@
 """What ``avarc explain`` writes: the panels and maps of a list of images, or of a classify run's images."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .options import ModelOptions
+import typer
+
+from .options import InputOptions, ModelOptions
 
 if TYPE_CHECKING:
     from avarc.tasks.explain_metrics import ImageMetrics
 
 
 def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shared_scale: bool,  # noqa: ANN001
-          scales: Optional[int], seed: int, force: bool, preds: Optional[dict] = None,
+          scales: Optional[int], seed: int, force: bool, decisions: Optional[dict] = None,
           metrics: Optional[str] = None) -> None:
-    """Explain ``items`` into ``out`` (``preds``: a run's prediction per path, for the captions; ``metrics``: also
-    measure each map's insertion/deletion AUC from this start)."""
+    """Explain ``items`` into ``out`` (``decisions``: a run's decision per path, for the captions and the run's own
+    lead; ``metrics``: also measure each map's insertion/deletion AUC from this start). Images that cannot be
+    explained are named and counted; when none can, the command fails."""
     from avarc.errors import AvarcError
     from avarc.tasks.explain import unique_stems
     from avarc.tasks.explain_metrics import image_metrics
@@ -39,11 +43,15 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
                 if isinstance(ex, str):
                     skipped.append(ex)
                     continue
-                if preds is not None:
-                    ex.pred, ex.pred_name = preds[it.path], clf.class_names[preds[it.path]]
+                run = decisions[it.path] if decisions is not None else None
+                if run is not None:
+                    ex.pred, ex.pred_name = run.pred, None if run.pred is None else clf.class_names[run.pred]
                 ex.save(out / f"{stems[it.path]}.png", colormap=colormap, alpha=alpha, shared_scale=shared_scale,
                         image=it.file, exclusive=not force)
-                rows.append((it.path, ex.names[0], ex.names[1], *(f"{r:+.2f}" for r in ex.ratios), stems[it.path]))
+                ratios = [f"{r:+.2f}" for r in ex.ratios]
+                if run is not None:
+                    ratios += [f"{len(ex.patch_nums)}×{ex.samples}", "–" if run.lead is None else f"{run.lead:+.2f}"]
+                rows.append((it.path, ex.names[0], ex.names[1], *ratios, stems[it.path]))
                 if metrics:
                     with clf.settings():
                         measured.append((it.path, image_metrics(clf.model, ex, clf.profile, metrics, seed)))
@@ -51,38 +59,108 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
     for reason in skipped:
         output.say(f"skipped: {reason}", err=True)
     if rows:
+        header = ["image", "A", "B", "A vs null", "B vs null", "A vs B"]
+        header += ["scales×samples", "run: A vs B"] if decisions is not None else []
+        on = "on the scales and samples of the stage that decided each image" if decisions is not None else \
+            f"on {scales or len(clf.spec.var.patch_nums)} scales"
         output.table(f"avarc explain · model {clf.source} · {len(rows)} written to {out} · log-likelihood ratios in "
-                     f"nats on {scales or len(clf.spec.var.patch_nums)} scales",
-                     ["image", "A", "B", "A vs null", "B vs null", "A vs B", "output"], rows)
-    if measured and metrics:   # measured only with metrics
+                     f"nats {on}",
+                     [*header, "output"], rows)
+    if measured:
         metrics_table(measured, out, metrics)
+    if skipped:
+        output.say(f"{'error' if not rows else 'note'}: {len(skipped)} of {len(items)} images could not be explained "
+                   "(named above)", err=True)
+    if not rows:
+        raise typer.Exit(1)
 
 
-def explain_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[str], profile: Optional[str],
-                out: Path, colormap: str, alpha: float, shared_scale: bool, scales: Optional[int], force: bool) -> None:
-    """``--from``: a classify run's images, its model (unless -m), seed and true/predicted classes."""
+def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Path, mistakes: bool,
+                model: Optional[str], profile: Optional[str], cls: Optional[str], vs: Optional[str],
+                label: Optional[str], labels: str, out: Path, colormap: str, alpha: float, shared_scale: bool,
+                scales: Optional[int], metrics: Optional[str], seed: Optional[int], force: bool) -> None:
+    """``--from``: a classify run's images (by identity, from any folder), rebuilt as the run built its model (its
+    model, VQ-VAE, extensions and dtype, unless given), each explained on the stage that decided it, with the
+    run's seed and schedule. Positional inputs pick images of the run; the other options apply as without it."""
     from avarc.errors import AvarcError
+    from avarc.io.data import collect
     from avarc.io.files import make_output_dir
+    from avarc.io.profiles import load_profile, shipped_names
     from avarc.io.records import read_records, unique_records
-    from avarc.io.registry import is_registry_name
-    from avarc.tasks.explain import record_targets
+    from avarc.tasks.explain_run import run_decisions, run_field, run_profile
     from avarc.tasks.heatmap import check_style
 
-
     check_style(colormap, alpha)
-    records, _ = unique_records(read_records(run))
+    records, _ = unique_records(read_records(run, option="from"))
     info = records[0]["run"]
-    used = info.model
-    model = model or (used if used and (is_registry_name(used) or Path(used).exists()) else None)
-    if model is None:
-        raise AvarcError(f"{run}: the run's model {used!r} is not a registry name or a path here; pass it with -m")
-    chosen = record_targets(records, mistakes)
+    ran = run_field(info, "seed", 0)
+    if seed is not None and seed != ran:
+        raise AvarcError(f"{run} was run with seed {ran}, whose noise decided its images; leave --seed out",
+                         option="seed")
+    given = load_profile(profile) if profile is not None else None
+    try:
+        recorded = run_profile(info, str(run))
+    except AvarcError:
+        if given is None:
+            raise
+        recorded = None                     # a damaged schedule, and the run's profile given
+    named = run_field(info, "profile")
+    schedule = recorded or given or (load_profile(named) if named in shipped_names() else None)
+    opts, model = run_build(opts, info, model, run)
+    clf = opts.load(model, schedule)
+    mine = given.resolve(len(clf.spec.var.patch_nums)) if given is not None else None
+    if mine is not None and recorded is not None and (mine.stages, mine.sigma) != (recorded.stages, recorded.sigma):
+        raise AvarcError(f"{run} was run with another schedule than profile {given.name}; leave -p out: --from "
+                         "explains on the run's own", option="profile")
+    data, keys = source.data(), None
+    unused = [f for f, v in (("split", data.split), ("label_column", data.label_column)) if v is not None]
+    if unused and not inputs:
+        raise AvarcError(f"picks rows of a dataset input; --from reads each row's split and class from {run} (name "
+                         "dataset inputs to pick rows of the run)", option=unused[0])
+    if inputs:
+        keys = {it.file for it in collect(inputs, clf.space, "none", data=data).items}
+    target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
+    chosen = run_decisions(records, clf.model.num_classes, data, mistakes, target.cls, target.vs,
+                           target.label, labels, keys, str(run))
+    if keys is not None and len(chosen) < len(keys):
+        raise AvarcError(f"{len(keys) - len(chosen)} of the inputs are not explainable images of {run}; pass images "
+                         "the run classified")
     if not chosen:
         raise AvarcError(f"{run}: no {'mistakes' if mistakes else 'classified images'} to explain")
+    if schedule is None and any(d.target.samples > 1 for d in chosen):
+        raise AvarcError(f"{run}: its records do not hold the run's schedule (written by an older avarc) and its "
+                         "images were decided on smoothed samples; pass the run's profile with -p", option="profile")
     make_output_dir(out, "out")
-    clf = opts.load(model, profile)
-    write(clf, [it for it, _, _ in chosen], {it.path: t for it, t, _ in chosen}, out, colormap, alpha, shared_scale,
-          scales, info.seed, force, {it.path: p for it, _, p in chosen})
+    write(clf, [d.item for d in chosen], {d.item.path: d.target for d in chosen}, out, colormap, alpha, shared_scale,
+          scales, ran, force, {d.item.path: d for d in chosen}, metrics)
+
+
+def run_build(opts: ModelOptions, info, model: Optional[str],  # noqa: ANN001 (info: a record's run)
+              run: Path) -> tuple[ModelOptions, str]:
+    """The options that rebuild the run's model: its model, VQ-VAE, extensions and dtype, each unless given."""
+    from avarc.errors import AvarcError
+    from avarc.io.registry import is_registry_name
+    from avarc.tasks.explain_run import run_field
+
+    used = run_field(info, "model")
+    model = model or (used if isinstance(used, str) and (is_registry_name(used) or Path(used).exists()) else None)
+    if model is None:
+        raise AvarcError(f"{run}: the run's model {used!r} is not a registry name or a path here; pass it with -m")
+    vae, listed = opts.vae or run_field(info, "vae_file"), run_field(info, "extension_files") or []
+    if not isinstance(vae, (str, type(None))) or not (isinstance(listed, list) and all(isinstance(e, str)
+                                                                                       for e in listed)):
+        raise AvarcError(f"{run}: the run's vae or extensions field is damaged; pass the run's --vae and -e")
+    if opts.vae is None and vae is not None and not (is_registry_name(vae) or Path(vae).exists()):
+        raise AvarcError(f"{run}: the run's VQ-VAE {vae} is not here; pass it with --vae")
+    extensions = opts.extension or [Path(e) for e in listed]
+    lost = [e for e in extensions if not opts.extension and not e.is_file()]
+    if lost:
+        raise AvarcError(f"{run}: the run's extension {lost[0]} is not here; pass the run's extensions with -e")
+    dtype = opts.dtype if opts.dtype != "auto" else DTYPE_NAMES.get(run_field(info, "dtype"), "auto")
+    return dataclasses.replace(opts, vae=vae, extension=extensions, dtype=dtype), model
+
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}     # a record's dtype → --dtype
 
 
 def metrics_table(measured: list, out: Path, start: str) -> None:

@@ -34,12 +34,22 @@ from .engine.torch_state import torch_settings
 from .errors import FIX, AvarcError, NeedsDownload
 from .io import distributed
 from .io.data import ClassSpace, Item
+from .io.files import absolute
 from .io.hub import find_local
 from .io.image_inputs import Entry, ImageInput, Images, Label, gather, labels_for
 from .io.loading import finish, resolve_model
 from .io.preprocess import open_image, pixels_to_tensor, preprocess_pil, tensor_pixels
 from .io.profiles import default_profile_name, load_profile
-from .io.records import Record, RunIdentity, model_identity, ok_record, run_identity, skipped_record, weights_identity
+from .io.records import (
+    Record,
+    RunIdentity,
+    model_identity,
+    ok_record,
+    run_identity,
+    skipped_record,
+    text,
+    weights_identity,
+)
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
 from .tasks.explain import Explanation, Target, check_scales, explain_images
@@ -68,6 +78,7 @@ class Classifier:
     batch_size: int | None = None           # (sequence, class) pairs per forward; None: sized to a memory budget
     files: list[Path] = field(default_factory=list)     # the files it was loaded from (weights, metadata, extensions)
     threads: int = 1                        # CPU threads each call runs on (torch's count is put back after it)
+    build: dict = field(default_factory=dict)   # the VQ-VAE and extension files as given, resolved (records keep it)
     _space: ClassSpace | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -109,8 +120,10 @@ class Classifier:
             chosen = load_profile(default or default_profile_name(m))
         files = [f for f in (m.var_file, m.vae_file, m.var_file and m.var_file.with_name("meta.json")) if f is not None]
         files += [Path(e) for e in extensions if not isinstance(e, Extension)]
+        build = {"vae_file": None if vae is None else str(vae) if is_registry_name(vae) else text(absolute(vae)),
+                 "extension_files": [text(absolute(e)) for e in extensions if not isinstance(e, Extension)]}
         return cls(m, chosen.resolve(len(m.spec.var.patch_nums)), str(model), batch_size, files,
-                   resolve_threads(m.spec.var, threads))
+                   resolve_threads(m.spec.var, threads), build)
 
     def settings(self) -> AbstractContextManager[None]:
         """A block that runs on this classifier's threads and leaves torch's settings as it found them (every
@@ -257,7 +270,7 @@ class Classifier:
         return run_identity(model_identity(m, self.source), self.profile, seed, candidates,
                             weights=weights_identity(m.var_file), vae_weights=weights_identity(m.vae_file),
                             dtype=str(self.dtype).removeprefix("torch."), compile=m.compile,
-                            extensions=[e.sha256 for e in self.extensions], **settings)
+                            extensions=[e.sha256 for e in self.extensions], build=self.build, **settings)
 
     def classify_items(self, items: Sequence[Item], candidates: Sequence[int], seed: int = 0,
                        temperature: float | None = None,

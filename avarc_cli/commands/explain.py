@@ -14,7 +14,6 @@ from ..options import (
     MetricsStart,
     ModelOptions,
     ProfileOpt,
-    SeedOpt,
     input_options,
     model_options,
     opt,
@@ -49,7 +48,8 @@ def explain(
     metrics: Annotated[bool, opt("--metrics", help="Insertion/deletion AUC vs random (metrics.json).")] = False,
     metrics_start: Annotated[MetricsStart, opt("--metrics-start", show_default=True,
                                                help="Insertion's start, deletion's fill: blank or blur.")] = "blank",
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], opt("--seed", help="Seed of the likelihood-smoothing noise (default: 0, or the "
+                                       "run's).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """\b
@@ -58,21 +58,27 @@ def explain(
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
     avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
+    avarc explain --from run.jsonl digits/3 --vs 8 --metrics  # options apply to a run's images too
 
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores
     (README, Explain a prediction).
     --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).
+    --from explains each image of a classify run on the stage that decided it (its scales, its samples' mean, the
+    run's seed, model, VQ-VAE, extensions and dtype), so a mistake's panels show the predicted class winning.
     """
     from avarc.errors import AvarcError
     from avarc.io.data import collect
     from avarc.io.files import make_output_dir
     from avarc.tasks.heatmap import check_style
 
-    if run is not None:
-        return panels.explain_run(opts, run, mistakes, model, profile, out, colormap, alpha, shared_scale, scales,
-                                  force)
     inputs = source.inputs(inputs)
+    if run is not None:
+        return panels.explain_run(opts, source, inputs, run, mistakes, model, profile, cls, vs, label, labels, out,
+                                  colormap, alpha, shared_scale, scales, metrics_start if metrics else None, seed,
+                                  force)
+    if mistakes:
+        raise AvarcError("picks a run's mistakes; pass the run with --from RUN.jsonl", option="mistakes")
     if not inputs:
         raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits`)")
     check_style(colormap, alpha)
@@ -81,6 +87,6 @@ def explain(
     target = clf.target(cls, vs, label, where=("--class", "--vs", "--label"))
     found = collect(inputs, clf.space, "none" if label else labels, exclude=list(out.iterdir()) if out.is_dir() else [],
                     data=source.data())
-    panels.write(clf, found.items, target, out, colormap, alpha, shared_scale, scales, seed, force,
+    panels.write(clf, found.items, target, out, colormap, alpha, shared_scale, scales, seed or 0, force,
                  metrics=metrics_start if metrics else None)
 

@@ -123,6 +123,10 @@ class RunIdentity(BaseModel):
     extensions: list[str] = []           # each extension's rows' SHA-256, bottom first
     inputs: str | None = None            # a dataset's own fingerprint (its files' SHA-256), None for image files
     threads: int | None = None           # the CPU threads it ran on: kept beside the identity, not in the fingerprint
+    # How to rebuild the computation (``explain --from``), beside the identity: their content is in the fingerprint
+    schedule: dict | None = None         # {sigma, stages: [[scales, samples, keep, exit_margin], …]}, resolved
+    vae_file: str | None = None          # the VQ-VAE given (``--vae``), resolved; None: the model's own
+    extension_files: list[str] = []      # the extension files given (``-e``), resolved
 
 
 class _Common(_Strict):
@@ -211,15 +215,18 @@ IDENTITY = ("model", "weights", "vae_weights", "profile", "seed", "dtype", "comp
             "ood_score", "extensions", "inputs")
 
 
-def run_identity(model_id: str, profile: Profile, seed: int, candidates: Sequence[int], **settings) -> RunIdentity:
+def run_identity(model_id: str, profile: Profile, seed: int, candidates: Sequence[int], build: dict | None = None,
+                 **settings) -> RunIdentity:
     """The run's identity. ``fingerprint`` covers the model, both weight files, the resolved schedule (stages, σ,
     guard margin, OOD thresholds), the seed, the candidate classes and every setting that changes a record
-    (``settings``: the other :class:`RunIdentity` fields)."""
+    (``settings``: the other :class:`RunIdentity` fields). ``build`` (``vae_file``, ``extension_files``: the files
+    given) and ``schedule`` say how to rebuild the run (``explain --from``); their content is in the fingerprint."""
     schedule = [[s.scales, s.samples, s.keep, s.exit_margin] for s in profile.stages]
     abstain = [[profile.ood.score, sorted(profile.ood.thresholds)]] if profile.ood is not None else []
     blob = json.dumps([model_id, schedule, profile.sigma, profile.guard_margin, seed, sorted(candidates), settings,
                        *abstain], sort_keys=True)
-    return RunIdentity(model=model_id, profile=profile.name, seed=seed, **settings,
+    return RunIdentity(model=model_id, profile=profile.name, seed=seed, **settings, **(build or {}),
+                       schedule={"sigma": profile.sigma, "stages": schedule},
                        fingerprint=hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:16])
 
 

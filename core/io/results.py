@@ -143,7 +143,8 @@ class ResultsWriter:
         records = list(records)
         data = b"".join(map(record_line, records))
         if self._fd is None:                # ``-``: JSON lines on stdout, as they come
-            sys.stdout.buffer.write(data)
+            binary = getattr(sys.stdout, "buffer", None)     # a host that replaced stdout (a notebook) takes text
+            binary.write(data) if binary is not None else sys.stdout.write(data.decode("utf-8", "surrogateescape"))
             sys.stdout.flush()
             self.safe += len(records)
             return

@@ -14,11 +14,13 @@ import numpy as np
 
 from ..engine.flops import encoder_macs, sequence_macs
 from ..errors import AvarcError
+from ..io.data import DataOptions, Item
 from ..io.records import Record, record_key
 from ..io.summary import shown_ks, stage_survival
 from ..models.specs import ModelSpec
 from ..tasks.calibration import posterior, reliability
 from ..tasks.explain import explained_panels, safe_stem
+from ..tasks.explain_run import record_item
 
 if TYPE_CHECKING:
     from .tune import Point, TuneResult
@@ -60,16 +62,17 @@ def _png_file(path: Path, width: int | None = None) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"{style}>'
 
 
-def _image_thumb(path: str, size: int = 96) -> str:
-    """An input image as an embedded PNG thumbnail (nearest-neighbour, so tiny images stay sharp); only a regular
-    file is opened (a FIFO or a device where an image was would block or never end)."""
+def _image_thumb(item: Item, size: int = 96) -> str:
+    """An input image (a file, or a dataset row) as an embedded PNG thumbnail (nearest-neighbour, so tiny images
+    stay sharp); of files only a regular one is opened (a FIFO or a device where an image was would block or never
+    end)."""
     from PIL import Image
 
-    if not Path(path).is_file():
+    if item.source is None and not Path(item.path).is_file():
         return "<i>image not found</i>"
     try:
-        with Image.open(path) as f:
-            im = f.convert("RGB")
+        with item.open() as im:
+            im = im.convert("RGB")
             scale = max(1, size // max(im.size))
             im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) if scale > 1 else im
             im.thumbnail((size * 2, size * 2))
@@ -78,6 +81,14 @@ def _image_thumb(path: str, size: int = 96) -> str:
     except Exception:  # noqa: BLE001 — a moved or broken image must not stop the report
         return "<i>image not readable</i>"
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _mistake_thumb(record: Record, rows: dict) -> str:
+    """The record's image by its identity (its absolute file, or its dataset row), as a thumbnail."""
+    try:
+        return _image_thumb(record_item(record, DataOptions(border=0), rows))
+    except AvarcError:                  # its dataset cannot be read here
+        return "<i>image not found</i>"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence], classes: Sequence[str] = ()) -> str:
@@ -221,12 +232,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]),
                    key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
-    cards, panels = [], explained_panels(explain_dir) if explain_dir else {}
+    cards, panel_of, rows = [], mistake_panels(records, explain_dir) if explain_dir else {}, {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
-        panel = panels.get(record_key(r)) or (explain_dir / f"{safe_stem(Path(r['path']).stem)}.png" if explain_dir
-                                              else None)         # a panel of a copy of the image: by its name
-        pic = _png_file(panel) if panel is not None and panel.is_file() else _image_thumb(r["path"])
+        panel = panel_of.get(record_key(r))
+        pic = _png_file(panel) if panel is not None else _mistake_thumb(r, rows)
         rank = r["label_rank"] if r["label_rank"] is not None else "pruned"
         cards.append(f'<div class="card">{pic}<br>{_text(Path(r["path"]).name)}<br>true <b>'
                      f'{_text(r["label_name"])}</b>, predicted <b>{_text(r["pred_name"])}</b> '
@@ -236,6 +246,23 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     if Counter(r["run"].fingerprint for r in lab).most_common(2)[1:]:
         parts.insert(0, "<p><b>note:</b> these results mix several runs (different run fingerprints).</p>")
     return _page(title, "".join(parts))
+
+
+def mistake_panels(records: Sequence[Record], folder: Path) -> dict[str, Path]:
+    """Each record's panel in an ``avarc explain`` folder, by the record's identity (the image key its ``.npz``
+    holds); a panel of a copy of the image (explained from elsewhere) by its file name, only where no other image of
+    the run has that name or claims that panel."""
+    by_key = explained_panels(folder)
+    keys = {record_key(r) for r in records}
+    claimed = {png: key for key, png in by_key.items() if key in keys}
+    stems = Counter(safe_stem(Path(r["path"]).stem).lower() for r in records)
+    out = {}
+    for r in records:
+        key, stem = record_key(r), safe_stem(Path(r["path"]).stem)
+        png = by_key.get(key) or folder / f"{stem}.png"
+        if png.is_file() and claimed.get(png, key) == key and (key in by_key or stems[stem.lower()] == 1):
+            out[key] = png
+    return out
 
 
 def ood_section(records: Sequence[Record]) -> str:

@@ -26,22 +26,24 @@ from PIL import Image
 
 from ..engine.model import Model
 from ..engine.profile import Profile
-from ..engine.schedule import Scorer, classify
+from ..engine.schedule import Scorer, run_stages, sample_tokens
 from ..errors import AvarcError
-from ..io.data import Item
 from ..io.files import atomic_write, check_output_file
-from ..io.records import Record
 from .heatmap import render
 
 
 @dataclass(frozen=True)
 class Target:
-    """What the user fixed for one image: the class to explain (``cls``), the class to contrast it with (``vs``)
-    and the image's true ``label``; whatever is None is chosen by the classifier."""
+    """What is fixed for one image: the class to explain (``cls``), the class to contrast it with (``vs``), the
+    image's true ``label`` (whatever is None is chosen by the classifier), and the stage to explain on: a run's
+    deciding stage for ``explain --from``, else every scale and the clean tokens."""
 
     cls: int | None = None
     vs: int | None = None
     label: int | None = None
+    scales: int | None = None       # explain on the first ``scales`` scales (None: every scale, or the caller's)
+    samples: int = 1                # mean over the clean tokens and samples − 1 smoothing neighbours, as a stage
+    stage: int | None = None        # the run's stage (1-based) these scales and samples reproduce (``--from``)
 
     @property
     def needs_ranking(self) -> bool:
@@ -64,6 +66,8 @@ class Explanation:
     label_name: str | None = None
     pred_name: str | None = None
     path: str | None = None         # the file (or ``DATASET[split]#ROW``) it came from; None: given in memory
+    samples: int = 1                # token samples averaged (1: the clean tokens; more: a stage's smoothing)
+    stage: int | None = None        # the run's stage that decided A against B on these scales and samples
 
     @property
     def ratios(self) -> tuple[float, float, float]:
@@ -131,25 +135,15 @@ def scale_maps(per_token: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tens
 
 def explain_logp(logp: torch.Tensor, classes: tuple[int, int], patch_nums: Sequence[int],
                  pred: int | None = None, label: int | None = None) -> Explanation:
-    """3, L' per-token log-probs of A, B and the null class → the explanation."""
-    logp = logp.float()
+    """3, L' per-token log-probs of A, B and the null class (or samples, 3, L': their mean is explained, so each
+    map's sum is a stage's score difference) → the explanation."""
+    samples = logp.shape[0] if logp.ndim == 3 else 1
+    scores = logp.double().mean(0).sum(-1) if logp.ndim == 3 else logp.double().sum(-1)
+    logp = logp.double().mean(0).float() if logp.ndim == 3 else logp.float()
     diffs = torch.stack([logp[0] - logp[2], logp[1] - logp[2], logp[0] - logp[1]])
-    return Explanation(classes=(int(classes[0]), int(classes[1])), scores=logp.double().sum(-1), per_scale=diffs,
-                       maps=scale_maps(diffs, patch_nums), patch_nums=tuple(patch_nums), pred=pred, label=label)
-
-
-def record_targets(records: Sequence[Record], mistakes: bool = False) -> list[tuple[Item, Target, int]]:
-    """A classify run's records → its images with the run's classes fixed, and the run's prediction: A = the true
-    class (else the prediction), B = the prediction when it is wrong (else the runner-up), so the panels show why
-    the run decided as it did. ``mistakes``: only labelled images the run got wrong; skipped records are left out."""
-    out = []
-    for r in records:
-        if r["status"] != "ok" or r["pred"] is None or (mistakes and (r["label"] is None or r["pred"] == r["label"])):
-            continue
-        a = r["label"] if r["label"] is not None else r["pred"]
-        b = r["pred"] if r["pred"] != a else (r["topk"][1]["class"] if len(r["topk"]) > 1 else None)
-        out.append((Item(r["path"], Path(r["path"]).name, r["label"]), Target(a, b, r["label"]), r["pred"]))
-    return out
+    return Explanation(classes=(int(classes[0]), int(classes[1])), scores=scores, per_scale=diffs,
+                       maps=scale_maps(diffs, patch_nums), patch_nums=tuple(patch_nums), pred=pred, label=label,
+                       samples=samples)
 
 
 def check_scales(model: Model, num_scales: int | None) -> int:
@@ -162,28 +156,42 @@ def check_scales(model: Model, num_scales: int | None) -> int:
 
 
 @torch.no_grad()
-def explain_tokens(model: Model, tokens: torch.Tensor, pairs: Sequence[tuple[int, int]], num_scales: int | None = None,
-                   chunk: int | None = None, preds: Sequence[int | None] | None = None,
-                   labels: Sequence[int | None] | None = None) -> list[Explanation]:
-    """N, L clean tokens and one (A, B) pair per image → explanations on the first ``num_scales`` scales."""
-    S = check_scales(model, num_scales)
+def explain_tokens(model: Model, tokens: torch.Tensor, pairs: Sequence[tuple[int, int]],
+                   num_scales: int | Sequence[int | None] | None = None, chunk: int | None = None,
+                   preds: Sequence[int | None] | None = None, labels: Sequence[int | None] | None = None,
+                   samples: Sequence[int] | None = None) -> list[Explanation]:
+    """N, L clean tokens (or N, S, L sample tokens, sample 0 clean) and one (A, B) pair per image → explanations on
+    the first ``num_scales`` scales (one count for all, or one per image), each the mean over its first
+    ``samples`` samples (default 1: the clean tokens)."""
     N = tokens.shape[0]
+    tokens = tokens if tokens.ndim == 3 else tokens.unsqueeze(1)                # N, S, L
     if len(pairs) != N:
         raise ValueError(f"{N} token sequences but {len(pairs)} class pairs")
     if N == 0:
         return []
+    scales = [check_scales(model, s) for s in (num_scales if isinstance(num_scales, Sequence) else [num_scales] * N)]
+    samples = list(samples) if samples is not None else [1] * N
+    if max(samples) > tokens.shape[1]:
+        raise ValueError(f"{max(samples)} samples asked for, {tokens.shape[1]} given")
     null = model.null_class
-    scored = list(dict.fromkeys((i, c) for i, (a, b) in enumerate(pairs) for c in (a, b, null)))   # B = null: once
-    bad = [c for _, c in scored if not 0 <= c <= null]
+    scored = list(dict.fromkeys((i, j, c) for i, (a, b) in enumerate(pairs) for j in range(samples[i])
+                                for c in (a, b, null)))                      # B = null: once
+    bad = [c for *_, c in scored if not 0 <= c <= null]
     if bad:
         raise AvarcError(f"class {bad[0]} is out of range; this model has classes 0…{model.num_classes - 1}")
-    flat = model.pair_logp(tokens[[i for i, _ in scored]], torch.tensor([c for _, c in scored]), S, chunk)
+    flat = model.pair_logp(tokens[[i for i, _, _ in scored], [j for _, j, _ in scored]],
+                           torch.tensor([c for *_, c in scored]), max(scales), chunk)
     at = {key: k for k, key in enumerate(scored)}
-    logp = torch.stack([flat[[at[i, a], at[i, b], at[i, null]]] for i, (a, b) in enumerate(pairs)])     # N, 3, L'
-    patch_nums = model.spec.var.patch_nums[:S]
+    ends = model.spec.var.scale_ends()
     preds = preds if preds is not None else [None] * N
     labels = labels if labels is not None else [None] * N
-    return [explain_logp(logp[i], pairs[i], patch_nums, preds[i], labels[i]) for i in range(N)]
+    out = []
+    for i, (a, b) in enumerate(pairs):
+        logp = torch.stack([flat[[at[i, j, a], at[i, j, b], at[i, j, null]], :ends[scales[i] - 1]]
+                            for j in range(samples[i])])                     # samples, 3, L'
+        out.append(explain_logp(logp if samples[i] > 1 else logp[0], (a, b), model.spec.var.patch_nums[:scales[i]],
+                                preds[i], labels[i]))
+    return out
 
 
 def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) -> tuple[int, int]:
@@ -209,20 +217,25 @@ def choose_pair(target: Target, ranking: Sequence[int] | None, null_class: int) 
 def explain_images(model: Model, images: torch.Tensor, targets: Sequence[Target], profile: Profile,
                    seed: int = 0, num_scales: int | None = None,
                    chunk: int | None = None) -> list[Explanation | AvarcError]:
-    """B, 3, R, R preprocessed images → one explanation each. Classes the user left open are chosen with the
-    profile's schedule over every class (smoothing noise seeded by ``seed`` and each image's content, as in
-    classification). An image whose
-    pair cannot be formed (e.g. its label is the ``vs`` class) gets the error instead, so it never stops a batch."""
+    """B, 3, R, R preprocessed images → one explanation each, on its target's scales and samples (``num_scales``:
+    the caller's count for all). Classes the user left open are chosen with the profile's schedule over every class;
+    sample tokens are drawn with noise seeded by ``seed`` and each image's content, as in classification, so a target
+    with a stage's scales and samples sees that stage's tokens. An image whose pair cannot be formed (e.g. its label
+    is the ``vs`` class) gets the error instead, so it never stops a batch."""
     if len(targets) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
-    latents = model.encode(images)
-    tokens = model.tokenize_latent(latents).cpu()
     ranked = [i for i, t in enumerate(targets) if t.needs_ranking]
+    need = max(t.samples for t in targets)
+    draws = profile.max_samples if ranked or need > 1 else 1
+    if need > draws:
+        raise AvarcError(f"a stage of {need} samples cannot be explained with profile {profile.name}, which draws "
+                         f"{draws}; pass the run's profile")
+    latents = model.encode(images)
+    tokens = sample_tokens(model, latents, draws, profile.sigma, seed)         # B, draws, L
     rankings: dict[int, list[int]] = {}
     preds: list[int | None] = [None] * len(targets)
     if ranked:
-        results = classify(model, latents[ranked], range(model.num_classes), profile, seed,
-                           Scorer(model, chunk))
+        results = run_stages(model, tokens[ranked], range(model.num_classes), profile, Scorer(model, chunk))
         for i, p in zip(ranked, results):
             rankings[i], preds[i] = [c for c, _ in p.ranking], p.pred
     pairs: dict[int, tuple[int, int]] = {}
@@ -233,16 +246,21 @@ def explain_images(model: Model, images: torch.Tensor, targets: Sequence[Target]
         except AvarcError as e:
             out[i] = e
     done = list(pairs)
-    out.update(zip(done, explain_tokens(model, tokens[done], [pairs[i] for i in done], num_scales, chunk,
-                                        [preds[i] for i in done], [targets[i].label for i in done])))
+    scales = [num_scales or targets[i].scales for i in done]
+    made = explain_tokens(model, tokens[done], [pairs[i] for i in done], scales, chunk, [preds[i] for i in done],
+                          [targets[i].label for i in done], [targets[i].samples for i in done])
+    for i, s, ex in zip(done, scales, made):
+        ex.stage = targets[i].stage if s == targets[i].scales else None    # another count is not the run's stage
+    out.update(zip(done, made))
     return [out[i] for i in range(len(targets))]
 
 
 def npz_arrays(expl: Explanation, names: tuple[str, str], image: str | None = None) -> dict[str, np.ndarray]:
-    """``maps`` (3, p, p), ``classes`` [A, B], ``scores`` (3), ``per_scale`` (3, L'), plus ``names``,
+    """``maps`` (3, p, p), ``classes`` [A, B], ``scores`` (3), ``per_scale`` (3, L'), ``samples`` (averaged), ``names``,
     ``patch_nums`` and ``image`` (the input's resolved path, which ``avarc report`` finds the panel by) so the file
     reads on its own (plain arrays: ``np.load`` needs no pickle)."""
     return dict(maps=expl.maps.numpy().astype(np.float32), classes=np.array(expl.classes, dtype=np.int64),
+                samples=np.array(expl.samples, dtype=np.int64),
                 scores=expl.scores.numpy().astype(np.float64), per_scale=expl.per_scale.numpy().astype(np.float32),
                 names=np.array(names, dtype=str), patch_nums=np.array(expl.patch_nums, dtype=np.int64),
                 **({} if image is None else {"image": np.array(image, dtype=str)}))

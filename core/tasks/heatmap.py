@@ -32,6 +32,16 @@ class Drawable(Protocol):
     @property
     def maps(self) -> torch.Tensor: ...                    # 3, p, p: A vs null, B vs null, A − B
 
+    @property
+    def patch_nums(self) -> tuple[int, ...]: ...           # the scales it was computed on
+
+    @property
+    def samples(self) -> int: ...                          # token samples averaged
+
+    @property
+    def stage(self) -> int | None: ...                     # the run's deciding stage (None: not from a run)
+
+
 MIN_PANEL = 256     # panels are at least this many pixels wide
 GAP = 4             # pixels between panels
 BACKGROUND = (255, 255, 255)
@@ -116,7 +126,8 @@ def check_style(colormap: str, alpha: float) -> None:
 def render(pixels: np.ndarray, expl: Drawable, names: tuple[str, str], colormap: str = "turbo",
            alpha: float = 0.5, note: str = "", shared_scale: bool = False) -> Image.Image:
     """R, R, 3 uint8 model input + explanation → the four-panel figure. ``names`` are A's and B's display names;
-    ``note`` is the input panel's second caption line (e.g. the true and predicted class). Each map panel has a
+    ``note`` is the input panel's second caption line (e.g. the true and predicted class); its first says on how
+    many scales the run decided, for an explanation of a run's stage. Each map panel has a
     colour bar in nats per cell of the map's grid; ``shared_scale`` gives the three maps one scale (0 to the
     largest value of the three), so a weak map looks weak."""
     check_style(colormap, alpha)
@@ -132,12 +143,14 @@ def render(pixels: np.ndarray, expl: Drawable, names: tuple[str, str], colormap:
     drawn = [maps[0], maps[1], contrast]
     shared = (0.0, max(value_range(m)[1] for m in drawn)) if shared_scale else None
     scales = [shared or value_range(m) for m in drawn]
+    title = "input" if expl.stage is None else f"decided on {len(expl.patch_nums)} scales"
+    mean = f" (mean of {expl.samples} samples)" if expl.samples > 1 else ""
     # image, (title or the two names of a ratio, second line), colour-bar scale
     panels: list[tuple[np.ndarray, tuple[str | tuple[str, str | None], str], tuple[float, float] | None]]
-    panels = [(base, ("input", note), None)]
+    panels = [(base, (title, note), None)]
     panels += [(overlay(base, m, colormap, alpha, sc), cap, sc) for m, sc, cap in zip(
-        drawn, scales, [((a, None), f"{r_a:+.2f} nats"), ((b, None), f"{r_b:+.2f} nats"),
-                        ((win, lose), f"{r_win:+.2f} nats")])]
+        drawn, scales, [((a, None), f"{r_a:+.2f} nats{mean}"), ((b, None), f"{r_b:+.2f} nats{mean}"),
+                        ((win, lose), f"{r_win:+.2f} nats{mean}")])]
     W, H = figure_size(R)
     fig = Image.new("RGB", (W, H), BACKGROUND)
     draw = ImageDraw.Draw(fig)
