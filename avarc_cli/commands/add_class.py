@@ -46,7 +46,7 @@ def add_class(
     """
     from avarc.errors import AvarcError
     from avarc.io import hf_data
-    from avarc.io.files import absolute, check_output_file
+    from avarc.io.files import absolute, check_output_file, refuse_inputs
     from avarc.tasks.incremental import check_names, read_class_folders, read_dataset_classes
 
     from .. import output
@@ -60,6 +60,8 @@ def add_class(
     if absolute(out) in {absolute(p) for p in clf.files}:
         raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
                          "choose another --out")
+    if dataset is None:
+        refuse_inputs([("out", out)], (f for d in folders.values() for f in Path(d).rglob("*")))
     check_names(clf.model, list(folders), "add-class")      # before reading any image
     read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
         else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)

@@ -7,11 +7,15 @@ needed, a path under a file, an unwritable folder) so a bad ``--out`` fails in o
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+from filelock import FileLock, Timeout
 
 from ..errors import FIX, AvarcError
 
@@ -69,6 +73,81 @@ def check_output_files(paths: dict[str, str | os.PathLike | None], force: bool |
         seen[absolute(path)] = option
 
 
+def file_lock(path: str | os.PathLike) -> FileLock:
+    """The one lock of a file, keyed by its resolved path (a symlink or another spelling of it takes the same lock);
+    a hidden ``.avarc-HASH.lock`` beside the real file, short whatever the file's name."""
+    real = absolute(path)
+    return FileLock(real.with_name(f".avarc-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}.lock"))
+
+
+def busy(path: str | os.PathLike, option: str | None = None) -> AvarcError:
+    return AvarcError(f"{path}: another avarc run is writing this file; wait for it to finish, or choose another file",
+                      option=option)
+
+
+def _inode(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def refuse_inputs(outputs: Iterable[tuple[str | None, str | os.PathLike | None]],
+                  inputs: Iterable[str | os.PathLike]) -> None:
+    """No output (``(option, path)`` pairs) is one of the run's inputs: the same path, or the same file through a
+    symlink or a hard link. Refused with or without ``--force``: an input is never the run's to replace. Only outputs
+    that already exist can be inputs, so new outputs cost nothing; existing ones are compared with every input."""
+    existing = [(option, Path(p)) for option, p in outputs if p is not None and os.path.lexists(p)]
+    if not existing:
+        return
+    by_path = {absolute(p): (option, p) for option, p in existing}
+    by_inode = {_inode(p): (option, p) for option, p in existing if _inode(p) is not None}
+    for src in inputs:
+        hit = by_path.get(absolute(src)) or by_inode.get(_inode(src))
+        if hit is not None:
+            same = "" if str(src) == str(hit[1]) else f" (the same file as {src})"
+            raise AvarcError(f"{hit[1]}: is an input of this run{same}; never written over, even with --force; "
+                             "choose another file", option=hit[0])
+
+
+@contextmanager
+def hold_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable[str | os.PathLike] = (),
+                 force: bool | None = None) -> Iterator[None]:
+    """The output guard of a command writing files: each output can be written (``force`` as in
+    :func:`check_output_file`), none is an input (:func:`refuse_inputs`), and each is locked for the block, so a
+    second run writing the same file is refused at once instead of both finishing with one result."""
+    check_output_files(outputs, force)
+    refuse_inputs(outputs.items(), inputs)
+    with ExitStack() as held:
+        for option, path in outputs.items():
+            if path is None:
+                continue
+            lock = file_lock(path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise busy(path, option) from None
+            held.callback(lock.release)
+        yield
+
+
+@contextmanager
+def hold_folder(path: str | os.PathLike, option: str | None = None) -> Iterator[None]:
+    """Lock the output folder ``path`` (made by :func:`make_output_dir`) for the block: a second run writing into it
+    is refused at once. The lock is on the folder itself (``flock``), so nothing is added to it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AvarcError(f"{path}: another avarc run is writing into this folder; wait for it to finish, or "
+                             "choose another folder", option=option) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def make_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
     """Create the output folder ``path`` (and its parents), or fail in one line."""
     path = Path(path)
@@ -89,10 +168,14 @@ def _umask() -> int:
     return mask
 
 
-def disk_error(err: OSError, safe: str, fix: str) -> AvarcError:
+class DiskFull(AvarcError):
+    """A write that failed for want of space (or another I/O error): a command may reword what is safe."""
+
+
+def disk_error(err: OSError, safe: str, fix: str) -> DiskFull:
     """A write that failed (a full disk, a quota, an I/O error) as one line: what is safe, and what to do."""
     what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"cannot write ({err.strerror})"
-    return AvarcError(f"{what}: {safe}; free space and {fix}")
+    return DiskFull(f"{what}: {safe}; free space and {fix}")
 
 
 def refuse_existing(path: Path, option: str | None = None) -> AvarcError:

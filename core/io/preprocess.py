@@ -52,7 +52,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise AvarcError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = "empty file" if Path(path).exists() and Path(path).stat().st_size == 0 else str(e).splitlines()[0]
+        reason = ("empty file" if Path(path).exists() and Path(path).stat().st_size == 0 else
+                  "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0])
         raise AvarcError(f"{path}: not a readable image ({reason})") from None
 
 

@@ -10,7 +10,6 @@ which checks every field a reader uses, so a damaged line is one error naming it
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -23,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import FIX, AvarcError
 from .distributed import Dist
-from .files import absolute, disk_error
+from .files import busy, disk_error, file_lock
 from .records import IDENTITY, Record, parse_line, record_key, record_line
 
 
@@ -36,13 +35,6 @@ class Resumed:
     torn: bool = False
 
 
-def file_lock(path: str | os.PathLike) -> FileLock:
-    """The one lock of a file, keyed by its resolved path (a symlink or another spelling of it takes the same lock);
-    a hidden ``.avarc-HASH.lock`` beside the real file, short whatever the file's name."""
-    real = absolute(path)
-    return FileLock(real.with_name(f".avarc-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}.lock"))
-
-
 def lock_results(path: str | os.PathLike) -> FileLock:
     """Hold an exclusive lock on the results file for the whole run, so two processes can never append to one file; a
     second one is refused at once. The lock (a hidden file beside the real file) is keyed by the resolved path, so a
@@ -52,8 +44,7 @@ def lock_results(path: str | os.PathLike) -> FileLock:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise AvarcError(f"{path}: another avarc run is writing this file; wait for it to finish, "
-                         "or choose another file", option="out") from None
+        raise busy(path, "out") from None
     return lock
 
 

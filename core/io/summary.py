@@ -12,9 +12,8 @@ from typing import Sequence
 from ..engine.profile import Profile
 from ..engine.stages import rank
 from ..errors import AvarcError
-from .files import atomic_write
+from .files import atomic_write, file_lock
 from .records import Record
-from .results import file_lock
 
 
 def stage_survival(record: Record, num_stages: int) -> list[bool]:
