@@ -333,7 +333,8 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     left_out = 0
     if labelled:
         allowed = set(candidates)
-        kept = [it for it in items if it.label in allowed or allowed.intersection(it.accepted)]
+        kept = [it for it in items if it.label in allowed or allowed.intersection(it.accepted)
+                or (it.label is None and it.source is not None)]       # a row without its label: a skipped record
         left_out = len(items) - len(kept)
         items = kept
         if not items:
