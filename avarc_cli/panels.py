@@ -21,6 +21,9 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
     from . import output
     from .interrupt import interruptible
 
+    if metrics and (scales or len(clf.spec.var.patch_nums)) < 2:
+        raise AvarcError("1 scale is one token: insertion and deletion would rank a single region, the same as the "
+                         "random ranking; use --scales 2 or more with --metrics", option="scales")
     stems = dict(zip((it.path for it in items), unique_stems([it.path for it in items])))
     with hold_folder(out, "out"):
         panels = [out / f"{s}{ext}" for s in stems.values() for ext in (".png", ".npz")]
