@@ -58,13 +58,13 @@ def calibrate_ood(
     from .. import output
     from ..interrupt import interruptible
 
-    inputs = source.inputs(inputs)
-    if not inputs:
-        raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
-                         "examples/digits`)")
-    check_output_files({"out": out}, force)
-    refuse_inputs([("out", out)], [*opts.files(model, profile), *inputs])      # before loading: the obvious cases
     with interruptible(lambda: f"interrupted: nothing written ({out} was not written)"):
+        inputs = source.inputs(inputs)
+        if not inputs:
+            raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
+                             "examples/digits`)")
+        check_output_files({"out": out}, force)
+        refuse_inputs([("out", out)], [*opts.files(model, profile), *inputs])    # before loading: the obvious cases
         clf = opts.load(model, profile)
         found = collect(inputs, clf.space, "none", None, None, classes, data=source.data())
         read = [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)]
