@@ -371,3 +371,45 @@ def test_a_newline_in_a_path_is_escaped_in_the_one_error_line(tmp_path, monkeypa
     code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "a\nb.png")
     line = refused(code, err, "a\\nb.png: no such file or folder")
     assert len(err.strip().splitlines()) == 1, line
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 512 KiB tmpfs (needs root; skipped with the reason where mounting is not allowed)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a small tmpfs for a real ENOSPC: {proc.stderr.strip() or proc.returncode}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_between_the_metrics_plot_and_its_json_leaves_a_pair_the_next_run_replaces(digits, tmp_path,
+                                                                                               tiny_disk):
+    image = digits / "0" / "0.png"
+    assert subprocess.run(cli("explain", image, "--metrics", "--out", tmp_path / "sizes"), cwd=REPO, env=ENV,
+                          capture_output=True).returncode == 0
+    page = os.statvfs(tiny_disk).f_frsize
+    room = sum(-(-(tmp_path / "sizes" / n).stat().st_size // page) for n in ("0.png", "0.npz", "metrics.png"))
+    filler = tiny_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:          # the disk filled, then as many pages freed as the plot needs
+        try:
+            while True:
+                f.write(b"\0" * page)
+        except OSError:
+            pass
+    os.truncate(filler, filler.stat().st_size - room * page)
+    why = tiny_disk / "why"
+    proc = subprocess.run(cli("explain", image, "--metrics", "--out", why), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    refused(proc.returncode, proc.stderr, f"disk full: {why / 'metrics.json'} was not written; 1 explanations "
+                                          f"written to {why}; free space and run again with --force")
+    assert sorted(p.name for p in why.iterdir()) == ["0.npz", "0.png", "metrics.png"]
+    filler.unlink()
+    proc = subprocess.run(cli("explain", digits / "0" / "1.png", "--metrics", "--out", why), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)          # another image: no --force needed
+    assert proc.returncode == 0, clean(proc.stderr)
+    doc = json.loads((why / "metrics.json").read_text())
+    assert [r["path"] for r in doc["per_image"]] == [str(digits / "0" / "1.png")]
