@@ -3,6 +3,8 @@
 Every output goes to a temporary file beside its target and is renamed over it (``os.replace``), so a kill mid-write
 leaves the old file or the new one, never half of one. Paths are checked up front (a directory where a file is
 needed, a path under a file, an unwritable folder) so a bad ``--out`` fails in one line before any work is done.
+The output guard (:func:`hold_outputs`, :func:`hold_folder`) is the one place that also refuses an output that is
+one of the run's inputs and locks every output while it is written.
 """
 from __future__ import annotations
 
@@ -123,6 +125,7 @@ def hold_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable[
         for option, path in outputs.items():
             if path is None:
                 continue
+            Path(path).parent.mkdir(parents=True, exist_ok=True)      # checked writable above; the lock sits there
             lock = file_lock(path)
             try:
                 lock.acquire(timeout=0)
