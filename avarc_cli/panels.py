@@ -33,6 +33,7 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
             raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
                              "overwrite them, or choose another --out")
         rows, skipped, measured, batches = [], [], [], clf.explain_items(items, target, scales, seed)
+
         def safe() -> str:
             return f"{len(rows)} explanations written to {out}"
 
