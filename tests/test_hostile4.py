@@ -102,6 +102,17 @@ def test_an_input_image_named_as_the_output_is_never_written_over(copy, tmp_path
     assert image.read_bytes() == before and not (tmp_path / "t.html").exists()
 
 
+@pytest.mark.parametrize("command", ["classify", "add-class"])
+def test_classify_and_add_class_never_write_over_an_input_image(copy, monkeypatch, capsys, command):
+    image = copy / "1" / "0.png"
+    before = image.read_bytes()
+    args = ["classify", image, "--out", image] if command == "classify" else \
+        ["add-class", "seven", copy / "1", "--steps", 1, "--out", image, "--force"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    refused(code, err, "is an input of this run")
+    assert image.read_bytes() == before
+
+
 def test_two_explain_metrics_runs_to_one_out_one_is_refused(digits, tmp_path):
     out = tmp_path / "why"
     procs = [subprocess.Popen(cli("explain", digits / "0" / f"{i}.png", "--metrics", "--out", out), cwd=REPO,
