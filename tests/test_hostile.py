@@ -179,16 +179,9 @@ def test_two_explain_runs_to_one_out_never_overwrite_each_other(digits, tmp_path
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs (needs root; skipped with the reason where mounting is not allowed)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a small tmpfs for a real ENOSPC: {proc.stderr.strip() or proc.returncode}")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
+def tiny_disk(small_disk):
+    """A 64 KiB tmpfs."""
+    return small_disk("64k")
 
 
 def fill(disk: Path) -> Path:

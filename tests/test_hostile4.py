@@ -23,7 +23,7 @@ from PIL import Image
 from avarc.errors import AvarcError
 from avarc.io.data import collect, read_list
 from avarc.io.objectnet import MAPPINGS
-from tests.conftest import read_jsonl, run_cli
+from tests.conftest import read_jsonl, run_cli, save_classes
 from tests.test_objectnet import release, space  # noqa: F401 (the release-shaped tree and a 1000-class space)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,17 +51,7 @@ def refused(code: int, err: str, needle: str) -> str:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """8 digits (4 zeros, 4 ones) in class folders."""
-    from scripts.digits import load_digits
-
-    data = load_digits("all")
-    root = tmp_path_factory.mktemp("hostile4") / "d"
-    counts = {0: 0, 1: 0}
-    for image, label in zip(data.images, data.labels):
-        if label in counts and counts[label] < 4:
-            (root / str(label)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image, mode="L").save(root / str(label) / f"{counts[label]}.png")
-            counts[label] += 1
-    return root
+    return save_classes(tmp_path_factory.mktemp("hostile4") / "d", (0, 1), 4)
 
 
 @pytest.fixture
@@ -384,21 +374,9 @@ def test_a_newline_in_a_path_is_escaped_in_the_one_error_line(tmp_path, monkeypa
     assert len(err.strip().splitlines()) == 1, line
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 512 KiB tmpfs (needs root; skipped with the reason where mounting is not allowed)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a small tmpfs for a real ENOSPC: {proc.stderr.strip() or proc.returncode}")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_a_full_disk_between_the_metrics_plot_and_its_json_leaves_a_pair_the_next_run_replaces(digits, tmp_path,
-                                                                                               tiny_disk):
+                                                                                               small_disk):
+    tiny_disk = small_disk("512k")
     image = digits / "0" / "0.png"
     assert subprocess.run(cli("explain", image, "--metrics", "--out", tmp_path / "sizes"), cwd=REPO, env=ENV,
                           capture_output=True).returncode == 0
