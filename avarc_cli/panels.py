@@ -56,7 +56,7 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
             if measured:
                 written = write_metrics(measured, out, force)
     for reason in skipped:
-        output.say(f"skipped: {reason}", err=True)
+        output.say(f"skipped: {output.one_line(reason)}", err=True)
     if rows:
         output.table(f"avarc explain · {len(rows)} written to {out} · log-likelihood ratios in nats on "
                      f"{scales or len(clf.spec.var.patch_nums)} scales",

@@ -368,10 +368,13 @@ def test_a_nan_float_tiff_reads_without_numpy_warnings(digits, tmp_path, monkeyp
     assert [r["status"] for r in read_jsonl(tmp_path / "r.jsonl")] == ["ok", "ok"]
 
 
-def test_a_newline_in_a_path_is_escaped_in_the_one_error_line(tmp_path, monkeypatch, capsys):
+def test_a_newline_in_a_path_is_escaped_in_the_one_error_line(copy, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "a\nb.png")
     line = refused(code, err, "a\\nb.png: no such file or folder")
     assert len(err.strip().splitlines()) == 1, line
+    (copy / "0" / "a\nb.png").write_bytes(b"not an image")        # a skipped file's line is one line too
+    code, _, err = run_cli(monkeypatch, capsys, "explain", copy / "0", "--out", tmp_path / "why")
+    assert code == 0 and f"skipped: {copy / '0'}/a\\nb.png: not a readable image" in clean(err), err
 
 
 def test_a_full_disk_between_the_metrics_plot_and_its_json_leaves_a_pair_the_next_run_replaces(digits, tmp_path,

@@ -66,7 +66,7 @@ def add_class(
     read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
         else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
     for _, reason in read.skipped:
-        output.say(f"skipped: {reason}", err=True)          # the reason names the file (or the row)
+        output.say(f"skipped: {output.one_line(reason)}", err=True)          # the reason names the file (or the row)
     names = list(read.images)
     start = time.perf_counter()
     with interruptible(lambda: f"interrupted while training; {out} was not written"), output.progress() as bar:

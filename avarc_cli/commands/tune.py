@@ -100,7 +100,7 @@ def tune(
                                     on_step=lambda n: prog.update(task, advance=n))
             scored_s, start = time.perf_counter() - start, time.perf_counter()
             for _, reason in table.skipped:
-                output.say(f"skipped: {reason}", err=True)        # the reason names the file
+                output.say(f"skipped: {output.one_line(reason)}", err=True)        # the reason names the file
             with output.err_console.status("searching schedules…"):
                 res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout,
                                min_stages=lo, max_stages=hi, seed=seed)
