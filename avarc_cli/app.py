@@ -72,10 +72,10 @@ def main() -> None:
         with _torch_kept():
             code = app(standalone_mode=False)
     except AvarcError as e:
-        typer.secho(f"error: {output.message(e)}", err=True, fg="red")
+        typer.secho(f"error: {output.one_line(output.message(e))}", err=True, fg="red")
         sys.exit(2)
     except UsageError as e:
-        typer.secho(f"error: {e.format_message()}", err=True, fg="red")
+        typer.secho(f"error: {output.one_line(e.format_message())}", err=True, fg="red")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)

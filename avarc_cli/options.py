@@ -133,6 +133,13 @@ class ModelOptions:
             return Classifier.from_pretrained(model, extensions=self.extension or (), profile=profile, **kw)
 
 
+    def files(self, model: str | None, profile: str | None = None) -> list[Path]:
+        """The files this model is read from (weights, VQ-VAE, extensions, profile; a model folder's files), which a
+        command's outputs must never replace."""
+        named = [Path(p) for p in (model, self.vae, profile, *(self.extension or ())) if p is not None]
+        return [f for p in named for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.exists()]
+
+
 def _loading(model: str):  # noqa: ANN202
     from . import output
 

@@ -60,6 +60,12 @@ def shown(value: Any) -> str:
     return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def one_line(text: str) -> str:
+    """An error as one terminal line: a newline, tab or other control character in a path or a name is written as
+    its escape (``\\n``), so the message is never split and still says which name it was."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown(text))
+
+
 def say(line: Any, err: bool = False) -> None:
     """Print one line of user-facing text (stdout, or stderr with ``err``), literally: brackets, ``$`` and ``:x:``
     in a path or a class name are shown as they are."""

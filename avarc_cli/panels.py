@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import typer
 
@@ -20,44 +21,57 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
     lead; ``metrics``: also measure each map's insertion/deletion AUC from this start). Images that cannot be
     explained are named and counted; when none can, the command fails."""
     from avarc.errors import AvarcError
+    from avarc.io.files import hold_folder, refuse_inputs
     from avarc.tasks.explain import unique_stems
-    from avarc.tasks.explain_metrics import image_metrics
+    from avarc.tasks.explain_metrics import image_metrics, metrics_clash, write_metrics
 
     from . import output
     from .interrupt import interruptible
 
+    if metrics and (scales or len(clf.spec.var.patch_nums)) < 2:
+        raise AvarcError("1 scale is one token: insertion and deletion would rank a single region, the same as the "
+                         "random ranking; use --scales 2 or more with --metrics", option="scales")
     stems = dict(zip((it.path for it in items), unique_stems([it.path for it in items])))
-    clash = [out / f"{s}{ext}" for s in stems.values() for ext in (".png", ".npz") if (out / f"{s}{ext}").exists()]
-    clash += [f for f in (out / "metrics.json", out / "metrics.png") if metrics and f.exists()]
-    if clash and not force:
-        raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
-                         "overwrite them, or choose another --out")
-    rows: list[tuple[str, ...]] = []
-    skipped: list[str] = []
-    measured: list[tuple[str, ImageMetrics]] = []
-    batches = clf.explain_items(items, target, scales, seed)
-    with interruptible(lambda: f"interrupted: {len(rows)} explanations written to {out}"), output.progress() as bar:
-        task = bar.add_task("explain", total=len(items), info="")
-        for batch in batches:
-            for it, ex in batch:
-                if isinstance(ex, str):
-                    skipped.append(ex)
-                    continue
-                run = decisions[it.path] if decisions is not None else None
-                if run is not None:
-                    ex.pred, ex.pred_name = run.pred, None if run.pred is None else clf.class_names[run.pred]
-                ex.save(out / f"{stems[it.path]}.png", colormap=colormap, alpha=alpha, shared_scale=shared_scale,
-                        image=it.file, exclusive=not force)
-                ratios = [f"{r:+.2f}" for r in ex.ratios]
-                if run is not None:
-                    ratios += [f"{len(ex.patch_nums)}×{ex.samples}", "–" if run.lead is None else f"{run.lead:+.2f}"]
-                rows.append((it.path, ex.names[0], ex.names[1], *ratios, stems[it.path]))
-                if metrics:
-                    with clf.settings():
-                        measured.append((it.path, image_metrics(clf.model, ex, clf.profile, metrics, seed)))
-            bar.update(task, advance=len(batch), info=f"{len(rows)} written")
+    with hold_folder(out, "out"):
+        panels = [out / f"{s}{ext}" for s in stems.values() for ext in (".png", ".npz")]
+        refuse_inputs([("out", f) for f in panels], [it.path for it in items if it.source is None])
+        clash = [f for f in panels if f.exists()] + (metrics_clash(out) if metrics else [])
+        if clash and not force:
+            raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].name}…); pass --force to "
+                             "overwrite them, or choose another --out")
+        rows: list[tuple[str, ...]] = []
+        skipped: list[str] = []
+        measured: list[tuple[str, ImageMetrics]] = []
+        batches = clf.explain_items(items, target, scales, seed)
+
+        def safe() -> str:
+            return f"{len(rows)} explanations written to {out}"
+
+        with disk_full(safe), interruptible(lambda: f"interrupted: {safe()}"), output.progress() as bar:
+            task = bar.add_task("explain", total=len(items), info="")
+            for batch in batches:
+                for it, ex in batch:
+                    if isinstance(ex, str):
+                        skipped.append(ex)
+                        continue
+                    run = decisions[it.path] if decisions is not None else None
+                    if run is not None:
+                        ex.pred, ex.pred_name = run.pred, None if run.pred is None else clf.class_names[run.pred]
+                    ex.save(out / f"{stems[it.path]}.png", colormap=colormap, alpha=alpha, shared_scale=shared_scale,
+                            image=it.file, exclusive=not force)
+                    ratios = [f"{r:+.2f}" for r in ex.ratios]
+                    if run is not None:
+                        ratios += [f"{len(ex.patch_nums)}×{ex.samples}",
+                                   "–" if run.lead is None else f"{run.lead:+.2f}"]
+                    rows.append((it.path, ex.names[0], ex.names[1], *ratios, stems[it.path]))
+                    if metrics:
+                        with clf.settings():
+                            measured.append((it.path, image_metrics(clf.model, ex, clf.profile, metrics, seed)))
+                bar.update(task, advance=len(batch), info=f"{len(rows)} written")
+            if measured:
+                written = write_metrics(measured, out, force)
     for reason in skipped:
-        output.say(f"skipped: {reason}", err=True)
+        output.say(f"skipped: {output.one_line(reason)}", err=True)
     if rows:
         header = ["image", "A", "B", "A vs null", "B vs null", "A vs B"]
         header += ["scales×samples", "run: A vs B"] if decisions is not None else []
@@ -67,12 +81,26 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
                      f"nats {on}",
                      [*header, "output"], rows)
     if measured:
-        metrics_table(measured, out, metrics)
+        metrics_table(measured, written, metrics)
     if skipped:
         output.say(f"{'error' if not rows else 'note'}: {len(skipped)} of {len(items)} images could not be explained "
                    "(named above)", err=True)
     if not rows:
         raise typer.Exit(1)
+
+
+@contextmanager
+def disk_full(safe: Callable[[], str]) -> Iterator[None]:
+    """A full disk while explaining: what is safe, and that running again needs --force (it replaces this run's
+    outputs; a metrics pair is complete only once its metrics.json is written, last)."""
+    from avarc.errors import AvarcError
+    from avarc.io.files import DiskFull
+
+    try:
+        yield
+    except DiskFull as e:
+        raise AvarcError(f"{str(e).split(';')[0]}; {safe()}; free space and run again with --force (it replaces this "
+                         "run's outputs)") from None
 
 
 def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Path, mistakes: bool,
@@ -163,13 +191,12 @@ def run_build(opts: ModelOptions, info, model: Optional[str],  # noqa: ANN001 (i
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}     # a record's dtype → --dtype
 
 
-def metrics_table(measured: list, out: Path, start: str) -> None:
-    """Write the explanation metrics (``OUT/metrics.json``, ``.png``) and print their means."""
-    from avarc.tasks.explain_metrics import summarise, write_metrics
+def metrics_table(measured: list, written: tuple[Path, Path], start: str) -> None:
+    """Print the means of the explanation metrics written to ``written`` (``OUT/metrics.json``, ``.png``)."""
+    from avarc.tasks.explain_metrics import summarise
 
     from . import output
 
-    written = write_metrics(measured, out)
     mean = summarise([m for _, m in measured])
     output.table(f"explanation metrics · {len(measured)} images · start {start} · mean ± s.e. · written to "
                  f"{written[0]}, {written[1].name}", ["AUC", "heatmap ranking", "random ranking", ""],

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -259,6 +260,37 @@ def save_digits(root: Path, start: int, stop: int) -> Path:
     for i in range(start, stop):
         (root / str(d.labels[i])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(d.images[i], mode="L").save(root / str(d.labels[i]) / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function making a tmpfs of ``size`` (``"64k"``) under tmp_path, unmounted afterwards (needs root; the test
+    is skipped with the reason where mounting is not allowed): a real ENOSPC."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk-{size}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a small tmpfs for a real ENOSPC: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def save_classes(root: Path, classes: Sequence[int], per_class: int) -> Path:
+    """The first ``per_class`` digits of each of ``classes`` as root/label/0.png, 1.png, …"""
+    d = load_digits("all")
+    for label in classes:
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        for n, i in enumerate(np.flatnonzero(d.labels == label)[:per_class]):
+            Image.fromarray(d.images[i], mode="L").save(root / str(label) / f"{n}.png")
     return root
 
 

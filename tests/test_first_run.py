@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from filelock import Timeout
 
-from avarc.io.file_lock import file_lock
+from avarc.io.files import file_lock
 from tests.conftest import run_cli, save_digits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,7 +46,7 @@ def add_class(
     """
     from avarc.errors import AvarcError
     from avarc.io import hf_data
-    from avarc.io.files import absolute, check_output_file
+    from avarc.io.files import absolute, check_output_file, refuse_inputs
     from avarc.tasks.incremental import check_names, read_class_folders, read_dataset_classes
 
     from .. import output
@@ -60,11 +60,13 @@ def add_class(
     if absolute(out) in {absolute(p) for p in clf.files}:
         raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
                          "choose another --out")
+    if dataset is None:
+        refuse_inputs([("out", out)], (f for d in folders.values() for f in Path(d).rglob("*")))
     check_names(clf.model, names, "add-class")      # before reading any image
     read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
         else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
-    for path, reason in read.skipped:
-        output.say(f"skipped {path}: {reason}", err=True)
+    for _, reason in read.skipped:
+        output.say(f"skipped: {output.one_line(reason)}", err=True)          # the reason names the file (or the row)
     names = list(read.images)
     start = time.perf_counter()
     with interruptible(lambda: f"interrupted while training; {out} was not written"), output.progress() as bar:

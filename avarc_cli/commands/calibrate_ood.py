@@ -1,6 +1,7 @@
 """``avarc calibrate-ood``: fit abstention ("none of these") thresholds on in-distribution images; writes a profile."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -52,30 +53,45 @@ def calibrate_ood(
 
     from avarc.errors import AvarcError
     from avarc.io.data import collect
-    from avarc.io.files import check_output_files
+    from avarc.io.files import check_output_files, hold_outputs, refuse_inputs
     from avarc.io.profiles import write_profile
     from avarc.runs.ood_calibration import calibrate_ood as run_calibration
 
     from .. import output
+    from ..interrupt import interruptible
 
-    inputs = source.inputs(inputs)
-    if not inputs:
-        raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
-                         "examples/digits`)")
-    check_output_files({"out": out}, force)
-    clf = opts.load(model, profile)
-    found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
-                    exclude=[out], data=source.data())
-    with output.progress() as bar:
-        task = bar.add_task("scoring", total=len(found.items), info="")
-        fitted, used = run_calibration(clf, found.items, found.candidates, coverage, ood_score, seed,
-                                       on_step=lambda n: bar.update(task, advance=n))
-    fitted = replace(fitted, name=out.stem)
-    where = ", ".join(str(p) for p in inputs)
-    write_profile(fitted, out, f"profile {clf.profile.name} with abstention fitted by `avarc calibrate-ood` on {used} "
-                               f"images of {where} at {coverage:.0%} coverage (seed {seed})", force=force)
+    with interruptible(lambda: f"interrupted: nothing written ({out} was not written)"):
+        inputs = source.inputs(inputs)
+        if not inputs:
+            raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
+                             "examples/digits`)")
+        check_output_files({"out": out}, force)
+        refuse_inputs([("out", out)], [*opts.files(model, profile), *inputs])    # before loading: the obvious cases
+        clf = opts.load(model, profile)
+        found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
+                        data=source.data())
+        read = [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)]
+        with hold_outputs({"out": out}, read, force):
+            with output.progress() as bar:
+                task = bar.add_task("scoring", total=len(found.items), info="")
+                fitted, used = run_calibration(clf, found.items, found.candidates, coverage, ood_score, seed,
+                                               on_step=lambda n: bar.update(task, advance=n))
+            fitted = replace(fitted, name=out.stem)
+            where = ", ".join(str(p) for p in inputs)
+            write_profile(fitted, out, f"profile {clf.profile.name} with abstention fitted by `avarc calibrate-ood` "
+                                       f"on {used} images of {where} at {coverage:.0%} coverage (seed {seed})",
+                          force=force)
     assert fitted.ood is not None   # the rule just fitted
     rows = [(name, f"{value:.6g}", "◀ decides" if name == ood_score else "") for name, value in fitted.ood.thresholds]
     output.table(f"avarc calibrate-ood · model {clf.source} · {used} images · accept score ≥ threshold · "
                  f"written to {out}",
                  ["score", "threshold", ""], rows)
+    if used < few_images(coverage):
+        output.say(f"warning: thresholds fitted on only {used} image{'s' * (used != 1)}; at {coverage:.0%} coverage "
+                   f"the threshold is set by the lowest few scores; fit on {few_images(coverage)} or more "
+                   "in-distribution images for the coverage to mean what it says", err=True)
+
+
+def few_images(coverage: float) -> int:
+    """The fewest images whose lowest (1 - coverage) share holds at least one image, and never under 10."""
+    return max(10, math.ceil(1 / (1 - coverage)) if coverage < 1 else 1)

@@ -67,7 +67,7 @@ def classify(
     from avarc.errors import AvarcError
     from avarc.io import distributed
     from avarc.io.data import collect
-    from avarc.io.files import check_output_files
+    from avarc.io.files import check_output_files, refuse_inputs
     from avarc.io.results import STDOUT
     from avarc.runs.classify_run import classify_run
 
@@ -92,6 +92,8 @@ def classify(
             clf = opts.load(model, profile, device=distributed.rank_device(dist, opts.device))
             found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p],
                             data=source.data())
+            refuse_inputs([("out", out), ("csv", csv)],
+                          [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)])
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk,
                               dist=dist, labels=labels, keep_records=0 if found.labelled else SHOWN,
                               ood_score=ood_score) as run:

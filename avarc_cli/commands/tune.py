@@ -63,8 +63,9 @@ def tune(
     chosen, judged on the held-out part and written as a profile with a fitted temperature
     (README, Choosing a schedule).
     """
+    from avarc.errors import AvarcError
     from avarc.io.data import check_inputs, collect
-    from avarc.io.files import check_output_files, write_text
+    from avarc.io.files import check_output_files, hold_outputs, write_text
     from avarc.io.profiles import write_profile
     from avarc.runs.schedule_table import build_table
     from avarc.runs.tune import model_name, shipped_points, tuned_profile
@@ -81,30 +82,39 @@ def tune(
     with interruptible(lambda: "interrupted: " + (f"wrote {', '.join(map(str, written))}" if written else
                                                   f"nothing written ({out} was not written)")):
         clf = opts.load(model)
-        found = collect([str(folder)], clf.space, "folders", None, None, classes,
-                        exclude=[p for p in (out, report) if p], data=source.data())
-        items = found.items
-        if max_images is not None and max_images < len(items):
-            items = [items[int(i * len(items) / max_images)] for i in range(max_images)]
-        start = time.perf_counter()
-        with output.progress() as prog:
-            task = prog.add_task("scoring", total=len(items), info=f"{len(found.candidates)} classes × {max_samples}")
-            table = build_table(clf, items, found.candidates, max_samples, sigma, seed,
-                                on_step=lambda n: prog.update(task, advance=n))
-        scored_s, start = time.perf_counter() - start, time.perf_counter()
-        for path, reason in table.skipped:
-            output.say(f"skipped {path}: {reason}", err=True)
-        with output.err_console.status("searching schedules…"):
-            res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout,
-                           min_stages=lo, max_stages=hi, seed=seed)
-        ident = model_name(clf)
-        profile, note = tuned_profile(res, table, str(folder), ident, name=out.stem)
-        write_profile(profile, out, note, force=force)
-        written.append(out)
-        if report is not None:
-            from avarc.runs.report import tune_report
+        try:
+            found = collect([str(folder)], clf.space, "folders", None, None, classes, data=source.data())
+        except AvarcError as e:       # collect words a missing class folder for classify's --labels
+            if e.option != "labels":
+                raise
+            raise AvarcError(f"{str(e).split(';')[0]}; tune needs labelled images: a folder of class sub-folders "
+                             "(LABELLED_DIR/<class>/image)") from None
+        read = [*opts.files(model), *(it.path for it in found.items if it.source is None)]
+        with hold_outputs({"out": out, "report": report}, read, force):
+            items = found.items
+            if max_images is not None and max_images < len(items):
+                items = [items[int(i * len(items) / max_images)] for i in range(max_images)]
+            start = time.perf_counter()
+            with output.progress() as prog:
+                task = prog.add_task("scoring", total=len(items),
+                                     info=f"{len(found.candidates)} classes × {max_samples}")
+                table = build_table(clf, items, found.candidates, max_samples, sigma, seed,
+                                    on_step=lambda n: prog.update(task, advance=n))
+            scored_s, start = time.perf_counter() - start, time.perf_counter()
+            for _, reason in table.skipped:
+                output.say(f"skipped: {output.one_line(reason)}", err=True)        # the reason names the file
+            with output.err_console.status("searching schedules…"):
+                res = run_tune(table, clf.spec, budget=budget, budget_gflops=budget_gflops, holdout=holdout,
+                               min_stages=lo, max_stages=hi, seed=seed)
+            ident = model_name(clf)
+            profile, note = tuned_profile(res, table, str(folder), ident, name=out.stem)
+            write_profile(profile, out, note, force=force)
+            written.append(out)
+            if report is not None:
+                from avarc.runs.report import tune_report
 
-            page = tune_report(res, shipped_points(res, table, clf.spec), title=f"avarc tune · {ident} · {folder.name}")
-            write_text(report, page, "report", force)
-            written.append(report)
+                page = tune_report(res, shipped_points(res, table, clf.spec),
+                                   title=f"avarc tune · {ident} · {folder.name}")
+                write_text(report, page, "report", force)
+                written.append(report)
     tune_summary(res, table.labels, out, report, (scored_s, time.perf_counter() - start), json_, clf.source)

@@ -232,17 +232,30 @@ class DataOptions:
 
 
 def read_list(path: str | os.PathLike) -> list[str]:
-    """``--from-list``: image paths one a line (blank lines and ``#`` comments ignored), relative ones taken from the
-    list file's folder."""
+    """``--from-list``: image paths, one a line, in the README's format. The file is UTF-8 (a leading BOM is
+    dropped; bytes that are not UTF-8, as ``find > list.txt`` writes them, are kept surrogate-escaped, so such names
+    open); each line is a name taken verbatim (spaces kept; only the line ending, ``\n`` or ``\r\n``, is cut);
+    a line that is empty or only spaces is skipped, and a line whose first character is ``#`` is a comment (list
+    a file whose name starts with ``#`` as ``./#name``). Relative names are taken from the list file's folder, or
+    from the current folder when the list is a stream (a pipe, a FIFO, ``<(find …)``), which has no folder."""
     path = Path(path)
-    if not path.is_file():
-        raise AvarcError(f"{path}: no such list file; pass a text file of image paths, one a line", option="from_list")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise AvarcError(f"{path}: not a text file; pass a text file of image paths, one a line",
+        with open(path, "rb") as f:
+            stream = not os.path.isfile(path)
+            data = f.read()
+    except FileNotFoundError:
+        raise AvarcError(f"{path}: no such list file; pass a text file of image paths, one a line",
                          option="from_list") from None
-    out = [str(path.parent / line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as e:
+        raise AvarcError(f"{path}: cannot read the list ({e.strerror}); pass a readable text file of image paths, "
+                         "one a line", option="from_list") from None
+    if b"\0" in data:
+        raise AvarcError(f"{path}: not a text file (it holds NUL bytes); pass a text file of image paths, one a line",
+                         option="from_list")
+    text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    names = [line.removesuffix("\r") for line in text.split("\n")]
+    base = Path() if stream else path.parent
+    out = [str(base / name) for name in names if name.strip() and not name.startswith("#")]
     if not out:
         raise AvarcError(f"{path}: lists no image paths; write one path a line", option="from_list")
     return out
@@ -342,7 +355,8 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     left_out = 0
     if labelled:
         allowed = set(candidates)
-        kept = [it for it in items if it.label in allowed or allowed.intersection(it.accepted)]
+        kept = [it for it in items if it.label in allowed or allowed.intersection(it.accepted)
+                or (it.label is None and it.source is not None)]       # a row without its label: a skipped record
         left_out = len(items) - len(kept)
         items = kept
         if not items:

@@ -3,17 +3,31 @@
 Every output goes to a temporary file beside its target and is renamed over it (``os.replace``), so a kill mid-write
 leaves the old file or the new one, never half of one. Paths are checked up front (a directory where a file is
 needed, a path under a file, an unwritable folder) so a bad ``--out`` fails in one line before any work is done.
+The output guard (:func:`hold_outputs`, :func:`hold_folder`) is the one place that also refuses an output that is
+one of the run's inputs and locks every output while it is written. The lock of a file (:func:`file_lock`) is
+``flock`` on a hidden ``.avarc-HASH.lock`` beside it, removed when released, so a run leaves no lock file behind:
+the holder unlinks the name while it still holds the lock, and a taker that locked a file whose name was meanwhile
+removed (or re-created) lets go and tries again, so two holders never lock different files of one name.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+from filelock import FileLock, Timeout
 
 from ..errors import FIX, AvarcError
+
+try:
+    import fcntl
+except ImportError:          # Windows: filelock's lock (its file stays); no folder lock
+    fcntl = None  # type: ignore[assignment]
 
 
 def absolute(path: str | os.PathLike) -> Path:
@@ -69,6 +83,137 @@ def check_output_files(paths: dict[str, str | os.PathLike | None], force: bool |
         seen[absolute(path)] = option
 
 
+class OutputLock:
+    """An exclusive lock of one file for a block (``with``) or from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, lock_file: Path):
+        self.lock_file, self._fd = lock_file, None
+        self._fallback = FileLock(lock_file) if fcntl is None else None
+
+    def acquire(self, timeout: float = -1) -> OutputLock:
+        """Take the lock, waiting up to ``timeout`` seconds (negative: for ever; 0: refused at once with
+        filelock's ``Timeout``)."""
+        if self._fallback is not None:
+            self._fallback.acquire(timeout=timeout)
+            return self
+        deadline = time.monotonic() + timeout
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if 0 <= timeout and time.monotonic() >= deadline:
+                    raise Timeout(str(self.lock_file)) from None
+                time.sleep(0.05)
+                continue
+            if _same_file(fd, self.lock_file):
+                self._fd = fd
+                return self
+            os.close(fd)              # its holder removed it between our open and our lock: try the name again
+
+    def release(self) -> None:
+        if self._fallback is not None:
+            self._fallback.release()
+            return
+        if self._fd is not None:
+            try:
+                self.lock_file.unlink(missing_ok=True)     # while held: a waiter on this inode sees it gone
+            finally:
+                os.close(self._fd)                           # closing lets go of the flock
+                self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def file_lock(path: str | os.PathLike) -> OutputLock:
+    """The one lock of a file, keyed by its resolved path (a symlink or another spelling of it takes the same lock);
+    a hidden ``.avarc-HASH.lock`` beside the real file, short whatever the file's name, gone after the run."""
+    real = absolute(path)
+    return OutputLock(real.with_name(f".avarc-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}.lock"))
+
+
+def busy(path: str | os.PathLike, option: str | None = None) -> AvarcError:
+    return AvarcError(f"{path}: another avarc run is writing this file; wait for it to finish, or choose another file",
+                      option=option)
+
+
+def _inode(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def refuse_inputs(outputs: Iterable[tuple[str | None, str | os.PathLike | None]],
+                  inputs: Iterable[str | os.PathLike]) -> None:
+    """No output (``(option, path)`` pairs) is one of the run's inputs: the same path, or the same file through a
+    symlink or a hard link. Refused with or without ``--force``: an input is never the run's to replace. Only outputs
+    that already exist can be inputs, so new outputs cost nothing; existing ones are compared with every input."""
+    existing = [(option, Path(p)) for option, p in outputs if p is not None and os.path.lexists(p)]
+    if not existing:
+        return
+    by_path = {absolute(p): (option, p) for option, p in existing}
+    by_inode = {_inode(p): (option, p) for option, p in existing if _inode(p) is not None}
+    for src in inputs:
+        hit = by_path.get(absolute(src)) or by_inode.get(_inode(src))
+        if hit is not None:
+            same = "" if str(src) == str(hit[1]) else f" (the same file as {src})"
+            raise AvarcError(f"{hit[1]}: is an input of this run{same}; never written over, even with --force; "
+                             "choose another file", option=hit[0])
+
+
+@contextmanager
+def hold_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable[str | os.PathLike] = (),
+                 force: bool | None = None) -> Iterator[None]:
+    """The output guard of a command writing files: each output can be written (``force`` as in
+    :func:`check_output_file`), none is an input (:func:`refuse_inputs`), and each is locked for the block, so a
+    second run writing the same file is refused at once instead of both finishing with one result."""
+    check_output_files(outputs, force)
+    refuse_inputs(outputs.items(), inputs)
+    with ExitStack() as held:
+        for option, path in outputs.items():
+            if path is None:
+                continue
+            Path(path).parent.mkdir(parents=True, exist_ok=True)      # checked writable above; the lock sits there
+            lock = file_lock(path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise busy(path, option) from None
+            held.callback(lock.release)
+        yield
+
+
+@contextmanager
+def hold_folder(path: str | os.PathLike, option: str | None = None) -> Iterator[None]:
+    """Lock the output folder ``path`` (made by :func:`make_output_dir`) for the block: a second run writing into it
+    is refused at once. The lock is on the folder itself (``flock``), so nothing is added to it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AvarcError(f"{path}: another avarc run is writing into this folder; wait for it to finish, or "
+                             "choose another folder", option=option) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def make_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
     """Create the output folder ``path`` (and its parents), or fail in one line."""
     path = Path(path)
@@ -89,10 +234,14 @@ def _umask() -> int:
     return mask
 
 
-def disk_error(err: OSError, safe: str, fix: str) -> AvarcError:
+class DiskFull(AvarcError):
+    """A write that failed for want of space (or another I/O error): a command may reword what is safe."""
+
+
+def disk_error(err: OSError, safe: str, fix: str) -> DiskFull:
     """A write that failed (a full disk, a quota, an I/O error) as one line: what is safe, and what to do."""
     what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"cannot write ({err.strerror})"
-    return AvarcError(f"{what}: {safe}; free space and {fix}")
+    return DiskFull(f"{what}: {safe}; free space and {fix}")
 
 
 def refuse_existing(path: Path, option: str | None = None) -> AvarcError:

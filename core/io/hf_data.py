@@ -9,7 +9,6 @@ model class name). Images are decoded by avarc, row by row, so an unreadable row
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 from dataclasses import dataclass
@@ -21,17 +20,18 @@ from PIL import Image
 
 from ..errors import AvarcError
 from .files import absolute
-from .preprocess import open_image, preprocess_pil, to_rgb
+from .hub import HubUnreachable, check_reachable
+from .preprocess import open_image, preprocess_pil
 
 _HUB = re.compile(r"hf:/+datasets/(?P<repo>.*)")     # a shell Path folds hf:// to hf:/
-_NOT_PARQUET_OK = {"README.md", ".gitattributes"}
 
 
 def _parquet_folder(path: Path) -> bool:
+    """A folder of parquet files: it holds some and no image files (a README, a LICENSE or notes may sit beside)."""
+    images = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     files = [f for f in path.rglob("*")
              if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)]
-    parquet = [f for f in files if f.suffix == ".parquet"]
-    return bool(parquet) and all(f.suffix == ".parquet" or f.name in _NOT_PARQUET_OK for f in files)
+    return any(f.suffix == ".parquet" for f in files) and not any(f.suffix.lower() in images for f in files)
 
 
 def is_hub(raw: str | os.PathLike) -> bool:
@@ -88,7 +88,7 @@ def load_split(raw: str, split: str | None):
             repo = hub["repo"].strip("/")
             if repo.count("/") != 1:
                 raise AvarcError(f"{raw}: not a hub dataset address; write hf://datasets/OWNER/NAME")
-            found = ds_lib.load_dataset(repo)
+            found = _from_hub(ds_lib, raw, repo)
         elif path.is_file():
             found = {split or "train": ds_lib.Dataset.from_parquet(str(path))}
         elif (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -96,7 +96,7 @@ def load_split(raw: str, split: str | None):
             if isinstance(found, ds_lib.Dataset):
                 found = {str(found.split) if found.split is not None else (split or "train"): found}
         else:
-            found = ds_lib.load_dataset("parquet", data_dir=str(path))
+            found = ds_lib.load_dataset("parquet", data_files=_parquet_splits(path))
     except AvarcError:
         raise
     except ConnectionError as e:
@@ -110,6 +110,28 @@ def load_split(raw: str, split: str | None):
     except Exception as e:    # the hub client and arrow raise many types; one line, never a traceback
         raise AvarcError(f"{raw}: cannot read this dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return _splits(raw, dict(found), split)
+
+
+def _from_hub(ds_lib, raw: str, repo: str):  # noqa: ANN001, ANN202 (the datasets module; a DatasetDict)
+    """A hub dataset, as ``download`` fetches a model: the hub is probed first, and when it does not answer the HF
+    cache is read as ``HF_HUB_OFFLINE=1`` would (one line if the dataset is not there) instead of waiting through
+    the clients' retries."""
+    from huggingface_hub import constants
+
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            check_reachable(raw, "the dataset is needed from it")
+        return ds_lib.load_dataset(repo)
+    except HubUnreachable as unreachable:
+        before = constants.HF_HUB_OFFLINE, ds_lib.config.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = ds_lib.config.HF_HUB_OFFLINE = True
+        try:
+            return ds_lib.load_dataset(repo)
+        except Exception:        # not cached: the hub's line says what to do
+            raise AvarcError(str(unreachable).replace("the dataset is needed from it", "the dataset is not cached"))\
+                from None
+        finally:
+            constants.HF_HUB_OFFLINE, ds_lib.config.HF_HUB_OFFLINE = before
 
 
 def _column(name: str, ds, wanted: str | None, kind, what: str, option: str) -> str | None:
@@ -129,29 +151,46 @@ def _column(name: str, ds, wanted: str | None, kind, what: str, option: str) -> 
     return hits[0] if hits else None
 
 
+def _parquet_splits(path: Path) -> dict[str, list[str]]:
+    """A parquet folder's splits as ``datasets`` names them from the file names, each only its parquet files (a
+    LICENSE or notes beside them are not data)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    found = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
+    splits = {name: [f for f in files if f.endswith(".parquet")] for name, files in found.items()}
+    return {name: files for name, files in splits.items() if files}
+
+
+def _plain_images(ds, ds_lib):  # noqa: ANN001, ANN202 (a datasets.Dataset)
+    """Columns of ``struct<bytes, path>`` without the HF ``Image`` metadata (a parquet written by plain pyarrow or
+    pandas) read as images, as the ``Image`` feature stores them."""
+    plain = [c for c, f in ds.features.items() if isinstance(f, dict) and set(f) == {"bytes", "path"}]
+    for column in plain:
+        ds = ds.cast_column(column, ds_lib.Image(decode=False))
+    return ds
+
+
 class SplitImages:
     """One split's image column, decoded on demand (arrow reads are safe from the loader's threads). ``key`` names the
     split whatever the spelling of its path (``--resume`` matches rows on it); ``fingerprint`` is the dataset's own
     (its content, as ``datasets`` hashes it), part of the run's identity."""
 
-    def __init__(self, where: str, ds, column: str, key: str | None = None):
+    def __init__(self, where: str, ds, column: str, key: str | None = None, unlabelled: dict[int, str] | None = None):
         self.where, self.column, self.key = where, column, key or where
         self.fingerprint = str(getattr(ds, "_fingerprint", "") or "")
         self.table = ds.select_columns([column]).cast_column(column, _datasets().Image(decode=False))
+        self.unlabelled = unlabelled or {}      # row → why it has no class (a labelled split's missing label)
 
     def image(self, row: int) -> Image.Image:
-        value = self.table[row][self.column]
         where = f"{self.where}#{row}"
+        if row in self.unlabelled:
+            raise AvarcError(f"{where}: {self.unlabelled[row]}")
+        value = self.table[row][self.column]
         if not value or (value.get("bytes") is None and not value.get("path")):
             raise AvarcError(f"{where}: no image in this row")
         if value.get("bytes") is None:
             return open_image(value["path"])
-        try:
-            with Image.open(io.BytesIO(value["bytes"])) as im:
-                im.load()
-                return to_rgb(im)
-        except Exception as e:   # decoders raise many types
-            raise AvarcError(f"{where}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return open_image(where, value["bytes"])
 
 
 @dataclass
@@ -172,6 +211,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         if not is_dataset(raw):
             raise AvarcError(f"{raw}: pass datasets alone, or files and folders alone, in one run")
         split_name, ds = load_split(str(raw), split)
+        ds = _plain_images(ds, ds_lib)
         where = f"{display(raw)}[{split_name}]"
         local = display(raw) == str(raw) and Path(raw).exists()
         resolved = f"{absolute(raw) if local else display(raw)}[{split_name}]"
@@ -201,7 +241,10 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
             ids = [by_index[v] if v is not None and 0 <= v < len(names) else None for v in ds[label_col]]
         if not len(ds):
             raise AvarcError(f"{where}: no rows; pass a split with images", option="split")
-        out.append(Rows(where, SplitImages(where, ds, image_col, resolved), ids))
+        unlabelled = {i: f"no class in its label column {label_col!r} (missing or not one of its {len(names)} "
+                         "names); label the row, or classify without labels"
+                      for i, y in enumerate(ids) if y is None} if labelled else {}
+        out.append(Rows(where, SplitImages(where, ds, image_col, resolved, unlabelled), ids))
     return out, labelled
 
 

@@ -8,6 +8,7 @@ just fetched is hashed here and compared with the SHA-256 the hub publishes for 
 """
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import socket
@@ -103,25 +104,37 @@ def _behind_proxy() -> bool:
 
 
 def _check_reachable(e: HubFile) -> None:
-    """One TCP connection to the endpoint before huggingface_hub's retries (which back off for about a minute per
-    file): a refused or timed-out connection is one line at once. Skipped behind a proxy, which we cannot probe."""
+    check_reachable(e.name, "the file is not here")
+
+
+def check_reachable(what: str, missing: str) -> None:
+    """One HTTP request to the endpoint, with a short timeout, before huggingface_hub's retries (which back off for
+    about a minute per file): a refused connection, or a server that does not answer, is one line at once naming
+    ``what`` and that ``missing`` is why the network was needed. Skipped behind a proxy, which we cannot probe."""
     from huggingface_hub import constants
 
     why = None if _behind_proxy() else _unreachable(constants.ENDPOINT)
     if why:
-        raise HubUnreachable(f"{e.name}: cannot reach {constants.ENDPOINT} ({why}) and the file is not here; check "
-                             "the connection (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use cached files only")
+        raise HubUnreachable(f"{what}: cannot reach {constants.ENDPOINT} ({why}) and {missing}; check the connection "
+                             "(or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use cached files only")
 
 
 @lru_cache(maxsize=None)
 def _unreachable(endpoint: str) -> str | None:
-    """Why a connection to the endpoint fails, or None when it connects (asked once per process)."""
+    """Why the endpoint does not answer (no connection, or no HTTP answer within the timeout), or None when it
+    answers at all (any status); asked once per process."""
     url = urlsplit(endpoint)
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = kind(url.hostname, url.port, timeout=PROBE_TIMEOUT_S)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=PROBE_TIMEOUT_S).close()
-    except OSError as err:
+        conn.request("HEAD", "/")
+        conn.getresponse()
+    except (OSError, http.client.HTTPException) as err:
+        if isinstance(err, TimeoutError) or isinstance(err, socket.timeout):
+            return f"no answer within {PROBE_TIMEOUT_S:g} s"
         return getattr(err, "strerror", None) or type(err).__name__
+    finally:
+        conn.close()
     return None
 
 

@@ -47,12 +47,24 @@ def _json(path: Path, kind: type) -> dict:
     if not path.is_file():
         raise _bad(path, "missing mapping file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda pairs: _unique(path, pairs))
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(path, f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise _bad(path, "nested too deeply to be a mapping file") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, kind) for k, v in data.items()):
         raise _bad(path, f"not a JSON object of names to {kind.__name__} values")
     return data
+
+
+def _unique(path: Path, pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose names are each given once (``json`` would keep the last of a repeated one silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _bad(path, f"names {key!r} twice")
+        out[key] = value
+    return out
 
 
 def find_root(root: Path) -> Path:
@@ -81,6 +93,10 @@ def read_objectnet(root: str | os.PathLike[str]) -> ObjectNet:
         raise _bad(maps / MAPPINGS[3], "keys are not class indices 0…999") from None
     if len(index_of_2012) != 1000 or sorted(index_of_2012.values()) != list(range(1000)):
         raise _bad(maps / MAPPINGS[3], "does not map the 1000 class indices one to one")
+    if len(names) < 1000:
+        raise _bad(names_file, f"lists {len(names)} ImageNet names, not the 1000 of ILSVRC-2012")
+    if not all(0 <= i < len(names) for i in index_of_2012):
+        raise _bad(maps / MAPPINGS[3], f"maps to ILSVRC-2012 ids outside the {len(names)} lines of {MAPPINGS[2]}")
     by_name: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         if i in index_of_2012:

@@ -14,10 +14,13 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import uuid
 import warnings
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -195,11 +198,11 @@ def _export(vae: VQVAE, path: Path) -> None:
     side = 16 * vae.spec.downsample
     sample = torch.zeros(2, 3, side, side)
     dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         onnx_log.setLevel(logging.ERROR)  # the exporter logs about optional torchvision ops
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -207,11 +210,13 @@ def _export(vae: VQVAE, path: Path) -> None:
                               dynamic_shapes=(dynamic,), opset_version=OPSET, dynamo=True, external_data=False,
                               verbose=False)
         os.replace(tmp, path)
-    except PermissionError as e:
-        raise AvarcError(f"{path.parent}: cannot write the ONNX export there ({e.strerror})") from None
+    except OSError as e:       # no permission, a file where a folder should be, a read-only or full disk
+        raise AvarcError(f"{path.parent}: cannot write the ONNX export there ({e.strerror}); set XDG_CACHE_HOME to a "
+                         "writable folder, or use --encoder torch") from None
     finally:
         onnx_log.setLevel(level)
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):          # nothing to remove where the folder could not be made
+            tmp.unlink(missing_ok=True)
 
 
 def _record_path(path: Path) -> Path:
@@ -230,6 +235,23 @@ def _require(module: str):
     import importlib
 
     try:
+        if module == "onnxruntime" and module not in sys.modules:
+            with _quiet_stderr():         # its import logs (in colour) when it cannot save a telemetry id
+                return importlib.import_module(module)
         return importlib.import_module(module)
     except ImportError:
         raise AvarcError(f"the ONNX encoder needs {module}, which is not installed; {INSTALL_HINT}") from None
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block (native code writes there, past Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)

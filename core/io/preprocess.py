@@ -6,6 +6,7 @@ int(round(1.125·R)·long/short), torchvision's rule), centre-crop R×R (torchvi
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -21,9 +22,11 @@ PREPROCESS_MODES = ("official", "resize")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for every mode a folder may hold; 16/32-bit greyscale is scaled to 8 bits instead of clipped."""
+    """RGB for every mode a folder may hold; 16/32-bit greyscale is scaled to 8 bits instead of clipped (non-finite
+    float pixels read as 0)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        arr = np.where(np.isfinite(arr), arr, 0.0)      # a float TIFF's NaN or infinite pixels: black, no warning
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
@@ -34,15 +37,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 _OPEN_LOCK = threading.Lock()
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image, turning every decoder failure into one AvarcError line. Images over PIL's
+def open_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+    """Open and fully decode an image file (or, for a dataset row named ``path``, its ``data``), turning every
+    decoder failure into one AvarcError line: files and rows share the limits and the errors. Images over PIL's
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) are refused, not decoded."""
-    if Path(path).exists() and not Path(path).is_file():      # a FIFO or device would block or never end
+    if data is None and Path(path).exists() and not Path(path).is_file():   # a FIFO or device would block or never end
         raise AvarcError(f"{path}: not a regular file; pass image files")
     try:
         with _OPEN_LOCK, warnings.catch_warnings():     # PIL checks the size in open(); decoding runs unlocked
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(path if data is None else io.BytesIO(data))
         with im:
             im.load()
             return to_rgb(im)
@@ -52,7 +56,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise AvarcError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = "empty file" if Path(path).exists() and Path(path).stat().st_size == 0 else str(e).splitlines()[0]
+        empty = data == b"" if data is not None else Path(path).exists() and Path(path).stat().st_size == 0
+        reason = ("empty" + (" file" if data is None else "") if empty else
+                  "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0])
         raise AvarcError(f"{path}: not a readable image ({reason})") from None
 
 

@@ -24,8 +24,7 @@ from filelock import Timeout
 
 from ..errors import FIX, AvarcError
 from .distributed import Dist
-from .file_lock import OutputLock, file_lock
-from .files import disk_error
+from .files import OutputLock, busy, disk_error, file_lock
 from .records import IDENTITY, NotARecord, Record, RunIdentity, parse_line, parse_record, record_key, record_line
 
 STDOUT = "-"          # ``--out -``: the records as JSON lines on stdout
@@ -59,8 +58,7 @@ def lock_results(path: str | os.PathLike) -> OutputLock:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise AvarcError(f"{path}: another avarc run is writing this file; wait for it to finish, "
-                         "or choose another file", option="out") from None
+        raise busy(path, "out") from None
     return lock
 
 

@@ -15,8 +15,7 @@ from .. import __version__
 from ..engine.profile import Profile
 from ..engine.stages import rank
 from ..errors import AvarcError
-from .file_lock import file_lock
-from .files import atomic_write
+from .files import atomic_write, file_lock
 from .records import Record, RunIdentity
 
 TOPK = (1, 3, 5, 10, 20, 25, 50, 100)      # the top-k accuracies A-VARC's eval.py reports

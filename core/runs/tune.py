@@ -364,6 +364,9 @@ def tune(table: ScoreTable, spec: ModelSpec, budget: float | None = None, budget
         raise AvarcError("tuning needs labelled images (class sub-folders); some images have no label")
     rep = Replayer(table, spec)
     fit, held = split(table.labels, holdout, seed)
+    if not len(fit):
+        raise AvarcError(f"holding out {holdout:g} of each class leaves no image to choose a schedule on "
+                         f"({len(table.labels)} readable images); lower it or add images", option="holdout")
     base_r = rep.replay(baseline_stages(len(table.scale_ends)))
     baseline = point(base_r, table.labels)
     share = budget if budget is not None else 1.0

@@ -129,18 +129,41 @@ def summarise(results: Sequence[ImageMetrics]) -> dict[str, tuple[float, float]]
     return out
 
 
-def write_metrics(results: Sequence[tuple[str, ImageMetrics]], folder: str | os.PathLike) -> tuple[Path, Path]:
-    """``metrics.json`` (summary and per image: AUCs and curves) and ``metrics.png`` (mean curves) in ``folder``."""
+METRICS_FILES = ("metrics.png", "metrics.json")      # written in this order: the JSON completes the pair
+_SOFTWARE = "avarc explain --metrics"                  # metrics.png's Software text: the pair's half is recognised
+
+
+def write_metrics(results: Sequence[tuple[str, ImageMetrics]], folder: str | os.PathLike,
+                  force: bool = False) -> tuple[Path, Path]:
+    """``metrics.json`` (summary and per image: AUCs and curves) and ``metrics.png`` (mean curves) in ``folder``. The
+    plot is written first and the JSON last, so a run stopped between them (a full disk) leaves a plot marked as
+    avarc's (:func:`metrics_clash` lets the next run replace it) and never a JSON without its plot."""
     folder = Path(folder)
     summary = summarise([m for _, m in results])
     doc = {"summary": {k: {"mean": m, "se": se} for k, (m, se) in summary.items()}, "images": len(results),
            "per_image": [{"path": p, **asdict(m)} for p, m in results]}
-    with atomic_write(folder / "metrics.json", "w") as f:
-        json.dump(doc, f, indent=1)
-    png = folder / "metrics.png"
+    png, js = (folder / name for name in METRICS_FILES)
     with atomic_write(png, "wb") as f:
         f.write(curves_png([m for _, m in results], summary))
-    return folder / "metrics.json", png
+    with atomic_write(js, "w", exclusive=not force, option="out") as f:
+        json.dump(doc, f, indent=1)
+    return js, png
+
+
+def metrics_clash(folder: Path) -> list[Path]:
+    """The metrics files in ``folder`` that a new run would replace and that are not a half pair of its own: the
+    JSON (a whole pair), or a plot that avarc did not write."""
+    png, js = (folder / name for name in METRICS_FILES)
+    if js.exists():
+        return [js, *([png] if png.exists() else [])]
+    if not png.exists():
+        return []
+    try:
+        with Image.open(png) as im:
+            ours = im.info.get("Software") == _SOFTWARE
+    except (OSError, ValueError, SyntaxError):
+        ours = False
+    return [] if ours else [png]
 
 
 def curves_png(results: Sequence[ImageMetrics], summary: dict[str, tuple[float, float]]) -> bytes:
@@ -166,6 +189,6 @@ def curves_png(results: Sequence[ImageMetrics], summary: dict[str, tuple[float, 
                ylabel="posterior of the explained class", ylim=(0, 1))
         ax.legend(fontsize=8)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": _SOFTWARE})
     plt.close(fig)
     return buf.getvalue()

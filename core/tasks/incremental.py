@@ -166,9 +166,9 @@ def applied(model: Model) -> list[dict]:
 def check_names(model: Model, names: Sequence[str], where: str) -> None:
     existing = {model.class_name(i) for i in range(model.num_classes)}
     for i, name in enumerate(names):
-        if not name or name != name.strip() or "=" in name or not name.isprintable():
-            raise AvarcError(f"{where}: class name {name!r} is not usable; use a printable name without '=' or outer "
-                             "spaces")
+        if not name or name != name.strip() or "=" in name or "," in name or not name.isprintable():
+            raise AvarcError(f"{where}: class name {name!r} is not usable (--classes could never name it); use a "
+                             "printable name without '=', ',' or outer spaces")
         if name.lower() == "null":
             raise AvarcError(f"{where}: class name {name!r} is reserved (`--vs null` is the unconditional model); "
                              "choose another name")
