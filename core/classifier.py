@@ -340,8 +340,8 @@ class Classifier:
     def explain_tensors(self, x: torch.Tensor, targets: Sequence[Target], scales: int | None = None,
                         seed: int = 0) -> list[Explanation | AvarcError]:
         """B, 3, R, R preprocessed images → an explanation each (or why its class pair cannot be formed)."""
-        return explain_images(self.model, x, targets, self.profile, seed, check_scales(self.model, scales),
-                              self.batch_size)
+        check_scales(self.model, scales)
+        return explain_images(self.model, x, targets, self.profile, seed, scales, self.batch_size)
 
     def explain_items(self, items: Sequence[Item], target: Target | Mapping[str, Target], scales: int | None = None,
                       seed: int = 0, per_step: int = IMAGES_PER_STEP) -> Iterator[list[tuple[Item, Explanation | str]]]:
