@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import AvarcError
+from ..models.block_ops import CompiledBlock
 from ..models.specs import ModelSpec
 from ..models.var import VAR
 from ..models.var_state import KVCache
@@ -42,6 +43,7 @@ class Model:
     vae_file: Path | None = None                                # the VQ-VAE checkpoint it was loaded from
     compile: bool = False                       # fuse the engine's elementwise work with torch.compile
     _engines: dict[torch.dtype, tuple[tuple, VAR]] = field(default_factory=dict, repr=False)
+    compiled_block: CompiledBlock = field(default_factory=CompiledBlock, repr=False)   # shared by the engine copies
 
     def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
         """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
@@ -57,8 +59,13 @@ class Model:
         if held is None or held[0] != key:
             self._engines.pop(dtype, None)           # free the old copy before making the new one
             var = self.var.in_dtype(dtype) if dtype != torch.float32 else copy.deepcopy(self.var)
-            self._engines[dtype] = (key, var.compiled() if self.compile else var)
+            self._engines[dtype] = (key, var.compiled(self.compiled_block) if self.compile else var)
         return self._engines[dtype][1]
+
+    def compile_evidence(self) -> dict[str, int] | None:
+        """``{graphs, recompiles, fallbacks}`` of the compiled engine so far (None when not compiled): what a compiled
+        row carries as proof that it ran compiled."""
+        return self.compiled_block.evidence() if self.compile else None
 
     @contextmanager
     def computing_in(self, dtype: torch.dtype) -> Iterator[Model]:
