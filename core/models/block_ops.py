@@ -163,6 +163,7 @@ class CompiledBlock:
         self.fns: dict[tuple, Callable] = {}
         self.failed: set[tuple] = set()
         self.graphs: collections.Counter[tuple] = collections.Counter()
+        self._ids: set = set()                       # dynamo's compile ids seen (frame, compile count)
         self.runs = 0
         self.fallbacks = 0
 
@@ -178,7 +179,10 @@ class CompiledBlock:
         inner = torch._dynamo.lookup_backend(self.backend) if isinstance(self.backend, str) else self.backend
 
         def counting(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-            self.graphs[key] += 1
+            cid = torch._guards.CompileContext.current_compile_id()   # a restarted analysis keeps its id: one graph
+            if (cid.frame_id, cid.frame_compile_id) not in self._ids:
+                self._ids.add((cid.frame_id, cid.frame_compile_id))
+                self.graphs[key] += 1
             compiled = inner(gm, example_inputs)
 
             def run(*a):

@@ -48,6 +48,7 @@ class BenchResult:
     guard_flips: float | None = None           # share of images whose decisions the guard changed
     launches_per_forward: float | None = None  # non-view aten ops of one full-length forward (≈ kernel launches)
     host_syncs_per_step: float | None = None   # ops in one scoring step that wait for the device
+    compiled: dict[str, int] | None = None     # compiled engine: graphs, recompiles, fallbacks of this row's runs
     preds: list[int] = field(default_factory=list, repr=False)
     scores: list[list[float]] = field(default_factory=list, repr=False)   # first-stage scores per image
 
@@ -162,6 +163,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     times, enc_times, stage_times, guard_times = [], [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    compiled_before = model.compile_evidence()
     for it in range(warmup + repeat):
         _sync(device)
         t0 = time.perf_counter()
@@ -191,6 +193,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     total = statistics.median(times)
     shares = [statistics.median(s[k] for s in stage_times) / total for k in range(len(stage_times[0]))]
     low = model.dtype != torch.float32
+    compiled = _evidence_since(compiled_before, model.compile_evidence())
     counted = engine_counters(model)          # after the timed runs: counting slows the dispatch down
     return BenchResult(
         profile=profile.name, dtype=dtype_name(model.dtype), device=str(device),
@@ -200,9 +203,14 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         peak_mem_mb=_peak_mem_mb(device), agreement_fp32=None, stage_share=shares,
         encoder_share=statistics.median(enc_times) / total,
         guard_images=guarded / n if low else None, guard_share=statistics.median(guard_times) / total if low else None,
-        guard_flips=flips / n if low else None, **counted,
+        guard_flips=flips / n if low else None, **counted, compiled=compiled,
         preds=[p.pred for p in out], scores=[p.stages[0].scores for p in out],
     )
+
+
+def _evidence_since(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    """A compiled row's graphs, recompiles and fallbacks: what its own runs (warm-up included) added."""
+    return None if before is None or after is None else {k: after[k] - before[k] for k in after}
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
