@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,6 +12,7 @@ import torch
 
 from ..errors import AvarcError
 from ..models.block_ops import CompiledBlock
+from ..models.quantizer import exact_fp32
 from ..models.specs import ModelSpec
 from ..models.var import VAR
 from ..models.var_state import KVCache
@@ -121,16 +122,23 @@ class Model:
                   chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU), computed in ``dtype`` (default:
         the model's)."""
-        return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                         self.budget_bytes)
+        with self._exact_if_fp32(dtype):
+            return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                             self.budget_bytes)
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                     chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False,
                     keep_tokens: int | None = None) -> PairScores:
         """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward, and to keep
         those of the first ``keep_tokens`` tokens (all if None) for a later one."""
-        return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                           self.budget_bytes, cache, keep_cache, keep_tokens)
+        with self._exact_if_fp32(None):
+            return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                               self.budget_bytes, cache, keep_cache, keep_tokens)
+
+    def _exact_if_fp32(self, dtype: torch.dtype | None) -> AbstractContextManager:
+        """An fp32 engine (a run's or the precision guard's) runs as true fp32 whatever the caller's TF32/bf16
+        precision settings (:func:`exact_fp32`)."""
+        return exact_fp32() if (dtype or self.dtype) == torch.float32 else nullcontext()
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
         """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier
