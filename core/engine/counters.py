@@ -31,7 +31,10 @@ class OpCounter(TorchDispatchMode):
         if not func.is_view and name not in ALLOCATIONS:
             self.ops[name] += 1
         to = kwargs.get("device")
-        if name in SYNC_OPS or (name == "_to_copy" and to is not None and torch.device(to) != args[0].device):
+        crossing = name == "_to_copy" and to is not None and torch.device(to) != args[0].device
+        # A pinned non-blocking upload queues behind the device's work; the host does not wait for it.
+        upload = crossing and kwargs.get("non_blocking", False) and args[0].device.type == "cpu" and args[0].is_pinned()
+        if name in SYNC_OPS or (crossing and not upload):
             self.syncs += 1
         return func(*args, **kwargs)
 
