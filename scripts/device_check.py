@@ -273,6 +273,8 @@ def main() -> int:
     smoke = "--cpu-smoke" in sys.argv[1:] or os.environ.get("AVARC_CPU_SMOKE") == "1"
     default = Path(os.environ["OUT"]) / "device_check.json" if os.environ.get("OUT") else ROOT / "device_check.json"
     dev = torch.device("cpu") if smoke else resolve_device("auto")
+    if smoke:      # tiny sizes on a shared CPU: one thread (a busy core stalls every OpenMP thread, README Threads)
+        torch.set_num_threads(1)
     report = {"report_path": str(Path(argv[0]) if argv else default), "smoke": smoke}
     say(f"device {dev}, report {report['report_path']}")
     section(report, "environment", lambda: environment(dev))
