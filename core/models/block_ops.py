@@ -217,12 +217,17 @@ class CompiledBlock:
         return {"graphs": graphs, "recompiles": graphs - len(self.graphs), "fallbacks": self.fallbacks}
 
 
+MASK_ALIGN = 16    # memory-efficient SDPA wants a mask's row stride a multiple of 16, else it pads it on every call
+
+
 class AttentionPlan:
     """Block-causal attention of tokens start … end−1 over keys 0 … end−1, shared by every block. ``one_call``: one
     attention call whatever the number of scales, with an additive mask (0 where a query's scale is at least the
-    key's, −inf elsewhere) built once per (start, end, dtype, device); None where the new tokens are one scale (they
-    see every key). Else one call per scale (``split``): where nothing is launched (an eager CPU) the masked call
-    only adds work, since it computes the masked-out part too (1.5–1.7× the per-scale calls' time on d16)."""
+    key's, −inf elsewhere) built once per (start, end, dtype, device), its rows padded in memory so that no call
+    re-pads it (SDPA's memory-efficient kernel would, for a 91-key mask, on every call); None where the new tokens
+    are one scale (they see every key). Else one call per scale (``split``): where nothing is launched (an eager
+    CPU) the masked call only adds work, since it computes the masked-out part too (1.5–1.7× the per-scale calls'
+    time on d16)."""
 
     def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device, one_call: bool = True):
         self.start, self.end, self.device = start, end, device
@@ -240,7 +245,8 @@ class AttentionPlan:
         if self._bool is None:
             return None
         m = self._masks.get(dtype)
-        if m is None:
-            m = torch.zeros(self._bool.shape, dtype=dtype, device=self.device).masked_fill_(~self._bool, float("-inf"))
-            self._masks[dtype] = m
+        if m is None:      # rows padded to a multiple of MASK_ALIGN keys: the fused GPU kernels take it as it is
+            rows, keys = self._bool.shape
+            m = torch.zeros(rows, -(-keys // MASK_ALIGN) * MASK_ALIGN, dtype=dtype, device=self.device)[:, :keys]
+            self._masks[dtype] = m.masked_fill_(~self._bool, float("-inf"))
         return m
