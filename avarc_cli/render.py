@@ -139,3 +139,9 @@ def bench_tables(results: list, as_json: bool, title: str, flops: bool = False) 
         output.table("Engine counters: aten ops (≈ kernel launches) of one full-length forward; ops that wait for "
                      "the device per scoring step", ["profile", "dtype", "launches/forward", "host syncs/step"],
                      [(r.profile, r.dtype, g3(r.launches_per_forward), g3(r.host_syncs_per_step)) for r in results])
+    if any(r.compiled is not None for r in results):
+        keys = ("graphs", "recompiles", "fallbacks")
+        output.table("Compiled engine per row: graphs compiled, recompiles, block calls that fell back to eager "
+                     "(fallbacks > 0: the row did not run compiled)", ["profile", "dtype", *keys],
+                     [(r.profile, r.dtype, *(str(r.compiled[k]) if r.compiled else "-" for k in keys))
+                      for r in results])

@@ -16,4 +16,4 @@ missing = [m for m in ("torch", "typer", "rich", "yaml", "numpy", "PIL", "pytest
 if missing:
     print("missing:", " ".join(missing), file=sys.stderr); sys.exit(1)
 PYCHECK
-exec timeout "${DEVICE_CHECK_TIMEOUT:-340}" "$PY" scripts/device_check.py "$@"
+exec timeout "${DEVICE_CHECK_TIMEOUT:-580}" "$PY" scripts/device_check.py "$@"

@@ -273,3 +273,13 @@ def test_bf16_score_error_not_larger_than_before():
     err = bf16.sum(-1) - fp32.sum(-1)
     assert err.pow(2).mean().sqrt() < 0.15 and err.abs().max() < 0.41
     assert torch.equal(bf16.sum(-1).argmax(1), fp32.sum(-1).argmax(1))
+
+
+def test_mask_built_once_with_aligned_rows(small):
+    """The one-call plan's mask is built once per geometry and dtype, its rows padded to 16 keys in memory (the
+    memory-efficient GPU kernel re-pads any other mask on every call)."""
+    var = small[2].var
+    plan = var.plan(0, 91, torch.device("cpu"))
+    m = plan.mask(torch.float32)
+    assert m.shape == (91, 91) and m.stride(0) % 16 == 0 and plan.mask(torch.float32) is m
+    assert var.plan(0, 91, torch.device("cpu")) is plan

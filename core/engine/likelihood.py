@@ -63,13 +63,20 @@ def num_tokens(spec: VARSpec, num_scales: int | None) -> int:
 
 @contextmanager
 def _tf32_matmul(on: bool) -> Iterator[None]:
-    """cuBLAS fp32 matmuls in TF32 while ``on``, then the caller's flag back (no effect on CPUs)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on or saved
+    """cuBLAS fp32 matmuls in TF32 while ``on``, then the caller's setting back (no effect on CPUs); nothing is read
+    or written when not ``on`` (an fp32 engine runs inside ``quantizer.exact_fp32``, and reading the legacy flag raises
+    once the caller mixed torch's two precision APIs)."""
+    if not on:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, name)
+    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        setattr(matmul, name, saved)
 
 
 HEAD_TILE_BYTES = 64 << 20    # fp32 logits of one tile of tokens in the fused head

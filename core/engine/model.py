@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import AvarcError
+from ..models.block_ops import CompiledBlock
+from ..models.quantizer import exact_fp32
 from ..models.specs import ModelSpec
 from ..models.var import VAR
 from ..models.var_state import KVCache
@@ -42,6 +44,7 @@ class Model:
     vae_file: Path | None = None                                # the VQ-VAE checkpoint it was loaded from
     compile: bool = False                       # fuse the engine's elementwise work with torch.compile
     _engines: dict[torch.dtype, tuple[tuple, VAR]] = field(default_factory=dict, repr=False)
+    compiled_block: CompiledBlock = field(default_factory=CompiledBlock, repr=False)   # shared by the engine copies
 
     def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
         """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
@@ -57,8 +60,13 @@ class Model:
         if held is None or held[0] != key:
             self._engines.pop(dtype, None)           # free the old copy before making the new one
             var = self.var.in_dtype(dtype) if dtype != torch.float32 else copy.deepcopy(self.var)
-            self._engines[dtype] = (key, var.compiled() if self.compile else var)
+            self._engines[dtype] = (key, var.compiled(self.compiled_block) if self.compile else var)
         return self._engines[dtype][1]
+
+    def compile_evidence(self) -> dict[str, int] | None:
+        """``{graphs, recompiles, fallbacks}`` of the compiled engine so far (None when not compiled): what a compiled
+        row carries as proof that it ran compiled."""
+        return self.compiled_block.evidence() if self.compile else None
 
     @contextmanager
     def computing_in(self, dtype: torch.dtype) -> Iterator[Model]:
@@ -114,16 +122,23 @@ class Model:
                   chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU), computed in ``dtype`` (default:
         the model's)."""
-        return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                         self.budget_bytes)
+        with self._exact_if_fp32(dtype):
+            return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                             self.budget_bytes)
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                     chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False,
                     keep_tokens: int | None = None) -> PairScores:
         """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward, and to keep
         those of the first ``keep_tokens`` tokens (all if None) for a later one."""
-        return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                           self.budget_bytes, cache, keep_cache, keep_tokens)
+        with self._exact_if_fp32(None):
+            return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                               self.budget_bytes, cache, keep_cache, keep_tokens)
+
+    def _exact_if_fp32(self, dtype: torch.dtype | None) -> AbstractContextManager:
+        """An fp32 engine (a run's or the precision guard's) runs as true fp32 whatever the caller's TF32/bf16
+        precision settings (:func:`exact_fp32`)."""
+        return exact_fp32() if (dtype or self.dtype) == torch.float32 else nullcontext()
 
     def token_logp(self, tokens: torch.Tensor, classes, num_scales: int | None = None) -> torch.Tensor:
         """B, L tokens and K class ids (null = ``num_classes`` allowed) → B, K, L' log p(token | class, earlier

@@ -4,6 +4,7 @@ compiled graph serves every block, batch and length (:class:`CompiledBlock`), an
 is built once (:class:`AttentionPlan`). Shapes: B batch, L tokens, C width, H heads."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from functools import lru_cache
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from .specs import VARSpec
 
 log = logging.getLogger("avarc")
+GRAPHS_PER_VARIANT = 2  # a variant compiles one graph; the second is a margin, never expected
+HEAD_ROWS = 2   # the AdaLN rows before the head, first in a class table: 1 + scale, shift
 MOD_ROWS = 6    # a block's AdaLN rows in a class table: γ1, γ2, 1 + s1, 1 + s2, b1, b2
 
 
@@ -96,6 +99,13 @@ def _unit_qk(y: torch.Tensor, factor: torch.Tensor, floor: bool) -> torch.Tensor
     return y
 
 
+def _attention_per_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         spans: tuple[tuple[int, int, int], ...], scale: float) -> torch.Tensor:
+    """One attention call per scale (queries lo … hi−1 over the first n keys) → B, L, H, c."""
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :n], v[:, :, :n], scale=scale)
+                      .transpose(1, 2) for lo, hi, n in spans], 1)
+
+
 def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor,
                factor: torch.Tensor | None, floor: bool, w_proj: torch.Tensor, b_proj: torch.Tensor, w1: torch.Tensor,
                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, mask: torch.Tensor | None,
@@ -110,7 +120,7 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
     512-pixel model's class scores by several nats)."""
     B, L, C = x.shape
     dtype = w_qkv.dtype
-    g1, g2, s1, s2, sh1, sh2 = (mod[:, i:i + 1] for i in range(MOD_ROWS))
+    g1, g2, s1, s2, sh1, sh2 = mod.split(1, dim=1)      # no closure: a cell variable confuses dynamo's guards
     y = linear(_norm_modulate(x, s1, sh1, eps, dtype), w_qkv, b_qkv).view(B, L, 3, heads, C // heads)
     if factor is not None:
         y = _unit_qk(y, factor, floor)
@@ -123,47 +133,101 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
     if spans is None:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
     else:
-        a = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :n], v[:, :, :n], scale=scale)
-                       .transpose(1, 2) for lo, hi, n in spans], 1)
+        a = _attention_per_scale(q, k, v, spans, scale)
     x = _residual(x, linear(a.reshape(B, L, C), w_proj, b_proj), g1)
     h = linear(_norm_modulate(x, s2, sh2, eps, dtype), w1, b1, gelu=True)
     return _residual(x, linear(h, w2, b2), g2)
 
 
-class CompiledBlock:
-    """:func:`block_step` compiled once per dtype with ``fullgraph=True`` (a graph break is an error, not a silent
-    split), dynamic in batch and length. If compiling or running the compiled code fails (no compiler, unsupported
-    backend) one warning says so and the blocks run eagerly from then on; running out of memory is raised, never
-    taken for a compiler failure."""
+def _specialised(a: object) -> object:
+    """The part of one argument a dynamic graph is specialised on (see :meth:`CompiledBlock.variant`)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a._base is not None, a.storage_offset() == 0, tuple(n == 1 for n in a.shape)
+    if isinstance(a, int) and not isinstance(a, bool):
+        return min(a, 2)
+    return a
 
-    def __init__(self, backend: str = "inductor"):
+
+class CompiledBlock:
+    """:func:`block_step` compiled with ``fullgraph=True`` (a graph break is an error, not a silent split), dynamic
+    in batch, length and start, one compiled callable per variant of the step (dtype; keys/values kept or not; a
+    mask or none; the per-scale spans), each with its own recompile budget (``isolate_recompiles``), so one variant,
+    dtype or model never spends another's. A variant compiles one graph; ``GRAPHS_PER_VARIANT`` bounds it, and
+    exceeding it is a failure like any other. If compiling or running the compiled code fails (no compiler,
+    unsupported backend, the budget spent) one warning says so and that variant runs eagerly from then on, counted
+    in ``fallbacks``; running out of memory is raised, never taken for a compiler failure. ``graphs`` counts the
+    graphs compiled and ``runs`` the calls that ran compiled code: the evidence a compiled row carries."""
+
+    def __init__(self, backend: str | Callable = "inductor"):
         self.backend = backend
-        self.fns: dict[torch.dtype, Callable] = {}
-        self.failed = False
+        self.fns: dict[tuple, Callable] = {}
+        self.failed: set[tuple] = set()
+        self.graphs: collections.Counter[tuple] = collections.Counter()
+        self._ids: set = set()                       # dynamo's compile ids seen (frame, compile count)
+        self.runs = 0
+        self.fallbacks = 0
+
+    @staticmethod
+    def variant(args: tuple) -> tuple:
+        """What the compiler specialises a graph on, read off :func:`block_step`'s arguments: per tensor its dtype,
+        whether it is a view, whether its storage offset is 0 and which sizes are 1; which optional inputs are
+        None; ints only as 0, 1 or other; everything else (floats, flags, spans) by value. Each variant then
+        compiles one graph that serves every batch, length and start."""
+        return tuple(_specialised(a) for a in args)
+
+    def _compile(self, key: tuple) -> Callable:
+        inner = torch._dynamo.lookup_backend(self.backend) if isinstance(self.backend, str) else self.backend
+
+        def counting(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            cid = torch._guards.CompileContext.current_compile_id()   # a restarted analysis keeps its id: one graph
+            if (cid.frame_id, cid.frame_compile_id) not in self._ids:
+                self._ids.add((cid.frame_id, cid.frame_compile_id))
+                self.graphs[key] += 1
+            compiled = inner(gm, example_inputs)
+
+            def run(*a):
+                self.runs += 1
+                return compiled(*a)
+            return run
+        return torch.compile(block_step, fullgraph=True, dynamic=True, backend=counting,
+                             recompile_limit=GRAPHS_PER_VARIANT, isolate_recompiles=True)
 
     def __call__(self, args: tuple) -> torch.Tensor:
-        if not self.failed:
-            dtype = args[2].dtype
-            fn = self.fns.get(dtype)
+        key = self.variant(args)
+        if key not in self.failed:
+            fn = self.fns.get(key)
             if fn is None:
-                fn = self.fns[dtype] = torch.compile(block_step, fullgraph=True, dynamic=True, backend=self.backend)
+                fn = self.fns[key] = self._compile(key)
             try:
                 return fn(*args)
             except Exception as e:  # inductor/triton raise many types; eager is always right
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                     raise
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                log.warning(f"compiling the blocks failed, running them uncompiled: {type(e).__name__}: {first}")
-                self.failed = True
+                log.warning(f"compiling the blocks failed, running them uncompiled (eager) from now on: "
+                            f"{type(e).__name__}: {first}")
+                self.failed.add(key)
+        self.fallbacks += 1
         return block_step(*args)
+
+    def evidence(self) -> dict[str, int]:
+        """``graphs`` compiled, ``recompiles`` (graphs beyond a variant's first) and ``fallbacks`` (block calls run
+        eagerly because compiling failed)."""
+        graphs = sum(self.graphs.values())
+        return {"graphs": graphs, "recompiles": graphs - len(self.graphs), "fallbacks": self.fallbacks}
+
+
+MASK_ALIGN = 16    # memory-efficient SDPA wants a mask's row stride a multiple of 16, else it pads it on every call
 
 
 class AttentionPlan:
     """Block-causal attention of tokens start … end−1 over keys 0 … end−1, shared by every block. ``one_call``: one
     attention call whatever the number of scales, with an additive mask (0 where a query's scale is at least the
-    key's, −inf elsewhere) built once per (start, end, dtype, device); None where the new tokens are one scale (they
-    see every key). Else one call per scale (``split``): where nothing is launched (an eager CPU) the masked call
-    only adds work, since it computes the masked-out part too (1.5–1.7× the per-scale calls' time on d16)."""
+    key's, −inf elsewhere) built once per (start, end, dtype, device), its rows padded in memory so that no call
+    re-pads it (SDPA's memory-efficient kernel would, for a 91-key mask, on every call); None where the new tokens
+    are one scale (they see every key). Else one call per scale (``split``): where nothing is launched (an eager
+    CPU) the masked call only adds work, since it computes the masked-out part too (1.5–1.7× the per-scale calls'
+    time on d16)."""
 
     def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device, one_call: bool = True):
         self.start, self.end, self.device = start, end, device
@@ -181,7 +245,8 @@ class AttentionPlan:
         if self._bool is None:
             return None
         m = self._masks.get(dtype)
-        if m is None:
-            m = torch.zeros(self._bool.shape, dtype=dtype, device=self.device).masked_fill_(~self._bool, float("-inf"))
-            self._masks[dtype] = m
+        if m is None:      # rows padded to a multiple of MASK_ALIGN keys: the fused GPU kernels take it as it is
+            rows, keys = self._bool.shape
+            m = torch.zeros(rows, -(-keys // MASK_ALIGN) * MASK_ALIGN, dtype=dtype, device=self.device)[:, :keys]
+            self._masks[dtype] = m.masked_fill_(~self._bool, float("-inf"))
         return m

@@ -18,17 +18,46 @@ import torch.nn.functional as F
 from .specs import VQVAESpec
 
 
+def _fp32_settings() -> list:
+    """The per-backend fp32 precision settings of torch's newer API (cuBLAS matmuls, cuDNN convolutions and RNNs,
+    oneDNN's on CPUs), each with an ``fp32_precision`` of ieee, tf32, bf16 or none; [] on a torch without it."""
+    b = torch.backends
+    found = [getattr(b.cuda, "matmul", None), getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+             getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None), getattr(b.mkldnn, "rnn", None)]
+    return [s for s in found if s is not None and hasattr(s, "fp32_precision")]
+
+
 @contextmanager
 def exact_fp32() -> Iterator[None]:
-    """Run fp32 convolutions and matmuls as true fp32 (TF32 off for cuDNN and cuBLAS), then restore the caller's
-    flags. cuDNN's TF32 is on by default on Ampere and later: it moves latents by ~1e-3, flips near-tie argmins, and
-    tokens would then differ from the CPU's and from the official fp32 evaluation."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Run fp32 convolutions and matmuls as true fp32, then restore the caller's settings, whatever the caller set:
+    ``allow_tf32`` flags, ``torch.set_float32_matmul_precision("high"/"medium")`` (on a GPU TF32; on a CPU with
+    native bf16, "medium" runs oneDNN's fp32 matmuls in bf16) or the newer ``fp32_precision`` settings, mixed or
+    not. cuDNN's TF32 is on by default on Ampere and later: it moves latents by ~1e-3, flips near-tie argmins, and
+    tokens would then differ from the CPU's and from the official fp32 evaluation. Where torch has the newer API
+    only it is used: reading the legacy cuDNN flag raises once the two APIs were mixed."""
+    settings = _fp32_settings()
+    if settings:        # the precision getters raise once the APIs were mixed: read and write only these
+        saved = [s.fp32_precision for s in settings]
+        _set_each(settings, ["ieee"] * len(settings))
+        try:
+            yield
+        finally:
+            _set_each(settings, saved)
+        return
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = [m.allow_tf32, c.allow_tf32, torch.get_float32_matmul_precision()]
+    torch.set_float32_matmul_precision("highest")
+    m.allow_tf32 = c.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved[2])
+        m.allow_tf32, c.allow_tf32 = saved[:2]
+
+
+def _set_each(settings: list, values: list[str]) -> None:
+    for s, v in zip(settings, values):
+        s.fp32_precision = v
 
 
 class Phi(nn.Conv2d):

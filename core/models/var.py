@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .block_ops import MOD_ROWS, AttentionPlan, CompiledBlock, _modulate, _unit_qk, block_step, linear
+from .block_ops import HEAD_ROWS, MOD_ROWS, AttentionPlan, CompiledBlock, _modulate, _unit_qk, block_step, linear
 from .specs import VARSpec
 from .var_state import ClassTable, KVCache
 
@@ -246,14 +246,16 @@ class VAR(nn.Module):
         return x + self.lvl_embed(self.levels(n, x.device)).unsqueeze(0) + self.pos_1LC[:, :n], conds
 
     def modulations(self, conds: torch.Tensor) -> torch.Tensor:
-        """B, slots, C class embeddings → B, depth·6 + 2, C fp32 AdaLN rows (every block's six, then the head's
-        two); differentiable, so training reaches the class rows through it."""
+        """B, slots, C class embeddings → B, 2 + depth·6, C fp32 AdaLN rows (the head's two, then every block's six);
+        differentiable, so training reaches the class rows through it. The head's rows come first so that no
+        block's rows start at offset 0: a compiled graph specialises a view at offset 0, which would compile the
+        first block apart from the others."""
         if self.extra_class_emb is None:        # every slot holds the class's one row: project it once
             block_conds = [self.shared_ada_lin(conds[:, 1])] * len(self.blocks)
         else:
             block_conds = [self.shared_ada_lin(conds[:, 1 + i]) for i in range(len(self.blocks))]
         rows = [b.modulation(c) for b, c in zip(self.blocks, block_conds)]
-        return torch.cat(rows + [self.head_nm.modulation(conds[:, -1])], 1)
+        return torch.cat([self.head_nm.modulation(conds[:, -1])] + rows, 1)
 
     def class_table(self, ids: list[int]) -> ClassTable:
         """The engine's AdaLN table holding (at least) these classes; made anew only when a weight or the added
@@ -284,7 +286,8 @@ class VAR(nn.Module):
         x, conds = self.embed(class_idx, x_in)
         B, end = x.shape[0], x.shape[1]
         start = cache.num_tokens if cache is not None else 0
-        x = x[:, start:].contiguous()     # one layout for every call: compiled blocks need no recompiles
+        if start:                         # a fresh tensor every call (no view): compiled blocks need no recompiles
+            x = x[:, start:].contiguous()
         mods = self.modulations(conds) if mods is None else mods
         block_fn = self.block_fn if self.block_fn is not None and not torch.is_grad_enabled() else None
         one_call = self.one_attention_call
@@ -306,23 +309,24 @@ class VAR(nn.Module):
             if cache is not None:
                 assert kv is not None   # extending a cache always has a buffer: the scratch one or the kept cache
                 kv[:, :start].copy_(cache.bufs[i][:, :start])
-            mod = mods[:, MOD_ROWS * i:MOD_ROWS * (i + 1)]
+            mod = mods[:, HEAD_ROWS + MOD_ROWS * i:HEAD_ROWS + MOD_ROWS * (i + 1)]
             x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv))
             if work is not None and kept is not None and kv is not None:   # kv is work's buffer here
                 kept.bufs[i].copy_(kv[:, :kept.num_tokens])
-        return self.head_nm(x, mods[:, -2:]), kept
+        return self.head_nm(x, mods[:, :HEAD_ROWS]), kept
 
     def forward(self, class_idx: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B, L', V for the first L' = x_in.shape[1] + first_l tokens."""
         h, _ = self.hidden(class_idx, x_in)
         return self.head(h).float()
 
-    def compiled(self, backend: str = "inductor") -> VAR:
-        """This VAR with every block run by one compiled graph (see :class:`CompiledBlock`); the inductor cache lives
-        under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
+    def compiled(self, block: CompiledBlock | None = None) -> VAR:
+        """This VAR with every block run by compiled graphs (``block``, shared by a model's engine copies so an added
+        class or a second dtype reuses what is compiled; a new :class:`CompiledBlock` if None); the inductor cache
+        lives under $XDG_CACHE_HOME/avarc, so a second run reuses the generated code."""
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avarc" / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-        self.block_fn = CompiledBlock(backend)
+        self.block_fn = block if block is not None else CompiledBlock()
         return self
 
     def in_dtype(self, dtype: torch.dtype) -> VAR:

@@ -65,15 +65,15 @@ class KVCache:
 
 
 class ClassTable:
-    """Every AdaLN row of the classes asked for so far (fp32, computed once per engine): per block γ1, γ2, 1 + s1,
-    1 + s2, b1, b2, then the head's 1 + scale, shift, so a forward gathers its rows' modulation instead of
+    """Every AdaLN row of the classes asked for so far (fp32, computed once per engine): the head's 1 + scale, shift,
+    then per block γ1, γ2, 1 + s1, 1 + s2, b1, b2, so a forward gathers its rows' modulation instead of
     projecting per row and block. Classes are computed in fixed blocks of ids (:data:`TABLE_BLOCK`), so a class's
     rows are the same bits whichever classes were asked for first."""
 
     def __init__(self, num_ids: int, device: torch.device):
         self.num_ids = num_ids
         self.blocks: list[int] = []                                         # blocks of TABLE_BLOCK ids held
-        self.rows: torch.Tensor | None = None                               # n, depth·6 + 2, C
+        self.rows: torch.Tensor | None = None                               # n, 2 + depth·6, C
         self.slot = torch.zeros(num_ids, dtype=torch.long, device=device)   # class id → row of ``rows``
 
     @property

@@ -53,6 +53,7 @@ class BenchResult:
     launches_per_forward: float | None = None  # non-view aten ops of one full-length forward (≈ kernel launches)
     host_syncs_per_step: float | None = None   # ops in one scoring step that wait for the device
     threads: int | None = None                 # CPU threads it ran on
+    compiled: dict[str, int] | None = None     # compiled engine: graphs, recompiles, fallbacks of this row's runs
     preds: Annotated[list[int], Field(exclude=True)] = field(default_factory=list, repr=False)
     scores: Annotated[list[list[float]], Field(exclude=True)] = field(default_factory=list, repr=False)  # 1st stage
 
@@ -182,6 +183,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     times, enc_times, stage_times, guard_times = [], [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    compiled_before = model.compile_evidence()
     for it in range(warmup + repeat):
         _sync(device)
         t0 = time.perf_counter()
@@ -211,6 +213,7 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
     total = statistics.median(times)
     shares = [statistics.median(s[k] for s in stage_times) / total for k in range(len(stage_times[0]))]
     low = model.dtype != torch.float32
+    compiled = _evidence_since(compiled_before, model.compile_evidence())
     counted = engine_counters(model)          # after the timed runs: counting slows the dispatch down
     return BenchResult(
         profile=profile.name, dtype=dtype_name(model.dtype), device=str(device),
@@ -220,9 +223,14 @@ def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[i
         peak_mem_mb=_peak_mem_mb(device), agreement_fp32=None, stage_share=shares,
         encoder_share=statistics.median(enc_times) / total,
         guard_images=guarded / n if low else None, guard_share=statistics.median(guard_times) / total if low else None,
-        guard_flips=flips / n if low else None, **counted, threads=torch.get_num_threads(),
+        guard_flips=flips / n if low else None, **counted, threads=torch.get_num_threads(), compiled=compiled,
         preds=[p.pred for p in out], scores=[p.stages[0].scores for p in out],
     )
+
+
+def _evidence_since(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    """A compiled row's graphs, recompiles and fallbacks: what its own runs (warm-up included) added."""
+    return None if before is None or after is None else {k: after[k] - before[k] for k in after}
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
