@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .engine.profile import Profile
 from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, set_threads
 from .engine.schedule import classify as run_schedule
 from .engine.schedule import noise_generator
+from .engine.sampling import Sampling, decode, sample_tokens
 from .engine.scoring import Scorer
 from .engine.stages import Prediction
 from .errors import AvarcError
@@ -42,6 +43,7 @@ from .models.specs import ModelSpec
 from .tasks.explain import Explanation, Target, check_scales, explain_images
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
+from .tasks.samples import Samples
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 Images = Union[ImageInput, Sequence[ImageInput]]
@@ -340,6 +342,32 @@ class Classifier:
             return out
 
         return distributed.run(items, self.load, step, per_step=per_step)
+
+    # generate
+    def generate(self, classes: Sequence[int | str], n: int = 1, *, seed: int = 0, cfg: float = 1.5, top_k: int = 0,
+                 top_p: float = 0.0, on_scale: Callable[[int, int], None] | None = None) -> Samples:
+        """Draw ``n`` samples of each class (index or name; added classes too), class-major in the order given, as
+        one batch on one generator seeded with ``seed``: the token ids equal upstream VAR's
+        ``autoregressive_infer_cfg(B, labels, seed, cfg, top_k, top_p)`` (guidance ``cfg`` rising linearly over the
+        scales; 0 turns top-k / top-p off). ``.save(folder)`` writes the PNGs, a contact sheet and the tokens."""
+        if n < 1:
+            raise AvarcError(f"n {n}: ask for at least one sample per class")
+        ids = [self.class_id(c, "class") for c in classes]
+        if not ids:
+            raise AvarcError("no classes given; name at least one class (index or name) to generate")
+        sampling = Sampling(seed, cfg, top_k, top_p).check(self.spec.var.vocab_size)
+        labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(n)
+        tokens = self.sample_tokens(labels, sampling, on_scale=on_scale)
+        names = self.class_names
+        return Samples(labels, tokens, decode(self.model.vae, tokens.to(self.device)).cpu(),
+                       [names[y] for y in labels.tolist()])
+
+    def sample_tokens(self, labels: torch.Tensor, sampling: Sampling, prefix: torch.Tensor | None = None,
+                      on_scale: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Class ids (B,) → B, L token ids (CPU) drawn by the engine's VAR (``prefix``: the first scales given)."""
+        m = self.model
+        return sample_tokens(m.engine_var(), m.vae.quantize, labels.to(self.device), sampling,
+                             None if prefix is None else prefix.to(self.device), self.batch_size, on_scale).cpu()
 
     # add classes
     def add_classes(self, classes: Mapping[str, str | os.PathLike | Sequence[ImageInput] | torch.Tensor], *,
