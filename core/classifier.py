@@ -25,9 +25,9 @@ from .engine.flops import image_gflops
 from .engine.model import Model
 from .engine.profile import Profile
 from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, set_threads
+from .engine.sampling import Sampling, decode, sample_tokens
 from .engine.schedule import classify as run_schedule
 from .engine.schedule import noise_generator
-from .engine.sampling import Sampling, decode, sample_tokens
 from .engine.scoring import Scorer
 from .engine.stages import Prediction
 from .errors import AvarcError
@@ -361,6 +361,11 @@ class Classifier:
         names = self.class_names
         return Samples(labels, tokens, decode(self.model.vae, tokens.to(self.device)).cpu(),
                        [names[y] for y in labels.tolist()])
+
+    def classify_samples(self, samples: Samples, seed: int = 0) -> list[Prediction]:
+        """Classify samples as their PNGs hold them (uint8 pixels), keyed by their file names (``--check``)."""
+        x = torch.stack([pixels_to_tensor(px) for px in samples.pixels])
+        return self.classify(x, keys=samples.files(), seed=seed)
 
     def sample_tokens(self, labels: torch.Tensor, sampling: Sampling, prefix: torch.Tensor | None = None,
                       on_scale: Callable[[int, int], None] | None = None) -> torch.Tensor:

@@ -63,9 +63,9 @@ def filter_logits(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) 
 
 def draw(logits_BlV: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
     """B, l, V logits → B, l token ids, one multinomial draw per position on the (CPU) generator."""
-    B, l, V = logits_BlV.shape
+    B, n, V = logits_BlV.shape
     probs = filter_logits(logits_BlV.float().cpu(), sampling.top_k, sampling.top_p).softmax(dim=-1)
-    return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generator).view(B, l)
+    return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generator).view(B, n)
 
 
 @torch.no_grad()

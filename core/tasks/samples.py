@@ -37,22 +37,18 @@ class Samples:
         return self.images.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
     def files(self) -> list[str]:
-        """Each sample's PNG, relative to the output folder: ``<class name>/<k>.png``, k counting within its class."""
-        seen: dict[int, int] = {}
-        out = []
-        for y, name in zip(self.labels.tolist(), self.names):
-            k = seen[y] = seen.get(y, -1) + 1
-            out.append(f"{safe_stem(name)}/{k}.png")
-        return out
+        """Each sample's PNG, relative to the output folder (see :func:`sample_files`)."""
+        return sample_files(self.labels.tolist(), self.names)
 
-    def save(self, folder: str | os.PathLike, exclusive: bool = True) -> list[Path]:
+    def save(self, folder: str | os.PathLike, exclusive: bool = True, captions: list[str] | None = None) -> list[Path]:
         """Write every sample's PNG, ``grid.png`` and ``tokens.npz`` into ``folder`` (each atomically;
-        ``exclusive``: refuse a file that exists) → the paths written, the grid and tokens last."""
+        ``exclusive``: refuse a file that exists) → the paths written, the grid and tokens last. ``captions``: a
+        line under each sample on the grid."""
         folder = Path(folder)
         written = []
         for rel, px in zip(self.files(), self.pixels):
             written.append(_write_png(Image.fromarray(px), folder / rel, exclusive))
-        written.append(_write_png(self.contact_sheet(), folder / "grid.png", exclusive))
+        written.append(_write_png(self.contact_sheet(captions), folder / "grid.png", exclusive))
         buf = io.BytesIO()
         np.savez(buf, tokens=self.tokens.numpy().astype(np.int64), labels=self.labels.numpy().astype(np.int64))
         with atomic_write(folder / "tokens.npz", exclusive=exclusive, option="out") as f:
@@ -88,6 +84,25 @@ class Samples:
                 if captions:
                     draw.text((x, top + cell), _fit(_ascii(captions[i]), font, cell), font=font, fill=(0, 0, 0))
         return sheet
+
+
+def sample_files(labels: list[int], names: list[str]) -> list[str]:
+    """``<class name>/<k>.png`` per sample (k counting within its class), relative to the output folder."""
+    seen: dict[int, int] = {}
+    out = []
+    for y, name in zip(labels, names):
+        k = seen[y] = seen.get(y, -1) + 1
+        out.append(f"{safe_stem(name)}/{k}.png")
+    return out
+
+
+def class_shares(labels: list[int], preds: list[int]) -> dict[int, tuple[int, int]]:
+    """Per class asked (in order of first appearance): (samples classified as it, samples)."""
+    out: dict[int, tuple[int, int]] = {}
+    for y, p in zip(labels, preds):
+        hit, n = out.get(y, (0, 0))
+        out[y] = (hit + (p == y), n + 1)
+    return out
 
 
 def _write_png(img: Image.Image, path: Path, exclusive: bool) -> Path:
