@@ -40,6 +40,7 @@ def generate(
     OUT/CLASS/K.png, OUT/grid.png (one labelled row per class) and OUT/tokens.npz (tokens: B×L int64, coarse to
     fine; labels: B).
     """
+    from avarc.engine.sampling import Sampling
     from avarc.errors import AvarcError
     from avarc.io.files import make_output_dir
     from avarc.tasks.samples import sample_files
@@ -49,6 +50,7 @@ def generate(
 
     clf = opts.load(model, profile)
     ids = [clf.class_id(c, "class") for c in classes]
+    Sampling(seed, cfg, top_k, top_p).check(clf.spec.var.vocab_size)       # before any folder is made
     labels = [y for y in ids for _ in range(n)]
     names = [out / f for f in sample_files(labels, [clf.class_names[y] for y in labels])]
     clash = [f for f in [*names, out / "grid.png", out / "tokens.npz"] if f.exists()]
