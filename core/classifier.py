@@ -40,7 +40,8 @@ from .io.profiles import default_profile_name, load_profile
 from .io.records import model_identity, ok_record, run_info, skipped_record
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
-from .tasks.explain import Explanation, Target, check_scales, explain_images
+from .tasks.counterfactual import Counterfactual
+from .tasks.explain import Explanation, Target, check_scales, explain_images, explain_tokens
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
 from .tasks.samples import Samples
@@ -373,6 +374,49 @@ class Classifier:
         m = self.model
         return sample_tokens(m.engine_var(), m.vae.quantize, labels.to(self.device), sampling,
                              None if prefix is None else prefix.to(self.device), self.batch_size, on_scale).cpu()
+
+    # counterfactuals
+    def counterfactual(self, images: Images, target: int | str, *, keep_scales: int = 1, seed: int = 0,
+                       cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                       keys: Sequence[str] | None = None) -> Counterfactual | list[Counterfactual]:
+        """Each image as class ``target``: its own first ``keep_scales`` scales kept, the rest drawn under its
+        predicted class and under ``target`` from the same seed (sampling settings as :meth:`generate`), both
+        decoded, the counterfactual classified and its tokens explained (target vs predicted). Inputs as for
+        :meth:`classify`; ``.save(folder, stem)`` writes the counterfactual and its panel."""
+        inputs, single = self._inputs(images)
+        t = self.class_id(target, "counterfactual class")
+        keys = self._keys(inputs, keys)
+        sampling = Sampling(seed, cfg, top_k, top_p).check(self.spec.var.vocab_size)
+        out: list[Counterfactual] = []
+        for i in range(0, len(keys), IMAGES_PER_STEP):
+            x = self._tensors(inputs[i:i + IMAGES_PER_STEP])
+            out += self.counterfactual_tensors(x, [t] * x.shape[0], keys[i:i + IMAGES_PER_STEP], keep_scales, sampling)
+        return out[0] if single else out
+
+    def counterfactual_tensors(self, x: torch.Tensor, targets: Sequence[int], keys: Sequence[str], keep_scales: int,
+                               sampling: Sampling) -> list[Counterfactual]:
+        """B, 3, R, R preprocessed images and a target class each → their counterfactuals (see
+        :meth:`counterfactual`); the smoothing noise is seeded by ``sampling.seed`` and the keys, as in classify."""
+        S = len(self.spec.var.patch_nums)
+        if not 0 <= keep_scales <= S:
+            raise AvarcError(f"keep {keep_scales} scales asked for, but this model has {S}; use 0…{S}",
+                             option="keep_scales")
+        cands = list(range(self.model.num_classes))
+        preds = [p.pred for p in self.predict(x, keys, cands, sampling.seed)]
+        tokens = self.model.tokenize(x).cpu()
+        prefix = tokens[:, :self.spec.var.scale_ends()[keep_scales - 1]] if keep_scales else None
+        as_pred = self.sample_tokens(torch.tensor(preds), sampling, prefix)
+        as_target = self.sample_tokens(torch.tensor(list(targets)), sampling, prefix)
+        B = x.shape[0]
+        drawn = decode(self.model.vae, torch.cat((tokens, as_pred, as_target)).to(self.device)).cpu()
+        px = drawn.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        judged = self.predict(torch.stack([pixels_to_tensor(p) for p in px[2 * B:]]),
+                              [f"{k}.counterfactual" for k in keys], cands, sampling.seed)
+        exps = explain_tokens(self.model, as_target, list(zip(targets, preds)), chunk=self.batch_size)
+        names = self.class_names
+        return [Counterfactual(tensor_pixels(x[i]), px[i], px[B + i], px[2 * B + i], preds[i], targets[i],
+                               keep_scales, exps[i], judged[i].pred, dict(judged[i].posterior).get(targets[i], 0.0),
+                               (names[preds[i]], names[targets[i]]), names[judged[i].pred]) for i in range(B)]
 
     # add classes
     def add_classes(self, classes: Mapping[str, str | os.PathLike | Sequence[ImageInput] | torch.Tensor], *,

@@ -50,6 +50,11 @@ def explain(
     metrics_start: Annotated[MetricsStart, opt("--metrics-start", show_default=True,
                                                help="Insertion's start, deletion's fill: blank or blur.")] = "blank",
     seed: SeedOpt = 0,
+    counterfactual: Annotated[Optional[str], opt("--counterfactual", metavar="CLASS",
+                                                 help="Draw each image as CLASS instead (with --from: true = each "
+                                                 "image's true class).")] = None,
+    keep_scales: Annotated[int, opt("--keep-scales", min=0, metavar="K", show_default=True,
+                                    help="With --counterfactual: the image's own first K scales are kept.")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """\b
@@ -58,7 +63,12 @@ def explain(
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
     avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
+    avarc explain examples/digits/3 --counterfactual 8 --keep-scales 1   # each 3 drawn as an 8
+    avarc explain --from run.jsonl --mistakes --counterfactual true       # as what they should have been
 
+    --counterfactual keeps each image's first K scales and draws the rest under its predicted class and under
+    CLASS from the same seed: OUT/IMAGE.as_CLASS.png, and OUT/IMAGE.counterfactual.png with the input, its
+    reconstruction, both drawings and where the drawing's tokens favour CLASS over the prediction.
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores (README, Explain).
     --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).
@@ -68,6 +78,9 @@ def explain(
     from avarc.io.files import make_output_dir
     from avarc.tasks.heatmap import check_style
 
+    if counterfactual is not None:
+        return _counterfactuals(opts, source, inputs, run, mistakes, model, profile, labels, out, counterfactual,
+                                keep_scales, seed, force)
     if run is not None:
         return panels.explain_run(opts, run, mistakes, model, profile, out, colormap, alpha, shared_scale, scales,
                                   force)
@@ -83,3 +96,28 @@ def explain(
     panels.write(clf, found.items, target, out, colormap, alpha, shared_scale, scales, seed, force,
                  metrics=metrics_start if metrics else None)
 
+
+
+def _counterfactuals(opts: ModelOptions, source: InputOptions, inputs: Optional[list[Path]], run: Optional[Path],
+                     mistakes: bool, model: Optional[str], profile: Optional[str], labels: str, out: Path,
+                     target: str, keep_scales: int, seed: int, force: bool) -> None:
+    """``--counterfactual``: every input (or the run's images) drawn as the class asked."""
+    from avarc.errors import AvarcError
+    from avarc.io.data import collect
+    from avarc.io.files import make_output_dir
+
+    from .. import counterfactuals
+
+    if run is not None:
+        return counterfactuals.from_run(opts, run, mistakes, model, profile, out, target, keep_scales, force)
+    if target.lower() == counterfactuals.TRUE:
+        raise AvarcError("--counterfactual true needs --from RUN (the run's labels); name a class for images")
+    inputs = source.inputs(inputs)
+    if not inputs:
+        raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits/3 "
+                         "--counterfactual 8`)")
+    make_output_dir(out, "out")
+    clf = opts.load(model or "digits", profile)
+    cls = clf.class_id(target, "--counterfactual")
+    found = collect(inputs, clf.space, labels, exclude=list(out.iterdir()) if out.is_dir() else [], data=source.data())
+    counterfactuals.write(clf, found.items, {it.path: cls for it in found.items}, out, keep_scales, seed, force)
