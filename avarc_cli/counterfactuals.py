@@ -18,11 +18,13 @@ def write(clf, items: list, targets: dict[str, int], out: Path, keep_scales: int
     from avarc.errors import AvarcError
     from avarc.io import distributed
     from avarc.io.preprocess import pixels_to_tensor
+    from avarc.tasks.counterfactual import check_keep_scales
     from avarc.tasks.explain import safe_stem, unique_stems
 
     from . import output
     from .interrupt import interruptible
 
+    check_keep_scales(keep_scales, len(clf.spec.var.patch_nums))
     stems = dict(zip((it.path for it in items), unique_stems([it.path for it in items])))
     names = clf.class_names
     clash = [f for it in items for f in (out / f"{stems[it.path]}.as_{safe_stem(names[targets[it.path]])}.png",

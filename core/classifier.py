@@ -40,7 +40,7 @@ from .io.profiles import default_profile_name, load_profile
 from .io.records import model_identity, ok_record, run_info, skipped_record
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
-from .tasks.counterfactual import Counterfactual
+from .tasks.counterfactual import Counterfactual, check_keep_scales
 from .tasks.explain import Explanation, Target, check_scales, explain_images, explain_tokens
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
@@ -397,10 +397,7 @@ class Classifier:
                                sampling: Sampling) -> list[Counterfactual]:
         """B, 3, R, R preprocessed images and a target class each → their counterfactuals (see
         :meth:`counterfactual`); the smoothing noise is seeded by ``sampling.seed`` and the keys, as in classify."""
-        S = len(self.spec.var.patch_nums)
-        if not 0 <= keep_scales <= S:
-            raise AvarcError(f"keep {keep_scales} scales asked for, but this model has {S}; use 0…{S}",
-                             option="keep_scales")
+        check_keep_scales(keep_scales, len(self.spec.var.patch_nums))
         cands = list(range(self.model.num_classes))
         preds = [p.pred for p in self.predict(x, keys, cands, sampling.seed)]
         tokens = self.model.tokenize(x).cpu()

@@ -2,6 +2,8 @@
 CPU in fp32), ``avarc generate`` end to end, and the digits model's own samples classified as their class."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 
 from avarc import Classifier
 from avarc.engine.sampling import Sampling, sample_tokens
+from avarc.errors import AvarcError
 from tests.conftest import CONFORMANCE, MODEL, ConformanceSet, run_cli
 
 GOLDEN = CONFORMANCE / "official256" / "generate.npz"
@@ -130,3 +133,56 @@ def test_added_class_generates_and_add_class_samples(monkeypatch, capsys, tmp_pa
     assert code == 0, err
     assert np.load(gen / "tokens.npz")["labels"].tolist() == [10, 10, 7, 7]
     assert (gen / "sevens" / "1.png").exists()
+
+
+def test_counterfactuals_of_threes_are_eights(digits):
+    """The acceptance check: twenty test 3s drawn as 8 from their own first scale are classified as 8 in ≥ 70%;
+    keeping every scale draws nothing (both drawings are the reconstruction)."""
+    from scripts.digits import load_digits
+    test = load_digits("test")
+    threes = [Image.fromarray(a) for a in test.images[test.labels == 3][:20]]
+    cfs = digits.counterfactual(threes, "8", keep_scales=1, seed=0)
+    assert np.mean([c.as_target_pred == 8 for c in cfs]) >= 0.7
+    assert all(c.pred == 3 and c.target == 8 and c.as_target_name == digits.class_names[c.as_target_pred] for c in cfs)
+    assert np.mean([c.log_ratio for c in cfs]) > 0              # the drawn tokens favour 8 over 3
+    full = digits.counterfactual(threes[0], 8, keep_scales=len(digits.spec.var.patch_nums))
+    assert np.array_equal(full.as_target, full.reconstruction) and np.array_equal(full.as_pred, full.reconstruction)
+    with pytest.raises(AvarcError, match="keep 5 scales asked for, but this model has 4"):
+        digits.counterfactual(threes[0], 8, keep_scales=5)
+
+
+def test_explain_counterfactual_cli(monkeypatch, capsys, tmp_path):
+    threes = Path(__file__).parents[1] / "examples" / "digits" / "3"
+    out = tmp_path / "cf"
+    code, stdout, err = run_cli(monkeypatch, capsys, "explain", threes, "--counterfactual", "8", "--out", out,
+                                "--device", "cpu")
+    assert code == 0, err
+    stems = sorted(p.stem for p in threes.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s}.as_8.png" for s in stems] + [f"{s}.counterfactual.png" for s in stems])
+    assert Image.open(out / f"{stems[0]}.as_8.png").size == (8, 8)
+    panel = Image.open(out / f"{stems[0]}.counterfactual.png")
+    assert panel.width >= 5 * 256 and panel.height > 256           # five panels of at least 256 px, captioned
+    assert "classified as the class asked" in stdout
+    code, _, err = run_cli(monkeypatch, capsys, "explain", threes, "--counterfactual", "8", "--out", out,
+                           "--device", "cpu")
+    assert code == 2 and "already exist" in err and len(err.strip().splitlines()) == 1
+    for args, needle in [(["--counterfactual", "true"], "needs --from RUN"),
+                         (["--counterfactual", "eleven"], "'eleven' is not a class"),
+                         (["--counterfactual", "8", "--keep-scales", "9"], "this model has 4")]:
+        code, _, err = run_cli(monkeypatch, capsys, "explain", threes, *args, "--out", tmp_path / "x", "--device",
+                               "cpu")
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+    run = tmp_path / "run.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, "classify", threes.parent, "--out", run, "--device", "cpu")
+    assert code == 0, err
+    code, stdout, err = run_cli(monkeypatch, capsys, "explain", "--from", run, "--counterfactual", "true",
+                                "--out", tmp_path / "true", "--device", "cpu")
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "true").glob("*.as_*.png"))
+    assert len(names) == 20 and sum(n.endswith(".as_3.png") for n in names) == 2
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", run, "--mistakes", "--counterfactual", "true",
+                           "--out", tmp_path / "m", "--device", "cpu")
+    assert code == 2 and "no mistakes" in err

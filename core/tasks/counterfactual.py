@@ -15,9 +15,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import AvarcError
 from ..io.files import atomic_write
 from .explain import Explanation, safe_stem
 from .heatmap import BACKGROUND, GAP, STRIP, TEXT, _ascii, _fit, _font_size, _line_height, overlay, panel_size
+
+
+def check_keep_scales(keep_scales: int, num_scales: int) -> int:
+    if not 0 <= keep_scales <= num_scales:
+        raise AvarcError(f"keep {keep_scales} scales asked for, but this model has {num_scales}; use 0…{num_scales}",
+                         option="keep_scales")
+    return keep_scales
 
 
 @dataclass
