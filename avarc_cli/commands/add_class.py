@@ -34,8 +34,8 @@ def add_class(
                                   help="Share of each class's images held out to report accuracy.")] = 0.2,
     seed: Annotated[int, opt("--seed", help="Seed of the split, batches and noise.", show_default=True)] = 0,
     samples: Annotated[int, opt("--samples", min=0, metavar="N",
-                                help="Then draw N samples of each new class into OUT's .samples folder and print "
-                                "the share classified as it.")] = 0,
+                                help="Draw N samples of each new class beside OUT; print the share "
+                                "classified as it.")] = 0,
     force: ForceOpt = False,
 ) -> None:
     """\b
@@ -43,7 +43,7 @@ def add_class(
     avarc add-class cat=cats/ dog=dogs/ -m d16 --steps 500    # several at once
     avarc add-class new/ -e ext1.pt --out ext2.pt   # sub-folders; stacks on ext1
     avarc classify test/ -m d16 -e ext2.pt          # then old and new together
-    avarc add-class seven digits7/ -m runs/digits-0-4 --samples 8   # and see what it learnt
+    avarc add-class seven digits7/ --samples 8      # and see what it learnt
 
     Only the new classes' embedding rows train, on the likelihood of their images; every other weight, and so
     every old class's score, stays exactly as it was. The base checkpoint is never modified.

@@ -39,7 +39,7 @@ def explain(
                                      help="Class to contrast (or null; default: best other).")] = None,
     label: Annotated[Optional[str], opt("--label", metavar="Y", help="True class of every input.")] = None,
     labels: LabelsOpt = "auto",
-    out: Annotated[Path, opt("--out", "-o", metavar="DIR", help="Folder for IMAGE.png and IMAGE.npz.",
+    out: Annotated[Path, opt("--out", "-o", metavar="DIR", help="Folder for the PNGs and NPZs.",
                              show_default=True)] = Path("explanations"),
     colormap: Annotated[Colormap, opt("--colormap", help="Heatmap colours.", show_default=True)] = "turbo",
     alpha: Annotated[float, opt("--alpha", min=0.0, max=1.0, metavar="A", help="Heatmap opacity, 0…1.",
@@ -48,13 +48,12 @@ def explain(
     scales: Annotated[Optional[int], opt("--scales", metavar="S", help="Use the first S scales only.")] = None,
     metrics: Annotated[bool, opt("--metrics", help="Insertion/deletion AUC vs random (metrics.json).")] = False,
     metrics_start: Annotated[MetricsStart, opt("--metrics-start", show_default=True,
-                                               help="Insertion's start, deletion's fill: blank or blur.")] = "blank",
+                                               help="Insertion's start, deletion's fill.")] = "blank",
     seed: SeedOpt = 0,
     counterfactual: Annotated[Optional[str], opt("--counterfactual", metavar="CLASS",
-                                                 help="Draw each image as CLASS instead (with --from: true = each "
-                                                 "image's true class).")] = None,
+                                                 help="Redraw each image as CLASS (README).")] = None,
     keep_scales: Annotated[int, opt("--keep-scales", min=0, metavar="K", show_default=True,
-                                    help="With --counterfactual: the image's own first K scales are kept.")] = 1,
+                                    help="With --counterfactual: own scales kept.")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """\b
@@ -63,12 +62,8 @@ def explain(
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
     avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
-    avarc explain examples/digits/3 --counterfactual 8 --keep-scales 1   # each 3 drawn as an 8
-    avarc explain --from run.jsonl --mistakes --counterfactual true       # as what they should have been
+    avarc explain examples/digits/3 --counterfactual 8   # 3s drawn as 8s
 
-    --counterfactual keeps each image's first K scales and draws the rest under its predicted class and under
-    CLASS from the same seed: OUT/IMAGE.as_CLASS.png, and OUT/IMAGE.counterfactual.png with the input, its
-    reconstruction, both drawings and where the drawing's tokens favour CLASS over the prediction.
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores (README, Explain).
     --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).

@@ -31,9 +31,9 @@ def generate(
     force: ForceOpt = False,
 ) -> None:
     """\b
-    avarc generate 0 1 2 3 4 5 6 7 8 9 -n 10 --check    # the digits model's idea of each digit
-    avarc generate tabby 207 -m d16 -n 4 --cfg 4 --top-k 900 --top-p 0.95 --out cats
-    avarc generate seven -m runs/digits-0-4 -e seven.ext.pt -n 8    # an added class
+    avarc generate 0 1 2 3 4 5 6 7 8 9 -n 10 --check   # each digit, checked
+    avarc generate tabby 207 -m d16 -n 4 --cfg 4 --top-k 900 --top-p 0.95
+    avarc generate seven -m runs/digits-0-4 -e seven.ext.pt -n 8   # added
 
     One batch: the classes in the order given, each N times, drawn with one generator seeded by --seed, exactly
     as upstream VAR's autoregressive_infer_cfg draws them (the same token ids for the same settings). Writes
