@@ -350,7 +350,9 @@ class Classifier:
         """Draw ``n`` samples of each class (index or name; added classes too), class-major in the order given, as
         one batch on one generator seeded with ``seed``: the token ids equal upstream VAR's
         ``autoregressive_infer_cfg(B, labels, seed, cfg, top_k, top_p)`` (guidance ``cfg`` rising linearly over the
-        scales; 0 turns top-k / top-p off). ``.save(folder)`` writes the PNGs, a contact sheet and the tokens."""
+        scales; 0 turns top-k / top-p off) when the classifier computes in fp32 (``dtype="fp32"``; bf16 draws from
+        nearly the same distributions, not the same ids). ``.save(folder)`` writes the PNGs, a contact sheet and
+        the tokens."""
         if n < 1:
             raise AvarcError(f"n {n}: ask for at least one sample per class")
         ids = [self.class_id(c, "class") for c in classes]

@@ -47,8 +47,9 @@ def test_tokens_equal_upstream(official):
 def test_cli_pngs_match_upstream_images(monkeypatch, capsys, tmp_path, i):
     s = SETTINGS[i]
     labels = UPSTREAM["labels"].tolist()
+    model = MODEL if i == 0 else MODEL[:MODEL.index("--dtype")]     # generate's auto dtype is fp32: upstream's
     code, out, err = run_cli(monkeypatch, capsys, "generate", *labels, "--seed", s.seed, "--cfg", s.cfg,
-                             "--top-k", s.top_k, "--top-p", s.top_p, "--out", tmp_path, *MODEL)
+                             "--top-k", s.top_k, "--top-p", s.top_p, "--out", tmp_path, *model)
     assert code == 0, err
     saved = np.load(tmp_path / "tokens.npz")
     assert saved["tokens"].dtype == np.int64 and np.array_equal(saved["tokens"], UPSTREAM["tokens"][i])
@@ -186,3 +187,10 @@ def test_explain_counterfactual_cli(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", run, "--mistakes", "--counterfactual", "true",
                            "--out", tmp_path / "m", "--device", "cpu")
     assert code == 2 and "no mistakes" in err
+
+
+def test_sample_folders_stay_apart():
+    """Two classes whose names make one folder name (ImageNet's two "crane" classes) do not share a folder."""
+    from avarc.tasks.samples import sample_files
+    assert sample_files([134, 517, 134, 3], ["crane", "crane", "crane", "tiger shark"]) == \
+        ["crane/0.png", "crane-517/0.png", "crane/1.png", "tiger_shark/0.png"]

@@ -36,7 +36,8 @@ def generate(
     avarc generate seven -m runs/digits-0-4 -e seven.ext.pt -n 8   # added
 
     One batch: the classes in the order given, each N times, drawn with one generator seeded by --seed, exactly
-    as upstream VAR's autoregressive_infer_cfg draws them (the same token ids for the same settings). Writes
+    as upstream VAR's autoregressive_infer_cfg draws them (the same token ids for the same settings; in fp32
+    unless --dtype says otherwise). Writes
     OUT/CLASS/K.png, OUT/grid.png (one labelled row per class) and OUT/tokens.npz (tokens: B×L int64, coarse to
     fine; labels: B).
     """
@@ -48,7 +49,7 @@ def generate(
     from .. import output
     from ..interrupt import interruptible
 
-    clf = opts.load(model, profile)
+    clf = opts.load(model, profile, **({"dtype": "fp32"} if opts.dtype == "auto" else {}))   # upstream's draws
     ids = [clf.class_id(c, "class") for c in classes]
     Sampling(seed, cfg, top_k, top_p).check(clf.spec.var.vocab_size)       # before any folder is made
     labels = [y for y in ids for _ in range(n)]

@@ -87,12 +87,19 @@ class Samples:
 
 
 def sample_files(labels: list[int], names: list[str]) -> list[str]:
-    """``<class name>/<k>.png`` per sample (k counting within its class), relative to the output folder."""
+    """``<class name>/<k>.png`` per sample (k counting within its class), relative to the output folder. Two classes
+    whose names give one folder name (ImageNet has two "crane" classes) get their id appended: ``crane-517``."""
+    folders: dict[int, str] = {}
+    for y, name in zip(labels, names):
+        if y not in folders:
+            stem = safe_stem(name)
+            taken = {f.lower() for f in folders.values()}
+            folders[y] = stem if stem.lower() not in taken else f"{stem}-{y}"
     seen: dict[int, int] = {}
     out = []
-    for y, name in zip(labels, names):
+    for y in labels:
         k = seen[y] = seen.get(y, -1) + 1
-        out.append(f"{safe_stem(name)}/{k}.png")
+        out.append(f"{folders[y]}/{k}.png")
     return out
 
 
