@@ -170,7 +170,8 @@ def test_explain_counterfactual_cli(monkeypatch, capsys, tmp_path):
     assert code == 2 and "already exist" in err and len(err.strip().splitlines()) == 1
     for args, needle in [(["--counterfactual", "true"], "needs --from RUN"),
                          (["--counterfactual", "eleven"], "'eleven' is not a class"),
-                         (["--counterfactual", "8", "--keep-scales", "9"], "this model has 4")]:
+                         (["--counterfactual", "8", "--keep-scales", "9"], "this model has 4"),
+                         (["--counterfactual", "8", "--vs", "3"], "--vs is for heatmaps")]:
         code, _, err = run_cli(monkeypatch, capsys, "explain", threes, *args, "--out", tmp_path / "x", "--device",
                                "cpu")
         lines = [line for line in err.splitlines() if line.strip()]

@@ -74,6 +74,9 @@ def explain(
     from avarc.tasks.heatmap import check_style
 
     if counterfactual is not None:
+        given = [f for f, v in (("--class", cls), ("--vs", vs), ("--metrics", metrics), ("--scales", scales)) if v]
+        if given:
+            raise AvarcError(f"{given[0]} is for heatmaps; --counterfactual draws images instead: drop one of them")
         return _counterfactuals(opts, source, inputs, run, mistakes, model, profile, labels, out, counterfactual,
                                 keep_scales, seed, force)
     if run is not None:
