@@ -25,7 +25,7 @@ from .engine.flops import image_gflops
 from .engine.model import Model
 from .engine.profile import Profile
 from .engine.runtime import resolve_compile, resolve_device, resolve_dtype, set_threads
-from .engine.sampling import Sampling, decode, sample_tokens
+from .engine.sampling import Sampling, decode, generate_tokens
 from .engine.schedule import classify as run_schedule
 from .engine.schedule import noise_generator
 from .engine.scoring import Scorer
@@ -360,7 +360,7 @@ class Classifier:
             raise AvarcError("no classes given; name at least one class (index or name) to generate")
         sampling = Sampling(seed, cfg, top_k, top_p).check(self.spec.var.vocab_size)
         labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(n)
-        tokens = self.sample_tokens(labels, sampling, on_scale=on_scale)
+        tokens = self.generate_tokens(labels, sampling, on_scale=on_scale)
         names = self.class_names
         return Samples(labels, tokens, decode(self.model.vae, tokens.to(self.device)).cpu(),
                        [names[y] for y in labels.tolist()])
@@ -370,12 +370,15 @@ class Classifier:
         x = torch.stack([pixels_to_tensor(px) for px in samples.pixels])
         return self.classify(x, keys=samples.files(), seed=seed)
 
-    def sample_tokens(self, labels: torch.Tensor, sampling: Sampling, prefix: torch.Tensor | None = None,
-                      on_scale: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Class ids (B,) → B, L token ids (CPU) drawn by the engine's VAR (``prefix``: the first scales given)."""
+    def generate_tokens(self, labels: torch.Tensor, sampling: Sampling, prefix: torch.Tensor | None = None,
+                        on_scale: Callable[[int, int], None] | None = None,
+                        generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Class ids (B,) → B, L token ids (CPU) drawn by the engine's VAR (``prefix``: the first scales given;
+        ``generators``: one per row instead of one seeded by ``sampling.seed``)."""
         m = self.model
-        return sample_tokens(m.engine_var(), m.vae.quantize, labels.to(self.device), sampling,
-                             None if prefix is None else prefix.to(self.device), self.batch_size, on_scale).cpu()
+        return generate_tokens(m.engine_var(), m.vae.quantize, labels.to(self.device), sampling,
+                               None if prefix is None else prefix.to(self.device), self.batch_size, on_scale,
+                               generators).cpu()
 
     # counterfactuals
     def counterfactual(self, images: Images, target: int | str, *, keep_scales: int = 1, seed: int = 0,
@@ -398,14 +401,16 @@ class Classifier:
     def counterfactual_tensors(self, x: torch.Tensor, targets: Sequence[int], keys: Sequence[str], keep_scales: int,
                                sampling: Sampling) -> list[Counterfactual]:
         """B, 3, R, R preprocessed images and a target class each → their counterfactuals (see
-        :meth:`counterfactual`); the smoothing noise is seeded by ``sampling.seed`` and the keys, as in classify."""
+        :meth:`counterfactual`); the smoothing noise and each image's draws are seeded by ``sampling.seed`` and its
+        key, as in classify, so a counterfactual does not depend on the batch it is drawn in."""
         check_keep_scales(keep_scales, len(self.spec.var.patch_nums))
         cands = list(range(self.model.num_classes))
         preds = [p.pred for p in self.predict(x, keys, cands, sampling.seed)]
         tokens = self.model.tokenize(x).cpu()
         prefix = tokens[:, :self.spec.var.scale_ends()[keep_scales - 1]] if keep_scales else None
-        as_pred = self.sample_tokens(torch.tensor(preds), sampling, prefix)
-        as_target = self.sample_tokens(torch.tensor(list(targets)), sampling, prefix)
+        as_pred, as_target = (self.generate_tokens(torch.tensor(list(ids)), sampling, prefix,
+                                                   generators=[noise_generator(sampling.seed, k) for k in keys])
+                              for ids in (preds, targets))    # the same draws for both: they differ by class alone
         B = x.shape[0]
         drawn = decode(self.model.vae, torch.cat((tokens, as_pred, as_target)).to(self.device)).cpu()
         px = drawn.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()

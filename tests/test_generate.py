@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from avarc import Classifier
-from avarc.engine.sampling import Sampling, sample_tokens
+from avarc.engine.sampling import Sampling, generate_tokens
 from avarc.errors import AvarcError
 from tests.conftest import CONFORMANCE, MODEL, ConformanceSet, run_cli
 
@@ -36,10 +36,10 @@ def test_tokens_equal_upstream(official):
     one sample (two rows) each."""
     labels = torch.from_numpy(UPSTREAM["labels"])
     for i, s in enumerate(SETTINGS):
-        tokens = official.sample_tokens(labels, s)
+        tokens = official.generate_tokens(labels, s)
         assert torch.equal(tokens, torch.from_numpy(UPSTREAM["tokens"][i])), s
     m = official.model
-    split = sample_tokens(m.var, m.vae.quantize, labels, SETTINGS[-1], rows_per_forward=2)
+    split = generate_tokens(m.var, m.vae.quantize, labels, SETTINGS[-1], rows_per_forward=2)
     assert torch.equal(split, torch.from_numpy(UPSTREAM["tokens"][-1]))
 
 
@@ -146,6 +146,8 @@ def test_counterfactuals_of_threes_are_eights(digits):
     assert np.mean([c.as_target_pred == 8 for c in cfs]) >= 0.7
     assert all(c.pred == 3 and c.target == 8 and c.as_target_name == digits.class_names[c.as_target_pred] for c in cfs)
     assert np.mean([c.log_ratio for c in cfs]) > 0              # the drawn tokens favour 8 over 3
+    alone = digits.counterfactual(threes[5], "8", keep_scales=1, seed=0, keys=["5"])
+    assert np.array_equal(alone.as_target, cfs[5].as_target)      # the same draw alone as in the batch of twenty
     full = digits.counterfactual(threes[0], 8, keep_scales=len(digits.spec.var.patch_nums))
     assert np.array_equal(full.as_target, full.reconstruction) and np.array_equal(full.as_pred, full.reconstruction)
     with pytest.raises(AvarcError, match="keep 5 scales asked for, but this model has 4"):

@@ -11,7 +11,7 @@ image's own first scales instead of drawing them (zero-shot editing, and counter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -61,24 +61,31 @@ def filter_logits(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) 
     return logits_BlV
 
 
-def draw(logits_BlV: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """B, l, V logits → B, l token ids, one multinomial draw per position on the (CPU) generator."""
+def draw(logits_BlV: torch.Tensor, sampling: Sampling,
+         generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    """B, l, V logits → B, l token ids, one multinomial draw per position on the (CPU) generator, or on each row's
+    own generator."""
     B, n, V = logits_BlV.shape
     probs = filter_logits(logits_BlV.float().cpu(), sampling.top_k, sampling.top_p).softmax(dim=-1)
-    return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generator).view(B, n)
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generator).view(B, n)
+    return torch.stack([torch.multinomial(p, 1, replacement=True, generator=g).view(n)
+                        for p, g in zip(probs, generator)])
 
 
 @torch.no_grad()
-def sample_tokens(var: VAR, quantize: MultiScaleQuantizer, labels: torch.Tensor, sampling: Sampling,
-                  prefix: torch.Tensor | None = None, rows_per_forward: int | None = None,
-                  on_scale: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def generate_tokens(var: VAR, quantize: MultiScaleQuantizer, labels: torch.Tensor, sampling: Sampling,
+                    prefix: torch.Tensor | None = None, rows_per_forward: int | None = None,
+                    on_scale: Callable[[int, int], None] | None = None,
+                    generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """Class ids (B,) → B, L token ids drawn scale by scale. ``prefix``: B, L_K tokens of the first K scales, taken
     as given instead of drawn (the generator then starts at scale K). ``rows_per_forward``: rows (a sample's
     conditional and null rows count two) per forward pass, to bound memory; the draws do not depend on it.
-    ``on_scale(k, S)`` is called after each scale."""
+    ``on_scale(k, S)`` is called after each scale. ``generators``: one per row instead of upstream's one for the
+    batch (seeded by the caller; a row's draws then do not depend on the rest of the batch)."""
     pn, device = var.spec.patch_nums, labels.device
     S, B = len(pn), labels.shape[0]
-    generator = torch.Generator().manual_seed(sampling.seed)
+    generator = generators if generators is not None else torch.Generator().manual_seed(sampling.seed)
     forced = quantize.split(prefix) if prefix is not None else []
     step = max(1, (rows_per_forward or 2 * B) // 2)
     chunks = [slice(lo, min(lo + step, B)) for lo in range(0, B, step)]
