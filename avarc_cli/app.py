@@ -14,7 +14,7 @@ from avarc import __version__
 from avarc.errors import AvarcError
 
 from . import output
-from .commands import add_class, bench, calibrate_ood, classify, download, explain, report, tune
+from .commands import add_class, bench, calibrate_ood, classify, download, explain, generate, report, tune
 from .help import Command, Group
 
 app = typer.Typer(name="avarc", help="VAR image models as efficient, explainable generative classifiers (A-VARC).",
@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("download", download.download, "Download official weights (checked)."),
     ("classify", classify.classify, "Classify images and labelled folders."),
     ("explain", explain.explain, "Why: per-token log-likelihood-ratio heatmaps."),
+    ("generate", generate.generate, "Draw class samples, as upstream VAR samples."),
     ("bench", bench.bench, "Speed, GFLOPs, memory, dtype agreement."),
     ("add-class", add_class.add_class, "Learn new classes from their own images."),
     ("tune", tune.tune, "The best schedule for a compute budget."),

@@ -17,7 +17,7 @@ import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ from .engine.flops import image_gflops
 from .engine.model import Model
 from .engine.profile import Profile
 from .engine.runtime import DTYPES, resolve_compile, resolve_device, resolve_dtype, resolve_threads
+from .engine.sampling import Sampling, decode, generate_tokens
 from .engine.schedule import classify as run_schedule
+from .engine.schedule import noise_generator
 from .engine.scoring import Scorer
 from .engine.stages import Prediction, Skipped
 from .engine.torch_state import torch_settings
@@ -52,9 +54,11 @@ from .io.records import (
 )
 from .io.registry import entry, fetch, is_registry_name, with_vaes
 from .models.specs import ModelSpec
-from .tasks.explain import Explanation, Target, check_scales, explain_images
+from .tasks.counterfactual import Counterfactual, check_keep_scales
+from .tasks.explain import Explanation, Target, check_scales, explain_images, explain_tokens
 from .tasks.incremental import Extension, add_classes, apply_extension, load_extension, read_class_folders
 from .tasks.ood import DEFAULT_OOD_SCORE, check_score, decide, ood_scores
+from .tasks.samples import Samples
 
 IMAGES_PER_STEP = 16
 
@@ -365,6 +369,84 @@ class Classifier:
             return out
 
         return distributed.run(items, self.load, step, per_step=per_step)
+
+    # generate
+    @_in_settings
+    def generate(self, classes: Sequence[int | str], n: int = 1, *, seed: int = 0, cfg: float = 1.5, top_k: int = 0,
+                 top_p: float = 0.0, on_scale: Callable[[int, int], None] | None = None) -> Samples:
+        """Draw ``n`` samples of each class (index or name; added classes too), class-major in the order given, as
+        one batch on one generator seeded with ``seed``: the token ids equal upstream VAR's
+        ``autoregressive_infer_cfg(B, labels, seed, cfg, top_k, top_p)`` (guidance ``cfg`` rising linearly over the
+        scales; 0 turns top-k / top-p off) when the classifier computes in fp32 (``dtype="fp32"``; bf16 draws from
+        nearly the same distributions, not the same ids). ``.save(folder)`` writes the PNGs, a contact sheet and
+        the tokens."""
+        if n < 1:
+            raise AvarcError(f"n {n}: ask for at least one sample per class")
+        ids = [self.class_id(c, "class") for c in classes]
+        if not ids:
+            raise AvarcError("no classes given; name at least one class (index or name) to generate")
+        sampling = Sampling(seed, cfg, top_k, top_p).check(self.spec.var.vocab_size)
+        labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(n)
+        tokens = self.generate_tokens(labels, sampling, on_scale=on_scale)
+        names = self.class_names
+        return Samples(labels, tokens, decode(self.model.vae, tokens.to(self.device)).cpu(),
+                       [names[y] for y in labels.tolist()])
+
+    def classify_samples(self, samples: Samples, seed: int = 0) -> list[Prediction]:
+        """Classify samples as their PNGs hold them (uint8 pixels; ``--check``)."""
+        x = torch.stack([pixels_to_tensor(px) for px in samples.pixels])
+        return self.classify(x, seed=seed)
+
+    def generate_tokens(self, labels: torch.Tensor, sampling: Sampling, prefix: torch.Tensor | None = None,
+                        on_scale: Callable[[int, int], None] | None = None,
+                        generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Class ids (B,) → B, L token ids (CPU) drawn by the engine's VAR (``prefix``: the first scales given;
+        ``generators``: one per row instead of one seeded by ``sampling.seed``)."""
+        m = self.model
+        return generate_tokens(m.engine_var(), m.vae.quantize, labels.to(self.device), sampling,
+                               None if prefix is None else prefix.to(self.device), self.batch_size, on_scale,
+                               generators).cpu()
+
+    # counterfactuals
+    @_in_settings
+    def counterfactual(self, images: Images, target: int | str, *, keep_scales: int = 1, seed: int = 0,
+                       cfg: float = 1.5, top_k: int = 0,
+                       top_p: float = 0.0) -> Counterfactual | list[Counterfactual | Skipped]:
+        """Each image as class ``target``: its own first ``keep_scales`` scales kept, the rest drawn under its
+        predicted class and under ``target`` from the same seed (sampling settings as :meth:`generate`), both
+        decoded, the counterfactual classified and its tokens explained (target vs predicted). Inputs as for
+        :meth:`classify`; ``.save(folder, stem)`` writes the counterfactual and its panel."""
+        entries, single = self._entries(images)
+        t = self.class_id(target, "counterfactual class")
+        sampling = Sampling(seed, cfg, top_k, top_p).check(self.spec.var.vocab_size)
+        out: list = [None] * len(entries)
+        for good, x in self._steps(entries, single, out):
+            for j, c in zip(good, self.counterfactual_tensors(x, [t] * x.shape[0], keep_scales, sampling)):
+                out[j] = c
+        return out[0] if single else out
+
+    def counterfactual_tensors(self, x: torch.Tensor, targets: Sequence[int], keep_scales: int,
+                               sampling: Sampling) -> list[Counterfactual]:
+        """B, 3, R, R preprocessed images and a target class each → their counterfactuals (see
+        :meth:`counterfactual`); the smoothing noise and each image's draws are seeded by ``sampling.seed`` and the
+        image's own content, as in classify, so a counterfactual does not depend on the batch it is drawn in."""
+        check_keep_scales(keep_scales, len(self.spec.var.patch_nums))
+        cands = list(range(self.model.num_classes))
+        preds = [p.pred for p in self.predict(x, cands, sampling.seed)]
+        tokens = self.model.tokenize(x).cpu()
+        prefix = tokens[:, :self.spec.var.scale_ends()[keep_scales - 1]] if keep_scales else None
+        as_pred, as_target = (self.generate_tokens(torch.tensor(list(ids)), sampling, prefix,
+                                                   generators=[noise_generator(sampling.seed, row) for row in tokens])
+                              for ids in (preds, targets))    # the same draws for both: they differ by class alone
+        B = x.shape[0]
+        drawn = decode(self.model.vae, torch.cat((tokens, as_pred, as_target)).to(self.device)).cpu()
+        px = drawn.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        judged = self.predict(torch.stack([pixels_to_tensor(p) for p in px[2 * B:]]), cands, sampling.seed)
+        exps = explain_tokens(self.model, as_target, list(zip(targets, preds)), chunk=self.batch_size)
+        names = self.class_names
+        return [Counterfactual(tensor_pixels(x[i]), px[i], px[B + i], px[2 * B + i], preds[i], targets[i],
+                               keep_scales, exps[i], judged[i].pred, dict(judged[i].posterior).get(targets[i], 0.0),
+                               (names[preds[i]], names[targets[i]]), names[judged[i].pred]) for i in range(B)]
 
     # add classes
     @_in_settings

@@ -51,7 +51,7 @@ def test_errors_name_their_flag():
     assert output.message(AvarcError("plain")) == "plain"
 
 
-COMMANDS = ["classify", "explain", "add-class", "download", "bench", "tune", "calibrate-ood", "report"]
+COMMANDS = ["classify", "explain", "add-class", "download", "bench", "tune", "calibrate-ood", "report", "generate"]
 
 
 def _help(*args: str) -> str:

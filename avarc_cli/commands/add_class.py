@@ -33,6 +33,9 @@ def add_class(
     holdout: Annotated[float, opt("--holdout", min=0.0, max=0.95, metavar="F", show_default=True,
                                   help="Share of each class's images held out to report accuracy.")] = 0.2,
     seed: Annotated[int, opt("--seed", help="Seed of the split, batches and noise.", show_default=True)] = 0,
+    samples: Annotated[int, opt("--samples", min=0, metavar="N",
+                                help="Draw N samples of each new class beside OUT; print the share "
+                                "classified as it.")] = 0,
     force: ForceOpt = False,
 ) -> None:
     """\b
@@ -40,6 +43,7 @@ def add_class(
     avarc add-class cat=cats/ dog=dogs/ -m d16 --steps 500    # several at once
     avarc add-class new/ -e ext1.pt --out ext2.pt   # sub-folders; stacks on ext1
     avarc classify test/ -m d16 -e ext2.pt          # then old and new together
+    avarc add-class seven digits7/ --samples 8      # and see what it learnt
 
     Only the new classes' embedding rows train, on the likelihood of their images; every other weight, and so
     every old class's score, stays exactly as it was. The base checkpoint is never modified.
@@ -53,16 +57,20 @@ def add_class(
     from ..interrupt import interruptible
 
     dataset = classes[0] if len(classes) == 1 and hf_data.is_dataset(classes[0]) else None
-    folders = {} if dataset else _parse_classes(classes)
-    names = hf_data.class_names(dataset, source.split, source.label_column) if dataset else list(folders)
-    out = check_output_file(out or Path("+".join(names) + ".ext.pt"), "out", force)
+    folders = dict.fromkeys(hf_data.class_names(dataset, source.split, source.label_column)) if dataset \
+        else _parse_classes(classes)
+    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
+    drawn = samples_folder(out)
+    if samples and drawn.exists() and not force:
+        raise AvarcError(f"{drawn}: already exists (the samples of an earlier run); pass --force to overwrite its "
+                         "files, or choose another --out", option="samples")
     clf = opts.load(model)
     if absolute(out) in {absolute(p) for p in clf.files}:
         raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
                          "choose another --out")
     if dataset is None:
         refuse_inputs([("out", out)], (f for d in folders.values() for f in Path(d).rglob("*")))
-    check_names(clf.model, names, "add-class")      # before reading any image
+    check_names(clf.model, list(folders), "add-class")      # before reading any image
     read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
         else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
     for _, reason in read.skipped:
@@ -83,6 +91,27 @@ def add_class(
                  f"{time.perf_counter() - start:.1f} s",
                  ["class", "id", "train images", "held out", "held-out top-1 %"], rows)
     output.say(f"wrote {out}; use it with --extension {out}")
+    if samples:
+        _draw_samples(clf, list(range(n - len(names), n)), samples, seed, drawn, force)
+
+
+def samples_folder(extension: Path) -> Path:
+    """Where ``--samples`` writes: beside the extension, ``NAME.samples`` for ``NAME.pt``."""
+    return extension.with_name(extension.name.removesuffix(".pt") + ".samples")
+
+
+def _draw_samples(clf, ids: list[int], n: int, seed: int, folder: Path, force: bool) -> None:  # noqa: ANN001
+    """``--samples``: n samples of each new class, checked by the classifier that now holds them."""
+    from avarc.io.files import make_output_dir
+
+    from .generate import print_shares
+
+    make_output_dir(folder, "samples")
+    drawn = clf.generate(ids, n, seed=seed)
+    preds = [p.pred for p in clf.classify_samples(drawn, seed)]
+    drawn.save(folder, exclusive=not force, captions=[f"as {clf.class_names[p]}" for p in preds])
+    print_shares(clf, drawn.labels.tolist(), preds, f"avarc add-class --samples {n} · written to {folder} · "
+                 f"classified as the new class")
 
 
 def _parse_classes(args: list[str]) -> dict[str, Path]:

@@ -38,7 +38,7 @@ def explain(
                                      help="Class to contrast (or null; default: best other).")] = None,
     label: Annotated[Optional[str], opt("--label", metavar="Y", help="True class of every input.")] = None,
     labels: LabelsOpt = "auto",
-    out: Annotated[Path, opt("--out", "-o", metavar="DIR", help="Folder for IMAGE.png and IMAGE.npz.",
+    out: Annotated[Path, opt("--out", "-o", metavar="DIR", help="Folder for the PNGs and NPZs.",
                              show_default=True)] = Path("explanations"),
     colormap: Annotated[Colormap, opt("--colormap", help="Heatmap colours.", show_default=True)] = "turbo",
     alpha: Annotated[float, opt("--alpha", min=0.0, max=1.0, metavar="A", help="Heatmap opacity, 0…1.",
@@ -50,6 +50,10 @@ def explain(
                                                help="Insertion's start, deletion's fill: blank or blur.")] = "blank",
     seed: Annotated[Optional[int], opt("--seed", help="Seed of the likelihood-smoothing noise (default: 0, or the "
                                        "run's).")] = None,
+    counterfactual: Annotated[Optional[str], opt("--counterfactual", metavar="CLASS",
+                                                 help="Redraw each image as CLASS (README).")] = None,
+    keep_scales: Annotated[int, opt("--keep-scales", min=0, metavar="K", show_default=True,
+                                    help="With --counterfactual: own scales kept.")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """\b
@@ -59,6 +63,7 @@ def explain(
     avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
     avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
     avarc explain --from run.jsonl digits/3 --vs 8 --metrics  # options apply to a run's images too
+    avarc explain examples/digits/3 --counterfactual 8   # 3s drawn as 8s
 
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores
@@ -72,6 +77,12 @@ def explain(
     from avarc.io.files import make_output_dir
     from avarc.tasks.heatmap import check_style
 
+    if counterfactual is not None:
+        given = [f for f, v in (("--class", cls), ("--vs", vs), ("--metrics", metrics), ("--scales", scales)) if v]
+        if given:
+            raise AvarcError(f"{given[0]} is for heatmaps; --counterfactual draws images instead: drop one of them")
+        return _counterfactuals(opts, source, inputs, run, mistakes, model, profile, labels, out, counterfactual,
+                                keep_scales, seed or 0, force)
     inputs = source.inputs(inputs)
     if run is not None:
         return panels.explain_run(opts, source, inputs, run, mistakes, model, profile, cls, vs, label, labels, out,
@@ -90,3 +101,28 @@ def explain(
     panels.write(clf, found.items, target, out, colormap, alpha, shared_scale, scales, seed or 0, force,
                  metrics=metrics_start if metrics else None)
 
+
+
+def _counterfactuals(opts: ModelOptions, source: InputOptions, inputs: Optional[list[Path]], run: Optional[Path],
+                     mistakes: bool, model: Optional[str], profile: Optional[str], labels: str, out: Path,
+                     target: str, keep_scales: int, seed: int, force: bool) -> None:
+    """``--counterfactual``: every input (or the run's images) drawn as the class asked."""
+    from avarc.errors import AvarcError
+    from avarc.io.data import collect
+    from avarc.io.files import make_output_dir
+
+    from .. import counterfactuals
+
+    if run is not None:
+        return counterfactuals.from_run(opts, run, mistakes, model, profile, out, target, keep_scales, force)
+    if target.lower() == counterfactuals.TRUE:
+        raise AvarcError("--counterfactual true needs --from RUN (the run's labels); name a class for images")
+    inputs = source.inputs(inputs)
+    if not inputs:
+        raise AvarcError("no inputs; pass image files or folders (e.g. `avarc explain examples/digits/3 "
+                         "--counterfactual 8`)")
+    make_output_dir(out, "out")
+    clf = opts.load(model or "digits", profile)
+    cls = clf.class_id(target, "--counterfactual")
+    found = collect(inputs, clf.space, labels, exclude=list(out.iterdir()) if out.is_dir() else [], data=source.data())
+    counterfactuals.write(clf, found.items, {it.path: cls for it in found.items}, out, keep_scales, seed, force)

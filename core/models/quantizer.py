@@ -155,6 +155,26 @@ class MultiScaleQuantizer(nn.Module):
         return maps
 
     @exact_fp32()
+    def add_scale(self, k: int, idx_Bl: torch.Tensor, f_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampling's step (upstream ``get_next_autoregressive_input``): the codes of scale k (B, p_k²) added to
+        f̂ (B, Cvae, H, W fp32) → the new f̂ and the next scale's input (B, p_{k+1}², Cvae; None after the last)."""
+        B, H, pn = f_hat.shape[0], f_hat.shape[-1], self.patch_nums[k]
+        f_hat = f_hat + self._upsampled_code(k, idx_Bl.view(B, pn, pn), H, H).float()
+        if k == len(self.patch_nums) - 1:
+            return f_hat, None
+        p1 = self.patch_nums[k + 1]
+        return f_hat, F.interpolate(f_hat, size=(p1, p1), mode="area").view(B, self.Cvae, -1).transpose(1, 2)
+
+    @torch.no_grad()
+    def f_hat(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B, L tokens of every scale → the B, Cvae, H, W latent they stand for (what the decoder takes)."""
+        B, H = tokens.shape[0], self.patch_nums[-1]
+        f_hat = self.embedding.weight.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
+        for k, idx in enumerate(self.split(tokens)):
+            f_hat, _ = self.add_scale(k, idx, f_hat)
+        return f_hat
+
+    @exact_fp32()
     def var_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing input: B, L' tokens of the first s scales → B, L'−1, Cvae (f̂ after scale k,
         area-downsampled to scale k+1). Differentiable in the codebook, so training can use it too."""
@@ -163,10 +183,8 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = self.embedding.weight.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
         nxt = []
         for k in range(len(maps) - 1):
-            pn = self.patch_nums[k]
-            f_hat = f_hat + self._upsampled_code(k, maps[k].view(B, pn, pn), H, H).float()
-            p1 = self.patch_nums[k + 1]
-            nxt.append(F.interpolate(f_hat, size=(p1, p1), mode="area").view(B, self.Cvae, -1).transpose(1, 2))
+            f_hat, x_in = self.add_scale(k, maps[k], f_hat)
+            nxt.append(x_in)
         if not nxt:
             return f_hat.new_zeros(B, 0, self.Cvae)
         return torch.cat(nxt, dim=1)
