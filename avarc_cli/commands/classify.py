@@ -37,9 +37,9 @@ def classify(
     classes: ClassesOpt = None,
     labels: LabelsOpt = "auto",
     out: Annotated[Optional[Path], opt("--out", "-o", metavar="FILE",
-                                       help="Write a JSON record per image (.jsonl; -: stdout): prediction, "
-                                            "ranking, stages, status ok/abstained/skipped, run "
-                                            "identity (schemas/record.schema.json).")] = None,
+                                       help="Write a JSON record per image (.jsonl; -: stdout): "
+                                            "prediction, ranking, stages, status, run identity "
+                                            "(schemas/record.schema.json).")] = None,
     csv: Annotated[Optional[Path], opt("--csv", metavar="FILE", help="Append the run's row to a CSV experiment log "
                                        "(model SHA, dtype, profile, OOD rule, top-1, abstained, GFLOPs, "
                                        "seconds; README).")] = None,

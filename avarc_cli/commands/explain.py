@@ -26,8 +26,8 @@ def explain(
     opts: ModelOptions,
     source: InputOptions,
     inputs: InputsArg = None,
-    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME", help="Registry name, folder or VAR file "
-                                        "(default: digits, or the run's).")] = None,
+    model: Annotated[Optional[str], opt("--model", "-m", metavar="NAME", help="Name, folder or VAR file (default: "
+                                        "digits).")] = None,
     profile: ProfileOpt = None,
     run: Annotated[Optional[Path], opt("--from", metavar="RUN.jsonl",
                                        help="A classify run's images, model and classes.")] = None,
@@ -47,9 +47,8 @@ def explain(
     scales: Annotated[Optional[int], opt("--scales", metavar="S", help="Use the first S scales only.")] = None,
     metrics: Annotated[bool, opt("--metrics", help="Insertion/deletion AUC vs random (metrics.json).")] = False,
     metrics_start: Annotated[MetricsStart, opt("--metrics-start", show_default=True,
-                                               help="Insertion's start, deletion's fill: blank or blur.")] = "blank",
-    seed: Annotated[Optional[int], opt("--seed", help="Seed of the likelihood-smoothing noise (default: 0, or the "
-                                       "run's).")] = None,
+                                               help="Insertion's start, deletion's fill.")] = "blank",
+    seed: Annotated[Optional[int], opt("--seed", help="Smoothing-noise seed (default: 0, or the run's).")] = None,
     counterfactual: Annotated[Optional[str], opt("--counterfactual", metavar="CLASS",
                                                  help="Redraw each image as CLASS (README).")] = None,
     keep_scales: Annotated[int, opt("--keep-scales", min=0, metavar="K", show_default=True,
@@ -60,17 +59,15 @@ def explain(
     avarc explain examples/digits        # true class vs its best wrong class
     avarc explain cat.jpg -m d16 --out why      # A = prediction, B = runner-up
     avarc explain cat.jpg -m d16 --class tabby --vs tiger_cat
-    avarc explain cat.jpg -m d16 --vs null --scales 8 --colormap jet
     avarc explain --from run.jsonl --mistakes --out why   # then: avarc report
-    avarc explain --from run.jsonl digits/3 --vs 8 --metrics  # options apply to a run's images too
+    avarc explain --from run.jsonl digits/3 --vs 8 --metrics   # options apply
     avarc explain examples/digits/3 --counterfactual 8   # 3s drawn as 8s
 
     OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
     over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores
     (README, Explain a prediction).
-    --metrics scores the A-vs-null maps by insertion/deletion AUC (the A-VARC paper's Table 3 protocol).
-    --from explains each image of a classify run on the stage that decided it (its scales, its samples' mean, the
-    run's seed, model, VQ-VAE, extensions and dtype), so a mistake's panels show the predicted class winning.
+    --metrics scores the A-vs-null maps by insertion/deletion AUC (A-VARC's Table 3).
+    --from explains each image on the stage of the run that decided it.
     """
     from avarc.errors import AvarcError
     from avarc.io.data import collect

@@ -222,11 +222,11 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         label_col = _column(display(raw), ds, label_column, ds_lib.ClassLabel, "class labels (a ClassLabel feature)",
                             "label_column")
         splits.append((where, ds, image_col, label_col, resolved))
-    if labels == "folders" and any(lc is None for *_, lc in splits):
+    if labels == "folders" and any(lc is None for _, _, _, lc, _ in splits):
         where = next(w for w, _, _, lc, _ in splits if lc is None)
         raise AvarcError(f"{where}: no label column (a ClassLabel feature); name it with --label-column, or classify "
                          "without labels", option="labels")
-    labelled = labels != "none" and all(lc is not None for *_, lc in splits)
+    labelled = labels != "none" and all(lc is not None for _, _, _, lc, _ in splits)
     out = []
     for where, ds, image_col, label_col, resolved in splits:
         ids: list[int | None] = [None] * len(ds)
