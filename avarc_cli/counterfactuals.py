@@ -3,7 +3,7 @@ panel (``<stem>.counterfactual.png``), for a list of images or a classify run's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 from .options import ModelOptions
 
@@ -43,6 +43,7 @@ def write(clf, items: list, targets: dict[str, int], out: Path, keep_scales: int
                 if good else ())
         return [(it, px if isinstance(px, str) else next(done)) for it, px in zip(batch, pixels)]
 
+    rows: list[tuple[str, ...]]
     rows, skipped = [], []
     with interruptible(lambda: f"interrupted: {len(rows)} counterfactuals written to {out}"), \
             output.progress() as bar:
@@ -88,5 +89,6 @@ def from_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[str]
         raise AvarcError(f"{run}: no {what} to draw counterfactuals of")
     make_output_dir(out, "out")
     fixed = None if target.lower() == TRUE else clf.class_id(target, "--counterfactual")
-    write(clf, [d.item for d in chosen], {d.item.path: fixed if fixed is not None else d.target.label for d in chosen},
+    write(clf, [d.item for d in chosen],     # without a fixed class, chosen holds labelled images only
+          {d.item.path: fixed if fixed is not None else cast(int, d.target.label) for d in chosen},
           out, keep_scales, run_field(info, "seed", 0), force)

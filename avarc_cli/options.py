@@ -19,6 +19,9 @@ import typer
 
 from avarc.choices import COLORMAPS, DTYPES, ENCODERS, INITS, LABELS, METRICS_STARTS, OOD_SCORES
 
+if typing.TYPE_CHECKING:
+    from avarc.engine.profile import Profile
+
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 Labels = Literal[LABELS]  # type: ignore[valid-type]
 Encoder = Literal[ENCODERS]  # type: ignore[valid-type]
@@ -118,7 +121,8 @@ class ModelOptions:
                                                  "trust_pickle": False}
     given: typing.ClassVar[frozenset[str]] = frozenset()    # the command's parameters given on its command line
 
-    def load(self, model: str, profile: str | None = None, **override: Any):  # noqa: ANN201 (a avarc.Classifier)
+    def load(self, model: str, profile: str | Profile | None = None,
+             **override: Any):  # noqa: ANN201 (a avarc.Classifier)
         """The one ``Classifier.from_pretrained`` call of every command (``override``: a command's own choice)."""
         from avarc import Classifier
 
@@ -170,7 +174,7 @@ class InputOptions:
         loads)."""
         from avarc.io.data import check_inputs, read_list
 
-        inputs = [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
+        inputs: list[str | Path] = [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
         check_inputs(inputs)
         return inputs
 
@@ -210,7 +214,9 @@ def _shared(group: type[OptionGroup], name: str,
             options = group(**values)
             ctx = kw.get(CONTEXT) if inner else kw.pop(CONTEXT, None)
             if ctx is not None:        # which parameters the user typed (a default is not a choice)
-                options.given = frozenset(p for p in ctx.params if ctx.get_parameter_source(p).name != "DEFAULT")
+                # an attribute of every group (ModelOptions reads it), not one of its options: set, not declared
+                setattr(options, "given",
+                        frozenset(p for p in ctx.params if ctx.get_parameter_source(p).name != "DEFAULT"))
             return command(**{name: options}, **kw)
 
         del run.__wrapped__          # typer reads the signature below, not the command's own

@@ -81,6 +81,7 @@ def write(clf, items: list, target, out: Path, colormap: str, alpha: float, shar
                      f"nats {on}",
                      [*header, "output"], rows)
     if measured:
+        assert metrics is not None          # measured only with --metrics
         metrics_table(measured, written, metrics)
     if skipped:
         output.say(f"{'error' if not rows else 'note'}: {len(skipped)} of {len(items)} images could not be explained "
@@ -138,6 +139,7 @@ def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Pat
     clf = opts.load(model, schedule)
     mine = given.resolve(len(clf.spec.var.patch_nums)) if given is not None else None
     if mine is not None and recorded is not None and (mine.stages, mine.sigma) != (recorded.stages, recorded.sigma):
+        assert given is not None            # mine is given's schedule
         raise AvarcError(f"{run} was run with another schedule than profile {given.name}; leave -p out: --from "
                          "explains on the run's own", option="profile")
     data, keys = source.data(), None

@@ -1,7 +1,7 @@
 """How each command's results read in the terminal (tables), apart from the commands that compute them."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import output
 
@@ -53,7 +53,7 @@ def classify_summary(run: Any, topk: int, world: int, out: Any = None) -> None:
 
 
 def _ood_note(record: Record) -> str:
-    ood = record.get("ood") or {}   # an abstained record has its scores
+    ood: Mapping[str, Any] = record.get("ood") or {}   # an abstained record has its scores
     return f"{ood['score']} {ood[ood['score']]:.3g} < {ood['threshold']:.3g}; best guess {record['topk'][0]['name']}"
 
 

@@ -17,7 +17,7 @@ import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Concatenate, Iterator, Mapping, ParamSpec, Sequence, TypeVar, cast
 
 import numpy as np
 import torch
@@ -63,10 +63,14 @@ from .tasks.samples import Samples
 IMAGES_PER_STEP = 16
 
 
-def _in_settings(method):  # noqa: ANN001, ANN202
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _in_settings(method: Callable[Concatenate[Classifier, _P], _R]) -> Callable[Concatenate[Classifier, _P], _R]:
     """A public method run in :meth:`Classifier.settings`: on the classifier's threads, torch's state put back."""
     @functools.wraps(method)
-    def run(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def run(self: Classifier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self.settings():
             return method(self, *args, **kwargs)
     return run
@@ -203,8 +207,11 @@ class Classifier:
         """An entry's model input (3×R×R in [-1, 1]), or why its file or row cannot be read."""
         if isinstance(e.image, torch.Tensor):
             return e.image
-        px = self.load(e.item) if e.item is not None else preprocess_pil(e.image, self.spec.image_size,
-                                                                          self.spec.preprocess)
+        if e.item is not None:
+            px = self.load(e.item)
+        else:
+            assert e.image is not None      # an entry holds a file or dataset row, or an image
+            px = preprocess_pil(e.image, self.spec.image_size, self.spec.preprocess)
         return px if isinstance(px, str) else pixels_to_tensor(px)
 
     def _steps(self, entries: Sequence[Entry], single: bool,
@@ -219,9 +226,9 @@ class Classifier:
                     if single:
                         raise AvarcError(px)
                     out[j] = Skipped(entries[j].path or f"#{j}", px, entries[j].label)
-            good = [j for j, px in read.items() if not isinstance(px, str)]
+            good = {j: px for j, px in read.items() if not isinstance(px, str)}
             if good:
-                yield good, torch.stack([read[j] for j in good])
+                yield list(good), torch.stack(list(good.values()))
 
     # classify
     @_in_settings
@@ -395,7 +402,7 @@ class Classifier:
     def classify_samples(self, samples: Samples, seed: int = 0) -> list[Prediction]:
         """Classify samples as their PNGs hold them (uint8 pixels; ``--check``)."""
         x = torch.stack([pixels_to_tensor(px) for px in samples.pixels])
-        return self.classify(x, seed=seed)
+        return cast("list[Prediction]", self.classify(x, seed=seed))    # a batch tensor: a list, no row skipped
 
     def generate_tokens(self, labels: torch.Tensor, sampling: Sampling, prefix: torch.Tensor | None = None,
                         on_scale: Callable[[int, int], None] | None = None,
@@ -466,7 +473,7 @@ class Classifier:
                 bad = next((r for r in read if isinstance(r, str)), None)
                 if bad is not None:
                     raise AvarcError(f"class {name!r}: {bad}")
-                images[name] = torch.stack(read)
+                images[name] = torch.stack([r for r in read if not isinstance(r, str)])
         base = self.source.lower() if is_registry_name(self.source) else None
         added = add_classes(self.model, images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
                             init=init, seed=seed, holdout=holdout, base_name=base, on_step=on_step)
@@ -474,7 +481,7 @@ class Classifier:
 
 
 
-def _check_arguments(extensions: object, batch_size: object, dtype: object) -> list:
+def _check_arguments(extensions: Sequence[str | os.PathLike | Extension], batch_size: object, dtype: object) -> list:
     """``from_pretrained``'s arguments that would otherwise fail deep inside, refused in one line each; the
     extensions as a list."""
     if isinstance(extensions, (str, os.PathLike, Extension)):
@@ -495,7 +502,7 @@ def _download_missing(names: Sequence[str | os.PathLike], model_dir: str | os.Pa
     names the model asked for (not only its VQ-VAE) and the download that makes it available."""
     for name in map(str, names):
         for e in with_vaes([name]):
-            if not e.bundled and find_local(e.hub, model_dir) is None:
+            if e.hub is not None and find_local(e.hub, model_dir) is None:     # not bundled
                 try:
                     fetch(e, model_dir)
                 except AvarcError as err:

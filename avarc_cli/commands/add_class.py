@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -57,8 +57,8 @@ def add_class(
     from ..interrupt import interruptible
 
     dataset = classes[0] if len(classes) == 1 and hf_data.is_dataset(classes[0]) else None
-    folders = dict.fromkeys(hf_data.class_names(dataset, source.split, source.label_column)) if dataset \
-        else _parse_classes(classes)
+    folders: dict[str, Any] = dict.fromkeys(hf_data.class_names(dataset, source.split, source.label_column)) \
+        if dataset else _parse_classes(classes)     # a dataset's classes: None; else each class's folder
     out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
     drawn = samples_folder(out)
     if samples and drawn.exists() and not force:

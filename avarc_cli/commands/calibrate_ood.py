@@ -70,7 +70,7 @@ def calibrate_ood(
         clf = opts.load(model, profile)
         found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
                         data=source.data())
-        read = [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)]
+        read: list[str | Path] = [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)]
         with hold_outputs({"out": out}, read, force):
             with output.progress() as bar:
                 task = bar.add_task("scoring", total=len(found.items), info="")

@@ -89,7 +89,7 @@ def tune(
                 raise
             raise AvarcError(f"{str(e).split(';')[0]}; tune needs labelled images: a folder of class sub-folders "
                              "(LABELLED_DIR/<class>/image)") from None
-        read = [*opts.files(model), *(it.path for it in found.items if it.source is None)]
+        read: list[str | Path] = [*opts.files(model), *(it.path for it in found.items if it.source is None)]
         with hold_outputs({"out": out, "report": report}, read, force):
             items = found.items
             if max_images is not None and max_images < len(items):

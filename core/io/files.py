@@ -87,7 +87,8 @@ class OutputLock:
     """An exclusive lock of one file for a block (``with``) or from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, lock_file: Path):
-        self.lock_file, self._fd = lock_file, None
+        self.lock_file = lock_file
+        self._fd: int | None = None
         self._fallback = FileLock(lock_file) if fcntl is None else None
 
     def acquire(self, timeout: float = -1) -> OutputLock:

@@ -125,7 +125,7 @@ def _unreachable(endpoint: str) -> str | None:
     answers at all (any status); asked once per process."""
     url = urlsplit(endpoint)
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    conn = kind(url.hostname, url.port, timeout=PROBE_TIMEOUT_S)
+    conn = kind(url.hostname, url.port, timeout=PROBE_TIMEOUT_S)  # type: ignore[arg-type]  # None: http.client fails
     try:
         conn.request("HEAD", "/")
         conn.getresponse()

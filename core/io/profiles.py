@@ -129,7 +129,7 @@ def parse_profile(doc, name: str, source: str) -> Profile:
                                                       f"the prediction), got {stages[-1].keep}")
     if stages[-1].exit_margin is not None:
         raise _fail(f"{source}: stage {len(stages)}", "exit_margin: the last stage has nothing left to skip; remove it")
-    ood = f.ood and OodRule(f.ood.score, f.ood.coverage, tuple(f.ood.thresholds.items()))
+    ood = OodRule(f.ood.score, f.ood.coverage, tuple(f.ood.thresholds.items())) if f.ood is not None else None
     return Profile(name=f.name if f.name is not None else name, stages=stages, sigma=f.sigma,
                    description=f.description.strip(), source=source, temperature=f.temperature,
                    guard_margin=f.guard_margin, ood=ood)
@@ -138,8 +138,8 @@ def parse_profile(doc, name: str, source: str) -> Profile:
 def profile_yaml(profile: Profile, comment: str = "") -> str:
     """A profile as the YAML ``load_profile`` reads back to the same schedule (built through :class:`ProfileFile`, so
     a profile that would not read back is never written); ``comment`` becomes ``#`` lines on top."""
-    ood = profile.ood and OodFile(score=profile.ood.score, coverage=profile.ood.coverage,
-                                  thresholds=dict(profile.ood.thresholds))
+    ood = OodFile(score=profile.ood.score, coverage=profile.ood.coverage,
+                  thresholds=dict(profile.ood.thresholds)) if profile.ood is not None else None
     f = ProfileFile(name=profile.name, description=profile.description, sigma=profile.sigma,
                     temperature=profile.temperature, guard_margin=profile.guard_margin, ood=ood,
                     stages=[StageFile(scales=st.scales, samples=st.samples, keep=st.keep, exit_margin=st.exit_margin)

@@ -40,8 +40,9 @@ SCHEMA_VERSION = 2      # 1: records before the declared schema (no ``schema`` f
 STRICT = ConfigDict(strict=True, extra="allow")   # no coercion ("3" is not 3); a newer avarc's extra fields are kept
 
 
+@with_config(STRICT)
 class _Strict(TypedDict):
-    __pydantic_config__ = STRICT
+    pass
 
 
 ClassId = Annotated[int, Field(ge=0)]
@@ -66,15 +67,17 @@ def _paired(stage: StageRecord) -> StageRecord:
 Stage = Annotated[StageRecord, AfterValidator(_paired)]
 
 
-RankedClass = with_config(STRICT)(TypedDict("RankedClass", {
+RankedClass = TypedDict("RankedClass", {
     "class": ClassId, "name": str, "score": FiniteFloat,
     "stage": NotRequired[Annotated[int, Field(ge=1)]],                  # schema 2
-    "p": NotRequired[Annotated[FiniteFloat, Field(ge=0, le=1)]]}))     # schema 2
+    "p": NotRequired[Annotated[FiniteFloat, Field(ge=0, le=1)]]})      # schema 2
 """One ``topk`` entry, the shape of ``Prediction.to_dict()``'s ``top``: a class, its score (nats), the 1-based stage
 that scored it last (the last stage for its candidates; an earlier one for a class pruned there, whose score counts
 fewer scales or samples, so compare scores within a stage) and its posterior probability (0 when pruned)."""
-PosteriorClass = with_config(STRICT)(TypedDict("PosteriorClass", {
-    "class": ClassId, "name": str, "p": Annotated[FiniteFloat, Field(ge=0, le=1)]}))
+PosteriorClass = TypedDict("PosteriorClass", {
+    "class": ClassId, "name": str, "p": Annotated[FiniteFloat, Field(ge=0, le=1)]})
+with_config(STRICT)(RankedClass)       # the functional form ("class" is a keyword), configured in place
+with_config(STRICT)(PosteriorClass)
 
 
 class Gflops(_Strict):
@@ -251,7 +254,7 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: RunIdentity,
     """A classified image's record; an abstained one keeps its ranking, posterior and ``ood`` scores, only ``pred``
     and ``pred_name`` are null."""
     label = item.record_label(p.label_rank)
-    return {
+    return {  # type: ignore[misc, return-value]  # OkRecord or AbstainedRecord by p.abstained: mypy cannot pick one
         "schema": SCHEMA_VERSION,
         "path": item.path,
         "file": item.file,
@@ -271,7 +274,7 @@ def ok_record(item: Item, p: Prediction, names: Sequence[str], run: RunIdentity,
         "status": "abstained" if p.abstained else "ok",
         "error": None,
         "run": run,
-    }  # type: ignore[return-value]
+    }
 
 
 def skipped_record(item: Item, reason: str, names: Sequence[str], run: RunIdentity) -> Record:

@@ -127,6 +127,7 @@ class ResultsWriter:
     def _check_unchanged(self) -> None:
         """The file is still the one this run writes, as long as it left it: another program that replaced it (``sed
         -i``), truncated or appended to it would make the run's counts wrong and its next records land elsewhere."""
+        assert self._fd is not None     # called by write only for a file (``-`` returned before)
         ours = os.fstat(self._fd)
         try:
             now = os.stat(self.path)

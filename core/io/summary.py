@@ -7,7 +7,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
@@ -213,9 +213,10 @@ def summary_row(m: Metrics, profile: Profile, run: RunIdentity, *, started: str,
     rule = profile.ood
     executed, paper = gflops
 
-    def mean(xs: list[float]) -> float | str:
+    def mean(xs: list[float]) -> float | Literal[""]:
         return round(sum(xs) / len(xs), 6) if xs else ""
 
+    tops: dict[str, Any] = {f"top{k}": m.topk(k) if k in m.ks and m.labelled else "" for k in TOPK}  # top1, top3, …
     row = SummaryRow(
         started=started, avarc_version=__version__, model=run.model, weights=run.weights or "",
         vae_weights=run.vae_weights or "", extensions=";".join(e[:16] for e in run.extensions), dtype=run.dtype or "",
@@ -225,7 +226,7 @@ def summary_row(m: Metrics, profile: Profile, run: RunIdentity, *, started: str,
         ood_rule=f"{run.ood_score}>={rule.threshold(run.ood_score or rule.score)}" if rule is not None else "",
         seed=run.seed, inputs=";".join(inputs), dataset=dataset or "", subset=subset or "", images=m.images,
         skipped=m.skipped, abstained=m.abstained,
-        **{f"top{k}": m.topk(k) if k in m.ks and m.labelled else "" for k in TOPK},
+        **tops,
         recall_per_stage=";".join(f"{r:.6g}" for r in m.recall if r is not None), early_exits=m.early_exits,
         gflops_executed=mean(executed), gflops_paper=mean(paper), seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 3) if new and seconds > 0 else "")

@@ -180,6 +180,7 @@ class CompiledBlock:
 
         def counting(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
             cid = torch._guards.CompileContext.current_compile_id()   # a restarted analysis keeps its id: one graph
+            assert cid is not None                  # a backend is called inside a compile
             if (cid.frame_id, cid.frame_compile_id) not in self._ids:
                 self._ids.add((cid.frame_id, cid.frame_compile_id))
                 self.graphs[key] += 1
@@ -189,8 +190,9 @@ class CompiledBlock:
                 self.runs += 1
                 return compiled(*a)
             return run
-        return torch.compile(block_step, fullgraph=True, dynamic=True, backend=counting,
-                             recompile_limit=GRAPHS_PER_VARIANT, isolate_recompiles=True)
+        return torch.compile(  # type: ignore[call-overload]  # torch.compile takes these; its overloads omit them
+            block_step, fullgraph=True, dynamic=True, backend=counting,
+            recompile_limit=GRAPHS_PER_VARIANT, isolate_recompiles=True)
 
     def __call__(self, args: tuple) -> torch.Tensor:
         key = self.variant(args)

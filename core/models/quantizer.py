@@ -184,6 +184,7 @@ class MultiScaleQuantizer(nn.Module):
         nxt = []
         for k in range(len(maps) - 1):
             f_hat, x_in = self.add_scale(k, maps[k], f_hat)
+            assert x_in is not None     # None only after the last scale, which this loop stops before
             nxt.append(x_in)
         if not nxt:
             return f_hat.new_zeros(B, 0, self.Cvae)

@@ -104,7 +104,7 @@ class ClassifyRun:
         return out
 
     def append_summary(self, csv: str | os.PathLike, dataset: str | None = None, subset: str | None = None,
-                       inputs: Sequence[str] = ()) -> bool:
+                       inputs: Sequence[str | os.PathLike] = ()) -> bool:
         """Add this run's summary row to ``csv`` (``inputs``: as given); False (nothing added) when it classified
         nothing new."""
         if self.new:

@@ -8,7 +8,7 @@ import html
 import io
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -232,6 +232,7 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]),
                    key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
+    rows: dict                          # the datasets opened for the thumbnails (by _mistake_thumb)
     cards, panel_of, rows = [], mistake_panels(records, explain_dir) if explain_dir else {}, {}
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
@@ -272,7 +273,7 @@ def ood_section(records: Sequence[Record]) -> str:
     if not scored:
         return ""
 
-    def ood(r: Record) -> dict:
+    def ood(r: Record) -> Mapping[str, Any]:
         return r.get("ood") or {}
 
     plt = _plt()

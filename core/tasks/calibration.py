@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 NUM_BINS = 15
 _FAR = -1e30      # a finite stand-in for "not a candidate", so gradients stay finite
@@ -119,7 +120,7 @@ class Reliability:
         return float((self.count * gap).sum() / n) if n else float("nan")
 
 
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = NUM_BINS) -> Reliability:
+def reliability(confidence: ArrayLike, correct: np.ndarray, bins: int = NUM_BINS) -> Reliability:
     confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)

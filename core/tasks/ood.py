@@ -17,7 +17,7 @@ Every score is "higher = more in-distribution":
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ def decide(ood: dict, score: str, rule: OodRule | None) -> bool:
     return threshold is not None and ood[score] < threshold
 
 
-def fit_thresholds(oods: Sequence[dict], coverage: float) -> dict[str, float]:
+def fit_thresholds(oods: Sequence[Mapping[str, Any]], coverage: float) -> dict[str, float]:
     """Per score, the largest threshold that still accepts at least ``coverage`` of these in-distribution images
     (accept: score ≥ threshold)."""
     if not 0 < coverage <= 1:
