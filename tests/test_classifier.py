@@ -39,7 +39,7 @@ def readme_library_code() -> str:
 def test_readme_library_example_runs_as_written(tmp_path):
     code = readme_library_code()
     lines = [line for line in code.splitlines() if line.strip()]
-    assert len(lines) == 7, code
+    assert len(lines) == 9, code
     (tmp_path / "examples").symlink_to(REPO / "examples")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
@@ -48,6 +48,8 @@ def test_readme_library_example_runs_as_written(tmp_path):
     assert printed[0] == "3" and float(printed[1]) > 0.5     # examples/digits/3/1438.png is a 3, and confidently so
     assert printed[2] == "3" and printed[3].startswith("Classifier('digits'")    # a folder of two and one image
     assert (tmp_path / "why.png").is_file() and (tmp_path / "why.npz").is_file()
+    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "tokens.npz").is_file()
+    assert (tmp_path / "why" / "1438.as_8.png").is_file()
 
 
 def test_attributes(clf):

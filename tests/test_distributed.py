@@ -51,3 +51,12 @@ def test_torchrun_with_two_gloo_processes_writes_the_same_records_as_one_process
             assert max(abs(x - y) for x, y in zip(sa["scores"], sb["scores"])) < 1e-3
     assert sum(r["status"] == "skipped" for r in a) == 1
     assert a[0]["stages"][1]["samples"] == 3
+    # every reader reads what torchrun's ranks wrote: --resume has nothing left to do (the unreadable file is retried
+    # and still unreadable: no new record), explain --from explains each decided image of the merged file
+    before = two.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, *common, "--out", two, "--resume")
+    assert code == 0 and two.read_bytes() == before and "Traceback" not in err, err
+    why = tmp_path / "why"
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", two, *map(str, MODEL), "--out", why)
+    assert code == 0 and "Traceback" not in err, err
+    assert len(list(why.glob("*.png"))) == sum(r["status"] == "ok" for r in b) == 7

@@ -18,22 +18,29 @@ from avarc.models.specs import official_spec
 from scripts import digits
 from tests.conftest import AT_256, DEVICES
 
+MATMUL, CONV = torch.backends.cuda.matmul, torch.backends.cudnn.conv   # torch's per-backend precision API
+
+
+def _tf32() -> tuple[bool, bool]:
+    """Whether fp32 matmuls and convolutions may use TF32 now (read with the API the engine sets: mixing in the
+    legacy ``allow_tf32`` getters raises once the new one is used)."""
+    return MATMUL.fp32_precision == "tf32", CONV.fp32_precision == "tf32"
+
 
 def test_tf32_is_off_inside_tokenisation_and_restored(conf, engine_model):
-    """Every convolution of encode, tokenise and var_input sees TF32 off; the caller's flags come back."""
+    """Every convolution of encode, tokenise and var_input sees TF32 off; the caller's settings come back."""
     seen = []
     convs = [m for m in engine_model.vae.modules() if isinstance(m, torch.nn.Conv2d)]
-    hooks = [c.register_forward_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
-                                                              torch.backends.cudnn.allow_tf32))) for c in convs]
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    hooks = [c.register_forward_hook(lambda *_: seen.append(_tf32())) for c in convs]
+    saved = MATMUL.fp32_precision, CONV.fp32_precision
+    MATMUL.fp32_precision = CONV.fp32_precision = "tf32"
     try:
         images = conf.golden["latent"].new_zeros(1, 3, conf.meta["image_size"], conf.meta["image_size"])
         tokens = engine_model.tokenize(images)
         engine_model.vae.quantize.var_input(tokens)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        assert _tf32() == (True, True)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        MATMUL.fp32_precision, CONV.fp32_precision = saved
         for h in hooks:
             h.remove()
     assert len(seen) > 10 and set(seen) == {(False, False)}
@@ -61,15 +68,15 @@ def test_bf16_weights_cache_and_fp32_logits(conf, engine_model):
 
 def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
     """The head's fp32 matmul may use TF32 on a GPU only when the body runs in bf16; an fp32 engine (and so the
-    precision guard's re-scoring) stays true fp32, and the caller's flag comes back either way."""
+    precision guard's re-scoring) stays true fp32, and the caller's setting comes back either way."""
     tokens, classes = conf.golden["tokens"][:2], torch.tensor([0, 1])
     seen, vocab = {}, engine_model.spec.var.vocab_size
-    saved = torch.backends.cuda.matmul.allow_tf32
+    saved = MATMUL.fp32_precision
 
     class HeadMatmul(TorchDispatchMode):        # the fused head's tiles: addmm with vocab-wide outputs
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket.__name__ == "addmm" and args[2].shape[-1] == vocab:
-                seen[dtype] = torch.backends.cuda.matmul.allow_tf32
+                seen[dtype] = _tf32()[0]
             return func(*args, **(kwargs or {}))
 
     try:
@@ -77,7 +84,7 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
             engine_model.dtype = dtype
             with HeadMatmul():
                 engine_model.score_pairs(tokens, classes, num_scales=3)
-            assert torch.backends.cuda.matmul.allow_tf32 is saved
+            assert MATMUL.fp32_precision == saved
     finally:
         engine_model.dtype = torch.float32
     assert seen == {torch.float32: False, torch.bfloat16: True}

@@ -405,3 +405,11 @@ def test_a_full_disk_between_the_metrics_plot_and_its_json_leaves_a_pair_the_nex
     assert proc.returncode == 0, clean(proc.stderr)
     doc = json.loads((why / "metrics.json").read_text())
     assert [r["path"] for r in doc["per_image"]] == [str(digits / "0" / "1.png")]
+
+
+def test_an_endpoint_without_a_scheme_is_named_not_crashed_on():
+    """HF_ENDPOINT=localhost:8080 (no scheme: no host to ask) is a reason in the one-line error, not an
+    AttributeError inside http.client."""
+    from avarc.io.hub import _unreachable
+
+    assert _unreachable("localhost:8080").startswith("not an http(s) address with a host")

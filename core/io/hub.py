@@ -124,8 +124,10 @@ def _unreachable(endpoint: str) -> str | None:
     """Why the endpoint does not answer (no connection, or no HTTP answer within the timeout), or None when it
     answers at all (any status); asked once per process."""
     url = urlsplit(endpoint)
+    if not url.hostname:
+        return "not an http(s) address with a host, e.g. https://huggingface.co"
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    conn = kind(url.hostname, url.port, timeout=PROBE_TIMEOUT_S)  # type: ignore[arg-type]  # None: http.client fails
+    conn = kind(url.hostname, url.port, timeout=PROBE_TIMEOUT_S)
     try:
         conn.request("HEAD", "/")
         conn.getresponse()
