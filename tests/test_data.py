@@ -28,7 +28,9 @@ def test_folders_are_walked_recursively_sorted_and_hidden_files_ignored(tmp_path
         touch(tmp_path / "in" / rel)
     single = touch(tmp_path / "one.jpg")
     found = collect([tmp_path / "in", single, tmp_path / "in" / "c.png"], small_space())
-    assert [it.key for it in found.items] == ["a/1.png", "a/10.jpg", "a/sub/0.webp", "b/2.png", "c.png", "one.jpg"]
+    assert [it.path for it in found.items] == [str(tmp_path / "in" / rel) for rel in ("a/1.png", "a/10.jpg",
+                                                                                    "a/sub/0.webp", "b/2.png", "c.png")
+                                               ] + [str(single)]
     assert not found.labelled and all(it.label is None for it in found.items)   # c.png is not in a class folder
     assert found.candidates == list(range(10))
 
@@ -37,8 +39,9 @@ def test_class_folders_named_by_index_or_model_class_name_label_the_images(tmp_p
     for rel in ("3/a.png", "3/b.png", "7/deep/c.png"):
         touch(tmp_path / rel)
     found = collect([tmp_path], small_space())
-    assert found.labelled and [(it.key, it.label) for it in found.items] == [("3/a.png", 3), ("3/b.png", 3),
-                                                                             ("7/deep/c.png", 7)]
+    assert found.labelled and [(it.path, it.label) for it in found.items] == [(str(tmp_path / "3/a.png"), 3),
+                                                                              (str(tmp_path / "3/b.png"), 3),
+                                                                              (str(tmp_path / "7/deep/c.png"), 7)]
     named = tmp_path / "named"
     touch(named / "seven" / "x.png")
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -53,7 +56,8 @@ def test_imagenet_synsets_v2_indices_and_names(tmp_path, imagenet_space):
     touch(tmp_path / "val" / "n01443537" / "goldfish.JPEG")
     touch(tmp_path / "val" / "n01440764" / "tench.JPEG")
     found = collect([tmp_path / "val"], imagenet_space, dataset="imagenet")
-    assert [(it.key, it.label) for it in found.items] == [("n01440764/tench.JPEG", 0), ("n01443537/goldfish.JPEG", 1)]
+    assert [(it.path, it.label) for it in found.items] == [(str(tmp_path / "val/n01440764/tench.JPEG"), 0),
+                                                           (str(tmp_path / "val/n01443537/goldfish.JPEG"), 1)]
     assert len(found.candidates) == 1000 and imagenet_space.names[1] == "goldfish"
     touch(tmp_path / "v2" / "999" / "a.jpeg")
     assert collect([tmp_path / "v2"], imagenet_space, dataset="imagenet-v2").items[0].label == 999
@@ -83,7 +87,7 @@ def test_subset_restricts_candidates_and_labelled_images(tmp_path, imagenet_spac
     touch(tmp_path / inside / "1.png")
     touch(tmp_path / outside / "2.png")
     found = collect([tmp_path], imagenet_space, dataset="imagenet", subset="imagenet100")
-    assert len(found.candidates) == 100 and [it.key for it in found.items] == [f"{inside}/1.png"]
+    assert len(found.candidates) == 100 and [it.path for it in found.items] == [str(tmp_path / inside / "1.png")]
     custom = touch(tmp_path.parent / "mine.txt", f"# two classes\n{inside}\n{outside}\n".encode())
     assert sorted(collect([tmp_path], imagenet_space, subset=str(custom)).candidates) == sorted(
         imagenet_space.parse(s, "") for s in (inside, outside))

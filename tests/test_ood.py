@@ -88,7 +88,7 @@ def test_abstention_never_changes_a_prediction_it_keeps(clf, images):
         assert [p.ranking for p in ruled] == [p.ranking for p in plain]
         for p in ruled:
             assert p.abstained == (p.ood[score] < rule.threshold(score))
-            rec = ok_record(Item("x.png", "x.png"), p, clf.class_names, {}, 3)
+            rec = ok_record(Item("x.png"), p, clf.class_names, {}, 3)
             assert (rec["pred"], rec["status"]) == ((None, "abstained") if p.abstained else (p.pred, "ok"))
         if score == "likelihood":
             assert all(p.abstained for p in ruled[-8:])      # every noise image is none of these

@@ -30,14 +30,14 @@ def prediction(stage_scores: list[dict[int, float]], keeps=(3, 2, 1), exited_aft
 def test_records_hold_ranking_stages_posterior_and_run():
     p = prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0, 4: -8.0, 5: -7.0}, {1: -30.0, 3: -20.0, 2: -25.0},
                     {3: -40.0, 1: -41.0}])
-    rec = ok_record(Item("d/2/x.png", "2/x.png", 2), p, NAMES, RUN, topk=4)
+    rec = ok_record(Item("d/2/x.png", 2), p, NAMES, RUN, topk=4)
     assert rec["pred"] == 3 and rec["pred_name"] == "c3" and rec["label_rank"] == 3 and rec["status"] == "ok"
     assert [t["class"] for t in rec["topk"]] == [3, 1, 2, 5]        # survivors, stage-2 dropout, best stage-1 dropout
     assert [s["candidates"] for s in rec["stages"]] == [[0, 1, 2, 3, 4, 5], [1, 3, 2], [3, 1]]
     assert [q["class"] for q in rec["posterior"]] == [3, 1] and abs(sum(q["p"] for q in rec["posterior"]) - 1) < 1e-5
     assert stage_survival(rec, 3) == [True, True, False]
     assert parse_record(record_line(rec)) == parse_record(json.dumps(RECORD.dump_python(rec, by_alias=True)))
-    skipped = skipped_record(Item("bad.png", "bad.png"), "bad.png: not a readable image (empty file)", NAMES, RUN)
+    skipped = skipped_record(Item("bad.png"), "bad.png: not a readable image (empty file)", NAMES, RUN)
     assert skipped["status"] == "skipped" and skipped["pred"] is None and "empty file" in skipped["error"]
 
 
@@ -52,13 +52,13 @@ def test_run_fingerprint_changes_with_anything_that_changes_scores():
 
 def _rec(path: str, run=RUN) -> dict:
     """A classified image's record (a skipped one is not done: ``--resume`` tries it again)."""
-    return ok_record(Item(path, path), prediction([{0: -1.0, 1: -2.0, 2: -3.0}, {0: -5.0, 1: -6.0}, {0: -9.0}]),
+    return ok_record(Item(path), prediction([{0: -1.0, 1: -2.0, 2: -3.0}, {0: -5.0, 1: -6.0}, {0: -9.0}]),
                      NAMES, run, 3)
 
 
 def test_resume_tries_skipped_images_again(tmp_path):
     out = tmp_path / "r.jsonl"
-    out.write_bytes(b"".join(record_line(skipped_record(Item(p, p), "x", NAMES, RUN)) for p in ("a", "b"))
+    out.write_bytes(b"".join(record_line(skipped_record(Item(p), "x", NAMES, RUN)) for p in ("a", "b"))
                     + record_line(_rec("b")))
     state = open_results(out, True, RUN)
     assert list(state.done) == [str(image_key("b"))] and state.retried == 1
@@ -130,18 +130,18 @@ def test_a_second_lock_on_one_results_file_is_refused(tmp_path):
 
 def test_metrics_top1_top5_stage_recall_and_early_exits():
     m = Metrics(3)
-    good = ok_record(Item("a", "a", 3), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
+    good = ok_record(Item("a", 3), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}, {1: -3.0, 3: -2.0, 2: -9.0},
                                                     {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
-    lost_late = ok_record(Item("b", "b", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0},
+    lost_late = ok_record(Item("b", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0},
                                                          {1: -3.0, 3: -2.0, 2: -9.0},
                                                          {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
-    lost_early = ok_record(Item("c", "c", 0), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0},
+    lost_early = ok_record(Item("c", 0), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0},
                                                           {1: -3.0, 3: -2.0, 2: -9.0},
                                                           {3: -1.0, 1: -2.0}]), NAMES, RUN, 5)
-    exited = ok_record(Item("d", "d", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}], exited_after=1),
+    exited = ok_record(Item("d", 1), prediction([{0: -9.0, 1: -3.0, 2: -5.0, 3: -4.0}], exited_after=1),
                        NAMES, RUN, 5)
-    for rec in (good, lost_late, lost_early, exited, skipped_record(Item("e", "e", 2), "bad", NAMES, RUN),
-                ok_record(Item("f", "f"), prediction([{0: -1.0, 1: -2.0}]), NAMES, RUN, 5)):
+    for rec in (good, lost_late, lost_early, exited, skipped_record(Item("e", 2), "bad", NAMES, RUN),
+                ok_record(Item("f"), prediction([{0: -1.0, 1: -2.0}]), NAMES, RUN, 5)):
         m.add(rec)
     assert (m.images, m.skipped, m.labelled, m.early_exits) == (6, 1, 4, 1)
     assert m.top1 == 2 / 4 and m.top5 == 4 / 4                        # c: rank 4; b: rank 2

@@ -159,13 +159,12 @@ class RowSource(Protocol):
 
 @dataclass(frozen=True)
 class Item:
-    """One input image: ``path`` as the user can open it (a dataset row: ``DATASET[split]#ROW``), ``key`` (its
-    path below the input folder, or ``path`` for a row) and its ``label`` (a class index) in labelled mode.
+    """One input image: ``path`` as the user can open it (a dataset row: ``DATASET[split]#ROW``) and its ``label`` (a
+    class index) in labelled mode.
     ObjectNet's items name their own class (``label_name``), accept any of several ImageNet classes
     (``accepted``, ``label`` the first) and lose a ``border`` of pixels on each side before preprocessing."""
 
     path: str
-    key: str
     label: int | None = None
     label_name: str | None = None
     accepted: tuple[int, ...] = ()
@@ -334,7 +333,7 @@ def collect(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str 
     elif any(hf_data.is_dataset(raw) for raw in inputs):
         found, labelled = hf_data.read_rows(inputs, space.parse, labels, data.split, data.image_column,
                                             data.label_column)
-        items = [Item(path=f"{rows.where}#{i}", key=f"{rows.where}#{i}", label=y, source=rows.images, row=i)
+        items = [Item(path=f"{rows.where}#{i}", label=y, source=rows.images, row=i)
                  for rows in found for i, y in enumerate(rows.labels)]
     else:
         items, labelled = _files(inputs, space, labels, preset.folders if preset else None, exclude)
@@ -417,7 +416,6 @@ def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, 
             if resolved in seen:
                 continue
             seen.add(resolved)
-            key = f.relative_to(root).as_posix() if root is not None else f.name
             label = None
             if labelled:
                 base = root if root is not None else f.parent.parent
@@ -428,7 +426,7 @@ def _files(inputs: Sequence[str | os.PathLike], space: ClassSpace, labels: str, 
                 if name not in cache:
                     cache[name] = _folder_label(space, name, folder_kind, str(base / name))
                 label = cache[name]
-            items.append(Item(path=str(f), key=key, label=label))
+            items.append(Item(path=str(f), label=label))
     return items, labelled
 
 
@@ -446,7 +444,7 @@ def _objectnet(inputs: Sequence[str | os.PathLike], border: int) -> tuple[list[I
         if cls is None:
             skipped, skipped_images = skipped + 1, skipped_images + len(files)
             continue
-        items += [Item(path=str(f), key=f.relative_to(release.images).as_posix(), label=cls.accepted[0],
+        items += [Item(path=str(f), label=cls.accepted[0],
                        label_name=cls.name, accepted=cls.accepted, border=border) for f in files]
     if not items:
         raise AvarcError(f"{release.images}: no images in the folders of classes that overlap ImageNet; check the "

@@ -88,7 +88,7 @@ def _one(x: object, space: ClassSpace, size: int) -> tuple[list[Entry], bool]:
         check_inputs([x])
         if path.is_dir() or hf_data.is_dataset(x):
             return [Entry(item=it) for it in collect([x], space, "auto").items], False
-        return [Entry(item=Item(path=str(x), key=path.name))], True
+        return [Entry(item=Item(path=str(x)))], True
     if isinstance(x, Image.Image):
         if min(x.size) == 0:
             raise AvarcError(f"an empty ({x.size[0]}×{x.size[1]}) PIL image was passed; pass {FORMS}")

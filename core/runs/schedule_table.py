@@ -37,7 +37,6 @@ class ScoreTable:
     sums_NKSM: np.ndarray
     agree_NM: np.ndarray
     labels: np.ndarray
-    keys: list[str]
     paths: list[str]
     candidates: list[int]
     scale_ends: list[int]
@@ -57,7 +56,7 @@ class ScoreTable:
     def subset(self, idx: Sequence[int] | np.ndarray) -> ScoreTable:
         """The rows of some images (e.g. the fit or the held-out part)."""
         idx = np.asarray(idx, dtype=np.int64)
-        return ScoreTable(self.sums_NKSM[idx], self.agree_NM[idx], self.labels[idx], [self.keys[i] for i in idx],
+        return ScoreTable(self.sums_NKSM[idx], self.agree_NM[idx], self.labels[idx],
                           [self.paths[i] for i in idx], self.candidates, self.scale_ends, self.sigma, self.seed,
                           self.exact_samples, [])
 
@@ -121,5 +120,5 @@ def build_table(clf: Classifier, items: Sequence[Item], candidates: Sequence[int
         raise AvarcError("no readable images to tune on; check the folder")
     return ScoreTable(np.stack([r[0] for _, r in rows]), np.stack([r[1] for _, r in rows]),
                       np.asarray([-1 if it.label is None else it.label for it, _ in rows], dtype=np.int64),
-                      [it.key for it, _ in rows], [it.path for it, _ in rows], cands, ends, float(sigma), seed,
+                      [it.path for it, _ in rows], cands, ends, float(sigma), seed,
                       exact[0], [(it.path, r) for it, r in done if isinstance(r, str)])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Collection, Sequence
 
 from ..engine.profile import Profile, Stage
@@ -97,7 +96,6 @@ def record_item(record: Record, data: DataOptions, rows: dict[tuple[str, str], h
     """The record's image by its identity, from any working folder: its absolute ``file``, or the dataset row its
     ``path`` names (each dataset opened once, in ``rows``)."""
     file = record_key(record)
-    key = Path(record["path"]).name
     row = _ROW.fullmatch(file)
     if row is not None and not os.path.lexists(file) and hf_data.is_dataset(hf_data.display(row["raw"])):
         split = (row["raw"], row["split"])
@@ -105,8 +103,8 @@ def record_item(record: Record, data: DataOptions, rows: dict[tuple[str, str], h
             found, _ = hf_data.read_rows([row["raw"]], lambda name, where: 0, "none", row["split"], data.image_column,
                                          None)
             rows[split] = found[0].images
-        return Item(path=file, key=key, label=record["label"], source=rows[split], row=int(row["row"]))
-    return Item(path=file, key=key, label=record["label"], border=data.border if "accepted" in record else 0)
+        return Item(path=file, label=record["label"], source=rows[split], row=int(row["row"]))
+    return Item(path=file, label=record["label"], border=data.border if "accepted" in record else 0)
 
 
 def run_field(run, name: str, default=None):  # noqa: ANN001, ANN201 — the record's ``run``, any JSON value
