@@ -74,7 +74,7 @@ def from_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[str]
     from avarc.errors import AvarcError
     from avarc.io.files import make_output_dir
     from avarc.io.records import read_records, unique_records
-    from avarc.tasks.explain_run import run_decisions, run_field
+    from avarc.tasks.explain_run import run_decisions
 
     from .panels import run_build
 
@@ -91,4 +91,4 @@ def from_run(opts: ModelOptions, run: Path, mistakes: bool, model: Optional[str]
     fixed = None if target.lower() == TRUE else clf.class_id(target, "--counterfactual")
     write(clf, [d.item for d in chosen],     # without a fixed class, chosen holds labelled images only
           {d.item.path: fixed if fixed is not None else cast(int, d.target.label) for d in chosen},
-          out, keep_scales, run_field(info, "seed", 0), force)
+          out, keep_scales, info.seed, force)

@@ -11,6 +11,7 @@ import typer
 from .options import InputOptions, ModelOptions
 
 if TYPE_CHECKING:
+    from avarc.io.records import RunIdentity
     from avarc.tasks.explain_metrics import ImageMetrics
 
 
@@ -116,13 +117,13 @@ def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Pat
     from avarc.io.files import make_output_dir
     from avarc.io.profiles import load_profile, shipped_names
     from avarc.io.records import read_records, unique_records
-    from avarc.tasks.explain_run import run_decisions, run_field, run_profile
+    from avarc.tasks.explain_run import run_decisions, run_profile
     from avarc.tasks.heatmap import check_style
 
     check_style(colormap, alpha)
     records, _ = unique_records(read_records(run, option="from"))
     info = records[0]["run"]
-    ran = run_field(info, "seed", 0)
+    ran = info.seed
     if seed is not None and seed != ran:
         raise AvarcError(f"{run} was run with seed {ran}, whose noise decided its images; leave --seed out",
                          option="seed")
@@ -133,7 +134,7 @@ def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Pat
         if given is None:
             raise
         recorded = None                     # a damaged schedule, and the run's profile given
-    named = run_field(info, "profile")
+    named = info.profile
     schedule = recorded or given or (load_profile(named) if named in shipped_names() else None)
     opts, model = run_build(opts, info, model, run)
     clf = opts.load(model, schedule)
@@ -165,28 +166,23 @@ def explain_run(opts: ModelOptions, source: InputOptions, inputs: list, run: Pat
           scales, ran, force, {d.item.path: d for d in chosen}, metrics)
 
 
-def run_build(opts: ModelOptions, info, model: Optional[str],  # noqa: ANN001 (info: a record's run)
-              run: Path) -> tuple[ModelOptions, str]:
+def run_build(opts: ModelOptions, info: RunIdentity, model: Optional[str], run: Path) -> tuple[ModelOptions, str]:
     """The options that rebuild the run's model: its model, VQ-VAE, extensions and dtype, each unless given."""
     from avarc.errors import AvarcError
     from avarc.io.registry import is_registry_name
-    from avarc.tasks.explain_run import run_field
 
-    used = run_field(info, "model")
-    model = model or (used if isinstance(used, str) and (is_registry_name(used) or Path(used).exists()) else None)
+    used = info.model
+    model = model or (used if is_registry_name(used) or Path(used).exists() else None)
     if model is None:
         raise AvarcError(f"{run}: the run's model {used!r} is not a registry name or a path here; pass it with -m")
-    vae, listed = opts.vae or run_field(info, "vae_file"), run_field(info, "extension_files") or []
-    if not isinstance(vae, (str, type(None))) or not (isinstance(listed, list) and all(isinstance(e, str)
-                                                                                       for e in listed)):
-        raise AvarcError(f"{run}: the run's vae or extensions field is damaged; pass the run's --vae and -e")
+    vae, listed = opts.vae or info.vae_file, info.extension_files
     if opts.vae is None and vae is not None and not (is_registry_name(vae) or Path(vae).exists()):
         raise AvarcError(f"{run}: the run's VQ-VAE {vae} is not here; pass it with --vae")
     extensions = opts.extension or [Path(e) for e in listed]
     lost = [e for e in extensions if not opts.extension and not e.is_file()]
     if lost:
         raise AvarcError(f"{run}: the run's extension {lost[0]} is not here; pass the run's extensions with -e")
-    dtype = opts.dtype if opts.dtype != "auto" else DTYPE_NAMES.get(run_field(info, "dtype"), "auto")
+    dtype = opts.dtype if opts.dtype != "auto" else DTYPE_NAMES.get(info.dtype or "", "auto")
     return dataclasses.replace(opts, vae=vae, extension=extensions, dtype=dtype), model
 
 

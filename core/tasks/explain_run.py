@@ -14,7 +14,7 @@ from ..engine.stages import rank
 from ..errors import AvarcError
 from ..io import hf_data
 from ..io.data import DataOptions, Item
-from ..io.records import Record, record_key
+from ..io.records import Record, RunIdentity, record_key
 from .explain import Target
 
 EXPLAINED = ("ok", "abstained")        # records that hold a decision (a skipped one has none)
@@ -107,23 +107,16 @@ def record_item(record: Record, data: DataOptions, rows: dict[tuple[str, str], h
     return Item(path=file, label=record["label"], border=data.border if "accepted" in record else 0)
 
 
-def run_field(run, name: str, default=None):  # noqa: ANN001, ANN201 — the record's ``run``, any JSON value
-    """A field of a record's ``run`` (a mapping, or a typed identity with its extra fields), else ``default``."""
-    value = run.get(name) if isinstance(run, dict) else getattr(run, name, None)
-    return default if value is None else value
-
-
-def run_profile(run, where: str = "run") -> Profile | None:  # noqa: ANN001 — the record's ``run``
+def run_profile(run: RunIdentity, where: str = "run") -> Profile | None:
     """The run's schedule as a profile (σ and the resolved stages its records hold; None for records written before
     they held it)."""
-    schedule = run_field(run, "schedule")
+    schedule = run.schedule
     if schedule is None:
         return None
     try:
         stages = tuple(Stage(int(sc), int(n), int(keep), None if m is None else float(m))
                        for sc, n, keep, m in schedule["stages"])
-        return Profile(name=str(run_field(run, "profile", "run")), stages=stages, sigma=float(schedule["sigma"]),
-                       temperature=run_field(run, "temperature"))
+        return Profile(name=run.profile, stages=stages, sigma=float(schedule["sigma"]), temperature=run.temperature)
     except (TypeError, ValueError, KeyError) as e:
         raise AvarcError(f"{where}: the run's schedule is damaged ({type(e).__name__}); pass the run's profile with "
                          "-p") from None
