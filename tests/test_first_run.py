@@ -14,7 +14,7 @@ import pytest
 from filelock import Timeout
 
 from avarc.io.files import file_lock
-from tests.conftest import run_cli, save_digits
+from tests.conftest import cli_run, run_cli, save_digits
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "digits"
@@ -98,9 +98,11 @@ def test_out_dash_writes_json_lines_to_stdout(tmp_path, monkeypatch, capsys):
 
 def test_classify_out_says_where_it_wrote_and_shows_small_runs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "one.jsonl"
-    code, stdout, err = run_cli(monkeypatch, capsys, "classify", IMAGE, "--device", "cpu", "-o", out)
+    # a path as the user typed it (relative), so the table's image cell does not fold however deep the checkout is
+    ran = cli_run("classify", IMAGE.relative_to(REPO), "--device", "cpu", "-o", out, cwd=REPO)
+    code, stdout, err = ran.returncode, ran.stdout, ran.stderr
     assert code == 0, err
-    assert f"wrote 1 records to {out}" in " ".join(stdout.split()) and "1438" in stdout and "prediction" in stdout
+    assert f"wrote 1 records to {out}" in " ".join(stdout.split()) and "3/1438.png" in stdout and "prediction" in stdout
     many = save_digits(tmp_path / "many", 0, 25)
     flat = tmp_path / "flat"
     flat.mkdir()
