@@ -128,11 +128,11 @@ class Model:
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                     chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False,
-                    keep_tokens: int | None = None) -> PairScores:
+                    keep_tokens: int | None = None, dtype: torch.dtype | None = None) -> PairScores:
         """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward, and to keep
-        those of the first ``keep_tokens`` tokens (all if None) for a later one."""
-        with self._exact_if_fp32(None):
-            return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+        those of the first ``keep_tokens`` tokens (all if None) for a later one; the log-probs stay on the device."""
+        with self._exact_if_fp32(dtype):
+            return score_pairs(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
                                self.budget_bytes, cache, keep_cache, keep_tokens)
 
     def _exact_if_fp32(self, dtype: torch.dtype | None) -> AbstractContextManager:

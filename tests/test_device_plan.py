@@ -1,0 +1,82 @@
+"""The GPU plan, proven where a CPU can: a stage of the schedule reads nothing back from the device (survivors are
+chosen there, by the same ranking rule as the host's), and the one read per stage comes between stages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from avarc import Classifier
+from avarc.engine.counters import HostReads
+from avarc.engine.profile import Profile, Stage
+from avarc.engine.schedule import run_stages, sample_tokens
+from avarc.engine.scoring import Scorer
+from avarc.engine.stages import StageScores, choose_survivors
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
+# Three stages on the digits' four scales: prune on two scales, rescore on four, smooth the last two survivors;
+# the first stage lets clear images exit.
+PROFILE = Profile("plan", (Stage(2, 1, 5, exit_margin=4.0), Stage(4, 1, 2), Stage(4, 3, 1)), sigma=0.3)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    clf = Classifier.from_pretrained("digits", device="cpu")
+    paths = sorted(EXAMPLES.glob("*/*.png"))[::3]
+    x = torch.stack([clf.preprocess(p) for p in paths])
+    return clf.model, sample_tokens(clf.model, clf.model.encode(x), 3, PROFILE.sigma, 0)
+
+
+def _counted(model, tokens, dtype=torch.float32):
+    """A run counted after a warm-up one (each engine copy checks its attention constants once, a read)."""
+    with model.computing_in(dtype):
+        run_stages(model, tokens, range(10), PROFILE, Scorer(model))
+        engines = {model.engine_var(torch.float32), model.engine_var()}
+        with HostReads(model.vae, *engines) as reads:
+            preds = run_stages(model, tokens, range(10), PROFILE, Scorer(model))
+    return preds, reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stage_reads_nothing_back_from_the_device(digits, dtype):
+    """Every read of what the engine computed goes through host_read: one per stage run (fp32), plus the precision
+    guard's reads of its fp32 re-scores between stages (bf16); none inside a stage. The predictions are the plain
+    path's, which reads every score as it comes."""
+    model, tokens = digits
+    preds, reads = _counted(model, tokens, dtype)
+    assert not reads.inside, reads.inside
+    stages_run = max(len(p.stages) for p in preds)
+    assert stages_run == 3 and any(p.exited_after == 1 for p in preds)      # the exit path ran too
+    if dtype == torch.float32:
+        assert reads.between == stages_run
+    else:
+        assert reads.between >= stages_run
+    with model.computing_in(dtype):
+        plain = run_stages(model, tokens, range(10), PROFILE, Scorer(model, reuse=False))
+    assert [p.pred for p in preds] == [p.pred for p in plain]
+    assert [p.exited_after for p in preds] == [p.exited_after for p in plain]
+    for a, b in zip(preds, plain):
+        assert [st.candidates for st in a.stages] == [st.candidates for st in b.stages]
+
+
+def test_the_counter_sees_a_read_inside_a_stage(digits):
+    """The same count catches a read that is not between stages: a scoring step that brings its log-probs back."""
+    model, tokens = digits
+    with HostReads(model.vae, model.engine_var()) as reads:
+        model.pair_logp(tokens[:2, 0], torch.tensor([1, 2]), 3)
+    assert reads.inside == {"cpu": 1} and reads.between == 0
+
+
+def test_survivors_on_the_device_follow_the_host_ranking_rule():
+    """choose_survivors equals StageScores.decisions row by row, ties (by class index) and exits included."""
+    g = torch.Generator().manual_seed(0)
+    A, K = 64, 12
+    cands_AK = torch.stack([torch.randperm(40, generator=g)[:K] for _ in range(A)])
+    scores_AK = torch.randint(-6, 0, (A, K), generator=g).float() / 4 - 100        # many exact ties
+    for keep, margin in [(1, None), (5, 0.5), (K, 0.25), (3, 0.0)]:
+        survivors_AK, exits_A = choose_survivors(cands_AK, scores_AK, keep, margin)
+        for a in range(A):
+            st = StageScores(2, 1, keep, cands_AK[a].tolist(), scores_AK[a].tolist())
+            _, want, exits = st.decisions(margin)
+            assert survivors_AK[a].tolist() == want and bool(exits_A[a]) == exits
