@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine.encode_ahead import EncodeAhead, Encoding
 from .engine.flops import image_gflops
+from .engine.likelihood import memory_budget, pairs_per_chunk
 from .engine.model import Model
 from .engine.profile import Profile
 from .engine.runtime import DTYPES, resolve_compile, resolve_device, resolve_dtype, resolve_threads
@@ -238,8 +240,12 @@ class Classifier:
         content), each with its OOD scores and abstained where the profile's OOD rule says so. ``temperature`` None:
         the profile's (fitted by ``avarc tune``), else 1. ``ood_score``: the score that decides (default: the
         rule's)."""
+        return self._predict(self.model.encode(x), candidates, seed, temperature, ood_score)
+
+    def _predict(self, latents: torch.Tensor, candidates: Sequence[int], seed: int, temperature: float | None,
+                 ood_score: str | None) -> list[Prediction]:
+        """:meth:`predict` on encoder latents (the batch loop encodes each step while the one before is scored)."""
         temperature = temperature if temperature is not None else self.profile.temperature or 1.0
-        latents = self.model.encode(x)
         scorer = Scorer(self.model, self.batch_size)
         preds = run_schedule(self.model, latents, candidates, self.profile, seed, scorer, temperature)
         rule = self.profile.ood
@@ -291,16 +297,34 @@ class Classifier:
         names = self.class_names
         run = run_key or self.run_key(seed, candidates)
 
-        def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[Record]:
-            good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
-            preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), candidates, seed,
-                                      temperature, ood_score) if good else ())
+        encoder = EncodeAhead(self.model)
+        Started = tuple[list[np.ndarray | str], Encoding | None]
+
+        def ahead(pixels: list[np.ndarray | str]) -> Started:
+            good = [pixels_to_tensor(px) for px in pixels if not isinstance(px, str)]
+            with self.settings():
+                return pixels, encoder.start(torch.stack(good)) if good else None
+
+        def step(batch: list[Item], started: Started) -> list[Record]:
+            pixels, encoding = started
+            with self.settings():
+                preds = iter(self._predict(encoder.finish(encoding), candidates, seed, temperature, ood_score)
+                             if encoding is not None else ())
             return [skipped_record(it, px, names, run) if isinstance(px, str)
                     else ok_record(it, next(preds), names, run, topk)
                     for it, px in zip(batch, pixels)]
 
-        per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates))
-        return distributed.run(items, self.load, step, dist, per_step)
+        per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates), self._pairs_per_forward())
+        return distributed.run(items, self.load, step, dist, per_step, ahead)
+
+    def _pairs_per_forward(self) -> int | None:
+        """On a GPU, the (sequence, class) pairs its memory budget fits in one forward of the first stage (how many
+        images a step takes); None elsewhere."""
+        m = self.model
+        if m.device.type != "cuda":
+            return None
+        n_tok = m.spec.var.scale_ends()[int(self.profile.stages[0].scales) - 1]
+        return pairs_per_chunk(m.spec.var, n_tok, m.budget_bytes or memory_budget(m.device), m.dtype.itemsize)
 
     def load(self, item: Item) -> np.ndarray | str:
         """An item's model-input pixels, or why it cannot be read (every batch loop's loader)."""

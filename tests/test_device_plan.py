@@ -13,6 +13,10 @@ from avarc.engine.profile import Profile, Stage
 from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.engine.stages import StageScores, choose_survivors
+from avarc.io.data import collect
+from avarc.io.distributed import IMAGES_PER_STEP, MAX_IMAGES_PER_STEP, images_per_step
+from avarc.io.preprocess import pixels_to_tensor
+from tests.conftest import save_digits
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
 # Three stages on the digits' four scales: prune on two scales, rescore on four, smooth the last two survivors;
@@ -80,3 +84,32 @@ def test_survivors_on_the_device_follow_the_host_ranking_rule():
             st = StageScores(2, 1, keep, cands_AK[a].tolist(), scores_AK[a].tolist())
             _, want, exits = st.decisions(margin)
             assert survivors_AK[a].tolist() == want and bool(exits_A[a]) == exits
+
+
+def test_encoding_a_step_ahead_changes_no_record(tmp_path):
+    """The batch loop starts each step's encode before the step in front of it is scored (on a GPU on a side
+    stream; here at once): its records equal classifying each step's readable images on their own, an unreadable
+    file in the middle included."""
+    clf = Classifier.from_pretrained("digits", device="cpu")
+    root = save_digits(tmp_path / "d", 1438, 1448)
+    (root / "3" / "broken.png").write_bytes(b"not a png")
+    found = collect([str(root)], clf.space, "auto", None, None, None)
+    records = [r for batch in clf.classify_items(found.items, found.candidates, per_step=3) for r in batch]
+    assert [r["status"] for r in records].count("skipped") == 1 and len(records) == 11
+    want = []
+    for k in range(0, len(found.items), 3):
+        pixels = [clf.load(it) for it in found.items[k:k + 3]]
+        good = [pixels_to_tensor(px) for px in pixels if not isinstance(px, str)]
+        want += [p.to_dict() for p in clf.predict(torch.stack(good), found.candidates)] if good else []
+    got = [r for r in records if r["status"] != "skipped"]
+    assert [r["pred"] for r in got] == [p["pred"] for p in want]
+    assert [r["topk"] for r in got] == [p["top"] for p in want]
+
+
+def test_a_gpu_step_takes_as_many_images_as_its_first_forward_fits():
+    """Left to the budget, a CPU step is 32 images; a GPU's fills its first-stage forward, within 32…256."""
+    assert images_per_step(None, 1000) == IMAGES_PER_STEP == 32
+    assert images_per_step(None, 100, pairs_per_forward=9000) == 90
+    assert images_per_step(None, 1000, pairs_per_forward=9000) == 32
+    assert images_per_step(None, 10, pairs_per_forward=10**6) == MAX_IMAGES_PER_STEP == 256
+    assert images_per_step(2000, 1000, pairs_per_forward=10**6) == 2        # --batch-size decides when given
