@@ -25,6 +25,7 @@ from PIL import Image
 
 from .engine.encode_ahead import EncodeAhead, Encoding
 from .engine.flops import image_gflops
+from .engine.graphs import ForwardGraphs
 from .engine.likelihood import memory_budget, pairs_per_chunk
 from .engine.model import Model
 from .engine.profile import Profile
@@ -100,7 +101,7 @@ class Classifier:
                         model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
                         patch_nums: Sequence[int] | None = None, batch_size: int | None = None,
                         threads: int | None = None, compile: bool | None = None,  # noqa: A002 (torch's word)
-                        local_files_only: bool = False) -> Classifier:
+                        cuda_graphs: bool = False, local_files_only: bool = False) -> Classifier:
         """``model``: a registry name (``digits``, ``d16``, ``d20-cca`` …), a model directory or a VAR checkpoint
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
@@ -108,11 +109,15 @@ class Classifier:
         ``fp16`` or a torch dtype (a :class:`Model` passed built keeps its own). ``threads``: CPU threads of every call
         (default: the usable cores, one for a tiny model; see :func:`core.engine.runtime.resolve_threads`); the
         process's own torch settings are put back after each call.
-        ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
+        ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). ``cuda_graphs``: replay the
+        engine's small forwards as CUDA graphs (CUDA only; :mod:`core.engine.graphs`). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
         extensions = _check_arguments(extensions, batch_size, dtype)
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
+        if cuda_graphs and dev.type != "cuda":
+            raise AvarcError(f"CUDA graphs need a CUDA device and this run is on {dev.type}; leave the option out "
+                             "(nothing else would change)", option="cuda_graphs")
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
         if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
             m = finish(model, encoder, None, resolve_compile(compile, dev))
@@ -122,6 +127,7 @@ class Classifier:
                 _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
             m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
                               tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
+        m.graphs = ForwardGraphs() if cuda_graphs else None
         for ext in extensions:
             apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
                             "extension" if isinstance(ext, Extension) else str(ext))

@@ -9,14 +9,16 @@ import torch
 
 from avarc import Classifier
 from avarc.engine.counters import HostReads
+from avarc.engine.graphs import ForwardGraphs, bucket
 from avarc.engine.profile import Profile, Stage
 from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.engine.stages import StageScores, choose_survivors
+from avarc.errors import AvarcError
 from avarc.io.data import collect
 from avarc.io.distributed import IMAGES_PER_STEP, MAX_IMAGES_PER_STEP, images_per_step
 from avarc.io.preprocess import pixels_to_tensor
-from tests.conftest import save_digits
+from tests.conftest import run_cli, save_digits
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
 # Three stages on the digits' four scales: prune on two scales, rescore on four, smooth the last two survivors;
@@ -113,3 +115,33 @@ def test_a_gpu_step_takes_as_many_images_as_its_first_forward_fits():
     assert images_per_step(None, 1000, pairs_per_forward=9000) == 32
     assert images_per_step(None, 10, pairs_per_forward=10**6) == MAX_IMAGES_PER_STEP == 256
     assert images_per_step(2000, 1000, pairs_per_forward=10**6) == 2        # --batch-size decides when given
+
+
+def test_bucketed_forwards_score_as_plain_ones(digits):
+    """The CUDA-graph path without capture (what a CPU can run): chunks of 5 rows run in 8-row buckets with static
+    buffers, keys/values kept for the next stage copied out of them; predictions, survivors and scores equal the
+    plain forwards'."""
+    model, tokens = digits
+    plain = run_stages(model, tokens, range(10), PROFILE, Scorer(model, chunk=5))
+    model.graphs = ForwardGraphs(capture=False)
+    try:
+        bucketed = run_stages(model, tokens, range(10), PROFILE, Scorer(model, chunk=5))
+        built = model.graphs.built
+    finally:
+        model.graphs = None
+    assert built >= 2 and bucket(5) == 8 and bucket(1) == 1 and bucket(64) == 64
+    assert [p.pred for p in bucketed] == [p.pred for p in plain]
+    for a, b in zip(bucketed, plain):
+        assert [st.candidates for st in a.stages] == [st.candidates for st in b.stages]
+        for sa, sb in zip(a.stages, b.stages):
+            assert max(abs(x - y) for x, y in zip(sa.scores, sb.scores)) < 1e-4
+
+
+def test_cuda_graphs_off_cuda_is_refused_in_one_line(monkeypatch, capsys):
+    """Asked for on a CPU, CUDA graphs are refused (they could only be ignored, and a user who asked believes the run
+    is on a GPU): one line naming the option, exit 2; the library raises the same error."""
+    code, out, err = run_cli(monkeypatch, capsys, "classify", str(EXAMPLES / "3"), "--cuda-graphs", "--device", "cpu")
+    assert code == 2 and err.strip().count("\n") == 0 and "--cuda-graphs" in err and "CUDA device" in err
+    with pytest.raises(AvarcError, match="CUDA graphs need a CUDA device") as e:
+        Classifier.from_pretrained("digits", device="cpu", cuda_graphs=True)
+    assert e.value.option == "cuda_graphs"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -19,6 +19,9 @@ from ..models.specs import VARSpec
 from ..models.var import VAR
 from ..models.var_state import KVCache
 from .transfers import upload
+
+if TYPE_CHECKING:
+    from .graphs import ForwardGraphs
 
 CPU_BUDGET_BYTES = 2 << 30          # activations of one chunk on a CPU (larger chunks buy nothing there)
 CPU_CACHE_BYTES = 4 << 30           # keys/values kept for later stages on a CPU
@@ -117,14 +120,16 @@ def _is_oom(e: BaseException) -> bool:
 @torch.no_grad()
 def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
                 num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None,
-                cache: KVCache | None = None, keep_cache: bool = False, keep_tokens: int | None = None) -> PairScores:
+                cache: KVCache | None = None, keep_cache: bool = False, keep_tokens: int | None = None,
+                graphs: ForwardGraphs | None = None) -> PairScores:
     """tokens N, L (≥ the first s scales) and class ids N → log-probs of the first s scales' tokens, skipping the
     ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs); with
-    ``keep_cache`` also the keys/values of the first ``keep_tokens`` tokens (all of them if None). A chunk that
+    ``keep_cache`` also the keys/values of the first ``keep_tokens`` tokens (all of them if None). ``graphs``: small
+    chunks from the first token replay CUDA graphs (:mod:`core.engine.graphs`). A chunk that
     runs out of device memory is halved and retried (one log line says so). Nothing in the loop waits for the
     device: the inputs go over once (pinned, non-blocking), the AdaLN rows come from the engine's class table, the
     kept keys/values are written into one preallocated cache, and the log-probs stay on the device (the caller reads
-    them when it needs them: :func:`pair_logp` at once, a schedule once per stage)."""
+    them when it needs them: ``Model.pair_logp`` at once, a schedule once per stage)."""
     spec = var.spec
     n_tok = num_tokens(spec, num_scales)
     start = cache.num_tokens if cache is not None else 0
@@ -150,8 +155,16 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
         try:
             mods = table.lookup(c) if table is not None else None
             out = kept.rows(i, i + t.shape[0]) if kept is not None else None
-            h, _ = var.hidden(c, quantizer.var_input(t), part, out is not None, mods, out)
-            logp[i:i + t.shape[0]] = target_logp(var, h, t[:, start:])
+            if graphs is not None and graphs.fits(t.shape[0], start, n_tok, mods):
+                assert mods is not None                     # fits() says so
+                lp, kv = graphs.forward(var, quantizer, t, c, mods, n_keep if out is not None else None)
+                logp[i:i + t.shape[0]] = lp
+                if out is not None and kv is not None:
+                    for dst, src in zip(out.bufs, kv.bufs):
+                        dst.copy_(src)
+            else:
+                h, _ = var.hidden(c, quantizer.var_input(t), part, out is not None, mods, out)
+                logp[i:i + t.shape[0]] = target_logp(var, h, t[:, start:])
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if chunk == 1 or not _is_oom(e):
                 raise
@@ -162,10 +175,3 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
             continue
         i += t.shape[0]
     return PairScores(logp, start, kept)
-
-
-def pair_logp(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
-              num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None) -> torch.Tensor:
-    """tokens N, L (≥ the first s scales) and class ids N → N, L' fp32 log-probs of the first s scales, on the host
-    (one transfer)."""
-    return score_pairs(var, quantizer, tokens, class_idx, num_scales, chunk, budget_bytes).logp.cpu()
