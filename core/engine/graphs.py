@@ -24,10 +24,11 @@ import torch
 from ..models.quantizer import MultiScaleQuantizer
 from ..models.var import VAR
 from ..models.var_state import KVCache
-from .likelihood import target_logp
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
+
+Head = Callable[[VAR, torch.Tensor, torch.Tensor], torch.Tensor]    # (engine, B, L, C states, B, L targets) → B, L
 
 MAX_GRAPH_TOKENS = 8192
 WARMUP_CALLS = 2        # eager calls on a side stream before capture (plans, masks, constants, cuBLAS workspaces)
@@ -73,32 +74,34 @@ class ForwardGraphs:
         small, its AdaLN rows from the class table)."""
         return start == 0 and bucket(rows) * end <= MAX_GRAPH_TOKENS and mods is not None
 
-    def forward(self, var: VAR, quantizer: MultiScaleQuantizer, tokens_NL: torch.Tensor, class_N: torch.Tensor,
-                mods_NMC: torch.Tensor, keep_tokens: int | None) -> tuple[torch.Tensor, KVCache | None]:
-        """N rows' log-probs (N, L) and, with ``keep_tokens``, their keys/values of the first ``keep_tokens`` tokens,
-        from the bucket's graph: views of its static outputs, valid until its next replay (copy them out)."""
+    def forward(self, var: VAR, quantizer: MultiScaleQuantizer, head: Head, tokens_NL: torch.Tensor,
+                class_N: torch.Tensor, mods_NMC: torch.Tensor, keep_tokens: int | None) -> tuple[torch.Tensor,
+                                                                                                 KVCache | None]:
+        """N rows' log-probs (N, L; ``head``: the engine's target log-probs of final states) and, with
+        ``keep_tokens``, their keys/values of the first ``keep_tokens`` tokens, from the bucket's graph: views of its
+        static outputs, valid until its next replay (copy them out)."""
         N, L = tokens_NL.shape
-        f = self._bucket(var, quantizer, L, bucket(N), keep_tokens, mods_NMC)
+        f = self._bucket(var, quantizer, head, L, bucket(N), keep_tokens, mods_NMC)
         f.tokens_RL[:N].copy_(tokens_NL)
         f.class_R[:N].copy_(class_N)
         f.mods_RMC[:N].copy_(mods_NMC)
         f.replay()
         return f.logp_RL[:N], f.cache.rows(0, N) if f.cache is not None else None
 
-    def _bucket(self, var: VAR, quantizer: MultiScaleQuantizer, L: int, R: int, keep_tokens: int | None,
-                mods_NMC: torch.Tensor) -> _Forward:
+    def _bucket(self, var: VAR, quantizer: MultiScaleQuantizer, head: Head, L: int, R: int,
+                keep_tokens: int | None, mods_NMC: torch.Tensor) -> _Forward:
         version = (id(var.extra_class_emb), tuple(p._version for p in var.parameters()))
         held = self._held.get(var)
         if held is None or held[0] != version:             # new weights or classes: the old graphs read stale ones
             held = self._held[var] = (version, {})
         key = (L, R, keep_tokens)
         if key not in held[1]:
-            held[1][key] = self._build(var, quantizer, L, R, keep_tokens, mods_NMC)
+            held[1][key] = self._build(var, quantizer, head, L, R, keep_tokens, mods_NMC)
             self.built += 1
         return held[1][key]
 
-    def _build(self, var: VAR, quantizer: MultiScaleQuantizer, L: int, R: int, keep_tokens: int | None,
-               mods_NMC: torch.Tensor) -> _Forward:
+    def _build(self, var: VAR, quantizer: MultiScaleQuantizer, head: Head, L: int, R: int,
+               keep_tokens: int | None, mods_NMC: torch.Tensor) -> _Forward:
         device = mods_NMC.device
         f = _Forward(torch.zeros(R, L, dtype=torch.long, device=device),
                      torch.zeros(R, dtype=torch.long, device=device),
@@ -109,7 +112,7 @@ class ForwardGraphs:
         def run() -> None:
             h, _ = var.hidden(f.class_R, quantizer.var_input(f.tokens_RL), None, f.cache is not None, f.mods_RMC,
                               f.cache)
-            f.logp_RL.copy_(target_logp(var, h, f.tokens_RL))
+            f.logp_RL.copy_(head(var, h, f.tokens_RL))
 
         if not self.capture:
             f.run = run

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
@@ -18,10 +18,8 @@ from ..models.quantizer import MultiScaleQuantizer
 from ..models.specs import VARSpec
 from ..models.var import VAR
 from ..models.var_state import KVCache
+from .graphs import ForwardGraphs
 from .transfers import upload
-
-if TYPE_CHECKING:
-    from .graphs import ForwardGraphs
 
 CPU_BUDGET_BYTES = 2 << 30          # activations of one chunk on a CPU (larger chunks buy nothing there)
 CPU_CACHE_BYTES = 4 << 30           # keys/values kept for later stages on a CPU
@@ -157,7 +155,7 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
             out = kept.rows(i, i + t.shape[0]) if kept is not None else None
             if graphs is not None and graphs.fits(t.shape[0], start, n_tok, mods):
                 assert mods is not None                     # fits() says so
-                lp, kv = graphs.forward(var, quantizer, t, c, mods, n_keep if out is not None else None)
+                lp, kv = graphs.forward(var, quantizer, target_logp, t, c, mods, n_keep if out is not None else None)
                 logp[i:i + t.shape[0]] = lp
                 if out is not None and kv is not None:
                     for dst, src in zip(out.bufs, kv.bufs):
