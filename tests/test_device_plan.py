@@ -145,3 +145,36 @@ def test_cuda_graphs_off_cuda_is_refused_in_one_line(monkeypatch, capsys):
     with pytest.raises(AvarcError, match="CUDA graphs need a CUDA device") as e:
         Classifier.from_pretrained("digits", device="cpu", cuda_graphs=True)
     assert e.value.option == "cuda_graphs"
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU's confirmation (scripts/device_check runs it)")
+
+
+@CUDA
+def test_on_cuda_stages_wait_only_in_host_read_and_graphs_change_nothing(digits):
+    """On a GPU, under torch's sync debug mode "error" (host_read lets its own read through): a warmed-up schedule
+    never waits for the device inside a stage; its predictions equal the CPU's, and equal again with CUDA graphs
+    captured."""
+    cpu_model, tokens = digits
+    want = [p.pred for p in run_stages(cpu_model, tokens, range(10), PROFILE, Scorer(cpu_model))]
+    model = Classifier.from_pretrained("digits", device="cuda", dtype="fp32").model
+    run_stages(model, tokens, range(10), PROFILE, Scorer(model))                            # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [p.pred for p in run_stages(model, tokens, range(10), PROFILE, Scorer(model))]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    model.graphs = ForwardGraphs()
+    graphed = [p.pred for p in run_stages(model, tokens, range(10), PROFILE, Scorer(model))]
+    assert got == want and graphed == want and model.graphs.built >= 2
+
+
+@CUDA
+def test_on_cuda_encoding_on_a_side_stream_changes_no_record(tmp_path):
+    """The encode of the next step on a side stream gives the records of encoding each step by itself."""
+    clf = Classifier.from_pretrained("digits", device="cuda", dtype="fp32")
+    found = collect([str(save_digits(tmp_path / "d", 1438, 1458))], clf.space, "auto", None, None, None)
+    records = [r for batch in clf.classify_items(found.items, found.candidates, per_step=4) for r in batch]
+    want = [p.to_dict()["top"] for k in range(0, 20, 4) for p in clf.predict(
+        torch.stack([pixels_to_tensor(clf.load(it)) for it in found.items[k:k + 4]]), found.candidates)]
+    assert [r["topk"] for r in records] == want

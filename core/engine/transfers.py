@@ -24,11 +24,18 @@ def upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def host_read(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Several device tensors brought to the host in one transfer (one wait for the device), each in its own shape
-    and dtype. They travel as float64, which holds fp32/bf16 values and integers below 2**53 exactly."""
+    and dtype. They travel as float64, which holds fp32/bf16 values and integers below 2**53 exactly. Under
+    ``torch.cuda.set_sync_debug_mode("error")`` this read is let through, so a GPU check that sets it around a
+    schedule fails on any other wait for the device."""
     token = _READING.set(True)
+    debug = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
     try:
+        if debug:
+            torch.cuda.set_sync_debug_mode(0)
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
     finally:
+        if debug:
+            torch.cuda.set_sync_debug_mode(debug)
         _READING.reset(token)
     parts = flat.split([t.numel() for t in tensors])
     return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors)]
