@@ -175,11 +175,13 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[int], warmup: int = 1, repeat: int = 3,
-        chunk: int | None = None, seed: int = 0, reuse: bool = True) -> BenchResult:
-    """Time the whole path (encoder + schedule + precision guard) on ``images`` (B, 3, R, R) at the model's dtype."""
+        chunk: int | None = None, seed: int = 0, reuse: bool = True, cache_bytes: int | None = None) -> BenchResult:
+    """Time the whole path (encoder + schedule + precision guard) on ``images`` (B, 3, R, R) at the model's dtype.
+    ``cache_bytes`` fixes the keys/values the schedule may keep (None: a share of the device's free memory), so two
+    devices can be made to run the same work."""
     device = model.device
     prof = profile.resolve(len(model.spec.var.patch_nums))
-    scorer = _TimedScorer(model, chunk, reuse=reuse)
+    scorer = _TimedScorer(model, chunk, reuse=reuse, cache_bytes=cache_bytes)
     times, enc_times, stage_times, guard_times = [], [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -239,22 +241,25 @@ def _agreement(a: list[int], b: list[int]) -> float:
 
 def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candidates: list[int],
             dtypes: list[torch.dtype], warmup: int = 1, repeat: int = 3, chunk: int | None = None, seed: int = 0,
-            plain: bool = False, results: list[BenchResult] | None = None) -> list[BenchResult]:
+            plain: bool = False, results: list[BenchResult] | None = None,
+            cache_bytes: int | None = None) -> list[BenchResult]:
     """Every profile at every dtype; reduced precision is checked against an fp32 run (top-1 agreement, first-stage
     score error) and, with ``plain``, every dtype is also timed without reuse across stages (agreement with the
     optimised path). Rows are appended to ``results`` as they finish, so a caller keeps them when a later run
-    fails. The model's dtype is restored afterwards."""
+    fails. The model's dtype is restored afterwards; ``cache_bytes`` as in :func:`run`."""
     results = [] if results is None else results
     for prof in profiles:
         by_dtype: dict[torch.dtype, BenchResult] = {}
         for dt in dtypes:
             with model.computing_in(dt):
-                by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed)
+                by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed,
+                                   cache_bytes=cache_bytes)
             results.append(by_dtype[dt])
         if any(dt != torch.float32 for dt in dtypes):
             if torch.float32 not in by_dtype:
                 with model.computing_in(torch.float32):
-                    by_dtype[torch.float32] = run(model, prof, images, candidates, 0, 1, chunk, seed)
+                    by_dtype[torch.float32] = run(model, prof, images, candidates, 0, 1, chunk, seed,
+                                                  cache_bytes=cache_bytes)
             ref = by_dtype[torch.float32]
             for dt in dtypes:
                 r = by_dtype[dt]
@@ -265,7 +270,8 @@ def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candida
         if plain:
             for dt in dtypes:
                 with model.computing_in(dt):
-                    p = run(model, prof, images, candidates, warmup, repeat, chunk, seed, reuse=False)
+                    p = run(model, prof, images, candidates, warmup, repeat, chunk, seed, reuse=False,
+                            cache_bytes=cache_bytes)
                 p.profile = f"{prof.name} plain"
                 p.agreement_fp32 = _agreement(p.preds, by_dtype[dt].preds)
                 results.append(p)

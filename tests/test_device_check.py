@@ -1,0 +1,57 @@
+"""scripts/device_check.sh, the one script a lent GPU runs, in its CPU smoke mode (the script is the subject, so it
+runs as one process): every section runs, the compiled ones too (CPU inductor), and the report holds real outcomes:
+tokens equal to the goldens, compiled rows with 0 fallbacks that ran compiled code after the counters, MFU against the
+measured and a given data-sheet peak, the Scorer's host waits per stage, the encoder layouts at the real geometry."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = {"bf16": 0.5, "fp32": 0.25}       # data-sheet peaks given for the CPU (TFLOP/s), as for an unlisted card
+
+
+def test_cpu_smoke_runs_every_section_and_reports_real_outcomes(tmp_path):
+    report_path = tmp_path / "device_check.json"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_SPEC": ",".join(f"{k}={v}" for k, v in SPEC.items())}
+    proc = subprocess.run(["bash", "scripts/device_check.sh", str(report_path), "--cpu-smoke"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(report_path.read_text())
+    sections = {k: v for k, v in rep.items() if isinstance(v, dict)}
+    assert not [k for k, v in sections.items() if "error" in v or "skipped" in v]
+
+    tok = rep["tokens_and_scores"]["official256"]
+    assert tok["tokens_equal_cpu"] and tok["tokens_differing"] == 0 and tok["fp32_logp_max_err"] < 1e-4
+    conf = rep["compiled_conformance"]
+    assert conf["fp32_logp_max_err"] < 1e-4 and conf["compiled_runs"] > 0
+    assert conf["compiled"] == {"graphs": 1, "recompiles": 0, "fallbacks": 0}
+
+    # The compiled bench ran after the counters section and bench's own counting: still compiled, no new graph.
+    (row,) = rep["bench_d16_compiled"]["results"]
+    assert row["compiled"] == {"graphs": 0, "recompiles": 0, "fallbacks": 0} and row["compiled_runs"] > 0
+    rows = [r for sec in sections.values() for r in sec.get("results", [])]
+    assert {r["profile"] for r in rows} == {"varc", "a-varc-plus", "digits"} and len(rows) == 7
+    for r in rows:
+        assert math.isfinite(r["mfu_pct"]) and r["mfu_pct"] > 0
+        assert math.isclose(r["mfu_spec_pct"], 100 * r["tflops"] / SPEC[r["dtype"]], rel_tol=1e-9)
+        assert r["launches_per_forward"] > 0 and r["host_syncs_per_step"] == 0 and r["peak_mem_mb"] > 0
+    kv = rep["bench_d16_1000"]["keys_values"]
+    assert kv["kept"] and kv["cache_bytes"] == kv["stage1_kv_bytes"] > 0
+
+    syncs = rep["scorer_syncs"]["a-varc-plus"]
+    assert [s["scales"] for s in syncs["stages"]] == [6, 10, 10]
+    assert all(s["host_waits"] == 0 and s["sync_ops_any_device"] > 0 for s in syncs["stages"])   # CPU: no device
+    layouts = rep["encoder_layouts"]
+    assert layouts["official256"]["nchw/benchmark=False"]["tokens_equal"]
+    real = layouts["vae_ch160v4096z32@32px"]
+    assert real["nchw/benchmark=False"]["latent_max_change"] == 0 and "channels_last/benchmark=False" in real
+    assert 0 < rep["profile_d16"]["busy_share"] and rep["profile_d16"]["top"]
+    assert rep["tests"]["returncode"] == 0 and "passed" in rep["tests"]["summary"]
+
+    verdict = {line["check"]: line["pass"] for line in rep["acceptance"]}
+    assert all(v is True for k, v in verdict.items() if "MFU" not in k) and len(verdict) == 5
+    assert all(isinstance(v, bool) for k, v in verdict.items() if "MFU" in k)   # computed against the given peak
+    assert "PASS tokens equal to the CPU goldens" in proc.stdout
