@@ -633,7 +633,7 @@ def verdict(report: dict) -> list[dict]:
 
 
 def summary(report: dict) -> None:
-    """One line per bench row, then the verdict."""
+    """One line per bench row, the Scorer's host waits per stage, the encoder layouts, the busy share, the verdict."""
     say("rows: section profile dtype | s/image | TFLOP/s | MFU measured / spec | graphs recompiles fallbacks runs | "
         "launches/forward host-syncs/step | peak MB")
     for sec, v in report.items():
@@ -641,9 +641,20 @@ def summary(report: dict) -> None:
             ev, runs = r["compiled"], r["compiled_runs"]
             comp = "eager" if ev is None else f"{ev['graphs']} {ev['recompiles']} {ev['fallbacks']} {runs}"
             spec = "n/a" if r.get("mfu_spec_pct") is None else f"{r['mfu_spec_pct']:.1f}%"
-            say(f"  {sec} {r['profile']} {r['dtype']} | {r['s_per_image']['median']:.4f} | {r['tflops']:.1f} | "
+            say(f"  {sec} {r['profile']} {r['dtype']} | {r['s_per_image']['median']:.4f} | {r['tflops']:.3g} | "
                 f"{r['mfu_pct']:.1f}% / {spec} | {comp} | {r['launches_per_forward']:.0f} "
                 f"{r['host_syncs_per_step']:.0f} | {r['peak_mem_mb']:.0f}")
+    for name, v in report.get("scorer_syncs", {}).items():
+        if isinstance(v, dict) and "stages" in v:
+            say(f"scorer host waits per stage, {name}: {[st['host_waits'] for st in v['stages']]}, guard "
+                f"{sum(v['guard_host_waits'].values())}, whole run {v['whole_run_host_waits']} "
+                f"(CUDA reported {v['cuda_reported']}) {v['whole_run_by_op']}")
+    for vae, rows in report.get("encoder_layouts", {}).items():
+        for layout, r in rows.items() if isinstance(rows, dict) else ():
+            say(f"encoder {vae} {layout}: tokens equal {r.get('tokens_equal', 'n/a')}, latent change "
+                f"{r['latent_max_change']:.2e}, {r['images_per_s']} images/s")
+    if "busy_share" in report.get("profile_d16", {}):
+        say(f"profiled a-varc-plus: device busy {report['profile_d16']['busy_share']:.0%} of the unprofiled wall time")
     for line in report["acceptance"]:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[line["pass"]]
         say(f"{mark} {line['check']}: {line['value']}")
