@@ -55,3 +55,19 @@ def test_cpu_smoke_runs_every_section_and_reports_real_outcomes(tmp_path):
     assert all(v is True for k, v in verdict.items() if "MFU" not in k) and len(verdict) == 5
     assert all(isinstance(v, bool) for k, v in verdict.items() if "MFU" in k)   # computed against the given peak
     assert "PASS tokens equal to the CPU goldens" in proc.stdout
+
+
+def test_sections_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_path):
+    """The 8-minute bound: a section starts only if its estimate fits what is left; the others are reported as
+    skipped (the report is still written) and the missing correctness verdict makes the exit status 1."""
+    report_path = tmp_path / "r.json"
+    env = {**os.environ, "DEVICE_CHECK_BUDGET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "scripts/device_check.py", str(report_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rep = json.loads(report_path.read_text())
+    assert rep["environment"]["device"] == "cpu" and rep["budget_s"] == 1
+    skipped = {k for k, v in rep.items() if isinstance(v, dict) and "skipped" in v}
+    assert {"matmul_peak", "tokens_and_scores", "compiled_conformance", "bench_d16_compiled", "tests"} <= skipped
+    assert "tokens_and_scores SKIPPED" in proc.stdout
+    assert {line["check"]: line["pass"] for line in rep["acceptance"]}["tokens equal to the CPU goldens"] is False
