@@ -480,18 +480,18 @@ class _StageWaits(Scorer):
         super().__init__(*a, **kw)
         self.mode, self.stages, self.guard = mode, [], collections.Counter()
 
-    def score(self, tokens, classes, num_scales, keys=None, keep_tokens=0):
+    def score(self, tokens, classes, num_scales, *a, **kw):
         waits, ops, reported = collections.Counter(self.mode.waits), self.mode.sync_ops, len(_REPORTED)
-        out = super().score(tokens, classes, num_scales, keys, keep_tokens)
+        out = super().score(tokens, classes, num_scales, *a, **kw)
         mine = self.mode.waits - waits
         self.stages.append({"scales": num_scales, "rows": len(tokens), "host_waits": sum(mine.values()),
                             "by_op": dict(mine), "sync_ops_any_device": self.mode.sync_ops - ops,
                             "cuda_reported": len(_REPORTED) - reported})
         return out
 
-    def score_fp32(self, tokens, classes, num_scales):
+    def score_fp32(self, *a, **kw):
         waits = collections.Counter(self.mode.waits)
-        out = super().score_fp32(tokens, classes, num_scales)
+        out = super().score_fp32(*a, **kw)
         self.guard.update(self.mode.waits - waits)
         return out
 
