@@ -454,20 +454,19 @@ class HostWaits(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        on_device = any(t.device.type != "cpu" for t in tensors)
         if name in SYNC_OPS:
             self.sync_ops += 1
-            if on_device:
+            if any(t.device.type != "cpu" for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)):
                 self.waits[name] += 1
-        elif name in ("_to_copy", "copy_") and on_device:
+        elif name in ("_to_copy", "copy_"):
             if name == "_to_copy":
-                src, dst = args[0], kwargs.get("device") or args[0].device
+                src, dst = args[0], torch.device(kwargs.get("device") or args[0].device)
+                blocking = not kwargs.get("non_blocking", False)
             else:
                 src, dst = args[1], args[0].device
-            blocking = not (kwargs.get("non_blocking") or (name == "copy_" and len(args) > 2 and args[2]))
-            down = src.device.type != "cpu" and torch.device(dst).type == "cpu"
-            up = src.device.type == "cpu" and torch.device(dst).type != "cpu"
+                blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+            down = src.device.type != "cpu" and dst.type == "cpu"
+            up = src.device.type == "cpu" and dst.type != "cpu"
             if (down and blocking) or (up and (blocking or not src.is_pinned())):
                 self.waits[f"{name}:{'download' if down else 'upload'}"] += 1
         return func(*args, **kwargs)

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"bf16": 0.5, "fp32": 0.25}       # data-sheet peaks given for the CPU (TFLOP/s), as for an unlisted card
 
@@ -71,3 +74,21 @@ def test_sections_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_pat
     assert {"matmul_peak", "tokens_and_scores", "compiled_conformance", "bench_d16_compiled", "tests"} <= skipped
     assert "tokens_and_scores SKIPPED" in proc.stdout
     assert {line["check"]: line["pass"] for line in rep["acceptance"]}["tokens equal to the CPU goldens"] is False
+
+
+def test_host_waits_count_what_makes_the_host_wait_for_the_device(monkeypatch):
+    """The rule behind ``scorer_syncs``, with the meta device standing in for a GPU: uploads from unpinned memory
+    (blocking or not) and sync ops on device tensors are waits; a sync op on host tensors is not. (A pinned
+    non-blocking upload, not a wait, needs a GPU to pin memory.)"""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from device_check import HostWaits
+
+    x = torch.ones(4)
+    with HostWaits() as w:
+        x.to("meta")
+        x.to("meta", non_blocking=True)
+        torch.empty(4, device="meta").copy_(x)
+        x.nonzero()
+        with pytest.raises(RuntimeError):                 # dispatched (and counted) before the meta kernel refuses
+            torch.ones(4, device="meta").sum().item()
+    assert w.waits == {"_to_copy:upload": 2, "copy_:upload": 1, "_local_scalar_dense": 1} and w.sync_ops == 2
