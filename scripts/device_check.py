@@ -365,10 +365,10 @@ def _rows(c: Check, rows: list[BenchResult], runs: int | None = None) -> list[di
 
 def bench_compiled(c: Check) -> dict:
     """d16 geometry with random weights, 100 classes, 32 images, ``varc`` and ``a-varc-plus`` in bf16 with the guard
-    off and the fp32 agreement run, compiled: CUDA's default engine, measured first so it is never the part a
-    timeout cuts. Each profile's rows carry the compiled block calls it ran (after the counters of the previous row:
-    counting must not switch compilation off). The smoke run: the conformance model, ``varc`` in fp32 only, one image
-    and two classes (one compiled graph, shared with ``compiled_conformance``)."""
+    off and the fp32 agreement run, compiled: CUDA's default engine, the first benchmark, so no timeout cuts it. Each
+    profile's rows carry the compiled block calls it ran (after the counters of the previous row: counting must not
+    switch compilation off). The smoke run: the conformance model, ``varc`` in fp32 only, one image and two classes
+    (one compiled graph, shared with ``compiled_conformance``)."""
     m = c.model("d16")
     n_img, n_cls = (1, 2) if c.smoke else (32, 100)
     profiles, dtypes = (("varc",), [torch.float32]) if c.smoke else (("varc", "a-varc-plus"), [torch.bfloat16])
