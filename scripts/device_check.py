@@ -169,9 +169,11 @@ def spec_peaks(dev: torch.device) -> dict[str, float] | None:
     given = os.environ.get("DEVICE_CHECK_SPEC")
     if given:
         return {k.strip(): float(v) for k, v in (kv.split("=") for kv in given.split(","))}
-    if dev.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(dev)
+    return spec_for(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+
+
+def spec_for(name: str) -> dict[str, float] | None:
+    """The data-sheet peaks of a card by its name (``torch.cuda.get_device_name``), the first entry it contains."""
     return next((v for k, v in SPEC_TFLOPS if k in name), None)
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from avarc import build_model, official_spec
+from avarc.engine.scoring import Scorer
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"bf16": 0.5, "fp32": 0.25}       # data-sheet peaks given for the CPU (TFLOP/s), as for an unlisted card
 
@@ -92,3 +95,23 @@ def test_host_waits_count_what_makes_the_host_wait_for_the_device(monkeypatch):
         with pytest.raises(RuntimeError):                 # dispatched (and counted) before the meta kernel refuses
             torch.ones(4, device="meta").sum().item()
     assert w.waits == {"_to_copy:upload": 2, "copy_:upload": 1, "_local_scalar_dense": 1} and w.sync_ops == 2
+
+
+def test_spec_peaks_by_card_name_and_the_1000_class_keys_values_policy(monkeypatch):
+    """The GPU acceptance lines read these: each card's dense bf16/fp32 data-sheet peak by the name torch gives it,
+    and the d16 x 1000 first stage's keys/values kept under a fixed budget the Scorer keeps them in exactly, whatever
+    the card's free memory (an H100 and an H200 run the same work)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from device_check import _unguarded, kv_policy, spec_for
+
+    assert spec_for("NVIDIA H100 80GB HBM3") == spec_for("NVIDIA H200") == spec_for("NVIDIA GH200 480GB") == {
+        "bf16": 989.0, "fp32": 67.0}
+    assert spec_for("NVIDIA H100 PCIe")["bf16"] == 756 and spec_for("NVIDIA H200 NVL")["bf16"] == 835
+    assert spec_for("NVIDIA A100-SXM4-80GB")["bf16"] == 312 and spec_for("NVIDIA L4") is None
+
+    m = build_model(official_spec("d16"), device="meta")
+    policy = kv_policy(m, _unguarded("a-varc-plus"), 4, 1000, torch.bfloat16)
+    assert policy["stage1_kv_bytes"] == 4 * 1000 * 16 * 2 * 91 * 1024 * 2 == policy["cache_bytes"] and policy["kept"]
+    with m.computing_in(torch.bfloat16):
+        assert Scorer(m, cache_bytes=policy["cache_bytes"])._fits(4000, 91)
+        assert not Scorer(m, cache_bytes=policy["cache_bytes"] - 1)._fits(4000, 91)
