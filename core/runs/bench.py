@@ -241,25 +241,22 @@ def _agreement(a: list[int], b: list[int]) -> float:
 
 def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candidates: list[int],
             dtypes: list[torch.dtype], warmup: int = 1, repeat: int = 3, chunk: int | None = None, seed: int = 0,
-            plain: bool = False, results: list[BenchResult] | None = None,
-            cache_bytes: int | None = None) -> list[BenchResult]:
+            plain: bool = False, results: list[BenchResult] | None = None) -> list[BenchResult]:
     """Every profile at every dtype; reduced precision is checked against an fp32 run (top-1 agreement, first-stage
     score error) and, with ``plain``, every dtype is also timed without reuse across stages (agreement with the
     optimised path). Rows are appended to ``results`` as they finish, so a caller keeps them when a later run
-    fails. The model's dtype is restored afterwards; ``cache_bytes`` as in :func:`run`."""
+    fails. The model's dtype is restored afterwards."""
     results = [] if results is None else results
     for prof in profiles:
         by_dtype: dict[torch.dtype, BenchResult] = {}
         for dt in dtypes:
             with model.computing_in(dt):
-                by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed,
-                                   cache_bytes=cache_bytes)
+                by_dtype[dt] = run(model, prof, images, candidates, warmup, repeat, chunk, seed)
             results.append(by_dtype[dt])
         if any(dt != torch.float32 for dt in dtypes):
             if torch.float32 not in by_dtype:
                 with model.computing_in(torch.float32):
-                    by_dtype[torch.float32] = run(model, prof, images, candidates, 0, 1, chunk, seed,
-                                                  cache_bytes=cache_bytes)
+                    by_dtype[torch.float32] = run(model, prof, images, candidates, 0, 1, chunk, seed)
             ref = by_dtype[torch.float32]
             for dt in dtypes:
                 r = by_dtype[dt]
@@ -270,8 +267,7 @@ def compare(model: Model, profiles: list[Profile], images: torch.Tensor, candida
         if plain:
             for dt in dtypes:
                 with model.computing_in(dt):
-                    p = run(model, prof, images, candidates, warmup, repeat, chunk, seed, reuse=False,
-                            cache_bytes=cache_bytes)
+                    p = run(model, prof, images, candidates, warmup, repeat, chunk, seed, reuse=False)
                 p.profile = f"{prof.name} plain"
                 p.agreement_fp32 = _agreement(p.preds, by_dtype[dt].preds)
                 results.append(p)
