@@ -12,8 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
@@ -109,7 +107,7 @@ class ClassifyRun:
         nothing new."""
         if self.new:
             append_csv_summary(csv, summary_row(
-                self.metrics, self.clf.profile, self.run_key, started=self.started, threads=torch.get_num_threads(),
+                self.metrics, self.clf.profile, self.run_key, started=self.started, threads=self.clf.threads,
                 inputs=[str(i) for i in inputs], dataset=dataset, subset=subset,
                 gflops=(self.gflops, self.paper_gflops), new=self.new, seconds=self.seconds))
         return bool(self.new)
