@@ -107,6 +107,13 @@ def record_item(record: Record, data: DataOptions, rows: dict[tuple[str, str], h
     return Item(path=file, label=record["label"], border=data.border if "accepted" in record else 0)
 
 
+def record_file(record: Record) -> str:
+    """The file a record's image is read from: its absolute ``file``, or the dataset its row names."""
+    key = record_key(record)
+    row = _ROW.fullmatch(key)
+    return row["raw"] if row is not None and not os.path.lexists(key) else key
+
+
 def run_profile(run: RunIdentity, where: str = "run") -> Profile | None:
     """The run's schedule as a profile (σ and the resolved stages its records hold; None for records written before
     they held it)."""
