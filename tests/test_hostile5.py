@@ -172,3 +172,37 @@ def test_a_vae_given_is_in_the_identity_and_changing_it_on_resume_is_refused(run
     assert code == 0, clean(err)
     recs = read_jsonl(out)
     assert out.read_bytes().startswith(before) and len(recs) == 6 and len({r["file"] for r in recs}) == 6
+
+
+def test_resume_over_inputs_named_another_way_never_mixes_two_labellings(run, tmp_path, monkeypatch, capsys):
+    """``d/0`` alone is unlabelled; resumed over ``d`` its images would be class 0: one file, two labellings."""
+    _, _, digits = run
+    out = tmp_path / "r.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, "classify", digits / "0", "--out", out)
+    assert code == 0 and [r["label"] for r in read_jsonl(out)] == [None] * 3, clean(err)
+    before = out.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "classify", digits, "--out", out, "--resume")
+    line = refused(code, err, f"{out}: its records label {digits / '0' / '0.png'} none, this run labels it 0")
+    assert "resume over the inputs as the run named them" in line and out.read_bytes() == before
+    code, _, err = run_cli(monkeypatch, capsys, "classify", digits / "0", "--out", out, "--resume")
+    assert code == 0 and out.read_bytes() == before, clean(err)
+
+
+def test_a_dataset_rewritten_since_the_run_is_named_by_explain_from_and_report(tmp_path, monkeypatch, capsys):
+    """Rows are found by their number: a dataset rewritten under the run's name (rows reversed) holds other images
+    there. explain --from refuses in one line; report keeps its numbers and says so where a thumbnail would be."""
+    from tests.test_hostile4 import _parquet
+
+    files = sorted(save_classes(tmp_path / "d", (0, 1), 2).glob("*/*.png"))
+    wrong = [1 - int(f.parent.name) for f in files]           # every label wrong: every row a mistake
+    _parquet(files, tmp_path / "ds.parquet", labels=wrong)
+    out = tmp_path / "r.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "ds.parquet", "--out", out)
+    assert code == 0 and len(read_jsonl(out)) == 4, clean(err)
+    _parquet(files[::-1], tmp_path / "ds.parquet", labels=wrong[::-1])
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", out, "--out", tmp_path / "why")
+    refused(code, err, f"{tmp_path / 'ds.parquet'} is not the dataset the run read")
+    assert not (tmp_path / "why").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "report", out, "--out", tmp_path / "r.html")
+    assert code == 0, clean(err)
+    assert (tmp_path / "r.html").read_text().count("changed since the run") == 4

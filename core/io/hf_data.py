@@ -9,11 +9,12 @@ model class name). Images are decoded by avarc, row by row, so an unreadable row
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -191,6 +192,13 @@ class SplitImages:
         if value.get("bytes") is None:
             return open_image(value["path"])
         return open_image(where, value["bytes"])
+
+
+def datasets_fingerprint(fingerprints: Iterable[str]) -> str | None:
+    """The run identity's ``inputs``: the datasets' own fingerprints together, so a dataset rewritten under the same
+    name is another run; None without datasets (image files are each keyed by their path)."""
+    prints = sorted(set(fingerprints))
+    return hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16] if prints else None
 
 
 @dataclass

@@ -3,7 +3,6 @@ into the metrics), the images still to do, and the running counts a front end sh
 end. Every batch is on disk before it is counted, so ``safe`` is always what an interrupt leaves in the file."""
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import torch
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
+from ..io.hf_data import datasets_fingerprint
 from ..io.records import Record, RunIdentity
 from ..io.results import ResultsFile, results_file
 from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
@@ -115,13 +115,6 @@ class ClassifyRun:
         return bool(self.new)
 
 
-def inputs_fingerprint(found: Inputs) -> str | None:
-    """The datasets' own fingerprints (their content, as ``datasets`` hashes it), so a dataset rewritten under the same
-    name is another run; None for image files (each keyed by its path)."""
-    prints = sorted({it.source.fingerprint for it in found.items if it.source is not None})
-    return hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16] if prints else None
-
-
 @contextmanager
 def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None = None, resume: bool = False, *,
                  csv: str | os.PathLike | None = None, seed: int = 0, temperature: float | None = None, topk: int = 5,
@@ -135,13 +128,15 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     rule = clf.profile.ood
     run_key = clf.run_key(seed, found.candidates, temperature=float(temp), topk=topk, labels=labels,
                           ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)),
-                          inputs=inputs_fingerprint(found))
+                          inputs=datasets_fingerprint(it.source.fingerprint for it in found.items
+                                                      if it.source is not None))
     # what the run ran on, kept beside its identity (not in the fingerprint)
     run_key = run_key.model_copy(update={"threads": clf.threads})
     metrics = Metrics(len(clf.profile.stages), len(found.candidates))
     if csv is not None and dist.is_main:
         check_csv(Path(csv))
-    with results_file(out, resume, run_key, dist) as results:
+    given: dict[str, set[int | None]] = {it.file: set(it.accepted) or {it.label} for it in found.items}
+    with results_file(out, resume, run_key, dist, given) as results:
         todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,
                           dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score),
