@@ -206,3 +206,22 @@ def test_a_dataset_rewritten_since_the_run_is_named_by_explain_from_and_report(t
     code, _, err = run_cli(monkeypatch, capsys, "report", out, "--out", tmp_path / "r.html")
     assert code == 0, clean(err)
     assert (tmp_path / "r.html").read_text().count("changed since the run") == 4
+
+
+# (5) the library's door
+
+
+def test_the_library_refuses_no_model_and_a_seed_that_is_not_a_number_at_the_door(run):
+    from avarc import Classifier
+
+    with pytest.raises(AvarcError) as err:
+        Classifier.from_pretrained(None)                           # type: ignore[arg-type]
+    assert err.value.option == "model" and "got None" in str(err.value)
+    clf = Classifier.from_pretrained("digits", device="cpu")
+    image = run[2] / "0" / "0.png"
+    for method in (clf.classify, clf.explain):
+        for seed in ("x", 1.5, True):
+            with pytest.raises(AvarcError) as err:
+                method(image, seed=seed)
+            assert err.value.option == "seed" and f"got {seed!r}" in str(err.value)
+    assert clf.classify(image, seed=3).pred == 0
