@@ -225,3 +225,30 @@ def test_the_library_refuses_no_model_and_a_seed_that_is_not_a_number_at_the_doo
                 method(image, seed=seed)
             assert err.value.option == "seed" and f"got {seed!r}" in str(err.value)
     assert clf.classify(image, seed=3).pred == 0
+
+
+def test_report_explain_that_is_a_file_says_so(run, tmp_path, monkeypatch, capsys):
+    results, _, _ = run
+    code, _, err = run_cli(monkeypatch, capsys, "report", results, "--explain", results, "--out", tmp_path / "r.html")
+    refused(code, err, f"--explain: {results}: not a folder; pass the --out folder of `avarc explain`")
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("command", ["calibrate-ood", "tune", "add-class", "add-class-model", "report"])
+def test_an_input_named_as_the_output_is_refused_as_an_input_before_force_is_asked_for(run, tmp_path, monkeypatch,
+                                                                                      capsys, command):
+    """Without --force an input named as the output is refused as what it is, never with "pass --force" (which
+    would then be refused too)."""
+    results, _, digits = run
+    image = digits / "0" / "1.png"
+    model = tmp_path / "model"
+    shutil.copytree(DIGITS, model)
+    args, target = {"calibrate-ood": (["calibrate-ood", digits, "-o", image], image),
+                    "tune": (["tune", digits, "-o", image], image),
+                    "add-class": (["add-class", "seven", digits / "0", "--steps", 1, "--out", image], image),
+                    "add-class-model": (["add-class", "seven", digits / "0", "-m", model, "--steps", 1, "--out",
+                                         model / "vae.pth"], model / "vae.pth"),
+                    "report": (["report", results, "--out", image], image)}[command]
+    before = target.read_bytes()
+    line = refused(*run_cli(monkeypatch, capsys, *args)[::2], "is an input of this run")
+    assert "pass --force" not in line and target.read_bytes() == before

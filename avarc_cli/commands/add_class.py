@@ -50,7 +50,7 @@ def add_class(
     """
     from avarc.errors import AvarcError
     from avarc.io import hf_data
-    from avarc.io.files import check_output_file, hold_outputs, refuse_inputs
+    from avarc.io.files import check_output_file, hold_outputs, refuse_inputs, with_contents
     from avarc.tasks.incremental import check_names, read_class_folders, read_dataset_classes
     from avarc.tasks.samples import sample_files
 
@@ -60,14 +60,17 @@ def add_class(
     dataset = classes[0] if len(classes) == 1 and hf_data.is_dataset(classes[0]) else None
     folders: dict[str, Any] = dict.fromkeys(hf_data.class_names(dataset, source.split, source.label_column)) \
         if dataset else _parse_classes(classes)     # a dataset's classes: None; else each class's folder
-    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
+    read_from = with_contents([dataset] if dataset else folders.values())
+    out = out or Path("+".join(folders) + ".ext.pt")
+    refuse_inputs([("out", out)], [*opts.files(model), *read_from])      # before --force is asked for
+    out = check_output_file(out, "out", force)
     drawn = samples_folder(out)
     if samples and drawn.exists() and not force:
         raise AvarcError(f"{drawn}: already exists (the samples of an earlier run); pass --force to overwrite its "
                          "files, or choose another --out", option="samples")
     clf = opts.load(model)
     names = list(folders)
-    inputs = [*clf.files, *([dataset] if dataset else [f for d in folders.values() for f in Path(d).rglob("*")])]
+    inputs = [*clf.files, *read_from]
     with hold_outputs({"out": out}, inputs, force):         # the samples folder is out's: its lock covers it
         if samples:
             ids = [clf.model.num_classes + i for i in range(len(names)) for _ in range(samples)]

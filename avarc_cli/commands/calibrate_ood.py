@@ -53,7 +53,7 @@ def calibrate_ood(
 
     from avarc.errors import AvarcError
     from avarc.io.data import collect
-    from avarc.io.files import check_output_files, hold_outputs, refuse_inputs
+    from avarc.io.files import check_output_files, hold_outputs, refuse_inputs, with_contents
     from avarc.io.profiles import write_profile
     from avarc.runs.ood_calibration import calibrate_ood as run_calibration
 
@@ -65,8 +65,8 @@ def calibrate_ood(
         if not inputs:
             raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
                              "examples/digits`)")
+        refuse_inputs([("out", out)], [*opts.files(model, profile), *with_contents(inputs)])   # before loading
         check_output_files({"out": out}, force)
-        refuse_inputs([("out", out)], [*opts.files(model, profile), *inputs])    # before loading: the obvious cases
         clf = opts.load(model, profile)
         found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
                         data=source.data())

@@ -42,7 +42,8 @@ def report(
 
     out = out or results.with_suffix(".html")
     if explain is not None and not explain.is_dir():
-        raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
+        what = "not a folder" if explain.exists() else "no such folder"
+        raise AvarcError(f"{explain}: {what}; pass the --out folder of `avarc explain`", option="explain")
     panels = [f for f in explain.iterdir() if f.suffix.lower() in (".png", ".npz")] if explain is not None else []
     weights = [model] if model is not None and not is_registry_name(model) else []
     records, repeated = unique_records(read_records(results))

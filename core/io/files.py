@@ -177,6 +177,12 @@ def refuse_inputs(outputs: Iterable[tuple[str | None, str | os.PathLike | None]]
                              "choose another file", option=hit[0])
 
 
+def with_contents(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Each path, and every file under the folders among them: a command's inputs as :func:`refuse_inputs` compares
+    them before the images are collected (a folder's images are inputs; its other files too, as far as it knows)."""
+    return [f for p in map(Path, paths) for f in [p, *(p.rglob("*") if p.is_dir() else ())]]
+
+
 @contextmanager
 def hold_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable[str | os.PathLike] = (),
                  force: bool | None = None) -> Iterator[None]:
