@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from filelock import Timeout
 
@@ -72,15 +72,12 @@ def _differs(theirs: RunIdentity, ours: RunIdentity) -> str:
     return ", ".join(diff) or "other candidate classes or schedule"
 
 
-def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity,
-                 labels: Mapping[str, Collection[int | None]] | None = None) -> Resumed:
+def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity) -> Resumed:
     """Prepare the results file: new (an existing file needs ``resume``), or resumed. Resuming never removes a
     record: a file that is not a results file, or holds records of another run, is refused unchanged; only a torn
     last line (one that does not parse) is cut off, and a whole last record without its newline gets one. Images
     whose records are all skipped are not done: they are tried again (a new record follows the old one unless the
-    image is skipped again for the same reason; readers take the last record of an image). ``labels`` (image key →
-    the labels this run gives it): a done record labelled otherwise (``d/3`` classified alone, unlabelled, then
-    resumed over ``d``) is refused too, so one file never holds two labellings of its images."""
+    image is skipped again for the same reason; readers take the last record of an image)."""
     path = Path(path)
     if not path.exists():
         path.write_bytes(b"")
@@ -113,13 +110,6 @@ def open_results(path: str | os.PathLike, resume: bool, run: RunIdentity,
         else:
             state.done.setdefault(record_key(rec), rec)
     state.skipped = {k: e for k, e in skipped.items() if k not in state.done}
-    for key, rec in state.done.items():
-        if labels is not None and key in labels and rec["label"] not in labels[key]:
-            now = " or ".join(sorted({"none" if y is None else str(y) for y in labels[key]}))
-            was = "none" if rec["label"] is None else rec["label"]
-            raise AvarcError(f"{path}: its records label {rec['path']} {was}, this run labels it {now} (the inputs "
-                             "named another way: a class folder alone is unlabelled); left it untouched; resume over "
-                             "the inputs as the run named them, or choose another file for this run", option="out")
     if state.torn:
         if not data[end:].startswith(b'{"'):
             raise AvarcError(f"{path}: its last line is not an avarc result record, so this is not a results file; "
@@ -211,8 +201,8 @@ class ResultsFile:
 
 
 @contextmanager
-def results_file(path: str | os.PathLike | None, resume: bool, run: RunIdentity, dist: Dist = Dist(),
-                 labels: Mapping[str, Collection[int | None]] | None = None) -> Iterator[ResultsFile]:
+def results_file(path: str | os.PathLike | None, resume: bool, run: RunIdentity,
+                 dist: Dist = Dist()) -> Iterator[ResultsFile]:
     """The results file of one run, locked by rank 0 for the whole block and opened new or resumed there (its errors
     reach every rank); without a path, nothing is written."""
     if path is None:
@@ -227,7 +217,7 @@ def results_file(path: str | os.PathLike | None, resume: bool, run: RunIdentity,
 
     def prepare() -> list[str]:
         held["lock"] = lock_results(path)
-        held["state"] = open_results(path, resume, run, labels)
+        held["state"] = open_results(path, resume, run)
         return sorted(held["state"].done)
 
     try:

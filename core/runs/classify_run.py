@@ -97,6 +97,13 @@ class ClassifyRun:
             out.append(f"warning: profile {self.clf.profile.name} keeps more classes (stage {big[0]}: "
                        f"{stages[big[0] - 1].keep}) than there are candidates ({n}); those stages keep every candidate")
         resumed = self.results.resumed
+        done = resumed.done if resumed is not None else {}
+        other = sum(it.file in done and done[it.file]["label"] not in (it.accepted or (it.label,))
+                    for it in self.found.items)
+        if other:
+            out.append(f"note: {other} images already done were labelled otherwise by the run that classified them "
+                       "(a class folder classified alone is unlabelled); their records keep that label, and report "
+                       "counts them by it")
         if resumed is not None and (self.results.done or resumed.torn or resumed.retried):
             out.append(f"resume: {len(self.results.done)} images already done, {len(self.todo)} to go"
                        + (f" ({resumed.retried} skipped before, tried again)" if resumed.retried else "")
@@ -135,8 +142,7 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     metrics = Metrics(len(clf.profile.stages), len(found.candidates))
     if csv is not None and dist.is_main:
         check_csv(Path(csv))
-    given: dict[str, set[int | None]] = {it.file: set(it.accepted) or {it.label} for it in found.items}
-    with results_file(out, resume, run_key, dist, given) as results:
+    with results_file(out, resume, run_key, dist) as results:
         todo = [it for it in found.items if it.file not in results.done]
         run = ClassifyRun(clf, found, run_key, results, todo, metrics,
                           dict(seed=seed, temperature=temperature, topk=topk, dist=dist, ood_score=ood_score),
