@@ -254,3 +254,14 @@ def test_an_input_named_as_the_output_is_refused_as_an_input_before_force_is_ask
     before = target.read_bytes()
     line = refused(*run_cli(monkeypatch, capsys, *args)[::2], "is an input of this run")
     assert "pass --force" not in line and target.read_bytes() == before
+
+
+def test_reading_a_dataset_prints_no_progress_bar_of_datasets_own(tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    from tests.test_hostile4 import _parquet
+
+    _parquet(sorted(save_classes(tmp_path / "d", (0,), 2).glob("*/*.png")), tmp_path / "ds.parquet", labels=[0, 0])
+    capsys.readouterr()
+    code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "ds.parquet", "--out", tmp_path / "r.jsonl")
+    assert code == 0 and "Generating" not in err and "examples/s" not in err, clean(err)
+    assert datasets.utils.logging.is_progress_bar_enabled()            # put back as found

@@ -9,12 +9,13 @@ model class name). Images are decoded by avarc, row by row, so an unreadable row
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, ParamSpec, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -53,6 +54,10 @@ def is_dataset(raw: str | os.PathLike) -> bool:
     return saved or _parquet_folder(path)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
 def _datasets():
     try:
         import datasets
@@ -78,6 +83,23 @@ def display(raw: str | os.PathLike) -> str:
     return f"hf://datasets/{hub['repo'].strip('/')}" if hub else str(raw)
 
 
+def _quiet(read: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``read`` with datasets' progress bars off ("Generating train split" on stderr: the CLI shows its own progress,
+    the library prints nothing), put back as they were after."""
+    @functools.wraps(read)
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bars = _datasets().utils.logging
+        was = bars.is_progress_bar_enabled()
+        bars.disable_progress_bar()
+        try:
+            return read(*args, **kwargs)
+        finally:
+            if was:
+                bars.enable_progress_bar()
+    return quiet
+
+
+@_quiet
 def load_split(raw: str, split: str | None):
     """(split name, ``datasets.Dataset``) of one input."""
     ds_lib = _datasets()
