@@ -265,3 +265,14 @@ def test_reading_a_dataset_prints_no_progress_bar_of_datasets_own(tmp_path, monk
     code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "ds.parquet", "--out", tmp_path / "r.jsonl")
     assert code == 0 and "Generating" not in err and "examples/s" not in err, clean(err)
     assert datasets.utils.logging.is_progress_bar_enabled()            # put back as found
+
+
+def test_report_passes_over_a_fifo_among_the_panels(run, tmp_path, monkeypatch, capsys):
+    """A FIFO named like a panel's .npz (or .png) in the --explain folder would block a read for ever."""
+    results, why, _ = run
+    panels = tmp_path / "why"
+    shutil.copytree(why, panels)
+    os.mkfifo(panels / "zz.npz")
+    os.mkfifo(panels / "zz.png")
+    code, _, err = run_cli(monkeypatch, capsys, "report", results, "--explain", panels, "--out", tmp_path / "r.html")
+    assert code == 0 and (tmp_path / "r.html").exists(), clean(err)
