@@ -276,3 +276,14 @@ def test_report_passes_over_a_fifo_among_the_panels(run, tmp_path, monkeypatch, 
     os.mkfifo(panels / "zz.png")
     code, _, err = run_cli(monkeypatch, capsys, "report", results, "--explain", panels, "--out", tmp_path / "r.html")
     assert code == 0 and (tmp_path / "r.html").exists(), clean(err)
+
+
+def test_a_report_that_fails_leaves_no_folder_it_made_for_its_output(run, tmp_path, monkeypatch, capsys):
+    _, _, digits = run
+    unlabelled = tmp_path / "u.jsonl"
+    assert run_cli(monkeypatch, capsys, "classify", digits, "--labels", "none", "--out", unlabelled)[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, "report", unlabelled, "--out", tmp_path / "new" / "deeper" / "r.html")
+    refused(code, err, "no labelled, classified images")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.jsonl"]
+    code, _, err = run_cli(monkeypatch, capsys, "report", run[0], "--out", tmp_path / "new" / "deeper" / "r.html")
+    assert code == 0 and (tmp_path / "new" / "deeper" / "r.html").is_file(), clean(err)

@@ -196,9 +196,21 @@ def hold_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable[
         for option, path in outputs.items():
             if path is None:
                 continue
-            Path(path).parent.mkdir(parents=True, exist_ok=True)      # checked writable above; the lock sits there
+            folder = Path(path).parent
+            made = [f for f in [folder, *folder.parents] if not os.path.lexists(f)]    # deepest first
+            folder.mkdir(parents=True, exist_ok=True)      # checked writable above; the lock sits there
+            held.callback(_remove_empty, made)             # a run that failed leaves no folder behind
             held.enter_context(_held(file_lock(path), busy(path, option)))
         yield
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) the guard made for outputs that were never written."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:                 # not empty: an output is there
+            return
 
 
 @contextmanager
