@@ -93,11 +93,15 @@ def test_two_add_class_runs_with_force_one_refused_no_mixed_files(tmp_path):
 
     first = start("alpha")
     deadline = time.monotonic() + 240
-    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+    while first.poll() is None and time.monotonic() < deadline:
+        if lock.exists():
+            first.send_signal(signal.SIGSTOP)             # frozen while it holds the output: the second comes now
+            if _held(lock):
+                break
+            first.send_signal(signal.SIGCONT)             # stopped between making the lock file and locking it
         time.sleep(0.01)
-    first.send_signal(signal.SIGSTOP)                     # frozen while it holds the output: the second comes now
     try:
-        assert lock.exists(), first.communicate()
+        assert _held(lock), first.communicate()
         second = start("beta")
         code, err = second.wait(timeout=300), second.stderr.read()
     finally:
@@ -108,6 +112,23 @@ def test_two_add_class_runs_with_force_one_refused_no_mixed_files(tmp_path):
     drawn = tmp_path / "ext.samples"
     assert sorted(str(p.relative_to(drawn)) for p in drawn.rglob("*.png")) == ["alpha/0.png", "grid.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "ext.pt", "ext.samples"]
+
+
+def _held(lock: Path) -> bool:
+    """Another process holds this lock file's flock (probed without taking it for longer than the probe)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)                                      # closing lets go of a lock the probe took
+    return False
 
 
 def test_add_class_samples_never_write_over_an_input_image(tmp_path, monkeypatch, capsys):
