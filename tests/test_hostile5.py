@@ -213,7 +213,8 @@ def test_resume_over_more_inputs_says_which_done_images_it_would_label_otherwise
 
 def test_a_dataset_rewritten_since_the_run_is_named_by_explain_from_and_report(tmp_path, monkeypatch, capsys):
     """Rows are found by their number: a dataset rewritten under the run's name (rows reversed) holds other images
-    there. explain --from refuses in one line; report keeps its numbers and says so where a thumbnail would be."""
+    there. explain --from refuses in one line; report keeps its numbers and says so where a thumbnail would be. A
+    dataset only touched is the same dataset (its identity is its content)."""
     from tests.test_hostile4 import _parquet
 
     files = sorted(save_classes(tmp_path / "d", (0, 1), 2).glob("*/*.png"))
@@ -222,6 +223,11 @@ def test_a_dataset_rewritten_since_the_run_is_named_by_explain_from_and_report(t
     out = tmp_path / "r.jsonl"
     code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "ds.parquet", "--out", out)
     assert code == 0 and len(read_jsonl(out)) == 4, clean(err)
+    os.utime(tmp_path / "ds.parquet", (1, 1))               # touched, or copied: the same content, the same dataset
+    code, _, err = run_cli(monkeypatch, capsys, "classify", tmp_path / "ds.parquet", "--out", out, "--resume")
+    assert code == 0 and len(read_jsonl(out)) == 4, clean(err)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", out, "--out", tmp_path / "touched")
+    assert code == 0 and len(list((tmp_path / "touched").glob("*.png"))) == 4, clean(err)
     _parquet(files[::-1], tmp_path / "ds.parquet", labels=wrong[::-1])
     code, _, err = run_cli(monkeypatch, capsys, "explain", "--from", out, "--out", tmp_path / "why")
     refused(code, err, f"{tmp_path / 'ds.parquet'} is not the dataset the run read")

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AvarcError
+from ..models.checkpoints import file_sha256
 from .files import absolute
 from .hub import HubUnreachable, check_reachable
 from .preprocess import open_image, preprocess_pil
@@ -198,9 +199,10 @@ class SplitImages:
     split whatever the spelling of its path (``--resume`` matches rows on it); ``fingerprint`` is the dataset's own
     (its content, as ``datasets`` hashes it), part of the run's identity."""
 
-    def __init__(self, where: str, ds, column: str, key: str | None = None, unlabelled: dict[int, str] | None = None):
+    def __init__(self, where: str, ds, column: str, key: str | None = None, unlabelled: dict[int, str] | None = None,
+                 fingerprint: str | None = None):
         self.where, self.column, self.key = where, column, key or where
-        self.fingerprint = str(getattr(ds, "_fingerprint", "") or "")
+        self.fingerprint = fingerprint or str(getattr(ds, "_fingerprint", "") or "")
         self.table = ds.select_columns([column]).cast_column(column, _datasets().Image(decode=False))
         self.unlabelled = unlabelled or {}      # row → why it has no class (a labelled split's missing label)
 
@@ -214,6 +216,15 @@ class SplitImages:
         if value.get("bytes") is None:
             return open_image(value["path"])
         return open_image(where, value["bytes"])
+
+
+def content_fingerprint(path: Path, split: str) -> str:
+    """A local dataset's fingerprint by content: the SHA-256 of its files (a folder's by their relative names) and
+    the split, so a dataset rewritten under its name is another, while ``touch`` or a copy keeps it (``datasets``'
+    own fingerprint of a local file follows its modification time)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    parts = [split, *(f"{f.relative_to(path) if f != path else ''}:{file_sha256(f)}" for f in files)]
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def datasets_fingerprint(fingerprints: Iterable[str]) -> str | None:
@@ -236,7 +247,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
     """Every dataset input's rows, labelled from its ``ClassLabel`` column (names read by ``parse``, as folder
     names are) where every input has one and ``labels`` allows."""
     ds_lib = _datasets()
-    splits = []
+    splits, content = [], {}
     for raw in inputs:
         if not is_dataset(raw):
             raise AvarcError(f"{raw}: pass datasets alone, or files and folders alone, in one run")
@@ -245,6 +256,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         where = f"{display(raw)}[{split_name}]"
         local = display(raw) == str(raw) and Path(raw).exists()
         resolved = f"{absolute(raw) if local else display(raw)}[{split_name}]"
+        content[where] = content_fingerprint(absolute(raw), split_name) if local else None
         image_col = _column(display(raw), ds, image_column, ds_lib.Image, "images", "image_column")
         if image_col is None:
             raise AvarcError(f"{display(raw)}: no column holds images (an Image feature); name it with --image-column "
@@ -274,7 +286,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         unlabelled = {i: f"no class in its label column {label_col!r} (missing or not one of its {len(names)} "
                          "names); label the row, or classify without labels"
                       for i, y in enumerate(ids) if y is None} if labelled else {}
-        out.append(Rows(where, SplitImages(where, ds, image_col, resolved, unlabelled), ids))
+        out.append(Rows(where, SplitImages(where, ds, image_col, resolved, unlabelled, content[where]), ids))
     return out, labelled
 
 
