@@ -13,6 +13,7 @@ pixels get the same result however they are passed, and whatever batch, order or
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -73,7 +74,7 @@ def _in_settings(method: Callable[Concatenate[Classifier, _P], _R]) -> Callable[
     @functools.wraps(method)
     def run(self: Classifier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         seed = kwargs.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):      # numpy's integers too
             raise AvarcError(f"must be a whole number, got {seed!r}", option="seed")
         with self.settings():
             return method(self, *args, **kwargs)
