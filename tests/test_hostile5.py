@@ -264,7 +264,8 @@ def test_report_explain_that_is_a_file_says_so(run, tmp_path, monkeypatch, capsy
     assert not (tmp_path / "r.html").exists()
 
 
-@pytest.mark.parametrize("command", ["calibrate-ood", "tune", "add-class", "add-class-model", "report"])
+@pytest.mark.parametrize("command", ["calibrate-ood", "tune", "add-class", "add-class-model", "report",
+                                     "report-model"])
 def test_an_input_named_as_the_output_is_refused_as_an_input_before_force_is_asked_for(run, tmp_path, monkeypatch,
                                                                                       capsys, command):
     """Without --force an input named as the output is refused as what it is, never with "pass --force" (which
@@ -278,7 +279,9 @@ def test_an_input_named_as_the_output_is_refused_as_an_input_before_force_is_ask
                     "add-class": (["add-class", "seven", digits / "0", "--steps", 1, "--out", image], image),
                     "add-class-model": (["add-class", "seven", digits / "0", "-m", model, "--steps", 1, "--out",
                                          model / "vae.pth"], model / "vae.pth"),
-                    "report": (["report", results, "--out", image], image)}[command]
+                    "report": (["report", results, "--out", image], image),
+                    "report-model": (["report", results, "-m", model, "--out", model / "var.pth"],
+                                     model / "var.pth")}[command]
     before = target.read_bytes()
     line = refused(*run_cli(monkeypatch, capsys, *args)[::2], "is an input of this run")
     assert "pass --force" not in line and target.read_bytes() == before

@@ -32,7 +32,7 @@ def report(
     disk. Needs `pip install 'avarc[report]'`.
     """
     from avarc.errors import AvarcError
-    from avarc.io.files import hold_outputs, write_text
+    from avarc.io.files import hold_outputs, with_contents, write_text
     from avarc.io.records import read_records, unique_records
     from avarc.io.registry import is_registry_name
     from avarc.runs.report import run_report
@@ -45,7 +45,7 @@ def report(
         what = "not a folder" if explain.exists() else "no such folder"
         raise AvarcError(f"{explain}: {what}; pass the --out folder of `avarc explain`", option="explain")
     panels = [f for f in explain.iterdir() if f.suffix.lower() in (".png", ".npz")] if explain is not None else []
-    weights = [model] if model is not None and not is_registry_name(model) else []
+    weights = with_contents([model]) if model is not None and not is_registry_name(model) else []   # a folder's too
     records, repeated = unique_records(read_records(results))
     if repeated:
         output.say(f"note: {repeated} records repeat an image already in {results} (a skipped image tried again by "
