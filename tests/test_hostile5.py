@@ -318,3 +318,15 @@ def test_a_report_that_fails_leaves_no_folder_it_made_for_its_output(run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.jsonl"]
     code, _, err = run_cli(monkeypatch, capsys, "report", run[0], "--out", tmp_path / "new" / "deeper" / "r.html")
     assert code == 0 and (tmp_path / "new" / "deeper" / "r.html").is_file(), clean(err)
+
+
+@pytest.mark.parametrize("command", ["calibrate-ood", "classify"])
+def test_the_from_list_file_is_an_input_never_written_over(run, tmp_path, monkeypatch, capsys, command):
+    _, _, digits = run
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{digits / '0' / '0.png'}\n{digits / '0' / '1.png'}\n")
+    before = listing.read_bytes()
+    extra = ["-o", listing, "--force"] if command == "calibrate-ood" else ["--out", listing, "--resume"]
+    code, _, err = run_cli(monkeypatch, capsys, command, "--from-list", listing, *extra)
+    refused(code, err, f"{listing}: is an input of this run")
+    assert listing.read_bytes() == before

@@ -65,12 +65,13 @@ def calibrate_ood(
         if not inputs:
             raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
                              "examples/digits`)")
-        refuse_inputs([("out", out)], [*opts.files(model, profile), *with_contents(inputs)])   # before loading
+        listed = [*opts.files(model, profile), *source.files()]
+        refuse_inputs([("out", out)], [*listed, *with_contents(inputs)])   # before loading
         check_output_files({"out": out}, force)
         clf = opts.load(model, profile)
         found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
                         data=source.data())
-        read: list[str | Path] = [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)]
+        read: list[str | Path] = [*listed, *(it.path for it in found.items if it.source is None)]
         with hold_outputs({"out": out}, read, force):
             with output.progress() as bar:
                 task = bar.add_task("scoring", total=len(found.items), info="")
