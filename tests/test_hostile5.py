@@ -330,3 +330,14 @@ def test_the_from_list_file_is_an_input_never_written_over(run, tmp_path, monkey
     code, _, err = run_cli(monkeypatch, capsys, command, "--from-list", listing, *extra)
     refused(code, err, f"{listing}: is an input of this run")
     assert listing.read_bytes() == before
+
+
+def test_generate_into_a_folder_another_run_is_writing_is_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "samples"
+    out.mkdir()
+    with hold_folder(out):                                 # what a second `avarc generate --out samples` holds
+        code, _, err = run_cli(monkeypatch, capsys, "generate", "3", "--out", out, "--force")
+    refused(code, err, f"{out}: another avarc run is writing into this folder")
+    assert list(out.iterdir()) == []
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "3", "--out", out, "--force")
+    assert code == 0 and (out / "grid.png").is_file(), clean(err)
