@@ -238,7 +238,7 @@ def test_a_dataset_rewritten_since_the_run_is_named_by_explain_from_and_report(t
     assert (tmp_path / "r.html").read_text().count("changed since the run") == 4
 
 
-# (5) the library's door
+# (4) the probes re-run: the library's door, report, datasets, --from-list, generate
 
 
 def test_the_library_refuses_no_model_and_a_seed_that_is_not_a_number_at_the_door(run):
