@@ -179,6 +179,10 @@ class InputOptions:
         check_inputs(inputs)
         return inputs
 
+    def files(self) -> list[Path]:
+        """The file these options read besides the images (``--from-list``'s), which outputs must never replace."""
+        return [self.from_list] if self.from_list is not None else []
+
     def data(self):  # noqa: ANN201 (a avarc.io.data.DataOptions)
         from avarc.io.data import DataOptions
 

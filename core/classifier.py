@@ -13,6 +13,7 @@ pixels get the same result however they are passed, and whatever batch, order or
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -71,9 +72,13 @@ _R = TypeVar("_R")
 
 
 def _in_settings(method: Callable[Concatenate[Classifier, _P], _R]) -> Callable[Concatenate[Classifier, _P], _R]:
-    """A public method run in :meth:`Classifier.settings`: on the classifier's threads, torch's state put back."""
+    """A public method run in :meth:`Classifier.settings`: on the classifier's threads, torch's state put back. Its
+    ``seed``, which every noise key takes, is checked at the door (a string would seed the noise silently)."""
     @functools.wraps(method)
     def run(self: Classifier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        seed = kwargs.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):      # numpy's integers too
+            raise AvarcError(f"must be a whole number, got {seed!r}", option="seed")
         with self.settings():
             return method(self, *args, **kwargs)
     return run
@@ -112,7 +117,7 @@ class Classifier:
         ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). ``cuda_graphs``: replay the
         engine's small forwards as CUDA graphs (CUDA only; :mod:`core.engine.graphs`). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
-        extensions = _check_arguments(extensions, batch_size, dtype)
+        extensions = _check_arguments(model, extensions, batch_size, dtype)
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
         if cuda_graphs and dev.type != "cuda":
@@ -511,9 +516,13 @@ class Classifier:
 
 
 
-def _check_arguments(extensions: Sequence[str | os.PathLike | Extension], batch_size: object, dtype: object) -> list:
+def _check_arguments(model: object, extensions: Sequence[str | os.PathLike | Extension], batch_size: object,
+                     dtype: object) -> list:
     """``from_pretrained``'s arguments that would otherwise fail deep inside, refused in one line each; the
     extensions as a list."""
+    if not isinstance(model, (str, os.PathLike, Model)):
+        raise AvarcError(f"takes a registry name (digits, d16 …), a model folder or a VAR checkpoint file, got "
+                         f"{model!r}", option="model")
     if isinstance(extensions, (str, os.PathLike, Extension)):
         raise AvarcError(f"extensions takes a list; pass extensions=[{os.fspath(extensions)!r}]"
                          if not isinstance(extensions, Extension) else "extensions takes a list; pass [extension]",
