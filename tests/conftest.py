@@ -32,6 +32,7 @@ from avarc.engine.torch_state import torch_settings
 from avarc.io import distributed
 from avarc.io.data import Item
 from avarc.io.preprocess import pixels_to_tensor
+from avarc.models import block_ops
 from scripts.digits import load_digits
 
 DATA = Path(__file__).parent / "data"
@@ -61,6 +62,17 @@ SUITE_THREADS = max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER
 def pinned_torch_settings():
     with torch_settings(SUITE_THREADS):
         yield
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """This process as a CPU without native bf16 (oneDNN's bf16 kernels off; ``AVARC_CPU_BF16=emulated``), restored
+    afterwards: the AVX2 path, proved on a host that has native bf16 (test_portability, test_bf16_digits)."""
+    monkeypatch.setenv(block_ops.EMULATED_ENV, "emulated")
+    block_ops.onednn_bf16.cache_clear()
+    yield
+    monkeypatch.undo()
+    block_ops.onednn_bf16.cache_clear()
 
 
 CONFORMANCE = DATA / "conformance"
