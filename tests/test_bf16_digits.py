@@ -13,13 +13,13 @@ import torch
 
 from avarc.engine.model import Model
 from avarc.engine.profile import Profile
-from avarc.engine.schedule import run_stages, sample_tokens
+from avarc.engine.schedule import sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.engine.stages import Prediction
 from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile, parse_profile
 from scripts import digits
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, predict_as
 
 # Without a guard: full scales for all ten classes (its first stage is what `token_logp` sums), then 3 samples.
 OFF = parse_profile({"stages": [{"scales": "all", "keep": 3}, {"scales": "all", "samples": 3}], "guard_margin": 0},
@@ -42,15 +42,6 @@ class Fp32Digits:
     fp32_staged: list[Prediction]
 
 
-def predict(model: Model, tokens: torch.Tensor, profile: Profile, dtype: torch.dtype,
-            scorer: Scorer | None = None) -> list[Prediction]:
-    model.dtype = dtype
-    try:
-        return run_stages(model, tokens, range(model.num_classes), profile, scorer)
-    finally:
-        model.dtype = torch.float32
-
-
 _FP32: dict[str, Fp32Digits] = {}
 
 
@@ -65,27 +56,27 @@ def fp32_digits(request) -> Fp32Digits:
         assert {p.sigma for p in (shipped, OFF, STAGED)} == {shipped.sigma}     # one sample serves every profile
         samples = max(p.resolve(n).max_samples for p in (shipped, OFF, STAGED))
         tokens = sample_tokens(model, latents, samples, shipped.sigma, 0)
-        _FP32[request.param] = Fp32Digits(model, shipped, tokens, predict(model, tokens, shipped, torch.float32),
-                                          predict(model, tokens, STAGED, torch.float32))
+        _FP32[request.param] = Fp32Digits(model, shipped, tokens, predict_as(model, tokens, shipped, torch.float32),
+                                          predict_as(model, tokens, STAGED, torch.float32))
     return _FP32[request.param]
 
 
 @pytest.fixture(scope="module")
 def unguarded_bf16(fp32_digits) -> list[Prediction]:
     """bf16 without the guard (native bf16 where the CPU has it)."""
-    return predict(fp32_digits.model, fp32_digits.tokens, OFF, torch.bfloat16)
+    return predict_as(fp32_digits.model, fp32_digits.tokens, OFF, torch.bfloat16)
 
 
 def test_guard_on_the_359_test_digits(fp32_digits, unguarded_bf16):
     """The shipped digits profile in bf16 with its default guard predicts exactly what fp32 does."""
     d = fp32_digits
     scorer = Scorer(d.model)
-    bf16 = predict(d.model, d.tokens, d.shipped, torch.bfloat16, scorer)
+    bf16 = predict_as(d.model, d.tokens, d.shipped, torch.bfloat16, scorer)
     assert len(d.fp32) == 359 and [r.pred for r in bf16] == [r.pred for r in d.fp32]
     assert scorer.guarded < 36                           # only close calls pay for fp32
     assert sum(a.pred == b.pred for a, b in zip(unguarded_bf16, d.fp32)) >= 0.99 * 359
     scorer = Scorer(d.model)
-    bf16 = predict(d.model, d.tokens, STAGED, torch.bfloat16, scorer)
+    bf16 = predict_as(d.model, d.tokens, STAGED, torch.bfloat16, scorer)
     fp32 = d.fp32_staged
     assert [r.pred for r in bf16] == [r.pred for r in fp32]
     assert [set(r.stages[0].decisions(None)[1]) for r in bf16] == [set(r.stages[0].decisions(None)[1]) for r in fp32]
@@ -108,5 +99,5 @@ def test_bf16_agrees_with_fp32(fp32_digits, unguarded_bf16):
 def test_emulated_bf16_guard_gives_fp32_predictions_on_the_test_digits(emulated, fp32_digits):
     """The 359 test digits, shipped profile, plain bf16 linears: the precision guard makes every prediction fp32's."""
     d = fp32_digits
-    bf16 = predict(d.model, d.tokens, d.shipped, torch.bfloat16, Scorer(d.model))
+    bf16 = predict_as(d.model, d.tokens, d.shipped, torch.bfloat16, Scorer(d.model))
     assert len(d.fp32) == 359 and [p.pred for p in bf16] == [p.pred for p in d.fp32]

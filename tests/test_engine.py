@@ -11,12 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from avarc.engine.profile import GUARD_NATS_PER_TOKEN
 from avarc.engine.runtime import resolve_threads, usable_cores
-from avarc.engine.schedule import run_stages, sample_tokens
+from avarc.engine.schedule import sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile, parse_profile
 from avarc.models.specs import official_spec
-from tests.conftest import AT_256
+from tests.conftest import AT_256, predict_as
 
 MATMUL, CONV = torch.backends.cuda.matmul, torch.backends.cudnn.conv   # torch's per-backend precision API
 
@@ -90,19 +90,6 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
     assert seen == {torch.float32: False, torch.bfloat16: True}
 
 
-def _tokens(model, latents, profile):
-    """The profile's token samples, drawn once per test and profile (tokenisation is fp32 whatever the dtype)."""
-    return sample_tokens(model, latents, profile.max_samples, profile.sigma, 0)
-
-
-def _predict(model, tokens, profile, dtype, scorer=None):
-    model.dtype = dtype
-    try:
-        return run_stages(model, tokens, range(model.num_classes), profile, scorer)
-    finally:
-        model.dtype = torch.float32
-
-
 @AT_256
 def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
     """With every image's top two closer than the margin, the guard re-scores all of them: predictions and final
@@ -111,10 +98,12 @@ def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
     wide = parse_profile({"stages": [{"scales": 6, "keep": 3}, {"scales": "all", "samples": 2, "keep": 1}],
                           "guard_margin": 1e9}, "wide", "test")
     latents = conf.golden["latent"]
+    assert prof.sigma == wide.sigma            # one draw of tokens for both (tokenisation is fp32 whatever the dtype)
+    tokens = sample_tokens(engine_model, latents, max(prof.max_samples, wide.max_samples), prof.sigma, 0)
     for p in (prof, wide):
-        scorer, tokens = Scorer(engine_model), _tokens(engine_model, latents, p)
-        fp32 = _predict(engine_model, tokens, p, torch.float32)
-        bf16 = _predict(engine_model, tokens, p, torch.bfloat16, scorer)
+        scorer = Scorer(engine_model)
+        fp32 = predict_as(engine_model, tokens, p, torch.float32)
+        bf16 = predict_as(engine_model, tokens, p, torch.bfloat16, scorer)
         assert [r.pred for r in bf16] == [r.pred for r in fp32]
     assert scorer.guarded == latents.shape[0]
     for a, b in zip(bf16, fp32):
