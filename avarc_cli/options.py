@@ -109,6 +109,7 @@ class ModelOptions:
                                           help="CPU threads (default: the usable cores).")]
     compile: Annotated[Optional[bool], opt("--compile/--no-compile",
                                            help="torch.compile the engine (default: on CUDA).")]
+    cuda_graphs: Annotated[bool, opt("--cuda-graphs", help="Replay small forwards as CUDA graphs (CUDA only).")]
     encoder: Annotated[Encoder, opt("--encoder", show_default=True,
                                     help="Encoder backend (onnx: avarc[onnx]).")]
     model_dir: Annotated[Optional[Path], opt("--model-dir", metavar="DIR",
@@ -118,7 +119,7 @@ class ModelOptions:
     trust_pickle: Annotated[bool, opt("--trust-pickle", help="Let checkpoints run code to unpickle (trusted only).")]
 
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"device": "auto", "dtype": "auto", "encoder": "torch",
-                                                 "trust_pickle": False}
+                                                 "trust_pickle": False, "cuda_graphs": False}
     given: typing.ClassVar[frozenset[str]] = frozenset()    # the command's parameters given on its command line
 
     def load(self, model: str, profile: str | Profile | None = None,

@@ -10,7 +10,7 @@ import typer
 from ..options import ForceOpt, Init, InputOptions, ModelOpt, ModelOptions, input_options, model_options, opt
 
 
-@model_options("batch_size", "compile", "encoder")
+@model_options("batch_size", "compile", "cuda_graphs", "encoder")
 @input_options("from_list", "border", "per_class")
 def add_class(
     opts: ModelOptions,
