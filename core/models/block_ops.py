@@ -33,7 +33,6 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> tor
     return torch.addcmul(x, branch.to(x.dtype), gamma)
 
 
-ONEDNN_DTYPES = (torch.bfloat16,)   # in fp32 ATen's MKL GEMM is faster than oneDNN's, which cancels the fusion
 EMULATED_ENV = "AVARC_CPU_BF16"      # "emulated": take the plain path as on a CPU without native bf16 (tests, A/B)
 
 
@@ -47,21 +46,42 @@ def onednn_bf16() -> bool:
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        x, w = torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+    except (AttributeError, RuntimeError):
+        return False
+    return _linear_pointwise_runs(torch.bfloat16)
+
+
+@lru_cache(maxsize=1)
+def onednn_fp32() -> bool:
+    """Whether oneDNN runs fp32 linears here (any x86 CPU torch was built with oneDNN for). On the EPYC Zen 4 this
+    was measured on its fp32 GEMMs of d16's shapes run in half the time of ATen's (MKL takes its AVX2 path on AMD;
+    capped at AVX2, oneDNN still ran them in 0.8–1.0× MKL's time), and fc1's GELU comes in the same call."""
+    return torch.backends.mkldnn.is_available() and _linear_pointwise_runs(torch.float32)
+
+
+def _linear_pointwise_runs(dtype: torch.dtype) -> bool:
+    """One tiny oneDNN linear + GELU(tanh) in ``dtype`` runs without raising."""
+    try:
+        x, w = torch.ones(2, 16, dtype=dtype), torch.ones(8, 16, dtype=dtype)
         torch.ops.mkldnn._linear_pointwise(x, w, None, "gelu", [], "tanh")
     except (AttributeError, RuntimeError):
         return False
     return True
 
 
+def _onednn(dtype: torch.dtype) -> bool:
+    return onednn_bf16() if dtype == torch.bfloat16 else dtype == torch.float32 and onednn_fp32()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16, where oneDNN can run it (:func:`onednn_bf16`),
-    it is one oneDNN call (the kernel torch's own compiler emits for a frozen linear) with the bias and the GELU in
-    the matmul's epilogue: ATen would copy the broadcast bias into the output before the GEMM and run GELU as a
-    separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh) in cuBLASLt's epilogue (on a CPU that
-    call computes the erf GELU, so not there). The official tanh approximation either way."""
-    if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and onednn_bf16()):
+    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16 or fp32, where oneDNN can run it
+    (:func:`onednn_bf16`, :func:`onednn_fp32`), it is one oneDNN call (the kernel torch's own compiler emits for a
+    frozen linear) with the bias and the GELU in the matmul's epilogue: ATen would copy the broadcast bias into the
+    output before the GEMM and run GELU as a separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh)
+    in cuBLASLt's epilogue (on a CPU that call computes the erf GELU, so not there). The official tanh approximation
+    either way. Under autograd (add-class) or the compiler, ATen's."""
+    if (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _onednn(weight.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
     if gelu and bias is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
