@@ -19,6 +19,7 @@ from avarc.engine.model import build_model
 from avarc.engine.profile import Profile, Stage
 from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
+from avarc.models import block_ops
 from avarc.models.block_ops import CompiledBlock
 from avarc.models.specs import official_spec
 from tests.conftest import ConformanceSet
@@ -55,17 +56,23 @@ def _forward_ops(model, num_scales: int = 10, keep_cache: bool = False, one_call
 
 
 @pytest.mark.parametrize("keep_cache", [False, True])
-def test_aten_ops_per_block(small, keep_cache):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_aten_ops_per_block(small, keep_cache, onednn, monkeypatch):
     """The plan a GPU runs, run eagerly and counted in fp32 on a CPU: LN, modulate, qkv, q/k norm (norm, factor,
-    scale), attention, proj, residual, LN, modulate, fc1, GELU, fc2, residual: 15 where the engine ran ~51, and one
-    more, the K/V write, when the forward keeps its cache. On CUDA fc1's GELU is in the GEMM's epilogue (one fewer).
-    Eagerly it stays there: the AdaLN scale, shift and gains differ per row (per class), so they fold into no GEMM or
-    epilogue without per-class weights, and this CPU has no fused rms_norm (aten's decomposes into five ops).
-    Compiled, as a GPU runs it, a block is 10 kernels (:func:`test_compiled_kernels_per_block`)."""
+    scale), attention, proj, residual, LN, modulate, fc1 + GELU (one oneDNN call where oneDNN runs fp32 linears, as
+    cuBLASLt's epilogue on CUDA; else fc1, then GELU), fc2, residual: 14 where the engine ran ~51 (15 on ATen's
+    path, forced here too), and one more, the K/V write, when the forward keeps its cache. Eagerly it stays there:
+    the AdaLN scale, shift and gains differ per row (per class), so they fold into no GEMM or epilogue without
+    per-class weights, and this CPU has no fused rms_norm (aten's decomposes into five ops). Compiled, as a GPU runs
+    it, a block is 10 kernels (:func:`test_compiled_kernels_per_block`)."""
+    if not onednn:
+        monkeypatch.setattr(block_ops, "onednn_fp32", lambda: False)
+    fused = block_ops.onednn_fp32()
     a, b = _forward_ops(small[2], keep_cache=keep_cache), _forward_ops(small[4], keep_cache=keep_cache)
-    per_block = (sum(b.ops.values()) - sum(a.ops.values())) / 2
-    assert per_block <= 15 + keep_cache, (b.ops - a.ops)
-    assert (b.ops - a.ops)["_scaled_dot_product_flash_attention_for_cpu"] == 2      # one per block
+    per_block, ops = (sum(b.ops.values()) - sum(a.ops.values())) / 2, b.ops - a.ops
+    assert per_block <= 15 - fused + keep_cache, ops
+    assert ops["_scaled_dot_product_flash_attention_for_cpu"] == 2                      # one per block
+    assert (ops["_linear_pointwise"], ops["gelu_"]) == ((8, 0) if fused else (0, 2)), ops
 
 
 LAUNCH = re.compile(r"^\s*(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+"
