@@ -8,6 +8,7 @@ import collections
 import logging
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -53,10 +54,14 @@ def onednn_bf16() -> bool:
 
 @lru_cache(maxsize=1)
 def onednn_fp32() -> bool:
-    """Whether oneDNN runs fp32 linears here (any x86 CPU torch was built with oneDNN for). On the EPYC Zen 4 this
-    was measured on its fp32 GEMMs of d16's shapes run in half the time of ATen's (MKL takes its AVX2 path on AMD;
-    capped at AVX2, oneDNN still ran them in 0.8–1.0× MKL's time), and fc1's GELU comes in the same call."""
-    return torch.backends.mkldnn.is_available() and _linear_pointwise_runs(torch.float32)
+    """Whether fp32 linears go through oneDNN: on AMD CPUs, where ATen's fp32 GEMM (MKL) takes its AVX2 path. On an
+    EPYC Zen 4 oneDNN ran d16's fp32 GEMMs in half ATen's time (capped at AVX2, in 0.8–1.0× MKL's), fc1's GELU in
+    the same call; on Intel MKL's own fp32 GEMM was the faster, so ATen's stays there."""
+    try:
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return amd and torch.backends.mkldnn.is_available() and _linear_pointwise_runs(torch.float32)
 
 
 def _linear_pointwise_runs(dtype: torch.dtype) -> bool:
