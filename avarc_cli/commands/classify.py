@@ -41,8 +41,7 @@ def classify(
                                             "prediction, ranking, stages, status, run identity "
                                             "(schemas/record.schema.json).")] = None,
     csv: Annotated[Optional[Path], opt("--csv", metavar="FILE", help="Append the run's row to a CSV experiment log "
-                                       "(model SHA, dtype, profile, OOD rule, top-1, abstained, GFLOPs, "
-                                       "seconds; README).")] = None,
+                                       "(identity, top-k, GFLOPs, seconds; README).")] = None,
     resume: Annotated[bool, opt("--resume", help="Continue --out (the same run only).")] = False,
     seed: SeedOpt = 0,
     temperature: Annotated[Optional[float], opt("--temperature", min=1e-6, metavar="T",

@@ -63,11 +63,9 @@ def explain(
     avarc explain --from run.jsonl digits/3 --vs 8 --metrics   # options apply
     avarc explain examples/digits/3 --counterfactual 8   # 3s drawn as 8s
 
-    OUT/IMAGE.png shows the input and where its tokens favour A over the unconditional model, B over it, and A
-    over B, each with a colour bar in nats; OUT/IMAGE.npz holds the signed maps and scores
-    (README, Explain a prediction).
-    --metrics scores the A-vs-null maps by insertion/deletion AUC (A-VARC's Table 3).
-    --from explains each image on the stage of the run that decided it.
+    OUT/IMAGE.png: where the tokens favour A over the unconditional model, B over it, A over B (nats);
+    OUT/IMAGE.npz: the signed maps (README). --metrics: insertion/deletion AUC of the A-vs-null maps (A-VARC's
+    Table 3). --from: each image on the stage of the run that decided it.
     """
     from avarc.errors import AvarcError
     from avarc.io.data import collect
