@@ -132,8 +132,11 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
     else:
         keys = y[:, :, 1:]
     q, k, v = y[:, :, 0].transpose(1, 2), keys[:, :, 0].transpose(1, 2), keys[:, :, 1].transpose(1, 2)
-    if isinstance(mask, BlockMask):    # q in a buffer of its own: inductor's CPU template reads its size off the base
-        a = flex_attention(q.contiguous(), k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        # q in a B, L, H, c buffer of its own: inductor's CPU template reads q's sizes off its base buffer (a 5-d y
+        # fails), and the output takes q's layout, so the projection reads it without a copy
+        q = y[:, :, 0].contiguous().transpose(1, 2)
+        a = flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
     elif spans is None:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
     else:
