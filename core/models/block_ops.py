@@ -136,6 +136,8 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
         # q in a B, L, H, c buffer of its own: inductor's CPU template reads q's sizes off its base buffer (a 5-d y
         # fails), and the output takes q's layout, so the projection reads it without a copy
         q = y[:, :, 0].contiguous().transpose(1, 2)
+        if k.device.type == "cpu":     # per-head contiguous keys/values: the CPU kernel ran 1.3× faster, copy included
+            k, v = k.contiguous(), v.contiguous()
         a = flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
     elif spans is None:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
