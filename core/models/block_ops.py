@@ -136,8 +136,6 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
         # q in a B, L, H, c buffer of its own: inductor's CPU template reads q's sizes off its base buffer (a 5-d y
         # fails), and the output takes q's layout, so the projection reads it without a copy
         q = y[:, :, 0].contiguous().transpose(1, 2)
-        if k.device.type == "cpu":     # per-head contiguous keys/values: the CPU kernel ran 1.3× faster, copy included
-            k, v = k.contiguous(), v.contiguous()
         a = flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
     elif spans is None:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
@@ -231,8 +229,11 @@ class CompiledBlock:
 
 
 MASK_ALIGN = 16    # memory-efficient SDPA wants a mask's row stride a multiple of 16, else it pads it on every call
-# FlexAttention's sparse block (queries × keys) per device: on this CPU's inductor 32 ran fastest (d16: 321 of 484
-# tiles issued, 87% of their scores useful); CUDA's default tiles for bf16, head width 64, are 128 × 128.
+# Where a compiled step runs FlexAttention. Not on a CPU: d16's attention (B 4, 680 tokens, EPYC Zen 4, 1 thread) took
+# 0.98–1.09× the compiled masked SDPA's time in fp32 and 1.28–1.37× in bf16 (the per-scale calls: 0.65–0.74×).
+FLEX_DEVICES = {"cuda"}
+# FlexAttention's sparse block (queries × keys): CUDA's default tiles for bf16 at head width 64 are 128 × 128; on a CPU
+# (tests) 32, the fastest of 32/64/128 there (d16: 321 of 484 tiles issued, 87% of their scores useful).
 FLEX_BLOCK = {"cpu": 32}
 FLEX_BLOCK_DEFAULT = 128
 
@@ -240,12 +241,12 @@ FLEX_BLOCK_DEFAULT = 128
 class AttentionPlan:
     """Block-causal attention of tokens start … end−1 over keys 0 … end−1, shared by every block. ``one_call``: one
     attention call whatever the number of scales, its masks built once per (start, end, device) (the dense one once
-    per dtype too); None where the new tokens are one scale (they see every key). A compiled block step gets a
-    :class:`BlockMask` (:meth:`block_mask`): FlexAttention's compiled kernel skips the tiles no query sees and masks
-    only the tiles a scale boundary cuts (d16 on this CPU: 0.6–0.7× the compiled masked SDPA's time). Eager it
-    would run FlexAttention's unfused reference (5–8× slower), so an eager step gets the additive mask (0 where a
-    query's scale is at least the key's, −inf elsewhere) for SDPA, its rows padded in memory so that no call re-pads
-    it (SDPA's memory-efficient kernel would, for a 91-key mask, on every call). Else one call per scale
+    per dtype too); None where the new tokens are one scale (they see every key). A compiled step on a device in
+    ``FLEX_DEVICES`` gets a :class:`BlockMask` (:meth:`block_mask`): FlexAttention's kernel skips the tiles no query
+    sees and masks only those a scale boundary cuts. Eager, FlexAttention runs an unfused reference (5–8× slower),
+    and on a CPU its compiled kernel did not beat the masked SDPA, so every other step gets the additive mask (0
+    where a query's scale is at least the key's, −inf elsewhere) for SDPA, its rows padded in memory so that no call
+    re-pads it (SDPA's memory-efficient kernel would, for a 91-key mask, on every call). Else one call per scale
     (``split``): where nothing is launched (an eager CPU) the masked call only adds work, since it computes the
     masked-out part too (1.5–1.7× the per-scale calls' time on d16)."""
 
@@ -263,10 +264,11 @@ class AttentionPlan:
             self._bool = keep.to(device)
 
     def mask(self, dtype: torch.dtype, compiled: bool = False) -> torch.Tensor | BlockMask | None:
-        """The mask a block step takes: the :meth:`block_mask` if the step is ``compiled``, else the additive one."""
+        """The mask a block step takes: the :meth:`block_mask` if the step is ``compiled`` on a device in
+        ``FLEX_DEVICES``, else the additive one."""
         if self._bool is None:
             return None
-        if compiled:
+        if compiled and self.device.type in FLEX_DEVICES:
             return self.block_mask()
         m = self._masks.get(dtype)
         if m is None:      # rows padded to a multiple of MASK_ALIGN keys: the fused GPU kernels take it as it is
