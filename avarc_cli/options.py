@@ -109,6 +109,7 @@ class ModelOptions:
                                           help="CPU threads (default: the usable cores).")]
     compile: Annotated[Optional[bool], opt("--compile/--no-compile",
                                            help="torch.compile the engine (default: on CUDA).")]
+    cuda_graphs: Annotated[bool, opt("--cuda-graphs", help="Replay small forwards as CUDA graphs (CUDA only).")]
     encoder: Annotated[Encoder, opt("--encoder", show_default=True,
                                     help="Encoder backend (onnx: avarc[onnx]).")]
     model_dir: Annotated[Optional[Path], opt("--model-dir", metavar="DIR",
@@ -118,7 +119,7 @@ class ModelOptions:
     trust_pickle: Annotated[bool, opt("--trust-pickle", help="Let checkpoints run code to unpickle (trusted only).")]
 
     DEFAULTS: typing.ClassVar[dict[str, Any]] = {"device": "auto", "dtype": "auto", "encoder": "torch",
-                                                 "trust_pickle": False}
+                                                 "trust_pickle": False, "cuda_graphs": False}
     given: typing.ClassVar[frozenset[str]] = frozenset()    # the command's parameters given on its command line
 
     def load(self, model: str, profile: str | Profile | None = None,
@@ -177,6 +178,10 @@ class InputOptions:
         inputs: list[str | Path] = [*(given or []), *(read_list(self.from_list) if self.from_list is not None else [])]
         check_inputs(inputs)
         return inputs
+
+    def files(self) -> list[Path]:
+        """The file these options read besides the images (``--from-list``'s), which outputs must never replace."""
+        return [self.from_list] if self.from_list is not None else []
 
     def data(self):  # noqa: ANN201 (a avarc.io.data.DataOptions)
         from avarc.io.data import DataOptions

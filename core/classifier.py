@@ -13,6 +13,7 @@ pixels get the same result however they are passed, and whatever batch, order or
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine.encode_ahead import EncodeAhead, Encoding
 from .engine.flops import image_gflops
+from .engine.graphs import ForwardGraphs
+from .engine.likelihood import memory_budget, pairs_per_chunk
 from .engine.model import Model
 from .engine.profile import Profile
 from .engine.runtime import DTYPES, resolve_compile, resolve_device, resolve_dtype, resolve_threads
@@ -68,9 +72,13 @@ _R = TypeVar("_R")
 
 
 def _in_settings(method: Callable[Concatenate[Classifier, _P], _R]) -> Callable[Concatenate[Classifier, _P], _R]:
-    """A public method run in :meth:`Classifier.settings`: on the classifier's threads, torch's state put back."""
+    """A public method run in :meth:`Classifier.settings`: on the classifier's threads, torch's state put back. Its
+    ``seed``, which every noise key takes, is checked at the door (a string would seed the noise silently)."""
     @functools.wraps(method)
     def run(self: Classifier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        seed = kwargs.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):      # numpy's integers too
+            raise AvarcError(f"must be a whole number, got {seed!r}", option="seed")
         with self.settings():
             return method(self, *args, **kwargs)
     return run
@@ -98,7 +106,7 @@ class Classifier:
                         model_dir: str | os.PathLike | None = None, trust_pickle: bool = False,
                         patch_nums: Sequence[int] | None = None, batch_size: int | None = None,
                         threads: int | None = None, compile: bool | None = None,  # noqa: A002 (torch's word)
-                        local_files_only: bool = False) -> Classifier:
+                        cuda_graphs: bool = False, local_files_only: bool = False) -> Classifier:
         """``model``: a registry name (``digits``, ``d16``, ``d20-cca`` …), a model directory or a VAR checkpoint
         file (``vae``: its VQ-VAE; ``patch_nums``: its scales when they cannot be read off the file).
         ``extensions``: files from ``add_classes(...).save`` (or the objects), applied in order. ``profile``: a
@@ -106,11 +114,15 @@ class Classifier:
         ``fp16`` or a torch dtype (a :class:`Model` passed built keeps its own). ``threads``: CPU threads of every call
         (default: the usable cores, one for a tiny model; see :func:`core.engine.runtime.resolve_threads`); the
         process's own torch settings are put back after each call.
-        ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). A registry model not on this
+        ``compile``: fuse the engine with torch.compile (default: on CUDA with Triton). ``cuda_graphs``: replay the
+        engine's small forwards as CUDA graphs (CUDA only; :mod:`core.engine.graphs`). A registry model not on this
         machine is downloaded (as ``avarc download`` does) unless ``local_files_only``."""
-        extensions = _check_arguments(extensions, batch_size, dtype)
+        extensions = _check_arguments(model, extensions, batch_size, dtype)
         chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
         dev = resolve_device(device)
+        if cuda_graphs and dev.type != "cuda":
+            raise AvarcError(f"CUDA graphs need a CUDA device and this run is on {dev.type}; leave the option out "
+                             "(nothing else would change)", option="cuda_graphs")
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(str(dtype), dev)
         if isinstance(model, Model):       # built by hand (bench's random weights): only the run-time choices apply
             m = finish(model, encoder, None, resolve_compile(compile, dev))
@@ -120,6 +132,7 @@ class Classifier:
                 _download_missing([n for n in (model, vae) if n is not None and is_registry_name(n)], model_dir)
             m = resolve_model(model, vae, dev, dt, model_dir, trust_pickle, encoder,
                               tuple(patch_nums) if patch_nums else None, resolve_compile(compile, dev))
+        m.graphs = ForwardGraphs() if cuda_graphs else None
         for ext in extensions:
             apply_extension(m, ext if isinstance(ext, Extension) else load_extension(ext),
                             "extension" if isinstance(ext, Extension) else str(ext))
@@ -238,8 +251,12 @@ class Classifier:
         content), each with its OOD scores and abstained where the profile's OOD rule says so. ``temperature`` None:
         the profile's (fitted by ``avarc tune``), else 1. ``ood_score``: the score that decides (default: the
         rule's)."""
+        return self._predict(self.model.encode(x), candidates, seed, temperature, ood_score)
+
+    def _predict(self, latents: torch.Tensor, candidates: Sequence[int], seed: int, temperature: float | None,
+                 ood_score: str | None) -> list[Prediction]:
+        """:meth:`predict` on encoder latents (the batch loop encodes each step while the one before is scored)."""
         temperature = temperature if temperature is not None else self.profile.temperature or 1.0
-        latents = self.model.encode(x)
         scorer = Scorer(self.model, self.batch_size)
         preds = run_schedule(self.model, latents, candidates, self.profile, seed, scorer, temperature)
         rule = self.profile.ood
@@ -291,16 +308,34 @@ class Classifier:
         names = self.class_names
         run = run_key or self.run_key(seed, candidates)
 
-        def step(batch: list[Item], pixels: list[np.ndarray | str]) -> list[Record]:
-            good = [(it, px) for it, px in zip(batch, pixels) if not isinstance(px, str)]
-            preds = iter(self.predict(torch.stack([pixels_to_tensor(px) for _, px in good]), candidates, seed,
-                                      temperature, ood_score) if good else ())
+        encoder = EncodeAhead(self.model)
+        Started = tuple[list[np.ndarray | str], Encoding | None]
+
+        def ahead(pixels: list[np.ndarray | str]) -> Started:
+            good = [pixels_to_tensor(px) for px in pixels if not isinstance(px, str)]
+            with self.settings():
+                return pixels, encoder.start(torch.stack(good)) if good else None
+
+        def step(batch: list[Item], started: Started) -> list[Record]:
+            pixels, encoding = started
+            with self.settings():
+                preds = iter(self._predict(encoder.finish(encoding), candidates, seed, temperature, ood_score)
+                             if encoding is not None else ())
             return [skipped_record(it, px, names, run) if isinstance(px, str)
                     else ok_record(it, next(preds), names, run, topk)
                     for it, px in zip(batch, pixels)]
 
-        per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates))
-        return distributed.run(items, self.load, step, dist, per_step)
+        per_step = per_step or distributed.images_per_step(self.batch_size, len(candidates), self._pairs_per_forward())
+        return distributed.run(items, self.load, step, dist, per_step, ahead)
+
+    def _pairs_per_forward(self) -> int | None:
+        """On a GPU, the (sequence, class) pairs its memory budget fits in one forward of the first stage (how many
+        images a step takes); None elsewhere."""
+        m = self.model
+        if m.device.type != "cuda":
+            return None
+        n_tok = m.spec.var.scale_ends()[int(self.profile.stages[0].scales) - 1]
+        return pairs_per_chunk(m.spec.var, n_tok, m.budget_bytes or memory_budget(m.device), m.dtype.itemsize)
 
     def load(self, item: Item) -> np.ndarray | str:
         """An item's model-input pixels, or why it cannot be read (every batch loop's loader)."""
@@ -481,9 +516,13 @@ class Classifier:
 
 
 
-def _check_arguments(extensions: Sequence[str | os.PathLike | Extension], batch_size: object, dtype: object) -> list:
+def _check_arguments(model: object, extensions: Sequence[str | os.PathLike | Extension], batch_size: object,
+                     dtype: object) -> list:
     """``from_pretrained``'s arguments that would otherwise fail deep inside, refused in one line each; the
     extensions as a list."""
+    if not isinstance(model, (str, os.PathLike, Model)):
+        raise AvarcError(f"takes a registry name (digits, d16 …), a model folder or a VAR checkpoint file, got "
+                         f"{model!r}", option="model")
     if isinstance(extensions, (str, os.PathLike, Extension)):
         raise AvarcError(f"extensions takes a list; pass extensions=[{os.fspath(extensions)!r}]"
                          if not isinstance(extensions, Extension) else "extensions takes a list; pass [extension]",

@@ -24,14 +24,17 @@ from PIL import Image
 import avarc
 from avarc import Classifier, ModelSpec, VARSpec, VQVAESpec
 from avarc.cli.app import main
+from avarc.engine.profile import Profile
 from avarc.engine.runtime import usable_cores
 from avarc.engine.schedule import classify as run_schedule
+from avarc.engine.schedule import run_stages
 from avarc.engine.scoring import Scorer
 from avarc.engine.stages import Prediction
 from avarc.engine.torch_state import torch_settings
 from avarc.io import distributed
 from avarc.io.data import Item
 from avarc.io.preprocess import pixels_to_tensor
+from avarc.models import block_ops
 from scripts.digits import load_digits
 
 DATA = Path(__file__).parent / "data"
@@ -57,10 +60,40 @@ def pytest_unconfigure(config) -> None:
 SUITE_THREADS = max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pinned_suite_settings():
+    """The same settings for the module- and session-scoped fixtures, which are computed before a test's own pin
+    (the digits' fp32 runs, the ONNX export, the tune folders)."""
+    with torch_settings(SUITE_THREADS):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def pinned_torch_settings():
     with torch_settings(SUITE_THREADS):
         yield
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """This process as a CPU without native bf16 (oneDNN's bf16 kernels off; ``AVARC_CPU_BF16=emulated``), restored
+    afterwards: the AVX2 path, proved on a host that has native bf16 (test_portability, test_bf16_digits)."""
+    monkeypatch.setenv(block_ops.EMULATED_ENV, "emulated")
+    block_ops.onednn_bf16.cache_clear()
+    yield
+    monkeypatch.undo()
+    block_ops.onednn_bf16.cache_clear()
+
+
+def predict_as(model: avarc.Model, tokens: torch.Tensor, profile: Profile, dtype: torch.dtype,
+               scorer: Scorer | None = None) -> list[Prediction]:
+    """The profile's stages over every class, computed in ``dtype`` (the model is put back to fp32 afterwards):
+    the precision guard's tests score the same tokens in fp32 and bf16."""
+    model.dtype = dtype
+    try:
+        return run_stages(model, tokens, range(model.num_classes), profile, scorer)
+    finally:
+        model.dtype = torch.float32
 
 
 CONFORMANCE = DATA / "conformance"

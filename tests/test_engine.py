@@ -1,5 +1,6 @@
 """The engine's precision and robustness on every available device: exact fp32 tokenisation (TF32 off), the
-compute dtype where it belongs, the precision guard (bf16 predictions equal fp32's), OOM recovery, thread choice."""
+compute dtype where it belongs, the precision guard (bf16 predictions equal fp32's; on the 359 test digits in
+test_bf16_digits), OOM recovery, thread choice."""
 from __future__ import annotations
 
 import logging
@@ -10,13 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from avarc.engine.profile import GUARD_NATS_PER_TOKEN
 from avarc.engine.runtime import resolve_threads, usable_cores
-from avarc.engine.schedule import run_stages, sample_tokens
+from avarc.engine.schedule import sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.io.loading import resolve_model
 from avarc.io.profiles import load_profile, parse_profile
 from avarc.models.specs import official_spec
-from scripts import digits
-from tests.conftest import AT_256, DEVICES
+from tests.conftest import AT_256, predict_as
 
 MATMUL, CONV = torch.backends.cuda.matmul, torch.backends.cudnn.conv   # torch's per-backend precision API
 
@@ -90,19 +90,6 @@ def test_head_uses_tf32_only_under_reduced_precision(conf, engine_model):
     assert seen == {torch.float32: False, torch.bfloat16: True}
 
 
-def _tokens(model, latents, profile):
-    """The profile's token samples, drawn once per test and profile (tokenisation is fp32 whatever the dtype)."""
-    return sample_tokens(model, latents, profile.max_samples, profile.sigma, 0)
-
-
-def _predict(model, tokens, profile, dtype, scorer=None):
-    model.dtype = dtype
-    try:
-        return run_stages(model, tokens, range(model.num_classes), profile, scorer)
-    finally:
-        model.dtype = torch.float32
-
-
 @AT_256
 def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
     """With every image's top two closer than the margin, the guard re-scores all of them: predictions and final
@@ -111,43 +98,16 @@ def test_guard_makes_bf16_predictions_fp32s(conf, engine_model):
     wide = parse_profile({"stages": [{"scales": 6, "keep": 3}, {"scales": "all", "samples": 2, "keep": 1}],
                           "guard_margin": 1e9}, "wide", "test")
     latents = conf.golden["latent"]
+    assert prof.sigma == wide.sigma            # one draw of tokens for both (tokenisation is fp32 whatever the dtype)
+    tokens = sample_tokens(engine_model, latents, max(prof.max_samples, wide.max_samples), prof.sigma, 0)
     for p in (prof, wide):
-        scorer, tokens = Scorer(engine_model), _tokens(engine_model, latents, p)
-        fp32 = _predict(engine_model, tokens, p, torch.float32)
-        bf16 = _predict(engine_model, tokens, p, torch.bfloat16, scorer)
+        scorer = Scorer(engine_model)
+        fp32 = predict_as(engine_model, tokens, p, torch.float32)
+        bf16 = predict_as(engine_model, tokens, p, torch.bfloat16, scorer)
         assert [r.pred for r in bf16] == [r.pred for r in fp32]
     assert scorer.guarded == latents.shape[0]
     for a, b in zip(bf16, fp32):
         assert abs(a.ranking[0][1] - b.ranking[0][1]) < 1e-2
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_guard_on_the_359_test_digits(device):
-    """The shipped digits profile in bf16 with its default guard predicts exactly what fp32 does."""
-    model = resolve_model("digits", device=device)
-    data = digits.load_digits("test")
-    latents = model.encode(digits.to_tensor(data.images, model.spec.image_size))
-    prof = load_profile(model.meta.get("default_profile", "digits"))
-    scorer, tokens = Scorer(model), _tokens(model, latents, prof)
-    fp32 = _predict(model, tokens, prof, torch.float32)
-    bf16 = _predict(model, tokens, prof, torch.bfloat16, scorer)
-    assert len(fp32) == 359 and [r.pred for r in bf16] == [r.pred for r in fp32]
-    assert scorer.guarded < 36                           # only close calls pay for fp32
-    off_profile = parse_profile({"stages": [{"scales": "all", "keep": 3}, {"scales": "all", "samples": 3}],
-                                 "guard_margin": 0}, "off", "test")
-    off = _predict(model, _tokens(model, latents, off_profile), off_profile, torch.bfloat16)
-    assert sum(a.pred == b.pred for a, b in zip(off, fp32)) >= 0.99 * 359
-    # pruning and early exits are guarded too: with the schedule `avarc tune` picks at half of varc's compute, a
-    # first-stage pruning tie of 0.003 nats (digit 1632) dropped the true class in bf16 when only the last stage was
-    staged = parse_profile({"stages": [{"scales": 2, "keep": 5, "exit_margin": 3.6}, {"scales": 4, "keep": 1}]},
-                           "staged", "test")
-    scorer, tokens = Scorer(model), _tokens(model, latents, staged)
-    fp32 = _predict(model, tokens, staged, torch.float32)
-    bf16 = _predict(model, tokens, staged, torch.bfloat16, scorer)
-    assert [r.pred for r in bf16] == [r.pred for r in fp32]
-    assert [set(r.stages[0].decisions(None)[1]) for r in bf16] == [set(r.stages[0].decisions(None)[1]) for r in fp32]
-    assert [r.exited_after for r in bf16] == [r.exited_after for r in fp32]
-    assert any(r.stages[0].exact for r in bf16) and scorer.guarded < 36
 
 
 def test_out_of_memory_halves_the_chunk(conf, engine_model, monkeypatch, caplog):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from avarc.engine.model import build_model
 from avarc.engine.profile import Profile, Stage
 from avarc.engine.schedule import run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
+from avarc.models import block_ops
 from avarc.models.block_ops import CompiledBlock
 from avarc.models.specs import official_spec
 from tests.conftest import ConformanceSet
@@ -53,14 +56,59 @@ def _forward_ops(model, num_scales: int = 10, keep_cache: bool = False, one_call
 
 
 @pytest.mark.parametrize("keep_cache", [False, True])
-def test_aten_ops_per_block(small, keep_cache):
-    """The plan a GPU runs, counted in fp32 on a CPU: LN, modulate, qkv, q/k norm (norm, factor, scale), attention,
-    proj, residual, LN, modulate, fc1, GELU, fc2, residual: 15 where the engine ran ~51, and one more, the K/V
-    write, when the forward keeps its cache. On CUDA fc1's GELU is in the GEMM's epilogue (one fewer)."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_aten_ops_per_block(small, keep_cache, onednn, monkeypatch):
+    """The plan a GPU runs, run eagerly and counted in fp32 on a CPU: LN, modulate, qkv, q/k norm (norm, factor,
+    scale), attention, proj, residual, LN, modulate, fc1 + GELU (one oneDNN call where oneDNN runs fp32 linears, as
+    cuBLASLt's epilogue on CUDA; else fc1, then GELU), fc2, residual: 14 where the engine ran ~51 (15 on ATen's
+    path, forced here too), and one more, the K/V write, when the forward keeps its cache. Eagerly it stays there:
+    the AdaLN scale, shift and gains differ per row (per class), so they fold into no GEMM or epilogue without
+    per-class weights, and this CPU has no fused rms_norm (aten's decomposes into five ops). Compiled, as a GPU runs
+    it, a block is 10 kernels (:func:`test_compiled_kernels_per_block`)."""
+    if not onednn:
+        monkeypatch.setattr(block_ops, "onednn_fp32", lambda: False)
+    fused = block_ops.onednn_fp32()
     a, b = _forward_ops(small[2], keep_cache=keep_cache), _forward_ops(small[4], keep_cache=keep_cache)
-    per_block = (sum(b.ops.values()) - sum(a.ops.values())) / 2
-    assert per_block <= 15 + keep_cache, (b.ops - a.ops)
-    assert (b.ops - a.ops)["_scaled_dot_product_flash_attention_for_cpu"] == 2      # one per block
+    per_block, ops = (sum(b.ops.values()) - sum(a.ops.values())) / 2, b.ops - a.ops
+    assert per_block <= 15 - fused + keep_cache, ops
+    assert ops["_scaled_dot_product_flash_attention_for_cpu"] == 2                      # one per block
+    assert (ops["_linear_pointwise"], ops["gelu_"]) == ((8, 0) if fused else (0, 2)), ops
+
+
+LAUNCH = re.compile(r"^\s*(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+"
+                    r"|\w+\.copy_)\(", re.M)
+
+
+def _compiled_launches(dtype: torch.dtype, keep_cache: bool) -> list[str]:
+    """The kernels one block launches on the compiled plan (one attention call): the calls in the ``call`` function
+    of the code inductor generates for :func:`block_step` (here C++ kernels, on CUDA Triton ones) plus the extern
+    kernels (GEMMs, attention) and any copy left outside a kernel."""
+    from torch._inductor.graph import GraphLowering
+    model = _small(2)
+    var = model.var.in_dtype(dtype).compiled(CompiledBlock())
+    spec = model.spec.var
+    tokens, classes = torch.randint(0, spec.vocab_size, (3, spec.seq_len)), torch.tensor([1, 2, 3])
+    codes: list[str] = []
+    with (torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad(),
+          mock.patch.object(GraphLowering, "save_output_code", codes.append)):
+        var.hidden(classes, model.vae.quantize.var_input(tokens), keep_cache=keep_cache,
+                   mods=var.class_table([1, 2, 3]).lookup(classes))
+    assert var.block_fn.evidence() == {"graphs": 1, "recompiles": 0, "fallbacks": 0} and var.block_fn.runs == 2
+    assert len(codes) == 1                                  # one graph for both blocks
+    return LAUNCH.findall(re.split(r"\n\s*def ", codes[0][codes[0].index("def call("):])[0])
+
+
+@pytest.mark.parametrize("dtype, keep_cache", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_compiled_kernels_per_block(dtype, keep_cache):
+    """The plan a GPU runs, compiled as it runs there (``CompiledBlock``), on this CPU's inductor: one kernel for LN +
+    modulate, the qkv GEMM, one kernel for the q/k normalisation that also writes the new keys/values into the cache,
+    attention, the proj GEMM, one kernel for residual + LN + modulate, fc1, GELU, fc2, the residual: 10 kernels per
+    block, kept cache or not (the K/V write launches nothing of its own), in fp32 and in bf16."""
+    launches = _compiled_launches(dtype, keep_cache)
+    assert len(launches) <= 10, launches
+    assert sum(k.startswith("extern_kernels.") for k in launches) == 4, launches                  # the four GEMMs
+    assert sum(k.startswith("torch.ops.aten._scaled_dot") for k in launches) == 1, launches       # one attention
+    assert not any(k.endswith(".copy_") for k in launches), launches
 
 
 def test_dead_head_keeps_f_normalize_zero_vectors():

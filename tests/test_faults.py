@@ -207,7 +207,7 @@ def test_data_loss_cases_leave_every_file_byte_identical(digits, baseline, tmp_p
     for target in (model / "var.pth", model / "vae.pth", model / "meta.json"):
         code, err = cli_here("add-class", "eight", few / "8", "--model", model, "--out", target, "--force",
                              "--steps", 1)
-        assert code == 2 and "is a file the model is loaded from" in err
+        assert code == 2 and "is an input of this run" in err
     ext = tmp_path / "eight.ext.pt"
     ext.write_bytes(b"an extension I want to keep")
     code, err = cli_here("add-class", "eight", few / "8", "--model", model, "--out", ext, "--steps", 1)

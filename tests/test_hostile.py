@@ -164,8 +164,8 @@ def test_report_refuses_to_write_over_its_input_even_with_force(results, tmp_pat
     html = tmp_path / "run.html"
     shutil.copy(results, html)
     before = html.read_bytes()
-    one_line(run("report", html, "--force"), "is an input of this report")
-    one_line(run("report", html, "--out", html, "--force"), "is an input of this report")
+    one_line(run("report", html, "--force"), "is an input of this run")
+    one_line(run("report", html, "--out", html, "--force"), "is an input of this run")
     assert html.read_bytes() == before
 
 
@@ -177,7 +177,8 @@ def test_two_add_class_runs_to_one_out_one_is_refused(digits, tmp_path):
     done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in done) == [0, 2], done
     refused = [err for code, err in done if code == 2]
-    assert len(refused) == 1 and "already exists" in refused[0] and "Traceback" not in refused[0]
+    assert len(refused) == 1 and "Traceback" not in refused[0]     # the loser came after the winner, or during it
+    assert "already exists" in refused[0] or "another avarc run is writing this file" in refused[0], refused[0]
     assert torch.load(out, weights_only=True)["names"] in (["alpha"], ["beta"])
 
 

@@ -1,6 +1,7 @@
 """Every host runs every path: the kernel choice follows what the CPU can do, not what torch was built with. The
 plain (emulated-bf16) path is forced here with ``AVARC_CPU_BF16=emulated``, so an AMX host proves the AVX2 path;
-on a host without native bf16 the rest of the suite proves it anyway."""
+on a host without native bf16 the rest of the suite proves it anyway. The precision guard on the emulated path:
+test_bf16_digits."""
 from __future__ import annotations
 
 import json
@@ -13,25 +14,10 @@ import pytest
 import torch
 
 from avarc.engine import runtime as model_mod
-from avarc.engine.schedule import run_stages, sample_tokens
-from avarc.engine.scoring import Scorer
-from avarc.io.loading import resolve_model
-from avarc.io.profiles import load_profile
 from avarc.models import block_ops as var_mod
-from scripts import digits
 from tests.conftest import cli_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    """This process as a CPU without native bf16 (oneDNN's bf16 kernels off), restored afterwards."""
-    monkeypatch.setenv(var_mod.EMULATED_ENV, "emulated")
-    var_mod.onednn_bf16.cache_clear()
-    yield
-    monkeypatch.undo()
-    var_mod.onednn_bf16.cache_clear()
 
 
 def test_forced_fallback_takes_plain_linear_and_auto_picks_fp32(emulated, caplog):
@@ -59,21 +45,6 @@ def test_native_choice_follows_the_probe():
     assert var_mod.onednn_bf16() == supported
     if not supported:
         assert model_mod.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-
-
-def test_emulated_bf16_guard_gives_fp32_predictions_on_the_test_digits(emulated):
-    """The 359 test digits, shipped profile, plain bf16 linears: the precision guard makes every prediction fp32's."""
-    model = resolve_model("digits", device="cpu")
-    data = digits.load_digits("test")
-    latents = model.encode(digits.to_tensor(data.images, model.spec.image_size))
-    prof = load_profile(model.meta.get("default_profile", "digits"))
-    tokens = sample_tokens(model, latents, prof.resolve(len(model.spec.var.patch_nums)).max_samples, prof.sigma, 0)
-    preds = {}
-    for dt in (torch.float32, torch.bfloat16):
-        model.dtype = dt
-        preds[dt] = [p.pred for p in run_stages(model, tokens, range(10), prof, Scorer(model))]
-    model.dtype = torch.float32
-    assert len(preds[torch.float32]) == 359 and preds[torch.bfloat16] == preds[torch.float32]
 
 
 def test_cli_bf16_on_an_emulating_cpu(emulated, tmp_path, caplog):

@@ -1,4 +1,5 @@
-"""Reuse across stages (core/scoring.py) changes no prediction and only removes work (conformance models)."""
+"""Reuse across stages (core/scoring.py) changes no prediction and only removes work (conformance models; the
+schedules that run whole stages, on the 256-px set only: reuse does not depend on the geometry)."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -6,10 +7,12 @@ from avarc.engine.profile import Profile, Stage
 from avarc.engine.schedule import _reusable_tokens, run_stages, sample_tokens
 from avarc.engine.scoring import Scorer
 from avarc.models.var_state import KVCache
+from tests.conftest import AT_256
 
 PROFILE = Profile("test", (Stage(3, 1, 6), Stage(10, 1, 3), Stage(10, 3, 1)), sigma=0.1)
 
 
+@AT_256
 def test_reuse_matches_plain_path_with_less_work(conf, engine_model):
     latents = conf.golden["latent"][:3]
     tokens = sample_tokens(engine_model, latents, 3, 0.1, 0)
@@ -36,6 +39,7 @@ class _HeldScorer(Scorer):
         return out
 
 
+@AT_256
 def test_stages_keep_only_the_keys_values_a_later_stage_uses(conf, engine_model):
     """A later stage with more scales continues the whole sequence; one that only adds neighbours continues the
     clean sequence's shared whole scales; nothing continues the last stage. So A-VARC+'s second stage holds the

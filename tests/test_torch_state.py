@@ -8,7 +8,7 @@ import torch
 from avarc import Classifier
 from avarc.engine.runtime import usable_cores
 from avarc.engine.torch_state import TorchSettings, torch_settings
-from tests.conftest import read_jsonl, run_cli
+from tests.conftest import SUITE_THREADS, read_jsonl, run_cli
 
 DIGIT = "examples/digits/3"
 IMAGE = f"{DIGIT}/1438.png"
@@ -60,3 +60,16 @@ def test_an_in_process_command_puts_every_setting_back_and_records_its_threads(h
                                                    "other)"]
     assert {r["run"]["threads"] for r in read_jsonl(tmp_path / "many.jsonl")} == {cores}
     assert TorchSettings.now() == host_settings
+
+
+@pytest.fixture(scope="module")
+def fixture_settings() -> TorchSettings:
+    """What a module fixture (the digits' fp32 runs, an ONNX export) computes under: set up before any test's own."""
+    return TorchSettings.now()
+
+
+def test_the_suites_fixtures_run_on_its_pinned_settings(fixture_settings):
+    """Module fixtures run on the suite's pinned threads, as its tests do (they ran on torch's default, 2 threads a
+    worker under -n 2), so what a fixture costs does not depend on where it is computed."""
+    assert fixture_settings.threads == torch.get_num_threads() == SUITE_THREADS
+    assert fixture_settings.default_dtype == torch.get_default_dtype() == torch.float32

@@ -10,7 +10,7 @@ import typer
 from ..options import ForceOpt, Init, InputOptions, ModelOpt, ModelOptions, input_options, model_options, opt
 
 
-@model_options("batch_size", "compile", "encoder")
+@model_options("batch_size", "compile", "cuda_graphs", "encoder")
 @input_options("from_list", "border", "per_class")
 def add_class(
     opts: ModelOptions,
@@ -50,8 +50,9 @@ def add_class(
     """
     from avarc.errors import AvarcError
     from avarc.io import hf_data
-    from avarc.io.files import absolute, check_output_file, refuse_inputs
+    from avarc.io.files import check_output_file, hold_outputs, refuse_inputs, with_contents
     from avarc.tasks.incremental import check_names, read_class_folders, read_dataset_classes
+    from avarc.tasks.samples import sample_files
 
     from .. import output
     from ..interrupt import interruptible
@@ -59,40 +60,45 @@ def add_class(
     dataset = classes[0] if len(classes) == 1 and hf_data.is_dataset(classes[0]) else None
     folders: dict[str, Any] = dict.fromkeys(hf_data.class_names(dataset, source.split, source.label_column)) \
         if dataset else _parse_classes(classes)     # a dataset's classes: None; else each class's folder
-    out = check_output_file(out or Path("+".join(folders) + ".ext.pt"), "out", force)
+    read_from = with_contents([dataset] if dataset else folders.values())
+    out = out or Path("+".join(folders) + ".ext.pt")
+    refuse_inputs([("out", out)], [*opts.files(model), *read_from])      # before --force is asked for
+    out = check_output_file(out, "out", force)
     drawn = samples_folder(out)
     if samples and drawn.exists() and not force:
         raise AvarcError(f"{drawn}: already exists (the samples of an earlier run); pass --force to overwrite its "
                          "files, or choose another --out", option="samples")
     clf = opts.load(model)
-    if absolute(out) in {absolute(p) for p in clf.files}:
-        raise AvarcError(f"--out {out}: is a file the model is loaded from; never written over, even with --force; "
-                         "choose another --out")
-    if dataset is None:
-        refuse_inputs([("out", out)], (f for d in folders.values() for f in Path(d).rglob("*")))
-    check_names(clf.model, list(folders), "add-class")      # before reading any image
-    read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
-        else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
-    for _, reason in read.skipped:
-        output.say(f"skipped: {output.one_line(reason)}", err=True)          # the reason names the file (or the row)
-    names = list(read.images)
-    start = time.perf_counter()
-    with interruptible(lambda: f"interrupted while training; {out} was not written"), output.progress() as bar:
-        task = bar.add_task("add-class", total=steps, info="")
-        ext = clf.add_classes(read.images, steps=steps, lr=lr, batch_size=batch_size, augment_sigma=augment_sigma,
-                              init=init, seed=seed, holdout=holdout,
-                              on_step=lambda s, total, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
-    ext.save(out, exclusive=not force)
-    n, acc = clf.model.num_classes, ext.training["held_out_accuracy"]
-    rows = [(name, n - len(names) + i, count["train"], count["held_out"],
-             None if acc[name] is None else f"{100 * acc[name]:.1f}")
-            for i, (name, count) in enumerate(ext.training["images"].items())]
-    output.table(f"avarc add-class · model {clf.source} · {len(names)} new of {n} classes · "
-                 f"{time.perf_counter() - start:.1f} s",
-                 ["class", "id", "train images", "held out", "held-out top-1 %"], rows)
-    output.say(f"wrote {out}; use it with --extension {out}")
-    if samples:
-        _draw_samples(clf, list(range(n - len(names), n)), samples, seed, drawn, force)
+    names = list(folders)
+    inputs = [*clf.files, *read_from]
+    with hold_outputs({"out": out}, inputs, force):         # the samples folder is out's: its lock covers it
+        if samples:
+            ids = [clf.model.num_classes + i for i in range(len(names)) for _ in range(samples)]
+            planned = [*sample_files(ids, [names[y - clf.model.num_classes] for y in ids]), "grid.png", "tokens.npz"]
+            refuse_inputs([("samples", drawn / f) for f in planned], inputs)
+        check_names(clf.model, names, "add-class")      # before reading any image
+        read = read_dataset_classes(dataset, source.data(), clf.spec.image_size, clf.spec.preprocess) if dataset \
+            else read_class_folders(folders, clf.spec.image_size, clf.spec.preprocess)
+        for _, reason in read.skipped:
+            output.say(f"skipped: {output.one_line(reason)}", err=True)      # the reason names the file (or the row)
+        names = list(read.images)
+        start = time.perf_counter()
+        with interruptible(lambda: f"interrupted while training; {out} was not written"), output.progress() as bar:
+            task = bar.add_task("add-class", total=steps, info="")
+            ext = clf.add_classes(read.images, steps=steps, lr=lr, batch_size=batch_size,
+                                  augment_sigma=augment_sigma, init=init, seed=seed, holdout=holdout,
+                                  on_step=lambda s, total, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
+        ext.save(out, exclusive=not force)
+        n, acc = clf.model.num_classes, ext.training["held_out_accuracy"]
+        rows = [(name, n - len(names) + i, count["train"], count["held_out"],
+                 None if acc[name] is None else f"{100 * acc[name]:.1f}")
+                for i, (name, count) in enumerate(ext.training["images"].items())]
+        output.table(f"avarc add-class · model {clf.source} · {len(names)} new of {n} classes · "
+                     f"{time.perf_counter() - start:.1f} s",
+                     ["class", "id", "train images", "held out", "held-out top-1 %"], rows)
+        output.say(f"wrote {out}; use it with --extension {out}")
+        if samples:
+            _draw_samples(clf, list(range(n - len(names), n)), samples, seed, drawn, force)
 
 
 def samples_folder(extension: Path) -> Path:
@@ -102,14 +108,15 @@ def samples_folder(extension: Path) -> Path:
 
 def _draw_samples(clf, ids: list[int], n: int, seed: int, folder: Path, force: bool) -> None:  # noqa: ANN001
     """``--samples``: n samples of each new class, checked by the classifier that now holds them."""
-    from avarc.io.files import make_output_dir
+    from avarc.io.files import hold_folder, make_output_dir
 
     from .generate import print_shares
 
     make_output_dir(folder, "samples")
-    drawn = clf.generate(ids, n, seed=seed)
-    preds = [p.pred for p in clf.classify_samples(drawn, seed)]
-    drawn.save(folder, exclusive=not force, captions=[f"as {clf.class_names[p]}" for p in preds])
+    with hold_folder(folder, "samples"):
+        drawn = clf.generate(ids, n, seed=seed)
+        preds = [p.pred for p in clf.classify_samples(drawn, seed)]
+        drawn.save(folder, exclusive=not force, captions=[f"as {clf.class_names[p]}" for p in preds])
     print_shares(clf, drawn.labels.tolist(), preds, f"avarc add-class --samples {n} · written to {folder} · "
                  f"classified as the new class")
 

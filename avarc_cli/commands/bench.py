@@ -53,7 +53,7 @@ def bench(
     if flops_only_:
         spec, k = official_spec(f"d{depth}"), None
         if model is not None:
-            clf = opts.load(model, device="cpu")
+            clf = opts.load(model, device="cpu", cuda_graphs=False)     # counted, not run
             spec, k = clf.spec, clf.model.num_classes
         n = num_classes or min(k or spec.var.num_classes, 100)
         names = profiles or ["varc", "a-varc-plus", "smooth-top10"]
@@ -63,7 +63,8 @@ def bench(
         from avarc import Classifier
         from avarc.engine.runtime import resolve_device
         clf = Classifier.from_pretrained(random_model(depth, resolve_device(opts.device), seed), device=opts.device,
-                                         threads=opts.threads, compile=opts.compile, encoder=opts.encoder)
+                                         threads=opts.threads, compile=opts.compile, encoder=opts.encoder,
+                                         cuda_graphs=opts.cuda_graphs)
     else:
         clf = opts.load(model or "digits")
     label = f"random-weights d{depth}" if random_weights else model or "digits"
@@ -71,7 +72,7 @@ def bench(
     x = _inputs(clf, data, images, seed)
     wanted = [resolve_dtype(d, clf.device) for d in (dtypes or ["auto"])]
     title = (f"{label}, {n} classes, {x.shape[0]} image(s), {clf.threads} threads"
-             + (", compiled" if clf.model.compile else ""))
+             + (", compiled" if clf.model.compile else "") + (", CUDA graphs" if clf.model.graphs else ""))
     results: list = []
     measured = [load_profile(p) for p in profiles] if profiles else [clf.profile]
     try:

@@ -53,7 +53,7 @@ def calibrate_ood(
 
     from avarc.errors import AvarcError
     from avarc.io.data import collect
-    from avarc.io.files import check_output_files, hold_outputs, refuse_inputs
+    from avarc.io.files import check_output_files, hold_outputs, refuse_inputs, with_contents
     from avarc.io.profiles import write_profile
     from avarc.runs.ood_calibration import calibrate_ood as run_calibration
 
@@ -65,12 +65,13 @@ def calibrate_ood(
         if not inputs:
             raise AvarcError("no inputs; pass in-distribution image files or folders (e.g. `avarc calibrate-ood "
                              "examples/digits`)")
+        listed = [*opts.files(model, profile), *source.files()]
+        refuse_inputs([("out", out)], [*listed, *with_contents(inputs)])   # before loading
         check_output_files({"out": out}, force)
-        refuse_inputs([("out", out)], [*opts.files(model, profile), *inputs])    # before loading: the obvious cases
         clf = opts.load(model, profile)
         found = collect(inputs, clf.space, "none" if source.per_class is None else "folders", None, None, classes,
                         data=source.data())
-        read: list[str | Path] = [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)]
+        read: list[str | Path] = [*listed, *(it.path for it in found.items if it.source is None)]
         with hold_outputs({"out": out}, read, force):
             with output.progress() as bar:
                 task = bar.add_task("scoring", total=len(found.items), info="")

@@ -93,7 +93,8 @@ def classify(
             found = collect(inputs, clf.space, labels, dataset, subset, classes, exclude=[p for p in (out, csv) if p],
                             data=source.data())
             refuse_inputs([("out", out), ("csv", csv)],
-                          [*opts.files(model, profile), *(it.path for it in found.items if it.source is None)])
+                          [*opts.files(model, profile), *source.files(),
+                           *(it.path for it in found.items if it.source is None)])
             with classify_run(clf, found, out, resume, csv=csv, seed=seed, temperature=temperature, topk=topk,
                               dist=dist, labels=labels, keep_records=0 if found.labelled else SHOWN,
                               ood_score=ood_score) as run:

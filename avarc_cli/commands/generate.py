@@ -43,7 +43,7 @@ def generate(
     """
     from avarc.engine.sampling import Sampling
     from avarc.errors import AvarcError
-    from avarc.io.files import make_output_dir
+    from avarc.io.files import hold_folder, make_output_dir
     from avarc.tasks.samples import sample_files
 
     from .. import output
@@ -59,16 +59,17 @@ def generate(
         raise AvarcError(f"--out {out}: {len(clash)} outputs already exist ({clash[0].relative_to(out)}…); pass "
                          "--force to overwrite them, or choose another --out")
     make_output_dir(out, "out")
-    with interruptible(lambda: f"interrupted while sampling; nothing was written to {out}"), \
-            output.progress() as bar:
-        task = bar.add_task("generate", total=len(clf.spec.var.patch_nums), info=f"{len(labels)} samples")
-        samples = clf.generate(ids, n, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                               on_scale=lambda k, S: bar.update(task, completed=k + 1, info=f"scale {k + 1}/{S}"))
-    preds = None
-    if check:
-        preds = [p.pred for p in clf.classify_samples(samples, seed)]
-    samples.save(out, exclusive=not force, captions=None if preds is None else
-                 [f"as {clf.class_names[p]}" for p in preds])
+    with hold_folder(out, "out"):           # a second run into it is refused: never samples of one, grid of the other
+        with interruptible(lambda: f"interrupted while sampling; nothing was written to {out}"), \
+                output.progress() as bar:
+            task = bar.add_task("generate", total=len(clf.spec.var.patch_nums), info=f"{len(labels)} samples")
+            samples = clf.generate(ids, n, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p,
+                                   on_scale=lambda k, S: bar.update(task, completed=k + 1, info=f"scale {k + 1}/{S}"))
+        preds = None
+        if check:
+            preds = [p.pred for p in clf.classify_samples(samples, seed)]
+        samples.save(out, exclusive=not force, captions=None if preds is None else
+                     [f"as {clf.class_names[p]}" for p in preds])
     output.say(f"wrote {len(samples)} samples of {len(set(ids))} classes to {out} (grid.png, tokens.npz)")
     if preds is not None:
         print_shares(clf, samples.labels.tolist(), preds, f"avarc generate --check · seed {seed}, cfg {cfg:g}, "

@@ -32,27 +32,29 @@ def report(
     disk. Needs `pip install 'avarc[report]'`.
     """
     from avarc.errors import AvarcError
-    from avarc.io.files import absolute, check_output_file, write_text
+    from avarc.io.files import hold_outputs, with_contents, write_text
     from avarc.io.records import read_records, unique_records
+    from avarc.io.registry import is_registry_name
     from avarc.runs.report import run_report
+    from avarc.tasks.explain_run import record_file
 
     from .. import output
 
+    out = out or results.with_suffix(".html")
+    if explain is not None and not explain.is_dir():
+        what = "not a folder" if explain.exists() else "no such folder"
+        raise AvarcError(f"{explain}: {what}; pass the --out folder of `avarc explain`", option="explain")
+    panels = [f for f in explain.iterdir() if f.suffix.lower() in (".png", ".npz")] if explain is not None else []
+    weights = with_contents([model]) if model is not None and not is_registry_name(model) else []   # a folder's too
     records, repeated = unique_records(read_records(results))
     if repeated:
         output.say(f"note: {repeated} records repeat an image already in {results} (a skipped image tried again by "
                    "--resume, or a copied line); each image is counted once, by its last record", err=True)
-    out = out or results.with_suffix(".html")
-    if absolute(out) == absolute(results) or (explain is not None and absolute(out).parent == absolute(explain)
-                                              and out.suffix.lower() in (".png", ".npz")):
-        raise AvarcError(f"{out}: is an input of this report; never written over, even with --force; choose another "
-                         "file", option="out")
-    out = check_output_file(out, "out", force)
-    if explain is not None and not explain.is_dir():
-        raise AvarcError(f"{explain}: no such folder; pass the --out folder of `avarc explain`")
-    name = model or records[0]["run"].model
-    page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
-    write_text(out, page, "out", force)
+    shown = [record_file(r) for r in records]                   # the images its thumbnails show
+    with hold_outputs({"out": out}, [results, *panels, *weights, *shown], force):
+        name = model or records[0]["run"].model
+        page = run_report(records, f"avarc report · {results.name}", _spec(name, model is not None), explain, worst)
+        write_text(out, page, "out", force)
     output.say(f"wrote {out}")
 
 

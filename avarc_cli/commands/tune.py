@@ -65,7 +65,7 @@ def tune(
     """
     from avarc.errors import AvarcError
     from avarc.io.data import check_inputs, collect
-    from avarc.io.files import check_output_files, hold_outputs, write_text
+    from avarc.io.files import check_output_files, hold_outputs, refuse_inputs, with_contents, write_text
     from avarc.io.profiles import write_profile
     from avarc.runs.schedule_table import build_table
     from avarc.runs.tune import model_name, shipped_points, tuned_profile
@@ -77,6 +77,8 @@ def tune(
 
     lo, hi = stage_range(stages)   # typer has run this callback already: a tuple, typed as the str it parsed
     check_inputs([folder])
+    refuse_inputs([("out", out), ("report", report)],           # before loading: the obvious cases, before --force
+                  [*opts.files(model), *with_contents([folder])])
     check_output_files({"out": out, "report": report}, force)
     written: list[Path] = []
     with interruptible(lambda: "interrupted: " + (f"wrote {', '.join(map(str, written))}" if written else

@@ -6,9 +6,12 @@ from __future__ import annotations
 import collections
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .model import Model
+from .transfers import reading
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2", "unique_dim",
                       "unique_consecutive", "masked_select", "argwhere", "equal", "is_nonzero"})
@@ -47,6 +50,71 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+# Python-level calls that bring a tensor's values to the host (on a GPU each waits for the device).
+HOST_READS = frozenset({"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
+                        *SYNC_OPS})
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads of what the device computed, on any device (a CPU included, where nothing really moves): a
+    tensor counts as on the device when it was computed from the given modules' weights, which on a GPU are exactly
+    the tensors that live there (the host's own bookkeeping on token ids is never read from the device). A read is
+    a call of :data:`HOST_READS`, a copy ``.to("cpu")`` or indexing by a boolean mask (its size is data); those made
+    inside :func:`~core.engine.transfers.host_read` are counted apart, as ``between``."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        super().__init__()
+        self._on_device = {_storage(t) for m in modules for t in (*m.parameters(), *m.buffers())} - {0}
+        self.inside: collections.Counter[str] = collections.Counter()    # reads outside host_read, by call
+        self.between = 0                                                  # reads inside host_read
+
+    def _from_device(self, t: object) -> bool:
+        return isinstance(t, torch.Tensor) and _storage(t) in self._on_device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        derived = any(self._from_device(t) for t in leaves)
+        name = getattr(func, "__name__", "")
+        mask = name in ("__getitem__", "__setitem__") and any(
+            self._from_device(t) and t.dtype == torch.bool for t in tree_leaves(args[1:2]))
+        to_host = name == "to" and derived and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
+        read = (derived and name in HOST_READS) or mask or to_host
+        if read:
+            if reading():
+                self.between += 1
+            else:
+                self.inside[name] += 1
+        out = func(*args, **kwargs)
+        inputs = {_storage(t) for t in leaves if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):     # what a read returns is on the host
+                self._mark(t, derived and not read, fresh=read or _storage(t) not in inputs)
+        if derived and (name == "__setitem__" or (name.endswith("_") and not name.startswith("__"))):
+            self._mark(args[0], True, fresh=False)
+        if derived and isinstance(kwargs.get("out"), torch.Tensor):
+            self._mark(kwargs["out"], True, fresh=False)
+        return out
+
+    def _mark(self, t: torch.Tensor, derived: bool, fresh: bool) -> None:
+        """A result computed from device data is on the device; a fresh result of host data is not (its memory may
+        have held device data before)."""
+        key = _storage(t)
+        if not key:
+            return
+        if derived:
+            self._on_device.add(key)
+        elif fresh:
+            self._on_device.discard(key)
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from .model import Model
 from .profile import Profile
 from .scoring import Scorer
 from .stages import StageScores
+from .transfers import host_read
 
 
 def at_risk(stage: StageScores, margin: float, last: bool, exit_margin: float | None = None) -> set[int]:
@@ -74,7 +75,7 @@ def _rescore(scorer: Scorer, tokens_BSL: torch.Tensor, risky: dict[int, tuple[St
         seq = torch.stack([tokens_BSL[i, j, :n_tok] for i, _, j in rows])
         sums = scorer.score_fp32(seq, torch.tensor([c for _, c, _ in rows]), scales)
         per: dict[int, dict[int, list[float]]] = {}
-        for (i, c, _), s in zip(rows, sums.tolist()):
+        for (i, c, _), s in zip(rows, host_read(sums)[0].tolist()):
             per.setdefault(i, {}).setdefault(c, []).append(s)
         for i, by_class in per.items():
             st = risky[i][0]

@@ -18,6 +18,8 @@ from ..models.quantizer import MultiScaleQuantizer
 from ..models.specs import VARSpec
 from ..models.var import VAR
 from ..models.var_state import KVCache
+from .graphs import ForwardGraphs
+from .transfers import upload
 
 CPU_BUDGET_BYTES = 2 << 30          # activations of one chunk on a CPU (larger chunks buy nothing there)
 CPU_CACHE_BYTES = 4 << 30           # keys/values kept for later stages on a CPU
@@ -104,16 +106,9 @@ class PairScores:
     """Per-token log-probs of tokens ``start`` … L'−1 for N (sequence, class) pairs, and optionally the pairs'
     keys/values of all L' tokens so that a later, longer forward can start where this one stopped."""
 
-    logp: torch.Tensor            # N, L' − start, fp32 on CPU
+    logp: torch.Tensor            # N, L' − start, fp32 on the engine's device
     start: int
     cache: KVCache | None = None
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One pinned, non-blocking host-to-device copy (a plain copy on CPU)."""
-    if device.type != "cuda" or x.device == device:
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -123,13 +118,16 @@ def _is_oom(e: BaseException) -> bool:
 @torch.no_grad()
 def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
                 num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None,
-                cache: KVCache | None = None, keep_cache: bool = False, keep_tokens: int | None = None) -> PairScores:
+                cache: KVCache | None = None, keep_cache: bool = False, keep_tokens: int | None = None,
+                graphs: ForwardGraphs | None = None) -> PairScores:
     """tokens N, L (≥ the first s scales) and class ids N → log-probs of the first s scales' tokens, skipping the
     ``cache.num_tokens`` tokens whose keys/values are given (the caller already has their log-probs); with
-    ``keep_cache`` also the keys/values of the first ``keep_tokens`` tokens (all of them if None). A chunk that
+    ``keep_cache`` also the keys/values of the first ``keep_tokens`` tokens (all of them if None). ``graphs``: small
+    chunks from the first token replay CUDA graphs (:mod:`core.engine.graphs`). A chunk that
     runs out of device memory is halved and retried (one log line says so). Nothing in the loop waits for the
     device: the inputs go over once (pinned, non-blocking), the AdaLN rows come from the engine's class table, the
-    kept keys/values are written into one preallocated cache, and the log-probs come back in one transfer."""
+    kept keys/values are written into one preallocated cache, and the log-probs stay on the device (the caller reads
+    them when it needs them: ``Model.pair_logp`` at once, a schedule once per stage)."""
     spec = var.spec
     n_tok = num_tokens(spec, num_scales)
     start = cache.num_tokens if cache is not None else 0
@@ -142,8 +140,8 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
     N = tokens.shape[0]
     ids = sorted(set(class_idx.tolist())) if class_idx.device.type == "cpu" else None
     table = var.class_table(ids) if ids is not None and N else None
-    tokens_NL = _to_device(tokens[:, :n_tok], device)
-    class_N = _to_device(class_idx, device)
+    tokens_NL = upload(tokens[:, :n_tok], device)
+    class_N = upload(class_idx, device)
     logp = torch.empty(N, n_tok - start, device=device)
     n_keep = n_tok if keep_tokens is None else min(keep_tokens, n_tok)
     kept = KVCache.empty(spec, N, n_keep, var.compute_dtype, device) if keep_cache and N and n_keep else None
@@ -155,8 +153,16 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
         try:
             mods = table.lookup(c) if table is not None else None
             out = kept.rows(i, i + t.shape[0]) if kept is not None else None
-            h, _ = var.hidden(c, quantizer.var_input(t), part, out is not None, mods, out)
-            logp[i:i + t.shape[0]] = target_logp(var, h, t[:, start:])
+            if graphs is not None and graphs.fits(t.shape[0], start, n_tok, mods):
+                assert mods is not None                     # fits() says so
+                lp, kv = graphs.forward(var, quantizer, target_logp, t, c, mods, n_keep if out is not None else None)
+                logp[i:i + t.shape[0]] = lp
+                if out is not None and kv is not None:
+                    for dst, src in zip(out.bufs, kv.bufs):
+                        dst.copy_(src)
+            else:
+                h, _ = var.hidden(c, quantizer.var_input(t), part, out is not None, mods, out)
+                logp[i:i + t.shape[0]] = target_logp(var, h, t[:, start:])
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if chunk == 1 or not _is_oom(e):
                 raise
@@ -166,10 +172,4 @@ def score_pairs(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, 
                 torch.cuda.empty_cache()
             continue
         i += t.shape[0]
-    return PairScores(logp.cpu(), start, kept)
-
-
-def pair_logp(var: VAR, quantizer: MultiScaleQuantizer, tokens: torch.Tensor, class_idx: torch.Tensor,
-              num_scales: int | None = None, chunk: int | None = None, budget_bytes: int | None = None) -> torch.Tensor:
-    """tokens N, L (≥ the first s scales) and class ids N → N, L' fp32 log-probs of the first s scales."""
-    return score_pairs(var, quantizer, tokens, class_idx, num_scales, chunk, budget_bytes).logp
+    return PairScores(logp, start, kept)

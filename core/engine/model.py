@@ -18,7 +18,8 @@ from ..models.var import VAR
 from ..models.var_state import KVCache
 from ..models.vqvae import VQVAE
 from . import tokenizer
-from .likelihood import PairScores, pair_logp, score_pairs
+from .graphs import ForwardGraphs
+from .likelihood import PairScores, score_pairs
 from .runtime import resolve_device
 
 
@@ -45,6 +46,7 @@ class Model:
     compile: bool = False                       # fuse the engine's elementwise work with torch.compile
     _engines: dict[torch.dtype, tuple[tuple, VAR]] = field(default_factory=dict, repr=False)
     compiled_block: CompiledBlock = field(default_factory=CompiledBlock, repr=False)   # shared by the engine copies
+    graphs: ForwardGraphs | None = None         # CUDA graphs of small forwards (``--cuda-graphs``); None: off
 
     def engine_var(self, dtype: torch.dtype | None = None) -> VAR:
         """The VAR in the compute dtype (``self.dtype`` unless given): ``var`` itself for fp32, else a copy made
@@ -120,20 +122,19 @@ class Model:
 
     def pair_logp(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                   chunk: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """N, L tokens with one class each → N, L' per-token log-probs (fp32, CPU), computed in ``dtype`` (default:
-        the model's)."""
-        with self._exact_if_fp32(dtype):
-            return pair_logp(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                             self.budget_bytes)
+        """N, L tokens with one class each → N, L' per-token log-probs (fp32, on the host), computed in ``dtype``
+        (default: the model's)."""
+        return self.score_pairs(tokens, class_idx, num_scales, chunk, dtype=dtype).logp.cpu()
 
     def score_pairs(self, tokens: torch.Tensor, class_idx: torch.Tensor, num_scales: int | None = None,
                     chunk: int | None = None, cache: KVCache | None = None, keep_cache: bool = False,
-                    keep_tokens: int | None = None) -> PairScores:
+                    keep_tokens: int | None = None, dtype: torch.dtype | None = None) -> PairScores:
         """Like :meth:`pair_logp`, but able to continue from cached keys/values of a shorter forward, and to keep
-        those of the first ``keep_tokens`` tokens (all if None) for a later one."""
-        with self._exact_if_fp32(None):
-            return score_pairs(self.engine_var(), self.vae.quantize, tokens, class_idx, num_scales, chunk,
-                               self.budget_bytes, cache, keep_cache, keep_tokens)
+        those of the first ``keep_tokens`` tokens (all if None) for a later one; the log-probs stay on the device.
+        With :attr:`graphs`, small forwards replay CUDA graphs."""
+        with self._exact_if_fp32(dtype):
+            return score_pairs(self.engine_var(dtype), self.vae.quantize, tokens, class_idx, num_scales, chunk,
+                               self.budget_bytes, cache, keep_cache, keep_tokens, self.graphs)
 
     def _exact_if_fp32(self, dtype: torch.dtype | None) -> AbstractContextManager:
         """An fp32 engine (a run's or the precision guard's) runs as true fp32 whatever the caller's TF32/bf16

@@ -20,7 +20,8 @@ from .guard import guard_stages
 from .model import Model
 from .profile import Profile, Stage
 from .scoring import Scorer, shared_scales
-from .stages import Prediction, StageScores
+from .stages import Prediction, StageScores, choose_survivors
+from .transfers import host_read, upload
 
 
 def noise_generator(seed: int, tokens_L: torch.Tensor) -> torch.Generator:
@@ -78,7 +79,7 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
     scorer.reset()
     cands = _check_candidates(model, candidates)
     B = tokens.shape[0]
-    alive = {i: list(cands) for i in range(B)}
+    alive = {i: list(cands) for i in range(B)}        # each image's candidates (all of them the same number)
     history: list[list[StageScores]] = [[] for _ in range(B)]
     exited: dict[int, int] = {}
     ends = model.spec.var.scale_ends()
@@ -88,30 +89,33 @@ def run_stages(model: Model, tokens: torch.Tensor, candidates: Sequence[int], pr
         active = [i for i in range(B) if i not in exited]
         if not active:
             break
-        scales = int(stage.scales)   # resolved above
+        # Inside the stage the host only queues work: rows, scores and survivors stay on the device.
+        scales, S = int(stage.scales), stage.samples   # resolved above
         n_tok = ends[scales - 1]
-        seq, cls, keys, spans = [], [], [], []
-        for i in active:
-            c = torch.tensor(alive[i])
-            for j in range(stage.samples):
-                seq.append(tokens[i, j, :n_tok].expand(len(c), -1))
-                cls.append(c)
-                keys += [(i, j)] * len(c)
-            spans.append(len(c))
+        cands_AK = torch.tensor([alive[i] for i in active])
+        A, K = cands_AK.shape
+        seq = tokens[active, :S, None, :n_tok].expand(-1, -1, K, -1).reshape(-1, n_tok)   # rows: image, sample, class
+        cls = cands_AK[:, None].expand(-1, S, -1).reshape(-1)
+        keys = [(i, j) for i in active for j in range(S) for _ in range(K)]
         later = profile.stages[s_idx:]
         reusable = _reusable_tokens(tokens[active], stage, later, ends)
-        sums = scorer.score(torch.cat(seq), torch.cat(cls), scales, keys, keep_tokens=reusable)
-        pos, now = 0, {}
-        for i, n in zip(active, spans):
-            block = sums[pos:pos + n * stage.samples].view(stage.samples, n).mean(0)
-            pos += n * stage.samples
-            now[i] = StageScores(scales, stage.samples, stage.keep, list(alive[i]), block.tolist())
-            history[i].append(now[i])
+        scores_AK = scorer.score(seq, cls, scales, keys, keep_tokens=reusable).view(A, S, K).mean(1)
+        survivors_AK, exits_A = choose_survivors(upload(cands_AK, scores_AK.device), scores_AK, stage.keep,
+                                                 stage.exit_margin)
+        # Between stages: the one read, of what the host records, guards and drops.
+        scores_AK, survivors_AK, exits_A = host_read(scores_AK, survivors_AK, exits_A)
+        now = {i: StageScores(scales, S, stage.keep, alive[i], scores_AK[a].tolist()) for a, i in enumerate(active)}
+        for i, st in now.items():
+            history[i].append(st)
+        rescored: set[int] = set()
         if later:
             rescored, changed = guard_stages(model, scorer, tokens, now, profile, False, stage.exit_margin)
             guarded, flipped = guarded | rescored, flipped | changed
-        for i, st in now.items():
-            _, alive[i], exits = st.decisions(stage.exit_margin)
+        for a, i in enumerate(active):
+            if i in rescored:       # the guard moved some scores: decide again from them
+                _, alive[i], exits = now[i].decisions(stage.exit_margin)
+            else:
+                alive[i], exits = survivors_AK[a].tolist(), bool(exits_A[a])
             if exits:
                 exited[i] = s_idx
     rescored, changed = guard_stages(model, scorer, tokens, {i: h[-1] for i, h in enumerate(history) if h}, profile,

@@ -9,6 +9,8 @@ the clean tokens starts from the clean sequence's cache. Results equal a plain f
 The bookkeeping is batched: what was scored lives per forward (a :class:`_Batch`), and a sorted tensor of row codes
 (image, sample, class) says which batch row holds each pair, so a stage costs a few tensor ops per source batch
 whatever its number of rows (at 1000 classes × 32 images, per-row ops would cost a GPU step's worth of Python).
+That bookkeeping reads only what the host has anyway (token ids, row codes); the log-probs and sums stay on the
+device, indexed by uploaded row numbers, so a stage never waits for the device (:mod:`core.engine.transfers`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..models.var_state import KVCache
 from .flops import Macs, sequence_macs
 from .likelihood import cache_budget
 from .model import Model
+from .transfers import upload
 
 Key = tuple[Hashable, int]     # (image key, sample index); sample 0 is the clean tokens
 
@@ -43,16 +46,20 @@ def shared_scales(a: torch.Tensor, b: torch.Tensor, ends: list[int]) -> torch.Te
 
 
 def _select(cache: KVCache, rows: torch.Tensor) -> KVCache:
-    """Rows of a cache, the index moved to its device once (not once per block: each move waits for the device)."""
-    return cache.select(rows.to(cache.bufs[0].device))
+    """Rows of a cache, the index uploaded once (not once per block)."""
+    return cache.select(upload(rows, cache.bufs[0].device))
 
 
 @dataclass
 class _Batch:
-    """The rows of one forward: their first L' tokens and log-probs, and their keys/values if kept."""
+    """The rows of one forward: their first L' tokens (host) and log-probs (device), and their keys/values if kept."""
     tokens_NL: torch.Tensor
     logp_NL: torch.Tensor
     cache: KVCache | None
+
+    def logp(self, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The log-probs of the first ``num_tokens`` tokens of these rows (a host index, uploaded)."""
+        return self.logp_NL[upload(rows, self.logp_NL.device), :num_tokens]
 
 
 class Scorer:
@@ -84,19 +91,21 @@ class Scorer:
 
     def score(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int,
               keys: Sequence[Key] | None = None, keep_tokens: int = 0) -> torch.Tensor:
-        """N, L tokens and N class ids → N fp32 sums of log p(token | class, earlier scales) over the first scales."""
+        """N, L tokens and N class ids (host tensors) → N fp32 sums of log p(token | class, earlier scales) over the
+        first scales, on the model's device (nothing here waits for it)."""
+        device = self.model.device
         if tokens.shape[0] == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, device=device)
         if keys is None or not self.reuse:
-            lp = self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk)
-            self._count(lp.shape[0], lp.shape[1], 0, None if keys is None else self._codes(keys, classes.cpu()))
+            lp = self.model.score_pairs(tokens, classes, num_scales, chunk=self.chunk).logp
+            self._count(lp.shape[0], lp.shape[1], 0, None if keys is None else self._codes(keys, classes))
             return lp.sum(-1)
         ends = self.model.spec.var.scale_ends()
         n_tok = ends[num_scales - 1]
         tokens_NL, classes = tokens[:, :n_tok].cpu(), classes.cpu()      # the bookkeeping runs on the host
         code_N = self._codes(keys, classes)
         self._forget_pruned(code_N)
-        out = torch.empty(tokens.shape[0])
+        out = torch.empty(tokens.shape[0], device=device)
         # Free rides: pairs already scored on at least these tokens.
         free = torch.zeros(len(code_N), dtype=torch.bool)
         for b, pos, row in self._by_batch(code_N):
@@ -105,7 +114,7 @@ class Scorer:
                 continue
             same = (batch.tokens_NL[row, :n_tok] == tokens_NL[pos]).all(1)
             pos, row = pos[same], row[same]
-            out[pos] = batch.logp_NL[row, :n_tok].sum(-1)
+            out[upload(pos, device)] = batch.logp(row, n_tok).sum(-1)
             free[pos] = True
         # The longest usable cached prefix of each other pair: its own sample first, then the clean one.
         start = torch.zeros(len(code_N), dtype=torch.long)
@@ -129,7 +138,7 @@ class Scorer:
             res = self.model.score_pairs(tokens_NL[idx], classes[idx], num_scales, self.chunk, cache, keep > 0, keep)
             self._count(len(idx), n_tok, s, code_N[idx])
             sums = res.logp.sum(-1)
-            out[idx] = sums + prefix.sum(-1) if prefix is not None else sums
+            out[upload(idx, device)] = sums + prefix.sum(-1) if prefix is not None else sums
             logp_NL = torch.cat((prefix, res.logp), 1) if prefix is not None else res.logp
             self._add(code_N[idx], _Batch(tokens_NL[idx], logp_NL, res.cache))
         self._drop_unused()
@@ -137,7 +146,7 @@ class Scorer:
 
     def score_fp32(self, tokens: torch.Tensor, classes: torch.Tensor, num_scales: int) -> torch.Tensor:
         """Like a plain :meth:`score`, in fp32 whatever the model's dtype (the precision guard's re-scoring)."""
-        return self.model.pair_logp(tokens, classes, num_scales, chunk=self.chunk, dtype=torch.float32).sum(-1)
+        return self.model.score_pairs(tokens, classes, num_scales, self.chunk, dtype=torch.float32).logp.sum(-1)
 
     def executed(self, image: Hashable) -> Macs:
         """What the rows of one image (its key in ``score``'s ``keys``) executed since the last reset."""
@@ -185,12 +194,12 @@ class Scorer:
             batch = self.batches[b]
             assert batch.cache is not None   # a prefix is only taken from a batch that kept its keys/values
             caches.append(_select(batch.cache.truncate(num_tokens), row_N[pos]))
-            prefixes.append(batch.logp_NL[row_N[pos], :num_tokens])
+            prefixes.append(batch.logp(row_N[pos], num_tokens))
             order.append(pos)
         if len(caches) == 1:
             return caches[0], prefixes[0]
         back = torch.argsort(torch.cat(order))
-        return _select(KVCache.cat(caches), back), torch.cat(prefixes)[back]
+        return _select(KVCache.cat(caches), back), torch.cat(prefixes)[upload(back, prefixes[0].device)]
 
     def _add(self, code_N: torch.Tensor, batch: _Batch) -> None:
         """Record a scored batch: its rows become the latest entries of their codes."""
@@ -215,7 +224,8 @@ class Scorer:
             if batch.cache is None or len(mine) == len(batch.tokens_NL):
                 continue
             rows = self.row_M[mine].sort().values
-            self.batches[b] = _Batch(batch.tokens_NL[rows], batch.logp_NL[rows], _select(batch.cache, rows))
+            self.batches[b] = _Batch(batch.tokens_NL[rows], batch.logp(rows, batch.logp_NL.shape[1]),
+                                     _select(batch.cache, rows))
             new_row = torch.empty(len(batch.tokens_NL), dtype=torch.long)
             new_row[rows] = torch.arange(len(rows))
             self.row_M[mine] = new_row[self.row_M[mine]]

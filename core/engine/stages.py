@@ -6,10 +6,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+
 
 def rank(candidates: Sequence[int], scores: Sequence[float]) -> list[tuple[int, float]]:
     """Candidates best first; ties by class index, for a stable order (the one ranking rule of every stage)."""
     return sorted(zip(candidates, scores), key=lambda cs: (-cs[1], cs[0]))
+
+
+def choose_survivors(cands_AK: torch.Tensor, scores_AK: torch.Tensor, keep: int,
+                     exit_margin: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`StageScores.decisions` for A images at once, where their scores are (on the device, so no stage waits
+    for a read before the next one is queued): each row's best ``keep`` candidates by :func:`rank`'s rule (score,
+    then class index: a stable sort by class, then a stable sort by score) and whether its lead, taken in float64
+    as the host takes it, reaches ``exit_margin``. → A, keep survivor classes (best first) and A exits."""
+    by_class = cands_AK.argsort(dim=1, stable=True)
+    order = by_class.gather(1, scores_AK.gather(1, by_class).argsort(dim=1, descending=True, stable=True))
+    survivors_AK = cands_AK.gather(1, order[:, :keep])
+    if exit_margin is None or cands_AK.shape[1] < 2:
+        return survivors_AK, torch.zeros(cands_AK.shape[0], dtype=torch.bool, device=cands_AK.device)
+    top_A2 = scores_AK.gather(1, order[:, :2]).to(torch.float64)
+    return survivors_AK, top_A2[:, 0] - top_A2[:, 1] >= exit_margin
 
 
 @dataclass

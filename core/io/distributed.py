@@ -10,7 +10,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -22,12 +22,20 @@ from .data import Item
 T = TypeVar("T")
 X = TypeVar("X")
 IMAGES_PER_STEP = 32
+MAX_IMAGES_PER_STEP = 256
 
 
-def images_per_step(batch_size: int | None, num_candidates: int) -> int:
+def images_per_step(batch_size: int | None, num_candidates: int, pairs_per_forward: int | None = None) -> int:
     """Images classified together: as in the reference evaluation, as many as fill one forward of ``batch_size``
-    pairs at the first stage (at least one); ``IMAGES_PER_STEP`` when the forward size is left to the budget."""
-    return IMAGES_PER_STEP if batch_size is None else max(1, batch_size // num_candidates)
+    pairs at the first stage (at least one). With the forward size left to the budget: ``IMAGES_PER_STEP`` on a CPU
+    (larger steps buy nothing there); on a GPU (``pairs_per_forward``: what its memory budget fits at the first
+    stage) as many as fill that forward, from ``IMAGES_PER_STEP`` to ``MAX_IMAGES_PER_STEP``, so the device stays busy
+    between the host's reads and the encoder has a batch worth overlapping with the scoring."""
+    if batch_size is not None:
+        return max(1, batch_size // num_candidates)
+    if pairs_per_forward is None:
+        return IMAGES_PER_STEP
+    return min(MAX_IMAGES_PER_STEP, max(IMAGES_PER_STEP, pairs_per_forward // num_candidates))
 
 
 @dataclass(frozen=True)
@@ -97,20 +105,28 @@ def close(dist: Dist) -> None:
         tdist.destroy_process_group()
 
 
-def run(items: Sequence[Item], load: Callable[[Item], X], step: Callable[[list[Item], list[X]], list[T]],
-        dist: Dist = Dist(), per_step: int = IMAGES_PER_STEP) -> Iterator[list[T]]:
-    """The one batch loop: ``load`` each item (threads, the next step's images while this one is worked on), then
-    ``step`` a batch of items with what was loaded → one result per item. On rank 0 each yielded batch is every
-    rank's step, in input order; other ranks get empty batches (they must still iterate to the end)."""
+def run(items: Sequence[Item], load: Callable[[Item], X], step: Callable[[list[Item], Any], list[T]],
+        dist: Dist = Dist(), per_step: int = IMAGES_PER_STEP,
+        ahead: Callable[[list[X]], Any] | None = None) -> Iterator[list[T]]:
+    """The one batch loop: ``load`` each item (threads, two steps ahead), then ``step`` a batch of items with what was
+    loaded → one result per item. ``ahead``, if given, is called on each step's loaded items one step early, before
+    the step in front of it runs (the classifier starts their encode there, to overlap the scoring), and ``step``
+    gets what it returned. On rank 0 each yielded batch is every rank's step, in input order; other ranks get empty
+    batches (they must still iterate to the end)."""
     shard = list(enumerate(items))[dist.rank::dist.world]
     steps = math.ceil(math.ceil(len(items) / dist.world) / per_step)
+    begin = ahead or (lambda loaded: loaded)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         batches = [shard[k * per_step:(k + 1) * per_step] for k in range(steps)]
-        pending = pool.map(load, [it for _, it in batches[0]]) if batches else iter(())
+        pending = [pool.map(load, [it for _, it in b]) for b in batches[:2]]
+        started = begin(list(pending.pop(0))) if batches else None
         for k, batch in enumerate(batches):
-            loaded = list(pending)
+            current = started
             if k + 1 < steps:
-                pending = pool.map(load, [it for _, it in batches[k + 1]])
-            results = step([it for _, it in batch], loaded)
+                loaded = list(pending.pop(0))
+                if k + 2 < steps:
+                    pending.append(pool.map(load, [it for _, it in batches[k + 2]]))
+                started = begin(loaded)
+            results = step([it for _, it in batch], current)
             merged = [r for part in dist.gather(list(zip((i for i, _ in batch), results))) for r in part]
             yield [res for _, res in sorted(merged, key=lambda ir: ir[0])] if dist.is_main else []

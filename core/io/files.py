@@ -26,7 +26,7 @@ from ..errors import FIX, AvarcError
 
 try:
     import fcntl
-except ImportError:          # Windows: filelock's lock (its file stays); no folder lock
+except ImportError:          # Windows: filelock's lock (its file stays), for folders too
     fcntl = None  # type: ignore[assignment]
 
 
@@ -177,39 +177,72 @@ def refuse_inputs(outputs: Iterable[tuple[str | None, str | os.PathLike | None]]
                              "choose another file", option=hit[0])
 
 
+def with_contents(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Each path, and every file under the folders among them: a command's inputs as :func:`refuse_inputs` compares
+    them before the images are collected (a folder's images are inputs; its other files too, as far as it knows)."""
+    return [f for p in map(Path, paths) for f in [p, *(p.rglob("*") if p.is_dir() else ())]]
+
+
 @contextmanager
 def hold_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable[str | os.PathLike] = (),
                  force: bool | None = None) -> Iterator[None]:
-    """The output guard of a command writing files: each output can be written (``force`` as in
-    :func:`check_output_file`), none is an input (:func:`refuse_inputs`), and each is locked for the block, so a
-    second run writing the same file is refused at once instead of both finishing with one result."""
-    check_output_files(outputs, force)
+    """The output guard of a command writing files: none is an input (:func:`refuse_inputs`, first, so an input is
+    never answered with "pass --force"), each can be written (``force`` as in :func:`check_output_file`), and each is
+    locked for the block, so a second run writing the same file is refused at once instead of both finishing with
+    one result."""
     refuse_inputs(outputs.items(), inputs)
+    check_output_files(outputs, force)
     with ExitStack() as held:
         for option, path in outputs.items():
             if path is None:
                 continue
-            Path(path).parent.mkdir(parents=True, exist_ok=True)      # checked writable above; the lock sits there
-            lock = file_lock(path)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                raise busy(path, option) from None
-            held.callback(lock.release)
+            folder = Path(path).parent
+            made = [f for f in [folder, *folder.parents] if not os.path.lexists(f)]    # deepest first
+            folder.mkdir(parents=True, exist_ok=True)      # checked writable above; the lock sits there
+            held.callback(_remove_empty, made)             # a run that failed leaves no folder behind
+            held.enter_context(_held(file_lock(path), busy(path, option)))
         yield
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) the guard made for outputs that were never written."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:                 # not empty: an output is there
+            return
+
+
+@contextmanager
+def _held(lock: OutputLock, refused: AvarcError) -> Iterator[None]:
+    """``lock`` held for the block, or ``refused`` at once when another process holds it."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise refused from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
 def hold_folder(path: str | os.PathLike, option: str | None = None) -> Iterator[None]:
     """Lock the output folder ``path`` (made by :func:`make_output_dir`) for the block: a second run writing into it
-    is refused at once. The lock is on the folder itself (``flock``), so nothing is added to it."""
+    is refused at once. The lock is on the folder itself (``flock``), so nothing is added to it; without ``flock``
+    (Windows) it is filelock's lock file beside the folder, as :func:`file_lock` takes for a file."""
+    refused = AvarcError(f"{path}: another avarc run is writing into this folder; wait for it to finish, or choose "
+                         "another folder", option=option)
+    if fcntl is None:
+        with _held(file_lock(path), refused):
+            yield
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise AvarcError(f"{path}: another avarc run is writing into this folder; wait for it to finish, or "
-                             "choose another folder", option=option) from None
+            raise refused from None
         yield
     finally:
         os.close(fd)

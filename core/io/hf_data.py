@@ -9,16 +9,19 @@ model class name). Images are decoded by avarc, row by row, so an unreadable row
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, ParamSpec, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from ..errors import AvarcError
+from ..models.checkpoints import file_sha256
 from .files import absolute
 from .hub import HubUnreachable, check_reachable
 from .preprocess import open_image, preprocess_pil
@@ -52,6 +55,10 @@ def is_dataset(raw: str | os.PathLike) -> bool:
     return saved or _parquet_folder(path)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
 def _datasets():
     try:
         import datasets
@@ -77,6 +84,23 @@ def display(raw: str | os.PathLike) -> str:
     return f"hf://datasets/{hub['repo'].strip('/')}" if hub else str(raw)
 
 
+def _quiet(read: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``read`` with datasets' progress bars off ("Generating train split" on stderr: the CLI shows its own progress,
+    the library prints nothing), put back as they were after."""
+    @functools.wraps(read)
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bars = _datasets().utils.logging
+        was = bars.is_progress_bar_enabled()
+        bars.disable_progress_bar()
+        try:
+            return read(*args, **kwargs)
+        finally:
+            if was:
+                bars.enable_progress_bar()
+    return quiet
+
+
+@_quiet
 def load_split(raw: str, split: str | None):
     """(split name, ``datasets.Dataset``) of one input."""
     ds_lib = _datasets()
@@ -175,9 +199,10 @@ class SplitImages:
     split whatever the spelling of its path (``--resume`` matches rows on it); ``fingerprint`` is the dataset's own
     (its content, as ``datasets`` hashes it), part of the run's identity."""
 
-    def __init__(self, where: str, ds, column: str, key: str | None = None, unlabelled: dict[int, str] | None = None):
+    def __init__(self, where: str, ds, column: str, key: str | None = None, unlabelled: dict[int, str] | None = None,
+                 fingerprint: str | None = None):
         self.where, self.column, self.key = where, column, key or where
-        self.fingerprint = str(getattr(ds, "_fingerprint", "") or "")
+        self.fingerprint = fingerprint or str(getattr(ds, "_fingerprint", "") or "")
         self.table = ds.select_columns([column]).cast_column(column, _datasets().Image(decode=False))
         self.unlabelled = unlabelled or {}      # row → why it has no class (a labelled split's missing label)
 
@@ -193,6 +218,22 @@ class SplitImages:
         return open_image(where, value["bytes"])
 
 
+def content_fingerprint(path: Path, split: str) -> str:
+    """A local dataset's fingerprint by content: the SHA-256 of its files (a folder's by their relative names) and
+    the split, so a dataset rewritten under its name is another, while ``touch`` or a copy keeps it (``datasets``'
+    own fingerprint of a local file follows its modification time)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    parts = [split, *(f"{f.relative_to(path) if f != path else ''}:{file_sha256(f)}" for f in files)]
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def datasets_fingerprint(fingerprints: Iterable[str]) -> str | None:
+    """The run identity's ``inputs``: the datasets' own fingerprints together, so a dataset rewritten under the same
+    name is another run; None without datasets (image files are each keyed by their path)."""
+    prints = sorted(set(fingerprints))
+    return hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16] if prints else None
+
+
 @dataclass
 class Rows:
     """One split's rows: ``where`` (``DATASET[split]``), its images, and each row's class index (None: unlabelled)."""
@@ -206,7 +247,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
     """Every dataset input's rows, labelled from its ``ClassLabel`` column (names read by ``parse``, as folder
     names are) where every input has one and ``labels`` allows."""
     ds_lib = _datasets()
-    splits = []
+    splits, content = [], {}
     for raw in inputs:
         if not is_dataset(raw):
             raise AvarcError(f"{raw}: pass datasets alone, or files and folders alone, in one run")
@@ -215,6 +256,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         where = f"{display(raw)}[{split_name}]"
         local = display(raw) == str(raw) and Path(raw).exists()
         resolved = f"{absolute(raw) if local else display(raw)}[{split_name}]"
+        content[where] = content_fingerprint(absolute(raw), split_name) if local else None
         image_col = _column(display(raw), ds, image_column, ds_lib.Image, "images", "image_column")
         if image_col is None:
             raise AvarcError(f"{display(raw)}: no column holds images (an Image feature); name it with --image-column "
@@ -244,7 +286,7 @@ def read_rows(inputs: Sequence[str | os.PathLike], parse: Callable[[str, str], i
         unlabelled = {i: f"no class in its label column {label_col!r} (missing or not one of its {len(names)} "
                          "names); label the row, or classify without labels"
                       for i, y in enumerate(ids) if y is None} if labelled else {}
-        out.append(Rows(where, SplitImages(where, ds, image_col, resolved, unlabelled), ids))
+        out.append(Rows(where, SplitImages(where, ds, image_col, resolved, unlabelled, content[where]), ids))
     return out, labelled
 
 

@@ -124,7 +124,7 @@ class RunIdentity(BaseModel):
     labels: str | None = None
     ood_score: str | None = None         # the OOD score the rule decides on (``--ood-score``)
     extensions: list[str] = []           # each extension's rows' SHA-256, bottom first
-    inputs: str | None = None            # a dataset's own fingerprint (its files' SHA-256), None for image files
+    inputs: str | None = None            # a local dataset's files' SHA-256 (a hub one's own fingerprint); None: files
     threads: int | None = None           # the CPU threads it ran on: kept beside the identity, not in the fingerprint
     # How to rebuild the computation (``explain --from``), beside the identity: their content is in the fingerprint
     schedule: dict | None = None         # {sigma, stages: [[scales, samples, keep, exit_margin], …]}, resolved

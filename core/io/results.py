@@ -63,8 +63,12 @@ def lock_results(path: str | os.PathLike) -> OutputLock:
 
 
 def _differs(theirs: RunIdentity, ours: RunIdentity) -> str:
-    diff = [f"{k} {getattr(theirs, k)!r} vs {getattr(ours, k)!r} now" for k in IDENTITY
-            if getattr(theirs, k) != getattr(ours, k)]
+    """The identity fields that differ, a weight file's named: replaced under a run, it is the file to put back."""
+    files = {"weights": f"the VAR weights of {ours.model}",
+             "vae_weights": f"the VQ-VAE weights of {ours.vae_file or 'the model (its own vae.pth)'}"}
+    diff = [f"{k} {getattr(theirs, k)!r} vs {getattr(ours, k)!r} now" + (f": {files[k]} are not the run's"
+                                                                         if k in files else "")
+            for k in IDENTITY if getattr(theirs, k) != getattr(ours, k)]
     return ", ".join(diff) or "other candidate classes or schedule"
 
 

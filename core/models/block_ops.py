@@ -8,6 +8,7 @@ import collections
 import logging
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,7 +35,6 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> tor
     return torch.addcmul(x, branch.to(x.dtype), gamma)
 
 
-ONEDNN_DTYPES = (torch.bfloat16,)   # in fp32 ATen's MKL GEMM is faster than oneDNN's, which cancels the fusion
 EMULATED_ENV = "AVARC_CPU_BF16"      # "emulated": take the plain path as on a CPU without native bf16 (tests, A/B)
 
 
@@ -48,21 +48,46 @@ def onednn_bf16() -> bool:
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        x, w = torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+    except (AttributeError, RuntimeError):
+        return False
+    return _linear_pointwise_runs(torch.bfloat16)
+
+
+@lru_cache(maxsize=1)
+def onednn_fp32() -> bool:
+    """Whether fp32 linears go through oneDNN: on AMD CPUs, where ATen's fp32 GEMM (MKL) takes its AVX2 path. On an
+    EPYC Zen 4 oneDNN ran d16's fp32 GEMMs in half ATen's time (capped at AVX2, in 0.8–1.0× MKL's), fc1's GELU in
+    the same call; on Intel MKL's own fp32 GEMM was the faster, so ATen's stays there."""
+    try:
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return amd and torch.backends.mkldnn.is_available() and _linear_pointwise_runs(torch.float32)
+
+
+def _linear_pointwise_runs(dtype: torch.dtype) -> bool:
+    """One tiny oneDNN linear + GELU(tanh) in ``dtype`` runs without raising."""
+    try:
+        x, w = torch.ones(2, 16, dtype=dtype), torch.ones(8, 16, dtype=dtype)
         torch.ops.mkldnn._linear_pointwise(x, w, None, "gelu", [], "tanh")
     except (AttributeError, RuntimeError):
         return False
     return True
 
 
+def _onednn(dtype: torch.dtype) -> bool:
+    return onednn_bf16() if dtype == torch.bfloat16 else dtype == torch.float32 and onednn_fp32()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16, where oneDNN can run it (:func:`onednn_bf16`),
-    it is one oneDNN call (the kernel torch's own compiler emits for a frozen linear) with the bias and the GELU in
-    the matmul's epilogue: ATen would copy the broadcast bias into the output before the GEMM and run GELU as a
-    separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh) in cuBLASLt's epilogue (on a CPU that
-    call computes the erf GELU, so not there). The official tanh approximation either way."""
-    if (x.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and onednn_bf16()):
+    """F.linear, then GELU(tanh) if asked. For CPU inference in bf16 or fp32, where oneDNN can run it
+    (:func:`onednn_bf16`, :func:`onednn_fp32`), it is one oneDNN call (the kernel torch's own compiler emits for a
+    frozen linear) with the bias and the GELU in the matmul's epilogue: ATen would copy the broadcast bias into the
+    output before the GEMM and run GELU as a separate pass. On CUDA, ``_addmm_activation`` puts bias and GELU(tanh)
+    in cuBLASLt's epilogue (on a CPU that call computes the erf GELU, so not there). The official tanh approximation
+    either way. Under autograd (add-class) or the compiler, ATen's."""
+    if (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _onednn(weight.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
     if gelu and bias is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
@@ -117,9 +142,9 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
     ``kv`` (B, ≥ start+L, 2, H, c), if given, holds the earlier tokens' keys/values and receives the new ones; else
     the keys are the new tokens' own. One attention call whatever the number of scales (``mask``: dense, or a
     :class:`BlockMask` for FlexAttention's block-sparse kernel), or with ``spans`` one per scale (see
-    :class:`AttentionPlan`). Only the linear layers run in their weights' dtype: the norm, the
-    AdaLN modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
-    512-pixel model's class scores by several nats)."""
+    :class:`AttentionPlan`). Only the linear layers run in their weights' dtype: the norm, the AdaLN modulation and
+    the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a 512-pixel model's class
+    scores by several nats)."""
     B, L, C = x.shape
     dtype = w_qkv.dtype
     g1, g2, s1, s2, sh1, sh2 = mod.split(1, dim=1)      # no closure: a cell variable confuses dynamo's guards

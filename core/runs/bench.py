@@ -175,11 +175,13 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def run(model: Model, profile: Profile, images: torch.Tensor, candidates: list[int], warmup: int = 1, repeat: int = 3,
-        chunk: int | None = None, seed: int = 0, reuse: bool = True) -> BenchResult:
-    """Time the whole path (encoder + schedule + precision guard) on ``images`` (B, 3, R, R) at the model's dtype."""
+        chunk: int | None = None, seed: int = 0, reuse: bool = True, cache_bytes: int | None = None) -> BenchResult:
+    """Time the whole path (encoder + schedule + precision guard) on ``images`` (B, 3, R, R) at the model's dtype.
+    ``cache_bytes`` fixes the keys/values the schedule may keep (None: a share of the device's free memory), so two
+    devices can be made to run the same work."""
     device = model.device
     prof = profile.resolve(len(model.spec.var.patch_nums))
-    scorer = _TimedScorer(model, chunk, reuse=reuse)
+    scorer = _TimedScorer(model, chunk, reuse=reuse, cache_bytes=cache_bytes)
     times, enc_times, stage_times, guard_times = [], [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -3,7 +3,6 @@ into the metrics), the images still to do, and the running counts a front end sh
 end. Every batch is on disk before it is counted, so ``safe`` is always what an interrupt leaves in the file."""
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -12,11 +11,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-
 from ..classifier import Classifier
 from ..io.data import Inputs, Item
 from ..io.distributed import Dist
+from ..io.hf_data import datasets_fingerprint
 from ..io.records import Record, RunIdentity
 from ..io.results import ResultsFile, results_file
 from ..io.summary import Metrics, append_csv_summary, check_csv, summary_row
@@ -97,6 +95,13 @@ class ClassifyRun:
             out.append(f"warning: profile {self.clf.profile.name} keeps more classes (stage {big[0]}: "
                        f"{stages[big[0] - 1].keep}) than there are candidates ({n}); those stages keep every candidate")
         resumed = self.results.resumed
+        done = resumed.done if resumed is not None else {}
+        other = sum(it.file in done and done[it.file]["label"] not in (it.accepted or (it.label,))
+                    for it in self.found.items)
+        if other:
+            out.append(f"note: {other} images already done were labelled otherwise by the run that classified them "
+                       "(a class folder classified alone is unlabelled); their records keep that label, and report "
+                       "counts them by it")
         if resumed is not None and (self.results.done or resumed.torn or resumed.retried):
             out.append(f"resume: {len(self.results.done)} images already done, {len(self.todo)} to go"
                        + (f" ({resumed.retried} skipped before, tried again)" if resumed.retried else "")
@@ -109,17 +114,10 @@ class ClassifyRun:
         nothing new."""
         if self.new:
             append_csv_summary(csv, summary_row(
-                self.metrics, self.clf.profile, self.run_key, started=self.started, threads=torch.get_num_threads(),
+                self.metrics, self.clf.profile, self.run_key, started=self.started, threads=self.clf.threads,
                 inputs=[str(i) for i in inputs], dataset=dataset, subset=subset,
                 gflops=(self.gflops, self.paper_gflops), new=self.new, seconds=self.seconds))
         return bool(self.new)
-
-
-def inputs_fingerprint(found: Inputs) -> str | None:
-    """The datasets' own fingerprints (their content, as ``datasets`` hashes it), so a dataset rewritten under the same
-    name is another run; None for image files (each keyed by its path)."""
-    prints = sorted({it.source.fingerprint for it in found.items if it.source is not None})
-    return hashlib.sha256("\n".join(prints).encode()).hexdigest()[:16] if prints else None
 
 
 @contextmanager
@@ -135,7 +133,8 @@ def classify_run(clf: Classifier, found: Inputs, out: str | os.PathLike | None =
     rule = clf.profile.ood
     run_key = clf.run_key(seed, found.candidates, temperature=float(temp), topk=topk, labels=labels,
                           ood_score=check_score(ood_score or (rule.score if rule else DEFAULT_OOD_SCORE)),
-                          inputs=inputs_fingerprint(found))
+                          inputs=datasets_fingerprint(it.source.fingerprint for it in found.items
+                                                      if it.source is not None))
     # what the run ran on, kept beside its identity (not in the fingerprint)
     run_key = run_key.model_copy(update={"threads": clf.threads})
     metrics = Metrics(len(clf.profile.stages), len(found.candidates))

@@ -20,7 +20,7 @@ from ..io.summary import shown_ks, stage_survival
 from ..models.specs import ModelSpec
 from ..tasks.calibration import posterior, reliability
 from ..tasks.explain import explained_panels, safe_stem
-from ..tasks.explain_run import record_item
+from ..tasks.explain_run import record_file, record_item, run_rows
 
 if TYPE_CHECKING:
     from .tune import Point, TuneResult
@@ -83,10 +83,13 @@ def _image_thumb(item: Item, size: int = 96) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _mistake_thumb(record: Record, rows: dict) -> str:
-    """The record's image by its identity (its absolute file, or its dataset row), as a thumbnail."""
+def _mistake_thumb(record: Record, rows: dict | None) -> str:
+    """The record's image by its identity (its absolute file, or its dataset row), as a thumbnail; ``rows`` None: the
+    run's datasets cannot be read here, or are not the ones it read (:func:`run_rows`)."""
+    if rows is None and record_file(record) != record_key(record):
+        return "<i>its dataset cannot be read here, or changed since the run</i>"
     try:
-        return _image_thumb(record_item(record, DataOptions(border=0), rows))
+        return _image_thumb(record_item(record, DataOptions(border=0), rows or {}))
     except AvarcError:                  # its dataset cannot be read here
         return "<i>image not found</i>"
 
@@ -232,8 +235,11 @@ def run_report(records: list[Record], title: str, spec: ModelSpec | None = None,
     # the worst mistakes: most confident first
     wrong = sorted((r for r in lab if r["pred"] != r["label"]),
                    key=lambda r: -(r["posterior"][0]["p"] if r["posterior"] else 1))
-    rows: dict                          # the datasets opened for the thumbnails (by _mistake_thumb)
-    cards, panel_of, rows = [], mistake_panels(records, explain_dir) if explain_dir else {}, {}
+    cards, panel_of = [], mistake_panels(records, explain_dir) if explain_dir else {}
+    try:
+        rows: dict | None = run_rows(records, DataOptions(border=0), title) if wrong[:worst] else {}
+    except AvarcError:
+        rows = None
     for r in wrong[:worst]:
         p = r["posterior"][0]["p"] if r["posterior"] else float("nan")
         panel = panel_of.get(record_key(r))

@@ -273,6 +273,8 @@ def explained_panels(folder: str | os.PathLike) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for npz in sorted(Path(folder).glob("*.npz")):
         png = npz.with_suffix(".png")
+        if not npz.is_file():           # a FIFO of that name would block the read for ever
+            continue
         try:
             with np.load(npz, allow_pickle=False) as z:
                 key = str(z["image"]) if "image" in z.files else None

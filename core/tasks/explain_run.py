@@ -72,7 +72,7 @@ def run_decisions(records: Sequence[Record], num_classes: int, data: DataOptions
     labelled images it got wrong; ``label``: every image's true class; ``labels``: ``none`` ignores the run's).
     A class index the model lacks (a run made with extensions) is one error naming the fix."""
     out: dict[str, Decision] = {}
-    rows: dict[tuple[str, str], hf_data.SplitImages] = {}
+    rows = run_rows(records, data, where)
     for r in records:
         key = record_key(r)
         if r["status"] not in EXPLAINED or key in out or (keys is not None and key not in keys):
@@ -96,15 +96,51 @@ def record_item(record: Record, data: DataOptions, rows: dict[tuple[str, str], h
     """The record's image by its identity, from any working folder: its absolute ``file``, or the dataset row its
     ``path`` names (each dataset opened once, in ``rows``)."""
     file = record_key(record)
-    row = _ROW.fullmatch(file)
-    if row is not None and not os.path.lexists(file) and hf_data.is_dataset(hf_data.display(row["raw"])):
-        split = (row["raw"], row["split"])
-        if split not in rows:
-            found, _ = hf_data.read_rows([row["raw"]], lambda name, where: 0, "none", row["split"], data.image_column,
-                                         None)
-            rows[split] = found[0].images
-        return Item(path=file, label=record["label"], source=rows[split], row=int(row["row"]))
+    split = _split(file)
+    if split is not None:
+        return Item(path=file, label=record["label"], source=_open(split, data, rows), row=int(split[2]))
     return Item(path=file, label=record["label"], border=data.border if "accepted" in record else 0)
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """A record key's dataset, split and row, when it names a row of a dataset (not a file of that odd name)."""
+    row = _ROW.fullmatch(key)
+    if row is None or os.path.lexists(key) or not hf_data.is_dataset(hf_data.display(row["raw"])):
+        return None
+    return row["raw"], row["split"], row["row"]
+
+
+def _open(split: tuple[str, str, str], data: DataOptions,
+          rows: dict[tuple[str, str], hf_data.SplitImages]) -> hf_data.SplitImages:
+    raw, name, _ = split
+    if (raw, name) not in rows:
+        found, _ = hf_data.read_rows([raw], lambda name, where: 0, "none", name, data.image_column, None)
+        rows[raw, name] = found[0].images
+    return rows[raw, name]
+
+
+def run_rows(records: Sequence[Record], data: DataOptions, where: str) -> dict[tuple[str, str], hf_data.SplitImages]:
+    """Every dataset split the run's records name, opened, after checking they hold the rows the run read: a
+    dataset rewritten under the same name since (its fingerprint, the identity's ``inputs``, differs) holds other
+    images at those rows, so it is one error, not panels or thumbnails of the wrong images."""
+    rows: dict[tuple[str, str], hf_data.SplitImages] = {}
+    for r in records:
+        split = _split(record_key(r))
+        if split is not None:
+            _open(split, data, rows)
+    ran = {r["run"].inputs for r in records} - {None}
+    if rows and ran and hf_data.datasets_fingerprint(s.fingerprint for s in rows.values()) not in ran:
+        names = ", ".join(sorted({raw for raw, _ in rows}))
+        raise AvarcError(f"{where}: {names} is not the dataset the run read (its content changed since, so its rows "
+                         "are other images); put back the run's dataset, or classify the dataset as it is now")
+    return rows
+
+
+def record_file(record: Record) -> str:
+    """The file a record's image is read from: its absolute ``file``, or the dataset its row names."""
+    key = record_key(record)
+    split = _split(key)
+    return split[0] if split is not None else key
 
 
 def run_profile(run: RunIdentity, where: str = "run") -> Profile | None:
