@@ -21,7 +21,10 @@ ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strid
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched inside it that run a kernel (not views, not bare allocations) by name, and the
-    host syncs among them (a sync op, or a copy between devices)."""
+    host syncs among them (a sync op, or a copy between devices). A higher-order operator (FlexAttention, which a
+    compiled block step runs) counts as the one kernel it compiles to; what it runs eagerly is not counted."""
+
+    supports_higher_order_operators = True
 
     def __init__(self):
         super().__init__()
@@ -30,6 +33,9 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            self.ops[func.name()] += 1
+            return func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if not func.is_view and name not in ALLOCATIONS:
             self.ops[name] += 1

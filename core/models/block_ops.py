@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .specs import VARSpec
 
@@ -133,16 +134,17 @@ def _attention_per_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor,
                factor: torch.Tensor | None, floor: bool, w_proj: torch.Tensor, b_proj: torch.Tensor, w1: torch.Tensor,
-               b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, mask: torch.Tensor | None,
+               b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, mask: torch.Tensor | BlockMask | None,
                spans: tuple[tuple[int, int, int], ...] | None, kv: torch.Tensor | None, start: int, eps: float,
                heads: int, scale: float) -> torch.Tensor:
     """One block, module-free (so one compiled graph serves every block, batch and length): x (B, L, C) fp32
     residual stream of tokens start … start+L−1, ``mod`` its B, 6, C AdaLN rows (γ1, γ2, 1 + s1, 1 + s2, b1, b2).
     ``kv`` (B, ≥ start+L, 2, H, c), if given, holds the earlier tokens' keys/values and receives the new ones; else
-    the keys are the new tokens' own. One attention call whatever the number of scales (``mask``), or with ``spans``
-    one per scale (see :class:`AttentionPlan`). Only the linear layers run in their weights' dtype: the norm, the
-    AdaLN modulation and the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a
-    512-pixel model's class scores by several nats)."""
+    the keys are the new tokens' own. One attention call whatever the number of scales (``mask``: dense, or a
+    :class:`BlockMask` for FlexAttention's block-sparse kernel), or with ``spans`` one per scale (see
+    :class:`AttentionPlan`). Only the linear layers run in their weights' dtype: the norm, the AdaLN modulation and
+    the residual adds stay fp32 (in bf16, 1 + scale has steps of 1/128, which alone moves a 512-pixel model's class
+    scores by several nats)."""
     B, L, C = x.shape
     dtype = w_qkv.dtype
     g1, g2, s1, s2, sh1, sh2 = mod.split(1, dim=1)      # no closure: a cell variable confuses dynamo's guards
@@ -155,7 +157,12 @@ def block_step(x: torch.Tensor, mod: torch.Tensor, w_qkv: torch.Tensor, b_qkv: t
     else:
         keys = y[:, :, 1:]
     q, k, v = y[:, :, 0].transpose(1, 2), keys[:, :, 0].transpose(1, 2), keys[:, :, 1].transpose(1, 2)
-    if spans is None:
+    if isinstance(mask, BlockMask):
+        # q in a B, L, H, c buffer of its own: inductor's CPU template reads q's sizes off its base buffer (a 5-d y
+        # fails), and the output takes q's layout, so the projection reads it without a copy
+        q = y[:, :, 0].contiguous().transpose(1, 2)
+        a = flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    elif spans is None:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
     else:
         a = _attention_per_scale(q, k, v, spans, scale)
@@ -170,6 +177,8 @@ def _specialised(a: object) -> object:
         return a.dtype, a._base is not None, a.storage_offset() == 0, tuple(n == 1 for n in a.shape)
     if isinstance(a, int) and not isinstance(a, bool):
         return min(a, 2)
+    if isinstance(a, BlockMask):     # its tensors are inputs like any other: which block counts are 1
+        return "BlockMask", a.BLOCK_SIZE, tuple(n == 1 for n in a.kv_indices.shape)
     return a
 
 
@@ -245,35 +254,71 @@ class CompiledBlock:
 
 
 MASK_ALIGN = 16    # memory-efficient SDPA wants a mask's row stride a multiple of 16, else it pads it on every call
+# Where a compiled step runs FlexAttention. Not on a CPU: d16's attention (B 4, 680 tokens, EPYC Zen 4, 1 thread) took
+# 0.98–1.09× the compiled masked SDPA's time in fp32 and 1.28–1.37× in bf16 (the per-scale calls: 0.65–0.74×).
+FLEX_DEVICES = {"cuda"}
+# FlexAttention's sparse block (queries × keys): CUDA's default tiles for bf16 at head width 64 are 128 × 128; on a CPU
+# (tests) 32, the fastest of 32/64/128 there (d16: 321 of 484 tiles issued, 87% of their scores useful).
+FLEX_BLOCK = {"cpu": 32}
+FLEX_BLOCK_DEFAULT = 128
 
 
 class AttentionPlan:
     """Block-causal attention of tokens start … end−1 over keys 0 … end−1, shared by every block. ``one_call``: one
-    attention call whatever the number of scales, with an additive mask (0 where a query's scale is at least the
-    key's, −inf elsewhere) built once per (start, end, dtype, device), its rows padded in memory so that no call
-    re-pads it (SDPA's memory-efficient kernel would, for a 91-key mask, on every call); None where the new tokens
-    are one scale (they see every key). Else one call per scale (``split``): where nothing is launched (an eager
-    CPU) the masked call only adds work, since it computes the masked-out part too (1.5–1.7× the per-scale calls'
-    time on d16)."""
+    attention call whatever the number of scales, its masks built once per (start, end, device) (the dense one once
+    per dtype too); None where the new tokens are one scale (they see every key). A compiled step on a device in
+    ``FLEX_DEVICES`` gets a :class:`BlockMask` (:meth:`block_mask`): FlexAttention's kernel skips the tiles no query
+    sees and masks only those a scale boundary cuts. Eager, FlexAttention runs an unfused reference (5–8× slower),
+    and on a CPU its compiled kernel did not beat the masked SDPA, so every other step gets the additive mask (0
+    where a query's scale is at least the key's, −inf elsewhere) for SDPA, its rows padded in memory so that no call
+    re-pads it (SDPA's memory-efficient kernel would, for a 91-key mask, on every call). Else one call per scale
+    (``split``): where nothing is launched (an eager CPU) the masked call only adds work, since it computes the
+    masked-out part too (1.5–1.7× the per-scale calls' time on d16)."""
 
     def __init__(self, spec: VARSpec, start: int, end: int, device: torch.device, one_call: bool = True):
-        self.start, self.end, self.device = start, end, device
+        self.spec, self.start, self.end, self.device = spec, start, end, device
         self.spans = spec.attention_spans(end, start)
         self.split = tuple(self.spans) if not one_call and len(self.spans) > 1 else None
         self._masks: dict[torch.dtype, torch.Tensor | None] = {}
         self._bool = None
+        self._block: BlockMask | None = None
         if len(self.spans) > 1 and self.split is None:
             keep = torch.zeros(end - start, end, dtype=torch.bool)
             for lo, hi, keys in self.spans:
                 keep[lo:hi, :keys] = True
             self._bool = keep.to(device)
 
-    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+    def mask(self, dtype: torch.dtype, compiled: bool = False) -> torch.Tensor | BlockMask | None:
+        """The mask a block step takes: the :meth:`block_mask` if the step is ``compiled`` on a device in
+        ``FLEX_DEVICES``, else the additive one."""
         if self._bool is None:
             return None
+        if compiled and self.device.type in FLEX_DEVICES:
+            return self.block_mask()
         m = self._masks.get(dtype)
         if m is None:      # rows padded to a multiple of MASK_ALIGN keys: the fused GPU kernels take it as it is
             rows, keys = self._bool.shape
             m = torch.zeros(rows, -(-keys // MASK_ALIGN) * MASK_ALIGN, dtype=dtype, device=self.device)[:, :keys]
             self._masks[dtype] = m.masked_fill_(~self._bool, float("-inf"))
         return m
+
+    def block_mask(self) -> BlockMask:
+        """The block-causal mask as FlexAttention's :class:`BlockMask`, built on first use: query q sees the keys
+        0 … ends[start + q]−1 (``ends``: where each token's scale ends). ``ends`` and ``start`` are tensors of fixed
+        size marked static: the compiled graph takes them as inputs, so one graph serves every geometry, and the
+        mask's kernel code has no symbolic size (the CPU template renames the symbol of its key-split size by text,
+        which corrupts any symbol sharing the prefix, e.g. ks27 for ks2)."""
+        assert self._bool is not None, "one scale of new tokens needs no mask"
+        if self._block is None:
+            rows, keys = self._bool.shape
+            ends = torch.tensor([n for lo, hi, n in self.spec.attention_spans(self.spec.seq_len)
+                                 for _ in range(lo, hi)], device=self.device)
+            start = torch.tensor([self.start], device=self.device)
+            torch._dynamo.mark_static(ends)
+            torch._dynamo.mark_static(start)
+
+            def keep(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+                return kv < ends[start[0] + q]
+            self._block = create_block_mask(keep, None, None, rows, keys, device=self.device,
+                                            BLOCK_SIZE=FLEX_BLOCK.get(self.device.type, FLEX_BLOCK_DEFAULT))
+        return self._block

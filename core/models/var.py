@@ -118,12 +118,13 @@ class AdaLNSelfAttn(nn.Module):
         one = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=m.device).view(1, 6, 1)
         return m + one
 
-    def step_args(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan, kv: torch.Tensor | None) -> tuple:
-        """The arguments of :func:`block_step` for this block."""
+    def step_args(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan, kv: torch.Tensor | None,
+                  compiled: bool = False) -> tuple:
+        """The arguments of :func:`block_step` for this block (``compiled``: for the compiled step)."""
         at, f = self.attn, self.ffn
         bias, factor, dead = at.constants()
         return (x, mod, at.mat_qkv.weight, bias, factor, dead, at.proj.weight, at.proj.bias, f.fc1.weight, f.fc1.bias,
-                f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype), plan.split, kv, plan.start,
+                f.fc2.weight, f.fc2.bias, plan.mask(at.mat_qkv.weight.dtype, compiled), plan.split, kv, plan.start,
                 self.ln_wo_grad.eps, at.heads, at.scale())
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, plan: AttentionPlan,
@@ -310,7 +311,7 @@ class VAR(nn.Module):
                 assert kv is not None   # extending a cache always has a buffer: the scratch one or the kept cache
                 kv[:, :start].copy_(cache.bufs[i][:, :start])
             mod = mods[:, HEAD_ROWS + MOD_ROWS * i:HEAD_ROWS + MOD_ROWS * (i + 1)]
-            x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv))
+            x = block(x, mod, plan, kv) if block_fn is None else block_fn(block.step_args(x, mod, plan, kv, True))
             if work is not None and kept is not None and kv is not None:   # kv is work's buffer here
                 kept.bufs[i].copy_(kv[:, :kept.num_tokens])
         return self.head_nm(x, mods[:, :HEAD_ROWS]), kept
