@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from avarc.engine.counters import SYNC_OPS, engine_counters
+from avarc.engine.graphs import ForwardGraphs
 from avarc.engine.model import Model
 from avarc.engine.profile import Profile
 from avarc.engine.runtime import resolve_device
@@ -586,7 +587,18 @@ def profile_d16(c: Check) -> dict:
 # graphs behind a flag) is not merged yet. When it is, add each switch here as (name, function turning it on for a
 # Model and returning the function that turns it off); ``gpu_plan`` then times d16 × 100 a-varc-plus bf16 compiled
 # with each switch against the same run without it, and checks that the predictions do not change.
-GPU_PLAN_SWITCHES: tuple[tuple[str, Callable[[Model], Callable[[], None]]], ...] = ()
+def _cuda_graphs(m: Model) -> Callable[[], None]:
+    """``--cuda-graphs``: small forwards replay CUDA graphs (on the CPU smoke the same buckets run eagerly)."""
+    m.graphs = ForwardGraphs(capture=m.device.type == "cuda")
+
+    def off() -> None:
+        m.graphs = None
+    return off
+
+
+# The survivors chosen on the device need no switch (always on; ``scorer_syncs`` counts the waits per stage), and the
+# encoder's side stream runs in classify's batch loop, not in a bench row.
+GPU_PLAN_SWITCHES: tuple[tuple[str, Callable[[Model], Callable[[], None]]], ...] = (("cuda_graphs", _cuda_graphs),)
 
 
 def gpu_plan(c: Check) -> dict:
@@ -603,9 +615,10 @@ def gpu_plan(c: Check) -> dict:
             off = switch_on(m)
             try:
                 row = bench_run(m, prof, x, list(range(n_cls)), warmup=1, repeat=2)
+                built = m.graphs.built if m.graphs is not None else None
             finally:
                 off()
-            out[name] = {**_rows(c, [row])[0], "same_predictions": row.preds == base.preds}
+            out[name] = {**_rows(c, [row])[0], "same_predictions": row.preds == base.preds, "graphs_built": built}
     return out
 
 

@@ -56,6 +56,8 @@ def test_cpu_smoke_runs_every_section_and_reports_real_outcomes(tmp_path):
     assert real["nchw/benchmark=False"]["latent_max_change"] == 0 and "channels_last/benchmark=False" in real
     assert 0 < rep["profile_d16"]["busy_share"] and rep["profile_d16"]["top"]
     assert rep["tests"]["returncode"] == 0 and "passed" in rep["tests"]["summary"]
+    graphed = rep["gpu_plan"]["cuda_graphs"]      # the CPU runs the graphs' buckets and buffers eagerly
+    assert graphed["same_predictions"] and graphed["graphs_built"] > 0
 
     verdict = {line["check"]: line["pass"] for line in rep["acceptance"]}
     assert all(v is True for k, v in verdict.items() if "MFU" not in k) and len(verdict) == 5
