@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-${TMPDIR:-/tmp}/avarc-device-check-cache}"
 PY="${PYTHON:-python3}"
 "$PY" - <<'PYCHECK' || { echo "device_check: missing Python packages (see above); install them and rerun" >&2; exit 2; }
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("torch", "typer", "rich", "yaml", "numpy", "PIL", "pytest", "sklearn", "filelock", "huggingface_hub")
            if importlib.util.find_spec(m) is None]
 if missing:
